@@ -1,0 +1,123 @@
+"""``python -m bench.tune_kernels``: measure block-size candidates and write this GPU's config files.
+
+For each op and shape bucket, every candidate config is timed at a representative shape (median
+of CUDA-event timings); the fastest one that matches torch becomes that bucket's entry in
+``kernels/configs/<op>/<GPU_name>.json``, with all candidates' times and the provenance beside
+it. Needs a CUDA device. Runtime lookups then read the file; nothing autotunes at call time.
+"""
+import argparse
+import math
+import sys
+
+import torch
+import triton.testing
+
+from bench._results import provenance, write_json_atomic
+from kernels import _config
+from kernels.attention import _flash_attention
+from kernels.matmul import launch_matmul
+
+GEMM_CANDIDATES = [
+    dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3),
+        (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 64, 256, 4, 3),
+    ]
+]
+ATTENTION_CANDIDATES = [
+    dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                         (64, 128, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4), (128, 64, 8, 4)]
+]
+# (when, representative shape): buckets in lookup order, the last one unconditional
+GEMM_BUCKETS = {  # shapes are (M, N, K)
+    "matmul": [({"max_m": 64}, (16, 4096, 4096)), ({"max_n": 1024}, (4096, 256, 1024)),
+               ({"max_k": 1024}, (4096, 1024, 256)), ({}, (4096, 4096, 14336))],
+    "swiglu_gate_up": [({"max_m": 64}, (16, 14336, 4096)), ({"max_k": 1024}, (4096, 1024, 256)),
+                       ({}, (4096, 14336, 4096))],
+}
+ATTENTION_BUCKETS = [  # shapes are (B, H, S, D), causal
+    ({"max_head_dim": 32}, (8, 8, 512, 32)), ({"max_head_dim": 64}, (4, 16, 4096, 64)), ({}, (8, 32, 2048, 128)),
+]
+
+
+def _time_candidates(candidates, run, reference):
+    """[(median_ms or None, error text or None, cfg)] for each candidate; wrong results count as failures."""
+    expected = reference()
+    results = []
+    for cfg in candidates:
+        try:
+            out = run(cfg)
+            err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+            if not err < 1e-2:
+                raise AssertionError(f"relative error {err:.2e}")
+            results.append((triton.testing.do_bench(lambda: run(cfg), warmup=25, rep=100, return_mode="median"),
+                            None, cfg))
+        except Exception as exc:  # a config that fails to compile (e.g. too much shared memory) is skipped
+            results.append((None, f"{type(exc).__name__}: {str(exc)[:200]}", cfg))
+    return results
+
+
+def _gemm_bucket(op, shape, dtype, gen):
+    M, N, K = shape
+    x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
+    rows = 2 * N if op == "swiglu_gate_up" else N
+    w = (torch.randn(rows, K, device="cuda", generator=gen) / math.sqrt(K)).to(dtype)
+    fuse = op == "swiglu_gate_up"
+
+    def reference():
+        if fuse:
+            gate, up = (x @ w.T).chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate.float()) * up.float()
+        return x @ w.T
+    return _time_candidates(GEMM_CANDIDATES, lambda cfg: launch_matmul(x, w, fuse_swiglu=fuse, cfg=cfg), reference)
+
+
+def _attention_bucket(shape, dtype, gen):
+    B, H, S, D = shape
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    scale = D ** -0.5
+    return _time_candidates(
+        ATTENTION_CANDIDATES, lambda cfg: _flash_attention(q, k, v, True, scale, cfg),
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def _entries(buckets, timed):
+    entries, measured = [], []
+    for (when, shape), results in zip(buckets, timed):
+        ok = [r for r in results if r[0] is not None]
+        if not ok:
+            raise RuntimeError(f"no candidate config worked at {shape}")
+        best_ms, _, best = min(ok, key=lambda r: r[0])
+        entries.append({"when": when, "config": best} if when else {"config": best})
+        measured.append({"shape": shape, "best_ms": best_ms,
+                         "candidates": [{"config": c, "median_ms": ms, "error": e} for ms, e, c in results]})
+    return entries, measured
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.tune_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("tuning needs a CUDA device; none was found")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    plan = {op: [_gemm_bucket(op, shape, dtype, gen) for _, shape in buckets] for op, buckets in GEMM_BUCKETS.items()}
+    plan["attention"] = [_attention_bucket(shape, dtype, gen) for _, shape in ATTENTION_BUCKETS]
+    buckets = GEMM_BUCKETS | {"attention": ATTENTION_BUCKETS}
+    for op, timed in plan.items():
+        entries, measured = _entries(buckets[op], timed)
+        path = _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
+        write_json_atomic(path, {"entries": entries, "tuned": {"dtype": args.dtype, "provenance": provenance(),
+                                                                "buckets": measured}})
+        print(f"{op}: " + "; ".join(f"{m['shape']} {m['best_ms']:.4f} ms {e['config']}"
+                                    for m, e in zip(measured, entries)))
+        print(f"  wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""The table-driven Kernel Cost Model (KCM).
+
+``KernelCostModel`` predicts the energy and latency of each kernel op from the per-GPU tables
+that ``python -m bench.calibrate`` measures, with a host API for reports and a device-tensor
+form that the router reads in its hot path without syncing the host.
+"""

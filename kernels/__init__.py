@@ -1,0 +1,21 @@
+"""Triton kernels, their launchers, and a pure-torch reference beside each.
+
+Dense ops: the SwiGLU FFN (fused gate+up with SiLU·up in the epilogue, and the single
+projections ``ffn_gate``/``ffn_up``/``ffn_down`` the cost model calibrates), a plain GEMM, and
+attention (FlashAttention forward plus standalone QKᵀ and softmax·V). Block sizes come from the
+per-GPU JSON files in ``kernels/configs``. On a machine without CUDA the kernels run under
+Triton's interpreter (``TRITON_INTERPRET=1``), slowly.
+
+This package's import name, ``kernels``, is also Hugging Face's ``kernels`` package: the two
+cannot be installed side by side.
+"""
+from kernels.attention import attention_av, attention_qk, flash_attention
+from kernels.matmul import matmul
+from kernels.swiglu import ffn_down, ffn_gate, ffn_up, swiglu_ffn, swiglu_gate_up
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention_av", "attention_qk", "flash_attention", "matmul",
+    "ffn_down", "ffn_gate", "ffn_up", "swiglu_ffn", "swiglu_gate_up",
+]

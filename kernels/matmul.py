@@ -1,0 +1,130 @@
+"""Plain Triton GEMM ``y = x @ weight.T`` (nn.Linear layout), with an optional SwiGLU epilogue.
+
+One kernel serves both the single projections (``ffn_gate``, ``ffn_up``, ``ffn_down``) and the
+fused gate+up projection: with ``FUSE_SWIGLU`` each program also accumulates the matching "up"
+rows (``weight[N + n]``) and writes ``silu(gate) * up``, so the [T, 2I] intermediate never
+reaches memory.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _config
+from kernels._autograd import apply_with_reference_grad
+from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision
+
+
+@triton.jit
+def _matmul_kernel(
+    p_x, p_w, p_y,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # grouped tile order: GROUP_M row-tiles share each weight column-tile while it sits in L2
+    i_pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    i_group = i_pid // (GROUP_M * n_tiles_n)
+    first_m = i_group * GROUP_M
+    group_size = min(n_tiles_m - first_m, GROUP_M)
+    i_m = first_m + (i_pid % group_size)
+    i_n = (i_pid % (GROUP_M * n_tiles_n)) // group_size
+
+    # rows and columns wrap modulo M and N, so loads need no mask; the store masks them
+    o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    o_k = tl.arange(0, BLOCK_K)
+    p_xb = p_x + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk  # [BM, BK]
+    p_wb = p_w + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
+
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSE_SWIGLU:
+        b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            b_x = tl.load(p_xb)
+            b_w = tl.load(p_wb)
+        else:
+            m_k = o_k < K - k0
+            b_x = tl.load(p_xb, mask=m_k[None, :], other=0.0)
+            b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+        if FUSE_SWIGLU:
+            # the up rows sit N rows below the gate rows in the stacked [2N, K] weight
+            if EVEN_K:
+                b_w_up = tl.load(p_wb + N * stride_wn)
+            else:
+                b_w_up = tl.load(p_wb + N * stride_wn, mask=m_k[:, None], other=0.0)
+            b_acc_up = tl.dot(b_x, b_w_up, b_acc_up, input_precision=DOT_PRECISION)
+        p_xb += BLOCK_K * stride_xk
+        p_wb += BLOCK_K * stride_wk
+
+    if FUSE_SWIGLU:
+        b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
+
+    o_ym = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_yn = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_yb = p_y + o_ym[:, None] * stride_ym + o_yn[None, :] * stride_yn
+    tl.store(p_yb, b_acc.to(p_y.dtype.element_ty), mask=(o_ym[:, None] < M) & (o_yn[None, :] < N))
+
+
+def launch_matmul(x, weight, fuse_swiglu=False, cfg=None):
+    """Launch on validated 2-D inputs: ``x`` [M, K], ``weight`` [N, K] ([2N, K] fused); ``cfg`` overrides the file."""
+    M, K = x.shape
+    N = weight.shape[0] // 2 if fuse_swiglu else weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        return y.zero_()  # an empty sum; silu(0) * 0 is 0 too
+    cfg = cfg or _config.lookup("swiglu_gate_up" if fuse_swiglu else "matmul", x.device, m=M, n=N, k=K)
+    grid = (triton.cdiv(M, cfg["block_m"]) * triton.cdiv(N, cfg["block_n"]),)
+    _matmul_kernel[grid](
+        x, weight, y, M, N, K,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
+        EVEN_K=K % cfg["block_k"] == 0, FUSE_SWIGLU=fuse_swiglu, DOT_PRECISION=dot_precision(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y
+
+
+def check_projection(x_name, x, w_name, weight):
+    """Validate ``x`` [..., K] against a projection ``weight`` [N, K]."""
+    check_tensor(x_name, x)
+    check_tensor(w_name, weight, ndim=2)
+    check_same_dtype_device(**{x_name: x, w_name: weight})
+    if x.dim() == 0:
+        raise ValueError(f"{x_name} must have at least 1 dimension, got a scalar")
+    check_dim(w_name, weight, 1, x.shape[-1], f"the last dim of {x_name}")
+
+
+def matmul_reference(x, weight):
+    """``x @ weight.T`` in torch."""
+    return x @ weight.T
+
+
+def matmul(x, weight):
+    """``x @ weight.T`` with the Triton GEMM.
+
+    Args:
+        x: [..., K] float32, float16 or bfloat16.
+        weight: [N, K], same dtype and device.
+    Returns:
+        [..., N] in ``x``'s dtype (fp32 accumulation).
+    """
+    check_projection("x", x, "weight", weight)
+    return apply_with_reference_grad(_matmul_2d, matmul_reference, x, weight)
+
+
+def as_rows(x):
+    """[..., K] -> [prod(...), K] (a view when strides allow; well-defined when K is 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def _matmul_2d(x, weight):
+    return launch_matmul(as_rows(x), weight).reshape(*x.shape[:-1], weight.shape[0])

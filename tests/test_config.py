@@ -1,0 +1,42 @@
+"""Per-GPU block-size config files and their lookup."""
+import json
+
+import pytest
+
+from kernels import _config
+
+CONFIG_FILES = sorted(_config.CONFIG_DIR.glob("*/*.json"))
+
+
+def test_select_config_takes_first_matching_entry():
+    entries = [{"when": {"max_m": 64}, "config": "small"}, {"when": {"max_k": 256}, "config": "thin"},
+               {"config": "big"}]
+    assert _config.select_config(entries, m=64, k=4096) == "small"
+    assert _config.select_config(entries, m=65, k=256) == "thin"
+    assert _config.select_config(entries, m=4096, k=4096) == "big"
+
+
+def test_select_config_without_fallback_raises():
+    with pytest.raises(ValueError, match="no config entry"):
+        _config.select_config([{"when": {"max_m": 1}, "config": {}}], m=2)
+
+
+def test_unknown_gpu_falls_back_to_default():
+    entries, path = _config.load_entries("matmul", "Some Future GPU 9000")
+    assert path.name == "default.json" and entries
+
+
+def test_file_stem():
+    assert _config.config_file_stem("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[f"{p.parent.name}/{p.name}" for p in CONFIG_FILES])
+def test_config_file_is_well_formed(path):
+    entries = json.loads(path.read_text())["entries"]
+    assert "when" not in entries[-1], "the last entry must be the unconditional fallback"
+    for entry in entries:
+        cfg = entry["config"]
+        for key, value in cfg.items():
+            if key.startswith("block_"):
+                assert value >= 16 and value & (value - 1) == 0, f"{key}={value} is not a power of two >= 16"
+        assert cfg["num_warps"] in (1, 2, 4, 8, 16) and cfg["num_stages"] >= 1

@@ -1,0 +1,138 @@
+"""The Triton GEMM and SwiGLU FFN against their float64 torch references."""
+import pytest
+import torch
+
+import kernels
+from kernels.matmul import matmul_reference
+from kernels.swiglu import swiglu_ffn_reference, swiglu_gate_up_reference
+from tests.conftest import DEVICE, DTYPES, assert_matches, randn
+
+# (M, N, K): what each exercises
+MATMUL_SHAPES = [
+    pytest.param(1, 37, 19, id="T1-oddN-oddK"),
+    pytest.param(33, 65, 129, id="all-odd-multi-tile"),
+    pytest.param(70, 128, 64, id="even-K-fast-path"),
+    pytest.param(200, 24, 1, id="K1"),
+]
+
+# (T, H, I)
+FFN_SHAPES = [
+    pytest.param(1, 32, 48, id="T1"),
+    pytest.param(37, 72, 100, id="odd-T-H-I"),
+    pytest.param(130, 64, 128, id="multi-tile"),
+    pytest.param(3, 1, 1, id="H1-I1"),
+]
+
+
+def ffn_weights(hidden, intermediate, dtype):
+    gate_up_proj = randn(2 * intermediate, hidden, dtype=dtype, scale=hidden ** -0.5)
+    down_proj = randn(hidden, intermediate, dtype=dtype, scale=max(intermediate, 1) ** -0.5)
+    return gate_up_proj, down_proj
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N, K", MATMUL_SHAPES)
+def test_matmul(M, N, K, dtype):
+    x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype, scale=K ** -0.5)
+    assert_matches(kernels.matmul(x, w), matmul_reference(x.double(), w.double()), dtype)
+
+
+def test_matmul_strided_input():
+    """A transposed (column-major) x is read through its strides, not copied."""
+    x = randn(40, 33).T  # [33, 40], stride (1, 33)
+    w = randn(20, 40)
+    assert_matches(kernels.matmul(x, w), x.double() @ w.double().T, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, H, I", FFN_SHAPES)
+def test_swiglu_ffn_and_parts(T, H, I, dtype):
+    x = randn(T, H, dtype=dtype)
+    gate_up_proj, down_proj = ffn_weights(H, I, dtype)
+    x64, gu64, d64 = x.double(), gate_up_proj.double(), down_proj.double()
+
+    assert_matches(kernels.swiglu_ffn(x, gate_up_proj, down_proj), swiglu_ffn_reference(x64, gu64, d64), dtype)
+    assert_matches(kernels.swiglu_gate_up(x, gate_up_proj), swiglu_gate_up_reference(x64, gu64), dtype)
+    assert_matches(kernels.ffn_gate(x, gate_up_proj), x64 @ gu64[:I].T, dtype)
+    assert_matches(kernels.ffn_up(x, gate_up_proj), x64 @ gu64[I:].T, dtype)
+    h = randn(T, I, dtype=dtype)
+    assert_matches(kernels.ffn_down(h, down_proj), h.double() @ d64.T, dtype)
+
+
+def test_swiglu_ffn_batched_leading_dims():
+    x = randn(2, 5, 24)
+    gate_up_proj, down_proj = ffn_weights(24, 40, torch.float32)
+    out = kernels.swiglu_ffn(x, gate_up_proj, down_proj)
+    assert_matches(out, swiglu_ffn_reference(x.double(), gate_up_proj.double(), down_proj.double()), torch.float32)
+
+
+@pytest.mark.parametrize("T, H, I", [(0, 16, 32), (4, 16, 0)], ids=["T0", "I0"])
+def test_swiglu_ffn_empty(T, H, I):
+    x = randn(T, H)
+    gate_up_proj, down_proj = ffn_weights(H, I, torch.float32)
+    out = kernels.swiglu_ffn(x, gate_up_proj, down_proj)
+    assert out.shape == (T, H)
+    assert torch.equal(out, torch.zeros_like(out)), "an empty intermediate sums to zero"
+
+
+def test_swiglu_ffn_gradients_match_reference():
+    x = randn(9, 16).requires_grad_()
+    gate_up_proj, down_proj = (w.requires_grad_() for w in ffn_weights(16, 24, torch.float32))
+    grad_out = randn(9, 16)
+    ours = torch.autograd.grad(kernels.swiglu_ffn(x, gate_up_proj, down_proj), (x, gate_up_proj, down_proj), grad_out)
+    ref = torch.autograd.grad(swiglu_ffn_reference(x, gate_up_proj, down_proj), (x, gate_up_proj, down_proj), grad_out)
+    for name, g, r in zip(("x", "gate_up_proj", "down_proj"), ours, ref):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-6), f"gradient of {name} differs"
+
+
+def _ffn_args():
+    x = randn(4, 8)
+    gate_up_proj, down_proj = ffn_weights(8, 6, torch.float32)
+    return x, gate_up_proj, down_proj
+
+
+BAD_FFN_INPUT = [
+    ("x", lambda x, gu, d: (x.tolist(), gu, d), TypeError),
+    ("x", lambda x, gu, d: (x.long(), gu, d), TypeError),
+    ("x", lambda x, gu, d: (x[0, 0], gu, d), ValueError),
+    ("gate_up_proj", lambda x, gu, d: (x, gu.half(), d), TypeError),
+    ("gate_up_proj", lambda x, gu, d: (x, gu[:, :5], d), ValueError),
+    ("gate_up_proj", lambda x, gu, d: (x, gu[:11], d), ValueError),
+    ("gate_up_proj", lambda x, gu, d: (x, gu[None], d), ValueError),
+    ("down_proj", lambda x, gu, d: (x, gu, d[:7]), ValueError),
+    ("down_proj", lambda x, gu, d: (x, gu, d[:, :5]), ValueError),
+    ("down_proj", lambda x, gu, d: (x, gu, d.double()), TypeError),
+]
+
+
+@pytest.mark.parametrize("name, corrupt, error", BAD_FFN_INPUT,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_FFN_INPUT)])
+def test_swiglu_ffn_bad_input(name, corrupt, error):
+    with pytest.raises(error, match=name):
+        kernels.swiglu_ffn(*corrupt(*_ffn_args()))
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs a CUDA device to mix devices")
+def test_matmul_mixed_devices():
+    with pytest.raises(ValueError, match="weight"):
+        kernels.matmul(randn(4, 8), torch.randn(3, 8))
+
+
+def test_cpu_tensor_without_interpreter_is_rejected(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        kernels.matmul(torch.randn(2, 4), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("fn", [kernels.ffn_gate, kernels.ffn_up, kernels.swiglu_gate_up])
+def test_projection_bad_input(fn):
+    x, gate_up_proj, _ = _ffn_args()
+    with pytest.raises(ValueError, match="gate_up_proj"):
+        fn(x, gate_up_proj[:, :3])
+    with pytest.raises(TypeError, match="x"):
+        fn(x.to(torch.int32), gate_up_proj)
+
+
+def test_ffn_down_bad_input():
+    with pytest.raises(ValueError, match="down_proj"):
+        kernels.ffn_down(randn(4, 6), randn(8, 5))
