@@ -17,28 +17,36 @@ from kernels import _config
 from kernels.attention import _flash_attention
 from kernels.matmul import launch_matmul
 
-GEMM_CANDIDATES = [
-    dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3),
-        (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 64, 256, 4, 3),
-    ]
-]
+VARIANTS = [{}, {"tma": True}, {"tma": True, "persistent": True}]  # pointer kernel, TMA, persistent TMA
+DECODE_GEMMS = [(16, 64, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4)]
+PREFILL_GEMMS = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                 (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
+
+
+def gemm_candidates(tiles, variants):
+    return [dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=s) | v
+            for bm, bn, bk, w, s in tiles for v in variants]
+
+
+DECODE = gemm_candidates(DECODE_GEMMS, VARIANTS[:2])
+PREFILL = gemm_candidates(PREFILL_GEMMS, VARIANTS)
 ATTENTION_CANDIDATES = [
-    dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                         (64, 128, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4), (128, 64, 8, 4)]
+    dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s) | v
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                         (64, 128, 4, 3)]
+    for v in VARIANTS[:2]
 ]
-# (when, representative shape): buckets in lookup order, the last one unconditional
+# (when, representative shape, candidates): buckets in lookup order, the last one unconditional
 GEMM_BUCKETS = {  # shapes are (M, N, K)
-    "matmul": [({"max_m": 64}, (16, 4096, 4096)), ({"max_n": 1024}, (4096, 256, 1024)),
-               ({"max_k": 1024}, (4096, 1024, 256)), ({}, (4096, 4096, 14336))],
-    "swiglu_gate_up": [({"max_m": 64}, (16, 14336, 4096)), ({"max_k": 1024}, (4096, 1024, 256)),
-                       ({}, (4096, 14336, 4096))],
+    "matmul": [({"max_m": 64}, (16, 4096, 4096), DECODE), ({"max_n": 1024}, (4096, 256, 1024), PREFILL),
+               ({"max_k": 1024}, (4096, 1024, 256), PREFILL), ({}, (4096, 4096, 14336), PREFILL)],
+    "swiglu_gate_up": [({"max_m": 64}, (16, 14336, 4096), DECODE), ({"max_k": 1024}, (4096, 1024, 256), PREFILL),
+                       ({}, (4096, 14336, 4096), PREFILL)],
 }
 ATTENTION_BUCKETS = [  # shapes are (B, H, S, D), causal
-    ({"max_head_dim": 32}, (8, 8, 512, 32)), ({"max_head_dim": 64}, (4, 16, 4096, 64)), ({}, (8, 32, 2048, 128)),
+    ({"max_head_dim": 32}, (8, 8, 512, 32), ATTENTION_CANDIDATES),
+    ({"max_head_dim": 64}, (4, 16, 4096, 64), ATTENTION_CANDIDATES),
+    ({}, (8, 32, 2048, 128), ATTENTION_CANDIDATES),
 ]
 
 
@@ -59,7 +67,7 @@ def _time_candidates(candidates, run, reference):
     return results
 
 
-def _gemm_bucket(op, shape, dtype, gen):
+def _gemm_bucket(op, shape, candidates, dtype, gen):
     M, N, K = shape
     x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
     rows = 2 * N if op == "swiglu_gate_up" else N
@@ -71,21 +79,21 @@ def _gemm_bucket(op, shape, dtype, gen):
             gate, up = (x @ w.T).chunk(2, dim=-1)
             return torch.nn.functional.silu(gate.float()) * up.float()
         return x @ w.T
-    return _time_candidates(GEMM_CANDIDATES, lambda cfg: launch_matmul(x, w, fuse_swiglu=fuse, cfg=cfg), reference)
+    return _time_candidates(candidates, lambda cfg: launch_matmul(x, w, fuse_swiglu=fuse, cfg=cfg), reference)
 
 
-def _attention_bucket(shape, dtype, gen):
+def _attention_bucket(shape, candidates, dtype, gen):
     B, H, S, D = shape
     q, k, v = (torch.randn(B, H, S, D, device="cuda", generator=gen).to(dtype) for _ in range(3))
     scale = D ** -0.5
     return _time_candidates(
-        ATTENTION_CANDIDATES, lambda cfg: _flash_attention(q, k, v, True, scale, cfg),
+        candidates, lambda cfg: _flash_attention(q, k, v, True, scale, cfg),
         lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def _entries(buckets, timed):
     entries, measured = [], []
-    for (when, shape), results in zip(buckets, timed):
+    for (when, shape, _), results in zip(buckets, timed):
         ok = [r for r in results if r[0] is not None]
         if not ok:
             raise RuntimeError(f"no candidate config worked at {shape}")
@@ -105,8 +113,9 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
     gpu = torch.cuda.get_device_name()
-    plan = {op: [_gemm_bucket(op, shape, dtype, gen) for _, shape in buckets] for op, buckets in GEMM_BUCKETS.items()}
-    plan["attention"] = [_attention_bucket(shape, dtype, gen) for _, shape in ATTENTION_BUCKETS]
+    plan = {op: [_gemm_bucket(op, shape, cands, dtype, gen) for _, shape, cands in buckets]
+            for op, buckets in GEMM_BUCKETS.items()}
+    plan["attention"] = [_attention_bucket(shape, cands, dtype, gen) for _, shape, cands in ATTENTION_BUCKETS]
     buckets = GEMM_BUCKETS | {"attention": ATTENTION_BUCKETS}
     for op, timed in plan.items():
         entries, measured = _entries(buckets[op], timed)

@@ -45,3 +45,9 @@ def check_dim(name, value, dim, expected, what):
 def dot_precision(dtype):
     """fp32 inputs get exact fp32 products; Triton's default would silently use tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tma_compatible(*tensors):
+    """Tensor descriptors need a unit last stride and 16-byte aligned base and row strides."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)

@@ -12,10 +12,11 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _config
 from kernels._autograd import apply_with_reference_grad
-from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision
+from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision, tma_compatible
 
 HEAD_DIMS = (32, 64, 128)
 LOG2_E = 1.4426950408889634
@@ -54,46 +55,65 @@ def _kv_ranges(i_m, S_KV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: 
 
 
 @triton.jit
+def _load_rows(src, i_b, i_h, row0, n_rows, stride_b, stride_h, stride_s,
+               BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Rows [row0, row0 + BLOCK) of head (i_b, i_h) as [BLOCK, D]; rows >= n_rows read as 0.
+
+    ``src`` is a [B, H, S, D] tensor descriptor (whose bounds zero-fill) or a pointer."""
+    if USE_TMA:
+        return src.load([i_b, i_h, row0, 0]).reshape(BLOCK, HEAD_DIM)
+    o_r = row0 + tl.arange(0, BLOCK)
+    p_rows = src + i_b * stride_b + i_h * stride_h + o_r[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
+    if MASK_ROWS:
+        return tl.load(p_rows, mask=o_r[:, None] < n_rows, other=0.0)
+    return tl.load(p_rows)
+
+
+@triton.jit
 def _flash_attention_kernel(
-    p_q, p_k, p_v, p_o, qk_scale_log2,
+    src_q, src_k, src_v, dst_o, qk_scale_log2,
     S_Q, S_KV, HEADS_Q, GQA_GROUP,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """One program: BLOCK_M queries of one (batch, head). src_*/dst_o are descriptors if USE_TMA, else pointers."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HEADS_Q, i_bh % HEADS_Q
     i_hkv = i_h // GQA_GROUP
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = i_m * BLOCK_M
+    o_m = m0 + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, HEAD_DIM)
 
-    p_qb = p_q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qs + o_d[None, :]
-    b_q = tl.load(p_qb, mask=o_m[:, None] < S_Q, other=0.0)  # [BM, D]
-    p_kb = p_k + i_b * stride_kb + i_hkv * stride_kh + o_n[None, :] * stride_ks + o_d[:, None]  # [D, BN]
-    p_vb = p_v + i_b * stride_vb + i_hkv * stride_vh + o_n[:, None] * stride_vs + o_d[None, :]  # [BN, D]
-
+    b_q = _load_rows(src_q, i_b, i_h, m0, S_Q, stride_qb, stride_qh, stride_qs,
+                     BLOCK_M, HEAD_DIM, USE_TMA, True)  # [BM, D]
     b_m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     b_l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     n_full, n_end = _kv_ranges(i_m, S_KV, BLOCK_M, BLOCK_N, CAUSAL)
     for n0 in range(0, n_full, BLOCK_N):
-        b_k = tl.load(p_kb + n0 * stride_ks)
-        b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
-        b_v = tl.load(p_vb + n0 * stride_vs)
+        b_k = _load_rows(src_k, i_b, i_hkv, n0, S_KV, stride_kb, stride_kh, stride_ks,
+                         BLOCK_N, HEAD_DIM, USE_TMA, False)  # [BN, D]
+        b_s = tl.dot(b_q, b_k.T, input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
+        b_v = _load_rows(src_v, i_b, i_hkv, n0, S_KV, stride_vb, stride_vh, stride_vs,
+                         BLOCK_N, HEAD_DIM, USE_TMA, False)  # [BN, D]
         b_acc, b_l, b_m = _online_softmax_step(b_acc, b_l, b_m, b_s, b_v, DOT_PRECISION)
     for n0 in range(n_full, n_end, BLOCK_N):
-        m_n = (n0 + o_n) < S_KV
-        b_k = tl.load(p_kb + n0 * stride_ks, mask=m_n[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * qk_scale_log2
+        b_k = _load_rows(src_k, i_b, i_hkv, n0, S_KV, stride_kb, stride_kh, stride_ks,
+                         BLOCK_N, HEAD_DIM, USE_TMA, True)
+        b_s = tl.dot(b_q, b_k.T, input_precision=DOT_PRECISION) * qk_scale_log2
         b_s = _mask_scores(b_s, o_m, n0 + o_n, S_KV, CAUSAL)
-        b_v = tl.load(p_vb + n0 * stride_vs, mask=m_n[:, None], other=0.0)
+        b_v = _load_rows(src_v, i_b, i_hkv, n0, S_KV, stride_vb, stride_vh, stride_vs,
+                         BLOCK_N, HEAD_DIM, USE_TMA, True)
         b_acc, b_l, b_m = _online_softmax_step(b_acc, b_l, b_m, b_s, b_v, DOT_PRECISION)
 
     b_o = b_acc / b_l[:, None]
-    p_ob = p_o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_os + o_d[None, :]
-    tl.store(p_ob, b_o.to(p_o.dtype.element_ty), mask=o_m[:, None] < S_Q)
+    if USE_TMA:
+        dst_o.store([i_b, i_h, m0, 0], b_o.to(dst_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        p_ob = dst_o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_os + tl.arange(0, HEAD_DIM)[None, :]
+        tl.store(p_ob, b_o.to(dst_o.dtype.element_ty), mask=o_m[:, None] < S_Q)
 
 
 @triton.jit
@@ -206,16 +226,23 @@ def _strides(t):
 
 def _flash_attention(q, k, v, causal, sm_scale, cfg=None):
     B, H, S_Q, D = q.shape
+    H_KV, S_KV = k.shape[1], k.shape[2]
+    strides = (*_strides(q), *_strides(k), *_strides(v))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     if o.numel() == 0:
         return o
     cfg = cfg or _launch_config(q)
-    grid = (triton.cdiv(S_Q, cfg["block_m"]), B * H)
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    use_tma = bool(cfg.get("tma")) and tma_compatible(q, k, v, o)
+    if use_tma:  # block shapes [1, 1, rows, D]: out-of-range rows stay inside one (batch, head)
+        q, o_dst = TensorDescriptor.from_tensor(q, [1, 1, bm, D]), TensorDescriptor.from_tensor(o, [1, 1, bm, D])
+        k, v = TensorDescriptor.from_tensor(k, [1, 1, bn, D]), TensorDescriptor.from_tensor(v, [1, 1, bn, D])
+    grid = (triton.cdiv(S_Q, bm), B * H)
     _flash_attention_kernel[grid](
-        q, k, v, o, sm_scale * LOG2_E, S_Q, k.shape[2], H, H // k.shape[1],
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        HEAD_DIM=D, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], CAUSAL=causal,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q, k, v, o_dst if use_tma else o, sm_scale * LOG2_E, S_Q, S_KV, H, H // H_KV,
+        *strides, *_strides(o),
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, DOT_PRECISION=dot_precision(o.dtype), USE_TMA=use_tma,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o
 

@@ -5,15 +5,31 @@ fused gate+up projection: with ``FUSE_SWIGLU`` each program also accumulates the
 rows (``weight[N + n]``) and writes ``silu(gate) * up``, so the [T, 2I] intermediate never
 reaches memory.
 """
+import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _config
 from kernels._autograd import apply_with_reference_grad
-from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision
+from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision, tma_compatible
+
+
+@triton.jit
+def _tile_coords(i_tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-tiles share each weight column-tile while it sits in L2."""
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    i_group = i_tile // (GROUP_M * n_tiles_n)
+    first_m = i_group * GROUP_M
+    group_size = min(n_tiles_m - first_m, GROUP_M)
+    i_m = first_m + (i_tile % group_size)
+    i_n = (i_tile % (GROUP_M * n_tiles_n)) // group_size
+    return i_m, i_n
 
 
 @triton.jit
@@ -24,15 +40,8 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # grouped tile order: GROUP_M row-tiles share each weight column-tile while it sits in L2
-    i_pid = tl.program_id(0)
-    n_tiles_m = tl.cdiv(M, BLOCK_M)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    i_group = i_pid // (GROUP_M * n_tiles_n)
-    first_m = i_group * GROUP_M
-    group_size = min(n_tiles_m - first_m, GROUP_M)
-    i_m = first_m + (i_pid % group_size)
-    i_n = (i_pid % (GROUP_M * n_tiles_n)) // group_size
+    """Pointer-based tiles: any strides, any alignment."""
+    i_m, i_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # rows and columns wrap modulo M and N, so loads need no mask; the store masks them
     o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
@@ -72,6 +81,48 @@ def _matmul_kernel(
     tl.store(p_yb, b_acc.to(p_y.dtype.element_ty), mask=(o_ym[:, None] < M) & (o_yn[None, :] < N))
 
 
+@triton.jit
+def _matmul_tma_kernel(
+    d_x, d_w, d_y,
+    M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Tensor-descriptor (TMA on Hopper) tiles. Out-of-range reads are zero-filled and out-of-range
+    writes dropped by the descriptors, so there are no masks. A grid smaller than the tile count
+    makes the kernel persistent: each program walks tiles with a stride of the grid size."""
+    n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for i_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        i_m, i_n = _tile_coords(i_tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m, off_n = i_m * BLOCK_M, i_n * BLOCK_N
+        b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if FUSE_SWIGLU:
+            b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            b_x = d_x.load([off_m, k0])  # [BM, BK]
+            b_w = d_w.load([off_n, k0])  # [BN, BK]
+            b_acc = tl.dot(b_x, b_w.T, b_acc, input_precision=DOT_PRECISION)
+            if FUSE_SWIGLU:
+                # gate columns past N read up rows here, but those output columns are never stored
+                b_w_up = d_w.load([N + off_n, k0])
+                b_acc_up = tl.dot(b_x, b_w_up.T, b_acc_up, input_precision=DOT_PRECISION)
+        if FUSE_SWIGLU:
+            b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up
+        d_y.store([off_m, off_n], b_acc.to(d_y.dtype))
+
+
+def processor_count(device):
+    """Streaming multiprocessors on a GPU; CPU cores under the interpreter (it runs programs serially)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return os.cpu_count()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def launch_matmul(x, weight, fuse_swiglu=False, cfg=None):
     """Launch on validated 2-D inputs: ``x`` [M, K], ``weight`` [N, K] ([2N, K] fused); ``cfg`` overrides the file."""
     M, K = x.shape
@@ -82,8 +133,11 @@ def launch_matmul(x, weight, fuse_swiglu=False, cfg=None):
     if K == 0:
         return y.zero_()  # an empty sum; silu(0) * 0 is 0 too
     cfg = cfg or _config.lookup("swiglu_gate_up" if fuse_swiglu else "matmul", x.device, m=M, n=N, k=K)
-    grid = (triton.cdiv(M, cfg["block_m"]) * triton.cdiv(N, cfg["block_n"]),)
-    _matmul_kernel[grid](
+    n_tiles = triton.cdiv(M, cfg["block_m"]) * triton.cdiv(N, cfg["block_n"])
+    if cfg.get("tma") and tma_compatible(x, weight, y):
+        _launch_tma(x, weight, y, fuse_swiglu, cfg, n_tiles)
+        return y
+    _matmul_kernel[(n_tiles,)](
         x, weight, y, M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
@@ -91,6 +145,17 @@ def launch_matmul(x, weight, fuse_swiglu=False, cfg=None):
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
+
+
+def _launch_tma(x, weight, y, fuse_swiglu, cfg, n_tiles):
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    grid = (min(n_tiles, processor_count(x.device)) if cfg.get("persistent") else n_tiles,)
+    _matmul_tma_kernel[grid](
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
+        TensorDescriptor.from_tensor(y, [bm, bn]), y.shape[0], y.shape[1], x.shape[1],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"], FUSE_SWIGLU=fuse_swiglu,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 def check_projection(x_name, x, w_name, weight):

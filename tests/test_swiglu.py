@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.matmul import matmul_reference
+from kernels.matmul import launch_matmul, matmul_reference
 from kernels.swiglu import swiglu_ffn_reference, swiglu_gate_up_reference
 from tests.conftest import DEVICE, DTYPES, assert_matches, randn
 
@@ -35,6 +35,25 @@ def ffn_weights(hidden, intermediate, dtype):
 def test_matmul(M, N, K, dtype):
     x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype, scale=K ** -0.5)
     assert_matches(kernels.matmul(x, w), matmul_reference(x.double(), w.double()), dtype)
+
+
+VARIANTS = {
+    "pointer": dict(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=2),
+    "tma": dict(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=2, tma=True),
+    "tma-persistent": dict(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=2, tma=True,
+                           persistent=True),
+}
+
+
+@pytest.mark.parametrize("fuse_swiglu", [False, True], ids=["matmul", "swiglu"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N, K", [(37, 72, 40), (5, 24, 8), (33, 65, 129)], ids=["tma-ok", "tiny", "misaligned"])
+def test_kernel_variants(M, N, K, dtype, variant, fuse_swiglu):
+    """Every kernel variant a config can pick; misaligned strides must fall back to the pointer kernel."""
+    x, w = randn(M, K, dtype=dtype), randn(2 * N if fuse_swiglu else N, K, dtype=dtype, scale=K ** -0.5)
+    ref = swiglu_gate_up_reference(x.double(), w.double()) if fuse_swiglu else x.double() @ w.double().T
+    assert_matches(launch_matmul(x, w, fuse_swiglu=fuse_swiglu, cfg=VARIANTS[variant]), ref, dtype)
 
 
 def test_matmul_strided_input():
