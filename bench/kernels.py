@@ -53,11 +53,11 @@ def _fmt(value, spec):
 
 
 def print_table(rows):
-    print(f"{'case':46} {'err vs peer':>11} {'ours ms':>9} {'peer ms':>9} {'ours TF/s':>9} {'ratio':>6}  target")
+    print(f"{'case':52} {'err vs peer':>11} {'ours ms':>9} {'peer ms':>9} {'ours TF/s':>9} {'ratio':>6}  target")
     for r in rows:
         target = "" if r["target_ratio"] is None else (
             f">={r['target_ratio']} " + {True: "met", False: "NOT met", None: "not timed"}[r.get("target_met")])
-        print(f"{r['case']:46} {r['rel_error_vs_peer']:11.2e} {_fmt(r['ours_ms'], '9.4f')} "
+        print(f"{r['case']:52} {r['rel_error_vs_peer']:11.2e} {_fmt(r['ours_ms'], '9.4f')} "
               f"{_fmt(r['peer_ms'], '9.4f')} {_fmt(r.get('ours_tflops'), '9.1f')} {_fmt(r['ratio'], '6.3f')}  {target}")
     if rows and rows[0]["ours_ms"] is None:
         print(f"times: null ({NO_GPU})")

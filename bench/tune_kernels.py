@@ -3,7 +3,8 @@
 For each op and shape bucket, every candidate config is timed at a representative shape (median
 of CUDA-event timings); the fastest one that matches torch becomes that bucket's entry in
 ``kernels/configs/<op>/<GPU_name>.json``, with all candidates' times and the provenance beside
-it. Needs a CUDA device. Runtime lookups then read the file; nothing autotunes at call time.
+it. Tuned entries apply to 16-bit dtypes; fp32 falls through to the default entries. Needs a
+CUDA device. Runtime lookups then read the file; nothing autotunes at call time.
 """
 import argparse
 import math
@@ -17,7 +18,10 @@ from kernels import _config
 from kernels.attention import _flash_attention
 from kernels.matmul import launch_matmul
 
-VARIANTS = [{}, {"tma": True}, {"tma": True, "persistent": True}]  # pointer kernel, TMA, persistent TMA
+# pointer kernel; TMA; persistent TMA; persistent TMA with warp-specialised loads
+VARIANTS = [{}, {"tma": True}, {"tma": True, "persistent": True},
+            {"tma": True, "persistent": True, "warp_specialize": True}]
+ATTENTION_VARIANTS = [{}, {"tma": True}, {"tma": True, "warp_specialize": True}]
 DECODE_GEMMS = [(16, 64, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4)]
 PREFILL_GEMMS = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                  (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
@@ -34,7 +38,7 @@ ATTENTION_CANDIDATES = [
     dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s) | v
     for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
                          (64, 128, 4, 3)]
-    for v in VARIANTS[:2]
+    for v in ATTENTION_VARIANTS
 ]
 # (when, representative shape, candidates): buckets in lookup order, the last one unconditional
 GEMM_BUCKETS = {  # shapes are (M, N, K)
@@ -98,7 +102,7 @@ def _entries(buckets, timed):
         if not ok:
             raise RuntimeError(f"no candidate config worked at {shape}")
         best_ms, _, best = min(ok, key=lambda r: r[0])
-        entries.append({"when": when, "config": best} if when else {"config": best})
+        entries.append({"when": when | {"max_elem_bytes": 2}, "config": best})
         measured.append({"shape": shape, "best_ms": best_ms,
                          "candidates": [{"config": c, "median_ms": ms, "error": e} for ms, e, c in results]})
     return entries, measured
@@ -120,7 +124,8 @@ def main(argv=None):
     for op, timed in plan.items():
         entries, measured = _entries(buckets[op], timed)
         path = _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
-        write_json_atomic(path, {"entries": entries, "tuned": {"dtype": args.dtype, "provenance": provenance(),
+        fallback, _ = _config.load_entries(op, "default")  # fp32 falls through to the default entries
+        write_json_atomic(path, {"entries": entries + list(fallback), "tuned": {"dtype": args.dtype, "provenance": provenance(),
                                                                 "buckets": measured}})
         print(f"{op}: " + "; ".join(f"{m['shape']} {m['best_ms']:.4f} ms {e['config']}"
                                     for m, e in zip(measured, entries)))

@@ -3,7 +3,9 @@
 ``configs/<op>/<GPU_name>.json`` (e.g. ``NVIDIA_H100_80GB_HBM3.json``) holds the tuned
 entries for one card; ``configs/<op>/default.json`` serves every other device. Each file is
 ``{"entries": [{"when": {"max_m": 64}, "config": {...}}, ...]}``; the first entry whose
-``when`` bounds all hold is used, so files end with an unconditional entry. No autotuning
+``when`` bounds all hold is used, so files end with an unconditional entry. Lookups pass the
+shape dims and ``elem_bytes``: tuned (16-bit) entries carry ``max_elem_bytes: 2`` so fp32,
+whose tiles need twice the shared memory, falls through to the default entries. No autotuning
 happens at call time: ``python -m bench.kernels --sweep`` measures candidates to write these.
 """
 import functools
@@ -19,7 +21,14 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 def device_name(device):
     """NVML-style GPU name for a CUDA device, or ``"cpu"``."""
     device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type != "cuda":
+        return "cpu"
+    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_name(index):
+    return torch.cuda.get_device_name(index)  # cached: the query costs microseconds on every launch
 
 
 def config_file_stem(name):

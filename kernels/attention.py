@@ -61,12 +61,15 @@ def _load_rows(src, i_b, i_h, row0, n_rows, stride_b, stride_h, stride_s,
 
     ``src`` is a [B, H, S, D] tensor descriptor (whose bounds zero-fill) or a pointer."""
     if USE_TMA:
-        return src.load([i_b, i_h, row0, 0]).reshape(BLOCK, HEAD_DIM)
-    o_r = row0 + tl.arange(0, BLOCK)
-    p_rows = src + i_b * stride_b + i_h * stride_h + o_r[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
-    if MASK_ROWS:
-        return tl.load(p_rows, mask=o_r[:, None] < n_rows, other=0.0)
-    return tl.load(p_rows)
+        b_rows = src.load([i_b, i_h, row0, 0]).reshape(BLOCK, HEAD_DIM)
+    else:
+        o_r = row0 + tl.arange(0, BLOCK)
+        p_rows = src + i_b * stride_b + i_h * stride_h + o_r[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
+        if MASK_ROWS:
+            b_rows = tl.load(p_rows, mask=o_r[:, None] < n_rows, other=0.0)
+        else:
+            b_rows = tl.load(p_rows)
+    return b_rows
 
 
 @triton.jit
@@ -76,7 +79,7 @@ def _flash_attention_kernel(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, head). src_*/dst_o are descriptors if USE_TMA, else pointers."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -92,7 +95,7 @@ def _flash_attention_kernel(
     b_l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     b_acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     n_full, n_end = _kv_ranges(i_m, S_KV, BLOCK_M, BLOCK_N, CAUSAL)
-    for n0 in range(0, n_full, BLOCK_N):
+    for n0 in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         b_k = _load_rows(src_k, i_b, i_hkv, n0, S_KV, stride_kb, stride_kh, stride_ks,
                          BLOCK_N, HEAD_DIM, USE_TMA, False)  # [BN, D]
         b_s = tl.dot(b_q, b_k.T, input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
@@ -217,7 +220,7 @@ def _check_causal(causal):
 
 
 def _launch_config(q):
-    return _config.lookup("attention", q.device, head_dim=q.shape[-1])
+    return _config.lookup("attention", q.device, head_dim=q.shape[-1], elem_bytes=q.element_size())
 
 
 def _strides(t):
@@ -242,7 +245,7 @@ def _flash_attention(q, k, v, causal, sm_scale, cfg=None):
         q, k, v, o_dst if use_tma else o, sm_scale * LOG2_E, S_Q, S_KV, H, H // H_KV,
         *strides, *_strides(o),
         HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, DOT_PRECISION=dot_precision(o.dtype), USE_TMA=use_tma,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        WARP_SPECIALIZE=bool(cfg.get("warp_specialize")), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o
 

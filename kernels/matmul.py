@@ -86,7 +86,7 @@ def _matmul_tma_kernel(
     d_x, d_w, d_y,
     M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Tensor-descriptor (TMA on Hopper) tiles. Out-of-range reads are zero-filled and out-of-range
     writes dropped by the descriptors, so there are no masks. A grid smaller than the tile count
@@ -98,7 +98,7 @@ def _matmul_tma_kernel(
         b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if FUSE_SWIGLU:
             b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
             b_x = d_x.load([off_m, k0])  # [BM, BK]
             b_w = d_w.load([off_n, k0])  # [BN, BK]
             b_acc = tl.dot(b_x, b_w.T, b_acc, input_precision=DOT_PRECISION)
@@ -132,7 +132,8 @@ def launch_matmul(x, weight, fuse_swiglu=False, cfg=None):
         return y
     if K == 0:
         return y.zero_()  # an empty sum; silu(0) * 0 is 0 too
-    cfg = cfg or _config.lookup("swiglu_gate_up" if fuse_swiglu else "matmul", x.device, m=M, n=N, k=K)
+    cfg = cfg or _config.lookup("swiglu_gate_up" if fuse_swiglu else "matmul", x.device, m=M, n=N, k=K,
+                             elem_bytes=x.element_size())
     n_tiles = triton.cdiv(M, cfg["block_m"]) * triton.cdiv(N, cfg["block_n"])
     if cfg.get("tma") and tma_compatible(x, weight, y):
         _launch_tma(x, weight, y, fuse_swiglu, cfg, n_tiles)
@@ -154,7 +155,7 @@ def _launch_tma(x, weight, y, fuse_swiglu, cfg, n_tiles):
         TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
         TensorDescriptor.from_tensor(y, [bm, bn]), y.shape[0], y.shape[1], x.shape[1],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"], FUSE_SWIGLU=fuse_swiglu,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PRECISION=dot_precision(x.dtype), WARP_SPECIALIZE=bool(cfg.get("warp_specialize")), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 

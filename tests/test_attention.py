@@ -50,6 +50,7 @@ def test_qk_then_av_equals_attention(B, Hq, Hkv, Sq, Skv, D, dtype, causal):
 VARIANTS = {
     "pointer": dict(block_m=16, block_n=32, num_warps=4, num_stages=2),
     "tma": dict(block_m=16, block_n=32, num_warps=4, num_stages=2, tma=True),
+    "tma-ws": dict(block_m=16, block_n=32, num_warps=4, num_stages=2, tma=True, warp_specialize=True),
 }
 
 

@@ -42,6 +42,8 @@ VARIANTS = {
     "tma": dict(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=2, tma=True),
     "tma-persistent": dict(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=2, tma=True,
                            persistent=True),
+    "tma-persistent-ws": dict(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=2, tma=True,
+                              persistent=True, warp_specialize=True),
 }
 
 
