@@ -1,19 +1,24 @@
 """``python -m bench.kernels``: each dense kernel beside its torch peer.
 
 On a GPU (bf16 by default) every case is checked against the peer, then both are timed in the
-same run (median of CUDA-event timings after warm-up, L2 flushed between repeats) and the table
-gives our time, the peer's, and the ratio peer_time / our_time (> 1 means we are faster). On a
+same run: per eager call (median of CUDA-event timings after warm-up, L2 flushed between
+repeats), as CUDA-graph replays (GPU time alone), and by host enqueue time. Ratios are
+peer_time / our_time (> 1 means we are faster). On a
 CPU the kernels run under Triton's interpreter at small shapes: the table shows correctness only,
 and every time is null with the reason.
 """
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: @triton.jit reads it
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: @triton.jit reads it
+
+import triton.testing  # noqa: E402
 
 from bench import dense_cases  # noqa: E402
 from bench._results import provenance, write_json_atomic  # noqa: E402
@@ -27,8 +32,26 @@ def rel_error(out, ref):
 
 
 def median_ms(fn):
-    import triton.testing
+    """Per-call time as an eager caller sees it: host launch overhead shows when it exceeds GPU time."""
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def graph_median_ms(fn):
+    """GPU time alone: the call captured in a CUDA graph and replayed (no host overhead)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")
+
+
+def host_us(fn, calls=200):
+    """Median host time to enqueue one call (the Python + launch overhead a caller pays)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
 
 
 def run_case(case, device, dtype, seed, timed):
@@ -37,13 +60,22 @@ def run_case(case, device, dtype, seed, timed):
     row = {"case": case.name, "shape": case.shape, "dtype": str(dtype).removeprefix("torch."), "peer": case.peer_name,
            "rel_error_vs_peer": rel_error(case.ours(*inputs), case.peer(*inputs)), "target_ratio": case.target_ratio}
     if not timed:
-        return row | {"ours_ms": None, "peer_ms": None, "ratio": None, "time_null_reason": NO_GPU}
-    ours_ms, peer_ms = median_ms(lambda: case.ours(*inputs)), median_ms(lambda: case.peer(*inputs))
-    ratio = peer_ms / ours_ms
+        return row | {"ours_ms": None, "peer_ms": None, "ratio": None, "graph_ratio": None, "time_null_reason": NO_GPU}
+    def ours():
+        return case.ours(*inputs)
+
+    def peer():
+        return case.peer(*inputs)
+    ours_ms, peer_ms = median_ms(ours), median_ms(peer)
+    ours_graph_ms, peer_graph_ms = graph_median_ms(ours), graph_median_ms(peer)
+    ratio, graph_ratio = peer_ms / ours_ms, peer_graph_ms / ours_graph_ms
     return row | {
-        "ours_ms": ours_ms, "peer_ms": peer_ms,
+        "ours_ms": ours_ms, "peer_ms": peer_ms, "ratio": ratio,
+        "ours_graph_ms": ours_graph_ms, "peer_graph_ms": peer_graph_ms, "graph_ratio": graph_ratio,
+        "ours_host_us": host_us(ours), "peer_host_us": host_us(peer),
         "ours_tflops": case.flops / ours_ms / 1e9, "peer_tflops": case.flops / peer_ms / 1e9,
-        "ratio": ratio, "target_met": None if case.target_ratio is None else ratio >= case.target_ratio,
+        "target_met": None if case.target_ratio is None else ratio >= case.target_ratio,
+        "target_met_graph": None if case.target_ratio is None else graph_ratio >= case.target_ratio,
     }
 
 
@@ -52,17 +84,25 @@ def _fmt(value, spec):
     return "—".rjust(width) if value is None else format(value, spec)
 
 
+def _verdict(row, key):
+    return {True: "met", False: "NOT met", None: "not timed"}[row.get(key)]
+
+
 def print_table(rows):
-    print(f"{'case':52} {'err vs peer':>11} {'ours ms':>9} {'peer ms':>9} {'ours TF/s':>9} {'ratio':>6}  target")
+    print(f"{'case':52} {'err':>8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} {'graph':>6} "
+          f"{'host us':>11} {'TF/s':>6}  target (eager / graph)")
     for r in rows:
         target = "" if r["target_ratio"] is None else (
-            f">={r['target_ratio']} " + {True: "met", False: "NOT met", None: "not timed"}[r.get("target_met")])
-        print(f"{r['case']:52} {r['rel_error_vs_peer']:11.2e} {_fmt(r['ours_ms'], '9.4f')} "
-              f"{_fmt(r['peer_ms'], '9.4f')} {_fmt(r.get('ours_tflops'), '9.1f')} {_fmt(r['ratio'], '6.3f')}  {target}")
+            f">={r['target_ratio']} {_verdict(r, 'target_met')} / {_verdict(r, 'target_met_graph')}")
+        host = "—" if r.get("ours_host_us") is None else f"{r['ours_host_us']:.0f}/{r['peer_host_us']:.0f}"
+        print(f"{r['case']:52} {r['rel_error_vs_peer']:8.1e} {_fmt(r['ours_ms'], '8.4f')} "
+              f"{_fmt(r['peer_ms'], '8.4f')} {_fmt(r['ratio'], '6.3f')} {_fmt(r.get('graph_ratio'), '6.3f')} "
+              f"{host:>11} {_fmt(r.get('ours_tflops'), '6.1f')}  {target}")
     if rows and rows[0]["ours_ms"] is None:
         print(f"times: null ({NO_GPU})")
     else:
-        print("ratio = peer_ms / ours_ms: above 1 we are faster, below 1 the peer is faster")
+        print("ratio = peer_ms / ours_ms per eager call; graph = the same from CUDA-graph replays (GPU time alone);\n"
+              "above 1 we are faster, below 1 the peer is faster. host us = ours/peer enqueue time per call.")
 
 
 def main(argv=None):
