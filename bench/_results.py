@@ -29,7 +29,11 @@ def write_json_atomic(path, data):
 
 
 def git_commit():
-    """The repo's HEAD commit, with ``-dirty`` when the tree has uncommitted changes; None outside git."""
+    """The repo's HEAD commit (``-dirty`` with uncommitted changes); outside git, $GIT_COMMIT or None.
+
+    Copies of the tree without ``.git`` (e.g. sent to a GPU machine) pass the commit in $GIT_COMMIT."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
