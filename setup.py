@@ -19,5 +19,5 @@ setup(
         "numpy>=1.26",
         "nvidia-ml-py>=12.535",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=5.1", "hypothesis>=6.100"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=5.1", "hypothesis>=6.100", "transformers>=5.0,<6"]},
 )

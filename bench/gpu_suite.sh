@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# One GPU session's work in one call: tune block sizes, time every kernel beside its peer, run
-# the whole test suite (bf16/fp16 included) and a pytest-benchmark subset. Full logs go to
-# $OUT (default ./out; tuned configs as one tarball); the short tables are printed last.
-#   bash bench/gpu_suite.sh [tune|notune] [pytest -k expression for the benchmark subset]
+# The GPU work of a session in one call, step by step; full logs go to $OUT (default ./out),
+# tuned configs as one tarball, and short tables are printed last.
+#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe tests benchmark
+#   BENCH_K='-k "H256 or mixtral"' selects the pytest-benchmark subset (default: all of them).
+# Pass GIT_COMMIT=<sha> when the tree was copied without .git, so results name their commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
-if [ "${1:-tune}" = tune ]; then
-    python -m bench.tune_kernels > "$OUT/tune.txt" 2>&1
-    tar -cf "$OUT/configs.tar" kernels/configs
-fi
-python -m bench.kernels --output "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
-python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.txt" 2>&1
-python -m pytest -q -p no:cacheprovider bench --benchmark-only -k "${2:-H256}" --benchmark-columns=median,iqr,rounds \
-    > "$OUT/benchmark.txt" 2>&1
-grep -v "^ \|^$" "$OUT/tune.txt" 2>/dev/null | grep -E "^(matmul|swiglu|attention):" | cut -c1-400
-tail -n 25 "$OUT/benchmark.txt"
-tail -n 12 "$OUT/pytest.txt"
-cat "$OUT/kernels.txt"
+for step in "$@"; do
+    case $step in
+        tune-dense) python -m bench.tune_kernels > "$OUT/tune_dense.txt" 2>&1 ;;
+        tune-moe) python -m bench.tune_moe > "$OUT/tune_moe.txt" 2>&1 ;;
+        kernels) python -m bench.kernels --output "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
+        moe) python -m bench.moe --output "$OUT/moe.json" > "$OUT/moe.txt" 2>&1 ;;
+        tests) python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.txt" 2>&1 ;;
+        benchmark) eval python -m pytest -q -p no:cacheprovider bench --benchmark-only "${BENCH_K:-}" \
+            --benchmark-columns=median,iqr,rounds > "$OUT/benchmark.txt" 2>&1 ;;
+        *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+    echo "== $step done (rc $?)"
+done
+case " $* " in *" tune-"*) tar -cf "$OUT/configs.tar" kernels/configs ;; esac
+for f in tune_dense tune_moe benchmark pytest kernels moe; do
+    [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -v "^\s*$" "$OUT/$f.txt" | grep -v "^ " | tail -n 30 | cut -c1-240; }
+done
+exit 0

@@ -54,7 +54,7 @@ ATTENTION_BUCKETS = [  # shapes are (B, H, S, D), causal
 ]
 
 
-def _time_candidates(candidates, run, reference):
+def time_candidates(candidates, run, reference):
     """[(median_ms or None, error text or None, cfg)] for each candidate; wrong results count as failures."""
     expected = reference()
     results = []
@@ -83,14 +83,14 @@ def _gemm_bucket(op, shape, candidates, dtype, gen):
             gate, up = (x @ w.T).chunk(2, dim=-1)
             return torch.nn.functional.silu(gate.float()) * up.float()
         return x @ w.T
-    return _time_candidates(candidates, lambda cfg: launch_matmul(x, w, fuse_swiglu=fuse, cfg=cfg), reference)
+    return time_candidates(candidates, lambda cfg: launch_matmul(x, w, fuse_swiglu=fuse, cfg=cfg), reference)
 
 
 def _attention_bucket(shape, candidates, dtype, gen):
     B, H, S, D = shape
     q, k, v = (torch.randn(B, H, S, D, device="cuda", generator=gen).to(dtype) for _ in range(3))
     scale = D ** -0.5
-    return _time_candidates(
+    return time_candidates(
         candidates, lambda cfg: _flash_attention(q, k, v, True, scale, cfg),
         lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
@@ -123,14 +123,19 @@ def main(argv=None):
     buckets = GEMM_BUCKETS | {"attention": ATTENTION_BUCKETS}
     for op, timed in plan.items():
         entries, measured = _entries(buckets[op], timed)
-        path = _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
-        fallback, _ = _config.load_entries(op, "default")  # fp32 falls through to the default entries
-        write_json_atomic(path, {"entries": entries + list(fallback), "tuned": {"dtype": args.dtype, "provenance": provenance(),
-                                                                "buckets": measured}})
         print(f"{op}: " + "; ".join(f"{m['shape']} {m['best_ms']:.4f} ms {e['config']}"
                                     for m, e in zip(measured, entries)))
-        print(f"  wrote {path}")
+        write_tuned(op, gpu, entries, measured, args.dtype)
     return 0
+
+
+def write_tuned(op, gpu, entries, measured, dtype_name):
+    """Write ``op``'s config file for ``gpu``: tuned entries first, then the default entries (fp32 fallback)."""
+    path = _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
+    fallback, _ = _config.load_entries(op, "default")
+    write_json_atomic(path, {"entries": entries + list(fallback),
+                             "tuned": {"dtype": dtype_name, "provenance": provenance(), "buckets": measured}})
+    print(f"  wrote {path}")
 
 
 if __name__ == "__main__":

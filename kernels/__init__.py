@@ -1,6 +1,8 @@
 """Triton kernels, their launchers, and a pure-torch reference beside each.
 
-Dense ops: the SwiGLU FFN (fused gate+up with SiLU·up in the epilogue, and the single
+MoE ops: top-k routing with a selection-bias hook (``route``), the fused experts
+(``fused_experts``, transformers' ``MixtralExperts`` semantics) and the drop-in ``FusedMoE``
+layer with ``patch_hf_model``. Dense ops: the SwiGLU FFN (fused gate+up with SiLU·up in the epilogue, and the single
 projections ``ffn_gate``/``ffn_up``/``ffn_down`` the cost model calibrates), a plain GEMM, and
 attention (FlashAttention forward plus standalone QKᵀ and softmax·V). Block sizes come from the
 per-GPU JSON files in ``kernels/configs``. On a machine without CUDA the kernels run under
@@ -10,7 +12,10 @@ This package's import name, ``kernels``, is also Hugging Face's ``kernels`` pack
 cannot be installed side by side.
 """
 from kernels.attention import attention_av, attention_qk, flash_attention
+from kernels.fused_experts import fused_experts
 from kernels.matmul import matmul
+from kernels.moe_layer import FusedMoE, TopKRouter, patch_hf_model, register_hf_experts_implementation
+from kernels.routing import route
 from kernels.swiglu import ffn_down, ffn_gate, ffn_up, swiglu_ffn, swiglu_gate_up
 
 __version__ = "0.1.0"
@@ -18,4 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "attention_av", "attention_qk", "flash_attention", "matmul",
     "ffn_down", "ffn_gate", "ffn_up", "swiglu_ffn", "swiglu_gate_up",
+    "FusedMoE", "TopKRouter", "fused_experts", "patch_hf_model", "register_hf_experts_implementation", "route",
 ]

@@ -3,7 +3,7 @@
 ``configs/<op>/<GPU_name>.json`` (e.g. ``NVIDIA_H100_80GB_HBM3.json``) holds the tuned
 entries for one card; ``configs/<op>/default.json`` serves every other device. Each file is
 ``{"entries": [{"when": {"max_m": 64}, "config": {...}}, ...]}``; the first entry whose
-``when`` bounds all hold is used, so files end with an unconditional entry. Lookups pass the
+``when`` bounds (``max_<dim>`` and ``min_<dim>``, inclusive) all hold is used, so files end with an unconditional entry. Lookups pass the
 shape dims and ``elem_bytes``: tuned (16-bit) entries carry ``max_elem_bytes: 2`` so fp32,
 whose tiles need twice the shared memory, falls through to the default entries. No autotuning
 happens at call time: ``python -m bench.kernels --sweep`` measures candidates to write these.
@@ -45,10 +45,15 @@ def load_entries(op, gpu_name):
     return tuple(json.loads(path.read_text())["entries"]), path
 
 
+def _holds(key, bound, dims):
+    kind, _, dim = key.partition("_")
+    return dims[dim] <= bound if kind == "max" else dims[dim] >= bound
+
+
 def select_config(entries, **dims):
-    """The ``config`` of the first entry whose ``max_<dim>`` bounds all hold for ``dims``."""
+    """The ``config`` of the first entry whose ``max_<dim>``/``min_<dim>`` bounds all hold for ``dims``."""
     for entry in entries:
-        if all(dims[key.removeprefix("max_")] <= bound for key, bound in entry.get("when", {}).items()):
+        if all(_holds(key, bound, dims) for key, bound in entry.get("when", {}).items()):
             return entry["config"]
     raise ValueError(f"no config entry matches {dims}; the file must end with an entry without 'when'")
 

@@ -16,6 +16,14 @@ def test_select_config_takes_first_matching_entry():
     assert _config.select_config(entries, m=4096, k=4096) == "big"
 
 
+def test_select_config_min_and_max_bounds_pin_a_shape():
+    entries = [{"when": {"min_e": 8, "max_e": 8, "max_slots_per_expert": 16}, "config": "mixtral-decode"},
+               {"config": "other"}]
+    assert _config.select_config(entries, e=8, slots_per_expert=2) == "mixtral-decode"
+    assert _config.select_config(entries, e=64, slots_per_expert=2) == "other"
+    assert _config.select_config(entries, e=8, slots_per_expert=17) == "other"
+
+
 def test_select_config_without_fallback_raises():
     with pytest.raises(ValueError, match="no config entry"):
         _config.select_config([{"when": {"max_m": 1}, "config": {}}], m=2)

@@ -1,0 +1,108 @@
+"""``python -m bench.moe``: the fused MoE experts beside the HF per-expert loop and ``torch._grouped_mm``.
+
+On a GPU (bf16) each case is checked against the loop, then all three are timed in the same run:
+per eager call (median of CUDA-event timings, L2 flushed between repeats) and as CUDA-graph
+replays. Ratios are peer_time / our_time (> 1 means we are faster). Decode rows also give the
+memory floor: the touched experts' weight bytes over the copy bandwidth measured in the same run. On a CPU the kernels run under
+Triton's interpreter at tiny shapes: correctness only, times null with the reason.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: @triton.jit reads it
+
+from bench import moe_cases  # noqa: E402
+from bench._results import provenance, write_json_atomic  # noqa: E402
+from bench.kernels import NO_GPU, graph_median_ms, median_ms, rel_error  # noqa: E402
+
+PEERS = {"grouped_mm": moe_cases.grouped_mm, "hf_loop": moe_cases.hf_loop}
+TARGETS = {  # (shape, T) -> (what, predicate on the row), from the issue
+    ("mixtral", 1): ("within 1.3x of the memory floor", lambda r: r["ours_graph_ms"] <= 1.3 * r["floor_ms"]),
+    ("mixtral", 16): ("<= 1.1 ms", lambda r: r["ours_ms"] <= 1.1),
+    ("mixtral", 128): ("<= 1.1 ms", lambda r: r["ours_ms"] <= 1.1),
+    ("mixtral", 4096): (">= 600 TFLOP/s", lambda r: r["ours_tflops"] >= 600),
+    ("mixtral", 16384): (">= 600 TFLOP/s", lambda r: r["ours_tflops"] >= 600),
+    ("qwen3", 1): (">= 5x grouped_mm", lambda r: r["ratio_grouped_mm"] >= 5),
+    ("qwen3", 8192): (">= 1.5x grouped_mm", lambda r: r["ratio_grouped_mm"] >= 1.5),
+}
+
+
+def copy_bytes_per_s():
+    """Device-to-device copy bandwidth, bytes read plus written, measured now (the floors use it)."""
+    src = torch.randn(2 ** 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / (median_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def run_case(shape, T, device, dtype, timed, bytes_per_s=None):
+    inputs = moe_cases.make_inputs(shape, T, device, dtype)
+    out = moe_cases.ours(*inputs)
+    row = {"shape": shape.name, "T": T, "E": shape.E, "K": shape.K, "H": shape.H, "I": shape.I,
+           "dtype": str(dtype).removeprefix("torch."),
+           "rel_error_vs_hf_loop": rel_error(out, moe_cases.hf_loop(*inputs))}
+    if not timed:
+        return row | {"ours_ms": None, "time_null_reason": NO_GPU}
+    floor, distinct = moe_cases.floor_ms(shape, inputs[3], dtype, bytes_per_s)
+    row |= {"distinct_experts": distinct, "floor_ms": floor}
+    row["ours_ms"], row["ours_graph_ms"] = median_ms(lambda: moe_cases.ours(*inputs)), \
+        graph_median_ms(lambda: moe_cases.ours(*inputs))
+    row["ours_tflops"] = moe_cases.flops(shape, T) / row["ours_ms"] / 1e9
+    for name, peer in PEERS.items():
+        row[f"{name}_ms"] = median_ms(lambda: peer(*inputs))
+        row[f"ratio_{name}"] = row[f"{name}_ms"] / row["ours_ms"]
+    row["grouped_mm_graph_ms"] = graph_median_ms(lambda: moe_cases.grouped_mm(*inputs))
+    row["graph_ratio_grouped_mm"] = row["grouped_mm_graph_ms"] / row["ours_graph_ms"]
+    target = TARGETS.get((shape.name, T))
+    row["never_slower_than_grouped_mm"] = row["ratio_grouped_mm"] >= 1.0
+    if target:
+        row["target"], row["target_met"] = target[0], bool(target[1](row))
+    return row
+
+
+def print_table(rows):
+    if rows[0]["ours_ms"] is None:
+        for r in rows:
+            print(f"{r['shape']:12} T={r['T']:<6} rel. error vs HF loop {r['rel_error_vs_hf_loop']:.2e}")
+        print(f"times: null ({NO_GPU})")
+        return
+    print(f"{'shape':8} {'T':>6} {'err':>8} {'ours ms':>8} {'graph':>8} {'gmm ms':>8} {'x gmm':>6} {'x gmm(g)':>8} "
+          f"{'loop ms':>8} {'x loop':>6} {'TF/s':>6} {'floor':>7}  target")
+    for r in rows:
+        target = f"{r['target']}: {'met' if r['target_met'] else 'NOT met'}" if "target" in r else ""
+        print(f"{r['shape']:8} {r['T']:6d} {r['rel_error_vs_hf_loop']:8.1e} {r['ours_ms']:8.3f} {r['ours_graph_ms']:8.3f} "
+              f"{r['grouped_mm_ms']:8.3f} {r['ratio_grouped_mm']:6.2f} {r['graph_ratio_grouped_mm']:8.2f} "
+              f"{r['hf_loop_ms']:8.3f} {r['ratio_hf_loop']:6.2f} {r['ours_tflops']:6.0f} {r['floor_ms']:7.3f}  {target}")
+    print("x gmm / x loop = peer_ms / ours_ms per eager call; x gmm(g) from CUDA-graph replays; "
+          "above 1 we are faster. floor = touched experts' weight bytes / measured copy bandwidth.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.moe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(moe_cases.SHAPES))
+    parser.add_argument("--output", default=None, help="write the results JSON (atomically) to this path")
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    shapes = moe_cases.SHAPES if on_gpu else moe_cases.CPU_SHAPES
+    names = args.shapes.split(",") if args.shapes else list(shapes)
+    unknown = set(names) - set(shapes)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(shapes)}")
+    bytes_per_s = copy_bytes_per_s() if on_gpu else None
+    rows = [run_case(shapes[n], T, device, dtype, on_gpu, bytes_per_s)
+            for n in names for T in (moe_cases.GPU_TOKENS[n] if on_gpu else moe_cases.CPU_TOKENS)]
+    print_table(rows)
+    if bytes_per_s:
+        print(f"measured copy bandwidth: {bytes_per_s / 1e12:.2f} TB/s")
+    if args.output:
+        write_json_atomic(args.output, {"provenance": provenance(), "copy_bytes_per_s": bytes_per_s, "rows": rows})
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

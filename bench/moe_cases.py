@@ -1,0 +1,84 @@
+"""The fused-MoE benchmark cases: our fused experts beside the HF per-expert loop and
+``torch._grouped_mm``, at the Mixtral, Qwen3-30B-A3B and OLMoE expert shapes.
+
+Shared by ``python -m bench.moe`` and ``bench/bench_moe.py``. Routing is drawn from a random
+router (softmax top-k of Gaussian logits), so expert loads look like a real, untrained router's.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.fused_experts import fused_experts_reference
+
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    name: str
+    E: int
+    K: int
+    H: int
+    I: int
+    renormalize: bool
+
+
+SHAPES = {
+    "mixtral": MoeShape("mixtral", 8, 2, 4096, 14336, True),
+    "qwen3": MoeShape("qwen3", 128, 8, 2048, 768, True),
+    "olmoe": MoeShape("olmoe", 64, 8, 2048, 1024, False),
+}
+GPU_TOKENS = {"mixtral": (1, 16, 128, 1024, 4096, 16384), "qwen3": (1, 16, 128, 1024, 8192),
+              "olmoe": (1, 16, 128, 1024, 8192)}
+CPU_SHAPES = {"tiny-E8-K2": MoeShape("tiny-E8-K2", 8, 2, 48, 40, True),
+              "tiny-E64-K8": MoeShape("tiny-E64-K8", 64, 8, 32, 24, False)}
+CPU_TOKENS = (1, 37)
+
+
+def make_inputs(shape, T, device, dtype, seed=0):
+    """(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights) with random data."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
+    x = randn(T, shape.H)
+    gate_up = randn(shape.E, 2 * shape.I, shape.H, scale=shape.H ** -0.5)
+    down = randn(shape.E, shape.H, shape.I, scale=shape.I ** -0.5)
+    routing = kernels.route(torch.randn(T, shape.E, generator=gen, device=device), shape.K,
+                            renormalize=shape.renormalize)
+    return x, gate_up, down, routing.topk_ids, routing.topk_weights
+
+
+def ours(x, gate_up, down, ids, weights):
+    return kernels.fused_experts(x, gate_up, down, ids, weights, validate_ids=False)
+
+
+def hf_loop(x, gate_up, down, ids, weights):
+    """transformers' eager per-expert loop (``experts_implementation="eager"``)."""
+    return fused_experts_reference(x, gate_up, down, ids, weights)
+
+
+def grouped_mm(x, gate_up, down, ids, weights):
+    """Sort slots by expert, two ``torch._grouped_mm`` calls, weight, scatter-add: no host sync."""
+    T, K = ids.shape
+    flat = ids.reshape(-1).long()
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)
+    tokens = order // K
+    gate, up = torch._grouped_mm(x[tokens], gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, tokens, y)
+
+
+def flops(shape, T):
+    return 6.0 * T * shape.K * shape.H * shape.I
+
+
+def floor_ms(shape, ids, dtype, bytes_per_s):
+    """Bytes of the touched experts' weights over the measured copy bandwidth (the decode floor)."""
+    distinct = torch.unique(ids).numel()
+    return distinct * 3 * shape.H * shape.I * torch.finfo(dtype).bits / 8 / bytes_per_s * 1e3, distinct

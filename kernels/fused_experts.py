@@ -1,0 +1,197 @@
+"""Fused MoE experts: a grouped GEMM over experts with the tokens gathered inside the kernel.
+
+Semantics are exactly transformers 5.x ``MixtralExperts.forward(hidden_states, top_k_index,
+top_k_weights)``: each token's output is the sum over its K chosen experts of
+``weight * down(silu(gate(x)) * up(x))``. Two launches of one kernel do the work:
+
+1. gate_up: rows gathered from ``hidden_states`` by token (no permuted copy), SiLU(gate)·up in
+   the epilogue, written per slot to an [T*K, I] intermediate;
+2. down: the intermediate's rows, times the top-k weight in the epilogue, written per slot;
+
+then a fixed-order sum over each token's K slots (deterministic: no atomics in the reduction).
+Only blocks of experts that received tokens do work; with few tokens (decode) each touched
+expert's weight tile is read once per output tile.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _config
+from kernels._autograd import apply_with_reference_grad
+from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision
+from kernels.matmul import _tile_coords
+from kernels.routing import check_topk_ids, group_by_expert
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_num_padded, p_topk_weights,
+    N, K, n_slots, n_row_blocks,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
+    MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[slot] = f(a[row(slot)] @ w[expert].T) for the BLOCK_M slots of one expert's row block.
+
+    row(slot) is slot // TOP_K (its token) when GATHER_TOKENS, else slot. With FUSE_SWIGLU, f is
+    silu(gate) * up over the stacked [2N, K] weight; with MUL_WEIGHTS, f scales by the slot's weight."""
+    i_m, i_n = _tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if i_m * BLOCK_M >= tl.load(p_num_padded):
+        return  # rows past the last expert's padded run: nothing routed here
+    i_e = tl.load(p_block_experts + i_m).to(tl.int64)
+    b_slots = tl.load(p_sorted_slots + i_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
+    m_rows = b_slots < n_slots  # padding rows carry the sentinel n_slots
+    if GATHER_TOKENS:
+        o_rows = tl.where(m_rows, b_slots // TOP_K, 0)
+    else:
+        o_rows = tl.where(m_rows, b_slots, 0)
+
+    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    o_k = tl.arange(0, BLOCK_K)
+    p_ab = p_a + o_rows.to(tl.int64)[:, None] * stride_am + o_k[None, :] * stride_ak  # [BM, BK]
+    p_wb = p_w + i_e * stride_we + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
+
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSE_SWIGLU:
+        b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            b_a = tl.load(p_ab)
+            b_w = tl.load(p_wb)
+        else:
+            m_k = o_k < K - k0
+            b_a = tl.load(p_ab, mask=m_k[None, :], other=0.0)
+            b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
+        b_acc = tl.dot(b_a, b_w, b_acc, input_precision=DOT_PRECISION)
+        if FUSE_SWIGLU:
+            if EVEN_K:
+                b_w_up = tl.load(p_wb + N * stride_wn)
+            else:
+                b_w_up = tl.load(p_wb + N * stride_wn, mask=m_k[:, None], other=0.0)
+            b_acc_up = tl.dot(b_a, b_w_up, b_acc_up, input_precision=DOT_PRECISION)
+        p_ab += BLOCK_K * stride_ak
+        p_wb += BLOCK_K * stride_wk
+
+    if FUSE_SWIGLU:
+        b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up
+    if MUL_WEIGHTS:
+        b_acc = b_acc * tl.load(p_topk_weights + b_slots, mask=m_rows, other=0.0).to(tl.float32)[:, None]
+
+    o_on = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_ob = p_out + b_slots.to(tl.int64)[:, None] * stride_om + o_on[None, :] * stride_on
+    tl.store(p_ob, b_acc.to(p_out.dtype.element_ty), mask=m_rows[:, None] & (o_on[None, :] < N))
+
+
+def _launch_expert_gemm(a, w, out, blocks, topk_weights, top_k, gather_tokens, fuse_swiglu, cfg):
+    N = out.shape[1]
+    K = a.shape[1]
+    n_row_blocks = blocks.block_experts.shape[0]
+    grid = (n_row_blocks * triton.cdiv(N, cfg["block_n"]),)
+    _expert_gemm_kernel[grid](
+        a, w, out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded, topk_weights,
+        N, K, blocks.n_slots, n_row_blocks,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        TOP_K=top_k, BLOCK_M=blocks.block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+        GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, GATHER_TOKENS=gather_tokens,
+        FUSE_SWIGLU=fuse_swiglu, MUL_WEIGHTS=topk_weights is not None, DOT_PRECISION=dot_precision(a.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def expert_configs(hidden_states, num_experts, intermediate, n_slots):
+    """(gate_up config, down config) for this shape on this device, from the per-GPU JSON files."""
+    dims = dict(slots_per_expert=n_slots // num_experts, e=num_experts, i=intermediate,
+                elem_bytes=hidden_states.element_size())
+    return (_config.lookup("moe_gate_up", hidden_states.device, **dims),
+            _config.lookup("moe_down", hidden_states.device, **dims))
+
+
+def launch_fused_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights, configs=None):
+    """Run the fused experts on validated inputs (no host sync); ``configs`` overrides the files."""
+    T, H = hidden_states.shape
+    E, two_i, _ = gate_up_proj.shape
+    top_k = topk_ids.shape[1]
+    out = torch.empty((T, H), dtype=hidden_states.dtype, device=hidden_states.device)
+    if T == 0 or H == 0:
+        return out
+    if two_i == 0:
+        return out.zero_()
+    n_slots = T * top_k
+    cfg_gate_up, cfg_down = configs or expert_configs(hidden_states, E, two_i // 2, n_slots)
+    blocks = group_by_expert(topk_ids, E, cfg_gate_up["block_m"])
+    intermediate = torch.empty((n_slots, two_i // 2), dtype=hidden_states.dtype, device=hidden_states.device)
+    _launch_expert_gemm(hidden_states, gate_up_proj, intermediate, blocks, None, top_k, True, True, cfg_gate_up)
+    per_slot = out if top_k == 1 else torch.empty((n_slots, H), dtype=hidden_states.dtype,
+                                                    device=hidden_states.device)
+    weights = topk_weights.contiguous().view(-1)  # the kernel indexes it by slot with unit stride
+    _launch_expert_gemm(intermediate, down_proj, per_slot, blocks, weights, top_k, False, False, cfg_down)
+    if top_k > 1:
+        torch.sum(per_slot.view(T, top_k, H), dim=1, out=out)  # fixed-order, deterministic reduction
+    return out
+
+
+def fused_experts_reference(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
+    """The per-expert loop in torch, as transformers' eager ``MixtralExperts.forward`` computes it."""
+    out = torch.zeros_like(hidden_states)
+    for expert in range(gate_up_proj.shape[0]):
+        token, k = torch.where(top_k_index == expert)
+        if token.numel() == 0:
+            continue
+        gate, up = (hidden_states[token] @ gate_up_proj[expert].T).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ down_proj[expert].T
+        out = out.index_add(0, token, (y * top_k_weights[token, k, None]).to(out.dtype))
+    return out
+
+
+def check_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, validate_ids=True):
+    """Validate the ``fused_experts`` arguments; ``validate_ids`` range-checks ids (one device sync)."""
+    check_tensor("hidden_states", hidden_states, ndim=2)
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3)
+    check_tensor("down_proj", down_proj, ndim=3)
+    check_same_dtype_device(hidden_states=hidden_states, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    T, H = hidden_states.shape
+    E, two_i, _ = gate_up_proj.shape
+    check_dim("gate_up_proj", gate_up_proj, 2, H, "the hidden size of hidden_states")
+    if two_i % 2:
+        raise ValueError(f"gate_up_proj must have an even dim 1 (gate rows, then up rows), got {two_i}")
+    check_dim("down_proj", down_proj, 0, E, "the experts of gate_up_proj")
+    check_dim("down_proj", down_proj, 1, H, "the hidden size of hidden_states")
+    check_dim("down_proj", down_proj, 2, two_i // 2, "half of dim 1 of gate_up_proj")
+    if validate_ids:
+        check_topk_ids("top_k_index", top_k_index, E)
+    else:
+        check_tensor("top_k_index", top_k_index, ndim=2, dtypes=(torch.int32, torch.int64))
+    check_dim("top_k_index", top_k_index, 0, T, "the tokens of hidden_states")
+    check_tensor("top_k_weights", top_k_weights, ndim=2)
+    if top_k_weights.shape != top_k_index.shape:
+        raise ValueError(f"top_k_weights has shape {tuple(top_k_weights.shape)}; expected {tuple(top_k_index.shape)} "
+                         "(the shape of top_k_index)")
+    for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if t.device != hidden_states.device:
+            raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
+
+
+def fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, validate_ids=True):
+    """MoE experts with transformers 5.x ``MixtralExperts.forward`` semantics, on our Triton kernels.
+
+    Args:
+        hidden_states: [T, H] float32/float16/bfloat16.
+        gate_up_proj: [E, 2I, H], gate rows first; same dtype and device.
+        down_proj: [E, H, I].
+        top_k_index: [T, K] int32/int64 expert ids, K <= E.
+        top_k_weights: [T, K] float weights (any float dtype; used in fp32).
+        validate_ids: range-check ``top_k_index`` on the host (one sync; pass False on hot paths
+            whose ids come from a router: out-of-range ids are then dropped, never read out of bounds).
+    Returns:
+        [T, H] in ``hidden_states``' dtype.
+    """
+    check_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, validate_ids)
+
+    def kernel(x, gate_up, down, weights):
+        return launch_fused_experts(x, gate_up, down, top_k_index, weights)
+
+    def reference(x, gate_up, down, weights):
+        return fused_experts_reference(x, gate_up, down, top_k_index, weights)
+
+    return apply_with_reference_grad(kernel, reference, hidden_states, gate_up_proj, down_proj, top_k_weights)

@@ -1,0 +1,128 @@
+"""``FusedMoE``: a drop-in sparse-MoE layer (router + fused experts) for transformers 5.x models.
+
+``FusedMoE.from_hf(block)`` wraps a Mixtral, Qwen3-MoE or OLMoE sparse-MoE block: it shares the
+block's weight tensors (no copies), keeps its routing conventions (renormalisation, the dtype of
+the gate weights) and returns what the block's forward returns. ``patch_hf_model(model)``
+swaps every such block in a loaded model. The layer's ``router`` is replaceable: any module
+returning ``(router_logits, topk_weights, topk_ids)`` from [T, H] hidden states fits, which is
+where the energy-aware router plugs in.
+
+Not carried over from the HF blocks: Mixtral's training-time jitter noise, and the router
+logits that transformers records from its own router classes for ``output_router_logits``.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.fused_experts import fused_experts
+from kernels.routing import topk_routing
+
+SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
+
+
+class TopKRouter(nn.Module):
+    """Linear router + our routing kernel, with an additive [E] selection bias (zeros: plain top-k).
+
+    ``weights_dtype=None`` keeps the gate weights in float32 (Mixtral's convention); a dtype rounds
+    them to it first (Qwen3-MoE and OLMoE round to the logits' dtype, i.e. pass ``"logits"``)."""
+
+    def __init__(self, weight, top_k, renormalize=True, weights_dtype=None):
+        super().__init__()
+        if not 1 <= top_k <= weight.shape[0]:
+            raise ValueError(f"top_k must be in [1, {weight.shape[0]}] (the number of experts), got {top_k}")
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.weights_dtype = weights_dtype
+        self.register_buffer("selection_bias", torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device))
+
+    @property
+    def num_experts(self):
+        return self.weight.shape[0]
+
+    def forward(self, hidden_states):
+        router_logits = F.linear(hidden_states, self.weight)
+        routing = topk_routing(router_logits, self.top_k, self.selection_bias, self.renormalize)
+        weights = routing.topk_weights
+        if self.weights_dtype == "logits":
+            weights = weights.to(router_logits.dtype)
+        return router_logits, weights, routing.topk_ids
+
+
+class FusedMoE(nn.Module):
+    """Sparse MoE layer: ``router`` picks K of E experts per token, our fused kernels run them.
+
+    Args:
+        router: a ``TopKRouter`` (or any module with its forward contract).
+        gate_up_proj: [E, 2I, H] expert weights, gate rows first.
+        down_proj: [E, H, I].
+    Forward: hidden_states [..., H] -> [..., H]. No host sync: capturable in a CUDA graph.
+    Gradients flow to the expert weights and hidden states through the torch reference
+    (recomputed in backward); the router's top-k choice itself is not differentiable.
+    """
+
+    def __init__(self, router, gate_up_proj, down_proj):
+        super().__init__()
+        self.router = router
+        self.gate_up_proj = gate_up_proj if isinstance(gate_up_proj, nn.Parameter) else nn.Parameter(gate_up_proj)
+        self.down_proj = down_proj if isinstance(down_proj, nn.Parameter) else nn.Parameter(down_proj)
+
+    @classmethod
+    def from_hf(cls, block):
+        """Build from a transformers 5.x Mixtral / Qwen3-MoE / OLMoE sparse-MoE block, sharing its weights."""
+        kind = type(block).__name__
+        if kind not in SUPPORTED_BLOCKS:
+            raise TypeError(f"block must be one of {', '.join(SUPPORTED_BLOCKS)}, got {kind}")
+        act = type(block.experts.act_fn).__name__
+        if act not in ("SiLU", "SiLUActivation"):
+            raise ValueError(f"block.experts.act_fn must be SiLU for the fused SwiGLU experts, got {act}")
+        gate = block.gate
+        if kind == "MixtralSparseMoeBlock":
+            router = TopKRouter(gate.weight, gate.top_k, renormalize=True, weights_dtype=None)
+        else:
+            router = TopKRouter(gate.weight, gate.top_k, renormalize=gate.norm_topk_prob, weights_dtype="logits")
+        return cls(router, block.experts.gate_up_proj, block.experts.down_proj)
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        _, topk_weights, topk_ids = self.router(flat)
+        out = fused_experts(flat, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, validate_ids=False)
+        return out.reshape(shape)
+
+
+def patch_hf_model(model):
+    """Replace every supported sparse-MoE block in ``model`` with a weight-sharing ``FusedMoE``.
+
+    Returns the number of blocks replaced."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    targets = [(name, module) for name, module in model.named_modules() if type(module).__name__ in SUPPORTED_BLOCKS]
+    for name, block in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FusedMoE.from_hf(block))
+    return len(targets)
+
+
+HF_EXPERTS_IMPLEMENTATION = "energy_moe"
+
+
+def register_hf_experts_implementation():
+    """Register our fused experts with transformers' experts-implementation mechanism.
+
+    Afterwards ``from_pretrained(..., experts_implementation="energy_moe")`` or
+    ``model.set_experts_implementation("energy_moe")`` runs every ``@use_experts_implementation``
+    experts module (Mixtral, Qwen3-MoE, OLMoE, ...) on ``fused_experts``. Returns the name."""
+    from transformers.integrations.moe import ExpertsInterface
+    ExpertsInterface.register(HF_EXPERTS_IMPLEMENTATION, _hf_experts_forward)
+    return HF_EXPERTS_IMPLEMENTATION
+
+
+def _hf_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
+    layout = (experts.has_gate, experts.has_bias, experts.is_transposed, experts.is_concatenated)
+    if layout != (True, False, False, True) or type(experts.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+        raise ValueError(f"{type(experts).__name__} is not a bias-free, concatenated [gate; up] SiLU expert "
+                         f"layout, which is all '{HF_EXPERTS_IMPLEMENTATION}' runs")
+    return fused_experts(hidden_states, experts.gate_up_proj, experts.down_proj, top_k_index, top_k_weights,
+                         validate_ids=False)

@@ -1,0 +1,235 @@
+"""MoE routing: router logits -> fp32 softmax -> (+ selection bias) -> top-k -> (renormalise),
+and the expert-grouped token layout the fused expert kernel consumes.
+
+The selection bias [E] only changes *which* experts are chosen: the gate weights always come
+from the unbiased probabilities (as DeepSeek-V3 does it), so a zero bias is exactly plain
+top-k. Ties go to the lowest expert index. Everything here stays on the device: no ``.item()``,
+no data-dependent Python branching, so the whole path can be captured in a CUDA graph.
+
+NaN policy (documented, tested): a NaN logit is treated as -inf, so that expert is never chosen
+through it and gets weight 0; a token whose logits are all NaN gets weight 0 on every chosen
+expert, so it contributes nothing to the layer output. ``RoutingResult.nan_tokens`` counts such
+tokens on the device; ``route(..., nan_policy="raise")`` instead checks on the host (one sync)
+and raises ``ValueError``.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._validate import INDEX_DTYPES, check_tensor
+
+
+@dataclass(frozen=True)
+class RoutingResult:
+    topk_weights: torch.Tensor  # [T, K] float32, from the unbiased probabilities
+    topk_ids: torch.Tensor  # [T, K] int32
+    nan_tokens: torch.Tensor  # [1] int32: tokens whose logits held a NaN
+
+
+@dataclass(frozen=True)
+class ExpertBlocks:
+    """Token slots (slot = token * K + k) grouped by expert, each expert's run padded to ``block_m``.
+
+    ``sorted_slots[r]`` is the slot in padded row r (``n_slots`` marks padding); ``block_experts[b]``
+    is the expert of rows [b * block_m, (b + 1) * block_m) (``E`` past ``num_padded``); the arrays
+    have static worst-case sizes so nothing depends on the data on the host."""
+    sorted_slots: torch.Tensor  # [n_slots + E * (block_m - 1)] int32
+    block_experts: torch.Tensor  # [cdiv(len(sorted_slots), block_m)] int32
+    num_padded: torch.Tensor  # [1] int32: rows in use
+    expert_counts: torch.Tensor  # [E] int32: slots routed to each expert
+    block_m: int
+    n_slots: int
+
+
+@triton.jit
+def _topk_routing_kernel(
+    p_logits, p_bias, p_weights, p_ids, p_nan_tokens,
+    T, E, stride_lt,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_e = tl.arange(0, BLOCK_E)
+    o_k = tl.arange(0, BLOCK_K)
+    m_t, m_e = o_t < T, o_e < E
+
+    b_logits = tl.load(p_logits + o_t[:, None] * stride_lt + o_e[None, :], mask=m_t[:, None] & m_e[None, :],
+                       other=float("-inf")).to(tl.float32)  # [BT, BE]
+    m_nan = b_logits != b_logits
+    tl.atomic_add(p_nan_tokens, tl.sum((tl.max(m_nan.to(tl.int32), 1) > 0).to(tl.int32), 0))
+    b_logits = tl.where(m_nan, float("-inf"), b_logits)
+
+    b_max = tl.max(b_logits, 1)
+    b_max = tl.where(b_max == float("-inf"), 0.0, b_max)  # an all-NaN row: probabilities become 0, not NaN
+    b_exp = tl.exp(b_logits - b_max[:, None])
+    b_sum = tl.sum(b_exp, 1)
+    b_probs = b_exp / tl.where(b_sum > 0, b_sum, 1.0)[:, None]  # [BT, BE]
+
+    b_select = b_probs
+    if HAS_BIAS:
+        b_select = b_select + tl.load(p_bias + o_e, mask=m_e, other=0.0)[None, :]
+    b_select = tl.where(m_e[None, :], b_select, float("-inf"))  # padding experts are never chosen
+
+    b_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    b_weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        b_best = tl.argmax(b_select, 1, tie_break_left=True)  # [BT], lowest index on ties
+        m_best = o_e[None, :] == b_best[:, None]
+        b_ids = tl.where(o_k[None, :] == k, b_best[:, None], b_ids)
+        b_weights = tl.where(o_k[None, :] == k, tl.sum(tl.where(m_best, b_probs, 0.0), 1)[:, None], b_weights)
+        b_select = tl.where(m_best, float("-inf"), b_select)
+    if RENORMALIZE:
+        b_total = tl.sum(b_weights, 1)
+        b_weights = b_weights / tl.where(b_total > 0, b_total, 1.0)[:, None]
+
+    m_out = m_t[:, None] & (o_k[None, :] < TOP_K)
+    tl.store(p_ids + o_t[:, None] * TOP_K + o_k[None, :], b_ids, mask=m_out)
+    tl.store(p_weights + o_t[:, None] * TOP_K + o_k[None, :], b_weights, mask=m_out)
+
+
+@triton.jit
+def _count_experts_kernel(p_ids, p_counts, n_slots, E, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    o_s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b_ids = tl.load(p_ids + o_s, mask=o_s < n_slots, other=0)
+    b_ids = tl.where((o_s < n_slots) & (b_ids >= 0) & (b_ids < E), b_ids, E).to(tl.int32)  # bad ids -> spare bin E
+    b_hist = tl.histogram(b_ids, BINS)
+    o_bins = tl.arange(0, BINS)
+    tl.atomic_add(p_counts + o_bins, b_hist, mask=(o_bins < E) & (b_hist > 0))
+
+
+@triton.jit
+def _padded_starts(p_counts, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each expert's first padded row, and the end of its padded run: [E_P2] each."""
+    o_e = tl.arange(0, E_P2)
+    b_counts = tl.load(p_counts + o_e, mask=o_e < E, other=0)
+    b_padded = tl.cdiv(b_counts, BLOCK_M) * BLOCK_M
+    b_end = tl.cumsum(b_padded, 0)
+    return b_end - b_padded, b_end
+
+
+@triton.jit
+def _scatter_slots_kernel(
+    p_ids, p_counts, p_cursor, p_sorted, p_block_experts, p_num_padded,
+    n_slots, E, n_blocks,
+    BLOCK: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Place every slot in its expert's padded run; program 0 also labels the row blocks."""
+    b_start, b_end = _padded_starts(p_counts, E, E_P2, BLOCK_M)
+    o_e = tl.arange(0, E_P2)
+    o_s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b_ids = tl.load(p_ids + o_s, mask=o_s < n_slots, other=0)
+    m_s = (o_s < n_slots) & (b_ids >= 0) & (b_ids < E)  # out-of-range ids are dropped (callers validate)
+    b_ids = tl.where(m_s, b_ids, 0).to(tl.int32)
+    # order inside an expert's run comes from atomics; results do not depend on it (rows are independent)
+    b_rank = tl.atomic_add(p_cursor + b_ids, 1, mask=m_s)
+    b_first = tl.sum(tl.where(b_ids[:, None] == o_e[None, :], b_start[None, :], 0), 1)  # [BLOCK] gather
+    tl.store(p_sorted + b_first + b_rank, o_s, mask=m_s)
+
+    if tl.program_id(0) == 0:
+        tl.store(p_num_padded, tl.sum(tl.where(o_e < E, b_end - b_start, 0), 0))
+        for b0 in range(0, n_blocks, BLOCK):
+            o_b = b0 + tl.arange(0, BLOCK)
+            b_row = o_b * BLOCK_M
+            # expert of block b = how many experts' padded runs end at or before its first row
+            b_expert = tl.sum(((b_end[None, :] <= b_row[:, None]) & (o_e[None, :] < E)).to(tl.int32), 1)
+            tl.store(p_block_experts + o_b, b_expert, mask=o_b < n_blocks)
+
+
+def _next_pow2(n):
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def topk_routing(router_logits, top_k, selection_bias=None, renormalize=True):
+    """Launch the routing kernel on validated inputs; see ``route``."""
+    T, E = router_logits.shape
+    device = router_logits.device
+    weights = torch.empty((T, top_k), dtype=torch.float32, device=device)
+    ids = torch.empty((T, top_k), dtype=torch.int32, device=device)
+    nan_tokens = torch.zeros(1, dtype=torch.int32, device=device)
+    if T > 0:
+        block_e = _next_pow2(E)
+        block_t = max(1, min(64, 4096 // block_e))
+        _topk_routing_kernel[(triton.cdiv(T, block_t),)](
+            router_logits, selection_bias, weights, ids, nan_tokens, T, E, router_logits.stride(0),
+            TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k),
+            HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize,
+        )
+    return RoutingResult(weights, ids, nan_tokens)
+
+
+def group_by_expert(topk_ids, num_experts, block_m):
+    """Build the ``ExpertBlocks`` layout for ``topk_ids`` [T, K] (any integer dtype, ids in [0, E))."""
+    n_slots = topk_ids.numel()
+    device = topk_ids.device
+    max_rows = n_slots + num_experts * (block_m - 1)
+    n_blocks = triton.cdiv(max_rows, block_m)
+    counts_cursor = torch.zeros((2, num_experts), dtype=torch.int32, device=device)
+    sorted_slots = torch.full((max_rows,), n_slots, dtype=torch.int32, device=device)
+    block_experts = torch.empty((n_blocks,), dtype=torch.int32, device=device)
+    num_padded = torch.empty((1,), dtype=torch.int32, device=device)
+    ids = topk_ids.contiguous().view(-1)  # the kernels index it with unit stride
+    block = 512
+    e_p2 = _next_pow2(num_experts)
+    grid = (max(1, triton.cdiv(n_slots, block)),)
+    _count_experts_kernel[grid](ids, counts_cursor[0], n_slots, num_experts, BLOCK=block,
+                                BINS=_next_pow2(num_experts + 1))
+    _scatter_slots_kernel[grid](ids, counts_cursor[0], counts_cursor[1], sorted_slots, block_experts, num_padded,
+                                n_slots, num_experts, n_blocks, BLOCK=block, E_P2=e_p2, BLOCK_M=block_m)
+    return ExpertBlocks(sorted_slots, block_experts, num_padded, counts_cursor[0], block_m, n_slots)
+
+
+def route_reference(router_logits, top_k, selection_bias=None, renormalize=True):
+    """The routing in torch: (weights [T, K] float32, ids [T, K] int64), NaN logits as -inf."""
+    logits = router_logits.float().nan_to_num(nan=float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
+    select = probs if selection_bias is None else probs + selection_bias.float()
+    ids = torch.topk(select, top_k, dim=-1).indices
+    weights = probs.gather(1, ids)
+    if renormalize:
+        total = weights.sum(-1, keepdim=True)
+        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    return weights, ids
+
+
+def route(router_logits, top_k, selection_bias=None, renormalize=True, nan_policy="mask"):
+    """Top-k routing of router logits.
+
+    Args:
+        router_logits: [T, E] float tensor.
+        top_k: experts per token, 1 <= top_k <= E.
+        selection_bias: optional [E] float32 tensor added to the probabilities for selection only.
+        renormalize: divide the chosen weights by their sum.
+        nan_policy: ``"mask"`` (no host sync; see the module docstring) or ``"raise"`` (syncs).
+    Returns:
+        ``RoutingResult`` with ``topk_weights`` [T, K] float32 and ``topk_ids`` [T, K] int32.
+    """
+    check_tensor("router_logits", router_logits, ndim=2)
+    T, E = router_logits.shape
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
+    if router_logits.stride(1) != 1:
+        raise ValueError(f"router_logits must be contiguous in its last dim, got strides {router_logits.stride()}")
+    if selection_bias is not None:
+        check_tensor("selection_bias", selection_bias, ndim=1, dtypes=(torch.float32,))
+        if selection_bias.shape[0] != E or selection_bias.device != router_logits.device:
+            raise ValueError(f"selection_bias must be a [{E}] tensor on {router_logits.device}, got "
+                             f"{tuple(selection_bias.shape)} on {selection_bias.device}")
+    if nan_policy not in ("mask", "raise"):
+        raise ValueError(f"nan_policy must be 'mask' or 'raise', got {nan_policy!r}")
+    if nan_policy == "raise" and torch.isnan(router_logits).any():
+        raise ValueError("router_logits contains NaN (nan_policy='raise')")
+    return topk_routing(router_logits, top_k, selection_bias, renormalize)
+
+
+def check_topk_ids(name, topk_ids, num_experts):
+    """Validate integer top-k ids [T, K] against E experts (host check: one device sync)."""
+    check_tensor(name, topk_ids, ndim=2, dtypes=INDEX_DTYPES)
+    if topk_ids.shape[1] > num_experts:
+        raise ValueError(f"{name} selects {topk_ids.shape[1]} experts per token but there are only {num_experts}")
+    if topk_ids.numel() and (topk_ids.min() < 0 or topk_ids.max() >= num_experts):
+        raise ValueError(f"{name} has values outside [0, {num_experts})")

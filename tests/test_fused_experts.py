@@ -1,0 +1,132 @@
+"""Fused experts against the per-expert torch loop (transformers' eager MixtralExperts)."""
+import pytest
+import torch
+
+import kernels
+from kernels.fused_experts import fused_experts_reference, launch_fused_experts
+from tests.conftest import DEVICE, DTYPES, ON_GPU, assert_matches, randn
+
+# (T, H, I, E, K): what each exercises
+SHAPES = [
+    pytest.param(1, 48, 40, 8, 2, id="T1-E8-K2"),
+    pytest.param(37, 48, 40, 8, 1, id="odd-T-K1"),
+    pytest.param(45, 33, 17, 8, 8, id="K=E-odd-H-I"),
+    pytest.param(29, 64, 24, 64, 6, id="E64-K6"),
+    pytest.param(3, 40, 56, 64, 8, id="E64-K8-most-experts-empty"),
+    pytest.param(130, 32, 48, 8, 2, id="multi-block-per-expert"),
+]
+
+
+def expert_weights(E, H, I, dtype):
+    return randn(E, 2 * I, H, dtype=dtype, scale=H ** -0.5), randn(E, H, I, dtype=dtype, scale=I ** -0.5)
+
+
+def random_topk(T, E, K):
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]) if T else torch.empty(0, K, dtype=torch.long)
+    return ids.to(DEVICE), torch.rand(T, K).to(DEVICE)
+
+
+def reference64(x, gate_up, down, ids, weights):
+    return fused_experts_reference(x.double(), gate_up.double(), down.double(), ids, weights.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, H, I, E, K", SHAPES)
+def test_fused_experts_matches_reference(T, H, I, E, K, dtype):
+    x = randn(T, H, dtype=dtype)
+    gate_up, down = expert_weights(E, H, I, dtype)
+    ids, weights = random_topk(T, E, K)
+    assert_matches(kernels.fused_experts(x, gate_up, down, ids, weights), reference64(x, gate_up, down, ids, weights),
+                   dtype)
+
+
+@pytest.mark.parametrize("routing", ["all-to-one-expert", "two-of-eight-experts", "int32-ids-bf16-weights"])
+def test_fused_experts_skewed_routing(routing):
+    T, H, I, E, K = 50, 32, 40, 8, 2
+    x = randn(T, H)
+    gate_up, down = expert_weights(E, H, I, torch.float32)
+    ids, weights = random_topk(T, E, K)
+    if routing == "all-to-one-expert":
+        ids, weights = torch.full((T, K), 3, device=DEVICE)[:, :1], weights[:, :1]  # strided [T, 1] views
+    elif routing == "two-of-eight-experts":
+        ids = torch.tensor([[1, 6]], device=DEVICE).expand(T, K).contiguous()
+    else:
+        ids = ids.to(torch.int32)
+        weights = weights.to(torch.bfloat16) if ON_GPU else weights.half()
+    assert_matches(kernels.fused_experts(x, gate_up, down, ids, weights), reference64(x, gate_up, down, ids, weights),
+                   torch.float32)
+
+
+def test_fused_experts_empty_and_deterministic():
+    gate_up, down = expert_weights(8, 32, 24, torch.float32)
+    ids, weights = random_topk(0, 8, 2)
+    assert kernels.fused_experts(randn(0, 32), gate_up, down, ids, weights).shape == (0, 32)
+    x = randn(61, 32)
+    ids, weights = random_topk(61, 8, 2)
+    first = kernels.fused_experts(x, gate_up, down, ids, weights)
+    assert torch.equal(first, kernels.fused_experts(x, gate_up, down, ids, weights)), "run-to-run bitwise equal"
+
+
+@pytest.mark.parametrize("variant", ["decode-blocks", "prefill-blocks"])
+def test_fused_experts_config_variants(variant):
+    """Every block shape a config file can pick must give the same answer."""
+    cfg = {"decode-blocks": (dict(block_m=16, block_n=32, block_k=64, group_m=1, num_warps=4, num_stages=2),
+                             dict(block_n=16, block_k=32, group_m=1, num_warps=4, num_stages=2)),
+           "prefill-blocks": (dict(block_m=32, block_n=16, block_k=16, group_m=4, num_warps=4, num_stages=2),
+                              dict(block_n=32, block_k=16, group_m=4, num_warps=4, num_stages=2))}[variant]
+    x = randn(70, 48)
+    gate_up, down = expert_weights(8, 48, 40, torch.float32)
+    ids, weights = random_topk(70, 8, 2)
+    out = launch_fused_experts(x, gate_up, down, ids, weights, configs=cfg)
+    assert_matches(out, reference64(x, gate_up, down, ids, weights), torch.float32)
+
+
+def test_fused_experts_gradients_match_reference():
+    x = randn(9, 16).requires_grad_()
+    gate_up, down = (w.requires_grad_() for w in expert_weights(4, 16, 8, torch.float32))
+    ids, weights = random_topk(9, 4, 2)
+    weights.requires_grad_()
+    grad_out = randn(9, 16)
+    inputs = (x, gate_up, down, weights)
+    ours = torch.autograd.grad(kernels.fused_experts(x, gate_up, down, ids, weights), inputs, grad_out)
+    ref = torch.autograd.grad(fused_experts_reference(x, gate_up, down, ids, weights), inputs, grad_out)
+    for g, r in zip(ours, ref):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def _args():
+    x = randn(6, 16)
+    gate_up, down = expert_weights(4, 16, 8, torch.float32)
+    ids, weights = random_topk(6, 4, 2)
+    return dict(hidden_states=x, gate_up_proj=gate_up, down_proj=down, top_k_index=ids, top_k_weights=weights)
+
+
+BAD_INPUT = [
+    ("top_k_index", lambda a: a | dict(top_k_index=torch.zeros(6, 5, dtype=torch.long, device=DEVICE),
+                                       top_k_weights=torch.rand(6, 5, device=DEVICE)), ValueError),  # K > E
+    ("top_k_index", lambda a: a | dict(top_k_index=a["top_k_index"] + 4), ValueError),  # out of range
+    ("top_k_index", lambda a: a | dict(top_k_index=a["top_k_index"] - 4), ValueError),  # negative
+    ("top_k_index", lambda a: a | dict(top_k_index=a["top_k_index"].float()), TypeError),
+    ("top_k_index", lambda a: a | dict(top_k_index=a["top_k_index"][:5]), ValueError),
+    ("top_k_weights", lambda a: a | dict(top_k_weights=a["top_k_weights"][:, :1]), ValueError),
+    ("top_k_weights", lambda a: a | dict(top_k_weights=a["top_k_weights"].long()), TypeError),
+    ("gate_up_proj", lambda a: a | dict(gate_up_proj=a["gate_up_proj"][:, :, :15]), ValueError),
+    ("gate_up_proj", lambda a: a | dict(gate_up_proj=a["gate_up_proj"][:, :15]), ValueError),
+    ("gate_up_proj", lambda a: a | dict(gate_up_proj=a["gate_up_proj"].half()), TypeError),
+    ("down_proj", lambda a: a | dict(down_proj=a["down_proj"][:3]), ValueError),
+    ("down_proj", lambda a: a | dict(down_proj=a["down_proj"][:, :, :7]), ValueError),
+    ("hidden_states", lambda a: a | dict(hidden_states=a["hidden_states"][None]), ValueError),
+]
+
+
+@pytest.mark.parametrize("name, corrupt, error", BAD_INPUT, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_INPUT)])
+def test_fused_experts_bad_input(name, corrupt, error):
+    with pytest.raises(error, match=name):
+        kernels.fused_experts(**corrupt(_args()))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device to mix devices")
+def test_fused_experts_mixed_devices():
+    args = _args()
+    with pytest.raises(ValueError, match="top_k_index"):
+        kernels.fused_experts(**args | dict(top_k_index=args["top_k_index"].cpu()))

@@ -1,0 +1,114 @@
+"""FusedMoE as a drop-in for transformers 5.x Mixtral, Qwen3-MoE and OLMoE sparse-MoE blocks."""
+import pytest
+import torch
+
+import kernels
+from kernels.fused_experts import fused_experts_reference
+from kernels.routing import route_reference
+from tests.conftest import DEVICE, ON_GPU, assert_matches, randn
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed here")
+
+COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, num_experts_per_tok=2, eos_token_id=None, pad_token_id=0)
+CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, intermediate_size=80, num_local_experts=8),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, moe_intermediate_size=40, intermediate_size=96,
+                                                     num_experts=8, norm_topk_prob=True, head_dim=16),
+    "qwen3_moe-raw-topk": lambda: transformers.Qwen3MoeConfig(**COMMON, moe_intermediate_size=40, intermediate_size=96,
+                                                              num_experts=8, norm_topk_prob=False, head_dim=16),
+    "olmoe": lambda: transformers.OlmoeConfig(**COMMON, intermediate_size=48, num_experts=8),
+}
+
+
+def tiny_model(name, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]())
+    with torch.no_grad():
+        for p in model.parameters():  # seeded random weights everywhere: no zero-initialised router ties
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model.to(DEVICE).eval()
+
+
+def sparse_blocks(model):
+    return [m for m in model.modules() if type(m).__name__ in kernels.moe_layer.SUPPORTED_BLOCKS]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_from_hf_block_matches_and_shares_weights(name):
+    block = sparse_blocks(tiny_model(name))[0]
+    fused = kernels.FusedMoE.from_hf(block)
+    assert fused.gate_up_proj is block.experts.gate_up_proj and fused.down_proj is block.experts.down_proj
+    assert fused.router.weight is block.gate.weight
+    x = randn(2, 7, 64)
+    with torch.no_grad():
+        assert_matches(fused(x), block(x), torch.float32)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_patched_model_logits_and_greedy_generate_match(name):
+    model = tiny_model(name)
+    input_ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        logits = model(input_ids).logits
+        tokens = model.generate(input_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        assert kernels.patch_hf_model(model) == 2
+        assert not sparse_blocks(model)
+        assert_matches(model(input_ids).logits, logits, torch.float32)
+        assert torch.equal(model.generate(input_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False), tokens)
+
+
+def test_experts_implementation_flag_runs_fused_experts(monkeypatch):
+    model = tiny_model("qwen3_moe")
+    input_ids = torch.randint(1, 96, (1, 11), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    calls = []
+    real = kernels.moe_layer.fused_experts
+    monkeypatch.setattr(kernels.moe_layer, "fused_experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        logits = model(input_ids).logits
+        model.set_experts_implementation(kernels.register_hf_experts_implementation())
+        assert_matches(model(input_ids).logits, logits, torch.float32)
+    assert len(calls) == 2, "each layer's experts must run through fused_experts"
+
+
+def test_fused_moe_matches_torch_routing_and_experts():
+    E, H, I, K = 8, 32, 24, 2
+    router = kernels.TopKRouter(randn(E, H), K, renormalize=True)
+    layer = kernels.FusedMoE(router, randn(E, 2 * I, H, scale=H ** -0.5), randn(E, H, I, scale=I ** -0.5))
+    x = randn(3, 5, H)
+    flat = x.reshape(-1, H)
+    weights, ids = route_reference(flat @ router.weight.T, K)
+    ref = fused_experts_reference(flat.double(), layer.gate_up_proj.double(), layer.down_proj.double(), ids,
+                                  weights.double())
+    with torch.no_grad():
+        assert_matches(layer(x), ref.reshape(3, 5, H), torch.float32)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="block must be one of"):
+        kernels.FusedMoE.from_hf(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="model"):
+        kernels.patch_hf_model("mixtral")
+    with pytest.raises(ValueError, match="top_k"):
+        kernels.TopKRouter(randn(4, 8), 5)
+    block = sparse_blocks(tiny_model("olmoe"))[0]
+    block.experts.act_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match="act_fn must be SiLU"):
+        kernels.FusedMoE.from_hf(block)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA-graph capture needs a CUDA device (none found)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_whole_layer_is_graph_capturable(dtype):
+    block = sparse_blocks(tiny_model("mixtral").to(dtype))[0]
+    layer = kernels.FusedMoE.from_hf(block)
+    x = randn(4, 16, 64, dtype=dtype)
+    with torch.no_grad():
+        layer(x)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = layer(x)
+        x.copy_(randn(4, 16, 64, dtype=dtype))
+        graph.replay()
+        assert torch.equal(captured, layer(x))
+        assert_matches(captured, block(x), dtype)

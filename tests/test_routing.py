@@ -1,0 +1,148 @@
+"""Top-k routing and the expert-grouped layout against torch, with their invariants."""
+import pytest
+import torch
+
+import kernels
+from kernels.routing import group_by_expert, route_reference
+from tests.conftest import DEVICE, DTYPES, ON_GPU, randn
+
+# (T, E, K): what each exercises
+SHAPES = [
+    pytest.param(1, 8, 2, id="T1-mixtral"),
+    pytest.param(37, 8, 1, id="odd-T-K1"),
+    pytest.param(33, 64, 6, id="E64-K6"),
+    pytest.param(5, 64, 8, id="E64-K8"),
+    pytest.param(7, 8, 8, id="K=E"),
+    pytest.param(70, 128, 8, id="qwen3-E128"),
+]
+
+
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "raw"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, E, K", SHAPES)
+def test_route_matches_torch(T, E, K, dtype, renormalize):
+    logits = randn(T, E, dtype=dtype)
+    result = kernels.route(logits, K, renormalize=renormalize)
+    weights, ids = route_reference(logits, K, renormalize=renormalize)
+    assert result.topk_ids.dtype == torch.int32 and result.topk_weights.dtype == torch.float32
+    # 16-bit logits tie often; the chosen probabilities must equal torch's, whichever tied id is taken
+    probs = torch.softmax(logits.float(), dim=-1)
+    assert torch.equal(probs.gather(1, result.topk_ids.long()), probs.gather(1, ids))
+    assert (result.topk_ids.sort(1).values[:, 1:] != result.topk_ids.sort(1).values[:, :-1]).all(), "distinct ids"
+    assert torch.allclose(result.topk_weights, weights, rtol=1e-6, atol=1e-7)
+    assert int(result.nan_tokens) == 0
+
+
+def test_ties_go_to_the_lowest_expert_index():
+    logits = torch.zeros(3, 8, device=DEVICE)
+    logits[:, 5] = 1.0
+    result = kernels.route(logits, 3)
+    assert result.topk_ids.tolist() == [[5, 0, 1]] * 3
+
+
+@pytest.mark.parametrize("T, E, K", SHAPES)
+def test_selection_bias_moves_selection_not_weights(T, E, K):
+    logits = randn(T, E)
+    zero = kernels.route(logits, K, selection_bias=torch.zeros(E, device=DEVICE))
+    plain = kernels.route(logits, K)
+    assert torch.equal(zero.topk_ids, plain.topk_ids) and torch.equal(zero.topk_weights, plain.topk_weights)
+
+    bias = torch.zeros(E, device=DEVICE)
+    bias[E - 1] = 10.0  # forces expert E-1 into every token's selection
+    biased = kernels.route(logits, K, selection_bias=bias, renormalize=False)
+    assert (biased.topk_ids == E - 1).any(dim=1).all()
+    probs = torch.softmax(logits.float(), dim=-1)
+    assert torch.allclose(biased.topk_weights, probs.gather(1, biased.topk_ids.long()), rtol=1e-6, atol=1e-7), \
+        "gate weights must be the unbiased probabilities of the chosen experts"
+    weights, ids = route_reference(logits, K, selection_bias=bias, renormalize=False)
+    assert torch.equal(biased.topk_ids.long(), ids)
+
+
+def test_nan_policy_mask_and_raise():
+    logits = randn(4, 8)
+    logits[1, 3] = float("nan")  # one NaN: expert 3 is never chosen for token 1
+    logits[1, 3 - 1] = 50.0
+    logits[2] = float("nan")  # all NaN: the token contributes nothing
+    result = kernels.route(logits, 2)
+    assert int(result.nan_tokens) == 2
+    assert not (result.topk_ids[1] == 3).any()
+    assert torch.isfinite(result.topk_weights).all()
+    assert torch.equal(result.topk_weights[2], torch.zeros(2, device=DEVICE))
+    weights, ids = route_reference(logits, 2)
+    assert torch.equal(result.topk_ids[[0, 1, 3]].long(), ids[[0, 1, 3]])
+    with pytest.raises(ValueError, match="router_logits contains NaN"):
+        kernels.route(logits, 2, nan_policy="raise")
+
+
+@pytest.mark.parametrize("case", ["random", "one-expert", "empty-experts", "T0"])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_group_by_expert_invariants(case, block_m):
+    E, T, K = 8, 45, 2
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(DEVICE, torch.int32)
+    if case == "one-expert":
+        ids = torch.full((T, 1), 5, dtype=torch.int32, device=DEVICE)
+    elif case == "empty-experts":
+        ids = ids % 3  # experts 3..7 get nothing
+        ids[:, 1] = (ids[:, 0] + 1) % 3
+    elif case == "T0":
+        ids = ids[:0]
+    blocks = group_by_expert(ids, E, block_m)
+    n_slots = ids.numel()
+    counts = torch.bincount(ids.reshape(-1).long().cpu(), minlength=E)
+    assert torch.equal(blocks.expert_counts.cpu().long(), counts) and counts.sum() == n_slots
+
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    num_padded = int(blocks.num_padded)
+    assert num_padded == int(padded.sum())
+    slots = blocks.sorted_slots.cpu().long()
+    used = slots[:num_padded]
+    real = used[used < n_slots]
+    assert torch.equal(real.sort().values, torch.arange(n_slots)), "slots must be a bijection onto 0..T*K-1"
+    assert (slots[num_padded:] == n_slots).all(), "rows past the padded runs must be padding"
+    flat_ids = ids.reshape(-1).long().cpu()
+    rows = torch.arange(num_padded)
+    expert_of_row = torch.bucketize(rows, ends, right=True)
+    valid = used < n_slots
+    assert torch.equal(flat_ids[used[valid]], expert_of_row[valid]), "each slot sits in its expert's run"
+    block_experts = blocks.block_experts.cpu().long()
+    n_used_blocks = num_padded // block_m
+    assert torch.equal(block_experts[:n_used_blocks], expert_of_row[::block_m][:n_used_blocks])
+    assert (block_experts[n_used_blocks:] == E).all()
+
+
+BAD_ROUTE = [
+    ("top_k", lambda x: dict(router_logits=x, top_k=9), ValueError),
+    ("top_k", lambda x: dict(router_logits=x, top_k=0), ValueError),
+    ("top_k", lambda x: dict(router_logits=x, top_k=2.0), TypeError),
+    ("router_logits", lambda x: dict(router_logits=x[0], top_k=2), ValueError),
+    ("router_logits", lambda x: dict(router_logits=x.long(), top_k=2), TypeError),
+    ("router_logits", lambda x: dict(router_logits=x.T, top_k=2), ValueError),
+    ("selection_bias", lambda x: dict(router_logits=x, top_k=2, selection_bias=torch.zeros(7, device=x.device)),
+     ValueError),
+    ("selection_bias", lambda x: dict(router_logits=x, top_k=2, selection_bias=torch.zeros(8, device=x.device).half()),
+     TypeError),
+    ("nan_policy", lambda x: dict(router_logits=x, top_k=2, nan_policy="ignore"), ValueError),
+]
+
+
+@pytest.mark.parametrize("name, make, error", BAD_ROUTE, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_ROUTE)])
+def test_route_bad_input(name, make, error):
+    with pytest.raises(error, match=name):
+        kernels.route(**make(randn(8, 8)))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA-graph capture needs a CUDA device (none found)")
+def test_routing_is_graph_capturable():
+    logits = randn(16, 64)
+    bias = torch.zeros(64, device=DEVICE)
+    kernels.route(logits, 8, bias)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.route(logits, 8, bias)
+        blocks = group_by_expert(captured.topk_ids, 64, 16)
+    logits.copy_(randn(16, 64))
+    graph.replay()
+    weights, ids = route_reference(logits, 8)
+    assert torch.equal(captured.topk_ids.long(), ids)
+    assert int(blocks.expert_counts.sum()) == 16 * 8
