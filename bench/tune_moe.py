@@ -56,12 +56,12 @@ def slot_reference(a, w, ids, gather_tokens, fuse_swiglu, weights=None):
     return out
 
 
-def tune_point(shape, T, dtype):
+def tune_point(shape, T, dtype, device="cuda"):
     """Best (total ms, block_m, gate_up cfg, down cfg) at T tokens, and every candidate's time."""
-    x, gate_up, down, ids, weights = moe_cases.make_inputs(shape, T, "cuda", dtype)
+    x, gate_up, down, ids, weights = moe_cases.make_inputs(shape, T, device, dtype)
     n_slots = ids.numel()
-    h = torch.empty((n_slots, shape.I), dtype=dtype, device="cuda")
-    y = torch.empty((n_slots, shape.H), dtype=dtype, device="cuda")
+    h = torch.empty((n_slots, shape.I), dtype=dtype, device=device)
+    y = torch.empty((n_slots, shape.H), dtype=dtype, device=device)
     h_ref = slot_reference(x, gate_up, ids, True, True)
     h_in = h_ref.to(dtype)
     y_ref = slot_reference(h_in, down, ids, False, False, weights)
