@@ -1,0 +1,37 @@
+"""``python -m bench.profile_moe``: per-kernel GPU times of one fused-MoE call (torch.profiler).
+
+Shows where the time of ``fused_experts`` goes (routing layout, the two expert GEMMs, the
+reduction) at one shape and token count, beside ``torch._grouped_mm``'s kernels."""
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench import moe_cases
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_moe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(moe_cases.SHAPES), default="qwen3")
+    parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("profiling needs a CUDA device; none was found")
+    inputs = moe_cases.make_inputs(moe_cases.SHAPES[args.shape], args.tokens, "cuda", torch.bfloat16)
+    for name, fn in (("ours", moe_cases.ours), ("grouped_mm", moe_cases.grouped_mm)):
+        for _ in range(3):
+            fn(*inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.repeats):
+                fn(*inputs)
+            torch.cuda.synchronize()
+        print(f"== {name}: {args.shape} T={args.tokens}, {args.repeats} calls")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
