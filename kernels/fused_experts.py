@@ -19,7 +19,7 @@ import triton.language as tl
 from kernels import _config
 from kernels._autograd import apply_with_reference_grad
 from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision
-from kernels.matmul import _tile_coords
+from kernels.matmul import _tile_coords, _tile_product
 from kernels.routing import check_topk_ids, group_by_expert
 
 
@@ -52,29 +52,9 @@ def _expert_gemm_kernel(
     p_ab = p_a + o_rows.to(tl.int64)[:, None] * stride_am + o_k[None, :] * stride_ak  # [BM, BK]
     p_wb = p_w + i_e * stride_we + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
 
-    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FUSE_SWIGLU:
-        b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            b_a = tl.load(p_ab)
-            b_w = tl.load(p_wb)
-        else:
-            m_k = o_k < K - k0
-            b_a = tl.load(p_ab, mask=m_k[None, :], other=0.0)
-            b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
-        b_acc = tl.dot(b_a, b_w, b_acc, input_precision=DOT_PRECISION)
-        if FUSE_SWIGLU:
-            if EVEN_K:
-                b_w_up = tl.load(p_wb + N * stride_wn)
-            else:
-                b_w_up = tl.load(p_wb + N * stride_wn, mask=m_k[:, None], other=0.0)
-            b_acc_up = tl.dot(b_a, b_w_up, b_acc_up, input_precision=DOT_PRECISION)
-        p_ab += BLOCK_K * stride_ak
-        p_wb += BLOCK_K * stride_wk
-
-    if FUSE_SWIGLU:
-        b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up
+    # the up rows sit N rows below the gate rows in each expert's stacked [2N, K] weight
+    b_acc = _tile_product(p_ab, p_wb, K, stride_ak, stride_wk, N * stride_wn,
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_SWIGLU, DOT_PRECISION)
     if MUL_WEIGHTS:
         b_acc = b_acc * tl.load(p_topk_weights + b_slots, mask=m_rows, other=0.0).to(tl.float32)[:, None]
 

@@ -33,6 +33,40 @@ def _tile_coords(i_tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
 
 
 @triton.jit
+def _tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] fp32 sum over K of x tiles ``p_xb`` [BM, BK] times weight tiles ``p_wb`` [BK, BN].
+
+    With FUSE_SWIGLU the same x tiles also meet the "up" weight tiles ``up_offset`` elements
+    further on, and the result is silu(gate) * up."""
+    o_k = tl.arange(0, BLOCK_K)
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSE_SWIGLU:
+        b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            b_x = tl.load(p_xb)
+            b_w = tl.load(p_wb)
+        else:
+            m_k = o_k < K - k0
+            b_x = tl.load(p_xb, mask=m_k[None, :], other=0.0)
+            b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+        if FUSE_SWIGLU:
+            if EVEN_K:
+                b_w_up = tl.load(p_wb + up_offset)
+            else:
+                b_w_up = tl.load(p_wb + up_offset, mask=m_k[:, None], other=0.0)
+            b_acc_up = tl.dot(b_x, b_w_up, b_acc_up, input_precision=DOT_PRECISION)
+        p_xb += BLOCK_K * stride_xk
+        p_wb += BLOCK_K * stride_wk
+    if FUSE_SWIGLU:
+        b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
+    return b_acc
+
+
+@triton.jit
 def _matmul_kernel(
     p_x, p_w, p_y,
     M, N, K,
@@ -50,30 +84,9 @@ def _matmul_kernel(
     p_xb = p_x + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk  # [BM, BK]
     p_wb = p_w + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
 
-    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FUSE_SWIGLU:
-        b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            b_x = tl.load(p_xb)
-            b_w = tl.load(p_wb)
-        else:
-            m_k = o_k < K - k0
-            b_x = tl.load(p_xb, mask=m_k[None, :], other=0.0)
-            b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
-        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
-        if FUSE_SWIGLU:
-            # the up rows sit N rows below the gate rows in the stacked [2N, K] weight
-            if EVEN_K:
-                b_w_up = tl.load(p_wb + N * stride_wn)
-            else:
-                b_w_up = tl.load(p_wb + N * stride_wn, mask=m_k[:, None], other=0.0)
-            b_acc_up = tl.dot(b_x, b_w_up, b_acc_up, input_precision=DOT_PRECISION)
-        p_xb += BLOCK_K * stride_xk
-        p_wb += BLOCK_K * stride_wk
-
-    if FUSE_SWIGLU:
-        b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
+    # with FUSE_SWIGLU the up rows sit N rows below the gate rows in the stacked [2N, K] weight
+    b_acc = _tile_product(p_xb, p_wb, K, stride_xk, stride_wk, N * stride_wn,
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_SWIGLU, DOT_PRECISION)
 
     o_ym = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_yn = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
