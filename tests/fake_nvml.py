@@ -1,0 +1,93 @@
+"""A scripted stand-in for the pynvml module, for testing the meter without a GPU.
+
+Its energy counter integrates ``power_w`` over real time but, like the H100's, only advances
+every ``update_period_s`` (100 ms); ``unsupported`` names functions that raise NotSupported."""
+import time
+from types import SimpleNamespace
+
+
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_NotSupported(NVMLError):
+    pass
+
+
+class FakeNvml:
+    NVML_TEMPERATURE_GPU = 0
+    NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = 0
+    NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
+    NVML_CLOCK_SM = 1
+    NVML_CLOCK_MEM = 2
+    NVML_FI_DEV_POWER_AVERAGE = 185
+    NVML_FI_DEV_POWER_INSTANT = 186
+    nvmlClocksEventReasonGpuIdle = 0x1
+    nvmlClocksEventReasonSwPowerCap = 0x4
+    nvmlClocksEventReasonHwSlowdown = 0x8
+    nvmlClocksEventReasonSwThermalSlowdown = 0x20
+    nvmlClocksEventReasonHwThermalSlowdown = 0x40
+    nvmlClocksEventReasonHwPowerBrakeSlowdown = 0x80
+
+    def __init__(self, power_w=150.0, temperature_c=45, update_period_s=0.1, unsupported=(), fail_init=False):
+        self.power_w = power_w
+        self.temperature_c = temperature_c
+        self.update_period_s = update_period_s
+        self.unsupported = set(unsupported)
+        self.fail_init = fail_init
+        self.clock_event_reasons = 0
+        self._t0 = time.monotonic()
+
+    def _check(self, name):
+        if name in self.unsupported:
+            raise NVMLError_NotSupported("Not Supported")
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise NVMLError("Driver Not Loaded")
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        if index != 0:
+            raise NVMLError("Invalid Argument")
+        return "handle0"
+
+    def nvmlDeviceGetName(self, handle):
+        return "NVIDIA H100 80GB HBM3"
+
+    def nvmlSystemGetDriverVersion(self):
+        return "580.159.04"
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        self._check("nvmlDeviceGetTotalEnergyConsumption")
+        elapsed = time.monotonic() - self._t0
+        updated = elapsed - elapsed % self.update_period_s  # the counter moves in steps
+        return int(self.power_w * updated * 1000)
+
+    def nvmlDeviceGetFieldValues(self, handle, field_ids):
+        self._check("nvmlDeviceGetFieldValues")
+        return [SimpleNamespace(fieldId=f, nvmlReturn=0, value=SimpleNamespace(uiVal=int(self.power_w * 1000)))
+                for f in field_ids]
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        self._check("nvmlDeviceGetTemperature")
+        return self.temperature_c
+
+    def nvmlDeviceGetTemperatureThreshold(self, handle, kind):
+        self._check("nvmlDeviceGetTemperatureThreshold")
+        return {0: 92, 1: 87}[kind]
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        self._check("nvmlDeviceGetClockInfo")
+        return {1: 1980, 2: 2619}[clock]
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
+        self._check("nvmlDeviceGetCurrentClocksEventReasons")
+        return self.clock_event_reasons
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        self._check("nvmlDeviceGetMemoryInfo")
+        return SimpleNamespace(used=3 * 2 ** 30, total=80 * 2 ** 30, free=77 * 2 ** 30)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        self._check("nvmlDeviceGetUtilizationRates")
+        return SimpleNamespace(gpu=90, memory=40)
