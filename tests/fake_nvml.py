@@ -30,13 +30,28 @@ class FakeNvml:
     nvmlClocksEventReasonHwPowerBrakeSlowdown = 0x80
 
     def __init__(self, power_w=150.0, temperature_c=45, update_period_s=0.1, unsupported=(), fail_init=False):
-        self.power_w = power_w
+        self._t0 = time.monotonic()
+        self._segments = [(0.0, power_w)]  # (start s since _t0, watts): the energy counter integrates them
         self.temperature_c = temperature_c
         self.update_period_s = update_period_s
         self.unsupported = set(unsupported)
         self.fail_init = fail_init
         self.clock_event_reasons = 0
-        self._t0 = time.monotonic()
+
+    @property
+    def power_w(self):
+        return self._segments[-1][1]
+
+    @power_w.setter
+    def power_w(self, watts):
+        self._segments.append((time.monotonic() - self._t0, watts))
+
+    def _energy_j_at(self, t):
+        """Integral of the power segments from 0 to t (seconds since _t0)."""
+        total = 0.0
+        for (start, watts), nxt in zip(self._segments, self._segments[1:] + [(float("inf"), 0.0)]):
+            total += watts * max(0.0, min(t, nxt[0]) - start)
+        return total
 
     def _check(self, name):
         if name in self.unsupported:
@@ -60,8 +75,7 @@ class FakeNvml:
     def nvmlDeviceGetTotalEnergyConsumption(self, handle):
         self._check("nvmlDeviceGetTotalEnergyConsumption")
         elapsed = time.monotonic() - self._t0
-        updated = elapsed - elapsed % self.update_period_s  # the counter moves in steps
-        return int(self.power_w * updated * 1000)
+        return round(self._energy_j_at(elapsed - elapsed % self.update_period_s) * 1000)  # moves in steps
 
     def nvmlDeviceGetFieldValues(self, handle, field_ids):
         self._check("nvmlDeviceGetFieldValues")

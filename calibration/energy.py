@@ -1,0 +1,115 @@
+"""Energy and latency of a kernel from the NVML energy counter, measured the way the counter allows.
+
+The H100's counter moves only about every 100 ms, so one call is invisible to it. A window
+therefore repeats the kernel back to back (CUDA-graph replays, so launch gaps do not dilute it)
+for at least ``window_s`` (1 s = 10 or more counter updates). Each window starts on a counter
+update and ends on the next update after the work: the idle tail between the work's end and that
+update is charged at the measured idle power and subtracted. Several trials start after a random
+delay (so windows sample different counter phases); the median and the spread are reported.
+Latency comes from CUDA events (median). GPU state is recorded at each window's start and end.
+"""
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    calls: int
+    duration_s: float
+    energy_j: float  # the work's energy (idle tail removed)
+    start: object  # GpuReading
+    end: object
+
+
+def wait_for_counter_update(meter, timeout_s=1.0):
+    """Poll until the energy counter changes; the reading just after the change."""
+    first = meter.read()
+    if first.energy_mj is None:
+        raise RuntimeError(f"no energy counter: {first.missing.get('energy_mj')}")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reading = meter.read()
+        if reading.energy_mj != first.energy_mj:
+            return reading
+        time.sleep(0.002)
+    raise RuntimeError(f"the energy counter did not change within {timeout_s} s")
+
+
+def measure_idle_power_w(meter, seconds=2.0):
+    """Idle (static) board power: counter energy over ``seconds`` of doing nothing, edge to edge."""
+    start = wait_for_counter_update(meter)
+    time.sleep(seconds)
+    end = wait_for_counter_update(meter)
+    return (end.energy_mj - start.energy_mj) / 1000.0 / (end.time_s - start.time_s)
+
+
+def measure_window(meter, run_for, window_s, idle_power_w):
+    """One window: ``run_for(seconds) -> calls`` does the work (and waits for the device)."""
+    start = wait_for_counter_update(meter)
+    t0 = time.monotonic()
+    calls = run_for(window_s)
+    t_end = time.monotonic()
+    end = wait_for_counter_update(meter)
+    tail_s = end.time_s - t_end
+    energy_j = (end.energy_mj - start.energy_mj) / 1000.0 - idle_power_w * tail_s
+    return WindowResult(calls, t_end - t0, energy_j, start, end)
+
+
+def measure_energy(meter, run_for, idle_power_w, window_s=1.0, trials=3, seed=0):
+    """Median and spread of energy per call over ``trials`` windows with randomised starts."""
+    if not window_s >= 1.0:
+        raise ValueError(f"window_s must be >= 1 s (10+ updates of the ~100 ms energy counter), got {window_s}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    rng = random.Random(seed)
+    windows = []
+    for _ in range(trials):
+        time.sleep(rng.uniform(0.0, 0.1))  # a random phase against the counter's update period
+        windows.append(measure_window(meter, run_for, window_s, idle_power_w))
+    per_call = [w.energy_j / w.calls for w in windows]
+    power = [w.energy_j / w.duration_s for w in windows]
+    return {
+        "energy_j": statistics.median(per_call), "energy_j_min": min(per_call), "energy_j_max": max(per_call),
+        "power_w": statistics.median(power), "calls_per_window": [w.calls for w in windows],
+        "window_s": [w.duration_s for w in windows],
+        "state_start": _state(windows[0].start), "state_end": _state(windows[-1].end),
+    }
+
+
+def _state(reading):
+    return {"temperature_c": reading.temperature_c, "sm_clock_mhz": reading.sm_clock_mhz,
+            "mem_clock_mhz": reading.mem_clock_mhz, "clock_event_reasons": reading.clock_event_reasons,
+            "power_average_w": reading.power_average_w}
+
+
+def cuda_graph_runner(fn, target_replay_ms=20.0):
+    """``run_for(seconds) -> calls`` replaying ``fn`` in a CUDA graph, and fn's median latency (ms).
+
+    ``fn`` must be capturable (no host syncs); it is warmed up first."""
+    import torch
+    import triton.testing
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    latency_ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    reps = max(1, min(1000, int(target_replay_ms / max(latency_ms, 1e-3))))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    def run_for(seconds):
+        replays, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            graph.replay()
+            replays += 1
+            if replays % 8 == 0:
+                torch.cuda.synchronize()  # keep the host at most 8 replays ahead, so time is real
+        torch.cuda.synchronize()
+        return replays * reps
+
+    return run_for, latency_ms

@@ -1,0 +1,65 @@
+"""Analytic prior tables for GPUs we have not measured, from datasheet figures.
+
+A prior predicts each op's latency with the roofline (the larger of FLOPs over peak dense
+bf16/fp16 throughput and bytes over HBM bandwidth) and its power as the TDP (the roofline assumes
+the binding unit runs flat out, so this is an upper bound on power). Every prior table says
+``"source": "prior"``; nothing built here is ever reported as a measurement.
+``python -m calibration.priors`` rewrites ``calibration/tables/{A100,V100,H200}.json``.
+"""
+import sys
+from dataclasses import asdict
+
+from costmodel.ops import OPS, ModelDims, work
+
+# NVIDIA datasheets (SXM parts): peak dense tensor TFLOP/s, HBM TB/s, TDP W
+DATASHEETS = {
+    "A100": dict(name="NVIDIA A100-SXM4-80GB", peak_tflops=312.0, hbm_tb_s=2.039, tdp_w=400.0),
+    "V100": dict(name="NVIDIA V100-SXM2-32GB", peak_tflops=125.0, hbm_tb_s=0.900, tdp_w=300.0),  # fp16 (no bf16)
+    "H200": dict(name="NVIDIA H200 SXM 141GB", peak_tflops=989.0, hbm_tb_s=4.8, tdp_w=700.0),
+}
+# Datasheets give no idle power: priors scale TDP by the idle fraction measured on our H100
+# (73 W of a 700 W limit, 2026-11-26); the table records this.
+IDLE_FRACTION_OF_TDP = 73.0 / 700.0
+PRIOR_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def prior_point(op, batch_size, dims, sheet):
+    flops, nbytes = work(op, batch_size, dims)
+    compute_s = flops / (sheet["peak_tflops"] * 1e12)
+    memory_s = nbytes / (sheet["hbm_tb_s"] * 1e12)
+    latency_s = max(compute_s, memory_s)
+    return {"batch_size": batch_size, "latency_ms": latency_s * 1e3, "energy_j": sheet["tdp_w"] * latency_s,
+            "power_w": sheet["tdp_w"], "flops": flops, "bytes": nbytes, "memory_gb": nbytes / 1e9}
+
+
+def prior_table(gpu, dims=ModelDims()):
+    sheet = DATASHEETS[gpu]
+    return {
+        "schema": 1,
+        "gpu": gpu,
+        "source": "prior",
+        "note": "Analytic roofline prior from datasheet figures; not a measurement.",
+        "datasheet": sheet | {"idle_power_w": sheet["tdp_w"] * IDLE_FRACTION_OF_TDP,
+                              "idle_power_source": "TDP x the idle fraction measured on an H100 (73 W / 700 W)"},
+        "dims": asdict(dims),
+        "idle_power_w": sheet["tdp_w"] * IDLE_FRACTION_OF_TDP,
+        "peak_flops": sheet["peak_tflops"] * 1e12,
+        "hbm_bytes_per_s": sheet["hbm_tb_s"] * 1e12,
+        "thermal": None,
+        "thermal_missing_reason": "priors carry no thermal model: calibrate on the GPU to fit one",
+        "ops": {op: {"points": [prior_point(op, b, dims, sheet) for b in PRIOR_BATCH_SIZES]} for op in OPS},
+    }
+
+
+def main(argv=None):
+    from bench._results import write_json_atomic
+    from costmodel.kernel_cost_model import TABLE_DIR
+    for gpu in DATASHEETS:
+        path = TABLE_DIR / f"{gpu}.json"
+        write_json_atomic(path, prior_table(gpu))
+        print(f"wrote {path} (prior)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""``KernelCostModel``: predicted energy and latency of each op, read from a per-GPU table.
+
+Tables live in ``calibration/tables/<gpu>.json``: measured ones written by
+``python -m bench.calibrate`` and analytic priors (``"source": "prior"``). Between measured batch
+sizes the model interpolates in log-log space; outside them it extrapolates the nearest segment
+and says so. Every figure it returns is a prediction, and ``source`` says what it rests on.
+"""
+import json
+import math
+from pathlib import Path
+
+from costmodel.ops import ModelDims, check_op, work
+
+TABLE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "tables"
+SOURCES = ("measured", "interpolated", "extrapolated", "prior")
+
+
+def _positive_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def load_table(gpu_type=None, table=None):
+    """Read and check a table: by GPU name from ``calibration/tables``, or from a path."""
+    path = Path(table) if table is not None else TABLE_DIR / f"{gpu_type}.json"
+    if not path.exists():
+        hint = f"; run: python -m bench.calibrate --gpu {gpu_type}" if table is None else ""
+        raise ValueError(f"no cost table at {path}{hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cost table {path} is corrupt: {exc}") from exc
+    if not isinstance(data, dict) or data.get("schema") != 1 or not isinstance(data.get("ops"), dict):
+        raise ValueError(f"cost table {path} is corrupt: expected schema 1 with an 'ops' mapping")
+    if gpu_type is not None and data.get("gpu") != gpu_type:
+        raise ValueError(f"cost table {path} is for GPU {data.get('gpu')!r}, not {gpu_type!r}")
+    if data.get("source") not in ("measured", "prior"):
+        raise ValueError(f"cost table {path} has source {data.get('source')!r}; expected 'measured' or 'prior'")
+    for op, entry in data["ops"].items():
+        points = entry.get("points") if isinstance(entry, dict) else None
+        if not points or any(p.get("batch_size", 0) <= 0 or p.get("latency_ms", 0) <= 0 or p.get("energy_j", 0) <= 0
+                             for p in points):
+            raise ValueError(f"cost table {path} is corrupt: op {op!r} needs points with positive batch_size, "
+                             "latency_ms and energy_j")
+    return data, path
+
+
+def _interpolate(points, batch_size, key):
+    """Log-log interpolation of ``key`` over points sorted by batch size; (value, where)."""
+    xs = [p["batch_size"] for p in points]
+    if batch_size in xs:
+        return points[xs.index(batch_size)][key], "measured"
+    if len(points) == 1:
+        return points[0][key] * batch_size / xs[0], "extrapolated"  # linear in batch: the only honest slope
+    i = min(max(next((n for n, x in enumerate(xs) if x > batch_size), len(xs)) - 1, 0), len(xs) - 2)
+    x0, x1, y0, y1 = xs[i], xs[i + 1], points[i][key], points[i + 1][key]
+    slope = (math.log(y1) - math.log(y0)) / (math.log(x1) - math.log(x0))
+    value = math.exp(math.log(y0) + slope * (math.log(batch_size) - math.log(x0)))
+    return value, "interpolated" if xs[0] < batch_size < xs[-1] else "extrapolated"
+
+
+class KernelCostModel:
+    """Predicted cost of our kernels on one GPU, from its table.
+
+    Args:
+        gpu_type: table name, e.g. ``"H100"`` (reads ``calibration/tables/H100.json``).
+        table: a path to a table instead (its ``gpu`` field must match ``gpu_type`` when both are given).
+    """
+
+    def __init__(self, gpu_type="H100", table=None):
+        if gpu_type is None and table is None:
+            raise ValueError("give gpu_type or table")
+        self.table, self.path = load_table(gpu_type if table is None else None, table)
+        if gpu_type is not None and table is not None and self.table.get("gpu") != gpu_type:
+            raise ValueError(f"cost table {table} is for GPU {self.table.get('gpu')!r}, not {gpu_type!r}")
+        self.gpu_type = self.table["gpu"]
+        self.is_prior = self.table["source"] == "prior"
+        self.dims = ModelDims(**self.table["dims"])
+        self._points = {op: sorted(e["points"], key=lambda p: p["batch_size"]) for op, e in self.table["ops"].items()}
+
+    @property
+    def ops(self):
+        return tuple(self._points)
+
+    def _check(self, op, batch_size, current_temp, memory_pressure):
+        check_op(op)
+        if op not in self._points:
+            raise ValueError(f"op {op!r} is not in the {self.gpu_type} table ({self.path})")
+        _positive_number("batch_size", batch_size)
+        if current_temp is not None and (isinstance(current_temp, bool) or not isinstance(current_temp, (int, float))
+                                         or not math.isfinite(current_temp)):
+            raise ValueError(f"current_temp must be a finite number of °C or None, got {current_temp!r}")
+        if memory_pressure is not None and (isinstance(memory_pressure, bool)
+                                            or not isinstance(memory_pressure, (int, float))
+                                            or not 0.0 <= memory_pressure <= 1.0):
+            raise ValueError(f"memory_pressure must be in [0, 1] or None, got {memory_pressure!r}")
+
+    def _base(self, op, batch_size):
+        points = self._points[op]
+        latency_ms, where = _interpolate(points, batch_size, "latency_ms")
+        energy_j, _ = _interpolate(points, batch_size, "energy_j")
+        memory_gb, _ = _interpolate(points, batch_size, "memory_gb")
+        return latency_ms, energy_j, memory_gb, "prior" if self.is_prior else where
+
+    def _pressure_factor(self, op, batch_size, memory_pressure):
+        """Latency stretch when a share of HBM bandwidth is taken: the memory-bound part of the
+        roofline time at the reduced bandwidth (measured curves replace this once calibrated)."""
+        if not memory_pressure:
+            return 1.0
+        compute_s, memory_s = self._roofline_s(op, batch_size)
+        if memory_pressure >= 1.0:
+            return math.inf
+        return max(compute_s, memory_s / (1.0 - memory_pressure)) / max(compute_s, memory_s)
+
+    def _roofline_s(self, op, batch_size):
+        flops, nbytes = work(op, batch_size, self.dims)
+        return flops / self.table["peak_flops"], nbytes / self.table["hbm_bytes_per_s"]
+
+    def _temp_impact_c(self, power_w, latency_ms, current_temp):
+        thermal = self.table.get("thermal")
+        if not thermal:
+            return None
+        steady = thermal["ambient_c"] + thermal["resistance_c_per_w"] * power_w
+        start = thermal["ambient_c"] + thermal["resistance_c_per_w"] * self.table["idle_power_w"] \
+            if current_temp is None else current_temp
+        return (steady - start) * (1.0 - math.exp(-latency_ms * 1e-3 / thermal["time_constant_s"]))
+
+    def get_cost(self, op, batch_size, current_temp=None, memory_pressure=None):
+        """Predicted cost of one call of ``op`` at ``batch_size`` (tokens; sequences for attention ops).
+
+        Returns a dict: ``energy_joules``, ``latency_ms``, ``power_w``, ``temp_impact`` (°C the call
+        raises the card from ``current_temp``; None without a thermal model), ``memory_gb``,
+        ``source`` (measured / interpolated / extrapolated / prior) and ``prediction: True``."""
+        self._check(op, batch_size, current_temp, memory_pressure)
+        latency_ms, energy_j, memory_gb, source = self._base(op, batch_size)
+        stretch = self._pressure_factor(op, batch_size, memory_pressure)
+        idle_w = self.table["idle_power_w"]
+        # the stretched time costs static (idle) power; the dynamic energy of the work is unchanged
+        energy_j += idle_w * latency_ms * 1e-3 * (stretch - 1.0)
+        latency_ms *= stretch
+        power_w = energy_j / (latency_ms * 1e-3)
+        return {"energy_joules": energy_j, "latency_ms": latency_ms, "power_w": power_w,
+                "temp_impact": self._temp_impact_c(power_w, latency_ms, current_temp), "memory_gb": memory_gb,
+                "source": source, "prediction": True, "gpu": self.gpu_type}
+
+    def get_cost_breakdown(self, op, batch_size):
+        """Static vs dynamic energy (idle power over the call's time vs the rest), and compute- vs
+        memory-bound time (the roofline's split of the predicted latency)."""
+        cost = self.get_cost(op, batch_size)
+        static_j = min(self.table["idle_power_w"] * cost["latency_ms"] * 1e-3, cost["energy_joules"])
+        compute_s, memory_s = self._roofline_s(op, batch_size)
+        compute_share = compute_s / (compute_s + memory_s)
+        return cost | {"static_energy_joules": static_j, "dynamic_energy_joules": cost["energy_joules"] - static_j,
+                       "compute_bound_ms": cost["latency_ms"] * compute_share,
+                       "memory_bound_ms": cost["latency_ms"] * (1.0 - compute_share)}
+
+    def get_thermal_safe_batch_size(self, op, current_temp, max_temp_increase):
+        """Largest batch size (powers of two up to the table's largest) whose predicted temperature
+        rise from ``current_temp`` stays within ``max_temp_increase`` °C; None without a thermal model."""
+        _positive_number("max_temp_increase", max_temp_increase)
+        self._check(op, 1, current_temp, None)
+        if not self.table.get("thermal"):
+            return None
+        largest = self._points[op][-1]["batch_size"]
+        safe, batch = 0, 1
+        while batch <= largest:
+            if self.get_cost(op, batch, current_temp=current_temp)["temp_impact"] <= max_temp_increase:
+                safe = batch
+            batch *= 2
+        return safe
+
+
+class DeviceCostTable:
+    """The table as device tensors, for hot paths: log-log interpolation with torch ops only
+    (no host sync, CUDA-graph capturable). Extrapolates the end segments like the host API.
+
+    Args:
+        model: a ``KernelCostModel``.
+        ops: the ops to carry (their names are resolved here, never in the hot path).
+        device: where the tensors live.
+    """
+
+    def __init__(self, model, ops, device):
+        import torch
+        self.torch = torch
+        self.source = model.table["source"]
+        self._rows = {}
+        for op in ops:
+            model._check(op, 1, None, None)
+            points = model._points[op]
+            if len(points) < 2:
+                raise ValueError(f"op {op!r} needs at least 2 points in the table for device interpolation")
+            cols = [[math.log(p[k]) for p in points] for k in ("batch_size", "energy_j", "latency_ms")]
+            self._rows[op] = torch.tensor(cols, dtype=torch.float32, device=device)  # [3, n]
+
+    def predict(self, op, batch_sizes):
+        """(energy_j, latency_ms) tensors shaped like ``batch_sizes`` (a float tensor, > 0)."""
+        torch = self.torch
+        row = self._rows[op]
+        log_b = torch.log(batch_sizes.to(torch.float32))
+        hi = torch.searchsorted(row[0], log_b).clamp(1, row.shape[1] - 1)
+        lo = hi - 1
+        t = (log_b - row[0][lo]) / (row[0][hi] - row[0][lo])
+        energy = torch.exp(row[1][lo] + t * (row[1][hi] - row[1][lo]))
+        latency = torch.exp(row[2][lo] + t * (row[2][hi] - row[2][lo]))
+        return energy, latency

@@ -1,0 +1,68 @@
+"""The ops the cost model knows, with their work (FLOPs) and fewest bytes moved at a batch size.
+
+``batch_size`` counts tokens for the FFN, router and expert ops and sequences (each
+``seq_len`` long) for the attention ops. Work and bytes feed the analytic priors and the
+compute- vs memory-bound split of ``get_cost_breakdown``; the measured tables time the real
+kernels (``kernels/``) at the same shapes.
+"""
+from dataclasses import asdict, dataclass
+
+BYTES_PER_ELEMENT = 2  # bf16
+
+OPS = ("ffn_gate", "ffn_up", "ffn_down", "swiglu_gate_up", "swiglu_ffn", "attention_qk", "attention_av",
+       "flash_attention", "moe_router", "fused_experts")
+SEQUENCE_OPS = ("attention_qk", "attention_av", "flash_attention")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Dimensions of the calibrated model; the defaults are the benchmark harness's."""
+    d_model: int = 256
+    d_ff: int = 1024
+    n_heads: int = 4
+    seq_len: int = 512
+    num_experts: int = 4
+    top_k: int = 2
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+
+def check_op(op):
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; the cost model knows {', '.join(OPS)}")
+
+
+def work(op, batch_size, dims):
+    """(flops, bytes) of one call of ``op`` at ``batch_size``: bf16 operands, each read once."""
+    check_op(op)
+    B, H, I, S, D = batch_size, dims.d_model, dims.d_ff, dims.seq_len, dims.head_dim
+    heads, E, K, b = dims.n_heads, dims.num_experts, dims.top_k, BYTES_PER_ELEMENT
+    if op in ("ffn_gate", "ffn_up"):
+        return 2.0 * B * H * I, b * (B * H + I * H + B * I)
+    if op == "ffn_down":
+        return 2.0 * B * I * H, b * (B * I + H * I + B * H)
+    if op == "swiglu_gate_up":
+        return 4.0 * B * H * I, b * (B * H + 2 * I * H + B * I)
+    if op == "swiglu_ffn":
+        return 6.0 * B * H * I, b * (2 * B * H + 3 * I * H + 2 * B * I)
+    if op == "attention_qk":
+        return 2.0 * B * heads * S * S * D, b * (2 * B * heads * S * D + B * heads * S * S)
+    if op == "attention_av":
+        return 2.0 * B * heads * S * S * D, b * (B * heads * S * S + 2 * B * heads * S * D)
+    if op == "flash_attention":  # causal: half the score matrix
+        return 2.0 * B * heads * S * S * D, b * 4 * B * heads * S * D
+    if op == "moe_router":
+        return 2.0 * B * H * E, b * (B * H + E * H) + 4 * B * (E + 2 * K)
+    touched = min(E, B * K)  # fused_experts: each touched expert's weights are read once
+    return 6.0 * B * K * H * I, b * (2 * B * H + touched * 3 * H * I + 2 * B * K * I)

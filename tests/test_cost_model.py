@@ -1,0 +1,147 @@
+"""KernelCostModel: table loading, log-log interpolation, factors, bad input, device form.
+
+The measured-style table here is synthetic test data built in this file (a power law with
+known exponents), never a committed or reported measurement."""
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from bench._results import write_json_atomic
+from calibration.priors import DATASHEETS, prior_table
+from costmodel.kernel_cost_model import DeviceCostTable, KernelCostModel
+from costmodel.ops import OPS, ModelDims
+from tests.conftest import DEVICE, ON_GPU
+
+BATCHES = (1, 4, 16, 64, 256)
+
+
+def synthetic_table(gpu="TESTGPU", thermal=True):
+    """latency_ms = 0.01 * b^0.5, energy_j = 0.002 * b^0.8 for every op."""
+    ops = {op: {"points": [{"batch_size": b, "latency_ms": 0.01 * b ** 0.5, "energy_j": 0.002 * b ** 0.8,
+                            "power_w": 0.002 * b ** 0.8 / (1e-5 * b ** 0.5), "memory_gb": 0.001 * b}
+                           for b in BATCHES]} for op in OPS}
+    return {"schema": 1, "gpu": gpu, "source": "measured", "dims": asdict(ModelDims()), "idle_power_w": 73.0, "peak_flops": 9.0e14, "hbm_bytes_per_s": 3.0e12,
+            "thermal": {"ambient_c": 30.0, "resistance_c_per_w": 0.05, "time_constant_s": 20.0} if thermal else None,
+            "ops": ops}
+
+
+@pytest.fixture
+def table_path(tmp_path):
+    path = tmp_path / "TESTGPU.json"
+    write_json_atomic(path, synthetic_table())
+    return path
+
+
+def test_measured_interpolated_extrapolated(table_path):
+    model = KernelCostModel("TESTGPU", table=table_path)
+    exact = model.get_cost("ffn_gate", 16)
+    assert exact["source"] == "measured" and exact["prediction"] is True
+    assert exact["latency_ms"] == pytest.approx(0.04) and exact["energy_joules"] == pytest.approx(0.002 * 16 ** 0.8)
+    mid = model.get_cost("ffn_gate", 32)  # log-log interpolation reproduces the power law exactly
+    assert mid["source"] == "interpolated"
+    assert mid["latency_ms"] == pytest.approx(0.01 * 32 ** 0.5) and mid["energy_joules"] == pytest.approx(
+        0.002 * 32 ** 0.8)
+    far = model.get_cost("ffn_gate", 1024)
+    assert far["source"] == "extrapolated" and far["latency_ms"] == pytest.approx(0.01 * 1024 ** 0.5)
+    assert mid["power_w"] == pytest.approx(mid["energy_joules"] / (mid["latency_ms"] * 1e-3))
+
+
+def test_memory_pressure_stretches_time_and_static_energy(table_path):
+    model = KernelCostModel("TESTGPU", table=table_path)
+    base = model.get_cost("ffn_down", 64)
+    pressed = model.get_cost("ffn_down", 64, memory_pressure=0.5)
+    assert pressed["latency_ms"] >= base["latency_ms"]
+    extra_s = (pressed["latency_ms"] - base["latency_ms"]) * 1e-3
+    assert pressed["energy_joules"] == pytest.approx(base["energy_joules"] + 73.0 * extra_s)
+    assert model.get_cost("ffn_down", 64, memory_pressure=0.0) == base
+
+
+def test_thermal_impact_and_safe_batch(table_path):
+    model = KernelCostModel("TESTGPU", table=table_path)
+    cool, hot = model.get_cost("swiglu_ffn", 64, current_temp=35.0), model.get_cost("swiglu_ffn", 64, current_temp=80.0)
+    assert hot["temp_impact"] < cool["temp_impact"], "a hotter card heats less (closer to steady state)"
+    rises = {b: model.get_cost("swiglu_ffn", b, current_temp=35.0)["temp_impact"] for b in (16, 32, 64)}
+    assert rises[16] < rises[32] < rises[64], "bigger calls heat more"
+    bound = (rises[32] + rises[64]) / 2
+    assert model.get_thermal_safe_batch_size("swiglu_ffn", current_temp=35.0, max_temp_increase=bound) == 32
+
+
+def test_breakdown_sums(table_path):
+    parts = KernelCostModel("TESTGPU", table=table_path).get_cost_breakdown("fused_experts", 64)
+    assert parts["static_energy_joules"] + parts["dynamic_energy_joules"] == pytest.approx(parts["energy_joules"])
+    assert parts["compute_bound_ms"] + parts["memory_bound_ms"] == pytest.approx(parts["latency_ms"])
+
+
+@pytest.mark.parametrize("gpu", sorted(DATASHEETS))
+def test_committed_priors_are_labelled_priors(gpu):
+    model = KernelCostModel(gpu)
+    assert model.table["source"] == "prior" and "not a measurement" in model.table["note"]
+    for op in OPS:
+        cost = model.get_cost(op, 37, current_temp=50.0, memory_pressure=0.3)
+        assert cost["source"] == "prior" and cost["temp_impact"] is None
+        assert all(math.isfinite(cost[k]) and cost[k] > 0 for k in ("energy_joules", "latency_ms", "power_w"))
+    assert model.get_thermal_safe_batch_size("ffn_gate", 50.0, 5.0) is None
+
+
+def test_committed_priors_match_the_generator(gpu="A100"):
+    assert json.loads(KernelCostModel(gpu).path.read_text()) == json.loads(json.dumps(prior_table(gpu)))
+
+
+BAD = [
+    ("unknown op", lambda m: m.get_cost("conv2d", 8)),
+    ("batch_size", lambda m: m.get_cost("ffn_gate", 0)),
+    ("batch_size", lambda m: m.get_cost("ffn_gate", -3)),
+    ("batch_size", lambda m: m.get_cost("ffn_gate", float("nan"))),
+    ("current_temp", lambda m: m.get_cost("ffn_gate", 8, current_temp=float("nan"))),
+    ("memory_pressure", lambda m: m.get_cost("ffn_gate", 8, memory_pressure=1.5)),
+    ("memory_pressure", lambda m: m.get_cost("ffn_gate", 8, memory_pressure=-0.1)),
+    ("max_temp_increase", lambda m: m.get_thermal_safe_batch_size("ffn_gate", 40.0, 0)),
+]
+
+
+@pytest.mark.parametrize("match, call", BAD, ids=[f"{m}-{i}" for i, (m, _) in enumerate(BAD)])
+def test_bad_input(table_path, match, call):
+    with pytest.raises(ValueError, match=match):
+        call(KernelCostModel("TESTGPU", table=table_path))
+
+
+def test_bad_tables(tmp_path, table_path):
+    with pytest.raises(ValueError, match="no cost table"):
+        KernelCostModel("B200")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{ not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        KernelCostModel(table=corrupt, gpu_type=None)
+    with pytest.raises(ValueError, match="is for GPU 'TESTGPU', not 'H200'"):
+        KernelCostModel("H200", table=table_path)
+    bad = synthetic_table()
+    bad["ops"]["ffn_gate"]["points"][0]["energy_j"] = -1.0
+    write_json_atomic(tmp_path / "bad.json", bad)
+    with pytest.raises(ValueError, match="ffn_gate"):
+        KernelCostModel(table=tmp_path / "bad.json", gpu_type=None)
+
+
+def test_device_table_matches_host(table_path):
+    model = KernelCostModel("TESTGPU", table=table_path)
+    device_table = DeviceCostTable(model, ["fused_experts", "moe_router"], DEVICE)
+    batches = torch.tensor([1.0, 3.0, 16.0, 100.0, 2000.0], device=DEVICE)
+    energy, latency = device_table.predict("fused_experts", batches)
+    for b, e, lat in zip(batches.tolist(), energy.tolist(), latency.tolist()):
+        host = model.get_cost("fused_experts", b)
+        assert e == pytest.approx(host["energy_joules"], rel=1e-5) and lat == pytest.approx(host["latency_ms"], rel=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA-graph capture needs a CUDA device (none found)")
+def test_device_table_is_graph_capturable(table_path):
+    device_table = DeviceCostTable(KernelCostModel("TESTGPU", table=table_path), ["fused_experts"], "cuda")
+    batches = torch.tensor([2.0, 50.0], device="cuda")
+    device_table.predict("fused_experts", batches)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        energy, _ = device_table.predict("fused_experts", batches)
+    batches.copy_(torch.tensor([16.0, 64.0], device="cuda"))
+    graph.replay()
+    assert energy.tolist() == pytest.approx([0.002 * 16 ** 0.8, 0.002 * 64 ** 0.8], rel=1e-5)
