@@ -112,6 +112,28 @@ class KernelCostModel:
             return math.inf
         return max(compute_s, memory_s / (1.0 - memory_pressure)) / max(compute_s, memory_s)
 
+    def _thermal_factor(self, current_temp):
+        """(latency stretch from the measured SM clock at ``current_temp``, extrapolated?, warning)."""
+        thermal = self.table.get("thermal")
+        curve = thermal.get("clock_vs_temp") if thermal else None
+        if current_temp is None or not curve:
+            return 1.0, False, None
+        temps = [p["temp_c"] for p in curve]
+        clocks = [p["sm_clock_mhz"] for p in curve]
+        fastest = max(clocks)
+        if current_temp <= temps[0]:
+            return fastest / clocks[0], False, None
+        if current_temp <= temps[-1]:
+            i = next(n for n, t in enumerate(temps) if t >= current_temp)  # >= 1: hotter than temps[0]
+            w = (current_temp - temps[i - 1]) / (temps[i] - temps[i - 1])
+            return fastest / (clocks[i - 1] + w * (clocks[i] - clocks[i - 1])), False, None
+        slowdown = thermal.get("slowdown_temp_c")
+        warning = None
+        if slowdown is not None and current_temp >= slowdown:
+            warning = (f"{current_temp} °C is at or above the NVML slowdown threshold ({slowdown} °C): the hardware "
+                       "slowdown there was never measured and is not modelled")
+        return fastest / clocks[-1], True, warning  # held at the hottest measured clock
+
     def _roofline_s(self, op, batch_size):
         flops, nbytes = work(op, batch_size, self.dims)
         return flops / self.table["peak_flops"], nbytes / self.table["hbm_bytes_per_s"]
@@ -130,18 +152,25 @@ class KernelCostModel:
 
         Returns a dict: ``energy_joules``, ``latency_ms``, ``power_w``, ``temp_impact`` (°C the call
         raises the card from ``current_temp``; None without a thermal model), ``memory_gb``,
-        ``source`` (measured / interpolated / extrapolated / prior) and ``prediction: True``."""
+        ``source`` (measured / interpolated / extrapolated / prior) and ``prediction: True``.
+        A hotter card runs at the SM clock the calibration saw at that temperature (held at the
+        hottest one seen beyond it: "extrapolated"); a share of HBM taken by others stretches the
+        memory-bound part of the roofline time. Stretched time costs idle power."""
         self._check(op, batch_size, current_temp, memory_pressure)
         latency_ms, energy_j, memory_gb, source = self._base(op, batch_size)
-        stretch = self._pressure_factor(op, batch_size, memory_pressure)
+        thermal_stretch, thermal_extrapolated, warning = self._thermal_factor(current_temp)
+        if thermal_extrapolated and source in ("measured", "interpolated"):
+            source = "extrapolated"
+        stretch = self._pressure_factor(op, batch_size, memory_pressure) * thermal_stretch
         idle_w = self.table["idle_power_w"]
         # the stretched time costs static (idle) power; the dynamic energy of the work is unchanged
         energy_j += idle_w * latency_ms * 1e-3 * (stretch - 1.0)
         latency_ms *= stretch
         power_w = energy_j / (latency_ms * 1e-3)
-        return {"energy_joules": energy_j, "latency_ms": latency_ms, "power_w": power_w,
+        cost = {"energy_joules": energy_j, "latency_ms": latency_ms, "power_w": power_w,
                 "temp_impact": self._temp_impact_c(power_w, latency_ms, current_temp), "memory_gb": memory_gb,
                 "source": source, "prediction": True, "gpu": self.gpu_type}
+        return cost | ({"warning": warning} if warning else {})
 
     def get_cost_breakdown(self, op, batch_size):
         """Static vs dynamic energy (idle power over the call's time vs the rest), and compute- vs

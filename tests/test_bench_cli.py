@@ -6,7 +6,7 @@ import torch
 
 from bench import _results
 from bench import kernels as bench_kernels
-from tests.conftest import REL_TOL
+from tests.conftest import DEVICE, REL_TOL
 
 
 def test_bench_kernels_on_cpu_reports_correctness_and_null_times(tmp_path, capsys):
@@ -28,3 +28,44 @@ def test_write_json_atomic_keeps_old_file_when_interrupted(tmp_path):
         _results.write_json_atomic(path, {"a": object()})  # fails mid-dump
     assert json.loads(path.read_text()) == {"a": 1}
     assert list(tmp_path.iterdir()) == [path], "no temp file left behind"
+
+
+@pytest.mark.parametrize("requested, name, expected", [
+    ("A100", "NVIDIA A100-SXM4-80GB", True), ("H100", "NVIDIA H100 80GB HBM3", True),
+    ("h100", "NVIDIA H100 80GB HBM3", True), ("H10", "NVIDIA H100 80GB HBM3", False),
+    ("H100", "NVIDIA H200", False), ("A10", "NVIDIA A100-SXM4-80GB", False),
+])
+def test_calibrate_gpu_name_matching(requested, name, expected):
+    from bench.calibrate import gpu_matches
+    assert gpu_matches(requested, name) is expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error; this machine has a GPU")
+def test_calibrate_without_gpu_stops_with_a_clear_error(capsys):
+    from bench import calibrate
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate.main(["--gpu", "A100"])
+    assert exit_info.value.code == 2
+    assert "no NVIDIA GPU detected" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu", "A100", "--top_k", "9"], "top_k"), (["--gpu", "A100", "--ops", "conv"], "unknown ops"),
+    (["--gpu", "../x"], "short name"),
+])
+def test_calibrate_bad_arguments(argv, message, capsys):
+    from bench import calibrate
+    with pytest.raises(SystemExit):
+        calibrate.main(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("op", __import__("costmodel").OPS)
+def test_calibrate_runs_every_op_on_our_kernels(op):
+    """Each op the sweep measures is a runnable call of our kernels (tiny shapes, on the test device)."""
+    from bench.calibrate import op_callable
+    from costmodel import ModelDims
+    dims = ModelDims(d_model=64, d_ff=48, n_heads=2, seq_len=16, num_experts=4, top_k=2)
+    out = op_callable(op, 3, dims, device=DEVICE, dtype=torch.float32)()
+    tensors = [t for t in (out if isinstance(out, tuple) else (out,)) if t.is_floating_point()]
+    assert tensors and all(torch.isfinite(t).all() for t in tensors)

@@ -24,7 +24,9 @@ def synthetic_table(gpu="TESTGPU", thermal=True):
                             "power_w": 0.002 * b ** 0.8 / (1e-5 * b ** 0.5), "memory_gb": 0.001 * b}
                            for b in BATCHES]} for op in OPS}
     return {"schema": 1, "gpu": gpu, "source": "measured", "dims": asdict(ModelDims()), "idle_power_w": 73.0, "peak_flops": 9.0e14, "hbm_bytes_per_s": 3.0e12,
-            "thermal": {"ambient_c": 30.0, "resistance_c_per_w": 0.05, "time_constant_s": 20.0} if thermal else None,
+            "thermal": {"ambient_c": 30.0, "resistance_c_per_w": 0.05, "time_constant_s": 20.0, "slowdown_temp_c": 87,
+                        "clock_vs_temp": [{"temp_c": 40, "sm_clock_mhz": 1980}, {"temp_c": 60, "sm_clock_mhz": 1980},
+                                          {"temp_c": 70, "sm_clock_mhz": 1800}]} if thermal else None,
             "ops": ops}
 
 
@@ -67,6 +69,18 @@ def test_thermal_impact_and_safe_batch(table_path):
     assert rises[16] < rises[32] < rises[64], "bigger calls heat more"
     bound = (rises[32] + rises[64]) / 2
     assert model.get_thermal_safe_batch_size("swiglu_ffn", current_temp=35.0, max_temp_increase=bound) == 32
+
+
+def test_clock_vs_temperature_stretches_latency(table_path):
+    model = KernelCostModel("TESTGPU", table=table_path)
+    base = model.get_cost("ffn_gate", 16)
+    assert model.get_cost("ffn_gate", 16, current_temp=50.0)["latency_ms"] == pytest.approx(base["latency_ms"])
+    warm = model.get_cost("ffn_gate", 16, current_temp=65.0)  # clock 1890 MHz, interpolated
+    assert warm["latency_ms"] == pytest.approx(base["latency_ms"] * 1980 / 1890) and warm["source"] == "measured"
+    hot = model.get_cost("ffn_gate", 16, current_temp=80.0)
+    assert hot["source"] == "extrapolated" and hot["latency_ms"] == pytest.approx(base["latency_ms"] * 1980 / 1800)
+    assert "warning" not in hot
+    assert "slowdown threshold" in model.get_cost("ffn_gate", 16, current_temp=90.0)["warning"]
 
 
 def test_breakdown_sums(table_path):
