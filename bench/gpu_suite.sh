@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one call, step by step; full logs go to $OUT (default ./out),
 # tuned configs as one tarball, and short tables are printed last.
-#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe tests benchmark
+#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe calibrate accuracy tests benchmark
+#   (GPU=H100 names the cost table that calibrate writes and accuracy reads)
 #   BENCH_K='-k "H256 or mixtral"' selects the pytest-benchmark subset (default: all of them).
 # Pass GIT_COMMIT=<sha> when the tree was copied without .git, so results name their commit.
 set -uo pipefail
@@ -16,6 +17,8 @@ for step in "$@"; do
         tune-moe) python -m bench.tune_moe > "$OUT/tune_moe.txt" 2>&1 ;;
         kernels) python -m bench.kernels --output "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
         moe) python -m bench.moe --output "$OUT/moe.json" > "$OUT/moe.txt" 2>&1 ;;
+        calibrate) python -m bench.calibrate --gpu "${GPU:-H100}" --output "$OUT/${GPU:-H100}.json" > "$OUT/calibrate.txt" 2>&1 ;;
+        accuracy) python -m bench.kcm_accuracy --gpu "${GPU:-H100}" --table "$OUT/${GPU:-H100}.json" --output "$OUT/kcm_accuracy.json" > "$OUT/accuracy.txt" 2>&1 ;;
         tests) python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.txt" 2>&1 ;;
         benchmark) eval python -m pytest -q -p no:cacheprovider bench --benchmark-only "${BENCH_K:-}" \
             --benchmark-columns=median,iqr,rounds > "$OUT/benchmark.txt" 2>&1 ;;
@@ -24,7 +27,7 @@ for step in "$@"; do
     echo "== $step done (rc $?)"
 done
 case " $* " in *" tune-"*) tar -cf "$OUT/configs.tar" kernels/configs ;; esac
-for f in tune_dense tune_moe benchmark pytest kernels moe; do
+for f in tune_dense tune_moe calibrate accuracy benchmark pytest kernels moe; do
     [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -v "^\s*$" "$OUT/$f.txt" | grep -v "^ " | tail -n 30 | cut -c1-240; }
 done
 exit 0

@@ -69,3 +69,11 @@ def test_calibrate_runs_every_op_on_our_kernels(op):
     out = op_callable(op, 3, dims, device=DEVICE, dtype=torch.float32)()
     tensors = [t for t in (out if isinstance(out, tuple) else (out,)) if t.is_floating_point()]
     assert tensors and all(torch.isfinite(t).all() for t in tensors)
+
+
+def test_kcm_accuracy_summary_maths():
+    from bench.kcm_accuracy import summarise
+    rows = [{"predicted_energy_j": p, "measured_energy_j": 1.0} for p in (1.0, 1.02, 0.95, 1.1, 1.01)]
+    summary = summarise(rows, "energy_j")
+    assert summary["median_ape_pct"] == pytest.approx(2.0) and summary["p90_ape_pct"] == pytest.approx(10.0)
+    assert summary["n"] == 5
