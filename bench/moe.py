@@ -1,10 +1,11 @@
 """``python -m bench.moe``: the fused MoE experts beside the HF per-expert loop and ``torch._grouped_mm``.
 
-On a GPU (bf16) each case is checked against the loop, then all three are timed in the same run:
-per eager call (median of CUDA-event timings, L2 flushed between repeats) and as CUDA-graph
+On a GPU (bf16) each case is checked against the loop, then all three are timed in the same
+run: per eager call (median of CUDA-event timings, L2 flushed between repeats) and as CUDA-graph
 replays. Ratios are peer_time / our_time (> 1 means we are faster). Decode rows also give the
-memory floor: the touched experts' weight bytes over the copy bandwidth measured in the same run. On a CPU the kernels run under
-Triton's interpreter at tiny shapes: correctness only, times null with the reason.
+memory floor: the touched experts' weight bytes over the copy bandwidth measured in the same
+run. On a CPU the kernels run under Triton's interpreter at tiny shapes: correctness only,
+times null with the reason.
 """
 import argparse
 import os

@@ -3,10 +3,11 @@
 ``configs/<op>/<GPU_name>.json`` (e.g. ``NVIDIA_H100_80GB_HBM3.json``) holds the tuned
 entries for one card; ``configs/<op>/default.json`` serves every other device. Each file is
 ``{"entries": [{"when": {"max_m": 64}, "config": {...}}, ...]}``; the first entry whose
-``when`` bounds (``max_<dim>`` and ``min_<dim>``, inclusive) all hold is used, so files end with an unconditional entry. Lookups pass the
-shape dims and ``elem_bytes``: tuned (16-bit) entries carry ``max_elem_bytes: 2`` so fp32,
-whose tiles need twice the shared memory, falls through to the default entries. No autotuning
-happens at call time: ``python -m bench.kernels --sweep`` measures candidates to write these.
+``when`` bounds (``max_<dim>`` and ``min_<dim>``, inclusive) all hold is used, so files end
+with an unconditional entry. Lookups pass the shape dims and ``elem_bytes``: tuned (16-bit)
+entries carry ``max_elem_bytes: 2`` so fp32, whose tiles need twice the shared memory, falls
+through to the default entries. No autotuning happens at call time: ``python -m
+bench.tune_kernels`` and ``python -m bench.tune_moe`` measure candidates to write these.
 """
 import functools
 import json

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels import _config
 from kernels._autograd import apply_with_reference_grad
-from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision
+from kernels._validate import INDEX_DTYPES, check_dim, check_same_dtype_device, check_tensor, dot_precision
 from kernels.matmul import _tile_coords, _tile_product
 from kernels.routing import check_topk_ids, group_by_expert
 
@@ -141,7 +141,7 @@ def check_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
     if validate_ids:
         check_topk_ids("top_k_index", top_k_index, E)
     else:
-        check_tensor("top_k_index", top_k_index, ndim=2, dtypes=(torch.int32, torch.int64))
+        check_tensor("top_k_index", top_k_index, ndim=2, dtypes=INDEX_DTYPES)
     check_dim("top_k_index", top_k_index, 0, T, "the tokens of hidden_states")
     check_tensor("top_k_weights", top_k_weights, ndim=2)
     if top_k_weights.shape != top_k_index.shape:

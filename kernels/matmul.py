@@ -168,7 +168,8 @@ def _launch_tma(x, weight, y, fuse_swiglu, cfg, n_tiles):
         TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
         TensorDescriptor.from_tensor(y, [bm, bn]), y.shape[0], y.shape[1], x.shape[1],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"], FUSE_SWIGLU=fuse_swiglu,
-        DOT_PRECISION=dot_precision(x.dtype), WARP_SPECIALIZE=bool(cfg.get("warp_specialize")), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PRECISION=dot_precision(x.dtype), WARP_SPECIALIZE=bool(cfg.get("warp_specialize")),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 

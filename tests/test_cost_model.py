@@ -23,7 +23,8 @@ def synthetic_table(gpu="TESTGPU", thermal=True):
     ops = {op: {"points": [{"batch_size": b, "latency_ms": 0.01 * b ** 0.5, "energy_j": 0.002 * b ** 0.8,
                             "power_w": 0.002 * b ** 0.8 / (1e-5 * b ** 0.5), "memory_gb": 0.001 * b}
                            for b in BATCHES]} for op in OPS}
-    return {"schema": 1, "gpu": gpu, "source": "measured", "dims": asdict(ModelDims()), "idle_power_w": 73.0, "peak_flops": 9.0e14, "hbm_bytes_per_s": 3.0e12,
+    return {"schema": 1, "gpu": gpu, "source": "measured", "dims": asdict(ModelDims()), "idle_power_w": 73.0,
+            "peak_flops": 9.0e14, "hbm_bytes_per_s": 3.0e12,
             "thermal": {"ambient_c": 30.0, "resistance_c_per_w": 0.05, "time_constant_s": 20.0, "slowdown_temp_c": 87,
                         "clock_vs_temp": [{"temp_c": 40, "sm_clock_mhz": 1980}, {"temp_c": 60, "sm_clock_mhz": 1980},
                                           {"temp_c": 70, "sm_clock_mhz": 1800}]} if thermal else None,
