@@ -44,9 +44,18 @@ class TopKRouter(nn.Module):
         router_logits = F.linear(hidden_states, self.weight)
         routing = topk_routing(router_logits, self.top_k, self.selection_bias, self.renormalize)
         weights = routing.topk_weights
+        if torch.is_grad_enabled() and router_logits.requires_grad:
+            weights = self._differentiable_weights(router_logits, routing.topk_ids)
         if self.weights_dtype == "logits":
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, routing.topk_ids
+
+
+    def _differentiable_weights(self, router_logits, topk_ids):
+        """The chosen experts' gate weights through torch ops, so training reaches the router
+        (the kernel's weights carry no autograd graph); the selection stays the kernel's."""
+        weights = torch.softmax(router_logits.float(), dim=-1).gather(1, topk_ids.long())
+        return weights / weights.sum(dim=-1, keepdim=True) if self.renormalize else weights
 
 
 class FusedMoE(nn.Module):
@@ -57,8 +66,8 @@ class FusedMoE(nn.Module):
         gate_up_proj: [E, 2I, H] expert weights, gate rows first.
         down_proj: [E, H, I].
     Forward: hidden_states [..., H] -> [..., H]. No host sync: capturable in a CUDA graph.
-    Gradients flow to the expert weights and hidden states through the torch reference
-    (recomputed in backward); the router's top-k choice itself is not differentiable.
+    Gradients reach the experts, the hidden states and the router (through the chosen experts'
+    gate weights, as in the HF blocks); the experts' backward recomputes the torch reference.
     """
 
     def __init__(self, router, gate_up_proj, down_proj):
