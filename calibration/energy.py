@@ -6,7 +6,8 @@ for at least ``window_s`` (1 s = 10 or more counter updates). Each window starts
 update and ends on the next update after the work: the idle tail between the work's end and that
 update is charged at the measured idle power and subtracted. Several trials start after a random
 delay (so windows sample different counter phases); the median and the spread are reported.
-Latency comes from CUDA events (median). GPU state is recorded at each window's start and end.
+Latency is the median CUDA-event time of a graph replay over its calls (the same launches the
+windows run). GPU state is recorded at each window's start and end.
 """
 import random
 import statistics
@@ -87,20 +88,26 @@ def _state(reading):
 def cuda_graph_runner(fn, target_replay_ms=20.0):
     """``run_for(seconds) -> calls`` replaying ``fn`` in a CUDA graph, and fn's median latency (ms).
 
-    ``fn`` must be capturable (no host syncs); it is warmed up first."""
+    ``fn`` must be capturable (no host syncs); it is warmed up first. It runs without autograd:
+    calibration measures the inference kernels."""
     import torch
-    import triton.testing
+    with torch.no_grad():
+        return _graph_runner(torch, fn, target_replay_ms)
+
+
+def _graph_runner(torch, fn, target_replay_ms):
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    latency_ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    reps = max(1, min(1000, int(target_replay_ms / max(latency_ms, 1e-3))))
+    rough_ms = _median_event_ms(torch, fn, 10)  # eager: includes launch gaps, only sizes the graph
+    reps = max(1, min(1000, int(target_replay_ms / max(rough_ms, 1e-3))))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
     graph.replay()
     torch.cuda.synchronize()
+    latency_ms = _median_event_ms(torch, graph.replay, 20) / reps  # per call, as the windows run it
 
     def run_for(seconds):
         replays, t0 = 0, time.monotonic()
@@ -113,3 +120,15 @@ def cuda_graph_runner(fn, target_replay_ms=20.0):
         return replays * reps
 
     return run_for, latency_ms
+
+
+def _median_event_ms(torch, fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
