@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one call, step by step; full logs go to $OUT (default ./out),
 # tuned configs as one tarball, and short tables are printed last.
-#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe calibrate accuracy tests benchmark
+#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe trace calibrate accuracy tests benchmark
 #   (GPU=H100 names the cost table that calibrate writes and accuracy reads)
 #   BENCH_K='-k "H256 or mixtral"' selects the pytest-benchmark subset (default: all of them).
 # Pass GIT_COMMIT=<sha> when the tree was copied without .git, so results name their commit.
@@ -17,6 +17,7 @@ for step in "$@"; do
         tune-moe) python -m bench.tune_moe > "$OUT/tune_moe.txt" 2>&1 ;;
         kernels) python -m bench.kernels --output "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
         moe) python -m bench.moe --output "$OUT/moe.json" > "$OUT/moe.txt" 2>&1 ;;
+        trace) python -m calibration.trace --seconds 10 --output "$OUT/trace_${GPU:-H100}.json" > "$OUT/trace.txt" 2>&1 ;;
         calibrate) python -m bench.calibrate --gpu "${GPU:-H100}" --output "$OUT/${GPU:-H100}.json" > "$OUT/calibrate.txt" 2>&1 ;;
         accuracy) python -m bench.kcm_accuracy --gpu "${GPU:-H100}" --table "$OUT/${GPU:-H100}.json" --output "$OUT/kcm_accuracy.json" > "$OUT/accuracy.txt" 2>&1 ;;
         tests) python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.txt" 2>&1 ;;
