@@ -4,8 +4,8 @@
 block's weight tensors (no copies), keeps its routing conventions (renormalisation, the dtype of
 the gate weights) and returns what the block's forward returns. ``patch_hf_model(model)``
 swaps every such block in a loaded model. The layer's ``router`` is replaceable: any module
-returning ``(router_logits, topk_weights, topk_ids)`` from [T, H] hidden states fits, which is
-where the energy-aware router plugs in.
+returning ``(router_logits, topk_weights, topk_ids)`` from [T, H] hidden states fits
+(``layer.gate = router``), which is where the energy-aware router plugs in.
 
 Not carried over from the HF blocks: Mixtral's training-time jitter noise, and the router
 logits that transformers records from its own router classes for ``output_router_logits``.
@@ -34,7 +34,9 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.renormalize = renormalize
         self.weights_dtype = weights_dtype
-        self.register_buffer("selection_bias", torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device))
+        # not persistent: a patched model saves exactly the HF block's keys
+        self.register_buffer("selection_bias", torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device),
+                             persistent=False)
 
     @property
     def num_experts(self):
@@ -58,13 +60,28 @@ class TopKRouter(nn.Module):
         return weights / weights.sum(dim=-1, keepdim=True) if self.renormalize else weights
 
 
+class Experts(nn.Module):
+    """The experts' stacked weights: ``gate_up_proj`` [E, 2I, H] (gate rows first), ``down_proj`` [E, H, I]."""
+
+    def __init__(self, gate_up_proj, down_proj):
+        super().__init__()
+        self.gate_up_proj = gate_up_proj if isinstance(gate_up_proj, nn.Parameter) else nn.Parameter(gate_up_proj)
+        self.down_proj = down_proj if isinstance(down_proj, nn.Parameter) else nn.Parameter(down_proj)
+
+    def forward(self, hidden_states, topk_ids, topk_weights):
+        return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, topk_ids, topk_weights,
+                             validate_ids=False)
+
+
 class FusedMoE(nn.Module):
-    """Sparse MoE layer: ``router`` picks K of E experts per token, our fused kernels run them.
+    """Sparse MoE layer: the router picks K of E experts per token, our fused kernels run them.
 
     Args:
         router: a ``TopKRouter`` (or any module with its forward contract).
         gate_up_proj: [E, 2I, H] expert weights, gate rows first.
         down_proj: [E, H, I].
+    The submodules are named as in the HF blocks (``gate`` is the router, ``experts`` holds the
+    weights), so a patched model's ``state_dict`` keeps its keys; ``router`` reads ``gate``.
     Forward: hidden_states [..., H] -> [..., H]. No host sync: capturable in a CUDA graph.
     Gradients reach the experts, the hidden states and the router (through the chosen experts'
     gate weights, as in the HF blocks); the experts' backward recomputes the torch reference.
@@ -72,9 +89,13 @@ class FusedMoE(nn.Module):
 
     def __init__(self, router, gate_up_proj, down_proj):
         super().__init__()
-        self.router = router
-        self.gate_up_proj = gate_up_proj if isinstance(gate_up_proj, nn.Parameter) else nn.Parameter(gate_up_proj)
-        self.down_proj = down_proj if isinstance(down_proj, nn.Parameter) else nn.Parameter(down_proj)
+        self.gate = router
+        self.experts = Experts(gate_up_proj, down_proj)
+
+    @property
+    def router(self):
+        """The router (read-only alias; replace it with ``layer.gate = new_router``)."""
+        return self.gate
 
     @classmethod
     def from_hf(cls, block):
@@ -95,9 +116,8 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        _, topk_weights, topk_ids = self.router(flat)
-        out = fused_experts(flat, self.gate_up_proj, self.down_proj, topk_ids, topk_weights, validate_ids=False)
-        return out.reshape(shape)
+        _, topk_weights, topk_ids = self.gate(flat)
+        return self.experts(flat, topk_ids, topk_weights).reshape(shape)
 
 
 def patch_hf_model(model):

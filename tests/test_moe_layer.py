@@ -38,7 +38,8 @@ def sparse_blocks(model):
 def test_from_hf_block_matches_and_shares_weights(name):
     block = sparse_blocks(tiny_model(name))[0]
     fused = kernels.FusedMoE.from_hf(block)
-    assert fused.gate_up_proj is block.experts.gate_up_proj and fused.down_proj is block.experts.down_proj
+    assert fused.experts.gate_up_proj is block.experts.gate_up_proj
+    assert fused.experts.down_proj is block.experts.down_proj
     assert fused.router.weight is block.gate.weight
     x = randn(2, 7, 64)
     with torch.no_grad():
@@ -52,8 +53,12 @@ def test_patched_model_logits_and_greedy_generate_match(name):
     with torch.no_grad():
         logits = model(input_ids).logits
         tokens = model.generate(input_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        state = model.state_dict()
         assert kernels.patch_hf_model(model) == 2
         assert not sparse_blocks(model)
+        patched_state = model.state_dict()
+        assert patched_state.keys() == state.keys(), "save_pretrained must see the HF block's keys"
+        assert all(patched_state[k].data_ptr() == state[k].data_ptr() for k in state), "weights shared, not copied"
         assert_matches(model(input_ids).logits, logits, torch.float32)
         assert torch.equal(model.generate(input_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False), tokens)
 
@@ -78,8 +83,8 @@ def test_fused_moe_matches_torch_routing_and_experts():
     x = randn(3, 5, H)
     flat = x.reshape(-1, H)
     weights, ids = route_reference(flat @ router.weight.T, K)
-    ref = fused_experts_reference(flat.double(), layer.gate_up_proj.double(), layer.down_proj.double(), ids,
-                                  weights.double())
+    ref = fused_experts_reference(flat.double(), layer.experts.gate_up_proj.double(),
+                                  layer.experts.down_proj.double(), ids, weights.double())
     with torch.no_grad():
         assert_matches(layer(x), ref.reshape(3, 5, H), torch.float32)
 
@@ -127,3 +132,19 @@ def test_whole_layer_is_graph_capturable(dtype):
         graph.replay()
         assert torch.equal(captured, layer(x))
         assert_matches(captured, block(x), dtype)
+
+
+def test_router_is_replaceable():
+    E, H, I = 4, 16, 8
+    layer = kernels.FusedMoE(kernels.TopKRouter(randn(E, H), 2), randn(E, 2 * I, H), randn(E, H, I))
+    x = randn(5, H)
+    bias = torch.zeros(E, device=DEVICE)
+    bias[3] = 10.0
+    biased = kernels.TopKRouter(layer.router.weight, 2)
+    biased.selection_bias.copy_(bias)
+    layer.gate = biased
+    assert layer.router is biased
+    _, _, ids = layer.router(x)
+    assert (ids == 3).any(dim=1).all(), "the new router's bias steers selection"
+    with torch.no_grad():
+        assert layer(x).shape == (5, H)
