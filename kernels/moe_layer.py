@@ -23,13 +23,15 @@ SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSpa
 class TopKRouter(nn.Module):
     """Linear router + our routing kernel, with an additive [E] selection bias (zeros: plain top-k).
 
-    ``weights_dtype=None`` keeps the gate weights in float32 (Mixtral's convention); a dtype rounds
-    them to it first (Qwen3-MoE and OLMoE round to the logits' dtype, i.e. pass ``"logits"``)."""
+    ``weights_dtype=None`` keeps the gate weights in float32 (Mixtral's convention); ``"logits"``
+    rounds them to the router logits' dtype (Qwen3-MoE's and OLMoE's)."""
 
     def __init__(self, weight, top_k, renormalize=True, weights_dtype=None):
         super().__init__()
         if not 1 <= top_k <= weight.shape[0]:
             raise ValueError(f"top_k must be in [1, {weight.shape[0]}] (the number of experts), got {top_k}")
+        if weights_dtype not in (None, "logits"):
+            raise ValueError(f"weights_dtype must be None or 'logits', got {weights_dtype!r}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.top_k = top_k
         self.renormalize = renormalize
@@ -51,7 +53,6 @@ class TopKRouter(nn.Module):
         if self.weights_dtype == "logits":
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, routing.topk_ids
-
 
     def _differentiable_weights(self, router_logits, topk_ids):
         """The chosen experts' gate weights through torch ops, so training reaches the router

@@ -111,6 +111,8 @@ def test_bad_input():
         kernels.patch_hf_model("mixtral")
     with pytest.raises(ValueError, match="top_k"):
         kernels.TopKRouter(randn(4, 8), 5)
+    with pytest.raises(ValueError, match="weights_dtype"):
+        kernels.TopKRouter(randn(4, 8), 2, weights_dtype=torch.bfloat16)
     block = sparse_blocks(tiny_model("olmoe"))[0]
     block.experts.act_fn = torch.nn.GELU()
     with pytest.raises(ValueError, match="act_fn must be SiLU"):
