@@ -32,8 +32,8 @@ def record(meter, seconds, interval_s=0.1):
             "readings": [asdict(r) | {"time_s": r.time_s - t0} for r in sampler.samples]}
 
 
-class ReplayNvml:
-    """Plays a recorded trace back through the pynvml calls ``GpuMeter`` makes."""
+class PynvmlConstants:
+    """The pynvml constants ``GpuMeter`` reads, with pynvml's values, for stand-in modules."""
     NVML_TEMPERATURE_GPU = 0
     NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = 0
     NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
@@ -41,6 +41,10 @@ class ReplayNvml:
     NVML_CLOCK_MEM = 2
     NVML_FI_DEV_POWER_AVERAGE = 185
     NVML_FI_DEV_POWER_INSTANT = 186
+
+
+class ReplayNvml(PynvmlConstants):
+    """Plays a recorded trace back through the pynvml calls ``GpuMeter`` makes."""
 
     def __init__(self, trace):
         self.trace = trace

@@ -5,6 +5,8 @@ every ``update_period_s`` (100 ms); ``unsupported`` names functions that raise N
 import time
 from types import SimpleNamespace
 
+from calibration.trace import PynvmlConstants
+
 
 class NVMLError(Exception):
     pass
@@ -14,14 +16,7 @@ class NVMLError_NotSupported(NVMLError):
     pass
 
 
-class FakeNvml:
-    NVML_TEMPERATURE_GPU = 0
-    NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = 0
-    NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
-    NVML_CLOCK_SM = 1
-    NVML_CLOCK_MEM = 2
-    NVML_FI_DEV_POWER_AVERAGE = 185
-    NVML_FI_DEV_POWER_INSTANT = 186
+class FakeNvml(PynvmlConstants):
     nvmlClocksEventReasonGpuIdle = 0x1
     nvmlClocksEventReasonSwPowerCap = 0x4
     nvmlClocksEventReasonHwSlowdown = 0x8

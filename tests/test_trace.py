@@ -28,3 +28,11 @@ def test_record_then_replay_gives_back_the_recorded_readings():
 def test_record_needs_a_gpu():
     with pytest.raises(RuntimeError, match="cannot record"):
         record(GpuMeter(nvml=FakeNvml(fail_init=True)), seconds=0.1)
+
+
+def test_stand_in_constants_are_pynvml_values():
+    pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py is not installed")
+    from calibration.trace import PynvmlConstants
+    for name, value in vars(PynvmlConstants).items():
+        if name.startswith("NVML_"):
+            assert getattr(pynvml, name) == value, name
