@@ -72,13 +72,9 @@ def op_callable(op, batch_size, dims, device="cuda", dtype=torch.bfloat16, seed=
 
 def measure_ceilings():
     """Measured bf16 matmul FLOP/s and device copy bytes/s (read + write), for the roofline split."""
-    import triton.testing
+    from bench.kernels import copy_bytes_per_s, median_ms
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    matmul_ms = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=200, return_mode="median")
-    src = torch.randn(2 ** 28, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * 8192 ** 3 / (matmul_ms * 1e-3), 2 * src.numel() * 4 / (copy_ms * 1e-3)
+    return 2 * 8192 ** 3 / (median_ms(lambda: a @ a) * 1e-3), copy_bytes_per_s()
 
 
 def thermal_section(samples, thresholds):

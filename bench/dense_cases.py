@@ -3,7 +3,7 @@
 Shared by ``python -m bench.kernels`` (a printed table and a results file) and the
 pytest-benchmark file ``bench/bench_kernels.py``.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -23,7 +23,6 @@ class DenseCase:
     ours: Callable
     peer: Callable
     target_ratio: Optional[float] = None  # required peer_time / our_time, where the issue sets one
-    notes: list = field(default_factory=list)
 
 
 def _randn(generator, device, dtype, *shape, scale=1.0):

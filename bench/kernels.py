@@ -36,6 +36,13 @@ def median_ms(fn):
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+def copy_bytes_per_s():
+    """Device-to-device copy bandwidth now, bytes read plus written (1 GiB copied)."""
+    src = torch.randn(2 ** 28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / (median_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
 def graph_median_ms(fn):
     """GPU time alone: the call captured in a CUDA graph and replayed (no host overhead)."""
     return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")

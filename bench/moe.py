@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from bench import moe_cases  # noqa: E402
 from bench._results import provenance, write_json_atomic  # noqa: E402
-from bench.kernels import NO_GPU, graph_median_ms, median_ms, rel_error  # noqa: E402
+from bench.kernels import NO_GPU, copy_bytes_per_s, graph_median_ms, median_ms, rel_error  # noqa: E402
 
 PEERS = {"grouped_mm": moe_cases.grouped_mm, "hf_loop": moe_cases.hf_loop}
 TARGETS = {  # (shape, T) -> (what, predicate on the row), from the issue
@@ -30,13 +30,6 @@ TARGETS = {  # (shape, T) -> (what, predicate on the row), from the issue
     ("qwen3", 1): (">= 5x grouped_mm", lambda r: r["ratio_grouped_mm"] >= 5),
     ("qwen3", 8192): (">= 1.5x grouped_mm", lambda r: r["ratio_grouped_mm"] >= 1.5),
 }
-
-
-def copy_bytes_per_s():
-    """Device-to-device copy bandwidth, bytes read plus written, measured now (the floors use it)."""
-    src = torch.randn(2 ** 28, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / (median_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
 def run_case(shape, T, device, dtype, timed, bytes_per_s=None):

@@ -14,6 +14,7 @@ import torch
 import triton.testing
 
 from bench._results import provenance, write_json_atomic
+from bench.kernels import rel_error
 from kernels import _config
 from kernels.attention import _flash_attention
 from kernels.matmul import launch_matmul
@@ -61,7 +62,7 @@ def time_candidates(candidates, run, reference):
     for cfg in candidates:
         try:
             out = run(cfg)
-            err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+            err = rel_error(out, expected)
             if not err < 1e-2:
                 raise AssertionError(f"relative error {err:.2e}")
             results.append((triton.testing.do_bench(lambda: run(cfg), warmup=25, rep=100, return_mode="median"),

@@ -12,7 +12,6 @@ from pathlib import Path
 from costmodel.ops import ModelDims, check_op, work
 
 TABLE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "tables"
-SOURCES = ("measured", "interpolated", "extrapolated", "prior")
 
 
 def _positive_number(name, value):
