@@ -4,9 +4,9 @@ Sweeps each op the cost model knows (``costmodel.ops.OPS``, run on our kernels i
 log-spaced batch sizes; each point is CUDA-graph replays in energy windows of at least 1 s on the
 NVML counter (``calibration.energy``), with CUDA-event latency. It also measures idle power, the
 matmul and copy ceilings, and fits the first-order thermal model to the timeline the sweep itself
-heated. The table goes to ``calibration/tables/<gpu>.json`` atomically, with its provenance.
-No GPU setting is changed. Memory-pressure curves are not calibrated yet (the cost model applies
-its roofline bandwidth-share model and the table says so).
+heated, and each op's memory-pressure curve (its latency stretch beside a background stream that
+takes a set share of HBM bandwidth, ``calibration.pressure``). The table goes to
+``calibration/tables/<gpu>.json`` atomically, with its provenance. No GPU setting is changed.
 """
 import argparse
 import re
@@ -18,14 +18,17 @@ from dataclasses import asdict
 import torch
 
 from bench._results import provenance, write_json_atomic
-from calibration.energy import cuda_graph_runner, measure_energy, measure_idle_power_w
+from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w
 from calibration.nvml_meter import BackgroundSampler, GpuMeter
+from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
 from calibration.thermal import fit_thermal_model
+from calibration.trace import trace_of
 from costmodel.kernel_cost_model import TABLE_DIR
 from costmodel.ops import OPS, SEQUENCE_OPS, ModelDims, work
 
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 SEQUENCE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+PRESSURE_BATCH = {"tokens": 64, "sequences": 4}  # where each op's memory-pressure curve is measured
 
 
 def gpu_matches(requested, detected_name):
@@ -35,39 +38,58 @@ def gpu_matches(requested, detected_name):
 
 def op_callable(op, batch_size, dims, device="cuda", dtype=torch.bfloat16, seed=0):
     """A no-argument, graph-capturable call of our kernel for ``op`` at ``batch_size``, on random data."""
-    import kernels
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
-    H, I, E, K = dims.d_model, dims.d_ff, dims.num_experts, dims.top_k
     if op in SEQUENCE_OPS:
-        q, k, v = (randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim) for _ in range(3))
-        if op == "attention_qk":
-            return lambda: kernels.attention_qk(q, k)
-        if op == "attention_av":
-            scores = kernels.attention_qk(q, k)
-            return lambda: kernels.attention_av(scores, v, causal=True)
-        return lambda: kernels.flash_attention(q, k, v, causal=True)
-    x = randn(batch_size, H)
-    gate_up, down = randn(2 * I, H, scale=H ** -0.5), randn(H, I, scale=I ** -0.5)
-    calls = {
-        "ffn_gate": lambda: kernels.ffn_gate(x, gate_up), "ffn_up": lambda: kernels.ffn_up(x, gate_up),
-        "swiglu_gate_up": lambda: kernels.swiglu_gate_up(x, gate_up),
-        "swiglu_ffn": lambda: kernels.swiglu_ffn(x, gate_up, down),
-    }
-    if op in calls:
-        return calls[op]
+        return _attention_call(op, randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim),
+                               *(randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim) for _ in range(2)))
+    if op in ("moe_router", "fused_experts"):
+        return _moe_call(op, randn(batch_size, dims.d_model), dims, randn)
+    return _dense_call(op, batch_size, dims, randn)
+
+
+def _attention_call(op, q, k, v):
+    import kernels
+    if op == "attention_qk":
+        return lambda: kernels.attention_qk(q, k)
+    if op == "attention_av":
+        scores = kernels.attention_qk(q, k)
+        return lambda: kernels.attention_av(scores, v, causal=True)
+    return lambda: kernels.flash_attention(q, k, v, causal=True)
+
+
+def _dense_call(op, batch_size, dims, randn):
+    import kernels
+    H, I = dims.d_model, dims.d_ff
     if op == "ffn_down":
-        h = randn(batch_size, I)
+        h, down = randn(batch_size, I), randn(H, I, scale=I ** -0.5)
         return lambda: kernels.ffn_down(h, down)
-    router = kernels.TopKRouter(randn(E, H), K)
+    x = randn(batch_size, H)
+    if op == "rms_norm":  # torch's kernel: the one the harness's models run
+        norm_weight = randn(H)
+        return lambda: torch.nn.functional.rms_norm(x, (H,), norm_weight)
+    projections = {"qkv_projection": (3 * H, H), "output_projection": (H, H), "lm_head": (dims.vocab_size, H)}
+    if op in projections:
+        weight = randn(*projections[op], scale=H ** -0.5)
+        return lambda: kernels.matmul(x, weight)
+    gate_up, down = randn(2 * I, H, scale=H ** -0.5), randn(H, I, scale=I ** -0.5)
+    return {"ffn_gate": lambda: kernels.ffn_gate(x, gate_up), "ffn_up": lambda: kernels.ffn_up(x, gate_up),
+            "swiglu_gate_up": lambda: kernels.swiglu_gate_up(x, gate_up),
+            "swiglu_ffn": lambda: kernels.swiglu_ffn(x, gate_up, down)}[op]
+
+
+def _moe_call(op, x, dims, randn):
+    import kernels
+    H, I, E = dims.d_model, dims.d_ff, dims.num_experts
+    router = kernels.TopKRouter(randn(E, H), dims.top_k)
     if op == "moe_router":
         return lambda: router(x)
-    gate_up_e, down_e = randn(E, 2 * I, H, scale=H ** -0.5), randn(E, H, I, scale=I ** -0.5)
+    gate_up, down = randn(E, 2 * I, H, scale=H ** -0.5), randn(E, H, I, scale=I ** -0.5)
     with torch.no_grad():
         _, weights, ids = router(x)
-    return lambda: kernels.fused_experts(x, gate_up_e, down_e, ids, weights, validate_ids=False)
+    return lambda: kernels.fused_experts(x, gate_up, down, ids, weights, validate_ids=False)
 
 
 def measure_ceilings():
@@ -97,12 +119,31 @@ def thermal_section(samples, thresholds):
     }
 
 
-def sweep_point(op, batch_size, dims, meter, idle_power_w, window_s, trials):
-    run_for, latency_ms = cuda_graph_runner(op_callable(op, batch_size, dims))
-    energy = measure_energy(meter, run_for, idle_power_w, window_s=window_s, trials=trials)
+def sweep_point(op, batch_size, dims, meter, idle_power_w, window_s, trials, pressure=None):
+    """One table point; with ``pressure`` (hogs, background utilisation) also the op's pressure curve."""
+    runner = GraphRunner(op_callable(op, batch_size, dims))
+    energy = measure_energy(meter, runner.run_for, idle_power_w, window_s=window_s, trials=trials)
     flops, nbytes = work(op, batch_size, dims)
-    return {"batch_size": batch_size, "latency_ms": latency_ms, "flops": flops, "bytes": nbytes,
-            "memory_gb": nbytes / 1e9} | energy
+    point = {"batch_size": batch_size, "latency_ms": runner.latency_ms, "flops": flops, "bytes": nbytes,
+             "memory_gb": nbytes / 1e9} | energy
+    return point, measure_pressure_curve(meter, runner, *pressure) if pressure else None
+
+
+def progress(n, total, label, elapsed_s, stream=sys.stderr):
+    """A one-line progress bar (redrawn in place on a terminal, one line per step in a log)."""
+    filled = round(24 * n / total)
+    left_s = elapsed_s / n * (total - n)
+    line = f"[{'#' * filled}{'.' * (24 - filled)}] {n}/{total} {label} {elapsed_s:4.0f} s, ~{left_s:3.0f} s left"
+    end = "\r" if stream.isatty() and n < total else "\n"
+    print(line, end=end, file=stream, flush=True)
+
+
+def pressure_section(shares, background, curves):
+    return {"coordinate": "NVML memory-bandwidth utilisation (0..1) the background produces alone",
+            "method": "BandwidthHog: a copy loop on its own stream, duty-cycled with GPU sleeps to a share of time; "
+                      "latency stretch = CUDA-event median of the op's graph replays beside it / alone",
+            "shares": list(shares), "background_util": {str(k): v for k, v in background.items()},
+            "ops": {op: {"batch_size": b, "points": pts} for op, (b, pts) in curves.items()}}
 
 
 def parse_args(argv):
@@ -113,13 +154,22 @@ def parse_args(argv):
     parser.add_argument("--window_s", type=float, default=1.0, help="energy window (>= 1 s)")
     parser.add_argument("--trials", type=int, default=2, help="windows per point (median and spread)")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of the ops")
+    parser.add_argument("--pressure_shares", default="0.5,0.9",
+                        help="background HBM shares for the memory-pressure curves ('' to skip them)")
     parser.add_argument("--output", default=None, help="default: calibration/tables/<gpu>.json")
+    parser.add_argument("--trace", default=None, help="also write the sweep's NVML timeline here (for replays)")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.gpu):
         parser.error(f"--gpu must be a short name such as H100, got {args.gpu!r}")
     unknown = set(args.ops.split(",")) - set(OPS)
     if unknown:
         parser.error(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}")
+    try:
+        args.shares = [float(x) for x in args.pressure_shares.split(",") if x]
+        if not all(0.0 < x <= 1.0 for x in args.shares):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--pressure_shares must be comma-separated numbers in (0, 1], got {args.pressure_shares!r}")
     try:
         args.dims = ModelDims(**{k: getattr(args, k) for k in asdict(ModelDims())})
     except ValueError as exc:
@@ -138,23 +188,35 @@ def check_gpu(parser, requested, meter):
     return detected
 
 
-def main(argv=None):
-    parser, args = parse_args(argv)
-    meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    detected = check_gpu(parser, args.gpu, meter)
+def sweep(args, meter, idle_power_w):
+    """Every (op, batch) point, and each op's pressure curve at its PRESSURE_BATCH; the sampler's timeline."""
     ops = args.ops.split(",")
-    peak_flops, copy_bytes_per_s = measure_ceilings()
-    time.sleep(5.0)  # let the card settle before reading idle power
-    idle_power_w = measure_idle_power_w(meter)
-    points = {op: [] for op in ops}
+    hogs = [BandwidthHog(share) for share in args.shares]
+    background = background_utilisation(meter, hogs) if hogs else {}
+    points, curves = {op: [] for op in ops}, {}
     plan = [(op, b) for op in ops for b in (SEQUENCE_BATCHES if op in SEQUENCE_OPS else TOKEN_BATCHES)]
     started = time.monotonic()
     with BackgroundSampler(meter, interval_s=0.1) as sampler:
         for n, (op, batch_size) in enumerate(plan, 1):
-            points[op].append(sweep_point(op, batch_size, args.dims, meter, idle_power_w, args.window_s, args.trials))
-            p = points[op][-1]
-            print(f"[{n:3d}/{len(plan)}] {op:16} batch {batch_size:5d}: {p['latency_ms']:9.4f} ms "
-                  f"{p['energy_j']:.3e} J/call ({time.monotonic() - started:5.0f} s)", file=sys.stderr, flush=True)
+            at_pressure_batch = batch_size == PRESSURE_BATCH["sequences" if op in SEQUENCE_OPS else "tokens"]
+            point, curve = sweep_point(op, batch_size, args.dims, meter, idle_power_w, args.window_s, args.trials,
+                                       (hogs, background) if hogs and at_pressure_batch else None)
+            points[op].append(point)
+            if curve:
+                curves[op] = (batch_size, curve)
+            progress(n, len(plan), f"{op} batch {batch_size}", time.monotonic() - started)
+    return points, pressure_section(args.shares, background, curves) if hogs else None, sampler
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    detected = check_gpu(parser, args.gpu, meter)
+    started = time.monotonic()
+    peak_flops, copy_bytes_per_s = measure_ceilings()
+    time.sleep(5.0)  # let the card settle before reading idle power
+    idle_power_w = measure_idle_power_w(meter)
+    points, pressure, sampler = sweep(args, meter, idle_power_w)
     table = {
         "schema": 1, "gpu": args.gpu, "source": "measured", "gpu_name": detected,
         "provenance": provenance() | {"driver": meter.driver_version()},
@@ -163,14 +225,16 @@ def main(argv=None):
         "method": {"window_s": args.window_s, "trials": args.trials, "dtype": "bfloat16",
                    "energy": "NVML total-energy counter, edge-aligned windows of CUDA-graph replays"},
         "thermal": thermal_section(sampler.samples, meter.temperature_thresholds_c()),
-        "memory_pressure": None,
-        "memory_pressure_missing_reason": "not calibrated yet: the cost model applies its roofline bandwidth-share model",
+        "memory_pressure": pressure,
         "ops": {op: {"unit": "sequences" if op in SEQUENCE_OPS else "tokens", "points": pts}
                 for op, pts in points.items()},
+        "duration_s": time.monotonic() - started,
     }
     output = args.output or TABLE_DIR / f"{args.gpu}.json"
     write_json_atomic(output, table)
-    print(f"wrote {output} ({len(plan)} points in {time.monotonic() - started:.0f} s)")
+    if args.trace:
+        write_json_atomic(args.trace, trace_of(meter, sampler) | {"provenance": table["provenance"]})
+    print(f"wrote {output} ({sum(map(len, points.values()))} points in {table['duration_s']:.0f} s)")
     return 0
 
 

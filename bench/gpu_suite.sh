@@ -18,9 +18,10 @@ for step in "$@"; do
         kernels) python -m bench.kernels --output "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
         moe) python -m bench.moe --output "$OUT/moe.json" > "$OUT/moe.txt" 2>&1 ;;
         trace) python -m calibration.trace --seconds 10 --output "$OUT/trace_${GPU:-H100}.json" > "$OUT/trace.txt" 2>&1 ;;
-        calibrate) python -m bench.calibrate --gpu "${GPU:-H100}" --output "$OUT/${GPU:-H100}.json" > "$OUT/calibrate.txt" 2>&1 ;;
+        calibrate) python -m bench.calibrate --gpu "${GPU:-H100}" --output "$OUT/${GPU:-H100}.json" \
+            --trace "$OUT/trace_calibrate_${GPU:-H100}.json" > "$OUT/calibrate.txt" 2>&1 ;;
         accuracy) python -m bench.kcm_accuracy --gpu "${GPU:-H100}" --table "$OUT/${GPU:-H100}.json" --output "$OUT/kcm_accuracy.json" > "$OUT/accuracy.txt" 2>&1 ;;
-        tests) python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.txt" 2>&1 ;;
+        tests) python -m pytest -q -p no:cacheprovider tests ${TESTS_K:-} > "$OUT/pytest.txt" 2>&1 ;;
         benchmark) eval python -m pytest -q -p no:cacheprovider bench --benchmark-only "${BENCH_K:-}" \
             --benchmark-columns=median,iqr,rounds > "$OUT/benchmark.txt" 2>&1 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;

@@ -85,44 +85,44 @@ def _state(reading):
             "power_average_w": reading.power_average_w}
 
 
-def cuda_graph_runner(fn, target_replay_ms=20.0):
-    """``run_for(seconds) -> calls`` replaying ``fn`` in a CUDA graph, and fn's median latency (ms).
+class GraphRunner:
+    """``fn`` captured ``calls_per_replay`` times in one CUDA graph, with its median latency per call.
 
-    ``fn`` must be capturable (no host syncs); it is warmed up first. It runs without autograd:
-    calibration measures the inference kernels."""
-    import torch
-    with torch.no_grad():
-        return _graph_runner(torch, fn, target_replay_ms)
+    ``fn`` must be capturable (no host syncs); it is warmed up first, and runs without autograd
+    (calibration measures the inference kernels). ``run_for(seconds) -> calls`` replays the graph
+    back to back for that long and waits for the device."""
 
+    def __init__(self, fn, target_replay_ms=20.0):
+        import torch
+        self.torch = torch
+        with torch.no_grad():
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            rough_ms = median_event_ms(fn, 10)  # eager: includes launch gaps, only sizes the graph
+            self.calls_per_replay = max(1, min(1000, int(target_replay_ms / max(rough_ms, 1e-3))))
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                for _ in range(self.calls_per_replay):
+                    fn()
+        self.graph.replay()
+        torch.cuda.synchronize()
+        self.latency_ms = median_event_ms(self.graph.replay, 20) / self.calls_per_replay  # as the windows run it
 
-def _graph_runner(torch, fn, target_replay_ms):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    rough_ms = _median_event_ms(torch, fn, 10)  # eager: includes launch gaps, only sizes the graph
-    reps = max(1, min(1000, int(target_replay_ms / max(rough_ms, 1e-3))))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    latency_ms = _median_event_ms(torch, graph.replay, 20) / reps  # per call, as the windows run it
-
-    def run_for(seconds):
+    def run_for(self, seconds):
         replays, t0 = 0, time.monotonic()
         while time.monotonic() - t0 < seconds:
-            graph.replay()
+            self.graph.replay()
             replays += 1
             if replays % 8 == 0:
-                torch.cuda.synchronize()  # keep the host at most 8 replays ahead, so time is real
-        torch.cuda.synchronize()
-        return replays * reps
-
-    return run_for, latency_ms
+                self.torch.cuda.synchronize()  # keep the host at most 8 replays ahead, so time is real
+        self.torch.cuda.synchronize()
+        return replays * self.calls_per_replay
 
 
-def _median_event_ms(torch, fn, repeats):
+def median_event_ms(fn, repeats):
+    """Median CUDA-event time of ``fn()`` over ``repeats`` calls, each waited for (ms)."""
+    import torch
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

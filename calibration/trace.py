@@ -26,8 +26,13 @@ def record(meter, seconds, interval_s=0.1):
         raise RuntimeError(f"cannot record a trace: {meter.unavailable_reason}")
     with BackgroundSampler(meter, interval_s) as sampler:
         time.sleep(seconds)
+    return trace_of(meter, sampler)
+
+
+def trace_of(meter, sampler):
+    """The trace dict of a finished ``BackgroundSampler``'s timeline."""
     t0 = sampler.samples[0].time_s
-    return {"gpu_name": meter.name(), "driver": meter.driver_version(), "interval_s": interval_s,
+    return {"gpu_name": meter.name(), "driver": meter.driver_version(), "interval_s": sampler.interval_s,
             "thresholds_c": meter.temperature_thresholds_c(),
             "readings": [asdict(r) | {"time_s": r.time_s - t0} for r in sampler.samples]}
 

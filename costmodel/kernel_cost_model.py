@@ -44,6 +44,13 @@ def load_table(gpu_type=None, table=None):
     return data, path
 
 
+def _piecewise_linear(points, x):
+    """y at ``x`` on the polyline through sorted (x, y) ``points``, extending its end segments."""
+    i = min(max(next((n for n, (px, _) in enumerate(points) if px > x), len(points)) - 1, 0), len(points) - 2)
+    (x0, y0), (x1, y1) = points[i], points[i + 1]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
 def _interpolate(points, batch_size, key):
     """Log-log interpolation of ``key`` over points sorted by batch size; (value, where)."""
     xs = [p["batch_size"] for p in points]
@@ -101,15 +108,30 @@ class KernelCostModel:
         memory_gb, _ = _interpolate(points, batch_size, "memory_gb")
         return latency_ms, energy_j, memory_gb, "prior" if self.is_prior else where
 
+    def pressure_curve(self, op):
+        """The measured (background utilisation, latency stretch) points of ``op``, or None."""
+        section = self.table.get("memory_pressure")
+        curve = section["ops"].get(op) if section else None
+        if not curve:
+            return None
+        points = sorted((p["background_util"], p["stretch"]) for p in curve["points"]
+                        if p["background_util"] is not None)
+        return points if len(points) >= 2 else None
+
     def _pressure_factor(self, op, batch_size, memory_pressure):
-        """Latency stretch when a share of HBM bandwidth is taken: the memory-bound part of the
-        roofline time at the reduced bandwidth (measured curves replace this once calibrated)."""
+        """(latency stretch, extrapolated?) when other work holds ``memory_pressure`` of HBM
+        bandwidth (NVML memory utilisation, 0..1). Measured tables interpolate the op's stretch
+        curve linearly (beyond the highest measured pressure: its last segment, extrapolated);
+        without one, the memory-bound part of the roofline time runs at the remaining bandwidth."""
         if not memory_pressure:
-            return 1.0
+            return 1.0, False
+        curve = self.pressure_curve(op)
+        if curve is not None:
+            return _piecewise_linear(curve, memory_pressure), memory_pressure > curve[-1][0]
         compute_s, memory_s = self._roofline_s(op, batch_size)
         if memory_pressure >= 1.0:
-            return math.inf
-        return max(compute_s, memory_s / (1.0 - memory_pressure)) / max(compute_s, memory_s)
+            return math.inf, False
+        return max(compute_s, memory_s / (1.0 - memory_pressure)) / max(compute_s, memory_s), False
 
     def _thermal_factor(self, current_temp):
         """(latency stretch from the measured SM clock at ``current_temp``, extrapolated?, warning)."""
@@ -158,9 +180,10 @@ class KernelCostModel:
         self._check(op, batch_size, current_temp, memory_pressure)
         latency_ms, energy_j, memory_gb, source = self._base(op, batch_size)
         thermal_stretch, thermal_extrapolated, warning = self._thermal_factor(current_temp)
-        if thermal_extrapolated and source in ("measured", "interpolated"):
+        pressure_stretch, pressure_extrapolated = self._pressure_factor(op, batch_size, memory_pressure)
+        if (thermal_extrapolated or pressure_extrapolated) and source in ("measured", "interpolated"):
             source = "extrapolated"
-        stretch = self._pressure_factor(op, batch_size, memory_pressure) * thermal_stretch
+        stretch = pressure_stretch * thermal_stretch
         idle_w = self.table["idle_power_w"]
         # the stretched time costs static (idle) power; the dynamic energy of the work is unchanged
         energy_j += idle_w * latency_ms * 1e-3 * (stretch - 1.0)
@@ -199,8 +222,8 @@ class KernelCostModel:
 
 
 class DeviceCostTable:
-    """The table as device tensors, for hot paths: log-log interpolation with torch ops only
-    (no host sync, CUDA-graph capturable). Extrapolates the end segments like the host API.
+    """The table as device tensors, for hot paths: the host API's predictions with torch ops only
+    (no host sync, CUDA-graph capturable), including the thermal and memory-pressure stretches.
 
     Args:
         model: a ``KernelCostModel``.
@@ -210,9 +233,10 @@ class DeviceCostTable:
 
     def __init__(self, model, ops, device):
         import torch
-        self.torch = torch
+        self.torch, self.model = torch, model
         self.source = model.table["source"]
-        self._rows = {}
+        self.idle_power_w = model.table["idle_power_w"]
+        self._rows, self._pressure = {}, {}
         for op in ops:
             model._check(op, 1, None, None)
             points = model._points[op]
@@ -220,15 +244,49 @@ class DeviceCostTable:
                 raise ValueError(f"op {op!r} needs at least 2 points in the table for device interpolation")
             cols = [[math.log(p[k]) for p in points] for k in ("batch_size", "energy_j", "latency_ms")]
             self._rows[op] = torch.tensor(cols, dtype=torch.float32, device=device)  # [3, n]
+            curve = model.pressure_curve(op)
+            if curve is not None:
+                self._pressure[op] = torch.tensor(curve, dtype=torch.float32, device=device).T  # [2, n]
+        thermal = model.table.get("thermal")
+        curve = thermal.get("clock_vs_temp") if thermal else None
+        self._clocks = torch.tensor([[p["temp_c"] for p in curve], [p["sm_clock_mhz"] for p in curve]],
+                                    dtype=torch.float32, device=device) if curve else None
 
-    def predict(self, op, batch_sizes):
-        """(energy_j, latency_ms) tensors shaped like ``batch_sizes`` (a float tensor, > 0)."""
+    def predict(self, op, batch_sizes, temp_c=None, memory_pressure=None):
+        """(energy_j, latency_ms) tensors shaped like ``batch_sizes`` (a float tensor, > 0).
+
+        ``temp_c`` and ``memory_pressure`` are optional 0-d (or broadcastable) float tensors on
+        the device: the card's temperature and NVML memory utilisation (0..1), as in ``get_cost``."""
         torch = self.torch
         row = self._rows[op]
         log_b = torch.log(batch_sizes.to(torch.float32))
-        hi = torch.searchsorted(row[0], log_b).clamp(1, row.shape[1] - 1)
-        lo = hi - 1
-        t = (log_b - row[0][lo]) / (row[0][hi] - row[0][lo])
-        energy = torch.exp(row[1][lo] + t * (row[1][hi] - row[1][lo]))
-        latency = torch.exp(row[2][lo] + t * (row[2][hi] - row[2][lo]))
-        return energy, latency
+        energy = torch.exp(_lerp_segments(row[0], row[1], log_b))
+        latency = torch.exp(_lerp_segments(row[0], row[2], log_b))
+        stretch = torch.ones_like(latency)
+        if temp_c is not None and self._clocks is not None:
+            temps, clocks = self._clocks
+            held = temp_c.to(torch.float32).clamp(temps[0], temps[-1])  # beyond: the hottest clock seen
+            clock = _lerp_segments(temps, clocks, held) if temps.numel() > 1 else clocks[0]
+            stretch = stretch * (clocks.max() / clock)
+        if memory_pressure is not None:
+            stretch = stretch * self._pressure_stretch(op, batch_sizes, memory_pressure.to(torch.float32))
+        # the stretched time costs static (idle) power, as in get_cost
+        energy = energy + self.idle_power_w * latency * 1e-3 * (stretch - 1.0)
+        return energy, latency * stretch
+
+    def _pressure_stretch(self, op, batch_sizes, pressure):
+        if op in self._pressure:
+            util, stretch = self._pressure[op]
+            return _lerp_segments(util, stretch, pressure)
+        flops, nbytes = work(op, batch_sizes.to(self.torch.float64), self.model.dims)  # the roofline fallback
+        compute_s = (flops / self.model.table["peak_flops"]).float()
+        memory_s = (nbytes / self.model.table["hbm_bytes_per_s"]).float()
+        return compute_s.maximum(memory_s / (1.0 - pressure)) / compute_s.maximum(memory_s)
+
+
+def _lerp_segments(xs, ys, x):
+    """Piecewise-linear ys(x) through sorted ``xs`` (device tensors), extending the end segments."""
+    hi = (xs.unsqueeze(0) <= x.reshape(-1, 1)).sum(-1).clamp(1, xs.numel() - 1).reshape(x.shape)
+    lo = hi - 1
+    t = (x - xs[lo]) / (xs[hi] - xs[lo])
+    return ys[lo] + t * (ys[hi] - ys[lo])

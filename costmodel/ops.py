@@ -1,16 +1,18 @@
 """The ops the cost model knows, with their work (FLOPs) and fewest bytes moved at a batch size.
 
-``batch_size`` counts tokens for the FFN, router and expert ops and sequences (each
-``seq_len`` long) for the attention ops. Work and bytes feed the analytic priors and the
-compute- vs memory-bound split of ``get_cost_breakdown``; the measured tables time the real
-kernels (``kernels/``) at the same shapes.
+``batch_size`` counts tokens for the FFN, projection, norm, router and expert ops and sequences
+(each ``seq_len`` long) for the attention ops. The projections, ``lm_head`` and ``rms_norm`` are
+the rest of the harness's transformer forward (``bench.models``), so a whole forward is a sum of
+table ops. Work and bytes feed the analytic priors and the compute- vs memory-bound split of
+``get_cost_breakdown``; the measured tables time the real kernels (``kernels/``; ``rms_norm`` is
+torch's) at the same shapes.
 """
 from dataclasses import asdict, dataclass
 
 BYTES_PER_ELEMENT = 2  # bf16
 
 OPS = ("ffn_gate", "ffn_up", "ffn_down", "swiglu_gate_up", "swiglu_ffn", "attention_qk", "attention_av",
-       "flash_attention", "moe_router", "fused_experts")
+       "flash_attention", "moe_router", "fused_experts", "qkv_projection", "output_projection", "lm_head", "rms_norm")
 SEQUENCE_OPS = ("attention_qk", "attention_av", "flash_attention")
 
 
@@ -23,6 +25,7 @@ class ModelDims:
     seq_len: int = 512
     num_experts: int = 4
     top_k: int = 2
+    vocab_size: int = 256  # the harness's byte-level language models
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -64,5 +67,14 @@ def work(op, batch_size, dims):
         return 2.0 * B * heads * S * S * D, b * 4 * B * heads * S * D
     if op == "moe_router":
         return 2.0 * B * H * E, b * (B * H + E * H) + 4 * B * (E + 2 * K)
-    touched = min(E, B * K)  # fused_experts: each touched expert's weights are read once
+    if op == "qkv_projection":
+        return 6.0 * B * H * H, b * (B * H + 3 * H * H + 3 * B * H)
+    if op == "output_projection":
+        return 2.0 * B * H * H, b * (2 * B * H + H * H)
+    if op == "lm_head":
+        return 2.0 * B * H * dims.vocab_size, b * (B * H + dims.vocab_size * H + B * dims.vocab_size)
+    if op == "rms_norm":
+        return 4.0 * B * H, b * (2 * B * H + H)
+    # fused_experts: each touched expert's weights are read once (B may be a tensor: the device table)
+    touched = min(E, B * K) if isinstance(B, (int, float)) else (B * K).clamp(max=E)
     return 6.0 * B * K * H * I, b * (2 * B * H + touched * 3 * H * I + 2 * B * K * I)

@@ -62,6 +62,25 @@ def test_memory_pressure_stretches_time_and_static_energy(table_path):
     assert model.get_cost("ffn_down", 64, memory_pressure=0.0) == base
 
 
+def with_pressure_curve(table):
+    """ffn_down's measured stretch: 1 alone, 1.2 at 40% background utilisation, 2.0 at 80%."""
+    points = [{"share": s, "background_util": u, "pair_util": None, "latency_ms": 1.0, "stretch": k}
+              for s, u, k in ((0.0, 0.0, 1.0), (0.5, 0.4, 1.2), (0.9, 0.8, 2.0))]
+    return table | {"memory_pressure": {"ops": {"ffn_down": {"batch_size": 64, "points": points}}}}
+
+
+def test_measured_pressure_curve_replaces_the_roofline(tmp_path):
+    write_json_atomic(tmp_path / "t.json", with_pressure_curve(synthetic_table()))
+    model = KernelCostModel("TESTGPU", table=tmp_path / "t.json")
+    base = model.get_cost("ffn_down", 64)
+    half = model.get_cost("ffn_down", 64, memory_pressure=0.6)  # halfway between 1.2 and 2.0
+    assert half["latency_ms"] == pytest.approx(base["latency_ms"] * 1.6) and half["source"] == "measured"
+    beyond = model.get_cost("ffn_down", 64, memory_pressure=0.9)  # the last segment, extended
+    assert beyond["latency_ms"] == pytest.approx(base["latency_ms"] * 2.2) and beyond["source"] == "extrapolated"
+    roofline = model.get_cost("ffn_gate", 64, memory_pressure=0.6)  # no curve for ffn_gate: roofline share
+    assert roofline["latency_ms"] >= model.get_cost("ffn_gate", 64)["latency_ms"]
+
+
 def test_thermal_impact_and_safe_batch(table_path):
     model = KernelCostModel("TESTGPU", table=table_path)
     cool, hot = model.get_cost("swiglu_ffn", 64, current_temp=35.0), model.get_cost("swiglu_ffn", 64, current_temp=80.0)
@@ -149,14 +168,38 @@ def test_device_table_matches_host(table_path):
         assert e == pytest.approx(host["energy_joules"], rel=1e-5) and lat == pytest.approx(host["latency_ms"], rel=1e-5)
 
 
+@pytest.mark.parametrize("temp_c, pressure", [(35.0, 0.0), (65.0, 0.3), (95.0, 0.6), (50.0, 0.9)])
+def test_device_table_applies_temperature_and_pressure_like_the_host(tmp_path, temp_c, pressure):
+    write_json_atomic(tmp_path / "t.json", with_pressure_curve(synthetic_table()))
+    model = KernelCostModel("TESTGPU", table=tmp_path / "t.json")
+    ops = ["ffn_down", "fused_experts"]  # a measured curve, and the roofline fallback
+    device_table = DeviceCostTable(model, ops, DEVICE)
+    batches = torch.tensor([1.0, 7.0, 64.0, 3000.0], device=DEVICE)
+    temp, pressure_t = torch.tensor(temp_c, device=DEVICE), torch.tensor(pressure, device=DEVICE)
+    for op in ops:
+        energy, latency = device_table.predict(op, batches, temp_c=temp, memory_pressure=pressure_t)
+        for b, e, lat in zip(batches.tolist(), energy.tolist(), latency.tolist()):
+            host = model.get_cost(op, b, current_temp=temp_c, memory_pressure=pressure)
+            assert lat == pytest.approx(host["latency_ms"], rel=1e-5), (op, b)
+            assert e == pytest.approx(host["energy_joules"], rel=1e-5), (op, b)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA-graph capture needs a CUDA device (none found)")
 def test_device_table_is_graph_capturable(table_path):
-    device_table = DeviceCostTable(KernelCostModel("TESTGPU", table=table_path), ["fused_experts"], "cuda")
+    model = KernelCostModel("TESTGPU", table=table_path)
+    device_table = DeviceCostTable(model, ["fused_experts"], "cuda")
     batches = torch.tensor([2.0, 50.0], device="cuda")
-    device_table.predict("fused_experts", batches)
+    temp, pressure = torch.tensor(80.0, device="cuda"), torch.tensor(0.5, device="cuda")
+    device_table.predict("fused_experts", batches, temp_c=temp, memory_pressure=pressure)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         energy, _ = device_table.predict("fused_experts", batches)
+        hot_energy, hot_latency = device_table.predict("fused_experts", batches, temp_c=temp, memory_pressure=pressure)
     batches.copy_(torch.tensor([16.0, 64.0], device="cuda"))
+    temp.fill_(40.0)
+    pressure.fill_(0.0)
     graph.replay()
     assert energy.tolist() == pytest.approx([0.002 * 16 ** 0.8, 0.002 * 64 ** 0.8], rel=1e-5)
+    cool = [model.get_cost("fused_experts", b, current_temp=40.0, memory_pressure=0.0)["latency_ms"] for b in (16, 64)]
+    assert hot_latency.tolist() == pytest.approx(cool, rel=1e-5) and hot_energy.tolist() == pytest.approx(
+        energy.tolist(), rel=1e-5)

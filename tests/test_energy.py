@@ -51,3 +51,10 @@ def test_bad_arguments(kwargs, match):
     nvml = FakeNvml()
     with pytest.raises(ValueError, match=match):
         measure_energy(GpuMeter(nvml=nvml), sleeping_runner(nvml, 100.0), idle_power_w=70.0, **kwargs)
+
+
+def test_bandwidth_hog_share_is_checked():
+    from calibration.pressure import BandwidthHog
+    for share in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="share"):
+            BandwidthHog(share)
