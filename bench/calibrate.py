@@ -99,19 +99,28 @@ def measure_ceilings():
     return 2 * 8192 ** 3 / (median_ms(lambda: a @ a) * 1e-3), copy_bytes_per_s()
 
 
+POWER_CAP_REASONS = 0x4 | 0x80  # nvmlClocksEventReasonSwPowerCap | HwPowerBrakeSlowdown
+
+
 def thermal_section(samples, thresholds):
-    """Fit the thermal model to the sweep's timeline; clock-vs-temperature points; what is extrapolated."""
-    usable = [s for s in samples if s.temperature_c is not None and (s.power_average_w or s.power_instant_w)]
+    """Fit the thermal model to the sweep's timeline; clock-vs-temperature points; what is extrapolated.
+
+    The fit uses instant power (the die temperature follows it within a sample). Clock-vs-temperature
+    leaves out samples whose clock the power cap held, so it shows what heat alone did."""
+    usable = [s for s in samples if s.temperature_c is not None and (s.power_instant_w or s.power_average_w)]
     times = [s.time_s for s in usable]
-    powers = [s.power_average_w or s.power_instant_w for s in usable]
+    powers = [s.power_instant_w or s.power_average_w for s in usable]
     temps = [s.temperature_c for s in usable]
-    model = fit_thermal_model(times, powers, temps)
+    model = fit_thermal_model(times, powers, temps, min_tau_s=0.1)
     by_temp = {}
     for s in usable:
-        if s.sm_clock_mhz is not None:
+        if s.sm_clock_mhz is not None and not (s.clock_event_reasons or 0) & POWER_CAP_REASONS:
             by_temp.setdefault(int(s.temperature_c), []).append(s.sm_clock_mhz)
+    capped = sum(1 for s in usable if (s.clock_event_reasons or 0) & POWER_CAP_REASONS)
     return asdict(model) | {
+        "fit_power": "instant board power (NVML field value)",
         "clock_vs_temp": [{"temp_c": t, "sm_clock_mhz": statistics.median(c)} for t, c in sorted(by_temp.items())],
+        "power_capped_samples_left_out": capped,
         "max_observed_c": max(temps), "slowdown_temp_c": thresholds["slowdown"],
         "shutdown_temp_c": thresholds["shutdown"],
         "extrapolated_above_c": max(temps),
@@ -213,9 +222,9 @@ def main(argv=None):
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     detected = check_gpu(parser, args.gpu, meter)
     started = time.monotonic()
+    time.sleep(3.0)  # let the card settle from whatever ran before
+    idle_power_w = measure_idle_power_w(meter)  # with this process's CUDA context held, as users run
     peak_flops, copy_bytes_per_s = measure_ceilings()
-    time.sleep(5.0)  # let the card settle before reading idle power
-    idle_power_w = measure_idle_power_w(meter)
     points, pressure, sampler = sweep(args, meter, idle_power_w)
     table = {
         "schema": 1, "gpu": args.gpu, "source": "measured", "gpu_name": detected,

@@ -95,6 +95,7 @@ class GraphRunner:
     def __init__(self, fn, target_replay_ms=20.0):
         import torch
         self.torch = torch
+        self.fn = fn  # the graph reads the tensors fn holds: they must outlive it
         with torch.no_grad():
             for _ in range(3):
                 fn()
