@@ -286,7 +286,8 @@ class DeviceCostTable:
 
 def _lerp_segments(xs, ys, x):
     """Piecewise-linear ys(x) through sorted ``xs`` (device tensors), extending the end segments."""
-    hi = (xs.unsqueeze(0) <= x.reshape(-1, 1)).sum(-1).clamp(1, xs.numel() - 1).reshape(x.shape)
+    flat = x.reshape(-1)  # a 0-d index tensor would index like a Python int: a host sync
+    hi = (xs.unsqueeze(0) <= flat.unsqueeze(1)).sum(-1).clamp(1, xs.numel() - 1)
     lo = hi - 1
-    t = (x - xs[lo]) / (xs[hi] - xs[lo])
-    return ys[lo] + t * (ys[hi] - ys[lo])
+    t = (flat - xs[lo]) / (xs[hi] - xs[lo])
+    return (ys[lo] + t * (ys[hi] - ys[lo])).reshape(x.shape)

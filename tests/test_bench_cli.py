@@ -1,5 +1,6 @@
 """The command-line entry points and the atomic results writer."""
 import json
+import os
 
 import pytest
 import torch
@@ -28,6 +29,12 @@ def test_write_json_atomic_keeps_old_file_when_interrupted(tmp_path):
         _results.write_json_atomic(path, {"a": object()})  # fails mid-dump
     assert json.loads(path.read_text()) == {"a": 1}
     assert list(tmp_path.iterdir()) == [path], "no temp file left behind"
+    old_umask = os.umask(0o022)
+    try:
+        _results.write_json_atomic(path, {"a": 2})
+    finally:
+        os.umask(old_umask)
+    assert path.stat().st_mode & 0o777 == 0o644, "as readable as a file written with open()"
 
 
 @pytest.mark.parametrize("requested, name, expected", [
