@@ -18,7 +18,7 @@ from dataclasses import asdict
 import torch
 
 from bench._results import provenance, write_json_atomic
-from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w
+from calibration.energy import GraphRunner, measure_energy, measure_gap_power_w, measure_idle_power_w
 from calibration.nvml_meter import BackgroundSampler, GpuMeter
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
 from calibration.thermal import fit_thermal_model
@@ -70,6 +70,9 @@ def _dense_call(op, batch_size, dims, randn):
     if op == "rms_norm":  # torch's kernel: the one the harness's models run
         norm_weight = randn(H)
         return lambda: torch.nn.functional.rms_norm(x, (H,), norm_weight)
+    if op == "residual_add":  # torch's elementwise add, as in the models' residual stream
+        y = randn(batch_size, H)
+        return lambda: x + y
     projections = {"qkv_projection": (3 * H, H), "output_projection": (H, H), "lm_head": (dims.vocab_size, H)}
     if op in projections:
         weight = randn(*projections[op], scale=H ** -0.5)
@@ -224,12 +227,13 @@ def main(argv=None):
     started = time.monotonic()
     time.sleep(3.0)  # let the card settle from whatever ran before
     idle_power_w = measure_idle_power_w(meter)  # with this process's CUDA context held, as users run
+    gap_power_w = measure_gap_power_w(meter, idle_power_w)
     peak_flops, copy_bytes_per_s = measure_ceilings()
     points, pressure, sampler = sweep(args, meter, idle_power_w)
     table = {
         "schema": 1, "gpu": args.gpu, "source": "measured", "gpu_name": detected,
-        "provenance": provenance() | {"driver": meter.driver_version()},
-        "dims": asdict(args.dims), "idle_power_w": idle_power_w,
+        "provenance": provenance() | {"driver": meter.driver_version(), "gpu_uuid": meter.uuid()},
+        "dims": asdict(args.dims), "idle_power_w": idle_power_w, "gap_power_w": gap_power_w,
         "peak_flops": peak_flops, "hbm_bytes_per_s": copy_bytes_per_s,
         "method": {"window_s": args.window_s, "trials": args.trials, "dtype": "bfloat16",
                    "energy": "NVML total-energy counter, edge-aligned windows of CUDA-graph replays"},

@@ -4,11 +4,11 @@ Measures every op at batch sizes *not* on the calibration grid (same method as
 ``bench.calibrate``) and compares the table's predictions with them: median and 90th-percentile
 absolute percentage error, for energy and latency. Then whole-model forwards: the harness's
 dense and MoE transformers (``bench.models``) at the table's dims, each forward predicted as the
-sum of its ops' costs (``TransformerLM.cost_plan``) plus idle power over the gaps between
-kernels. Two ways of running them: CUDA-graph replays (gaps ≈ 0; a pure prediction) and eager
-calls (the gap time is the measured forward latency minus the predicted kernel time, so the
-eager energy prediction leans on that one measured latency: said in the report). The embedding
-gather, head reshapes and residual adds are not table ops: they count as gaps. The NVML counter
+sum of its ops' costs (``TransformerLM.cost_plan``) plus power over the gaps between kernels.
+Two ways of running them: CUDA-graph replays (no gaps: a pure prediction) and eager calls (the
+gap time is the measured forward latency minus the predicted kernel time, charged at the table's
+measured gap power, so the eager energy prediction leans on that one measured latency: the
+report says so). The NVML counter
 itself has a board-to-board gain error of about ±5% (Yang et al., SC'24), so these errors are
 relative to this card's meter.
 """
@@ -61,14 +61,12 @@ def kernel_rows(model, meter, idle_power_w, trials):
 
 
 def predict_forward(model, lm, batch_size, measured_latency_ms=None):
-    """(energy_j, latency_ms) of one forward: its ops' costs, plus idle power over the gaps when the
-    forward's measured latency is given (eager runs)."""
-    costs = [(model.get_cost(op, b), calls) for op, b, calls in lm.cost_plan(batch_size)]
-    energy_j = sum(c["energy_joules"] * calls for c, calls in costs)
-    latency_ms = sum(c["latency_ms"] * calls for c, calls in costs)
-    if measured_latency_ms is not None:
-        energy_j += model.table["idle_power_w"] * max(0.0, measured_latency_ms - latency_ms) * 1e-3
-    return energy_j, latency_ms
+    """(energy_j, kernel latency_ms) of one forward: its ops' costs, plus the table's gap power over
+    (measured latency - predicted kernel time) when the forward's measured latency is given (eager)."""
+    plan = lm.cost_plan(batch_size)
+    kernel_ms = model.get_plan_cost(plan)["latency_ms"]
+    gap_ms = 0.0 if measured_latency_ms is None else max(0.0, measured_latency_ms - kernel_ms)
+    return model.get_plan_cost(plan, gap_ms)["energy_joules"], kernel_ms
 
 
 class EagerRunner:
@@ -117,7 +115,7 @@ def main(argv=None):
     parser.add_argument("--gpu", required=True)
     parser.add_argument("--table", default=None, help="default: calibration/tables/<gpu>.json")
     parser.add_argument("--output", default="kcm_accuracy.json")
-    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=2, help="energy windows per point")
     args = parser.parse_args(argv)
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     check_gpu(parser, args.gpu, meter)
@@ -127,15 +125,18 @@ def main(argv=None):
     idle_power_w = measure_idle_power_w(meter)
     rows = kernel_rows(model, meter, idle_power_w, args.trials)
     forwards = forward_rows(model, meter, idle_power_w, args.trials)
-    report = {"provenance": provenance() | {"driver": meter.driver_version(), "gpu_name": meter.name()},
+    uuid = meter.uuid()
+    report = {"provenance": provenance() | {"driver": meter.driver_version(), "gpu_name": meter.name(),
+                                            "gpu_uuid": uuid},
+              "same_board_as_table": uuid == (model.table.get("provenance") or {}).get("gpu_uuid"),
               "table": str(model.path), "table_provenance": model.table.get("provenance"),
               "note": MEASURED_NOISE_NOTE, "idle_power_w": idle_power_w,
               "targets": {"energy": "median <= 5%, p90 <= 10%", "latency": "median <= 3%, p90 <= 10%",
                           "forward_energy": "<= 10% each"},
               "energy": summarise(rows, "energy_j"), "latency": summarise(rows, "latency_ms"),
               "forward_energy": summarise(forwards, "energy_j"), "forward_latency": summarise(forwards, "latency_ms"),
-              "forward_note": "eager rows charge idle power over (measured forward latency - predicted kernel "
-                              "time); graph rows are pure predictions",
+              "forward_note": "eager rows charge the table's gap power over (measured forward latency - "
+                              "predicted kernel time); graph rows are pure predictions",
               "rows": rows, "forward_rows": forwards}
     write_json_atomic(args.output, report)
     for key in ("energy", "latency", "forward_energy", "forward_latency"):

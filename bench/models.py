@@ -3,9 +3,9 @@
 ``TransformerLM(dims, num_layers, moe=False)`` is a pre-norm decoder: per layer RMSNorm →
 fused QKV projection → FlashAttention (causal) → output projection, then RMSNorm → SwiGLU FFN
 (dense) or ``kernels.FusedMoE`` (router + fused experts); a final RMSNorm and the LM head over
-the 256 byte values. Every op it runs, bar the embedding gather, head reshapes and residual adds,
-is an op of the cost model (``costmodel.ops``), so ``cost_plan`` lists a forward as table ops and
-a prediction is their sum. ``use_kernels=False`` runs the torch references instead (CPU runs).
+the 256 byte values. Every op it runs is an op of the cost model (``costmodel.ops``; the embedding
+gather and head transposes are costed as ``residual_add``, one [T, H] elementwise pass each), so
+``cost_plan`` lists a forward as table ops and a prediction is their sum. ``use_kernels=False`` runs the torch references instead (CPU runs).
 """
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,7 @@ class TransformerLM(nn.Module):
         tokens, layers = batch_size * self.dims.seq_len, len(self.blocks)
         ffn = [("moe_router", tokens, layers), ("fused_experts", tokens, layers)] if self.moe \
             else [("swiglu_ffn", tokens, layers)]
+        # residual_add also stands for the other [T, H] passes: each layer's head transpose and the embedding gather
         return [("rms_norm", tokens, 2 * layers + 1), ("qkv_projection", tokens, layers),
                 ("flash_attention", batch_size, layers), ("output_projection", tokens, layers),
-                *ffn, ("lm_head", tokens, 1)]
+                *ffn, ("residual_add", tokens, 3 * layers + 1), ("lm_head", tokens, 1)]

@@ -79,6 +79,23 @@ def measure_energy(meter, run_for, idle_power_w, window_s=1.0, trials=3, seed=0)
     }
 
 
+def measure_gap_power_w(meter, idle_power_w, launch_every_s=2e-4):
+    """Board power while the host launches a tiny kernel every ``launch_every_s``: the GPU awake but
+    mostly waiting, as in the gaps between an eager forward's kernels (deep idle draws less)."""
+    import torch
+    scratch = torch.zeros(1, device="cuda")
+
+    def run_for(seconds):
+        calls, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            scratch.add_(1.0)
+            calls += 1
+            time.sleep(launch_every_s)
+        torch.cuda.synchronize()
+        return calls
+    return measure_energy(meter, run_for, idle_power_w, window_s=1.0, trials=2)["power_w"]
+
+
 def _state(reading):
     return {"temperature_c": reading.temperature_c, "sm_clock_mhz": reading.sm_clock_mhz,
             "mem_clock_mhz": reading.mem_clock_mhz, "clock_event_reasons": reading.clock_event_reasons,

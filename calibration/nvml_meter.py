@@ -82,6 +82,13 @@ class GpuMeter:
         value = self._query({}, "name", self.nvml.nvmlDeviceGetName)
         return value.decode() if isinstance(value, bytes) else value
 
+    def uuid(self):
+        """The board's NVML UUID (tells one card from another of the same model), or None."""
+        if not self.available:
+            return None
+        value = self._query({}, "uuid", self.nvml.nvmlDeviceGetUUID)
+        return value.decode() if isinstance(value, bytes) else value
+
     def driver_version(self):
         if not self.available:
             return None

@@ -32,7 +32,8 @@ def record(meter, seconds, interval_s=0.1):
 def trace_of(meter, sampler):
     """The trace dict of a finished ``BackgroundSampler``'s timeline."""
     t0 = sampler.samples[0].time_s
-    return {"gpu_name": meter.name(), "driver": meter.driver_version(), "interval_s": sampler.interval_s,
+    return {"gpu_name": meter.name(), "gpu_uuid": meter.uuid(), "driver": meter.driver_version(),
+            "interval_s": sampler.interval_s,
             "thresholds_c": meter.temperature_thresholds_c(),
             "readings": [asdict(r) | {"time_s": r.time_s - t0} for r in sampler.samples]}
 
@@ -74,6 +75,11 @@ class ReplayNvml(PynvmlConstants):
 
     def nvmlDeviceGetName(self, handle):
         return self.trace["gpu_name"]
+
+    def nvmlDeviceGetUUID(self, handle):
+        if not self.trace.get("gpu_uuid"):
+            raise ReplayedNVMLError("not recorded")
+        return self.trace["gpu_uuid"]
 
     def nvmlSystemGetDriverVersion(self):
         return self.trace["driver"]

@@ -194,6 +194,22 @@ class KernelCostModel:
                 "source": source, "prediction": True, "gpu": self.gpu_type}
         return cost | ({"warning": warning} if warning else {})
 
+    def get_plan_cost(self, plan, gap_ms=0.0):
+        """Predicted cost of a sequence of calls, ``plan`` = [(op, batch_size, calls), ...], with
+        ``gap_ms`` of host-side gaps between kernels charged at the table's ``gap_power_w`` (the
+        awake-but-waiting power; idle power for tables without it). Returns ``energy_joules``,
+        ``latency_ms`` (kernel time plus the gaps) and ``prediction: True``."""
+        if not (isinstance(gap_ms, (int, float)) and math.isfinite(gap_ms) and gap_ms >= 0):
+            raise ValueError(f"gap_ms must be a finite number >= 0, got {gap_ms!r}")
+        energy_j = latency_ms = 0.0
+        for op, batch_size, calls in plan:
+            cost = self.get_cost(op, batch_size)
+            energy_j += cost["energy_joules"] * calls
+            latency_ms += cost["latency_ms"] * calls
+        gap_power_w = self.table.get("gap_power_w") or self.table["idle_power_w"]
+        return {"energy_joules": energy_j + gap_power_w * gap_ms * 1e-3, "latency_ms": latency_ms + gap_ms,
+                "kernel_latency_ms": latency_ms, "prediction": True, "gpu": self.gpu_type}
+
     def get_cost_breakdown(self, op, batch_size):
         """Static vs dynamic energy (idle power over the call's time vs the rest), and compute- vs
         memory-bound time (the roofline's split of the predicted latency)."""

@@ -1,18 +1,19 @@
 """The ops the cost model knows, with their work (FLOPs) and fewest bytes moved at a batch size.
 
 ``batch_size`` counts tokens for the FFN, projection, norm, router and expert ops and sequences
-(each ``seq_len`` long) for the attention ops. The projections, ``lm_head`` and ``rms_norm`` are
-the rest of the harness's transformer forward (``bench.models``), so a whole forward is a sum of
-table ops. Work and bytes feed the analytic priors and the compute- vs memory-bound split of
-``get_cost_breakdown``; the measured tables time the real kernels (``kernels/``; ``rms_norm`` is
-torch's) at the same shapes.
+(each ``seq_len`` long) for the attention ops. The projections, ``lm_head``, ``rms_norm`` and
+``residual_add`` are the rest of the harness's transformer forward (``bench.models``), so a whole
+forward is a sum of table ops. Work and bytes feed the analytic priors and the compute- vs
+memory-bound split of ``get_cost_breakdown``; the measured tables time the real kernels
+(``kernels/``; ``rms_norm`` and ``residual_add`` are torch's) at the same shapes.
 """
 from dataclasses import asdict, dataclass
 
 BYTES_PER_ELEMENT = 2  # bf16
 
 OPS = ("ffn_gate", "ffn_up", "ffn_down", "swiglu_gate_up", "swiglu_ffn", "attention_qk", "attention_av",
-       "flash_attention", "moe_router", "fused_experts", "qkv_projection", "output_projection", "lm_head", "rms_norm")
+       "flash_attention", "moe_router", "fused_experts", "qkv_projection", "output_projection", "lm_head", "rms_norm",
+       "residual_add")
 SEQUENCE_OPS = ("attention_qk", "attention_av", "flash_attention")
 
 
@@ -75,6 +76,8 @@ def work(op, batch_size, dims):
         return 2.0 * B * H * dims.vocab_size, b * (B * H + dims.vocab_size * H + B * dims.vocab_size)
     if op == "rms_norm":
         return 4.0 * B * H, b * (2 * B * H + H)
+    if op == "residual_add":
+        return 1.0 * B * H, b * 3 * B * H
     # fused_experts: each touched expert's weights are read once (B may be a tensor: the device table)
     touched = min(E, B * K) if isinstance(B, (int, float)) else (B * K).clamp(max=E)
     return 6.0 * B * K * H * I, b * (2 * B * H + touched * 3 * H * I + 2 * B * K * I)

@@ -64,6 +64,9 @@ class FakeNvml(PynvmlConstants):
     def nvmlDeviceGetName(self, handle):
         return "NVIDIA H100 80GB HBM3"
 
+    def nvmlDeviceGetUUID(self, handle):
+        return "GPU-00000000-fake-0000-0000-000000000000"
+
     def nvmlSystemGetDriverVersion(self):
         return "580.159.04"
 

@@ -25,7 +25,7 @@ def test_cost_plan_is_table_ops(moe):
     tokens = {op: b for op, b, _ in plan}
     assert tokens["flash_attention"] == 5 and tokens["lm_head"] == 5 * DIMS.seq_len
     assert ("fused_experts" in tokens) == moe and ("swiglu_ffn" in tokens) != moe
-    assert dict((op, calls) for op, _, calls in plan)["rms_norm"] == 7
+    assert dict((op, calls) for op, _, calls in plan)["rms_norm"] == 7 and dict((op, calls) for op, _, calls in plan)["residual_add"] == 10
 
 
 def test_bad_input():
