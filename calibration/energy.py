@@ -109,7 +109,7 @@ class GraphRunner:
     (calibration measures the inference kernels). ``run_for(seconds) -> calls`` replays the graph
     back to back for that long and waits for the device."""
 
-    def __init__(self, fn, target_replay_ms=20.0):
+    def __init__(self, fn, target_replay_ms=10.0):
         import torch
         self.torch = torch
         self.fn = fn  # the graph reads the tensors fn holds: they must outlive it
@@ -125,7 +125,7 @@ class GraphRunner:
                     fn()
         self.graph.replay()
         torch.cuda.synchronize()
-        self.latency_ms = median_event_ms(self.graph.replay, 20) / self.calls_per_replay  # as the windows run it
+        self.latency_ms = median_event_ms(self.graph.replay, 10) / self.calls_per_replay  # as the windows run it
 
     def run_for(self, seconds):
         replays, t0 = 0, time.monotonic()

@@ -74,7 +74,7 @@ def _utilisation(meter):
     return None if pct is None else pct / 100.0
 
 
-def background_utilisation(meter, hogs, window_s=0.6):
+def background_utilisation(meter, hogs, window_s=0.5):
     """NVML memory utilisation (0..1) each hog produces running alone: the pressure coordinate."""
     utilisation = {}
     for hog in hogs:
@@ -85,7 +85,7 @@ def background_utilisation(meter, hogs, window_s=0.6):
     return utilisation
 
 
-def measure_pressure_curve(meter, runner, hogs, background, window_s=0.6):
+def measure_pressure_curve(meter, runner, hogs, background, window_s=0.5):
     """Points of (background utilisation, pair utilisation, latency stretch) for one op.
 
     ``runner`` is the op's ``calibration.energy.GraphRunner``; ``background`` is
