@@ -10,6 +10,8 @@ returning ``(router_logits, topk_weights, topk_ids)`` from [T, H] hidden states 
 Not carried over from the HF blocks: Mixtral's training-time jitter noise, and the router
 logits that transformers records from its own router classes for ``output_router_logits``.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,9 +58,14 @@ class TopKRouter(nn.Module):
 
     def _differentiable_weights(self, router_logits, topk_ids):
         """The chosen experts' gate weights through torch ops, so training reaches the router
-        (the kernel's weights carry no autograd graph); the selection stays the kernel's."""
-        weights = torch.softmax(router_logits.float(), dim=-1).gather(1, topk_ids.long())
-        return weights / weights.sum(dim=-1, keepdim=True) if self.renormalize else weights
+        (the kernel's weights carry no autograd graph); the selection stays the kernel's, and so
+        does the NaN policy: NaN logits count as -inf, and an all-NaN token's weights are 0, not NaN."""
+        probs = torch.softmax(router_logits.float().nan_to_num(nan=-math.inf, neginf=-math.inf), dim=-1)
+        probs = probs.nan_to_num(nan=0.0)  # a row of NaN/-inf only: 0, as the kernel gives
+        weights = probs.gather(1, topk_ids.long())
+        if not self.renormalize:
+            return weights
+        return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class Experts(nn.Module):

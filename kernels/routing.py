@@ -8,9 +8,10 @@ no data-dependent Python branching, so the whole path can be captured in a CUDA 
 
 NaN policy (documented, tested): a NaN logit is treated as -inf, so that expert is never chosen
 through it and gets weight 0; a token whose logits are all NaN gets weight 0 on every chosen
-expert, so it contributes nothing to the layer output. ``RoutingResult.nan_tokens`` counts such
-tokens on the device; ``route(..., nan_policy="raise")`` instead checks on the host (one sync)
-and raises ``ValueError``.
+expert, so it contributes nothing to the layer output. With a selection bias, an expert of
+probability 0 (NaN or -inf logit) is never chosen over one of positive probability, whatever the
+bias. ``RoutingResult.nan_tokens`` counts such tokens on the device; ``route(...,
+nan_policy="raise")`` instead checks on the host (one sync) and raises ``ValueError``.
 """
 from dataclasses import dataclass
 
@@ -19,6 +20,11 @@ import triton
 import triton.language as tl
 
 from kernels._validate import INDEX_DTYPES, check_tensor
+
+
+# selection score of a probability-0 expert under a bias: below any biased probability, and
+# finite, so an all-NaN row still picks K distinct experts (the lowest indices)
+UNSELECTABLE = tl.constexpr(-3.4028234663852886e38)
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ def _topk_routing_kernel(
     b_select = b_probs
     if HAS_BIAS:
         b_select = b_select + tl.load(p_bias + o_e, mask=m_e, other=0.0)[None, :]
+        b_select = tl.where(b_probs > 0, b_select, UNSELECTABLE)
     b_select = tl.where(m_e[None, :], b_select, float("-inf"))  # padding experts are never chosen
 
     b_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
@@ -182,7 +189,8 @@ def route_reference(router_logits, top_k, selection_bias=None, renormalize=True)
     """The routing in torch: (weights [T, K] float32, ids [T, K] int64), NaN logits as -inf."""
     logits = router_logits.float().nan_to_num(nan=float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
-    select = probs if selection_bias is None else probs + selection_bias.float()
+    select = probs if selection_bias is None else torch.where(probs > 0, probs + selection_bias.float(),
+                                                                UNSELECTABLE.value)
     ids = torch.topk(select, top_k, dim=-1).indices
     weights = probs.gather(1, ids)
     if renormalize:

@@ -1,6 +1,11 @@
 """The energy-aware MoE router.
 
 ``EnergyAwareTTTRouter`` biases expert selection toward lower measured cost through the
-routing kernel's selection-bias hook, reads the GPU's thermal and memory state from a cached
-monitor, and adapts its parameters at test time.
+routing kernel's selection-bias hook (gate weights stay the unbiased probabilities), reads the
+GPU's thermal and memory state from a ``HardwareMonitor``'s cache (never NVML in its forward),
+and adapts its bias offsets, and optionally its gate weight, at test time from past batches.
 """
+from router.energy_router import EnergyAwareTTTRouter
+from router.monitor import HardwareMonitor
+
+__all__ = ["EnergyAwareTTTRouter", "HardwareMonitor"]

@@ -1,0 +1,513 @@
+"""``EnergyAwareTTTRouter``: top-k routing biased toward experts that are cheap to run *now*.
+
+It has ``kernels.TopKRouter``'s forward contract (hidden_states [T, H] -> router_logits [T, E],
+topk_weights [T, K], topk_ids [T, K] int32), so it plugs into ``kernels.FusedMoE``.
+
+**Cost bias.** At decode sizes an expert's cost is mostly loading its weights, paid once per
+batch. Plain top-k gives each expert a load n (tokens routed to it). A token deciding about an
+expert sees the load m the *other* tokens put on it (m = n - 1 for an expert the token already
+picked, so a singleton expert costs its only token the full weight load). Its marginal cost is
+cost(1) for m = 0 (idle: the fixed weight load) and cost(m + 1) - cost(m) for m > 0 (the
+per-token cost), where cost(b) is the table op ``swiglu_ffn`` (one expert's SwiGLU FFN at b
+tokens), looked up on the device at the live temperature and memory pressure. Normalised by the
+fixed costs E1 = energy(1), L1 = latency(1) (unstretched, so heat and pressure show up as a
+larger cost), each expert's cost score is
+
+    c_e = w_energy * g(T) * dE_e / E1 + w_latency * dL_e / L1
+
+and its selection bias is ``clamp(-delta * c_e / (1 + c_e) + offset_e, -delta, 0)``: an idle or
+singleton expert's c is about w_energy (bias about -delta / 2 at w_energy = 1), a busy expert's
+about its per-token share (a few %, bias near 0). The routing kernel adds the bias to the
+softmax probabilities for *selection only*; gate weights stay the unbiased probabilities.
+
+**The quality knob.** ``delta = 1 / quality`` is the largest router-probability gap a re-route
+may cross: because every bias lies in [-delta, 0], a token drops an expert a for an expert b only
+if p_a - p_b <= delta. quality = 10 keeps every swap within 0.1 of probability; larger is closer
+to plain top-k. ``quality`` must be > 0 when a cost weight is set. With energy and latency weights
+both 0 (and no gate adaptation) the output is exactly plain ``TopKRouter`` routing.
+
+**Hardware state.** A ``router.monitor.HardwareMonitor`` caches NVML readings on its own thread;
+the forward copies its pinned [3] buffer to the device (non-blocking, one small copy, re-read at
+every CUDA-graph replay) and never calls NVML. The energy weight rises toward the GPU's NVML
+slowdown threshold T_slow (the table's, else the meter's): g(T) = 1 + thermal_gain *
+clamp((T - (T_slow - thermal_margin_c)) / thermal_margin_c, 0, 1), on the device; without a known
+threshold g = 1. Memory-bandwidth utilisation (clamped to ``max_memory_pressure``) is the cost
+lookup's memory pressure. Until the first reading the temperature is the table's coolest
+calibrated point and the pressure 0.
+
+**Test-time training (TTT).** Every ``ttt_update_frequency`` tokens (counted on the host from
+shapes) the forward first updates the router from the batches routed *before* it (causal):
+- bias offsets, a DeepSeek-style sign step of ``energy_aware_lr``: over the window since the last
+  update, each expert that ran gets its amortised cost per routed token (the cost score at its
+  mean load when active, divided by that load); experts cheaper than the token-weighted mean step
+  up (attract tokens), dearer ones step down. The target is lower cost per token, not load
+  balance; offsets stay in [-delta, delta] and the bias in [-delta, 0], so the quality bound holds.
+- with ``ttt_gate=True``, the gate weight takes one optimiser step (Muon for the 2-D weight with
+  ``muon_enabled``, else Adam, at ``energy_aware_lr``) on a self-distillation objective over the
+  last ``ttt_chunk_size`` routed tokens: -log of the probability mass the gate puts on the expert
+  set the energy-aware selection chose, so plain probabilities drift toward cheap routing and
+  later batches need smaller shifts. Tokens with non-finite hidden states are left out.
+TTT runs in eval mode and under ``torch.no_grad``/``inference_mode`` (it is test-time training);
+set ``router.adapt = False`` to freeze it. It never runs while a CUDA graph is being captured;
+under graph replays the per-expert window still accumulates on the device, and ``ttt_step()``
+applies an update between replays. Updates are counted and timed (CUDA events on a GPU); their
+energy is *attributed* (monitor board power x update time), not metered.
+
+**Dynamic k.** ``top_p`` (off by default) keeps, per token, the chosen experts in descending
+gate weight until their share of the token's top-k weight reaches ``top_p``; the rest get weight
+0 (ids kept, so the [T, K] shape and ``fused_experts`` are unchanged).
+
+**Bad input.** Hidden states of the wrong type, dtype or shape raise ``TypeError``/``ValueError``
+naming ``hidden_states``. NaN logits count as -inf and +Inf logits (overflow, Inf inputs) as NaN:
+a token with a NaN/Inf hidden state gets weight 0 on every expert, so it contributes nothing, and
+the bias never selects a probability-0 expert over a positive one. Such tokens are counted
+(``nan_tokens`` in ``stats()``).
+
+Statistics accumulate on the device; ``stats()`` reads them with one sync. On CUDA the cost lookup
+and the tallies go through ``torch.compile`` (one fused graph each instead of ~100 tiny launches);
+it compiles at the first call, so warm up before capturing a CUDA graph.
+"""
+import contextlib
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from costmodel.kernel_cost_model import DeviceCostTable
+from kernels._validate import check_dim, check_same_dtype_device, check_tensor
+from kernels.moe_layer import TopKRouter
+from kernels.routing import topk_routing
+from router.monitor import STATE_FIELDS
+
+COST_OP = "swiglu_ffn"
+OBJECTIVE_KEYS = ("energy", "latency", "quality")
+DEFAULT_OBJECTIVE_WEIGHTS = {"energy": 1.0, "latency": 0.0, "quality": 1.0}
+STAT_FIELDS = ("calls", "tokens", "rerouted_tokens", "changed_slots", "distinct_experts", "plain_distinct_experts",
+               "nan_tokens", "active_slots")
+ATTRIBUTED_NOTE = "attributed, not metered: monitor board power x the updates' own GPU time"
+
+
+class EnergyAwareTTTRouter(TopKRouter):
+    """Linear router whose top-k selection is biased by the measured marginal cost of each expert.
+
+    Args:
+        d_model, num_experts, top_k: H, E and K.
+        kernel_cost_model: a ``costmodel.KernelCostModel`` whose table has ``swiglu_ffn`` at the
+            experts' dims (``d_model`` must match).
+        objective_weights: {"energy", "latency", "quality"} (non-negative, finite; missing keys take
+            the defaults {1, 0, 1}). See the module docstring for their exact meaning.
+        ttt_update_frequency: tokens between test-time updates.
+        ttt_chunk_size: tokens of hidden states kept for the gate's update (``ttt_gate``).
+        energy_aware_lr: step size of the offsets' sign step and of the gate's optimiser.
+        muon_enabled: ``torch.optim.Muon`` for the gate weight (needs ``ttt_gate``).
+        monitor: a ``HardwareMonitor``, or None (cost model alone).
+    Keyword-only:
+        weight: an [E, H] gate weight to use (shared, not copied); default: nn.Linear's init.
+        renormalize, weights_dtype: as ``TopKRouter``.
+        top_p: dynamic k (None: off).
+        ttt_gate: adapt the gate weight too. adapt: run TTT at all (settable later).
+        thermal_gain, thermal_margin_c: the energy weight's rise toward the slowdown threshold.
+        max_memory_pressure: cap on the memory pressure fed to the cost lookup (< 1).
+        track_stats: accumulate ``stats()`` (a few small ops per call).
+        compile_hot_path: fuse the cost lookup and the tallies with ``torch.compile`` on CUDA.
+        device, dtype: of a new weight.
+    """
+
+    def __init__(self, d_model, num_experts, top_k, kernel_cost_model, objective_weights=None,
+                 ttt_update_frequency=128, ttt_chunk_size=512, energy_aware_lr=1e-4, muon_enabled=False,
+                 monitor=None, *, weight=None, renormalize=True, weights_dtype=None, top_p=None, ttt_gate=False,
+                 adapt=True, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9, track_stats=True,
+                 compile_hot_path=True, device=None, dtype=None):
+        _check_sizes(d_model=d_model, num_experts=num_experts, top_k=top_k, ttt_update_frequency=ttt_update_frequency,
+                     ttt_chunk_size=ttt_chunk_size)
+        super().__init__(_gate_weight(weight, d_model, num_experts, device, dtype), top_k, renormalize, weights_dtype)
+        self.objective_weights = _check_objective_weights(objective_weights)
+        _check_cost_model(kernel_cost_model, d_model)
+        _check_hyperparameters(energy_aware_lr, top_p, thermal_gain, thermal_margin_c, max_memory_pressure)
+        if muon_enabled and not ttt_gate:
+            raise ValueError("muon_enabled updates the gate weight: it needs ttt_gate=True")
+        if muon_enabled and not hasattr(torch.optim, "Muon"):
+            raise RuntimeError(f"muon_enabled needs torch.optim.Muon, which torch {torch.__version__} lacks "
+                               "(it exists from torch 2.9)")
+        self.d_model = d_model
+        self.kernel_cost_model = kernel_cost_model
+        self.ttt_update_frequency, self.ttt_chunk_size = ttt_update_frequency, ttt_chunk_size
+        self.energy_aware_lr, self.muon_enabled, self.ttt_gate = energy_aware_lr, muon_enabled, ttt_gate
+        self.top_p, self.adapt, self.track_stats = top_p, adapt, track_stats
+        self.compile_hot_path, self._compiled = compile_hot_path, {}
+        self.thermal_gain, self.thermal_margin_c = thermal_gain, thermal_margin_c
+        self.max_memory_pressure = max_memory_pressure
+        self.monitor = monitor
+        if monitor is not None:
+            monitor.warn_unavailable()
+        fixed = kernel_cost_model.get_cost(COST_OP, 1)
+        self.fixed_energy_j, self.fixed_latency_ms = fixed["energy_joules"], fixed["latency_ms"]
+        thermal = kernel_cost_model.table.get("thermal") or {}
+        self.slowdown_temp_c = thermal.get("slowdown_temp_c") or (monitor.slowdown_temp_c if self.monitoring else None)
+        curve = thermal.get("clock_vs_temp")
+        self.cool_temp_c = float(curve[0]["temp_c"]) if curve else 25.0  # no curve: the lookup ignores it
+        self._cost_table = DeviceCostTable(kernel_cost_model, (COST_OP,), self.weight.device)
+        self._register_state()
+        self._reset_host_counters()
+
+    @classmethod
+    def from_router(cls, router, kernel_cost_model, **kwargs):
+        """Wrap a ``TopKRouter`` (e.g. a patched HF model's ``layer.gate``), sharing its gate weight."""
+        num_experts, d_model = router.weight.shape
+        return cls(d_model, num_experts, router.top_k, kernel_cost_model, weight=router.weight,
+                   renormalize=router.renormalize, weights_dtype=router.weights_dtype, **kwargs)
+
+    @property
+    def cost_weighted(self):
+        """Does any cost weight move the selection (False: exactly plain top-k)?"""
+        return self.objective_weights["energy"] > 0 or self.objective_weights["latency"] > 0
+
+    @property
+    def adaptive(self):
+        """Is there anything for test-time training to update?"""
+        return self.cost_weighted or self.ttt_gate
+
+    @property
+    def max_shift(self):
+        """delta: the largest probability gap a re-route may cross (1 / quality)."""
+        return 1.0 / self.objective_weights["quality"] if self.cost_weighted else 0.0
+
+    @property
+    def monitoring(self):
+        return self.monitor is not None and self.monitor.available
+
+    def _register_state(self):
+        E, device = self.num_experts, self.weight.device
+        # not persistent: a patched model's state_dict keeps exactly the HF block's keys
+        self.register_buffer("bias_offsets", torch.zeros(E, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("hardware_state", torch.full((3,), math.nan, device=device), persistent=False)
+        self.register_buffer("_stats", torch.zeros(len(STAT_FIELDS), dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("_window", torch.zeros(2, E, device=device), persistent=False)  # tokens, batches run
+        if self.ttt_gate:
+            self.register_buffer("_ring_hidden", torch.zeros(self.ttt_chunk_size, self.d_model, device=device,
+                                                             dtype=self.weight.dtype), persistent=False)
+            self.register_buffer("_ring_ids", torch.zeros(self.ttt_chunk_size, self.top_k, device=device,
+                                                          dtype=torch.int32), persistent=False)
+        self._gate_optimizer = None
+
+    def _reset_host_counters(self):
+        self._tokens_since_update = 0
+        self._ring_next = self._ring_filled = 0
+        self._reset_ttt_accounting()
+
+    def _reset_ttt_accounting(self):
+        self.ttt_updates = 0
+        self._update_timings = []  # (start, end, power_w): CUDA events, or seconds on a CPU
+        self._ttt_time_s = self._ttt_energy_j = self._ttt_unpowered_s = 0.0
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``/``.cuda()``/``.half()``: the cost table follows the weight's device, and the router's
+        own state stays float32 (a bf16 counter stops counting at 256)."""
+        super()._apply(fn, *args, **kwargs)
+        for name in ("bias_offsets", "hardware_state", "_window"):
+            setattr(self, name, getattr(self, name).float())
+        self._cost_table = DeviceCostTable(self.kernel_cost_model, (COST_OP,), self.weight.device)
+        return self
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(self, hidden_states):
+        check_tensor("hidden_states", hidden_states, ndim=2)
+        check_dim("hidden_states", hidden_states, 1, self.d_model, "d_model")
+        check_same_dtype_device(hidden_states=hidden_states, weight=self.weight)
+        adapt = self.adapt and self.adaptive
+        adapting = adapt and not _capturing(hidden_states)
+        if self.monitoring and self.cost_weighted:
+            self.hardware_state.copy_(self.monitor.host_state, non_blocking=True)
+        if adapting and self._tokens_since_update >= self.ttt_update_frequency:
+            self.ttt_step()  # before routing this batch: the update sees past batches only
+        router_logits = F.linear(hidden_states, self.weight)
+        # +Inf would turn the softmax into NaN for the whole row: count it as NaN (masked) instead
+        logits = router_logits.nan_to_num(nan=math.nan, posinf=math.nan, neginf=-math.inf)
+        plain = topk_routing(logits, self.top_k, self.selection_bias, self.renormalize)
+        routing = plain
+        if self.cost_weighted:
+            routing = topk_routing(logits, self.top_k, self._fused(self.cost_bias)(plain.topk_ids), self.renormalize)
+        weights = self._gate_weights(logits, routing.topk_weights, routing.topk_ids)
+        window = adapt and self.cost_weighted
+        if self.track_stats or window:
+            stats, loads = self._fused(self._tallies)(plain.topk_ids, plain.nan_tokens, routing.topk_ids,
+                                                      weights.detach())
+            if self.track_stats:
+                self._stats.add_(stats)
+            if window:
+                self._window.add_(loads)
+        if adapting:
+            self._remember(hidden_states, routing.topk_ids)
+        if self.weights_dtype == "logits":
+            weights = weights.to(router_logits.dtype)
+        return router_logits, weights, routing.topk_ids
+
+    def _fused(self, fn):
+        """``fn`` through ``torch.compile`` on CUDA: its ~100 tiny ops (the cost lookup and the
+        tallies) become a few fused kernels, since every launch costs microseconds even inside a
+        CUDA graph; eager elsewhere. Compiles at the first call: warm up before graph capture."""
+        if not (self.compile_hot_path and self.weight.is_cuda):
+            return fn
+        if fn.__name__ not in self._compiled:
+            self._compiled[fn.__name__] = torch.compile(fn, fullgraph=True, dynamic=True)
+        return self._compiled[fn.__name__]
+
+    def _loads(self, topk_ids):
+        """Tokens routed to each expert, [E] float32 (no bincount: its size would need a sync)."""
+        ids = topk_ids.view(-1)
+        ones = torch.ones((), dtype=torch.float32, device=ids.device).expand(ids.numel())
+        return torch.zeros(self.num_experts, dtype=torch.float32, device=ids.device).index_add_(0, ids, ones)
+
+    def selection_bias_for(self, loads):
+        """The [E] float32 selection bias for a batch whose plain top-k puts ``loads`` on the experts."""
+        others = (loads - 1.0).clamp_min(0.0)  # the load the other tokens put on it
+        energy_j, latency_ms = self.expert_cost(torch.stack((others + 1.0, others.clamp_min(1.0))))
+        marginal_energy_j = torch.where(others > 0, energy_j[0] - energy_j[1], energy_j[0])
+        marginal_latency_ms = torch.where(others > 0, latency_ms[0] - latency_ms[1], latency_ms[0])
+        score = self._cost_score(marginal_energy_j, marginal_latency_ms).clamp_min(0.0)
+        delta = self.max_shift
+        return (self.bias_offsets - delta * score / (1.0 + score)).clamp(-delta, 0.0)
+
+    def expert_cost(self, batch_sizes):
+        """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens (a float tensor), under the
+        live hardware state: the table's ``swiglu_ffn`` at the cached temperature and memory pressure."""
+        if not self.monitoring:
+            return self._cost_table.predict(COST_OP, batch_sizes)
+        temp_c = self.hardware_state[0].nan_to_num(nan=self.cool_temp_c)
+        pressure = self.hardware_state[2].nan_to_num(nan=0.0).clamp(0.0, self.max_memory_pressure)
+        return self._cost_table.predict(COST_OP, batch_sizes, temp_c=temp_c, memory_pressure=pressure)
+
+    def _cost_score(self, energy_j, latency_ms):
+        """Unitless cost: energy and latency over one expert's fixed (1-token) cost, weighted."""
+        score = self.energy_weight() * (energy_j / self.fixed_energy_j)
+        if self.objective_weights["latency"] > 0:
+            score = score + self.objective_weights["latency"] * (latency_ms / self.fixed_latency_ms)
+        return score
+
+    def energy_weight(self):
+        """w_energy * g(T): a float, or a 0-d device tensor when the temperature can raise it."""
+        w = self.objective_weights["energy"]
+        if not self.monitoring or self.slowdown_temp_c is None or w == 0 or self.thermal_gain == 0:
+            return w
+        ramp = (self.hardware_state[0] - self.slowdown_temp_c) / self.thermal_margin_c + 1.0
+        return w * (1.0 + self.thermal_gain * ramp.nan_to_num(nan=0.0).clamp(0.0, 1.0))
+
+    def _gate_weights(self, logits, topk_weights, topk_ids):
+        weights = topk_weights
+        if torch.is_grad_enabled() and logits.requires_grad:
+            weights = self._differentiable_weights(logits, topk_ids)
+        return weights if self.top_p is None else self._nucleus(weights)
+
+    def _nucleus(self, weights):
+        """Zero the experts past the top_p share of each token's top-k weight (dynamic k)."""
+        share = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        ordered, order = share.sort(dim=-1, descending=True, stable=True)
+        ahead = ordered.cumsum(-1) - ordered  # share of the higher-weight experts
+        keep = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, ahead < self.top_p)
+        kept = weights * keep
+        if not self.renormalize:
+            return kept
+        return kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+    def cost_bias(self, plain_ids):
+        """The [E] selection bias for a batch whose plain top-k chose ``plain_ids`` [T, K]."""
+        return self.selection_bias_for(self._loads(plain_ids))
+
+    def _tallies(self, plain_ids, nan_tokens, topk_ids, weights):
+        """(this call's increments of ``STAT_FIELDS`` [8] int64, of the TTT window [2, E]: tokens, ran)."""
+        plain_loads, loads = self._loads(plain_ids), self._loads(topk_ids)
+        moved = ~(topk_ids[:, :, None] == plain_ids[:, None, :]).any(2)  # [T, K]: slot not in the plain set
+        one = torch.ones((), dtype=torch.int64, device=loads.device)
+        stats = torch.stack((one, one * topk_ids.shape[0], moved.any(1).sum(), moved.sum(), (loads > 0).sum(),
+                             (plain_loads > 0).sum(), nan_tokens.sum(), (weights > 0).sum()))
+        return stats, torch.stack((loads, (loads > 0).float()))
+
+    def _remember(self, hidden_states, topk_ids):
+        """The host side of the TTT window: the token count, and the gate's ring of hidden states."""
+        self._tokens_since_update += hidden_states.shape[0]
+        if self.ttt_gate:
+            self._write_ring(hidden_states.detach(), topk_ids)
+
+    def _write_ring(self, hidden_states, topk_ids):
+        n = min(hidden_states.shape[0], self.ttt_chunk_size)
+        hidden_states, topk_ids = hidden_states[-n:], topk_ids[-n:]
+        first = min(n, self.ttt_chunk_size - self._ring_next)  # up to the ring's end, then wrap
+        for dst, src in ((self._ring_hidden, hidden_states), (self._ring_ids, topk_ids)):
+            dst[self._ring_next:self._ring_next + first].copy_(src[:first])
+            dst[:n - first].copy_(src[first:])
+        self._ring_next = (self._ring_next + n) % self.ttt_chunk_size
+        self._ring_filled = min(self._ring_filled + n, self.ttt_chunk_size)
+
+    # ---- test-time training --------------------------------------------------------------------
+
+    def ttt_step(self):
+        """One test-time update from the batches routed since the last one (outside graph capture)."""
+        if _capturing(self.weight):
+            raise RuntimeError("ttt_step() cannot run inside CUDA-graph capture: call it between replays")
+        self._tokens_since_update = 0
+        with self._timed_update(), torch.inference_mode(False), torch.no_grad():
+            if self.cost_weighted:
+                self._bias_step()
+            if self.ttt_gate and self._ring_filled:
+                self._gate_step()
+        self.ttt_updates += 1
+
+    def _bias_step(self):
+        tokens, batches = self._window
+        mean_load = (tokens / batches.clamp_min(1.0)).clamp_min(1.0)  # tokens per batch in which it ran
+        per_token = self._cost_score(*self.expert_cost(mean_load)) / mean_load
+        ran = tokens > 0
+        target = (per_token * tokens).sum() / tokens.sum().clamp_min(1.0)
+        step = torch.sign(target - per_token) * ran  # cheaper than the mean per token: attract
+        delta = self.max_shift
+        self.bias_offsets.add_(step, alpha=self.energy_aware_lr).clamp_(-delta, delta)
+        self._window.zero_()
+
+    def _gate_step(self):
+        hidden = self._ring_hidden[:self._ring_filled]
+        finite = torch.isfinite(hidden).all(1)
+        hidden = torch.where(finite[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        ids = self._ring_ids[:self._ring_filled].long()
+        weight = self.weight.detach().requires_grad_()
+        with torch.enable_grad():
+            log_probs = F.linear(hidden, weight).float().log_softmax(-1)
+            chosen_mass = log_probs.gather(1, ids).logsumexp(1)  # log of the mass on the chosen set
+            loss = -(chosen_mass * finite).sum() / finite.sum().clamp_min(1)
+            grad, = torch.autograd.grad(loss, weight)
+        optimizer = self._optimizer()
+        user_grad, self.weight.grad = self.weight.grad, grad  # leave the caller's own gradient in place
+        optimizer.step()
+        self.weight.grad = user_grad
+
+    def _optimizer(self):
+        if self._gate_optimizer is None:
+            lr = self.energy_aware_lr
+            self._gate_optimizer = torch.optim.Muon([self.weight], lr=lr, weight_decay=0.0) if self.muon_enabled \
+                else torch.optim.Adam([self.weight], lr=lr)
+        return self._gate_optimizer
+
+    @contextlib.contextmanager
+    def _timed_update(self):
+        power_w = self.monitor.power_w if self.monitoring else None
+        if self.weight.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._update_timings.append((start, end, power_w))  # read in stats(): no sync here
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._update_timings.append((t0, time.perf_counter(), power_w))
+
+    def _settle_update_timings(self):
+        for start, end, power_w in self._update_timings:
+            seconds = start.elapsed_time(end) * 1e-3 if isinstance(start, torch.cuda.Event) else end - start
+            self._ttt_time_s += seconds
+            if power_w is None:
+                self._ttt_unpowered_s += seconds
+            else:
+                self._ttt_energy_j += power_w * seconds
+        self._update_timings = []
+
+    # ---- statistics ----------------------------------------------------------------------------
+
+    def stats(self):
+        """The accumulated statistics as Python numbers (one device sync)."""
+        values = dict(zip(STAT_FIELDS, self._stats.tolist()))  # the sync: recorded update events are done
+        self._settle_update_timings()
+        calls, tokens = max(values["calls"], 1), max(values["tokens"], 1)
+        known_energy = self.ttt_updates == 0 or self._ttt_unpowered_s == 0
+        return values | {
+            "rerouted_fraction": values["rerouted_tokens"] / tokens,
+            "changed_slot_fraction": values["changed_slots"] / (tokens * self.top_k),
+            "distinct_experts_per_call": values["distinct_experts"] / calls,
+            "plain_distinct_experts_per_call": values["plain_distinct_experts"] / calls,
+            "active_experts_per_token": values["active_slots"] / tokens,
+            "ttt_updates": self.ttt_updates, "ttt_time_s": self._ttt_time_s,
+            "ttt_energy_j_attributed": self._ttt_energy_j if known_energy else None,
+            "ttt_energy_note": ATTRIBUTED_NOTE if known_energy else
+            f"unknown: no monitor power reading for {self._ttt_unpowered_s:.3g} s of updates",
+            "hardware": {f: getattr(self.monitor, f) if self.monitor is not None else None for f in STATE_FIELDS},
+        }
+
+    def reset_stats(self):
+        self._stats.zero_()
+        self._reset_ttt_accounting()
+
+    def extra_repr(self):
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"objective_weights={self.objective_weights}, max_shift={self.max_shift:.3g}, top_p={self.top_p}, "
+                f"adapt={self.adapt}, ttt_gate={self.ttt_gate}, monitoring={self.monitoring}")
+
+
+def _capturing(tensor):
+    return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_sizes(**sizes):
+    for name, value in sizes.items():
+        _positive_int(name, value)
+
+
+def _finite_number(name, value, low, low_open=False, high=math.inf, high_open=True):
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if bad or value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
+
+
+def _check_objective_weights(objective_weights):
+    weights = dict(DEFAULT_OBJECTIVE_WEIGHTS)
+    if objective_weights is not None:
+        unknown = set(objective_weights) - set(OBJECTIVE_KEYS)
+        if unknown:
+            raise ValueError(f"objective_weights has unknown keys {sorted(unknown)}; expected {list(OBJECTIVE_KEYS)}")
+        weights.update(objective_weights)
+    for key, value in weights.items():
+        _finite_number(f"objective_weights[{key!r}]", value, 0.0)
+    if (weights["energy"] > 0 or weights["latency"] > 0) and weights["quality"] == 0:
+        raise ValueError("objective_weights['quality'] must be > 0 when a cost weight is set: the largest "
+                         "probability gap a re-route may cross is 1 / quality")
+    return {k: float(v) for k, v in weights.items()}
+
+
+def _check_cost_model(model, d_model):
+    if COST_OP not in getattr(model, "ops", ()):
+        raise ValueError(f"kernel_cost_model has no {COST_OP!r} op (one expert's SwiGLU FFN), which the router's "
+                         f"cost bias reads; its table has {list(getattr(model, 'ops', ()))}")
+    if model.dims.d_model != d_model:
+        raise ValueError(f"kernel_cost_model's table is for d_model={model.dims.d_model}, not the router's "
+                         f"d_model={d_model}: calibrate {COST_OP} at the experts' dims")
+
+
+def _check_hyperparameters(energy_aware_lr, top_p, thermal_gain, thermal_margin_c, max_memory_pressure):
+    _finite_number("energy_aware_lr", energy_aware_lr, 0.0, low_open=True)
+    if top_p is not None:
+        _finite_number("top_p", top_p, 0.0, low_open=True, high=1.0, high_open=False)
+    _finite_number("thermal_gain", thermal_gain, 0.0)
+    _finite_number("thermal_margin_c", thermal_margin_c, 0.0, low_open=True)
+    _finite_number("max_memory_pressure", max_memory_pressure, 0.0, high=1.0)
+
+
+def _gate_weight(weight, d_model, num_experts, device, dtype):
+    if weight is None:
+        weight = torch.empty(num_experts, d_model, device=device, dtype=dtype or torch.float32)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default init
+        return weight
+    check_tensor("weight", weight, ndim=2)
+    if tuple(weight.shape) != (num_experts, d_model):
+        raise ValueError(f"weight must be [num_experts, d_model] = [{num_experts}, {d_model}], "
+                         f"got {tuple(weight.shape)}")
+    if device is not None or dtype is not None:
+        raise ValueError("device and dtype are for a new weight; a given weight keeps its own")
+    return weight

@@ -1,0 +1,476 @@
+"""EnergyAwareTTTRouter and HardwareMonitor: exactness at zero cost, selection-only bias, the quality
+bound, statistics, test-time training, the cached hardware state, bad input, FusedMoE.
+
+The cost tables here are synthetic test data (a fixed weight-load cost plus a small per-token
+cost), never a measurement."""
+import math
+import time
+import warnings
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import kernels
+from bench._results import write_json_atomic
+from calibration.nvml_meter import GpuMeter
+from costmodel.kernel_cost_model import KernelCostModel
+from costmodel.ops import ModelDims
+from kernels.fused_experts import fused_experts_reference
+from router import EnergyAwareTTTRouter, HardwareMonitor
+from tests.conftest import DEVICE, assert_matches, randn, requires_gpu
+from tests.fake_nvml import FakeNvml
+from tests.test_cost_model import synthetic_table
+
+H, E, K, I = 32, 8, 2, 16
+COST = {"energy": 1.0, "latency": 0.0, "quality": 1.0}
+
+
+def decode_table(d_model=H, drop_swiglu=False):
+    """swiglu_ffn: 1 J + 0.02 J/token and 0.1 ms + 1 us/token (weight load dominates, as in decode)."""
+    table = synthetic_table()
+    table["dims"] = asdict(ModelDims(d_model=d_model, d_ff=I, n_heads=4, num_experts=E, top_k=K))
+    table["ops"]["swiglu_ffn"]["points"] = [
+        {"batch_size": b, "latency_ms": 0.1 + 0.001 * b, "energy_j": 1.0 + 0.02 * b, "memory_gb": 1e-3 * b}
+        for b in (1, 4, 16, 64, 256)]
+    if drop_swiglu:
+        del table["ops"]["swiglu_ffn"]
+    return table
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)  # each test draws the same weights, whatever ran before it
+
+
+@pytest.fixture
+def cost_model(tmp_path):
+    write_json_atomic(tmp_path / "TESTGPU.json", decode_table())
+    return KernelCostModel("TESTGPU", table=tmp_path / "TESTGPU.json")
+
+
+def fake_monitor(**fake):
+    nvml = FakeNvml(**fake)
+    return HardwareMonitor(GpuMeter(nvml=nvml)), nvml
+
+
+def batches(sizes, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [randn(T, H, dtype=dtype, generator=gen) for T in sizes]
+
+
+def router_pair(cost_model, weights=COST, dtype=torch.float32, renormalize=True, weights_dtype=None, **kwargs):
+    """A TopKRouter and an energy-aware router sharing its gate weight."""
+    plain = kernels.TopKRouter(randn(E, H, dtype=dtype), K, renormalize, weights_dtype)
+    return plain, EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights=weights, **kwargs)
+
+
+def probs_of(router, x):
+    return torch.softmax((x @ router.weight.T).float(), dim=-1)
+
+
+# ---- exactness and the selection-only bias ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, renormalize, weights_dtype, grad", [
+    (torch.float32, True, None, False), (torch.float16, False, "logits", False), (torch.float32, True, None, True),
+], ids=["fp32-renorm", "fp16-raw-logits-dtype", "fp32-grad"])
+def test_zero_cost_weights_equal_topk_router_bitwise(cost_model, dtype, renormalize, weights_dtype, grad):
+    plain, router = router_pair(cost_model, {"energy": 0.0, "latency": 0.0}, dtype, renormalize, weights_dtype,
+                                ttt_update_frequency=8)
+    plain.weight.requires_grad_(grad)
+    for x in batches([5, 16, 1, 9], dtype=dtype):
+        with torch.set_grad_enabled(grad):
+            for ours, ref in zip(router(x), plain(x), strict=True):
+                assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+    assert router.stats()["rerouted_tokens"] == 0 and router.ttt_updates == 0, "nothing to adapt at zero cost"
+
+
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "raw"])
+def test_bias_changes_selection_not_weights(cost_model, renormalize):
+    plain, router = router_pair(cost_model, renormalize=renormalize)
+    x = batches([6], seed=3)[0]
+    _, weights, ids = router(x)
+    chosen = probs_of(router, x).gather(1, ids.long())
+    expected = chosen / chosen.sum(-1, keepdim=True) if renormalize else chosen
+    assert torch.allclose(weights, expected, rtol=1e-6, atol=1e-7)
+    assert router.stats()["rerouted_tokens"] > 0, "the test must exercise a re-route"
+    assert not torch.equal(ids, plain(x)[2])
+
+
+def test_bias_concentrates_tokens_onto_fewer_experts(cost_model):
+    plain, router = router_pair(cost_model)
+    for x in batches([6, 5, 7, 6, 4], seed=3):
+        _, _, ids = router(x)
+        assert torch.unique(ids).numel() <= torch.unique(plain(x)[2]).numel(), "no token moves to an idle expert"
+    stats = router.stats()
+    assert stats["distinct_experts"] < stats["plain_distinct_experts"]
+
+
+def test_quality_bounds_every_swap_and_the_rerouted_fraction(cost_model):
+    plain = kernels.TopKRouter(randn(E, H), K)
+    rerouted = []
+    for quality in (1.0, 4.0, 1e6):
+        router = EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights={"quality": quality})
+        for x in batches([6] * 12, seed=5):
+            probs, plain_ids, ids = probs_of(plain, x), plain(x)[2], router(x)[2]
+            for t in range(x.shape[0]):
+                dropped = set(plain_ids[t].tolist()) - set(ids[t].tolist())
+                added = set(ids[t].tolist()) - set(plain_ids[t].tolist())
+                for a in dropped:
+                    for b in added:  # every bias is in [-delta, 0]: no swap crosses a gap of delta
+                        assert probs[t, a] - probs[t, b] <= router.max_shift + 1e-6
+        rerouted.append(router.stats()["rerouted_fraction"])
+    assert rerouted[0] >= rerouted[1] >= rerouted[2] and rerouted[0] > rerouted[2], rerouted
+
+
+def test_stats_count_on_the_device(cost_model):
+    plain, router = router_pair(cost_model, adapt=False)
+    distinct = rerouted = changed = 0
+    for x in batches([5, 7, 3], seed=2):
+        _, _, ids = router(x)
+        plain_ids = plain(x)[2]
+        distinct += torch.unique(ids).numel()
+        moved = ~(ids[:, :, None] == plain_ids[:, None, :]).any(2)
+        rerouted += int(moved.any(1).sum())
+        changed += int(moved.sum())
+    stats = router.stats()
+    assert (stats["calls"], stats["tokens"], stats["distinct_experts"]) == (3, 15, distinct)
+    assert (stats["rerouted_tokens"], stats["changed_slots"]) == (rerouted, changed)
+    assert stats["rerouted_fraction"] == pytest.approx(rerouted / 15)
+    assert stats["active_experts_per_token"] == K and stats["nan_tokens"] == 0
+    router.reset_stats()
+    assert router.stats()["calls"] == 0
+
+
+# ---- test-time training --------------------------------------------------------------------------
+
+def test_ttt_updates_every_frequency_tokens_and_are_costed(cost_model):
+    _, router = router_pair(cost_model, ttt_update_frequency=8)
+    for x in batches([4] * 5):
+        router(x)
+    stats = router.stats()
+    assert stats["ttt_updates"] == 2, "before the 3rd and the 5th batch (8 and 16 tokens seen)"
+    assert stats["ttt_time_s"] > 0
+    assert stats["ttt_energy_j_attributed"] is None and "no monitor power" in stats["ttt_energy_note"]
+
+    monitor, _ = fake_monitor(power_w=250.0)
+    _, powered = router_pair(cost_model, ttt_update_frequency=4, monitor=monitor)
+    for x in batches([4] * 3):
+        powered(x)
+    stats = powered.stats()
+    assert stats["ttt_updates"] == 2 and "attributed" in stats["ttt_energy_note"]
+    assert stats["ttt_energy_j_attributed"] == pytest.approx(250.0 * stats["ttt_time_s"])
+
+
+@pytest.mark.parametrize("ttt_gate", [False, True], ids=["offsets", "offsets+gate"])
+def test_ttt_update_uses_past_batches_only(cost_model, ttt_gate):
+    """An update made before batch t cannot depend on batch t: swapping batch t leaves it unchanged."""
+    weight = randn(E, H)
+    first, last, other_last = batches([6, 6]), batches([6], seed=1)[0], batches([6], seed=2)[0]
+    states = []
+    for final in (last, other_last):
+        router = EnergyAwareTTTRouter(H, E, K, cost_model, COST, ttt_update_frequency=12, energy_aware_lr=0.01,
+                                      weight=weight.clone(), ttt_gate=ttt_gate)
+        for x in first + [final]:
+            router(x)
+        assert router.ttt_updates == 1
+        states.append((router.bias_offsets.clone(), router.weight.detach().clone()))
+    (offsets_a, weight_a), (offsets_b, weight_b) = states
+    assert torch.equal(offsets_a, offsets_b) and offsets_a.abs().sum() > 0
+    assert torch.equal(weight_a, weight_b)
+    assert ttt_gate != torch.equal(weight_a, weight), "only ttt_gate moves the gate weight"
+
+
+def test_ttt_offsets_attract_tokens_to_cheaper_per_token_experts(cost_model):
+    """Expert 0 runs 3 tokens a batch, expert 1 one: per token, 0 is cheaper, so it steps up, 1 down."""
+    router = EnergyAwareTTTRouter(4, 4, 1, _model_for(cost_model, 4), {"quality": 1000.0}, ttt_update_frequency=4,
+                                  weight=5.0 * torch.eye(4, device=DEVICE))
+    x = torch.eye(4, device=DEVICE)[[0, 0, 0, 1]]
+    router(x)
+    router(x)  # the update runs first, from the previous batch
+    lr = router.energy_aware_lr
+    assert router.bias_offsets.tolist() == pytest.approx([lr, -lr, 0.0, 0.0])
+
+
+def _model_for(cost_model, d_model):
+    table = decode_table(d_model)
+    path = cost_model.path.with_name(f"d{d_model}.json")
+    write_json_atomic(path, table)
+    return KernelCostModel("TESTGPU", table=path)
+
+
+@pytest.mark.parametrize("muon", [False, True], ids=["adam", "muon"])
+def test_gate_ttt_raises_mass_on_the_chosen_experts_and_ignores_nan_tokens(cost_model, muon):
+    _, router = router_pair(cost_model, ttt_update_frequency=16, ttt_gate=True, muon_enabled=muon,
+                            energy_aware_lr=0.05, ttt_chunk_size=24)
+    xs = batches([8, 8, 8])
+    xs[1][3] = float("nan")
+    with torch.inference_mode():  # test-time training runs in inference too
+        for x in xs[:2]:
+            router(x)
+        hidden, ids = router._ring_hidden[:16].clone(), router._ring_ids[:16].long()
+        finite = torch.isfinite(hidden).all(1)
+        before = probs_of(router, hidden).gather(1, ids).sum(1)[finite].mean()
+        router(xs[2])
+        after = probs_of(router, hidden).gather(1, ids).sum(1)[finite].mean()
+    assert router.ttt_updates == 1 and torch.isfinite(router.weight).all()
+    assert after > before
+
+
+def test_ttt_frozen_and_graph_step(cost_model):
+    _, router = router_pair(cost_model, ttt_update_frequency=4, adapt=False, energy_aware_lr=0.01)
+    for x in batches([4] * 3):
+        router(x)
+    assert router.ttt_updates == 0 and router._window.abs().sum() == 0
+    router.adapt = True
+    router(batches([12])[0])
+    router.ttt_step()  # what a caller does between CUDA-graph replays
+    assert router.ttt_updates == 1 and router.bias_offsets.abs().sum() > 0
+
+
+# ---- hardware state ------------------------------------------------------------------------------
+
+def test_monitor_caches_and_mirrors_readings():
+    monitor, nvml = fake_monitor(power_w=200.0, temperature_c=60)
+    assert (monitor.temperature_c, monitor.power_w, monitor.memory_bandwidth_util) == (60.0, 200.0, 0.4)
+    assert monitor.host_state.tolist() == pytest.approx([60.0, 200.0, 0.4]) and monitor.slowdown_temp_c == 87
+    nvml.temperature_c = 71
+    with monitor:
+        deadline = time.monotonic() + 2.0
+        while monitor.temperature_c != 71.0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert monitor.host_state[0].item() == 71.0 and len(monitor.samples) >= 1
+
+
+def test_nan_temperature_is_ignored_with_a_warning():
+    monitor, nvml = fake_monitor(temperature_c=55)
+    nvml.temperature_c = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite temperature"):
+        monitor.poll()
+    assert monitor.temperature_c == 55.0 and monitor.host_state[0].item() == 55.0
+    assert monitor.nan_temperature_readings == 1
+
+
+def test_without_nvml_the_router_warns_once_and_runs_on_the_cost_model(cost_model):
+    monitor = HardwareMonitor(GpuMeter(nvml=FakeNvml(fail_init=True)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain, first = router_pair(cost_model, monitor=monitor)
+        second = EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights=COST, monitor=monitor)
+    messages = [str(w.message) for w in caught if "cost model alone" in str(w.message)]
+    assert len(messages) == 1 and "Driver Not Loaded" in messages[0]
+    alone = EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights=COST)
+    x = batches([12])[0]
+    for a, b in zip(second(x), alone(x)):
+        assert torch.equal(a, b)
+    assert first.energy_weight() == 1.0
+
+
+def test_energy_weight_rises_toward_the_slowdown_threshold(cost_model):
+    monitor, nvml = fake_monitor(temperature_c=40)
+    _, router = router_pair(cost_model, monitor=monitor, thermal_gain=1.0, thermal_margin_c=15.0)
+    x = batches([6])[0]
+    idle = torch.zeros(E, device=DEVICE)
+    weights, biases = [], []
+    for temp_c in (40, 80, 95):  # table slowdown 87 C: the ramp runs from 72 C to 87 C
+        nvml.temperature_c = temp_c
+        monitor.poll()
+        router(x)  # the forward copies the cached state to the device
+        weights.append(float(router.energy_weight()))
+        biases.append(router.selection_bias_for(idle)[0].item())
+    assert weights == pytest.approx([1.0, 1.0 + 8 / 15, 2.0])
+    assert biases[0] > biases[1] > biases[2], "hotter: idle experts look dearer"
+
+
+def test_cost_lookup_uses_the_cached_temperature_and_memory_pressure(cost_model):
+    monitor, _ = fake_monitor(temperature_c=65)  # the fake reports 40% memory-bandwidth utilisation
+    _, router = router_pair(cost_model, monitor=monitor)
+    router(batches([4])[0])
+    energy_j, latency_ms = router.expert_cost(torch.tensor([1.0, 5.0], device=DEVICE))
+    for b, e, lat in zip((1, 5), energy_j.tolist(), latency_ms.tolist()):
+        host = cost_model.get_cost("swiglu_ffn", b, current_temp=65.0, memory_pressure=0.4)
+        assert e == pytest.approx(host["energy_joules"], rel=1e-5)
+        assert lat == pytest.approx(host["latency_ms"], rel=1e-5)
+
+
+# ---- dynamic k, bad input, FusedMoE --------------------------------------------------------------
+
+def test_top_p_zeroes_experts_past_the_nucleus(cost_model):
+    plain = kernels.TopKRouter(randn(E, H), 4)
+    x = batches([20])[0]
+    full = EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights=COST)(x)[1]
+    router = EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights=COST, top_p=0.5)
+    _, weights, ids = router(x)
+    assert weights.shape == ids.shape == (20, 4)
+    active = weights > 0
+    assert active.any(1).all() and (~active).any(), "at least one expert per token, and some dropped"
+    assert torch.allclose(weights.sum(1), torch.ones(20, device=DEVICE))
+    for t in range(20):  # kept: the experts whose higher-weight peers hold less than top_p of the share
+        order = full[t].argsort(descending=True)
+        ahead = full[t][order].cumsum(0) - full[t][order]
+        assert torch.equal(active[t][order], ahead < 0.5)
+    assert router.stats()["active_experts_per_token"] == pytest.approx(active.sum().item() / 20)
+
+
+def test_nan_and_inf_hidden_states_contribute_nothing(cost_model):
+    _, router = router_pair(cost_model)
+    x = batches([6])[0]
+    x[1] = float("nan")
+    x[4] = float("inf")  # logits inf - inf = NaN
+    _, weights, ids = router(x)
+    assert torch.equal(weights[[1, 4]], torch.zeros(2, K, device=DEVICE))
+    assert torch.isfinite(weights).all() and (weights[[0, 2, 3, 5]].sum(1) > 0.99).all()
+    assert (ids.sort(1).values[:, 1:] != ids.sort(1).values[:, :-1]).all(), "K distinct experts, NaN rows too"
+    assert router.stats()["nan_tokens"] == 2
+
+
+def test_bias_never_selects_a_nan_expert():
+    logits = randn(3, E)
+    logits[:, 2] = float("nan")
+    bias = torch.full((E,), -0.9, device=DEVICE)
+    bias[2] = 0.0  # the cheapest expert by far, but its probability is 0
+    ids = kernels.route(logits, K, selection_bias=bias).topk_ids
+    assert not (ids == 2).any()
+
+
+BAD_FORWARD = [
+    (TypeError, "hidden_states", lambda: [[0.0] * H]),
+    (TypeError, "hidden_states", lambda: torch.zeros(3, H, dtype=torch.int32, device=DEVICE)),
+    (TypeError, "hidden_states", lambda: randn(3, H, dtype=torch.float16)),
+    (ValueError, "hidden_states", lambda: randn(3, H + 1)),
+    (ValueError, "hidden_states", lambda: randn(2, 3, H)),
+]
+
+
+@pytest.mark.parametrize("error, match, make", BAD_FORWARD, ids=[f"{e.__name__}-{i}" for i, (e, _, _) in
+                                                                 enumerate(BAD_FORWARD)])
+def test_bad_forward_input(cost_model, error, match, make):
+    _, router = router_pair(cost_model)
+    with pytest.raises(error, match=match):
+        router(make())
+
+
+BAD_CONSTRUCTION = [
+    ("objective_weights has unknown keys", dict(objective_weights={"energi": 1.0})),
+    (r"objective_weights\['energy'\]", dict(objective_weights={"energy": -1.0})),
+    (r"objective_weights\['latency'\]", dict(objective_weights={"latency": math.nan})),
+    (r"objective_weights\['quality'\]", dict(objective_weights={"quality": True})),
+    ("quality'] must be > 0", dict(objective_weights={"energy": 1.0, "quality": 0.0})),
+    ("top_k", dict(top_k=E + 1)),
+    ("top_k", dict(top_k=0)),
+    ("num_experts", dict(num_experts=0)),
+    ("top_p", dict(top_p=0.0)),
+    ("top_p", dict(top_p=1.5)),
+    ("energy_aware_lr", dict(energy_aware_lr=0.0)),
+    ("max_memory_pressure", dict(max_memory_pressure=1.0)),
+    ("ttt_update_frequency", dict(ttt_update_frequency=0)),
+    ("muon_enabled .* needs ttt_gate", dict(muon_enabled=True)),
+    (r"weight must be \[num_experts, d_model\]", dict(weight=torch.zeros(E, H + 1, device=DEVICE))),
+]
+
+
+@pytest.mark.parametrize("match, kwargs", BAD_CONSTRUCTION, ids=[f"{m[:24]}-{i}" for i, (m, _) in
+                                                                  enumerate(BAD_CONSTRUCTION)])
+def test_bad_construction(cost_model, match, kwargs):
+    args = dict(d_model=H, num_experts=E, top_k=K, kernel_cost_model=cost_model) | kwargs
+    with pytest.raises(ValueError, match=match):
+        EnergyAwareTTTRouter(**args)
+
+
+def test_cost_model_checked_at_construction(cost_model, tmp_path, monkeypatch):
+    write_json_atomic(tmp_path / "no_ffn.json", decode_table(drop_swiglu=True))
+    with pytest.raises(ValueError, match="no 'swiglu_ffn' op"):
+        EnergyAwareTTTRouter(H, E, K, KernelCostModel("TESTGPU", table=tmp_path / "no_ffn.json"))
+    with pytest.raises(ValueError, match="d_model=32, not the router's d_model=64"):
+        EnergyAwareTTTRouter(64, E, K, cost_model)
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(RuntimeError, match="torch.optim.Muon"):
+        EnergyAwareTTTRouter(H, E, K, cost_model, muon_enabled=True, ttt_gate=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_inside_fused_moe(cost_model, dtype):
+    plain, router = router_pair(cost_model, {"energy": 0.0}, dtype)
+    experts = randn(E, 2 * I, H, dtype=dtype, scale=H ** -0.5), randn(E, H, I, dtype=dtype, scale=I ** -0.5)
+    x = randn(2, 7, H, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(kernels.FusedMoE(router, *experts)(x), kernels.FusedMoE(plain, *experts)(x))
+        energy_aware = EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights=COST)
+        out = kernels.FusedMoE(energy_aware, *experts)(x)
+        flat = x.reshape(-1, H)
+        _, weights, ids = energy_aware(flat)
+        ref = fused_experts_reference(flat.double(), experts[0].double(), experts[1].double(), ids.long(),
+                                      weights.double())
+    assert_matches(out, ref.reshape(2, 7, H).to(dtype), dtype)
+
+
+# ---- GPU: no host sync, graph capture ------------------------------------------------------------
+
+@requires_gpu
+def test_forward_never_syncs_the_host(cost_model):
+    monitor, _ = fake_monitor(temperature_c=70)
+    _, router = router_pair(cost_model, monitor=monitor, ttt_update_frequency=4, ttt_gate=True)
+    xs = batches([4, 4, 4])
+    router(xs[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in xs[1:]:  # the second call runs a TTT update first
+            router(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert router.ttt_updates >= 1
+
+
+@requires_gpu
+def test_graph_capture_replays_with_live_hardware_state(cost_model):
+    monitor, nvml = fake_monitor(temperature_c=40)
+    _, router = router_pair(cost_model, monitor=monitor)
+    experts = randn(E, 2 * I, H, scale=H ** -0.5), randn(E, H, I, scale=I ** -0.5)
+    layer = kernels.FusedMoE(router, *experts)
+    x = batches([16])[0]
+    with torch.no_grad():
+        eager = layer(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)  # warm-up on a side stream, as torch.cuda.graph expects
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+            weight_now = router.energy_weight()
+        updates = router.ttt_updates
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager) and router.ttt_updates == updates, "no TTT while capturing"
+        nvml.temperature_c = 95
+        monitor.poll()
+        graph.replay()
+        torch.cuda.synchronize()
+    assert router.hardware_state[0].item() == 95.0 and weight_now.item() == pytest.approx(2.0)
+    assert router.stats()["calls"] >= 4, "replays count on the device"
+
+
+def test_dtype_casts_keep_the_router_state_float32(cost_model):
+    _, router = router_pair(cost_model, ttt_update_frequency=4)
+    router.half()
+    assert router.weight.dtype == torch.float16
+    assert {router.bias_offsets.dtype, router.hardware_state.dtype, router._window.dtype} == {torch.float32}
+    for x in batches([4, 4], dtype=torch.float16):
+        router(x)
+    assert router.ttt_updates == 1
+
+
+def test_hot_path_traces_as_one_graph_each(cost_model):
+    """On CUDA, torch.compile fuses the cost lookup and the tallies: no graph breaks allowed."""
+    monitor, _ = fake_monitor(temperature_c=80)
+    plain, router = router_pair(cost_model, monitor=monitor)
+    x = batches([6])[0]
+    router(x)
+    ids, nan_tokens = plain(x)[2], torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    weights = torch.rand(6, K, device=DEVICE)
+    for fn, args in ((router.cost_bias, (ids,)), (router._tallies, (ids, nan_tokens, ids.flip(1), weights))):
+        traced = torch.compile(fn, fullgraph=True, dynamic=True, backend="eager")(*args)
+        for ours, ref in zip(torch.utils._pytree.tree_leaves(traced), torch.utils._pytree.tree_leaves(fn(*args))):
+            assert torch.equal(ours, ref)
