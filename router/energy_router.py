@@ -63,11 +63,12 @@ a token with a NaN/Inf hidden state gets weight 0 on every expert, so it contrib
 the bias never selects a probability-0 expert over a positive one. Such tokens are counted
 (``nan_tokens`` in ``stats()``).
 
-Statistics accumulate on the device; ``stats()`` reads them with one sync. On CUDA the cost lookup
-and the tallies go through ``torch.compile`` (one fused graph each instead of ~100 tiny launches);
-it compiles at the first call, so warm up before capturing a CUDA graph.
+Statistics accumulate on the device; ``stats()`` reads them with one sync (``track_stats=False``
+drops their dozen small launches from the hot path). The bias itself is one kernel launch
+(``kernels.cost_bias``), the re-selection a second routing launch.
 """
 import contextlib
+import dataclasses
 import math
 import time
 
@@ -77,6 +78,7 @@ from torch import nn
 
 from costmodel.kernel_cost_model import DeviceCostTable
 from kernels._validate import check_dim, check_same_dtype_device, check_tensor
+from kernels.cost_bias import cost_curves, expert_cost_bias
 from kernels.moe_layer import TopKRouter
 from kernels.routing import topk_routing
 from router.monitor import STATE_FIELDS
@@ -111,7 +113,6 @@ class EnergyAwareTTTRouter(TopKRouter):
         thermal_gain, thermal_margin_c: the energy weight's rise toward the slowdown threshold.
         max_memory_pressure: cap on the memory pressure fed to the cost lookup (< 1).
         track_stats: accumulate ``stats()`` (a few small ops per call).
-        compile_hot_path: fuse the cost lookup and the tallies with ``torch.compile`` on CUDA.
         device, dtype: of a new weight.
     """
 
@@ -119,7 +120,7 @@ class EnergyAwareTTTRouter(TopKRouter):
                  ttt_update_frequency=128, ttt_chunk_size=512, energy_aware_lr=1e-4, muon_enabled=False,
                  monitor=None, *, weight=None, renormalize=True, weights_dtype=None, top_p=None, ttt_gate=False,
                  adapt=True, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9, track_stats=True,
-                 compile_hot_path=True, device=None, dtype=None):
+                 device=None, dtype=None):
         _check_sizes(d_model=d_model, num_experts=num_experts, top_k=top_k, ttt_update_frequency=ttt_update_frequency,
                      ttt_chunk_size=ttt_chunk_size)
         super().__init__(_gate_weight(weight, d_model, num_experts, device, dtype), top_k, renormalize, weights_dtype)
@@ -136,7 +137,6 @@ class EnergyAwareTTTRouter(TopKRouter):
         self.ttt_update_frequency, self.ttt_chunk_size = ttt_update_frequency, ttt_chunk_size
         self.energy_aware_lr, self.muon_enabled, self.ttt_gate = energy_aware_lr, muon_enabled, ttt_gate
         self.top_p, self.adapt, self.track_stats = top_p, adapt, track_stats
-        self.compile_hot_path, self._compiled = compile_hot_path, {}
         self.thermal_gain, self.thermal_margin_c = thermal_gain, thermal_margin_c
         self.max_memory_pressure = max_memory_pressure
         self.monitor = monitor
@@ -148,7 +148,7 @@ class EnergyAwareTTTRouter(TopKRouter):
         self.slowdown_temp_c = thermal.get("slowdown_temp_c") or (monitor.slowdown_temp_c if self.monitoring else None)
         curve = thermal.get("clock_vs_temp")
         self.cool_temp_c = float(curve[0]["temp_c"]) if curve else 25.0  # no curve: the lookup ignores it
-        self._cost_table = DeviceCostTable(kernel_cost_model, (COST_OP,), self.weight.device)
+        self._device_tables()
         self._register_state()
         self._reset_host_counters()
 
@@ -209,8 +209,18 @@ class EnergyAwareTTTRouter(TopKRouter):
         super()._apply(fn, *args, **kwargs)
         for name in ("bias_offsets", "hardware_state", "_window"):
             setattr(self, name, getattr(self, name).float())
-        self._cost_table = DeviceCostTable(self.kernel_cost_model, (COST_OP,), self.weight.device)
+        self._device_tables()
         return self
+
+    def _device_tables(self):
+        """The cost table's device forms, on the weight's device: the TTT lookup and the bias kernel's curves."""
+        device = self.weight.device
+        self._cost_table = DeviceCostTable(self.kernel_cost_model, (COST_OP,), device)
+        curves = cost_curves(self.kernel_cost_model, COST_OP, device)
+        if self.slowdown_temp_c is not None:  # the table's, else the monitor's (NVML) threshold
+            curves = dataclasses.replace(curves, slowdown_temp_c=float(self.slowdown_temp_c))
+        self._curves = curves
+        self._no_state = torch.full((3,), math.nan, device=device)  # no monitor: cost model alone
 
     # ---- forward -------------------------------------------------------------------------------
 
@@ -230,12 +240,11 @@ class EnergyAwareTTTRouter(TopKRouter):
         plain = topk_routing(logits, self.top_k, self.selection_bias, self.renormalize)
         routing = plain
         if self.cost_weighted:
-            routing = topk_routing(logits, self.top_k, self._fused(self.cost_bias)(plain.topk_ids), self.renormalize)
+            routing = topk_routing(logits, self.top_k, self.cost_bias(plain.topk_ids), self.renormalize)
         weights = self._gate_weights(logits, routing.topk_weights, routing.topk_ids)
         window = adapt and self.cost_weighted
         if self.track_stats or window:
-            stats, loads = self._fused(self._tallies)(plain.topk_ids, plain.nan_tokens, routing.topk_ids,
-                                                      weights.detach())
+            stats, loads = self._tallies(plain.topk_ids, plain.nan_tokens, routing.topk_ids, weights.detach())
             if self.track_stats:
                 self._stats.add_(stats)
             if window:
@@ -246,31 +255,11 @@ class EnergyAwareTTTRouter(TopKRouter):
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, routing.topk_ids
 
-    def _fused(self, fn):
-        """``fn`` through ``torch.compile`` on CUDA: its ~100 tiny ops (the cost lookup and the
-        tallies) become a few fused kernels, since every launch costs microseconds even inside a
-        CUDA graph; eager elsewhere. Compiles at the first call: warm up before graph capture."""
-        if not (self.compile_hot_path and self.weight.is_cuda):
-            return fn
-        if fn.__name__ not in self._compiled:
-            self._compiled[fn.__name__] = torch.compile(fn, fullgraph=True, dynamic=True)
-        return self._compiled[fn.__name__]
-
     def _loads(self, topk_ids):
         """Tokens routed to each expert, [E] float32 (no bincount: its size would need a sync)."""
         ids = topk_ids.view(-1)
         ones = torch.ones((), dtype=torch.float32, device=ids.device).expand(ids.numel())
         return torch.zeros(self.num_experts, dtype=torch.float32, device=ids.device).index_add_(0, ids, ones)
-
-    def selection_bias_for(self, loads):
-        """The [E] float32 selection bias for a batch whose plain top-k puts ``loads`` on the experts."""
-        others = (loads - 1.0).clamp_min(0.0)  # the load the other tokens put on it
-        energy_j, latency_ms = self.expert_cost(torch.stack((others + 1.0, others.clamp_min(1.0))))
-        marginal_energy_j = torch.where(others > 0, energy_j[0] - energy_j[1], energy_j[0])
-        marginal_latency_ms = torch.where(others > 0, latency_ms[0] - latency_ms[1], latency_ms[0])
-        score = self._cost_score(marginal_energy_j, marginal_latency_ms).clamp_min(0.0)
-        delta = self.max_shift
-        return (self.bias_offsets - delta * score / (1.0 + score)).clamp(-delta, 0.0)
 
     def expert_cost(self, batch_sizes):
         """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens (a float tensor), under the
@@ -314,8 +303,14 @@ class EnergyAwareTTTRouter(TopKRouter):
         return kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
     def cost_bias(self, plain_ids):
-        """The [E] selection bias for a batch whose plain top-k chose ``plain_ids`` [T, K]."""
-        return self.selection_bias_for(self._loads(plain_ids))
+        """The [E] selection bias for a batch whose plain top-k chose ``plain_ids`` [T, K]: one
+        launch of ``kernels.cost_bias.expert_cost_bias`` on the cached hardware state."""
+        state = self.hardware_state if self.monitoring else self._no_state
+        return expert_cost_bias(plain_ids, self._curves, state, self.bias_offsets,
+                                energy_weight=self.objective_weights["energy"],
+                                latency_weight=self.objective_weights["latency"], max_shift=self.max_shift,
+                                thermal_gain=self.thermal_gain,
+                                thermal_margin_c=self.thermal_margin_c, max_memory_pressure=self.max_memory_pressure)
 
     def _tallies(self, plain_ids, nan_tokens, topk_ids, weights):
         """(this call's increments of ``STAT_FIELDS`` [8] int64, of the TTT window [2, E]: tokens, ran)."""

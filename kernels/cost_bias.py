@@ -1,0 +1,206 @@
+"""The energy-aware selection bias: each expert's marginal *measured* cost, in one kernel launch.
+
+Plain top-k puts a load n_e on each expert. A token weighing expert e sees the load the other
+tokens put on it, m_e = max(n_e - 1, 0): an idle (or singleton) expert costs it cost(1), the
+fixed weight load; a busy one costs cost(m_e + 1) - cost(m_e), the per-token part. ``cost(b)`` is
+one expert's cost at b tokens from the cost table (log-log interpolation of its measured points),
+stretched like ``KernelCostModel.get_cost``: by the SM clock the calibration saw at the current
+temperature, and by the op's memory-pressure curve (a prior table has none: its roofline stretch
+at one token stands in); stretched time costs idle power. With E1, L1 the unstretched one-token
+costs, the score and bias are
+
+    s_e = w_energy * g(T) * dE_e / E1 + w_latency * dL_e / L1
+    g(T) = 1 + thermal_gain * clamp((T - (T_slowdown - margin)) / margin, 0, 1)
+    bias_e = clamp(offset_e - max_shift * s_e / (1 + s_e), -max_shift, 0)
+
+The hardware state is a [3] device tensor (temperature °C, power W, NVML memory utilisation
+0..1; NaN = unknown: the coolest calibrated temperature and no pressure). One program does it all
+(histogram of the ids, interpolation, stretch, bias): no host sync, CUDA-graph capturable.
+``expert_cost_bias_reference`` is the same in torch.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._validate import INDEX_DTYPES, check_tensor
+
+PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stand-in's knots
+ROWS = ("log_batch", "log_energy", "log_latency", "temp_c", "sm_clock_mhz", "pressure", "pressure_stretch")
+
+
+@dataclass(frozen=True)
+class CostCurves:
+    """One op's cost curves packed for the kernel: ``packed`` [7, N] float32 (rows ``ROWS``),
+    the number of points in each curve, and the table's constants."""
+    packed: torch.Tensor
+    n_table: int
+    n_clock: int
+    n_pressure: int
+    idle_power_w: float
+    fixed_energy_j: float  # cost(1), unstretched
+    fixed_latency_ms: float
+    cool_temp_c: float  # the coolest calibrated temperature: stands in for an unknown one
+    slowdown_temp_c: float  # NaN when the table has none
+    fastest_clock_mhz: float
+
+
+def cost_curves(model, op, device):
+    """Pack ``op``'s curves from a ``KernelCostModel`` (host work, once per router)."""
+    points = model._points[op]
+    if len(points) < 2:
+        raise ValueError(f"op {op!r} needs at least 2 points in the {model.gpu_type} table")
+    thermal = model.table.get("thermal") or {}
+    clock = [(p["temp_c"], p["sm_clock_mhz"]) for p in thermal.get("clock_vs_temp") or []] or [(25.0, 1.0)]
+    pressure = model.pressure_curve(op) or [(p, model._pressure_factor(op, 1, p)[0]) for p in PRESSURE_GRID]
+    rows = [[math.log(p[k]) for p in points] for k in ("batch_size", "energy_j", "latency_ms")]
+    rows += [list(c) for c in zip(*clock)] + [list(c) for c in zip(*pressure)]
+    width = max(map(len, rows))
+    packed = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], dtype=torch.float32, device=device)
+    fixed = model.get_cost(op, 1)
+    slowdown = thermal.get("slowdown_temp_c")
+    return CostCurves(packed, len(points), len(clock), len(pressure), model.table["idle_power_w"],
+                      fixed["energy_joules"], fixed["latency_ms"], float(clock[0][0]),
+                      math.nan if slowdown is None else float(slowdown), float(max(c for _, c in clock)))
+
+
+@triton.jit
+def _lerp(p_xs, p_ys, x, N: tl.constexpr):
+    """Piecewise-linear y(x) through N sorted knots, extending the end segments; x: [B]."""
+    b_seg = tl.zeros(x.shape, dtype=tl.int32)
+    for j in tl.static_range(1, N - 1):
+        b_seg += (x >= tl.load(p_xs + j)).to(tl.int32)
+    x0, x1 = tl.load(p_xs + b_seg), tl.load(p_xs + b_seg + 1)
+    y0, y1 = tl.load(p_ys + b_seg), tl.load(p_ys + b_seg + 1)
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@triton.jit
+def _stretched_cost(p_curves, stride_row, batch, stretch, idle_power_w, N_TABLE: tl.constexpr):
+    """(energy_j, latency_ms) of one expert at ``batch`` tokens [B], time stretched by ``stretch``."""
+    log_b = tl.log(batch)
+    energy_j = tl.exp(_lerp(p_curves, p_curves + stride_row, log_b, N_TABLE))
+    latency_ms = tl.exp(_lerp(p_curves, p_curves + 2 * stride_row, log_b, N_TABLE))
+    energy_j += idle_power_w * latency_ms * 1e-3 * (stretch - 1.0)  # stretched time costs idle power
+    return energy_j, latency_ms * stretch
+
+
+@triton.jit
+def _cost_bias_kernel(
+    p_ids, n_slots, p_curves, stride_row, p_state, p_offsets, p_bias, E,
+    idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
+    energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure,
+    N_TABLE: tl.constexpr, N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr,
+    BLOCK: tl.constexpr, BINS: tl.constexpr,
+):
+    # loads: a histogram of the plain ids [n_slots]; invalid ids and padding land in the spare bin E
+    b_loads = tl.zeros((BINS,), dtype=tl.int32)
+    for s0 in range(0, n_slots, BLOCK):
+        o_s = s0 + tl.arange(0, BLOCK)
+        b_ids = tl.load(p_ids + o_s, mask=o_s < n_slots, other=E)
+        b_ids = tl.where((b_ids >= 0) & (b_ids < E), b_ids, E).to(tl.int32)
+        b_loads += tl.histogram(b_ids, BINS)
+    o_e = tl.arange(0, BINS)
+    m_e = o_e < E
+
+    # hardware state, read on the device: unknown (NaN) temperature -> the coolest calibrated one
+    b_temp = tl.load(p_state + o_e * 0)  # [BINS], every lane the same scalar
+    b_temp = tl.where(b_temp == b_temp, b_temp, cool_temp_c)
+    b_pressure = tl.load(p_state + 2 + o_e * 0)
+    b_pressure = tl.minimum(tl.maximum(tl.where(b_pressure == b_pressure, b_pressure, 0.0), 0.0), max_memory_pressure)
+    b_stretch = _lerp(p_curves + 5 * stride_row, p_curves + 6 * stride_row, b_pressure, N_PRESSURE)
+    if N_CLOCK > 1:  # beyond the calibrated range the clock is held at its end points
+        b_held = tl.minimum(tl.maximum(b_temp, tl.load(p_curves + 3 * stride_row)),
+                            tl.load(p_curves + 3 * stride_row + N_CLOCK - 1))
+        b_stretch *= fastest_clock_mhz / _lerp(p_curves + 3 * stride_row, p_curves + 4 * stride_row, b_held, N_CLOCK)
+
+    # marginal cost against the load the other tokens put on each expert
+    b_others = tl.maximum(b_loads.to(tl.float32) - 1.0, 0.0)
+    e_hi, l_hi = _stretched_cost(p_curves, stride_row, b_others + 1.0, b_stretch, idle_power_w, N_TABLE)
+    e_lo, l_lo = _stretched_cost(p_curves, stride_row, tl.maximum(b_others, 1.0), b_stretch, idle_power_w, N_TABLE)
+    b_busy = b_others > 0
+    d_energy = tl.where(b_busy, e_hi - e_lo, e_hi)
+    d_latency = tl.where(b_busy, l_hi - l_lo, l_hi)
+
+    ramp = tl.minimum(tl.maximum((b_temp - slowdown_temp_c) / thermal_margin_c + 1.0, 0.0), 1.0)
+    ramp = tl.where(ramp == ramp, ramp, 0.0)  # no slowdown threshold known (NaN): no rise
+    b_score = energy_weight * (1.0 + thermal_gain * ramp) * d_energy / fixed_energy_j
+    b_score = tl.maximum(b_score + latency_weight * d_latency / fixed_latency_ms, 0.0)
+    b_offsets = tl.load(p_offsets + o_e, mask=m_e, other=0.0)
+    b_bias = tl.minimum(tl.maximum(b_offsets - max_shift * b_score / (1.0 + b_score), -max_shift), 0.0)
+    tl.store(p_bias + o_e, b_bias, mask=m_e)
+
+
+def _check(topk_ids, curves, hardware_state, bias_offsets):
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
+    check_tensor("hardware_state", hardware_state, ndim=1, dtypes=(torch.float32,))
+    check_tensor("bias_offsets", bias_offsets, ndim=1, dtypes=(torch.float32,))
+    if not isinstance(curves, CostCurves):
+        raise TypeError(f"curves must be CostCurves (from cost_curves), got {type(curves).__name__}")
+    if hardware_state.shape[0] != 3:
+        raise ValueError(f"hardware_state must be [3] (temp_c, power_w, memory utilisation), got "
+                         f"{tuple(hardware_state.shape)}")
+    tensors = {"topk_ids": topk_ids, "hardware_state": hardware_state, "bias_offsets": bias_offsets,
+               "curves.packed": curves.packed}
+    if len({t.device for t in tensors.values()}) > 1:
+        raise ValueError(f"all on one device, got {({k: str(t.device) for k, t in tensors.items()})}")
+
+
+def expert_cost_bias(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight, max_shift,
+                     thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9):
+    """The [E] float32 selection bias (E = ``bias_offsets``' length) for a batch whose plain top-k
+    chose ``topk_ids`` [T, K]; see the module docstring. No host sync."""
+    _check(topk_ids, curves, hardware_state, bias_offsets)
+    E = bias_offsets.shape[0]
+    bias = torch.empty(E, dtype=torch.float32, device=bias_offsets.device)
+    ids = topk_ids.reshape(-1)
+    _cost_bias_kernel[(1,)](
+        ids, ids.numel(), curves.packed, curves.packed.stride(0), hardware_state, bias_offsets, bias, E,
+        curves.idle_power_w, curves.fixed_energy_j, curves.fixed_latency_ms, curves.cool_temp_c,
+        curves.slowdown_temp_c, curves.fastest_clock_mhz, float(energy_weight), float(latency_weight),
+        float(max_shift), float(thermal_gain), float(thermal_margin_c), float(max_memory_pressure),
+        N_TABLE=curves.n_table, N_CLOCK=curves.n_clock, N_PRESSURE=curves.n_pressure,
+        BLOCK=1024, BINS=triton.next_power_of_2(E + 1),
+    )
+    return bias
+
+
+def _lerp_reference(xs, ys, x):
+    seg = torch.searchsorted(xs[1:-1].contiguous(), x.contiguous(), right=True)
+    t = (x - xs[seg]) / (xs[seg + 1] - xs[seg])
+    return ys[seg] + t * (ys[seg + 1] - ys[seg])
+
+
+def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight,
+                               max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9):
+    """``expert_cost_bias`` in torch."""
+    E = bias_offsets.shape[0]
+    ids = topk_ids.reshape(-1).long()
+    loads = torch.zeros(E, device=ids.device).index_add_(0, ids[(ids >= 0) & (ids < E)],
+                                                         torch.ones((), device=ids.device).expand(ids.numel()))
+    rows = dict(zip(ROWS, curves.packed))
+    temp = hardware_state[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
+    pressure = hardware_state[2].nan_to_num(nan=0.0).clamp(0.0, max_memory_pressure).reshape(1)
+    stretch = _lerp_reference(rows["pressure"][:curves.n_pressure], rows["pressure_stretch"][:curves.n_pressure],
+                              pressure)
+    if curves.n_clock > 1:
+        temps, clocks = rows["temp_c"][:curves.n_clock], rows["sm_clock_mhz"][:curves.n_clock]
+        stretch = stretch * clocks.max() / _lerp_reference(temps, clocks, temp.clamp(temps[0], temps[-1]))
+
+    def cost(batch):
+        log_b = batch.log()
+        table = {k: rows[k][:curves.n_table] for k in ("log_batch", "log_energy", "log_latency")}
+        energy = _lerp_reference(table["log_batch"], table["log_energy"], log_b).exp()
+        latency = _lerp_reference(table["log_batch"], table["log_latency"], log_b).exp()
+        return energy + curves.idle_power_w * latency * 1e-3 * (stretch - 1.0), latency * stretch
+
+    others = (loads - 1.0).clamp_min(0.0)
+    (e_hi, l_hi), (e_lo, l_lo) = cost(others + 1.0), cost(others.clamp_min(1.0))
+    d_energy = torch.where(others > 0, e_hi - e_lo, e_hi)
+    d_latency = torch.where(others > 0, l_hi - l_lo, l_hi)
+    ramp = ((temp - curves.slowdown_temp_c) / thermal_margin_c + 1.0).clamp(0.0, 1.0).nan_to_num(nan=0.0)
+    score = energy_weight * (1.0 + thermal_gain * ramp) * d_energy / curves.fixed_energy_j
+    score = (score + latency_weight * d_latency / curves.fixed_latency_ms).clamp_min(0.0)
+    return (bias_offsets - max_shift * score / (1.0 + score)).clamp(-max_shift, 0.0)

@@ -1,0 +1,66 @@
+"""The energy-aware selection-bias kernel against its torch reference and the host cost model."""
+import math
+
+import pytest
+import torch
+
+from costmodel.kernel_cost_model import KernelCostModel
+from kernels.cost_bias import cost_curves, expert_cost_bias, expert_cost_bias_reference
+from tests.conftest import DEVICE
+
+WEIGHTS = dict(energy_weight=1.0, latency_weight=0.5, max_shift=0.2, thermal_gain=1.0, thermal_margin_c=15.0)
+STATES = [(math.nan, math.nan, math.nan), (50.0, 300.0, 0.0), (80.0, 300.0, 0.45), (120.0, 650.0, 0.99)]
+
+
+def random_ids(T, K, E, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(DEVICE, torch.int32) \
+        if T else torch.empty(0, K, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("gpu", ["H100", "A100"], ids=["measured", "prior"])
+@pytest.mark.parametrize("T, K, E", [(1, 2, 8), (13, 2, 5), (37, 8, 128), (0, 2, 4), (300, 1, 3)])
+@pytest.mark.parametrize("state", STATES, ids=["unknown", "cool", "hot-pressed", "beyond"])
+def test_kernel_matches_reference(gpu, T, K, E, state):
+    curves = cost_curves(KernelCostModel(gpu), "swiglu_ffn", DEVICE)
+    ids = random_ids(T, K, E, seed=T + E)
+    hardware = torch.tensor(state, device=DEVICE)
+    offsets = (torch.rand(E, generator=torch.Generator().manual_seed(E)) - 0.5).mul(0.1).to(DEVICE)
+    ours = expert_cost_bias(ids, curves, hardware, offsets, **WEIGHTS)
+    ref = expert_cost_bias_reference(ids, curves, hardware, offsets, **WEIGHTS)
+    assert ours.shape == (E,) and torch.isfinite(ours).all()
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    assert (ours <= 0).all() and (ours >= -WEIGHTS["max_shift"]).all()
+
+
+def test_bias_is_the_host_models_marginal_cost():
+    """Idle expert: cost(1); expert with load 3: cost(3) - cost(2); at 65 °C and 30% pressure."""
+    model = KernelCostModel("H100")
+    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1]], dtype=torch.int32, device=DEVICE)
+    hardware = torch.tensor([65.0, 300.0, 0.3], device=DEVICE)
+    weights = dict(energy_weight=1.0, latency_weight=0.0, max_shift=0.2, thermal_gain=0.0)
+    bias = expert_cost_bias(ids, curves, hardware, torch.zeros(4, device=DEVICE), **weights).tolist()
+    cost = {b: model.get_cost("swiglu_ffn", b, current_temp=65.0, memory_pressure=0.3)["energy_joules"]
+            for b in (1, 2, 3)}
+    fixed = model.get_cost("swiglu_ffn", 1)["energy_joules"]
+
+    def expected(marginal_j):
+        score = max(marginal_j / fixed, 0.0)
+        return -0.2 * score / (1 + score)
+    assert bias[3] == pytest.approx(expected(cost[1]), rel=1e-4), "idle: the fixed weight load"
+    assert bias[0] == pytest.approx(expected(cost[3] - cost[2]), rel=1e-4, abs=1e-7), "busy: per token"
+    assert bias[2] == pytest.approx(expected(cost[1]), rel=1e-4), "a singleton costs its token the weight load"
+
+
+def test_bad_input():
+    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    ids, state, offsets = random_ids(3, 2, 4, 0), torch.zeros(3, device=DEVICE), torch.zeros(4, device=DEVICE)
+    with pytest.raises(TypeError, match="topk_ids"):
+        expert_cost_bias(ids.float(), curves, state, offsets, **WEIGHTS)
+    with pytest.raises(ValueError, match="hardware_state"):
+        expert_cost_bias(ids, curves, torch.zeros(2, device=DEVICE), offsets, **WEIGHTS)
+    with pytest.raises(TypeError, match="bias_offsets"):
+        expert_cost_bias(ids, curves, state, offsets.double(), **WEIGHTS)
+    with pytest.raises(TypeError, match="curves"):
+        expert_cost_bias(ids, "H100", state, offsets, **WEIGHTS)
