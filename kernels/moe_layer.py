@@ -60,7 +60,7 @@ class TopKRouter(nn.Module):
         """The chosen experts' gate weights through torch ops, so training reaches the router
         (the kernel's weights carry no autograd graph); the selection stays the kernel's, and so
         does the NaN policy: NaN logits count as -inf, and an all-NaN token's weights are 0, not NaN."""
-        probs = torch.softmax(router_logits.float().nan_to_num(nan=-math.inf, neginf=-math.inf), dim=-1)
+        probs = torch.softmax(router_logits.float().nan_to_num(nan=-math.inf, posinf=-math.inf), dim=-1)
         probs = probs.nan_to_num(nan=0.0)  # a row of NaN/-inf only: 0, as the kernel gives
         weights = probs.gather(1, topk_ids.long())
         if not self.renormalize:

@@ -6,7 +6,7 @@ from the unbiased probabilities (as DeepSeek-V3 does it), so a zero bias is exac
 top-k. Ties go to the lowest expert index. Everything here stays on the device: no ``.item()``,
 no data-dependent Python branching, so the whole path can be captured in a CUDA graph.
 
-NaN policy (documented, tested): a NaN logit is treated as -inf, so that expert is never chosen
+NaN policy (documented, tested): a NaN or +Inf (overflowed) logit is treated as -inf, so that expert is never chosen
 through it and gets weight 0; a token whose logits are all NaN gets weight 0 on every chosen
 expert, so it contributes nothing to the layer output. With a selection bias, an expert of
 probability 0 (NaN or -inf logit) is never chosen over one of positive probability, whatever the
@@ -64,7 +64,7 @@ def _topk_routing_kernel(
 
     b_logits = tl.load(p_logits + o_t[:, None] * stride_lt + o_e[None, :], mask=m_t[:, None] & m_e[None, :],
                        other=float("-inf")).to(tl.float32)  # [BT, BE]
-    m_nan = b_logits != b_logits
+    m_nan = (b_logits != b_logits) | (b_logits == float("inf"))  # +Inf (overflow) counts as NaN
     tl.atomic_add(p_nan_tokens, tl.sum((tl.max(m_nan.to(tl.int32), 1) > 0).to(tl.int32), 0))
     b_logits = tl.where(m_nan, float("-inf"), b_logits)
 
@@ -186,8 +186,8 @@ def group_by_expert(topk_ids, num_experts, block_m):
 
 
 def route_reference(router_logits, top_k, selection_bias=None, renormalize=True):
-    """The routing in torch: (weights [T, K] float32, ids [T, K] int64), NaN logits as -inf."""
-    logits = router_logits.float().nan_to_num(nan=float("-inf"))
+    """The routing in torch: (weights [T, K] float32, ids [T, K] int64), NaN and +Inf logits as -inf."""
+    logits = router_logits.float().nan_to_num(nan=float("-inf"), posinf=float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
     select = probs if selection_bias is None else torch.where(probs > 0, probs + selection_bias.float(),
                                                                 UNSELECTABLE.value)

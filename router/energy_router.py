@@ -234,14 +234,12 @@ class EnergyAwareTTTRouter(TopKRouter):
             self.hardware_state.copy_(self.monitor.host_state, non_blocking=True)
         if adapting and self._tokens_since_update >= self.ttt_update_frequency:
             self.ttt_step()  # before routing this batch: the update sees past batches only
-        router_logits = F.linear(hidden_states, self.weight)
-        # +Inf would turn the softmax into NaN for the whole row: count it as NaN (masked) instead
-        logits = router_logits.nan_to_num(nan=math.nan, posinf=math.nan, neginf=-math.inf)
-        plain = topk_routing(logits, self.top_k, self.selection_bias, self.renormalize)
+        router_logits = F.linear(hidden_states, self.weight)  # NaN/+Inf logits: -inf in the routing kernel
+        plain = topk_routing(router_logits, self.top_k, self.selection_bias, self.renormalize)
         routing = plain
         if self.cost_weighted:
-            routing = topk_routing(logits, self.top_k, self.cost_bias(plain.topk_ids), self.renormalize)
-        weights = self._gate_weights(logits, routing.topk_weights, routing.topk_ids)
+            routing = topk_routing(router_logits, self.top_k, self.cost_bias(plain.topk_ids), self.renormalize)
+        weights = self._gate_weights(router_logits, routing.topk_weights, routing.topk_ids)
         window = adapt and self.cost_weighted
         if self.track_stats or window:
             stats, loads = self._tallies(plain.topk_ids, plain.nan_tokens, routing.topk_ids, weights.detach())
