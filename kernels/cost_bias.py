@@ -16,7 +16,8 @@ costs, the score and bias are
 The hardware state is a [3] device tensor (temperature °C, power W, NVML memory utilisation
 0..1; NaN = unknown: the coolest calibrated temperature and no pressure). One program does it all
 (histogram of the ids, interpolation, stretch, bias): no host sync, CUDA-graph capturable.
-``expert_cost_bias_reference`` is the same in torch.
+``ttt_offset_step`` is the router's test-time update of the offsets, also one launch. The
+``*_reference`` functions are the same in torch.
 """
 import math
 from dataclasses import dataclass
@@ -88,6 +89,32 @@ def _stretched_cost(p_curves, stride_row, batch, stretch, idle_power_w, N_TABLE:
 
 
 @triton.jit
+def _hardware_stretch(p_curves, stride_row, p_state, o_e, cool_temp_c, fastest_clock_mhz, max_memory_pressure,
+                      N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr):
+    """(temperature, time stretch) from the [3] hardware state, on every lane of ``o_e``."""
+    b_temp = tl.load(p_state + o_e * 0)  # unknown (NaN) temperature -> the coolest calibrated one
+    b_temp = tl.where(b_temp == b_temp, b_temp, cool_temp_c)
+    b_pressure = tl.load(p_state + 2 + o_e * 0)
+    b_pressure = tl.minimum(tl.maximum(tl.where(b_pressure == b_pressure, b_pressure, 0.0), 0.0), max_memory_pressure)
+    b_stretch = _lerp(p_curves + 5 * stride_row, p_curves + 6 * stride_row, b_pressure, N_PRESSURE)
+    if N_CLOCK > 1:  # beyond the calibrated range the clock is held at its end points
+        b_held = tl.minimum(tl.maximum(b_temp, tl.load(p_curves + 3 * stride_row)),
+                            tl.load(p_curves + 3 * stride_row + N_CLOCK - 1))
+        b_stretch *= fastest_clock_mhz / _lerp(p_curves + 3 * stride_row, p_curves + 4 * stride_row, b_held, N_CLOCK)
+    return b_temp, b_stretch
+
+
+@triton.jit
+def _score(energy_j, latency_ms, b_temp, fixed_energy_j, fixed_latency_ms, slowdown_temp_c, energy_weight,
+           latency_weight, thermal_gain, thermal_margin_c):
+    """The unitless cost score s (module docstring), clamped at 0."""
+    ramp = tl.minimum(tl.maximum((b_temp - slowdown_temp_c) / thermal_margin_c + 1.0, 0.0), 1.0)
+    ramp = tl.where(ramp == ramp, ramp, 0.0)  # no slowdown threshold known (NaN): no rise
+    b_score = energy_weight * (1.0 + thermal_gain * ramp) * energy_j / fixed_energy_j
+    return tl.maximum(b_score + latency_weight * latency_ms / fixed_latency_ms, 0.0)
+
+
+@triton.jit
 def _cost_bias_kernel(
     p_ids, n_slots, p_curves, stride_row, p_state, p_offsets, p_bias, E,
     idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
@@ -104,37 +131,50 @@ def _cost_bias_kernel(
         b_loads += tl.histogram(b_ids, BINS)
     o_e = tl.arange(0, BINS)
     m_e = o_e < E
-
-    # hardware state, read on the device: unknown (NaN) temperature -> the coolest calibrated one
-    b_temp = tl.load(p_state + o_e * 0)  # [BINS], every lane the same scalar
-    b_temp = tl.where(b_temp == b_temp, b_temp, cool_temp_c)
-    b_pressure = tl.load(p_state + 2 + o_e * 0)
-    b_pressure = tl.minimum(tl.maximum(tl.where(b_pressure == b_pressure, b_pressure, 0.0), 0.0), max_memory_pressure)
-    b_stretch = _lerp(p_curves + 5 * stride_row, p_curves + 6 * stride_row, b_pressure, N_PRESSURE)
-    if N_CLOCK > 1:  # beyond the calibrated range the clock is held at its end points
-        b_held = tl.minimum(tl.maximum(b_temp, tl.load(p_curves + 3 * stride_row)),
-                            tl.load(p_curves + 3 * stride_row + N_CLOCK - 1))
-        b_stretch *= fastest_clock_mhz / _lerp(p_curves + 3 * stride_row, p_curves + 4 * stride_row, b_held, N_CLOCK)
+    b_temp, b_stretch = _hardware_stretch(p_curves, stride_row, p_state, o_e, cool_temp_c, fastest_clock_mhz,
+                                          max_memory_pressure, N_CLOCK, N_PRESSURE)
 
     # marginal cost against the load the other tokens put on each expert
     b_others = tl.maximum(b_loads.to(tl.float32) - 1.0, 0.0)
     e_hi, l_hi = _stretched_cost(p_curves, stride_row, b_others + 1.0, b_stretch, idle_power_w, N_TABLE)
     e_lo, l_lo = _stretched_cost(p_curves, stride_row, tl.maximum(b_others, 1.0), b_stretch, idle_power_w, N_TABLE)
     b_busy = b_others > 0
-    d_energy = tl.where(b_busy, e_hi - e_lo, e_hi)
-    d_latency = tl.where(b_busy, l_hi - l_lo, l_hi)
-
-    ramp = tl.minimum(tl.maximum((b_temp - slowdown_temp_c) / thermal_margin_c + 1.0, 0.0), 1.0)
-    ramp = tl.where(ramp == ramp, ramp, 0.0)  # no slowdown threshold known (NaN): no rise
-    b_score = energy_weight * (1.0 + thermal_gain * ramp) * d_energy / fixed_energy_j
-    b_score = tl.maximum(b_score + latency_weight * d_latency / fixed_latency_ms, 0.0)
+    b_score = _score(tl.where(b_busy, e_hi - e_lo, e_hi), tl.where(b_busy, l_hi - l_lo, l_hi), b_temp,
+                     fixed_energy_j, fixed_latency_ms, slowdown_temp_c, energy_weight, latency_weight, thermal_gain,
+                     thermal_margin_c)
     b_offsets = tl.load(p_offsets + o_e, mask=m_e, other=0.0)
     b_bias = tl.minimum(tl.maximum(b_offsets - max_shift * b_score / (1.0 + b_score), -max_shift), 0.0)
     tl.store(p_bias + o_e, b_bias, mask=m_e)
 
 
-def _check(topk_ids, curves, hardware_state, bias_offsets):
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
+@triton.jit
+def _offset_step_kernel(
+    p_window, p_curves, stride_row, p_state, p_offsets, E,
+    idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
+    energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure, lr,
+    N_TABLE: tl.constexpr, N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr, BINS: tl.constexpr,
+):
+    # window [2, E]: tokens each expert ran, and in how many batches it ran
+    o_e = tl.arange(0, BINS)
+    m_e = o_e < E
+    b_tokens = tl.load(p_window + o_e, mask=m_e, other=0.0)
+    b_batches = tl.load(p_window + E + o_e, mask=m_e, other=0.0)
+    b_temp, b_stretch = _hardware_stretch(p_curves, stride_row, p_state, o_e, cool_temp_c, fastest_clock_mhz,
+                                          max_memory_pressure, N_CLOCK, N_PRESSURE)
+    b_load = tl.maximum(b_tokens / tl.maximum(b_batches, 1.0), 1.0)  # tokens per batch in which it ran
+    energy_j, latency_ms = _stretched_cost(p_curves, stride_row, b_load, b_stretch, idle_power_w, N_TABLE)
+    b_per_token = _score(energy_j, latency_ms, b_temp, fixed_energy_j, fixed_latency_ms, slowdown_temp_c,
+                         energy_weight, latency_weight, thermal_gain, thermal_margin_c) / b_load
+    target = tl.sum(b_per_token * b_tokens, 0) / tl.maximum(tl.sum(b_tokens, 0), 1.0)
+    b_step = tl.where(b_per_token < target, 1.0, tl.where(b_per_token > target, -1.0, 0.0))  # cheaper: attract
+    b_step = tl.where(b_tokens > 0, b_step, 0.0)
+    b_offsets = tl.load(p_offsets + o_e, mask=m_e, other=0.0) + lr * b_step
+    tl.store(p_offsets + o_e, tl.minimum(tl.maximum(b_offsets, -max_shift), max_shift), mask=m_e)
+    tl.store(p_window + o_e, tl.zeros((BINS,), dtype=tl.float32), mask=m_e)
+    tl.store(p_window + E + o_e, tl.zeros((BINS,), dtype=tl.float32), mask=m_e)
+
+
+def _check(curves, hardware_state, bias_offsets, **inputs):
     check_tensor("hardware_state", hardware_state, ndim=1, dtypes=(torch.float32,))
     check_tensor("bias_offsets", bias_offsets, ndim=1, dtypes=(torch.float32,))
     if not isinstance(curves, CostCurves):
@@ -142,35 +182,95 @@ def _check(topk_ids, curves, hardware_state, bias_offsets):
     if hardware_state.shape[0] != 3:
         raise ValueError(f"hardware_state must be [3] (temp_c, power_w, memory utilisation), got "
                          f"{tuple(hardware_state.shape)}")
-    tensors = {"topk_ids": topk_ids, "hardware_state": hardware_state, "bias_offsets": bias_offsets,
-               "curves.packed": curves.packed}
+    tensors = inputs | {"hardware_state": hardware_state, "bias_offsets": bias_offsets, "curves.packed": curves.packed}
     if len({t.device for t in tensors.values()}) > 1:
         raise ValueError(f"all on one device, got {({k: str(t.device) for k, t in tensors.items()})}")
+
+
+def _constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure):
+    return (curves.idle_power_w, curves.fixed_energy_j, curves.fixed_latency_ms, curves.cool_temp_c,
+            curves.slowdown_temp_c, curves.fastest_clock_mhz, float(energy_weight), float(latency_weight),
+            float(max_shift), float(thermal_gain), float(thermal_margin_c), float(max_memory_pressure))
 
 
 def expert_cost_bias(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight, max_shift,
                      thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9):
     """The [E] float32 selection bias (E = ``bias_offsets``' length) for a batch whose plain top-k
     chose ``topk_ids`` [T, K]; see the module docstring. No host sync."""
-    _check(topk_ids, curves, hardware_state, bias_offsets)
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
+    _check(curves, hardware_state, bias_offsets, topk_ids=topk_ids)
     E = bias_offsets.shape[0]
     bias = torch.empty(E, dtype=torch.float32, device=bias_offsets.device)
     ids = topk_ids.reshape(-1)
     _cost_bias_kernel[(1,)](
         ids, ids.numel(), curves.packed, curves.packed.stride(0), hardware_state, bias_offsets, bias, E,
-        curves.idle_power_w, curves.fixed_energy_j, curves.fixed_latency_ms, curves.cool_temp_c,
-        curves.slowdown_temp_c, curves.fastest_clock_mhz, float(energy_weight), float(latency_weight),
-        float(max_shift), float(thermal_gain), float(thermal_margin_c), float(max_memory_pressure),
+        *_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
+                    max_memory_pressure),
         N_TABLE=curves.n_table, N_CLOCK=curves.n_clock, N_PRESSURE=curves.n_pressure,
-        BLOCK=1024, BINS=triton.next_power_of_2(E + 1),
+        BLOCK=min(1024, triton.next_power_of_2(max(ids.numel(), 16))), BINS=triton.next_power_of_2(E + 1),
     )
     return bias
+
+
+def ttt_offset_step(window, curves, hardware_state, bias_offsets, *, lr, energy_weight, latency_weight, max_shift,
+                    thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9):
+    """One test-time step of ``bias_offsets`` [E] in place, from ``window`` [2, E] float32 (tokens each
+    expert ran since the last step, and in how many batches), which it then zeroes; one launch.
+
+    Each expert that ran gets its amortised score per routed token, s(cost at its mean load) /
+    mean load; experts cheaper than the token-weighted mean step up by ``lr`` (attract tokens),
+    dearer ones step down (DeepSeek's sign step, aimed at cost per token, not load balance).
+    Offsets stay in [-max_shift, max_shift]."""
+    _check_window(window, bias_offsets)
+    _check(curves, hardware_state, bias_offsets, window=window)
+    E = bias_offsets.shape[0]
+    _offset_step_kernel[(1,)](
+        window, curves.packed, curves.packed.stride(0), hardware_state, bias_offsets, E,
+        *_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
+                    max_memory_pressure), float(lr),
+        N_TABLE=curves.n_table, N_CLOCK=curves.n_clock, N_PRESSURE=curves.n_pressure,
+        BINS=triton.next_power_of_2(E + 1),
+    )
+
+
+def _check_window(window, bias_offsets):
+    check_tensor("window", window, ndim=2, dtypes=(torch.float32,))
+    if tuple(window.shape) != (2, bias_offsets.shape[0]) or not window.is_contiguous():
+        raise ValueError(f"window must be a contiguous [2, {bias_offsets.shape[0]}] tensor, got "
+                         f"{tuple(window.shape)}")
 
 
 def _lerp_reference(xs, ys, x):
     seg = torch.searchsorted(xs[1:-1].contiguous(), x.contiguous(), right=True)
     t = (x - xs[seg]) / (xs[seg + 1] - xs[seg])
     return ys[seg] + t * (ys[seg + 1] - ys[seg])
+
+
+def _hardware_stretch_reference(curves, hardware_state, max_memory_pressure):
+    rows = dict(zip(ROWS, curves.packed))
+    temp = hardware_state[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
+    pressure = hardware_state[2].nan_to_num(nan=0.0).clamp(0.0, max_memory_pressure).reshape(1)
+    stretch = _lerp_reference(rows["pressure"][:curves.n_pressure], rows["pressure_stretch"][:curves.n_pressure],
+                              pressure)
+    if curves.n_clock > 1:
+        temps, clocks = rows["temp_c"][:curves.n_clock], rows["sm_clock_mhz"][:curves.n_clock]
+        stretch = stretch * clocks.max() / _lerp_reference(temps, clocks, temp.clamp(temps[0], temps[-1]))
+    return temp, stretch
+
+
+def _cost_reference(curves, batch, stretch):
+    rows = {k: v[:curves.n_table] for k, v in zip(ROWS, curves.packed)}
+    log_b = batch.log()
+    energy = _lerp_reference(rows["log_batch"], rows["log_energy"], log_b).exp()
+    latency = _lerp_reference(rows["log_batch"], rows["log_latency"], log_b).exp()
+    return energy + curves.idle_power_w * latency * 1e-3 * (stretch - 1.0), latency * stretch
+
+
+def _score_reference(curves, energy_j, latency_ms, temp, energy_weight, latency_weight, thermal_gain,
+                     thermal_margin_c):
+    ramp = ((temp - curves.slowdown_temp_c) / thermal_margin_c + 1.0).clamp(0.0, 1.0).nan_to_num(nan=0.0)
+    score = energy_weight * (1.0 + thermal_gain * ramp) * energy_j / curves.fixed_energy_j
+    return (score + latency_weight * latency_ms / curves.fixed_latency_ms).clamp_min(0.0)
 
 
 def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight,
@@ -180,27 +280,25 @@ def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *
     ids = topk_ids.reshape(-1).long()
     loads = torch.zeros(E, device=ids.device).index_add_(0, ids[(ids >= 0) & (ids < E)],
                                                          torch.ones((), device=ids.device).expand(ids.numel()))
-    rows = dict(zip(ROWS, curves.packed))
-    temp = hardware_state[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
-    pressure = hardware_state[2].nan_to_num(nan=0.0).clamp(0.0, max_memory_pressure).reshape(1)
-    stretch = _lerp_reference(rows["pressure"][:curves.n_pressure], rows["pressure_stretch"][:curves.n_pressure],
-                              pressure)
-    if curves.n_clock > 1:
-        temps, clocks = rows["temp_c"][:curves.n_clock], rows["sm_clock_mhz"][:curves.n_clock]
-        stretch = stretch * clocks.max() / _lerp_reference(temps, clocks, temp.clamp(temps[0], temps[-1]))
-
-    def cost(batch):
-        log_b = batch.log()
-        table = {k: rows[k][:curves.n_table] for k in ("log_batch", "log_energy", "log_latency")}
-        energy = _lerp_reference(table["log_batch"], table["log_energy"], log_b).exp()
-        latency = _lerp_reference(table["log_batch"], table["log_latency"], log_b).exp()
-        return energy + curves.idle_power_w * latency * 1e-3 * (stretch - 1.0), latency * stretch
-
+    temp, stretch = _hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
     others = (loads - 1.0).clamp_min(0.0)
-    (e_hi, l_hi), (e_lo, l_lo) = cost(others + 1.0), cost(others.clamp_min(1.0))
-    d_energy = torch.where(others > 0, e_hi - e_lo, e_hi)
-    d_latency = torch.where(others > 0, l_hi - l_lo, l_hi)
-    ramp = ((temp - curves.slowdown_temp_c) / thermal_margin_c + 1.0).clamp(0.0, 1.0).nan_to_num(nan=0.0)
-    score = energy_weight * (1.0 + thermal_gain * ramp) * d_energy / curves.fixed_energy_j
-    score = (score + latency_weight * d_latency / curves.fixed_latency_ms).clamp_min(0.0)
+    (e_hi, l_hi), (e_lo, l_lo) = _cost_reference(curves, others + 1.0, stretch), \
+        _cost_reference(curves, others.clamp_min(1.0), stretch)
+    busy = others > 0
+    score = _score_reference(curves, torch.where(busy, e_hi - e_lo, e_hi), torch.where(busy, l_hi - l_lo, l_hi),
+                             temp, energy_weight, latency_weight, thermal_gain, thermal_margin_c)
     return (bias_offsets - max_shift * score / (1.0 + score)).clamp(-max_shift, 0.0)
+
+
+def ttt_offset_step_reference(window, curves, hardware_state, bias_offsets, *, lr, energy_weight, latency_weight,
+                              max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9):
+    """``ttt_offset_step`` in torch (also in place)."""
+    tokens, batches = window
+    temp, stretch = _hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
+    load = (tokens / batches.clamp_min(1.0)).clamp_min(1.0)
+    per_token = _score_reference(curves, *_cost_reference(curves, load, stretch), temp, energy_weight,
+                                 latency_weight, thermal_gain, thermal_margin_c) / load
+    target = (per_token * tokens).sum() / tokens.sum().clamp_min(1.0)
+    step = torch.sign(target - per_token) * (tokens > 0)
+    bias_offsets.add_(step, alpha=lr).clamp_(-max_shift, max_shift)
+    window.zero_()

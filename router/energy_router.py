@@ -78,7 +78,7 @@ from torch import nn
 
 from costmodel.kernel_cost_model import DeviceCostTable
 from kernels._validate import check_dim, check_same_dtype_device, check_tensor
-from kernels.cost_bias import cost_curves, expert_cost_bias
+from kernels.cost_bias import cost_curves, expert_cost_bias, ttt_offset_step
 from kernels.moe_layer import TopKRouter
 from kernels.routing import topk_routing
 from router.monitor import STATE_FIELDS
@@ -268,13 +268,6 @@ class EnergyAwareTTTRouter(TopKRouter):
         pressure = self.hardware_state[2].nan_to_num(nan=0.0).clamp(0.0, self.max_memory_pressure)
         return self._cost_table.predict(COST_OP, batch_sizes, temp_c=temp_c, memory_pressure=pressure)
 
-    def _cost_score(self, energy_j, latency_ms):
-        """Unitless cost: energy and latency over one expert's fixed (1-token) cost, weighted."""
-        score = self.energy_weight() * (energy_j / self.fixed_energy_j)
-        if self.objective_weights["latency"] > 0:
-            score = score + self.objective_weights["latency"] * (latency_ms / self.fixed_latency_ms)
-        return score
-
     def energy_weight(self):
         """w_energy * g(T): a float, or a 0-d device tensor when the temperature can raise it."""
         w = self.objective_weights["energy"]
@@ -304,11 +297,12 @@ class EnergyAwareTTTRouter(TopKRouter):
         """The [E] selection bias for a batch whose plain top-k chose ``plain_ids`` [T, K]: one
         launch of ``kernels.cost_bias.expert_cost_bias`` on the cached hardware state."""
         state = self.hardware_state if self.monitoring else self._no_state
-        return expert_cost_bias(plain_ids, self._curves, state, self.bias_offsets,
-                                energy_weight=self.objective_weights["energy"],
-                                latency_weight=self.objective_weights["latency"], max_shift=self.max_shift,
-                                thermal_gain=self.thermal_gain,
-                                thermal_margin_c=self.thermal_margin_c, max_memory_pressure=self.max_memory_pressure)
+        return expert_cost_bias(plain_ids, self._curves, state, self.bias_offsets, **self._bias_knobs())
+
+    def _bias_knobs(self):
+        return {"energy_weight": self.objective_weights["energy"], "latency_weight": self.objective_weights["latency"],
+                "max_shift": self.max_shift, "thermal_gain": self.thermal_gain,
+                "thermal_margin_c": self.thermal_margin_c, "max_memory_pressure": self.max_memory_pressure}
 
     def _tallies(self, plain_ids, nan_tokens, topk_ids, weights):
         """(this call's increments of ``STAT_FIELDS`` [8] int64, of the TTT window [2, E]: tokens, ran)."""
@@ -350,15 +344,9 @@ class EnergyAwareTTTRouter(TopKRouter):
         self.ttt_updates += 1
 
     def _bias_step(self):
-        tokens, batches = self._window
-        mean_load = (tokens / batches.clamp_min(1.0)).clamp_min(1.0)  # tokens per batch in which it ran
-        per_token = self._cost_score(*self.expert_cost(mean_load)) / mean_load
-        ran = tokens > 0
-        target = (per_token * tokens).sum() / tokens.sum().clamp_min(1.0)
-        step = torch.sign(target - per_token) * ran  # cheaper than the mean per token: attract
-        delta = self.max_shift
-        self.bias_offsets.add_(step, alpha=self.energy_aware_lr).clamp_(-delta, delta)
-        self._window.zero_()
+        state = self.hardware_state if self.monitoring else self._no_state
+        ttt_offset_step(self._window, self._curves, state, self.bias_offsets, lr=self.energy_aware_lr,
+                        **self._bias_knobs())
 
     def _gate_step(self):
         hidden = self._ring_hidden[:self._ring_filled]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from costmodel.kernel_cost_model import KernelCostModel
-from kernels.cost_bias import cost_curves, expert_cost_bias, expert_cost_bias_reference
+from kernels.cost_bias import (cost_curves, expert_cost_bias, expert_cost_bias_reference, ttt_offset_step,
+                               ttt_offset_step_reference)
 from tests.conftest import DEVICE
 
 WEIGHTS = dict(energy_weight=1.0, latency_weight=0.5, max_shift=0.2, thermal_gain=1.0, thermal_margin_c=15.0)
@@ -64,3 +65,38 @@ def test_bad_input():
         expert_cost_bias(ids, curves, state, offsets.double(), **WEIGHTS)
     with pytest.raises(TypeError, match="curves"):
         expert_cost_bias(ids, "H100", state, offsets, **WEIGHTS)
+
+
+@pytest.mark.parametrize("E", [5, 128])
+@pytest.mark.parametrize("state", STATES[:3], ids=["unknown", "cool", "hot-pressed"])
+def test_offset_step_matches_reference_and_attracts_cheap_experts(E, state):
+    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    gen = torch.Generator().manual_seed(E)
+    tokens = torch.randint(0, 40, (E,), generator=gen).float()
+    tokens[0] = 0.0  # an expert that never ran keeps its offset
+    window = torch.stack((tokens, (tokens > 0).float() * torch.randint(1, 4, (E,), generator=gen))).to(DEVICE)
+    offsets = (torch.rand(E, generator=gen) - 0.5).mul(0.2).to(DEVICE)
+    hardware = torch.tensor(state, device=DEVICE)
+    knobs = dict(lr=0.01, energy_weight=1.0, latency_weight=0.3, max_shift=0.2)
+    ours_window, ours_offsets = window.clone(), offsets.clone()
+    ttt_offset_step(ours_window, curves, hardware, ours_offsets, **knobs)
+    ttt_offset_step_reference(window, curves, hardware, offsets, **knobs)
+    assert torch.allclose(ours_offsets, offsets, atol=1e-7) and (ours_window == 0).all() and (window == 0).all()
+
+
+def test_offset_step_moves_toward_lower_cost_per_token():
+    """Per routed token a busy expert (weight load shared) is cheaper: its offset rises, an
+    expert that ran with one token at a time falls."""
+    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    window = torch.tensor([[64.0, 4.0, 0.0], [1.0, 4.0, 0.0]], device=DEVICE)  # 64 tokens in 1 batch; 1 per batch
+    offsets = torch.zeros(3, device=DEVICE)
+    ttt_offset_step(window, curves, torch.full((3,), math.nan, device=DEVICE), offsets, lr=0.01, energy_weight=1.0,
+                    latency_weight=0.0, max_shift=0.2)
+    assert offsets.tolist() == pytest.approx([0.01, -0.01, 0.0])
+
+
+def test_window_is_checked():
+    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    with pytest.raises(ValueError, match="window"):
+        ttt_offset_step(torch.zeros(3, 4, device=DEVICE), curves, torch.zeros(3, device=DEVICE),
+                        torch.zeros(4, device=DEVICE), lr=0.1, energy_weight=1.0, latency_weight=0.0, max_shift=0.1)
