@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one call, step by step; full logs go to $OUT (default ./out),
 # tuned configs as one tarball, and short tables are printed last.
-#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe trace calibrate accuracy tests benchmark
+#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe trace calibrate accuracy router tests benchmark
 #   (GPU=H100 names the cost table that calibrate writes and accuracy reads)
 #   BENCH_K='-k "H256 or mixtral"' selects the pytest-benchmark subset (default: all of them).
 # Pass GIT_COMMIT=<sha> when the tree was copied without .git, so results name their commit.
@@ -21,6 +21,7 @@ for step in "$@"; do
         calibrate) python -m bench.calibrate --gpu "${GPU:-H100}" --output "$OUT/${GPU:-H100}.json" \
             --trace "$OUT/trace_calibrate_${GPU:-H100}.json" > "$OUT/calibrate.txt" 2>&1 ;;
         accuracy) python -m bench.kcm_accuracy --gpu "${GPU:-H100}" --table "$OUT/${GPU:-H100}.json" --output "$OUT/kcm_accuracy.json" > "$OUT/accuracy.txt" 2>&1 ;;
+        router) python -m bench.router_energy --output "$OUT/router.json" > "$OUT/router.txt" 2>&1 ;;
         tests) python -m pytest -q -p no:cacheprovider tests ${TESTS_K:-} > "$OUT/pytest.txt" 2>&1 ;;
         benchmark) eval python -m pytest -q -p no:cacheprovider bench --benchmark-only "${BENCH_K:-}" \
             --benchmark-columns=median,iqr,rounds > "$OUT/benchmark.txt" 2>&1 ;;
@@ -29,7 +30,7 @@ for step in "$@"; do
     echo "== $step done (rc $?)"
 done
 case " $* " in *" tune-"*) tar -cf "$OUT/configs.tar" kernels/configs ;; esac
-for f in tune_dense tune_moe calibrate accuracy benchmark pytest kernels moe; do
+for f in tune_dense tune_moe calibrate accuracy router benchmark pytest kernels moe; do
     [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -v "^\s*$" "$OUT/$f.txt" | grep -v "^ " | tail -n 30 | cut -c1-240; }
 done
 exit 0
