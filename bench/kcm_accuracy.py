@@ -15,14 +15,13 @@ relative to this card's meter.
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
 from bench._results import provenance, write_json_atomic
 from bench.calibrate import check_gpu, sweep_point
 from bench.models import TransformerLM
-from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w, median_event_ms
+from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w, median_event_ms, repeat_for
 from calibration.nvml_meter import GpuMeter
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import SEQUENCE_OPS
@@ -81,14 +80,7 @@ class EagerRunner:
 
     @torch.no_grad()
     def run_for(self, seconds):
-        calls, t0 = 0, time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            self.fn()
-            calls += 1
-            if calls % 8 == 0:
-                torch.cuda.synchronize()  # the host stays at most 8 forwards ahead
-        torch.cuda.synchronize()
-        return calls
+        return repeat_for(self.fn, seconds)
 
 
 def forward_rows(model, meter, idle_power_w, trials):

@@ -28,7 +28,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import kernels  # noqa: E402
 from bench import calibrate, moe_cases  # noqa: E402
 from bench._results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import graph_median_ms, rel_error  # noqa: E402
-from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w, median_event_ms  # noqa: E402
+from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w, median_event_ms, repeat_for  # noqa: E402,E501
 from calibration.nvml_meter import GpuMeter  # noqa: E402
 from calibration.priors import prior_table  # noqa: E402
 from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402
@@ -173,13 +172,7 @@ class _StepRunner:
         self.router = router
 
     def run_for(self, seconds):
-        steps, t0 = 0, time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            self.router.ttt_step()
-            steps += 1
-            if steps % 8 == 0:
-                torch.cuda.synchronize()
-        torch.cuda.synchronize()
+        steps = repeat_for(self.router.ttt_step, seconds)
         self.router.reset_stats()  # drop the recorded events
         return steps
 

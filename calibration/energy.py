@@ -85,15 +85,11 @@ def measure_gap_power_w(meter, idle_power_w, launch_every_s=2e-4):
     import torch
     scratch = torch.zeros(1, device="cuda")
 
-    def run_for(seconds):
-        calls, t0 = 0, time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            scratch.add_(1.0)
-            calls += 1
-            time.sleep(launch_every_s)
-        torch.cuda.synchronize()
-        return calls
-    return measure_energy(meter, run_for, idle_power_w, window_s=1.0, trials=2)["power_w"]
+    def launch_then_wait():
+        scratch.add_(1.0)
+        time.sleep(launch_every_s)
+    return measure_energy(meter, lambda seconds: repeat_for(launch_then_wait, seconds), idle_power_w,
+                          window_s=1.0, trials=2)["power_w"]
 
 
 def _state(reading):
@@ -128,14 +124,21 @@ class GraphRunner:
         self.latency_ms = median_event_ms(self.graph.replay, 10) / self.calls_per_replay  # as the windows run it
 
     def run_for(self, seconds):
-        replays, t0 = 0, time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            self.graph.replay()
-            replays += 1
-            if replays % 8 == 0:
-                self.torch.cuda.synchronize()  # keep the host at most 8 replays ahead, so time is real
-        self.torch.cuda.synchronize()
-        return replays * self.calls_per_replay
+        return repeat_for(self.graph.replay, seconds) * self.calls_per_replay
+
+
+def repeat_for(fn, seconds):
+    """Call ``fn`` back to back for ``seconds`` and wait for the device; the number of calls.
+    The host stays at most 8 calls ahead of the device, so the time is the device's."""
+    import torch
+    calls, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        fn()
+        calls += 1
+        if calls % 8 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return calls
 
 
 def median_event_ms(fn, repeats):
