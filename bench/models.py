@@ -6,16 +6,47 @@ fused QKV projection → FlashAttention (causal) → output projection, then RMS
 the 256 byte values. Every op it runs is an op of the cost model (``costmodel.ops``; the embedding
 gather and head transposes are costed as ``residual_add``, one [T, H] elementwise pass each), so
 ``cost_plan`` lists a forward as table ops and a prediction is their sum. ``use_kernels=False`` runs the torch references instead (CPU runs).
+
+Autoregressive decode keeps a ``KVCache``: ``lm(prompt, cache)`` fills it (causal), then each
+``lm(next_tokens, cache)`` with one position per sequence attends its single query to every
+cached key (``causal=False``: the cache holds only the past). There are no positional
+embeddings (causal attention orders the bytes), so decode needs no position bookkeeping.
+``decode_cost_plan`` lists a decode step's table ops; its attention (one query against the cache)
+is not a table op (the table's ``flash_attention`` is a causal prefill over ``seq_len``), so it is
+left out and named in ``DECODE_PLAN_EXCLUDES``.
+
+``TTTLanguageModel`` adds test-time training to a dense ``TransformerLM``, and
+``use_energy_aware_router`` swaps an MoE model's routers for ``router.EnergyAwareTTTRouter``.
 """
+import contextlib
+import math
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from costmodel.ops import ModelDims
 from kernels.attention import flash_attention_reference
 from kernels.fused_experts import fused_experts_reference
 from kernels.matmul import matmul_reference
 from kernels.swiglu import swiglu_ffn_reference
+from router.energy_router import EnergyAwareTTTRouter
+
+DECODE_PLAN_EXCLUDES = ("decode attention (one query against the KV cache): not a table op",
+                        "the KV-cache writes")
+
+
+def model_dims(d_model, seq_length, num_experts=4, top_k=2):
+    """The harness's ``ModelDims`` for a width: d_ff = 4 d_model (also each expert's), heads of 64
+    (of 32 when d_model is not a multiple of 64; the attention kernel takes head dims 32/64/128).
+    At d_model 256 these are the calibrated table's dims (4 heads, d_ff 1024)."""
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 32 or d_model % 32:
+        raise ValueError(f"d_model must be a positive multiple of 32 (attention heads of 32 or 64), got {d_model!r}")
+    head_dim = 64 if d_model % 64 == 0 else 32
+    return ModelDims(d_model=d_model, d_ff=4 * d_model, n_heads=d_model // head_dim, seq_len=seq_length,
+                     num_experts=num_experts, top_k=top_k)
 
 
 def _param(*shape, scale, generator, device, dtype):
@@ -57,12 +88,15 @@ class Block(nn.Module):
             self.gate_up_proj = _param(2 * I, H, scale=H ** -0.5, **init)
             self.down_proj = _param(H, I, scale=I ** -0.5, **init)
 
-    def attention(self, x):  # x: [B, S, H]
+    def attention(self, x, cache=None, layer=0):  # x: [B, S, H]
         B, S, H = x.shape
         heads = self.dims.n_heads
         qkv = self.ops.matmul(F.rms_norm(x, (H,), self.attn_norm), self.qkv_proj)  # [B, S, 3H]
         q, k, v = qkv.view(B, S, 3, heads, H // heads).permute(2, 0, 3, 1, 4)  # each [B, heads, S, D], strided
-        o = self.ops.attention(q, k, v, causal=True)  # [B, heads, S, D]
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # [B, heads, cached + S, D]
+        # a prefill is causal over its own positions; one decode query may see the whole cache (its past)
+        o = self.ops.attention(q, k, v, causal=S > 1)  # [B, heads, S, D]
         return self.ops.matmul(o.transpose(1, 2).reshape(B, S, H), self.out_proj)
 
     def ffn(self, x):  # x: [B, S, H]
@@ -71,8 +105,8 @@ class Block(nn.Module):
             return self.ops.moe(self.moe, h)
         return self.ops.swiglu_ffn(h, self.gate_up_proj, self.down_proj)
 
-    def forward(self, x):
-        x = x + self.attention(x)
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attention(x, cache, layer)
         return x + self.ffn(x)
 
 
@@ -95,24 +129,237 @@ class TransformerLM(nn.Module):
         self.lm_head = _param(dims.vocab_size, dims.d_model, scale=dims.d_model ** -0.5, **init)
         self.ops = ops
 
-    def forward(self, tokens):
-        """tokens: [B, S] int64 byte values → logits [B, S, vocab_size]."""
+    def forward(self, tokens, cache=None):
+        """tokens: [B, S] int64 byte values → logits [B, S, vocab_size]. With a ``KVCache``: an empty
+        cache takes a prompt (any S), a filled one one position per sequence (S = 1, decode)."""
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be a [B, S] int64 tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] > self.dims.seq_len:
             raise ValueError(f"tokens has {tokens.shape[1]} positions; the model's context is {self.dims.seq_len}")
+        if cache is not None:
+            cache.check(tokens.shape)
         x = self.embed[tokens]
-        for block in self.blocks:
-            x = block(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         x = F.rms_norm(x, (x.shape[-1],), self.final_norm)
         return self.ops.matmul(x, self.lm_head)
 
+    def new_cache(self, batch_size, capacity=None):
+        """An empty ``KVCache`` for ``batch_size`` sequences of up to ``capacity`` (default: seq_len) positions."""
+        return KVCache(len(self.blocks), batch_size, self.dims.n_heads, capacity or self.dims.seq_len,
+                       self.dims.head_dim, self.embed.device, self.embed.dtype)
+
+    def parameter_counts(self):
+        """Total parameters, and those one token uses (an MoE token runs top_k of num_experts experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not self.moe:
+            return {"total": total, "active_per_token": total}
+        experts = self.blocks[0].moe.experts
+        per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // self.dims.num_experts
+        idle = len(self.blocks) * (self.dims.num_experts - self.dims.top_k) * per_expert
+        return {"total": total, "active_per_token": total - idle}
+
     def cost_plan(self, batch_size):
         """One forward over [batch_size, dims.seq_len] as (op, op batch size, calls) for the cost model."""
-        tokens, layers = batch_size * self.dims.seq_len, len(self.blocks)
+        ops = self._token_ops(batch_size * self.dims.seq_len)
+        return ops[:2] + [("flash_attention", batch_size, len(self.blocks))] + ops[2:]
+
+    def decode_cost_plan(self, batch_size):
+        """One decode step of ``batch_size`` sequences (one token each) as table ops, without its
+        attention (``DECODE_PLAN_EXCLUDES``): a partial prediction."""
+        return self._token_ops(batch_size)
+
+    def _token_ops(self, tokens):
+        layers = len(self.blocks)
         ffn = [("moe_router", tokens, layers), ("fused_experts", tokens, layers)] if self.moe \
             else [("swiglu_ffn", tokens, layers)]
         # residual_add also stands for the other [T, H] passes: each layer's head transpose and the embedding gather
         return [("rms_norm", tokens, 2 * layers + 1), ("qkv_projection", tokens, layers),
-                ("flash_attention", batch_size, layers), ("output_projection", tokens, layers),
-                *ffn, ("residual_add", tokens, 3 * layers + 1), ("lm_head", tokens, 1)]
+                ("output_projection", tokens, layers), *ffn, ("residual_add", tokens, 3 * layers + 1),
+                ("lm_head", tokens, 1)]
+
+
+class KVCache:
+    """Past keys and values of every layer, ``keys``/``values`` [layers, B, heads, capacity, D];
+    the first ``length`` positions are filled. Set ``length`` back to re-decode from a position."""
+
+    def __init__(self, num_layers, batch_size, n_heads, capacity, head_dim, device, dtype):
+        shape = (num_layers, batch_size, n_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def capacity(self):
+        return self.keys.shape[3]
+
+    def check(self, token_shape):
+        B, S = token_shape
+        if B != self.keys.shape[1]:
+            raise ValueError(f"tokens has batch {B}; the cache holds {self.keys.shape[1]} sequences")
+        if self.length and S != 1:
+            # the attention kernels' causal mask is top-left aligned: S queries after cached keys would be mis-masked
+            raise ValueError(f"a filled cache takes one position per sequence (decode), got {S}")
+        if self.length + S > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {self.length} + {S} would overflow it")
+
+    def write(self, layer, k, v):
+        """Store this call's [B, heads, S, D] keys and values; all of the layer's so far, [B, heads, length + S, D]."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def ttt_parameters(lm):
+    """The parameters test-time training updates: the final norm and the last block's FFN (its
+    norm and both SwiGLU weights). Nearest the loss, so an update's backward stops at the last
+    block's FFN input instead of running through attention or the earlier blocks."""
+    last = lm.blocks[-1]
+    return {"final_norm": lm.final_norm, f"blocks.{len(lm.blocks) - 1}.ffn_norm": last.ffn_norm,
+            f"blocks.{len(lm.blocks) - 1}.gate_up_proj": last.gate_up_proj,
+            f"blocks.{len(lm.blocks) - 1}.down_proj": last.down_proj}
+
+
+class TTTLanguageModel(nn.Module):
+    """A dense ``TransformerLM`` that trains itself at test time (causal: on tokens it has seen).
+
+    At the start of a forward, once ``ttt_update_frequency`` tokens (B x S, counted from shapes)
+    have passed since the last update, it takes one gradient step on the next-token loss of the
+    most recent ``ttt_chunk_size`` tokens of the earlier calls: a window of
+    ``max(2, ttt_chunk_size // B)`` positions of each of the B streams (a stream is row b of every
+    call with the same B; a new B starts new streams). A forward of more than
+    ``ttt_update_frequency`` tokens triggers one update, not several (as ``EnergyAwareTTTRouter``).
+    The step updates ``ttt_parameters(lm)`` only (the rest is frozen) with Adam at
+    ``energy_aware_lr``, or Muon (``torch.optim.Muon``) for the 2-D weights with ``muon_enabled``,
+    on fp32 master copies: a bf16 weight would round a 1e-4 step away. Updates are counted and
+    timed (CUDA events on a GPU, ``perf_counter`` on a CPU); they run inside the forward, so any
+    energy window around forwards includes them. ``adapt = False`` freezes it.
+    """
+
+    def __init__(self, lm, ttt_update_frequency=128, ttt_chunk_size=512, energy_aware_lr=1e-4, muon_enabled=False):
+        super().__init__()
+        if not isinstance(lm, TransformerLM) or lm.moe:
+            raise ValueError("lm must be a dense TransformerLM (test-time training updates its last block's FFN)")
+        for name, value in (("ttt_update_frequency", ttt_update_frequency), ("ttt_chunk_size", ttt_chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(energy_aware_lr, bool) or not isinstance(energy_aware_lr, (int, float)) \
+                or not math.isfinite(energy_aware_lr) or energy_aware_lr <= 0:
+            raise ValueError(f"energy_aware_lr must be a positive finite number, got {energy_aware_lr!r}")
+        self.lm = lm
+        self.ttt_update_frequency, self.ttt_chunk_size = ttt_update_frequency, ttt_chunk_size
+        self.energy_aware_lr, self.muon_enabled = energy_aware_lr, muon_enabled
+        self.adapt = True
+        self.ttt_params = ttt_parameters(lm)
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        for p in self.ttt_params.values():
+            p.requires_grad_(True)
+        self._masters = [p.detach().float().clone().requires_grad_() for p in self.ttt_params.values()]
+        self._optimizers = self._build_optimizers()
+        self._history = None  # [B, positions] int64: the streams' most recent tokens
+        self._tokens_since_update = 0
+        self.reset_stats()
+
+    def _build_optimizers(self):
+        lr = self.energy_aware_lr
+        if not self.muon_enabled:
+            return [torch.optim.Adam(self._masters, lr=lr)]
+        matrices = [m for m in self._masters if m.dim() == 2]
+        return [torch.optim.Muon(matrices, lr=lr, weight_decay=0.0),  # Muon takes 2-D weights only
+                torch.optim.Adam([m for m in self._masters if m.dim() != 2], lr=lr)]
+
+    @property
+    def dims(self):
+        return self.lm.dims
+
+    @property
+    def optimizer_name(self):
+        return "muon (2-D) + adam (norms)" if self.muon_enabled else "adam"
+
+    def forward(self, tokens, cache=None):
+        if self.adapt and self._history is not None and self._tokens_since_update >= self.ttt_update_frequency:
+            self.ttt_step()  # before this call's tokens are seen: the update is causal
+        logits = self.lm(tokens, cache)
+        self._remember(tokens)
+        return logits
+
+    def _remember(self, tokens):
+        self._tokens_since_update += tokens.numel()
+        B = tokens.shape[0]
+        keep = min(max(2, self.ttt_chunk_size // B), self.dims.seq_len + 1)  # seq_len inputs + 1 target
+        same_streams = self._history is not None and self._history.shape[0] == B
+        stream = torch.cat((self._history, tokens), dim=1) if same_streams else tokens
+        self._history = stream[:, -keep:].clone()
+
+    def ttt_step(self):
+        """One update on the remembered tokens (there must be at least two positions per stream)."""
+        if self._history is None or self._history.shape[1] < 2:
+            raise RuntimeError("test-time training needs at least two seen positions per stream")
+        params = list(self.ttt_params.values())
+        with self._timed(), torch.inference_mode(False), torch.enable_grad():
+            stream = self._history.clone()  # a normal tensor even if it was recorded under inference_mode
+            logits = self.lm(stream[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), stream[:, 1:].reshape(-1))
+            grads = torch.autograd.grad(loss, params)
+            for master, grad in zip(self._masters, grads):
+                master.grad = grad.float()
+            for optimizer in self._optimizers:
+                optimizer.step()
+            with torch.no_grad():
+                for p, master in zip(params, self._masters):
+                    p.copy_(master)
+        self._tokens_since_update = 0
+        self.ttt_updates += 1
+
+    @contextlib.contextmanager
+    def _timed(self):
+        if self.lm.embed.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._timings.append((start, end))  # read in stats(): no sync here
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._timings.append((t0, time.perf_counter()))
+
+    def stats(self):
+        """Updates since ``reset_stats`` and their total time (waits for the last update on a GPU)."""
+        if self._timings and isinstance(self._timings[-1][1], torch.cuda.Event):
+            self._timings[-1][1].synchronize()  # elapsed_time needs both events completed
+        seconds = sum(start.elapsed_time(end) * 1e-3 if isinstance(start, torch.cuda.Event) else end - start
+                      for start, end in self._timings)
+        return {"ttt_updates": self.ttt_updates, "ttt_time_s": seconds, "optimizer": self.optimizer_name,
+                "ttt_parameters": list(self.ttt_params),
+                "ttt_parameter_count": sum(p.numel() for p in self.ttt_params.values())}
+
+    def reset_stats(self):
+        self.ttt_updates = 0
+        self._timings = []
+
+    def new_cache(self, batch_size, capacity=None):
+        return self.lm.new_cache(batch_size, capacity)
+
+    def parameter_counts(self):
+        return self.lm.parameter_counts()
+
+    def cost_plan(self, batch_size):
+        return self.lm.cost_plan(batch_size)
+
+    def decode_cost_plan(self, batch_size):
+        return self.lm.decode_cost_plan(batch_size)
+
+
+def use_energy_aware_router(lm, cost_model, **router_kwargs):
+    """Replace every block's router of an MoE ``TransformerLM`` with an ``EnergyAwareTTTRouter``
+    sharing its gate weight (``router_kwargs`` go to ``EnergyAwareTTTRouter.from_router``)."""
+    if not lm.moe:
+        raise ValueError("lm must be an MoE TransformerLM (moe=True)")
+    for block in lm.blocks:
+        block.moe.gate = EnergyAwareTTTRouter.from_router(block.moe.gate, cost_model, **router_kwargs)
+    return lm

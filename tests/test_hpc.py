@@ -1,0 +1,230 @@
+"""bench.hpc_single_gpu_test on a CPU: the whole run at tiny sizes, its flags, the cost-model choice,
+the wording of changes, the torchrun gather, and the cluster scripts' headers and command lines."""
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench import hpc_single_gpu_test as hpc
+from bench import train
+from bench.models import TransformerLM, model_dims
+from tests.conftest import ON_GPU
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--d_model", "32", "--num_layers", "1", "--batch_size", "2", "--seq_length", "16", "--num_runs", "2",
+        "--decode", "1,2", "--eval_bytes", "256", "--ttt_update_frequency", "16", "--ttt_chunk_size", "32",
+        "--device", "cpu"]
+CPU_REASON = hpc.NO_GPU
+STATUSES = {"met", "not met", "not measured"}
+# on a CUDA machine the MoE routing kernel cannot take CPU tensors (no interpreter): the real run is the GPU one
+cpu_machine_only = pytest.mark.skipif(ON_GPU, reason="the CPU run of the benchmark; on a GPU run "
+                                      "python -m bench.hpc_single_gpu_test --test_moe for real")
+
+
+def read(directory, name):
+    return json.loads((Path(directory) / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One tiny run of all four models; only the dense checkpoint exists (the MoE runs on random weights)."""
+    root = tmp_path_factory.mktemp("hpc")
+    dims = model_dims(32, 16)
+    path = train.checkpoint_path(root / "checkpoints", False, 32, 1, dims.num_experts, dims.top_k)
+    train.save_checkpoint(path, TransformerLM(dims, 1, use_kernels=False), {
+        "steps": 0, "corpus": {"note": "untrained, for the test"}, "heldout": {"bits_per_byte": None}})
+    hpc.main(TINY + ["--test_moe", "--output_dir", str(root / "out"), "--checkpoint_dir", str(root / "checkpoints")])
+    return root / "out"
+
+
+@cpu_machine_only
+def test_cpu_run_writes_the_three_files_with_null_energy(cpu_run):
+    results = read(cpu_run, "hpc_results.json")
+    (device,) = results["devices"]
+    assert list(device["models"]) == ["transformer", "transformer_ttt", "moe_energy_aware", "moe_topk"]
+    assert device["energy_reason"] == CPU_REASON and device["throttling"]["observed"] is None
+    for entry in device["models"].values():
+        for phase in [entry["forward"], *entry["decode"]]:
+            assert phase["measured"] is None and phase["measured_reason"] == CPU_REASON
+            assert phase["peak_memory_gb"] is None and phase["latency_runs"] == 2 and phase["latency_ms_mean"] > 0
+            assert phase["timer"] == "perf_counter" and phase["throughput_tokens_per_s"] > 0
+            prediction = phase["prediction"]
+            assert prediction["label"] == "prediction" and prediction["table_source"] == "prior"
+            assert prediction["energy_per_token_j"] > 0 and prediction["error_pct"] is None
+        assert [p["batch_size"] for p in entry["decode"]] == [1, 2]
+        assert any("attention" in why for why in entry["decode"][0]["prediction"]["excludes"])
+    models = device["models"]
+    assert models["transformer"]["forward"]["prediction"]["covers_all_work"]
+    assert not models["transformer_ttt"]["forward"]["prediction"]["covers_all_work"]
+    assert models["moe_topk"]["parameters"]["active_per_token"] < models["moe_topk"]["parameters"]["total"]
+    assert models["transformer_ttt"]["forward"]["ttt"]["updates"] == 2  # 32 tokens a call, one update per 16
+    assert models["moe_energy_aware"]["forward"]["ttt"]["updates"] > 0
+    assert models["transformer"]["forward"]["ttt"] is None
+    assert results["cost_model"]["source"] == "prior" and results["cost_model"]["label"] == "prediction"
+
+
+@cpu_machine_only
+def test_cpu_run_reports_quality_only_with_a_checkpoint(cpu_run):
+    models = read(cpu_run, "hpc_results.json")["devices"][0]["models"]
+    for name in ("transformer", "transformer_ttt"):
+        assert models[name]["quality"]["bits_per_byte"] > 0 and models[name]["checkpoint"]["loaded"]
+    assert models["transformer_ttt"]["quality"]["ttt"]["updates"] > 0  # the held-out files, read in order
+    for name in ("moe_energy_aware", "moe_topk"):
+        assert models[name]["quality"] == {"bits_per_byte": None, "perplexity": None, "reason": hpc.NO_CHECKPOINT}
+    ttt = read(cpu_run, "hpc_summary.json")["ttt_on_vs_off"]["0"]
+    assert ttt["on_bits_per_byte"] > 0 and ttt["off_bits_per_byte"] > 0
+    assert ttt["change"].endswith(("(better)", "(worse)")) or ttt["change"] == "no change"
+
+
+@cpu_machine_only
+def test_cpu_run_summary_and_cost_model_report(cpu_run):
+    summary = read(cpu_run, "hpc_summary.json")
+    assert summary["provenance"]["torch"] and summary["parameters"]["d_model"] == 32
+    assert summary["cost_model_available"] and summary["candidate"] == "moe_energy_aware"
+    criteria = summary["success_criteria"]["0"]
+    assert len(criteria) == 5 and {c["status"] for c in criteria} <= STATUSES
+    assert [c["status"] for c in criteria[:4]] == ["not measured"] * 4  # energy, prediction, throttling, memory
+    assert set(summary["comparisons"]["0"]) == {"transformer_ttt_vs_transformer", "moe_energy_aware_vs_transformer",
+                                                "moe_topk_vs_transformer", "moe_energy_aware_vs_moe_topk"}
+    report = read(cpu_run, "kernel_cost_model_test_results.json")
+    assert report["cost_model"]["source"] == "prior"
+    assert all(row["source"] == "prior" for rows in report["op_costs"].values() for row in rows)
+    assert report["thermal_safe_batch_sizes"]["ops"] is None
+    assert "thermal model" in report["thermal_safe_batch_sizes"]["reason"]
+    assert report["memory_pressure_factors"]["points"][0]["latency_stretch"] == 1.0
+    assert len(report["predicted_vs_measured"]) == 4 * 3  # 4 models x (forward + 2 decode sizes)
+
+
+@cpu_machine_only
+def test_cpu_run_plots(cpu_run):
+    plots = read(cpu_run, "hpc_summary.json")["plots"]
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "matplotlib" in plots["skipped"]
+        return
+    for name in ("energy_per_token", "latency"):
+        assert Path(plots[name]).read_bytes()[:4] == b"\x89PNG"
+    assert plots["predicted_vs_measured_energy"].startswith("skipped: no measured energy")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--d_model", "0"], "--d_model"),
+    (["--d_model", "48"], "--d_model"),
+    (["--num_experts", "4", "--top_k", "8"], "--top_k"),
+    (["--gpu", "B300"], "--gpu"),
+    (["--decode", "1,x"], "--decode"),
+    (["--energy_aware_lr", "-1"], "--energy_aware_lr"),
+    (["--objective_weights", "energy"], "--objective_weights"),
+    (["--num_runs", "0"], "--num_runs"),
+    (["--device", "tpu"], "--device"),
+], ids=["d_model", "d_model-48", "top_k", "gpu", "decode", "lr", "objective", "num_runs", "device"])
+def test_bad_flags_name_the_flag(flags, named, capsys):
+    with pytest.raises(SystemExit):
+        hpc.parse_args(flags + ["--device", "cpu"] if "--device" not in flags else flags)
+    assert named in capsys.readouterr().err
+
+
+def test_cpu_sizes_are_chosen_and_said():
+    _, args = hpc.parse_args(["--device", "cpu", "--d_model", "128"])
+    assert args.d_model == 128 and args.seq_length == hpc.CPU_SIZES["seq_length"]
+    assert "d_model" not in args.cpu_sizes and "seq_length" in args.cpu_sizes
+    assert args.gpu == "H100"  # a CPU predicts for an H100 unless told otherwise
+
+
+def test_cost_model_choice():
+    table_dims = model_dims(256, 512)
+    measured, info = hpc.select_cost_model("H100", table_dims)
+    assert info["source"] == "measured" and not measured.is_prior and info["label"] == "prediction"
+    prior, info = hpc.select_cost_model("H100", model_dims(1024, 512, 8, 2))
+    assert info["source"] == "prior" and prior.dims.d_model == 1024 and info["table_gpu"] == hpc.PRIOR_PROXY_GPU
+    assert "not a measurement" in info["why"]
+    _, info = hpc.select_cost_model("A100", model_dims(64, 64))
+    assert info["source"] == "prior" and info["table_gpu"] == "A100"
+    with pytest.raises(ValueError, match="cost_table"):
+        hpc.select_cost_model("H100", replace(table_dims, d_model=512, n_heads=8), measured.path)
+
+
+def test_changes_say_better_or_worse():
+    assert hpc.change(87.7, 100.0, "less energy per token", "more energy per token") == \
+        "12.3% less energy per token (better)"
+    assert hpc.change(104.0, 100.0, "faster", "slower") == "4.0% slower (worse)"
+    assert hpc.change(90.0, 100.0, "higher throughput", "lower throughput", lower_is_better=False) == \
+        "10.0% lower throughput (worse)"
+    assert hpc.change(100.001, 100.0, "faster", "slower") == "0.001% slower (worse)"
+    assert hpc.change(None, 1.0, "faster", "slower") is None
+
+
+def test_torchrun_gathers_one_entry_per_rank(tmp_path):
+    """Two ranks on gloo (CPU): rank 0 writes one entry per device."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "bench.hpc_single_gpu_test", *TINY, "--decode", "", "--output_dir", str(tmp_path),
+               "--checkpoint_dir", str(tmp_path / "none")]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    devices = read(tmp_path, "hpc_results.json")["devices"]
+    assert [d["rank"] for d in devices] == [0, 1] and all(d["models"]["transformer"]["forward"] for d in devices)
+    assert set(read(tmp_path, "hpc_summary.json")["success_criteria"]) == {"0", "1"}
+
+
+# ---- cluster scripts ------------------------------------------------------------------------------
+
+SCRIPTS = {"bench/run_hpc_test.slurm": "#SBATCH", "bench/run_hpc_test.pbs": "#PBS"}
+
+
+def directives(path, prefix):
+    """The scheduler directives, checked to come before the first command (schedulers stop reading there)."""
+    lines = Path(REPO / path).read_text().splitlines()
+    assert lines[0] == "#!/bin/bash"
+    first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
+    found = [line for line in lines if line.startswith(prefix + " ")]
+    assert found and all(lines.index(line) < first_command for line in found)
+    return [line[len(prefix):].strip() for line in found]
+
+
+def test_slurm_header():
+    options = dict(re.fullmatch(r"--([\w-]+)=(.+)", d).groups() for d in directives("bench/run_hpc_test.slurm",
+                                                                                      "#SBATCH"))
+    assert options["gres"].startswith("gpu:") and re.fullmatch(r"\d\d:\d\d:\d\d", options["time"])
+    assert {"job-name", "nodes", "cpus-per-task", "mem", "output"} <= set(options)
+
+
+def test_pbs_header():
+    options = directives("bench/run_hpc_test.pbs", "#PBS")
+    resources = " ".join(o for o in options if o.startswith("-l "))
+    assert re.search(r"select=1:.*ngpus=\d+", resources) and re.search(r"walltime=\d\d:\d\d:\d\d", resources)
+    assert any(o.startswith("-N ") for o in options) and any(o.startswith("-o ") for o in options)
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_script_dry_run(script, tmp_path):
+    """bash -n, then the script itself with python and torchrun stubbed: each command line it would
+    run, with its variables expanded by bash, parses under the module's own argument parser."""
+    assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0
+    log, bin_dir = tmp_path / "calls.jsonl", tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("python", "torchrun"):
+        stub = bin_dir / tool
+        stub.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c 'import json, sys; "
+                        f"open(sys.argv[1], \"a\").write(json.dumps(sys.argv[2:]) + \"\\n\")' {log} {tool} \"$@\"\n")
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
+               PBS_O_WORKDIR=str(tmp_path), MODEL_FLAGS="--d_model 64 --num_experts 8")
+    done = subprocess.run(["bash", str(REPO / script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    modules = {}
+    for call in calls:
+        m = call.index("-m")
+        modules[call[m + 1]] = call[m + 2:]
+    assert set(modules) == {"bench.train", "bench.hpc_single_gpu_test"}
+    assert train.parse_args(modules["bench.train"]).num_experts == 8
+    _, args = hpc.parse_args(modules["bench.hpc_single_gpu_test"] + ["--device", "cpu"])
+    assert args.test_moe and args.d_model == 64 and (tmp_path / args.output_dir).is_dir()  # made in the job dir
+    assert calls[-1][:2] == ["torchrun", "--standalone"]

@@ -1,0 +1,85 @@
+"""bench.train: the stdlib corpus, its by-file split, held-out evaluation, checkpoints, and a tiny run."""
+import math
+
+import pytest
+import torch
+
+from bench.models import TransformerLM, model_dims
+from bench.train import (HELDOUT_PERCENT, checkpoint_path, corpus_files, evaluate, heldout_streams, load_checkpoint,
+                         main, parse_args, save_checkpoint, split_by_file, stdlib_root)
+from tests.conftest import DEVICE
+
+
+@pytest.fixture(scope="module")
+def stdlib_files():
+    return corpus_files(stdlib_root())
+
+
+def test_split_is_by_file_disjoint_and_deterministic(stdlib_files):
+    train, heldout = split_by_file(stdlib_files)
+    assert set(train).isdisjoint(heldout) and sorted(train + heldout) == stdlib_files
+    reversed_train, reversed_heldout = split_by_file(stdlib_files[::-1])  # by path alone, not by position
+    assert (reversed_train[::-1], reversed_heldout[::-1]) == (train, heldout) == split_by_file(stdlib_files)
+    share = 100 * len(heldout) / len(stdlib_files)
+    assert HELDOUT_PERCENT / 2 < share < HELDOUT_PERCENT * 2  # a hash split: about 5% of the files
+    assert not any("site-packages" in p or "dist-packages" in p for p in stdlib_files)
+
+
+def test_corpus_leaves_installed_packages_out(tmp_path):
+    for path in ("a.py", "pkg/b.py", "site-packages/c.py", "pkg/dist-packages/d.py", "notes.txt"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x = 1\n")
+    assert corpus_files(tmp_path) == ["a.py", "pkg/b.py"]
+
+
+def test_heldout_streams_are_the_longest_files_within_budget(tmp_path):
+    names = [f"f{i}.py" for i in range(400)]  # enough files that some are held out
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(bytes([65 + i % 26]) * (10 + i))
+    _, heldout = split_by_file(names)
+    streams = heldout_streams(tmp_path, heldout, budget_bytes=1000)
+    assert 0 < sum(len(s) for s in streams) <= 1000
+    assert [len(s) for s in streams[:-1]] == sorted((len(s) for s in streams[:-1]), reverse=True)
+
+
+def test_evaluate_counts_every_predicted_byte():
+    streams = [torch.arange(100, dtype=torch.uint8), torch.arange(7, dtype=torch.uint8)]
+    uniform = evaluate(lambda tokens: torch.zeros(*tokens.shape, 256), streams, seq_length=16, device="cpu")
+    assert uniform["bytes"] == 99 + 6 and uniform["files"] == 2
+    assert math.isclose(uniform["bits_per_byte"], 8.0, rel_tol=1e-6)  # float32 cross-entropy of log(256)
+    assert math.isclose(uniform["perplexity"], 256.0, rel_tol=1e-5)
+
+
+def test_checkpoints_round_trip(tmp_path):
+    dims = model_dims(32, 16)
+    model = TransformerLM(dims, 1, moe=True, use_kernels=False, seed=3)
+    path = checkpoint_path(tmp_path / "ck", True, 32, 1, dims.num_experts, dims.top_k)
+    save_checkpoint(path, model, {"steps": 1, "version": torch.__version__})
+    restored = TransformerLM(dims, 1, moe=True, use_kernels=False, seed=4)
+    assert load_checkpoint(path, restored)["steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_tiny_training_run(tmp_path, capsys):
+    main(["--steps", "2", "--d_model", "32", "--num_layers", "1", "--seq_length", "16", "--batch_size", "2",
+          "--eval_bytes", "64", "--output_dir", str(tmp_path), "--device", DEVICE])
+    for moe in (False, True):
+        path = checkpoint_path(tmp_path, moe, 32, 1, 4, 2)
+        meta = torch.load(path, weights_only=True)["meta"]
+        assert meta["steps"] == 2 and meta["heldout"]["bytes"] > 0 and meta["heldout"]["bits_per_byte"] > 0
+        assert meta["corpus"]["heldout_files"] > 0 and meta["parameters"]["total"] > 0
+    assert "held-out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--steps", "0"], "--steps"),
+    (["--num_experts", "2", "--top_k", "3"], "--top_k"),
+    (["--models", "dense,sparse"], "--models"),
+    (["--d_model", "40"], "--d_model"),
+    (["--lr", "-1"], "--lr"),
+], ids=["steps", "top_k", "models", "d_model", "lr"])
+def test_bad_flags_name_the_flag(flags, named, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    assert named in capsys.readouterr().err
