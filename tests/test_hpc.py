@@ -225,6 +225,7 @@ def test_script_dry_run(script, tmp_path):
         modules[call[m + 1]] = call[m + 2:]
     assert set(modules) == {"bench.train", "bench.hpc_single_gpu_test"}
     assert train.parse_args(modules["bench.train"]).num_experts == 8
-    _, args = hpc.parse_args(modules["bench.hpc_single_gpu_test"] + ["--device", "cpu"])
+    on_cpu = [] if ON_GPU else ["--device", "cpu"]  # a CUDA host parses for its GPU
+    _, args = hpc.parse_args(modules["bench.hpc_single_gpu_test"] + on_cpu)
     assert args.test_moe and args.d_model == 64 and (tmp_path / args.output_dir).is_dir()  # made in the job dir
     assert calls[-1][:2] == ["torchrun", "--standalone"]
