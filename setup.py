@@ -18,6 +18,7 @@ setup(
         "triton>=3.6,<3.10",
         "numpy>=1.26",
         "nvidia-ml-py>=12.535",
+        "matplotlib>=3.8",  # the benchmark's plots
     ],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=5.1", "hypothesis>=6.100", "transformers>=5.0,<6"]},
 )
