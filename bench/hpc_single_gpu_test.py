@@ -48,7 +48,7 @@ from bench.models import (DECODE_PLAN_EXCLUDES, TransformerLM, TTTLanguageModel,
 from bench.train import (MOE_CPU_NEEDS_INTERPRETER, checkpoint_path, corpus_files, evaluate,  # noqa: E402
                          heldout_streams, load_checkpoint, moe_cpu_without_interpreter, positive_float, positive_int,
                          split_by_file, stdlib_root)
-from calibration.energy import measure_energy, measure_idle_power_w  # noqa: E402
+from calibration.energy import event_times_ms, measure_energy, measure_idle_power_w  # noqa: E402
 from calibration.nvml_meter import BackgroundSampler, GpuMeter  # noqa: E402
 from calibration.priors import DATASHEETS, prior_table  # noqa: E402
 from costmodel.kernel_cost_model import TABLE_DIR, KernelCostModel  # noqa: E402
@@ -332,19 +332,13 @@ def nvml_index(cuda_index):
 
 def time_calls_ms(fn, runs, on_gpu):
     """Per-call latency of ``runs`` calls, each waited for (CUDA events on a GPU, perf_counter on a CPU)."""
+    if on_gpu:
+        return event_times_ms(fn, runs)
     times = []
     for _ in range(runs):
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 

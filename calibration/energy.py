@@ -141,8 +141,8 @@ def repeat_for(fn, seconds):
     return calls
 
 
-def median_event_ms(fn, repeats):
-    """Median CUDA-event time of ``fn()`` over ``repeats`` calls, each waited for (ms)."""
+def event_times_ms(fn, repeats):
+    """CUDA-event times of ``repeats`` calls of ``fn()``, each waited for (ms)."""
     import torch
     times = []
     for _ in range(repeats):
@@ -152,4 +152,9 @@ def median_event_ms(fn, repeats):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+def median_event_ms(fn, repeats):
+    """Median CUDA-event time of ``fn()`` over ``repeats`` calls, each waited for (ms)."""
+    return statistics.median(event_times_ms(fn, repeats))
