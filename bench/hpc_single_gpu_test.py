@@ -73,7 +73,7 @@ PLAN_EXCLUDES = {
     "moe_energy_aware": ("the router's cost lookup, tallies and test-time updates: not table ops",),
     "moe_topk": (),
 }
-PRIOR_PROXY_GPU = "H200"  # calibration.priors has no H100 datasheet; H200 has its 989 TFLOP/s dense bf16 peak
+PRIOR_PROXY_GPU = "H200"  # the stand-in datasheet for a GPU calibration.priors does not know
 WARMUP_CALLS = 2
 SAMPLE_INTERVAL_S = 0.2
 ENERGY_REDUCTION_TARGET_PCT = 15.0
@@ -212,8 +212,7 @@ def select_cost_model(gpu, dims, table_path=None):
         why = f"the committed {gpu} table ({model.table['source']}) is at other dims {asdict(model.dims)}"
     model, sheet = prior_cost_model(gpu, dims)
     if sheet != gpu:
-        why += (f"; calibration.priors has no {gpu} datasheet, so the prior uses {sheet}'s (same 989 TFLOP/s "
-                "dense bf16 peak; faster HBM, so memory-bound ops are predicted faster)")
+        why += f"; calibration.priors has no {gpu} datasheet, so the prior uses {sheet}'s as a stand-in"
     return model, _cost_info(model, gpu, f"in-process prior (calibration.priors.prior_table('{sheet}', dims))",
                              why + ": an analytic roofline prior at the model's dims, not a measurement")
 

@@ -16,7 +16,11 @@ DATASHEETS = {
     "A100": dict(name="NVIDIA A100-SXM4-80GB", peak_tflops=312.0, hbm_tb_s=2.039, tdp_w=400.0),
     "V100": dict(name="NVIDIA V100-SXM2-32GB", peak_tflops=125.0, hbm_tb_s=0.900, tdp_w=300.0),  # fp16 (no bf16)
     "H200": dict(name="NVIDIA H200 SXM 141GB", peak_tflops=989.0, hbm_tb_s=4.8, tdp_w=700.0),
+    "H100": dict(name="NVIDIA H100 80GB HBM3", peak_tflops=989.0, hbm_tb_s=3.35, tdp_w=700.0),
 }
+# the committed prior tables: GPUs we have no measured table for (H100's datasheet serves
+# in-process priors at other dims, e.g. the benchmark's; its committed table is measured)
+PRIOR_TABLES = ("A100", "V100", "H200")
 # Datasheets give no idle power: priors scale TDP by the idle fraction measured on our H100
 # (73 W of a 700 W limit, 2026-11-26); the table records this.
 IDLE_FRACTION_OF_TDP = 73.0 / 700.0
@@ -54,7 +58,7 @@ def prior_table(gpu, dims=ModelDims()):
 def main(argv=None):
     from bench._results import write_json_atomic
     from costmodel.kernel_cost_model import TABLE_DIR
-    for gpu in DATASHEETS:
+    for gpu in PRIOR_TABLES:
         path = TABLE_DIR / f"{gpu}.json"
         write_json_atomic(path, prior_table(gpu))
         print(f"wrote {path} (prior)")

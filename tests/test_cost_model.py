@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench._results import write_json_atomic
-from calibration.priors import DATASHEETS, prior_table
+from calibration.priors import PRIOR_TABLES, prior_table
 from costmodel.kernel_cost_model import DeviceCostTable, KernelCostModel
 from costmodel.ops import OPS, ModelDims
 from tests.conftest import DEVICE, ON_GPU
@@ -109,7 +109,7 @@ def test_breakdown_sums(table_path):
     assert parts["compute_bound_ms"] + parts["memory_bound_ms"] == pytest.approx(parts["latency_ms"])
 
 
-@pytest.mark.parametrize("gpu", sorted(DATASHEETS))
+@pytest.mark.parametrize("gpu", PRIOR_TABLES)
 def test_committed_priors_are_labelled_priors(gpu):
     model = KernelCostModel(gpu)
     assert model.table["source"] == "prior" and "not a measurement" in model.table["note"]

@@ -142,8 +142,10 @@ def test_cost_model_choice():
     measured, info = hpc.select_cost_model("H100", table_dims)
     assert info["source"] == "measured" and not measured.is_prior and info["label"] == "prediction"
     prior, info = hpc.select_cost_model("H100", model_dims(1024, 512, 8, 2))
-    assert info["source"] == "prior" and prior.dims.d_model == 1024 and info["table_gpu"] == hpc.PRIOR_PROXY_GPU
+    assert info["source"] == "prior" and prior.dims.d_model == 1024 and info["table_gpu"] == "H100"
     assert "not a measurement" in info["why"]
+    _, info = hpc.select_cost_model("B200", model_dims(64, 64))  # no datasheet: a stand-in's, said so
+    assert info["table_gpu"] == hpc.PRIOR_PROXY_GPU and "stand-in" in info["why"]
     _, info = hpc.select_cost_model("A100", model_dims(64, 64))
     assert info["source"] == "prior" and info["table_gpu"] == "A100"
     with pytest.raises(ValueError, match="cost_table"):
