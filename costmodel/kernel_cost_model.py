@@ -203,6 +203,8 @@ class KernelCostModel:
             raise ValueError(f"gap_ms must be a finite number >= 0, got {gap_ms!r}")
         energy_j = latency_ms = 0.0
         for op, batch_size, calls in plan:
+            if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+                raise ValueError(f"plan entry ({op!r}, {batch_size!r}, {calls!r}): calls must be an int >= 0")
             cost = self.get_cost(op, batch_size)
             energy_j += cost["energy_joules"] * calls
             latency_ms += cost["latency_ms"] * calls

@@ -50,6 +50,7 @@ class CostCurves:
 
 def cost_curves(model, op, device):
     """Pack ``op``'s curves from a ``KernelCostModel`` (host work, once per router)."""
+    model._check(op, 1, None, None)  # ValueError naming an op the model or its table lacks
     points = model._points[op]
     if len(points) < 2:
         raise ValueError(f"op {op!r} needs at least 2 points in the {model.gpu_type} table")
@@ -188,6 +189,14 @@ def _check(curves, hardware_state, bias_offsets, **inputs):
 
 
 def _constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure):
+    knobs = {"energy_weight": energy_weight, "latency_weight": latency_weight, "max_shift": max_shift,
+             "thermal_gain": thermal_gain, "thermal_margin_c": thermal_margin_c,
+             "max_memory_pressure": max_memory_pressure}
+    for name, value in knobs.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if thermal_margin_c == 0:
+        raise ValueError("thermal_margin_c must be > 0")
     return (curves.idle_power_w, curves.fixed_energy_j, curves.fixed_latency_ms, curves.cool_temp_c,
             curves.slowdown_temp_c, curves.fastest_clock_mhz, float(energy_weight), float(latency_weight),
             float(max_shift), float(thermal_gain), float(thermal_margin_c), float(max_memory_pressure))

@@ -65,6 +65,11 @@ def test_bad_input():
         expert_cost_bias(ids, curves, state, offsets.double(), **WEIGHTS)
     with pytest.raises(TypeError, match="curves"):
         expert_cost_bias(ids, "H100", state, offsets, **WEIGHTS)
+    for name, value in (("max_shift", -0.1), ("energy_weight", math.nan), ("thermal_margin_c", 0.0)):
+        with pytest.raises(ValueError, match=name):
+            expert_cost_bias(ids, curves, state, offsets, **(WEIGHTS | {name: value}))
+    with pytest.raises(ValueError, match="conv2d"):
+        cost_curves(KernelCostModel("H100"), "conv2d", DEVICE)
 
 
 @pytest.mark.parametrize("E", [5, 128])

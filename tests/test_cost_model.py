@@ -217,3 +217,7 @@ def test_plan_cost_sums_calls_and_charges_gaps(tmp_path):
                                                    + 120.0 * 2e-3)
     with pytest.raises(ValueError, match="gap_ms"):
         model.get_plan_cost(plan, gap_ms=-1.0)
+    with pytest.raises(ValueError, match="calls"):
+        model.get_plan_cost([("ffn_gate", 16, -2)])
+    with pytest.raises(ValueError, match="unknown op"):
+        model.get_plan_cost([("conv2d", 16, 1)])
