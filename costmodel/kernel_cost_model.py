@@ -278,13 +278,13 @@ class DeviceCostTable:
         torch = self.torch
         row = self._rows[op]
         log_b = torch.log(batch_sizes.to(torch.float32))
-        energy = torch.exp(_lerp_segments(row[0], row[1], log_b))
-        latency = torch.exp(_lerp_segments(row[0], row[2], log_b))
+        energy = torch.exp(lerp_segments(row[0], row[1], log_b))
+        latency = torch.exp(lerp_segments(row[0], row[2], log_b))
         stretch = torch.ones_like(latency)
         if temp_c is not None and self._clocks is not None:
             temps, clocks = self._clocks
             held = temp_c.to(torch.float32).clamp(temps[0], temps[-1])  # beyond: the hottest clock seen
-            clock = _lerp_segments(temps, clocks, held) if temps.numel() > 1 else clocks[0]
+            clock = lerp_segments(temps, clocks, held) if temps.numel() > 1 else clocks[0]
             stretch = stretch * (clocks.max() / clock)
         if memory_pressure is not None:
             stretch = stretch * self._pressure_stretch(op, batch_sizes, memory_pressure.to(torch.float32))
@@ -295,14 +295,14 @@ class DeviceCostTable:
     def _pressure_stretch(self, op, batch_sizes, pressure):
         if op in self._pressure:
             util, stretch = self._pressure[op]
-            return _lerp_segments(util, stretch, pressure)
+            return lerp_segments(util, stretch, pressure)
         flops, nbytes = work(op, batch_sizes.to(self.torch.float64), self.model.dims)  # the roofline fallback
         compute_s = (flops / self.model.table["peak_flops"]).float()
         memory_s = (nbytes / self.model.table["hbm_bytes_per_s"]).float()
         return compute_s.maximum(memory_s / (1.0 - pressure)) / compute_s.maximum(memory_s)
 
 
-def _lerp_segments(xs, ys, x):
+def lerp_segments(xs, ys, x):
     """Piecewise-linear ys(x) through sorted ``xs`` (device tensors), extending the end segments."""
     flat = x.reshape(-1)  # a 0-d index tensor would index like a Python int: a host sync
     hi = (xs.unsqueeze(0) <= flat.unsqueeze(1)).sum(-1).clamp(1, xs.numel() - 1)

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from costmodel.kernel_cost_model import lerp_segments
 from kernels._validate import INDEX_DTYPES, check_tensor
 
 PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stand-in's knots
@@ -249,37 +250,50 @@ def _check_window(window, bias_offsets):
                          f"{tuple(window.shape)}")
 
 
-def _lerp_reference(xs, ys, x):
-    seg = torch.searchsorted(xs[1:-1].contiguous(), x.contiguous(), right=True)
-    t = (x - xs[seg]) / (xs[seg + 1] - xs[seg])
-    return ys[seg] + t * (ys[seg + 1] - ys[seg])
-
-
 def _hardware_stretch_reference(curves, hardware_state, max_memory_pressure):
     rows = dict(zip(ROWS, curves.packed))
     temp = hardware_state[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
     pressure = hardware_state[2].nan_to_num(nan=0.0).clamp(0.0, max_memory_pressure).reshape(1)
-    stretch = _lerp_reference(rows["pressure"][:curves.n_pressure], rows["pressure_stretch"][:curves.n_pressure],
+    stretch = lerp_segments(rows["pressure"][:curves.n_pressure], rows["pressure_stretch"][:curves.n_pressure],
                               pressure)
     if curves.n_clock > 1:
         temps, clocks = rows["temp_c"][:curves.n_clock], rows["sm_clock_mhz"][:curves.n_clock]
-        stretch = stretch * clocks.max() / _lerp_reference(temps, clocks, temp.clamp(temps[0], temps[-1]))
+        stretch = stretch * clocks.max() / lerp_segments(temps, clocks, temp.clamp(temps[0], temps[-1]))
     return temp, stretch
 
 
 def _cost_reference(curves, batch, stretch):
     rows = {k: v[:curves.n_table] for k, v in zip(ROWS, curves.packed)}
     log_b = batch.log()
-    energy = _lerp_reference(rows["log_batch"], rows["log_energy"], log_b).exp()
-    latency = _lerp_reference(rows["log_batch"], rows["log_latency"], log_b).exp()
+    energy = lerp_segments(rows["log_batch"], rows["log_energy"], log_b).exp()
+    latency = lerp_segments(rows["log_batch"], rows["log_latency"], log_b).exp()
     return energy + curves.idle_power_w * latency * 1e-3 * (stretch - 1.0), latency * stretch
+
+
+def _thermal_rise_reference(curves, temp, thermal_gain, thermal_margin_c):
+    """g(T), the energy weight's factor (1 without a known slowdown threshold)."""
+    ramp = ((temp - curves.slowdown_temp_c) / thermal_margin_c + 1.0).clamp(0.0, 1.0).nan_to_num(nan=0.0)
+    return 1.0 + thermal_gain * ramp
 
 
 def _score_reference(curves, energy_j, latency_ms, temp, energy_weight, latency_weight, thermal_gain,
                      thermal_margin_c):
-    ramp = ((temp - curves.slowdown_temp_c) / thermal_margin_c + 1.0).clamp(0.0, 1.0).nan_to_num(nan=0.0)
-    score = energy_weight * (1.0 + thermal_gain * ramp) * energy_j / curves.fixed_energy_j
+    score = energy_weight * _thermal_rise_reference(curves, temp, thermal_gain, thermal_margin_c) * energy_j
+    score = score / curves.fixed_energy_j
     return (score + latency_weight * latency_ms / curves.fixed_latency_ms).clamp_min(0.0)
+
+
+def expert_cost_reference(curves, hardware_state, batch_sizes, max_memory_pressure=0.9):
+    """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens under ``hardware_state``, as
+    the kernels see it (torch; no host sync)."""
+    _, stretch = _hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
+    return _cost_reference(curves, batch_sizes.float(), stretch)
+
+
+def energy_weight_reference(curves, hardware_state, energy_weight, thermal_gain=1.0, thermal_margin_c=15.0):
+    """w_energy * g(T) at ``hardware_state``'s temperature, as the kernels apply it: a [1] tensor."""
+    temp = hardware_state[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
+    return energy_weight * _thermal_rise_reference(curves, temp, thermal_gain, thermal_margin_c)
 
 
 def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight,

@@ -76,9 +76,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from costmodel.kernel_cost_model import DeviceCostTable
 from kernels._validate import check_dim, check_same_dtype_device, check_tensor
-from kernels.cost_bias import cost_curves, expert_cost_bias, ttt_offset_step
+from kernels.cost_bias import (cost_curves, energy_weight_reference, expert_cost_bias, expert_cost_reference,
+                               ttt_offset_step)
 from kernels.moe_layer import TopKRouter
 from kernels.routing import topk_routing
 from router.monitor import STATE_FIELDS
@@ -142,12 +142,8 @@ class EnergyAwareTTTRouter(TopKRouter):
         self.monitor = monitor
         if monitor is not None:
             monitor.warn_unavailable()
-        fixed = kernel_cost_model.get_cost(COST_OP, 1)
-        self.fixed_energy_j, self.fixed_latency_ms = fixed["energy_joules"], fixed["latency_ms"]
         thermal = kernel_cost_model.table.get("thermal") or {}
         self.slowdown_temp_c = thermal.get("slowdown_temp_c") or (monitor.slowdown_temp_c if self.monitoring else None)
-        curve = thermal.get("clock_vs_temp")
-        self.cool_temp_c = float(curve[0]["temp_c"]) if curve else 25.0  # no curve: the lookup ignores it
         self._device_tables()
         self._register_state()
         self._reset_host_counters()
@@ -213,9 +209,8 @@ class EnergyAwareTTTRouter(TopKRouter):
         return self
 
     def _device_tables(self):
-        """The cost table's device forms, on the weight's device: the TTT lookup and the bias kernel's curves."""
+        """The bias kernels' cost curves, on the weight's device."""
         device = self.weight.device
-        self._cost_table = DeviceCostTable(self.kernel_cost_model, (COST_OP,), device)
         curves = cost_curves(self.kernel_cost_model, COST_OP, device)
         if self.slowdown_temp_c is not None:  # the table's, else the monitor's (NVML) threshold
             curves = dataclasses.replace(curves, slowdown_temp_c=float(self.slowdown_temp_c))
@@ -260,21 +255,17 @@ class EnergyAwareTTTRouter(TopKRouter):
         return torch.zeros(self.num_experts, dtype=torch.float32, device=ids.device).index_add_(0, ids, ones)
 
     def expert_cost(self, batch_sizes):
-        """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens (a float tensor), under the
-        live hardware state: the table's ``swiglu_ffn`` at the cached temperature and memory pressure."""
-        if not self.monitoring:
-            return self._cost_table.predict(COST_OP, batch_sizes)
-        temp_c = self.hardware_state[0].nan_to_num(nan=self.cool_temp_c)
-        pressure = self.hardware_state[2].nan_to_num(nan=0.0).clamp(0.0, self.max_memory_pressure)
-        return self._cost_table.predict(COST_OP, batch_sizes, temp_c=temp_c, memory_pressure=pressure)
+        """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens (a float tensor) under the
+        cached hardware state, as the bias kernels see it."""
+        return expert_cost_reference(self._curves, self._state(), batch_sizes, self.max_memory_pressure)
 
     def energy_weight(self):
-        """w_energy * g(T): a float, or a 0-d device tensor when the temperature can raise it."""
-        w = self.objective_weights["energy"]
-        if not self.monitoring or self.slowdown_temp_c is None or w == 0 or self.thermal_gain == 0:
-            return w
-        ramp = (self.hardware_state[0] - self.slowdown_temp_c) / self.thermal_margin_c + 1.0
-        return w * (1.0 + self.thermal_gain * ramp.nan_to_num(nan=0.0).clamp(0.0, 1.0))
+        """w_energy * g(T) at the cached temperature, as the bias kernels apply it (a [1] device tensor)."""
+        return energy_weight_reference(self._curves, self._state(), self.objective_weights["energy"],
+                                       self.thermal_gain, self.thermal_margin_c)
+
+    def _state(self):
+        return self.hardware_state if self.monitoring else self._no_state
 
     def _gate_weights(self, logits, topk_weights, topk_ids):
         weights = topk_weights
@@ -296,8 +287,7 @@ class EnergyAwareTTTRouter(TopKRouter):
     def cost_bias(self, plain_ids):
         """The [E] selection bias for a batch whose plain top-k chose ``plain_ids`` [T, K]: one
         launch of ``kernels.cost_bias.expert_cost_bias`` on the cached hardware state."""
-        state = self.hardware_state if self.monitoring else self._no_state
-        return expert_cost_bias(plain_ids, self._curves, state, self.bias_offsets, **self._bias_knobs())
+        return expert_cost_bias(plain_ids, self._curves, self._state(), self.bias_offsets, **self._bias_knobs())
 
     def _bias_knobs(self):
         return {"energy_weight": self.objective_weights["energy"], "latency_weight": self.objective_weights["latency"],
@@ -344,8 +334,7 @@ class EnergyAwareTTTRouter(TopKRouter):
         self.ttt_updates += 1
 
     def _bias_step(self):
-        state = self.hardware_state if self.monitoring else self._no_state
-        ttt_offset_step(self._window, self._curves, state, self.bias_offsets, lr=self.energy_aware_lr,
+        ttt_offset_step(self._window, self._curves, self._state(), self.bias_offsets, lr=self.energy_aware_lr,
                         **self._bias_knobs())
 
     def _gate_step(self):
