@@ -18,15 +18,14 @@ left out and named in ``DECODE_PLAN_EXCLUDES``.
 ``TTTLanguageModel`` adds test-time training to a dense ``TransformerLM``, and
 ``use_energy_aware_router`` swaps an MoE model's routers for ``router.EnergyAwareTTTRouter``.
 """
-import contextlib
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from calibration.energy import DeferredTimer
 from costmodel.ops import ModelDims
 from kernels.attention import flash_attention_reference
 from kernels.fused_experts import fused_experts_reference
@@ -300,7 +299,7 @@ class TTTLanguageModel(nn.Module):
         if self._history is None or self._history.shape[1] < 2:
             raise RuntimeError("test-time training needs at least two seen positions per stream")
         params = list(self.ttt_params.values())
-        with self._timed(), torch.inference_mode(False), torch.enable_grad():
+        with self._timer.time(self.lm.embed.is_cuda), torch.inference_mode(False), torch.enable_grad():
             stream = self._history.clone()  # a normal tensor even if it was recorded under inference_mode
             logits = self.lm(stream[:, :-1])
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), stream[:, 1:].reshape(-1))
@@ -315,32 +314,16 @@ class TTTLanguageModel(nn.Module):
         self._tokens_since_update = 0
         self.ttt_updates += 1
 
-    @contextlib.contextmanager
-    def _timed(self):
-        if self.lm.embed.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._timings.append((start, end))  # read in stats(): no sync here
-        else:
-            t0 = time.perf_counter()
-            yield
-            self._timings.append((t0, time.perf_counter()))
-
     def stats(self):
         """Updates since ``reset_stats`` and their total time (waits for the last update on a GPU)."""
-        if self._timings and isinstance(self._timings[-1][1], torch.cuda.Event):
-            self._timings[-1][1].synchronize()  # elapsed_time needs both events completed
-        seconds = sum(start.elapsed_time(end) * 1e-3 if isinstance(start, torch.cuda.Event) else end - start
-                      for start, end in self._timings)
-        return {"ttt_updates": self.ttt_updates, "ttt_time_s": seconds, "optimizer": self.optimizer_name,
+        self._ttt_time_s += sum(seconds for seconds, _ in self._timer.settle())
+        return {"ttt_updates": self.ttt_updates, "ttt_time_s": self._ttt_time_s, "optimizer": self.optimizer_name,
                 "ttt_parameters": list(self.ttt_params),
                 "ttt_parameter_count": sum(p.numel() for p in self.ttt_params.values())}
 
     def reset_stats(self):
-        self.ttt_updates = 0
-        self._timings = []
+        self.ttt_updates, self._ttt_time_s = 0, 0.0
+        self._timer = DeferredTimer()
 
     def new_cache(self, batch_size, capacity=None):
         return self.lm.new_cache(batch_size, capacity)

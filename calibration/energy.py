@@ -9,6 +9,7 @@ delay (so windows sample different counter phases); the median and the spread ar
 Latency is the median CUDA-event time of a graph replay over its calls (the same launches the
 windows run). GPU state is recorded at each window's start and end.
 """
+import contextlib
 import random
 import statistics
 import time
@@ -125,6 +126,36 @@ class GraphRunner:
 
     def run_for(self, seconds):
         return repeat_for(self.graph.replay, seconds) * self.calls_per_replay
+
+
+class DeferredTimer:
+    """Times blocks of work without a host sync: CUDA events read later on a GPU, ``perf_counter``
+    on a CPU. ``settle()`` waits for the last block and returns every (seconds, tag) since the last."""
+
+    def __init__(self):
+        self._records = []
+
+    @contextlib.contextmanager
+    def time(self, on_gpu, tag=None):
+        if on_gpu:
+            import torch
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self._records.append((start, end, tag))
+
+    def settle(self):
+        if self._records and not isinstance(self._records[-1][1], float):
+            self._records[-1][1].synchronize()  # elapsed_time needs completed events
+        done = [((end - start) if isinstance(start, float) else start.elapsed_time(end) * 1e-3, tag)
+                for start, end, tag in self._records]
+        self._records = []
+        return done
 
 
 def repeat_for(fn, seconds):

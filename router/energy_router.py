@@ -67,15 +67,14 @@ Statistics accumulate on the device; ``stats()`` reads them with one sync (``tra
 drops their dozen small launches from the hot path). The bias itself is one kernel launch
 (``kernels.cost_bias``), the re-selection a second routing launch.
 """
-import contextlib
 import dataclasses
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibration.energy import DeferredTimer
 from kernels._validate import check_dim, check_same_dtype_device, check_tensor
 from kernels.cost_bias import (cost_curves, energy_weight_reference, expert_cost_bias, expert_cost_reference,
                                ttt_offset_step)
@@ -196,7 +195,7 @@ class EnergyAwareTTTRouter(TopKRouter):
 
     def _reset_ttt_accounting(self):
         self.ttt_updates = 0
-        self._update_timings = []  # (start, end, power_w): CUDA events, or seconds on a CPU
+        self._update_timer = DeferredTimer()  # tagged with the monitor's power at each update
         self._ttt_time_s = self._ttt_energy_j = self._ttt_unpowered_s = 0.0
 
     def _apply(self, fn, *args, **kwargs):
@@ -326,7 +325,8 @@ class EnergyAwareTTTRouter(TopKRouter):
         if _capturing(self.weight):
             raise RuntimeError("ttt_step() cannot run inside CUDA-graph capture: call it between replays")
         self._tokens_since_update = 0
-        with self._timed_update(), torch.inference_mode(False), torch.no_grad():
+        power_w = self.monitor.power_w if self.monitoring else None
+        with self._update_timer.time(self.weight.is_cuda, power_w), torch.inference_mode(False), torch.no_grad():
             if self.cost_weighted:
                 self._bias_step()
             if self.ttt_gate and self._ring_filled:
@@ -360,29 +360,13 @@ class EnergyAwareTTTRouter(TopKRouter):
                 else torch.optim.Adam([self.weight], lr=lr)
         return self._gate_optimizer
 
-    @contextlib.contextmanager
-    def _timed_update(self):
-        power_w = self.monitor.power_w if self.monitoring else None
-        if self.weight.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._update_timings.append((start, end, power_w))  # read in stats(): no sync here
-        else:
-            t0 = time.perf_counter()
-            yield
-            self._update_timings.append((t0, time.perf_counter(), power_w))
-
     def _settle_update_timings(self):
-        for start, end, power_w in self._update_timings:
-            seconds = start.elapsed_time(end) * 1e-3 if isinstance(start, torch.cuda.Event) else end - start
+        for seconds, power_w in self._update_timer.settle():
             self._ttt_time_s += seconds
             if power_w is None:
                 self._ttt_unpowered_s += seconds
             else:
                 self._ttt_energy_j += power_w * seconds
-        self._update_timings = []
 
     # ---- statistics ----------------------------------------------------------------------------
 
