@@ -42,13 +42,12 @@ import torch.distributed as dist  # noqa: E402
 
 from bench._results import provenance, write_json_atomic  # noqa: E402
 from bench.calibrate import gpu_matches  # noqa: E402
-from bench.kcm_accuracy import EagerRunner  # noqa: E402
 from bench.models import (DECODE_PLAN_EXCLUDES, TransformerLM, TTTLanguageModel, model_dims,  # noqa: E402
                           use_energy_aware_router)
 from bench.train import (MOE_CPU_NEEDS_INTERPRETER, checkpoint_path, corpus_files, evaluate,  # noqa: E402
                          heldout_streams, load_checkpoint, moe_cpu_without_interpreter, positive_float, positive_int,
                          split_by_file, stdlib_root)
-from calibration.energy import event_times_ms, measure_energy, measure_idle_power_w  # noqa: E402
+from calibration.energy import EagerRunner, event_times_ms, measure_energy, measure_idle_power_w  # noqa: E402
 from calibration.nvml_meter import BackgroundSampler, GpuMeter  # noqa: E402
 from calibration.priors import DATASHEETS, prior_table  # noqa: E402
 from costmodel.kernel_cost_model import TABLE_DIR, KernelCostModel  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 from bench._results import provenance, write_json_atomic
 from bench.calibrate import check_gpu, sweep_point
 from bench.models import TransformerLM
-from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w, median_event_ms, repeat_for
+from calibration.energy import EagerRunner, GraphRunner, measure_energy, measure_idle_power_w
 from calibration.nvml_meter import GpuMeter
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import SEQUENCE_OPS
@@ -66,21 +66,6 @@ def predict_forward(model, lm, batch_size, measured_latency_ms=None):
     kernel_ms = model.get_plan_cost(plan)["latency_ms"]
     gap_ms = 0.0 if measured_latency_ms is None else max(0.0, measured_latency_ms - kernel_ms)
     return model.get_plan_cost(plan, gap_ms)["energy_joules"], kernel_ms
-
-
-class EagerRunner:
-    """``run_for(seconds) -> calls`` of a plain Python call, and its median CUDA-event latency."""
-
-    def __init__(self, fn):
-        with torch.no_grad():
-            for _ in range(3):
-                fn()
-            self.latency_ms = median_event_ms(fn, 20)
-        self.fn = fn
-
-    @torch.no_grad()
-    def run_for(self, seconds):
-        return repeat_for(self.fn, seconds)
 
 
 def forward_rows(model, meter, idle_power_w, trials):

@@ -128,6 +128,23 @@ class GraphRunner:
         return repeat_for(self.graph.replay, seconds) * self.calls_per_replay
 
 
+class EagerRunner:
+    """``run_for(seconds) -> calls`` of a plain Python call (launch gaps and all, as users run it),
+    without autograd, and its median CUDA-event latency; warmed up first."""
+
+    def __init__(self, fn):
+        import torch
+        self.torch, self.fn = torch, fn
+        with torch.no_grad():
+            for _ in range(3):
+                fn()
+            self.latency_ms = median_event_ms(fn, 20)
+
+    def run_for(self, seconds):
+        with self.torch.no_grad():
+            return repeat_for(self.fn, seconds)
+
+
 class DeferredTimer:
     """Times blocks of work without a host sync: CUDA events read later on a GPU, ``perf_counter``
     on a CPU. ``settle()`` waits for the last block and returns every (seconds, tag) since the last."""
