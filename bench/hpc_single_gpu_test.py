@@ -408,8 +408,8 @@ def predict(cost_model, info, plan, excludes, entry):
            "energy_per_token_j": kernels_only["energy_joules"] / tokens,
            "kernel_latency_ms": kernels_only["latency_ms"], "covers_all_work": not excludes, "excludes": list(excludes)}
     if entry["timer"] == "cuda_events":
-        gap_ms = max(0.0, entry["latency_ms_mean"] - kernels_only["latency_ms"])
-        out["energy_per_call_j_with_gaps"] = cost_model.get_plan_cost(plan, gap_ms)["energy_joules"]
+        with_gaps = cost_model.get_plan_cost(plan, measured_latency_ms=entry["latency_ms_mean"])
+        out["energy_per_call_j_with_gaps"] = with_gaps["energy_joules"]
     else:
         out["energy_per_call_j_with_gaps"] = None
         out["with_gaps_reason"] = "the gap term needs the GPU's measured latency"

@@ -62,10 +62,8 @@ def kernel_rows(model, meter, idle_power_w, trials):
 def predict_forward(model, lm, batch_size, measured_latency_ms=None):
     """(energy_j, kernel latency_ms) of one forward: its ops' costs, plus the table's gap power over
     (measured latency - predicted kernel time) when the forward's measured latency is given (eager)."""
-    plan = lm.cost_plan(batch_size)
-    kernel_ms = model.get_plan_cost(plan)["latency_ms"]
-    gap_ms = 0.0 if measured_latency_ms is None else max(0.0, measured_latency_ms - kernel_ms)
-    return model.get_plan_cost(plan, gap_ms)["energy_joules"], kernel_ms
+    cost = model.get_plan_cost(lm.cost_plan(batch_size), measured_latency_ms)
+    return cost["energy_joules"], cost["kernel_latency_ms"]
 
 
 def forward_rows(model, meter, idle_power_w, trials):

@@ -194,13 +194,17 @@ class KernelCostModel:
                 "source": source, "prediction": True, "gpu": self.gpu_type}
         return cost | ({"warning": warning} if warning else {})
 
-    def get_plan_cost(self, plan, gap_ms=0.0):
-        """Predicted cost of a sequence of calls, ``plan`` = [(op, batch_size, calls), ...], with
-        ``gap_ms`` of host-side gaps between kernels charged at the table's ``gap_power_w`` (the
-        awake-but-waiting power; idle power for tables without it). Returns ``energy_joules``,
-        ``latency_ms`` (kernel time plus the gaps) and ``prediction: True``."""
-        if not (isinstance(gap_ms, (int, float)) and math.isfinite(gap_ms) and gap_ms >= 0):
-            raise ValueError(f"gap_ms must be a finite number >= 0, got {gap_ms!r}")
+    def get_plan_cost(self, plan, measured_latency_ms=None):
+        """Predicted cost of a sequence of calls, ``plan`` = [(op, batch_size, calls), ...].
+
+        With the sequence's ``measured_latency_ms`` (an eager call: host launch gaps the table does
+        not model), the time it took beyond the predicted kernel time is charged at the table's
+        ``gap_power_w`` (the awake-but-waiting power; idle power for tables without it). Returns
+        ``energy_joules``, ``latency_ms`` (kernel time plus the gaps), ``kernel_latency_ms``,
+        ``gap_ms`` and ``prediction: True``."""
+        if measured_latency_ms is not None and not (isinstance(measured_latency_ms, (int, float))
+                                                    and math.isfinite(measured_latency_ms) and measured_latency_ms >= 0):
+            raise ValueError(f"measured_latency_ms must be a finite number >= 0 or None, got {measured_latency_ms!r}")
         energy_j = latency_ms = 0.0
         for op, batch_size, calls in plan:
             if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
@@ -208,9 +212,10 @@ class KernelCostModel:
             cost = self.get_cost(op, batch_size)
             energy_j += cost["energy_joules"] * calls
             latency_ms += cost["latency_ms"] * calls
+        gap_ms = 0.0 if measured_latency_ms is None else max(0.0, measured_latency_ms - latency_ms)
         gap_power_w = self.table.get("gap_power_w") or self.table["idle_power_w"]
         return {"energy_joules": energy_j + gap_power_w * gap_ms * 1e-3, "latency_ms": latency_ms + gap_ms,
-                "kernel_latency_ms": latency_ms, "prediction": True, "gpu": self.gpu_type}
+                "kernel_latency_ms": latency_ms, "gap_ms": gap_ms, "prediction": True, "gpu": self.gpu_type}
 
     def get_cost_breakdown(self, op, batch_size):
         """Static vs dynamic energy (idle power over the call's time vs the rest), and compute- vs

@@ -209,14 +209,14 @@ def test_plan_cost_sums_calls_and_charges_gaps(tmp_path):
     write_json_atomic(tmp_path / "t.json", synthetic_table() | {"gap_power_w": 120.0})
     model = KernelCostModel("TESTGPU", table=tmp_path / "t.json")
     plan = [("ffn_gate", 16, 3), ("flash_attention", 4, 2)]
-    total = model.get_plan_cost(plan, gap_ms=2.0)
     parts = [model.get_cost(op, b) for op, b, _ in plan]
     kernel_ms = 3 * parts[0]["latency_ms"] + 2 * parts[1]["latency_ms"]
+    total = model.get_plan_cost(plan, measured_latency_ms=kernel_ms + 2.0)  # 2 ms of launch gaps
     assert total["kernel_latency_ms"] == pytest.approx(kernel_ms) and total["latency_ms"] == pytest.approx(kernel_ms + 2)
     assert total["energy_joules"] == pytest.approx(3 * parts[0]["energy_joules"] + 2 * parts[1]["energy_joules"]
                                                    + 120.0 * 2e-3)
-    with pytest.raises(ValueError, match="gap_ms"):
-        model.get_plan_cost(plan, gap_ms=-1.0)
+    with pytest.raises(ValueError, match="measured_latency_ms"):
+        model.get_plan_cost(plan, measured_latency_ms=-1.0)
     with pytest.raises(ValueError, match="calls"):
         model.get_plan_cost([("ffn_gate", 16, -2)])
     with pytest.raises(ValueError, match="unknown op"):
