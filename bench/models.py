@@ -264,12 +264,12 @@ class TTTLanguageModel(nn.Module):
         self.reset_stats()
 
     def _build_optimizers(self):
-        lr = self.energy_aware_lr
+        lr, fused = self.energy_aware_lr, self._masters[0].is_cuda  # fused Adam: one launch per step
         if not self.muon_enabled:
-            return [torch.optim.Adam(self._masters, lr=lr)]
+            return [torch.optim.Adam(self._masters, lr=lr, fused=fused)]
         matrices = [m for m in self._masters if m.dim() == 2]
         return [torch.optim.Muon(matrices, lr=lr, weight_decay=0.0),  # Muon takes 2-D weights only
-                torch.optim.Adam([m for m in self._masters if m.dim() != 2], lr=lr)]
+                torch.optim.Adam([m for m in self._masters if m.dim() != 2], lr=lr, fused=fused)]
 
     @property
     def dims(self):

@@ -63,8 +63,9 @@ a token with a NaN/Inf hidden state gets weight 0 on every expert, so it contrib
 the bias never selects a probability-0 expert over a positive one. Such tokens are counted
 (``nan_tokens`` in ``stats()``).
 
-Statistics accumulate on the device; ``stats()`` reads them with one sync (``track_stats=False``
-drops their dozen small launches from the hot path). The bias itself is one kernel launch
+Statistics and the TTT window accumulate on the device in one launch
+(``kernels.routing_stats``); ``stats()`` reads them with one sync (``track_stats=False`` skips
+the statistics). The bias itself is one kernel launch
 (``kernels.cost_bias``), the re-selection a second routing launch.
 """
 import dataclasses
@@ -80,13 +81,12 @@ from kernels.cost_bias import (cost_curves, energy_weight_reference, expert_cost
                                ttt_offset_step)
 from kernels.moe_layer import TopKRouter
 from kernels.routing import topk_routing
+from kernels.routing_stats import STAT_FIELDS, routing_tallies
 from router.monitor import STATE_FIELDS
 
 COST_OP = "swiglu_ffn"
 OBJECTIVE_KEYS = ("energy", "latency", "quality")
 DEFAULT_OBJECTIVE_WEIGHTS = {"energy": 1.0, "latency": 0.0, "quality": 1.0}
-STAT_FIELDS = ("calls", "tokens", "rerouted_tokens", "changed_slots", "distinct_experts", "plain_distinct_experts",
-               "nan_tokens", "active_slots")
 ATTRIBUTED_NOTE = "attributed, not metered: monitor board power x the updates' own GPU time"
 
 
@@ -111,7 +111,7 @@ class EnergyAwareTTTRouter(TopKRouter):
         ttt_gate: adapt the gate weight too. adapt: run TTT at all (settable later).
         thermal_gain, thermal_margin_c: the energy weight's rise toward the slowdown threshold.
         max_memory_pressure: cap on the memory pressure fed to the cost lookup (< 1).
-        track_stats: accumulate ``stats()`` (a few small ops per call).
+        track_stats: accumulate ``stats()`` (part of one small launch per call).
         device, dtype: of a new weight.
     """
 
@@ -236,22 +236,14 @@ class EnergyAwareTTTRouter(TopKRouter):
         weights = self._gate_weights(router_logits, routing.topk_weights, routing.topk_ids)
         window = adapt and self.cost_weighted
         if self.track_stats or window:
-            stats, loads = self._tallies(plain.topk_ids, plain.nan_tokens, routing.topk_ids, weights.detach())
-            if self.track_stats:
-                self._stats.add_(stats)
-            if window:
-                self._window.add_(loads)
+            routing_tallies(plain.topk_ids, routing.topk_ids, weights.detach(), plain.nan_tokens, self.num_experts,
+                            stats=self._stats if self.track_stats else None,
+                            window=self._window if window else None)
         if adapting:
             self._remember(hidden_states, routing.topk_ids)
         if self.weights_dtype == "logits":
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, routing.topk_ids
-
-    def _loads(self, topk_ids):
-        """Tokens routed to each expert, [E] float32 (no bincount: its size would need a sync)."""
-        ids = topk_ids.view(-1)
-        ones = torch.ones((), dtype=torch.float32, device=ids.device).expand(ids.numel())
-        return torch.zeros(self.num_experts, dtype=torch.float32, device=ids.device).index_add_(0, ids, ones)
 
     def expert_cost(self, batch_sizes):
         """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens (a float tensor) under the
@@ -293,15 +285,6 @@ class EnergyAwareTTTRouter(TopKRouter):
                 "max_shift": self.max_shift, "thermal_gain": self.thermal_gain,
                 "thermal_margin_c": self.thermal_margin_c, "max_memory_pressure": self.max_memory_pressure}
 
-    def _tallies(self, plain_ids, nan_tokens, topk_ids, weights):
-        """(this call's increments of ``STAT_FIELDS`` [8] int64, of the TTT window [2, E]: tokens, ran)."""
-        plain_loads, loads = self._loads(plain_ids), self._loads(topk_ids)
-        moved = ~(topk_ids[:, :, None] == plain_ids[:, None, :]).any(2)  # [T, K]: slot not in the plain set
-        one = torch.ones((), dtype=torch.int64, device=loads.device)
-        stats = torch.stack((one, one * topk_ids.shape[0], moved.any(1).sum(), moved.sum(), (loads > 0).sum(),
-                             (plain_loads > 0).sum(), nan_tokens.sum(), (weights > 0).sum()))
-        return stats, torch.stack((loads, (loads > 0).float()))
-
     def _remember(self, hidden_states, topk_ids):
         """The host side of the TTT window: the token count, and the gate's ring of hidden states."""
         self._tokens_since_update += hidden_states.shape[0]
@@ -338,26 +321,31 @@ class EnergyAwareTTTRouter(TopKRouter):
                         **self._bias_knobs())
 
     def _gate_step(self):
-        hidden = self._ring_hidden[:self._ring_filled]
-        finite = torch.isfinite(hidden).all(1)
-        hidden = torch.where(finite[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
-        ids = self._ring_ids[:self._ring_filled].long()
-        weight = self.weight.detach().requires_grad_()
-        with torch.enable_grad():
-            log_probs = F.linear(hidden, weight).float().log_softmax(-1)
-            chosen_mass = log_probs.gather(1, ids).logsumexp(1)  # log of the mass on the chosen set
-            loss = -(chosen_mass * finite).sum() / finite.sum().clamp_min(1)
-            grad, = torch.autograd.grad(loss, weight)
         optimizer = self._optimizer()
-        user_grad, self.weight.grad = self.weight.grad, grad  # leave the caller's own gradient in place
+        user_grad, self.weight.grad = self.weight.grad, self._gate_gradient()
         optimizer.step()
-        self.weight.grad = user_grad
+        self.weight.grad = user_grad  # leave the caller's own gradient in place
+
+    def _gate_gradient(self):
+        """d/dW of the mean over the ring's finite tokens of -log(softmax mass on the chosen set).
+
+        In closed form (no autograd graph: eager TTT is host-bound): with p the softmax of the
+        logits and q = p on the chosen experts renormalised to 1 (0 elsewhere), dloss/dlogits =
+        (p - q) / n per token, and the weight's gradient is its product with the hidden states."""
+        hidden = self._ring_hidden[:self._ring_filled]
+        finite = torch.isfinite(hidden).all(1, keepdim=True)
+        hidden = torch.where(finite, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        probs = F.linear(hidden, self.weight.detach()).float().softmax(-1)  # [N, E]
+        chosen = torch.zeros_like(probs).scatter_(1, self._ring_ids[:self._ring_filled].long(), 1.0) * probs
+        scale = finite / finite.sum().clamp_min(1)
+        d_logits = (probs - chosen / chosen.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)) * scale
+        return (d_logits.T @ hidden.float()).to(self.weight.dtype)
 
     def _optimizer(self):
         if self._gate_optimizer is None:
             lr = self.energy_aware_lr
             self._gate_optimizer = torch.optim.Muon([self.weight], lr=lr, weight_decay=0.0) if self.muon_enabled \
-                else torch.optim.Adam([self.weight], lr=lr)
+                else torch.optim.Adam([self.weight], lr=lr, fused=self.weight.is_cuda)  # fused: one launch
         return self._gate_optimizer
 
     def _settle_update_timings(self):

@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from bench._results import write_json_atomic
@@ -215,6 +216,23 @@ def test_gate_ttt_raises_mass_on_the_chosen_experts_and_ignores_nan_tokens(cost_
         after = probs_of(router, hidden).gather(1, ids).sum(1)[finite].mean()
     assert router.ttt_updates == 1 and torch.isfinite(router.weight).all()
     assert after > before
+
+
+def test_gate_gradient_is_autograds(cost_model):
+    """The closed-form gate gradient equals autograd's on the ring (a NaN token included)."""
+    _, router = router_pair(cost_model, ttt_update_frequency=1000, ttt_gate=True, ttt_chunk_size=24)
+    xs = batches([8, 8])
+    xs[0][5] = float("nan")
+    with torch.inference_mode():
+        for x in xs:
+            router(x)
+    hidden, ids = router._ring_hidden[:16].clone(), router._ring_ids[:16].long()
+    finite = torch.isfinite(hidden).all(1)
+    weight = router.weight.detach().clone().requires_grad_()
+    log_probs = F.linear(torch.where(finite[:, None], hidden, 0.0), weight).float().log_softmax(-1)
+    loss = -(log_probs.gather(1, ids).logsumexp(1) * finite).sum() / finite.sum()
+    expected, = torch.autograd.grad(loss, weight)
+    assert torch.allclose(router._gate_gradient(), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_ttt_frozen_and_graph_step(cost_model):
