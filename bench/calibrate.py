@@ -6,7 +6,8 @@ NVML counter (``calibration.energy``), with CUDA-event latency. It also measures
 matmul and copy ceilings, and fits the first-order thermal model to the timeline the sweep itself
 heated, and each op's memory-pressure curve (its latency stretch beside a background stream that
 takes a set share of HBM bandwidth, ``calibration.pressure``). The table goes to
-``calibration/tables/<gpu>.json`` atomically, with its provenance. No GPU setting is changed.
+``calibration/tables/<gpu>.json`` atomically, with its provenance, keeping the collective curves
+(``bench.calibrate_comm``) of the table it replaces. No GPU setting is changed.
 """
 import argparse
 import re
@@ -23,7 +24,7 @@ from calibration.nvml_meter import BackgroundSampler, GpuMeter
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
 from calibration.thermal import fit_thermal_model
 from calibration.trace import trace_of
-from costmodel.kernel_cost_model import TABLE_DIR
+from costmodel.kernel_cost_model import TABLE_DIR, load_table
 from costmodel.ops import OPS, SEQUENCE_OPS, ModelDims, work
 
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
@@ -158,6 +159,15 @@ def pressure_section(shares, background, curves):
             "ops": {op: {"batch_size": b, "points": pts} for op, (b, pts) in curves.items()}}
 
 
+def kept_collectives(path):
+    """The collective curves of the table at ``path`` (measured apart, by ``bench.calibrate_comm``),
+    which a new sweep keeps; None without a readable table there."""
+    try:
+        return load_table(table=path)[0].get("collectives")
+    except ValueError:  # no table yet, or a corrupt one: nothing to keep
+        return None
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", required=True, help="the GPU this table is for, e.g. H100 or A100")
@@ -244,6 +254,9 @@ def main(argv=None):
         "duration_s": time.monotonic() - started,
     }
     output = args.output or TABLE_DIR / f"{args.gpu}.json"
+    collectives = kept_collectives(output)
+    if collectives:
+        table["collectives"] = collectives
     write_json_atomic(output, table)
     if args.trace:
         write_json_atomic(args.trace, trace_of(meter, sampler) | {"provenance": table["provenance"]})

@@ -48,7 +48,7 @@ from bench.train import (MOE_CPU_NEEDS_INTERPRETER, checkpoint_path, corpus_file
                          heldout_streams, load_checkpoint, moe_cpu_without_interpreter, positive_float, positive_int,
                          split_by_file, stdlib_root)
 from calibration.energy import EagerRunner, event_times_ms, measure_energy, measure_idle_power_w  # noqa: E402
-from calibration.nvml_meter import BackgroundSampler, GpuMeter  # noqa: E402
+from calibration.nvml_meter import BackgroundSampler, meter_for_cuda_device  # noqa: E402
 from calibration.priors import DATASHEETS, prior_table  # noqa: E402
 from costmodel.kernel_cost_model import TABLE_DIR, KernelCostModel  # noqa: E402
 from router.energy_router import EnergyAwareTTTRouter  # noqa: E402
@@ -302,7 +302,7 @@ class DeviceEnv:
         self.meter = self.sampler = self.idle_power_w = None
         self.energy_reason = NO_GPU if not torch.cuda.is_available() else f"running on the CPU (--device {device})"
         if self.on_gpu:
-            self.meter = GpuMeter(nvml_index(device.index))
+            self.meter = meter_for_cuda_device(device.index)
             self.energy_reason = None if self.meter.available else self.meter.unavailable_reason
 
     @property
@@ -320,12 +320,6 @@ class DeviceEnv:
 
     def samples_between(self, t0, t1):
         return [s for s in (self.sampler.samples if self.sampler else []) if t0 <= s.time_s <= t1]
-
-
-def nvml_index(cuda_index):
-    """NVML counts every GPU; CUDA only the visible ones: map through CUDA_VISIBLE_DEVICES when it lists indices."""
-    visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
-    return int(visible[cuda_index]) if visible and all(x.isdigit() for x in visible) else cuda_index
 
 
 def time_calls_ms(fn, runs, on_gpu):

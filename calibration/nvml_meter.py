@@ -199,3 +199,20 @@ class BackgroundSampler:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+
+def meter_for_cuda_device(cuda_index=None):
+    """The ``GpuMeter`` of a CUDA device (default: the current one), found by UUID: CUDA numbers
+    only the visible GPUs (CUDA_VISIBLE_DEVICES, by index or UUID), NVML numbers them all."""
+    import torch
+    index = torch.cuda.current_device() if cuda_index is None else cuda_index
+    cuda_uuid = f"GPU-{torch.cuda.get_device_properties(index).uuid}"
+    first = GpuMeter(0)
+    if not first.available:
+        return first  # unavailable, with the reason
+    for nvml_index in range(first.nvml.nvmlDeviceGetCount()):
+        meter = GpuMeter(nvml_index, nvml=first.nvml)
+        if meter.uuid() == cuda_uuid:
+            return meter
+    raise RuntimeError(f"no NVML device has CUDA device {index}'s UUID {cuda_uuid}")

@@ -4,12 +4,18 @@ Tables live in ``calibration/tables/<gpu>.json``: measured ones written by
 ``python -m bench.calibrate`` and analytic priors (``"source": "prior"``). Between measured batch
 sizes the model interpolates in log-log space; outside them it extrapolates the nearest segment
 and says so. Every figure it returns is a prediction, and ``source`` says what it rests on.
+
+A table's optional ``collectives`` section holds measured collective curves, written by
+``torchrun --nproc_per_node N -m bench.calibrate_comm``: ``collectives[op][str(world_size)]`` is
+``{"points": [{"bytes_per_rank", "latency_ms", "energy_j", ...}], "source": "measured", ...}``,
+energy summed over the participating GPUs. ``get_comm_cost`` and ``comm_cost_per_byte`` read it.
 """
+import bisect
 import json
 import math
 from pathlib import Path
 
-from costmodel.ops import ModelDims, check_op, work
+from costmodel.ops import COMM_OPS, ModelDims, check_op, work
 
 TABLE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "tables"
 
@@ -41,7 +47,23 @@ def load_table(gpu_type=None, table=None):
                              for p in points):
             raise ValueError(f"cost table {path} is corrupt: op {op!r} needs points with positive batch_size, "
                              "latency_ms and energy_j")
+    _check_collectives(path, data.get("collectives"))
     return data, path
+
+
+def _check_collectives(path, section):
+    """Each collective curve: a world-size key ("2"), a source, and points with positive sizes,
+    latency and energy."""
+    positive = ("bytes_per_rank", "latency_ms", "energy_j")
+    for op, curves in (section or {}).items():
+        for world_size, curve in (curves.items() if isinstance(curves, dict) else [(None, None)]):
+            curve = curve if isinstance(curve, dict) else {}
+            points = curve.get("points")
+            if not str(world_size).isdigit() or curve.get("source") not in ("measured", "prior") or not points or \
+                    any(not (p.get(k) or 0) > 0 for p in points for k in positive):
+                raise ValueError(f"cost table {path} is corrupt: collectives[{op!r}] needs world-size keys ('2') "
+                                 "and curves with a source and points of positive bytes_per_rank, latency_ms and "
+                                 "energy_j")
 
 
 def _piecewise_linear(points, x):
@@ -51,9 +73,9 @@ def _piecewise_linear(points, x):
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def _interpolate(points, batch_size, key):
-    """Log-log interpolation of ``key`` over points sorted by batch size; (value, where)."""
-    xs = [p["batch_size"] for p in points]
+def _interpolate(points, batch_size, key, x_key="batch_size"):
+    """Log-log interpolation of ``key`` over points sorted by ``x_key``; (value, where)."""
+    xs = [p[x_key] for p in points]
     if batch_size in xs:
         return points[xs.index(batch_size)][key], "measured"
     if len(points) == 1:
@@ -63,6 +85,42 @@ def _interpolate(points, batch_size, key):
     slope = (math.log(y1) - math.log(y0)) / (math.log(x1) - math.log(x0))
     value = math.exp(math.log(y0) + slope * (math.log(batch_size) - math.log(x0)))
     return value, "interpolated" if xs[0] < batch_size < xs[-1] else "extrapolated"
+
+
+def _interpolate_comm(points, bytes_per_rank, key):
+    """``key`` of a collective at ``bytes_per_rank``; (value, where). Log-log between measured sizes;
+    beyond them the end segment goes on linearly in bytes (latency + bytes / bandwidth), and below
+    the smallest size no cheaper per byte than it (a fixed start-up cost only grows the share)."""
+    xs = [p["bytes_per_rank"] for p in points]
+    if len(points) == 1 or xs[0] <= bytes_per_rank <= xs[-1]:
+        return _interpolate(points, bytes_per_rank, key, x_key="bytes_per_rank")
+    value = _piecewise_linear([(x, p[key]) for x, p in zip(xs, points)], bytes_per_rank)
+    if bytes_per_rank < xs[0]:
+        value = max(value, points[0][key] * bytes_per_rank / xs[0])
+    return value, "extrapolated"
+
+
+def _secant_slope(points, bytes_per_rank, key):
+    """d``key``/dbyte around ``bytes_per_rank``: the secant of the measured segment it lies in (at
+    an inner measured size, of its two neighbours; beyond the range, of the end segment), >= 0."""
+    xs = [p["bytes_per_rank"] for p in points]
+    if len(points) == 1:
+        return points[0][key] / xs[0]
+    hi = min(max(bisect.bisect_right(xs, bytes_per_rank), 1), len(xs) - 1)
+    lo = hi - 1
+    if lo > 0 and xs[lo] == bytes_per_rank:
+        lo -= 1
+    slope = (points[hi][key] - points[lo][key]) / (xs[hi] - xs[lo])
+    return max(slope, 0.0)  # timing noise can make a segment fall; more bytes never cost less
+
+
+def _comm_curves(table):
+    """{(op, world_size): curve with its points sorted by size} from a table's collectives section."""
+    curves = {}
+    for op, by_world_size in (table.get("collectives") or {}).items():
+        for world_size, curve in by_world_size.items():
+            curves[op, int(world_size)] = curve | {"points": sorted(curve["points"], key=lambda p: p["bytes_per_rank"])}
+    return curves
 
 
 class KernelCostModel:
@@ -83,6 +141,7 @@ class KernelCostModel:
         self.is_prior = self.table["source"] == "prior"
         self.dims = ModelDims(**self.table["dims"])
         self._points = {op: sorted(e["points"], key=lambda p: p["batch_size"]) for op, e in self.table["ops"].items()}
+        self._comm = _comm_curves(self.table)
 
     @property
     def ops(self):
@@ -193,6 +252,40 @@ class KernelCostModel:
                 "temp_impact": self._temp_impact_c(power_w, latency_ms, current_temp), "memory_gb": memory_gb,
                 "source": source, "prediction": True, "gpu": self.gpu_type}
         return cost | ({"warning": warning} if warning else {})
+
+    def _comm_curve(self, op, bytes_per_rank, world_size):
+        if op not in COMM_OPS:
+            raise ValueError(f"unknown collective op {op!r}; the cost model knows {', '.join(COMM_OPS)}")
+        _positive_number("bytes_per_rank", bytes_per_rank)
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if not self.table.get("collectives"):
+            raise ValueError(f"the {self.gpu_type} table ({self.path}) has no collectives section: "
+                             f"torchrun --nproc_per_node N -m bench.calibrate_comm --gpu {self.gpu_type} measures it")
+        curve = self._comm.get((op, world_size))
+        if curve is None:
+            measured = sorted(w for o, w in self._comm if o == op)
+            raise ValueError(f"world_size {world_size} has no {op} curve in the {self.gpu_type} table "
+                             f"({self.path}); measured world sizes: {measured}; torchrun --nproc_per_node {world_size} "
+                             f"-m bench.calibrate_comm --gpu {self.gpu_type} measures it")
+        return curve
+
+    def get_comm_cost(self, op, bytes_per_rank, world_size):
+        """Predicted cost of one collective call in which each of ``world_size`` ranks sends
+        ``bytes_per_rank``: ``energy_joules`` (summed over all participating GPUs), ``latency_ms``,
+        ``source`` (the curve's: "measured") and ``interpolation`` (measured / interpolated /
+        extrapolated). Log-log between measured sizes; beyond them linear in bytes."""
+        curve = self._comm_curve(op, bytes_per_rank, world_size)
+        latency_ms, where = _interpolate_comm(curve["points"], bytes_per_rank, "latency_ms")
+        energy_j, _ = _interpolate_comm(curve["points"], bytes_per_rank, "energy_j")
+        return {"energy_joules": energy_j, "latency_ms": latency_ms, "source": curve["source"],
+                "interpolation": where, "prediction": True, "gpu": self.gpu_type}
+
+    def comm_cost_per_byte(self, op, bytes_per_rank, world_size):
+        """(energy_j_per_byte, latency_ms_per_byte): the marginal cost of one more byte per rank in a
+        message of ``bytes_per_rank``, the secant slope of the measured curve around it (>= 0)."""
+        points = self._comm_curve(op, bytes_per_rank, world_size)["points"]
+        return _secant_slope(points, bytes_per_rank, "energy_j"), _secant_slope(points, bytes_per_rank, "latency_ms")
 
     def get_plan_cost(self, plan, measured_latency_ms=None):
         """Predicted cost of a sequence of calls, ``plan`` = [(op, batch_size, calls), ...].

@@ -6,6 +6,9 @@
 forward is a sum of table ops. Work and bytes feed the analytic priors and the compute- vs
 memory-bound split of ``get_cost_breakdown``; the measured tables time the real kernels
 (``kernels/``; ``rms_norm`` and ``residual_add`` are torch's) at the same shapes.
+
+``COMM_OPS`` are the collectives, costed per message size (``bytes_per_rank``) and world size
+from curves that ``calibration.collectives`` measures; they have no roofline work here.
 """
 from dataclasses import asdict, dataclass
 
@@ -15,6 +18,7 @@ OPS = ("ffn_gate", "ffn_up", "ffn_down", "swiglu_gate_up", "swiglu_ffn", "attent
        "flash_attention", "moe_router", "fused_experts", "qkv_projection", "output_projection", "lm_head", "rms_norm",
        "residual_add")
 SEQUENCE_OPS = ("attention_qk", "attention_av", "flash_attention")
+COMM_OPS = ("all_to_all",)  # torch.distributed.all_to_all_single with even splits: expert parallelism's exchange
 
 
 @dataclass(frozen=True)

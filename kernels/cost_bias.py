@@ -13,6 +13,12 @@ costs, the score and bias are
     g(T) = 1 + thermal_gain * clamp((T - (T_slowdown - margin)) / margin, 0, 1)
     bias_e = clamp(offset_e - max_shift * s_e / (1 + s_e), -max_shift, 0)
 
+The optional ``extra_cost`` [2, E] float32 device tensor (energy_j, latency_ms per routed token)
+is what each expert costs beyond its compute, e.g. the all_to_all that sends a token to a remote
+expert and back (0 for local experts): dE_e and dL_e above include it as given (unstretched: the
+communication curve is its own measurement), and the test-time step charges it per routed token.
+Without it a constexpr flag compiles its loads out.
+
 The hardware state is a [3] device tensor (temperature °C, power W, NVML memory utilisation
 0..1; NaN = unknown: the coolest calibrated temperature and no pressure). One program does it all
 (histogram of the ids, interpolation, stretch, bias): no host sync, CUDA-graph capturable.
@@ -118,10 +124,10 @@ def _score(energy_j, latency_ms, b_temp, fixed_energy_j, fixed_latency_ms, slowd
 
 @triton.jit
 def _cost_bias_kernel(
-    p_ids, n_slots, p_curves, stride_row, p_state, p_offsets, p_bias, E,
+    p_ids, n_slots, p_curves, stride_row, p_state, p_offsets, p_extra, p_bias, E,
     idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
     energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure,
-    N_TABLE: tl.constexpr, N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr,
+    N_TABLE: tl.constexpr, N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr, HAS_EXTRA: tl.constexpr,
     BLOCK: tl.constexpr, BINS: tl.constexpr,
 ):
     # loads: a histogram of the plain ids [n_slots]; invalid ids and padding land in the spare bin E
@@ -141,9 +147,13 @@ def _cost_bias_kernel(
     e_hi, l_hi = _stretched_cost(p_curves, stride_row, b_others + 1.0, b_stretch, idle_power_w, N_TABLE)
     e_lo, l_lo = _stretched_cost(p_curves, stride_row, tl.maximum(b_others, 1.0), b_stretch, idle_power_w, N_TABLE)
     b_busy = b_others > 0
-    b_score = _score(tl.where(b_busy, e_hi - e_lo, e_hi), tl.where(b_busy, l_hi - l_lo, l_hi), b_temp,
-                     fixed_energy_j, fixed_latency_ms, slowdown_temp_c, energy_weight, latency_weight, thermal_gain,
-                     thermal_margin_c)
+    b_energy = tl.where(b_busy, e_hi - e_lo, e_hi)
+    b_latency = tl.where(b_busy, l_hi - l_lo, l_hi)
+    if HAS_EXTRA:  # [2, E]: each routed token's energy and latency beyond the expert's compute
+        b_energy += tl.load(p_extra + o_e, mask=m_e, other=0.0)
+        b_latency += tl.load(p_extra + E + o_e, mask=m_e, other=0.0)
+    b_score = _score(b_energy, b_latency, b_temp, fixed_energy_j, fixed_latency_ms, slowdown_temp_c, energy_weight,
+                     latency_weight, thermal_gain, thermal_margin_c)
     b_offsets = tl.load(p_offsets + o_e, mask=m_e, other=0.0)
     b_bias = tl.minimum(tl.maximum(b_offsets - max_shift * b_score / (1.0 + b_score), -max_shift), 0.0)
     tl.store(p_bias + o_e, b_bias, mask=m_e)
@@ -151,10 +161,11 @@ def _cost_bias_kernel(
 
 @triton.jit
 def _offset_step_kernel(
-    p_window, p_curves, stride_row, p_state, p_offsets, E,
+    p_window, p_curves, stride_row, p_state, p_offsets, p_extra, E,
     idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
     energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure, lr,
-    N_TABLE: tl.constexpr, N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr, BINS: tl.constexpr,
+    N_TABLE: tl.constexpr, N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    BINS: tl.constexpr,
 ):
     # window [2, E]: tokens each expert ran, and in how many batches it ran
     o_e = tl.arange(0, BINS)
@@ -165,6 +176,9 @@ def _offset_step_kernel(
                                           max_memory_pressure, N_CLOCK, N_PRESSURE)
     b_load = tl.maximum(b_tokens / tl.maximum(b_batches, 1.0), 1.0)  # tokens per batch in which it ran
     energy_j, latency_ms = _stretched_cost(p_curves, stride_row, b_load, b_stretch, idle_power_w, N_TABLE)
+    if HAS_EXTRA:  # paid by every routed token: b_load of them
+        energy_j += b_load * tl.load(p_extra + o_e, mask=m_e, other=0.0)
+        latency_ms += b_load * tl.load(p_extra + E + o_e, mask=m_e, other=0.0)
     b_per_token = _score(energy_j, latency_ms, b_temp, fixed_energy_j, fixed_latency_ms, slowdown_temp_c,
                          energy_weight, latency_weight, thermal_gain, thermal_margin_c) / b_load
     target = tl.sum(b_per_token * b_tokens, 0) / tl.maximum(tl.sum(b_tokens, 0), 1.0)
@@ -189,6 +203,17 @@ def _check(curves, hardware_state, bias_offsets, **inputs):
         raise ValueError(f"all on one device, got {({k: str(t.device) for k, t in tensors.items()})}")
 
 
+def _check_extra_cost(extra_cost, bias_offsets):
+    """The optional [2, E] contiguous float32 extra cost; the tensor the kernels read (or a stand-in)."""
+    if extra_cost is None:
+        return bias_offsets  # never read: HAS_EXTRA is off
+    check_tensor("extra_cost", extra_cost, ndim=2, dtypes=(torch.float32,))
+    if tuple(extra_cost.shape) != (2, bias_offsets.shape[0]) or not extra_cost.is_contiguous():
+        raise ValueError(f"extra_cost must be a contiguous [2, {bias_offsets.shape[0]}] tensor (energy_j, latency_ms "
+                         f"per routed token), got {tuple(extra_cost.shape)}")
+    return extra_cost
+
+
 def _constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure):
     knobs = {"energy_weight": energy_weight, "latency_weight": latency_weight, "max_shift": max_shift,
              "thermal_gain": thermal_gain, "thermal_margin_c": thermal_margin_c,
@@ -204,42 +229,46 @@ def _constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, t
 
 
 def expert_cost_bias(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight, max_shift,
-                     thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9):
+                     thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9, extra_cost=None):
     """The [E] float32 selection bias (E = ``bias_offsets``' length) for a batch whose plain top-k
-    chose ``topk_ids`` [T, K]; see the module docstring. No host sync."""
+    chose ``topk_ids`` [T, K]; ``extra_cost`` [2, E] (or None) adds each expert's per-token cost
+    beyond its compute; see the module docstring. No host sync."""
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
-    _check(curves, hardware_state, bias_offsets, topk_ids=topk_ids)
+    extra = _check_extra_cost(extra_cost, bias_offsets)
+    _check(curves, hardware_state, bias_offsets, topk_ids=topk_ids, extra_cost=extra)
     E = bias_offsets.shape[0]
     bias = torch.empty(E, dtype=torch.float32, device=bias_offsets.device)
     ids = topk_ids.reshape(-1)
     _cost_bias_kernel[(1,)](
-        ids, ids.numel(), curves.packed, curves.packed.stride(0), hardware_state, bias_offsets, bias, E,
+        ids, ids.numel(), curves.packed, curves.packed.stride(0), hardware_state, bias_offsets, extra, bias, E,
         *_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
                     max_memory_pressure),
         N_TABLE=curves.n_table, N_CLOCK=curves.n_clock, N_PRESSURE=curves.n_pressure,
-        BLOCK=min(1024, triton.next_power_of_2(max(ids.numel(), 16))), BINS=triton.next_power_of_2(E + 1),
+        HAS_EXTRA=extra_cost is not None, BLOCK=min(1024, triton.next_power_of_2(max(ids.numel(), 16))),
+        BINS=triton.next_power_of_2(E + 1),
     )
     return bias
 
 
 def ttt_offset_step(window, curves, hardware_state, bias_offsets, *, lr, energy_weight, latency_weight, max_shift,
-                    thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9):
+                    thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9, extra_cost=None):
     """One test-time step of ``bias_offsets`` [E] in place, from ``window`` [2, E] float32 (tokens each
     expert ran since the last step, and in how many batches), which it then zeroes; one launch.
 
-    Each expert that ran gets its amortised score per routed token, s(cost at its mean load) /
-    mean load; experts cheaper than the token-weighted mean step up by ``lr`` (attract tokens),
-    dearer ones step down (DeepSeek's sign step, aimed at cost per token, not load balance).
-    Offsets stay in [-max_shift, max_shift]."""
+    Each expert that ran gets its amortised score per routed token, s(cost at its mean load plus
+    ``extra_cost`` [2, E] per token, if given) / mean load; experts cheaper than the token-weighted
+    mean step up by ``lr`` (attract tokens), dearer ones step down (DeepSeek's sign step, aimed at
+    cost per token, not load balance). Offsets stay in [-max_shift, max_shift]."""
     _check_window(window, bias_offsets)
-    _check(curves, hardware_state, bias_offsets, window=window)
+    extra = _check_extra_cost(extra_cost, bias_offsets)
+    _check(curves, hardware_state, bias_offsets, window=window, extra_cost=extra)
     E = bias_offsets.shape[0]
     _offset_step_kernel[(1,)](
-        window, curves.packed, curves.packed.stride(0), hardware_state, bias_offsets, E,
+        window, curves.packed, curves.packed.stride(0), hardware_state, bias_offsets, extra, E,
         *_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
                     max_memory_pressure), float(lr),
         N_TABLE=curves.n_table, N_CLOCK=curves.n_clock, N_PRESSURE=curves.n_pressure,
-        BINS=triton.next_power_of_2(E + 1),
+        HAS_EXTRA=extra_cost is not None, BINS=triton.next_power_of_2(E + 1),
     )
 
 
@@ -297,7 +326,8 @@ def energy_weight_reference(curves, hardware_state, energy_weight, thermal_gain=
 
 
 def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight,
-                               max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9):
+                               max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9,
+                               extra_cost=None):
     """``expert_cost_bias`` in torch."""
     E = bias_offsets.shape[0]
     ids = topk_ids.reshape(-1).long()
@@ -308,19 +338,26 @@ def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *
     (e_hi, l_hi), (e_lo, l_lo) = _cost_reference(curves, others + 1.0, stretch), \
         _cost_reference(curves, others.clamp_min(1.0), stretch)
     busy = others > 0
-    score = _score_reference(curves, torch.where(busy, e_hi - e_lo, e_hi), torch.where(busy, l_hi - l_lo, l_hi),
-                             temp, energy_weight, latency_weight, thermal_gain, thermal_margin_c)
+    energy, latency = torch.where(busy, e_hi - e_lo, e_hi), torch.where(busy, l_hi - l_lo, l_hi)
+    if extra_cost is not None:
+        energy, latency = energy + extra_cost[0], latency + extra_cost[1]
+    score = _score_reference(curves, energy, latency, temp, energy_weight, latency_weight, thermal_gain,
+                             thermal_margin_c)
     return (bias_offsets - max_shift * score / (1.0 + score)).clamp(-max_shift, 0.0)
 
 
 def ttt_offset_step_reference(window, curves, hardware_state, bias_offsets, *, lr, energy_weight, latency_weight,
-                              max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9):
+                              max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9,
+                              extra_cost=None):
     """``ttt_offset_step`` in torch (also in place)."""
     tokens, batches = window
     temp, stretch = _hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
     load = (tokens / batches.clamp_min(1.0)).clamp_min(1.0)
-    per_token = _score_reference(curves, *_cost_reference(curves, load, stretch), temp, energy_weight,
-                                 latency_weight, thermal_gain, thermal_margin_c) / load
+    energy, latency = _cost_reference(curves, load, stretch)
+    if extra_cost is not None:
+        energy, latency = energy + load * extra_cost[0], latency + load * extra_cost[1]
+    per_token = _score_reference(curves, energy, latency, temp, energy_weight, latency_weight, thermal_gain,
+                                 thermal_margin_c) / load
     target = (per_token * tokens).sum() / tokens.sum().clamp_min(1.0)
     step = torch.sign(target - per_token) * (tokens > 0)
     bias_offsets.add_(step, alpha=lr).clamp_(-max_shift, max_shift)

@@ -8,7 +8,8 @@ top_k_weights)``: each token's output is the sum over its K chosen experts of
    the epilogue, written per slot to an [T*K, I] intermediate;
 2. down: the intermediate's rows, times the top-k weight in the epilogue, written per slot;
 
-then a fixed-order sum over each token's K slots (deterministic: no atomics in the reduction).
+then a fixed-order sum over each token's K slots (``kernels.gather_sum``; deterministic: no
+atomics in the reduction), which skips slots whose expert id is outside [0, E).
 Only blocks of experts that received tokens do work; with few tokens (decode) each touched
 expert's weight tile is read once per output tile.
 """
@@ -19,6 +20,7 @@ import triton.language as tl
 from kernels import _config
 from kernels._autograd import apply_with_reference_grad
 from kernels._validate import INDEX_DTYPES, check_dim, check_same_dtype_device, check_tensor, dot_precision
+from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import _tile_coords, _tile_product
 from kernels.routing import check_topk_ids, group_by_expert
 
@@ -102,13 +104,12 @@ def launch_fused_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_
     blocks = group_by_expert(topk_ids, E, cfg_gate_up["block_m"])
     intermediate = torch.empty((n_slots, two_i // 2), dtype=hidden_states.dtype, device=hidden_states.device)
     _launch_expert_gemm(hidden_states, gate_up_proj, intermediate, blocks, None, top_k, True, True, cfg_gate_up)
-    per_slot = out if top_k == 1 else torch.empty((n_slots, H), dtype=hidden_states.dtype,
-                                                    device=hidden_states.device)
+    per_slot = torch.empty((n_slots, H), dtype=hidden_states.dtype, device=hidden_states.device)
     weights = topk_weights.contiguous().view(-1)  # the kernel indexes it by slot with unit stride
     _launch_expert_gemm(intermediate, down_proj, per_slot, blocks, weights, top_k, False, False, cfg_down)
-    if top_k > 1:
-        torch.sum(per_slot.view(T, top_k, H), dim=1, out=out)  # fixed-order, deterministic reduction
-    return out
+    # fixed-order, deterministic sum over each token's slots; slots of out-of-range ids (dropped,
+    # never written) are skipped: expert parallelism sends every rank ids outside its experts
+    return launch_gather_sum(per_slot, topk_ids, out, num_experts=E)
 
 
 def fused_experts_reference(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
@@ -162,7 +163,7 @@ def fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
         top_k_index: [T, K] int32/int64 expert ids, K <= E.
         top_k_weights: [T, K] float weights (any float dtype; used in fp32).
         validate_ids: range-check ``top_k_index`` on the host (one sync; pass False on hot paths
-            whose ids come from a router: out-of-range ids are then dropped, never read out of bounds).
+            whose ids come from a router: out-of-range ids are then dropped, contributing nothing).
     Returns:
         [T, H] in ``hidden_states``' dtype.
     """

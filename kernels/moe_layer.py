@@ -13,13 +13,16 @@ logits that transformers records from its own router classes for ``output_router
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.expert_parallel import expert_parallel_experts
 from kernels.fused_experts import fused_experts
 from kernels.routing import topk_routing
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
+EP_CHUNKS = 1
 
 
 class TopKRouter(nn.Module):
@@ -86,19 +89,33 @@ class FusedMoE(nn.Module):
 
     Args:
         router: a ``TopKRouter`` (or any module with its forward contract).
-        gate_up_proj: [E, 2I, H] expert weights, gate rows first.
-        down_proj: [E, H, I].
+        gate_up_proj: [E, 2I, H] expert weights, gate rows first; with a ``process_group`` of W
+            ranks, this rank's [E/W, 2I, H] (rank r owns experts [r*E/W, (r+1)*E/W)).
+        down_proj: [E, H, I] (or this rank's [E/W, H, I]).
+        process_group: None (every expert here), or a torch.distributed group for expert
+            parallelism (``kernels.expert_parallel``): every rank routes its own tokens with the
+            full router, tokens travel to the ranks owning their experts by ``all_to_all_single``
+            and back. Forward-only; one host sync per call (the count exchange).
+        ep_chunks: with a process group, the chunks each rank's tokens are split into so that one
+            chunk's experts run while the next chunk's tokens travel (the same on every rank).
     The submodules are named as in the HF blocks (``gate`` is the router, ``experts`` holds the
     weights), so a patched model's ``state_dict`` keeps its keys; ``router`` reads ``gate``.
-    Forward: hidden_states [..., H] -> [..., H]. No host sync: capturable in a CUDA graph.
-    Gradients reach the experts, the hidden states and the router (through the chosen experts'
-    gate weights, as in the HF blocks); the experts' backward recomputes the torch reference.
+    Forward: hidden_states [..., H] -> [..., H]. Without a process group there is no host sync
+    (capturable in a CUDA graph), and gradients reach the experts, the hidden states and the
+    router (through the chosen experts' gate weights, as in the HF blocks); the experts' backward
+    recomputes the torch reference.
     """
 
-    def __init__(self, router, gate_up_proj, down_proj):
+    def __init__(self, router, gate_up_proj, down_proj, process_group=None, ep_chunks=EP_CHUNKS):
         super().__init__()
         self.gate = router
         self.experts = Experts(gate_up_proj, down_proj)
+        self.process_group = process_group
+        if isinstance(ep_chunks, bool) or not isinstance(ep_chunks, int) or ep_chunks < 1:
+            raise ValueError(f"ep_chunks must be an int >= 1, got {ep_chunks!r}")
+        self.ep_chunks = ep_chunks
+        if process_group is not None:
+            _check_expert_shard(router.num_experts, gate_up_proj.shape[0], process_group)
 
     @property
     def router(self):
@@ -106,8 +123,10 @@ class FusedMoE(nn.Module):
         return self.gate
 
     @classmethod
-    def from_hf(cls, block):
-        """Build from a transformers 5.x Mixtral / Qwen3-MoE / OLMoE sparse-MoE block, sharing its weights."""
+    def from_hf(cls, block, process_group=None, ep_chunks=EP_CHUNKS):
+        """Build from a transformers 5.x Mixtral / Qwen3-MoE / OLMoE sparse-MoE block, sharing its
+        weights; with a ``process_group``, this rank keeps a copy of its E/W experts only (so the
+        block's full weights can be freed) and the router stays whole."""
         kind = type(block).__name__
         if kind not in SUPPORTED_BLOCKS:
             raise TypeError(f"block must be one of {', '.join(SUPPORTED_BLOCKS)}, got {kind}")
@@ -119,13 +138,42 @@ class FusedMoE(nn.Module):
             router = TopKRouter(gate.weight, gate.top_k, renormalize=True, weights_dtype=None)
         else:
             router = TopKRouter(gate.weight, gate.top_k, renormalize=gate.norm_topk_prob, weights_dtype="logits")
-        return cls(router, block.experts.gate_up_proj, block.experts.down_proj)
+        gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+        if process_group is not None:
+            _check_expert_shard(router.num_experts, None, process_group)
+            gate_up, down = (_local_experts(w, process_group) for w in (gate_up, down))
+        return cls(router, gate_up, down, process_group, ep_chunks)
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         _, topk_weights, topk_ids = self.gate(flat)
-        return self.experts(flat, topk_ids, topk_weights).reshape(shape)
+        if self.process_group is None or dist.get_world_size(self.process_group) == 1:
+            return self.experts(flat, topk_ids, topk_weights).reshape(shape)
+        if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise RuntimeError("the expert-parallel FusedMoE is forward-only (no backward through all_to_all): "
+                               "call it under torch.no_grad() or torch.inference_mode()")
+        return expert_parallel_experts(flat, topk_ids, topk_weights, self.experts.gate_up_proj,
+                                       self.experts.down_proj, self.process_group, chunks=self.ep_chunks).reshape(shape)
+
+
+def _check_expert_shard(num_experts, local_experts, process_group):
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got {type(process_group).__name__}")
+    world_size = dist.get_world_size(process_group)
+    if num_experts % world_size:
+        raise ValueError(f"process_group has {world_size} ranks, which does not divide the router's {num_experts} "
+                         "experts")
+    if local_experts is not None and local_experts != num_experts // world_size:
+        raise ValueError(f"gate_up_proj holds {local_experts} experts; with {world_size} ranks and {num_experts} "
+                         f"router experts each rank holds {num_experts // world_size}")
+
+
+def _local_experts(weight, process_group):
+    """This rank's contiguous slice of an [E, ...] expert weight, as its own parameter."""
+    per_rank = weight.shape[0] // dist.get_world_size(process_group)
+    first = dist.get_rank(process_group) * per_rank
+    return nn.Parameter(weight.detach()[first:first + per_rank].clone(), requires_grad=weight.requires_grad)
 
 
 def patch_hf_model(model):

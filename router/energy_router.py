@@ -53,6 +53,18 @@ under graph replays the per-expert window still accumulates on the device, and `
 applies an update between replays. Updates are counted and timed (CUDA events on a GPU); their
 energy is *attributed* (monitor board power x update time), not metered.
 
+**Expert placement.** Under expert parallelism (``expert_placement=(rank, world_size)``, experts
+owned contiguously: rank r holds [r*E/W, (r+1)*E/W)) a token routed to a remote expert is sent
+there and back by all_to_all. Each remote expert's selection cost then includes, per routed
+token, the cost of one remote byte times the token's row (d_model bf16 values) times 2
+(dispatch and combine); local experts add nothing. The remote byte's cost comes from the
+table's ``all_to_all`` curve slope at the layer's message size (``KernelCostModel.
+comm_cost_per_byte`` at ``expert_placement_bytes_per_rank``), which is per byte of every rank's
+message with energy summed over the W GPUs: energy / (W-1) and latency x W / (W-1).
+This [2, E] ``extra_cost`` (energy J, latency ms per token) is built once, on the host, and
+follows the router's device. It is a per-expert upper bound of the marginal cost: a token
+already sent to a rank for another expert costs nothing more to send there again.
+
 **Dynamic k.** ``top_p`` (off by default) keeps, per token, the chosen experts in descending
 gate weight until their share of the token's top-k weight reaches ``top_p``; the rest get weight
 0 (ids kept, so the [T, K] shape and ``fused_experts`` are unchanged).
@@ -76,6 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibration.energy import DeferredTimer
+from costmodel.ops import BYTES_PER_ELEMENT
 from kernels._validate import check_dim, check_same_dtype_device, check_tensor
 from kernels.cost_bias import (cost_curves, energy_weight_reference, expert_cost_bias, expert_cost_reference,
                                ttt_offset_step)
@@ -85,6 +98,8 @@ from kernels.routing_stats import STAT_FIELDS, routing_tallies
 from router.monitor import STATE_FIELDS
 
 COST_OP = "swiglu_ffn"
+COMM_OP = "all_to_all"
+DEFAULT_MESSAGE_TOKENS = 8192  # tokens per rank in one all_to_all: the default message size's rows
 OBJECTIVE_KEYS = ("energy", "latency", "quality")
 DEFAULT_OBJECTIVE_WEIGHTS = {"energy": 1.0, "latency": 0.0, "quality": 1.0}
 ATTRIBUTED_NOTE = "attributed, not metered: monitor board power x the updates' own GPU time"
@@ -112,6 +127,11 @@ class EnergyAwareTTTRouter(TopKRouter):
         thermal_gain, thermal_margin_c: the energy weight's rise toward the slowdown threshold.
         max_memory_pressure: cap on the memory pressure fed to the cost lookup (< 1).
         track_stats: accumulate ``stats()`` (part of one small launch per call).
+        expert_placement: None, or (rank, world_size) under expert parallelism: remote experts'
+            selection cost includes the all_to_all (module docstring); E must be a multiple of
+            world_size, and the cost model needs an all_to_all curve for world_size (> 1).
+        expert_placement_bytes_per_rank: the all_to_all message size (bytes each rank sends) at
+            which the curve's slope is read; default 8192 tokens' rows, 8192 * d_model * 2.
         device, dtype: of a new weight.
     """
 
@@ -119,7 +139,7 @@ class EnergyAwareTTTRouter(TopKRouter):
                  ttt_update_frequency=128, ttt_chunk_size=512, energy_aware_lr=1e-4, muon_enabled=False,
                  monitor=None, *, weight=None, renormalize=True, weights_dtype=None, top_p=None, ttt_gate=False,
                  adapt=True, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9, track_stats=True,
-                 device=None, dtype=None):
+                 expert_placement=None, expert_placement_bytes_per_rank=None, device=None, dtype=None):
         _check_sizes(d_model=d_model, num_experts=num_experts, top_k=top_k, ttt_update_frequency=ttt_update_frequency,
                      ttt_chunk_size=ttt_chunk_size)
         super().__init__(_gate_weight(weight, d_model, num_experts, device, dtype), top_k, renormalize, weights_dtype)
@@ -143,6 +163,9 @@ class EnergyAwareTTTRouter(TopKRouter):
             monitor.warn_unavailable()
         thermal = kernel_cost_model.table.get("thermal") or {}
         self.slowdown_temp_c = thermal.get("slowdown_temp_c") or (monitor.slowdown_temp_c if self.monitoring else None)
+        self.expert_placement = _check_placement(expert_placement, num_experts)
+        self._extra_cost_host = _placement_extra_cost(kernel_cost_model, self.expert_placement, num_experts, d_model,
+                                                      expert_placement_bytes_per_rank)
         self._device_tables()
         self._register_state()
         self._reset_host_counters()
@@ -208,12 +231,14 @@ class EnergyAwareTTTRouter(TopKRouter):
         return self
 
     def _device_tables(self):
-        """The bias kernels' cost curves, on the weight's device."""
+        """The bias kernels' cost curves and the placement's extra cost, on the weight's device."""
         device = self.weight.device
         curves = cost_curves(self.kernel_cost_model, COST_OP, device)
         if self.slowdown_temp_c is not None:  # the table's, else the monitor's (NVML) threshold
             curves = dataclasses.replace(curves, slowdown_temp_c=float(self.slowdown_temp_c))
         self._curves = curves
+        # [2, E] energy_j, latency_ms per routed token beyond compute (None: no placement)
+        self.extra_cost = None if self._extra_cost_host is None else self._extra_cost_host.to(device)
         self._no_state = torch.full((3,), math.nan, device=device)  # no monitor: cost model alone
 
     # ---- forward -------------------------------------------------------------------------------
@@ -283,7 +308,8 @@ class EnergyAwareTTTRouter(TopKRouter):
     def _bias_knobs(self):
         return {"energy_weight": self.objective_weights["energy"], "latency_weight": self.objective_weights["latency"],
                 "max_shift": self.max_shift, "thermal_gain": self.thermal_gain,
-                "thermal_margin_c": self.thermal_margin_c, "max_memory_pressure": self.max_memory_pressure}
+                "thermal_margin_c": self.thermal_margin_c, "max_memory_pressure": self.max_memory_pressure,
+                "extra_cost": self.extra_cost}
 
     def _remember(self, hidden_states, topk_ids):
         """The host side of the TTT window: the token count, and the gate's ring of hidden states."""
@@ -384,7 +410,8 @@ class EnergyAwareTTTRouter(TopKRouter):
     def extra_repr(self):
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"objective_weights={self.objective_weights}, max_shift={self.max_shift:.3g}, top_p={self.top_p}, "
-                f"adapt={self.adapt}, ttt_gate={self.ttt_gate}, monitoring={self.monitoring}")
+                f"adapt={self.adapt}, ttt_gate={self.ttt_gate}, monitoring={self.monitoring}, "
+                f"expert_placement={self.expert_placement}")
 
 
 def _capturing(tensor):
@@ -430,6 +457,54 @@ def _check_cost_model(model, d_model):
     if model.dims.d_model != d_model:
         raise ValueError(f"kernel_cost_model's table is for d_model={model.dims.d_model}, not the router's "
                          f"d_model={d_model}: calibrate {COST_OP} at the experts' dims")
+
+
+def _check_placement(placement, num_experts):
+    """(rank, world_size) with E split evenly over the ranks, or None."""
+    if placement is None:
+        return None
+    if not isinstance(placement, (tuple, list)) or len(placement) != 2 or \
+            any(isinstance(v, bool) or not isinstance(v, int) for v in placement):
+        raise ValueError(f"expert_placement must be None or (rank, world_size) ints, got {placement!r}")
+    rank, world_size = placement
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"expert_placement (rank, world_size) needs world_size >= 1 and 0 <= rank < world_size, "
+                         f"got {placement!r}")
+    if num_experts % world_size:
+        raise ValueError(f"expert_placement: num_experts ({num_experts}) must be a multiple of world_size "
+                         f"({world_size}); each rank owns E / world_size contiguous experts")
+    return rank, world_size
+
+
+def _placement_extra_cost(model, placement, num_experts, d_model, bytes_per_rank):
+    """[2, E] float32 on the host: energy_j and latency_ms per routed token that each expert adds
+    beyond its compute (the all_to_all there and back for a remote one), or None without a placement."""
+    if placement is None:
+        if bytes_per_rank is not None:
+            raise ValueError("expert_placement_bytes_per_rank sets the all_to_all message size: it needs "
+                             "expert_placement")
+        return None
+    if bytes_per_rank is None:
+        bytes_per_rank = DEFAULT_MESSAGE_TOKENS * d_model * BYTES_PER_ELEMENT
+    _positive_int("expert_placement_bytes_per_rank", bytes_per_rank)
+    rank, world_size = placement
+    extra = torch.zeros(2, num_experts, dtype=torch.float32)
+    if world_size == 1:  # every expert is local
+        return extra
+    try:
+        per_byte = model.comm_cost_per_byte(COMM_OP, bytes_per_rank, world_size)
+    except ValueError as exc:
+        raise ValueError(f"expert_placement {placement!r}: {exc}") from exc
+    # The curve's slope is per byte of *every* rank's message, energy summed over all W GPUs: one
+    # more byte from each rank moves W-1 remote bytes in all (energy / (W-1) per remote byte),
+    # and each rank's remote share, (W-1)/W of its message, sets the time (latency x W/(W-1)).
+    energy_j_per_byte, latency_ms_per_byte = per_byte
+    remote_byte = torch.tensor([energy_j_per_byte / (world_size - 1), latency_ms_per_byte * world_size /
+                                (world_size - 1)], dtype=torch.float64)
+    extra[:] = remote_byte[:, None] * (2 * d_model * BYTES_PER_ELEMENT)  # the token's row, dispatch and combine
+    owned = num_experts // world_size
+    extra[:, rank * owned:(rank + 1) * owned] = 0.0
+    return extra
 
 
 def _check_hyperparameters(energy_aware_lr, top_p, thermal_gain, thermal_margin_c, max_memory_pressure):

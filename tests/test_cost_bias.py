@@ -105,3 +105,78 @@ def test_window_is_checked():
     with pytest.raises(ValueError, match="window"):
         ttt_offset_step(torch.zeros(3, 4, device=DEVICE), curves, torch.zeros(3, device=DEVICE),
                         torch.zeros(4, device=DEVICE), lr=0.1, energy_weight=1.0, latency_weight=0.0, max_shift=0.1)
+
+
+def remote_extra_cost(model, E, seed):
+    """[2, E] per-token energy and latency of about one expert's fixed cost on every other (remote)
+    expert, 0 on the local ones (synthetic, for the kernel against its reference)."""
+    fixed = model.get_cost("swiglu_ffn", 1)
+    gen = torch.Generator().manual_seed(seed)
+    extra = torch.rand(2, E, generator=gen) * torch.tensor([[fixed["energy_joules"]], [fixed["latency_ms"]]])
+    extra[:, ::2] = 0.0
+    return extra.to(DEVICE)
+
+
+@pytest.mark.parametrize("T, K, E", [(13, 2, 5), (0, 2, 7), (37, 8, 128), (1, 1, 3)],
+                         ids=["odd-E", "no-tokens", "E128", "single-token"])
+@pytest.mark.parametrize("state", STATES, ids=["unknown", "cool", "hot-pressed", "beyond"])
+def test_kernel_with_extra_cost_matches_reference(T, K, E, state):
+    model = KernelCostModel("H100")
+    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    ids, hardware = random_ids(T, K, E, seed=T + E), torch.tensor(state, device=DEVICE)
+    offsets = (torch.rand(E, generator=torch.Generator().manual_seed(E)) - 0.5).mul(0.1).to(DEVICE)
+    extra = remote_extra_cost(model, E, seed=E)
+    ours = expert_cost_bias(ids, curves, hardware, offsets, **WEIGHTS, extra_cost=extra)
+    ref = expert_cost_bias_reference(ids, curves, hardware, offsets, **WEIGHTS, extra_cost=extra)
+    assert ours.shape == (E,) and torch.isfinite(ours).all()
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    plain = expert_cost_bias(ids, curves, hardware, offsets, **WEIGHTS)
+    remote = extra[0] > 0
+    idle = torch.bincount(ids.reshape(-1).long(), minlength=E) == 0  # a positive score, which the extra raises
+    assert torch.equal(ours[~remote], plain[~remote]), "local experts: the no-extra path"
+    assert (ours[remote] <= plain[remote]).all()
+    lower = (ours < plain) | (plain == -WEIGHTS["max_shift"])  # unless already at the floor
+    assert lower[remote & idle].all()
+
+
+@pytest.mark.parametrize("E", [5, 128])
+@pytest.mark.parametrize("state", STATES[:3], ids=["unknown", "cool", "hot-pressed"])
+def test_offset_step_with_extra_cost_matches_reference(E, state):
+    model = KernelCostModel("H100")
+    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    gen = torch.Generator().manual_seed(E)
+    tokens = torch.randint(0, 40, (E,), generator=gen).float()
+    window = torch.stack((tokens, (tokens > 0).float() * torch.randint(1, 4, (E,), generator=gen))).to(DEVICE)
+    offsets = (torch.rand(E, generator=gen) - 0.5).mul(0.2).to(DEVICE)
+    hardware, extra = torch.tensor(state, device=DEVICE), remote_extra_cost(model, E, seed=E + 1)
+    knobs = dict(lr=0.01, energy_weight=1.0, latency_weight=0.3, max_shift=0.2, extra_cost=extra)
+    ours_window, ours_offsets = window.clone(), offsets.clone()
+    ttt_offset_step(ours_window, curves, hardware, ours_offsets, **knobs)
+    ttt_offset_step_reference(window, curves, hardware, offsets, **knobs)
+    assert torch.allclose(ours_offsets, offsets, atol=1e-7) and (ours_window == 0).all()
+
+
+def test_offset_step_charges_the_extra_cost_per_token():
+    """Two experts that ran alike; the remote one's tokens also pay the exchange: it steps down."""
+    model = KernelCostModel("H100")
+    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    window = torch.tensor([[8.0, 8.0], [2.0, 2.0]], device=DEVICE)
+    extra = torch.tensor([[0.0, 1e-4], [0.0, 0.0]], device=DEVICE)
+    offsets = torch.zeros(2, device=DEVICE)
+    ttt_offset_step(window, curves, torch.full((3,), math.nan, device=DEVICE), offsets, lr=0.01, energy_weight=1.0,
+                    latency_weight=0.0, max_shift=0.2, extra_cost=extra)
+    assert offsets.tolist() == pytest.approx([0.01, -0.01])
+
+
+def test_extra_cost_is_checked():
+    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    ids, state, offsets = random_ids(3, 2, 4, 0), torch.zeros(3, device=DEVICE), torch.zeros(4, device=DEVICE)
+    bad = [(ValueError, torch.zeros(4, device=DEVICE)), (ValueError, torch.zeros(2, 5, device=DEVICE)),
+           (TypeError, torch.zeros(2, 4, device=DEVICE, dtype=torch.float64)),
+           (ValueError, torch.zeros(4, 2, device=DEVICE).T), (TypeError, [[0.0] * 4] * 2)]
+    for error, extra in bad:
+        with pytest.raises(error, match="extra_cost"):
+            expert_cost_bias(ids, curves, state, offsets, **WEIGHTS, extra_cost=extra)
+        with pytest.raises(error, match="extra_cost"):
+            ttt_offset_step(torch.zeros(2, 4, device=DEVICE), curves, state, offsets, lr=0.1, energy_weight=1.0,
+                            latency_weight=0.0, max_shift=0.1, extra_cost=extra)

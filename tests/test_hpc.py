@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,6 +14,7 @@ import pytest
 from bench import hpc_single_gpu_test as hpc
 from bench import train
 from bench.models import TransformerLM, model_dims
+from tests.cluster_scripts import directives, dry_run, modules_called
 from tests.conftest import ON_GPU
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,16 +180,6 @@ def test_torchrun_gathers_one_entry_per_rank(tmp_path):
 SCRIPTS = {"bench/run_hpc_test.slurm": "#SBATCH", "bench/run_hpc_test.pbs": "#PBS"}
 
 
-def directives(path, prefix):
-    """The scheduler directives, checked to come before the first command (schedulers stop reading there)."""
-    lines = Path(REPO / path).read_text().splitlines()
-    assert lines[0] == "#!/bin/bash"
-    first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
-    found = [line for line in lines if line.startswith(prefix + " ")]
-    assert found and all(lines.index(line) < first_command for line in found)
-    return [line[len(prefix):].strip() for line in found]
-
-
 def test_slurm_header():
     options = dict(re.fullmatch(r"--([\w-]+)=(.+)", d).groups() for d in directives("bench/run_hpc_test.slurm",
                                                                                       "#SBATCH"))
@@ -208,23 +198,10 @@ def test_pbs_header():
 def test_script_dry_run(script, tmp_path):
     """bash -n, then the script itself with python and torchrun stubbed: each command line it would
     run, with its variables expanded by bash, parses under the module's own argument parser."""
-    assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0
-    log, bin_dir = tmp_path / "calls.jsonl", tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("python", "torchrun"):
-        stub = bin_dir / tool
-        stub.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c 'import json, sys; "
-                        f"open(sys.argv[1], \"a\").write(json.dumps(sys.argv[2:]) + \"\\n\")' {log} {tool} \"$@\"\n")
-        stub.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
-               PBS_O_WORKDIR=str(tmp_path), MODEL_FLAGS="--d_model 64 --num_experts 8")
-    done = subprocess.run(["bash", str(REPO / script)], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    modules = {}
-    for call in calls:
-        m = call.index("-m")
-        modules[call[m + 1]] = call[m + 2:]
+    env = dict(os.environ, SLURM_SUBMIT_DIR=str(tmp_path), PBS_O_WORKDIR=str(tmp_path),
+               MODEL_FLAGS="--d_model 64 --num_experts 8")
+    calls = dry_run(script, tmp_path, env)
+    modules = modules_called(calls)
     assert set(modules) == {"bench.train", "bench.hpc_single_gpu_test"}
     assert train.parse_args(modules["bench.train"]).num_experts == 8
     on_cpu = [] if ON_GPU else ["--device", "cpu"]  # a CUDA host parses for its GPU

@@ -27,13 +27,21 @@ H, E, K, I = 32, 8, 2, 16
 COST = {"energy": 1.0, "latency": 0.0, "quality": 1.0}
 
 
+COMM_J_PER_BYTE, COMM_MS_PER_BYTE = 2e-3, 1e-4
+
+
 def decode_table(d_model=H, drop_swiglu=False):
-    """swiglu_ffn: 1 J + 0.02 J/token and 0.1 ms + 1 us/token (weight load dominates, as in decode)."""
+    """swiglu_ffn: 1 J + 0.02 J/token and 0.1 ms + 1 us/token (weight load dominates, as in decode);
+    all_to_all over 2 ranks: 1 J + 2 mJ/byte and 0.05 ms + 0.1 us/byte (a token's exchange costs a
+    visible share of an expert's weight load)."""
     table = synthetic_table()
     table["dims"] = asdict(ModelDims(d_model=d_model, d_ff=I, n_heads=4, num_experts=E, top_k=K))
     table["ops"]["swiglu_ffn"]["points"] = [
         {"batch_size": b, "latency_ms": 0.1 + 0.001 * b, "energy_j": 1.0 + 0.02 * b, "memory_gb": 1e-3 * b}
         for b in (1, 4, 16, 64, 256)]
+    table["collectives"] = {"all_to_all": {"2": {"source": "measured", "points": [
+        {"bytes_per_rank": b, "latency_ms": 0.05 + COMM_MS_PER_BYTE * b, "energy_j": 1.0 + COMM_J_PER_BYTE * b}
+        for b in (2 ** 10, 2 ** 16, 2 ** 22)]}}}
     if drop_swiglu:
         del table["ops"]["swiglu_ffn"]
     return table
@@ -312,6 +320,72 @@ def test_cost_lookup_uses_the_cached_temperature_and_memory_pressure(cost_model)
         assert lat == pytest.approx(host["latency_ms"], rel=1e-5)
 
 
+# ---- expert placement ----------------------------------------------------------------------------
+
+def test_placement_charges_remote_experts_the_exchange(cost_model):
+    """Rank 1 of 2 owns experts 4..7: 0..3 pay two rows (d_model bf16) of remote bytes per token; a
+    remote byte costs the curve's energy slope / (W-1) and its latency slope x W/(W-1), W = 2."""
+    _, router = router_pair(cost_model, expert_placement=(1, 2))
+    per_token = 2 * H * 2 * torch.tensor([[COMM_J_PER_BYTE], [COMM_MS_PER_BYTE * 2]])
+    expected = torch.cat((per_token.expand(2, 4), torch.zeros(2, 4)), dim=1)
+    assert router.extra_cost.dtype == torch.float32 and router.extra_cost.device == router.weight.device
+    assert torch.allclose(router.extra_cost.cpu(), expected, rtol=1e-6)
+    router.half()  # follows the router's device, and stays float32
+    assert router.extra_cost.dtype == torch.float32 and router.extra_cost.device == router.weight.device
+    _, alone = router_pair(cost_model, expert_placement=(0, 1))
+    assert (alone.extra_cost == 0).all(), "one rank: every expert is local"
+
+
+def test_remote_experts_get_a_more_negative_bias(cost_model):
+    plain, placed = router_pair(cost_model, expert_placement=(0, 2))  # local 0..3, remote 4..7
+    unplaced = EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights=COST)
+    ids = torch.tensor([[0, 4], [1, 5], [1, 5]], dtype=torch.int32, device=DEVICE)  # alike loads, local vs remote
+    bias, bias_unplaced = placed.cost_bias(ids), unplaced.cost_bias(ids)
+    for local, remote in ((0, 4), (1, 5), (2, 6)):  # singleton, busy, idle
+        assert bias_unplaced[local] == bias_unplaced[remote]
+        assert bias[remote] < bias[local] == bias_unplaced[local]
+
+
+def test_placement_keeps_tokens_on_local_experts(cost_model):
+    plain, placed = router_pair(cost_model, expert_placement=(0, 2), ttt_update_frequency=12, energy_aware_lr=0.01)
+    unplaced = EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights=COST)
+    remote_slots = {"placed": 0, "unplaced": 0}
+    for x in batches([6] * 6, seed=4):
+        remote_slots["placed"] += int((placed(x)[2] >= E // 2).sum())
+        remote_slots["unplaced"] += int((unplaced(x)[2] >= E // 2).sum())
+    assert placed.ttt_updates >= 2, "the offset step ran with the extra cost"
+    assert remote_slots["placed"] < remote_slots["unplaced"], remote_slots
+
+
+BAD_PLACEMENT = [
+    (r"expert_placement: num_experts \(8\) must be a multiple of world_size \(3\)", dict(expert_placement=(0, 3))),
+    (r"expert_placement .*0 <= rank < world_size", dict(expert_placement=(2, 2))),
+    (r"expert_placement .*0 <= rank < world_size", dict(expert_placement=(-1, 2))),
+    (r"expert_placement must be None or \(rank, world_size\)", dict(expert_placement=(0,))),
+    (r"expert_placement must be None or \(rank, world_size\)", dict(expert_placement="0,2")),
+    (r"expert_placement must be None or \(rank, world_size\)", dict(expert_placement=(True, 2))),
+    (r"expert_placement \(0, 4\): world_size 4 has no all_to_all curve", dict(expert_placement=(0, 4))),
+    ("expert_placement_bytes_per_rank", dict(expert_placement=(0, 2), expert_placement_bytes_per_rank=0)),
+    ("expert_placement_bytes_per_rank", dict(expert_placement=(0, 2), expert_placement_bytes_per_rank=1.5)),
+    ("expert_placement_bytes_per_rank .* needs expert_placement", dict(expert_placement_bytes_per_rank=4096)),
+]
+
+
+@pytest.mark.parametrize("match, kwargs", BAD_PLACEMENT, ids=[f"placement-{i}" for i in range(len(BAD_PLACEMENT))])
+def test_bad_placement(cost_model, match, kwargs):
+    with pytest.raises(ValueError, match=match):
+        EnergyAwareTTTRouter(H, E, K, cost_model, **kwargs)
+
+
+def test_placement_needs_a_measured_exchange(tmp_path):
+    table = decode_table()
+    del table["collectives"]
+    write_json_atomic(tmp_path / "no_comm.json", table)
+    with pytest.raises(ValueError, match="expert_placement .* no collectives section"):
+        EnergyAwareTTTRouter(H, E, K, KernelCostModel("TESTGPU", table=tmp_path / "no_comm.json"),
+                             expert_placement=(0, 2))
+
+
 # ---- dynamic k, bad input, FusedMoE --------------------------------------------------------------
 
 def test_top_p_zeroes_experts_past_the_nucleus(cost_model):
@@ -426,9 +500,11 @@ def test_inside_fused_moe(cost_model, dtype):
 # ---- GPU: no host sync, graph capture ------------------------------------------------------------
 
 @requires_gpu
-def test_forward_never_syncs_the_host(cost_model):
+@pytest.mark.parametrize("placement", [None, (1, 2)], ids=["single-gpu", "expert-parallel"])
+def test_forward_never_syncs_the_host(cost_model, placement):
     monitor, _ = fake_monitor(temperature_c=70)
-    _, router = router_pair(cost_model, monitor=monitor, ttt_update_frequency=4, ttt_gate=True)
+    _, router = router_pair(cost_model, monitor=monitor, ttt_update_frequency=4, ttt_gate=True,
+                            expert_placement=placement)
     xs = batches([4, 4, 4])
     router(xs[0])
     torch.cuda.synchronize()

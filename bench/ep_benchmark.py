@@ -1,0 +1,334 @@
+"""``torchrun --nproc_per_node N -m bench.ep_benchmark``: the expert-parallel ``FusedMoE`` on N GPUs.
+
+Each rank holds E/N experts of one MoE layer (default: the Qwen3-30B-A3B shape, 128 experts,
+top-8, H 2048, I 768, bf16) and routes its own ``--tokens_per_gpu`` tokens (8192). It measures:
+
+- correctness: the expert-parallel output against the single-GPU layer (all E experts on this
+  GPU, same tokens), relative L2 error per rank;
+- the single-GPU layer on every GPU at once (the weak-scaling base): tokens/s, J/token;
+- the expert-parallel layer, with plain top-k and with the energy-aware router that charges
+  remote experts the measured all_to_all cost (``--cost_table``: a table with an all_to_all
+  curve for N GPUs, from ``python -m bench.calibrate_comm``): tokens/s (N*T over the slowest
+  rank's time), J/token (every GPU's NVML energy over the same synchronised >= 1 s windows,
+  summed), and the bytes each token sends to other GPUs; plain top-k at each ``--chunks``
+  (``FusedMoE.ep_chunks``: dispatch of one chunk overlapping the experts of another), the
+  energy-aware router at the fastest of them.
+
+Weak-scaling efficiency = the fastest EP tokens/s / (N x single-GPU tokens/s), measured in the
+same run.
+Latencies are CUDA-event times of back-to-back calls between barriers (median of ``--repeats``
+batches, slowest rank). Rank 0 prints a table and writes ``--output`` atomically. On a CPU
+(gloo, ``--device cpu``, ``--shape tiny``) it runs end to end with energy null.
+"""
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if "TRITON_INTERPRET" not in os.environ and not __import__("torch").cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels run on the CPU
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import kernels  # noqa: E402
+from bench._results import provenance, write_json_atomic  # noqa: E402
+from bench.moe_cases import SHAPES, MoeShape  # noqa: E402
+from calibration.collectives import calls_per_window, collective_energy  # noqa: E402
+from calibration.energy import measure_idle_power_w  # noqa: E402
+from calibration.nvml_meter import meter_for_cuda_device  # noqa: E402
+from calibration.priors import prior_table  # noqa: E402
+from costmodel.kernel_cost_model import KernelCostModel, load_table  # noqa: E402
+from costmodel.ops import ModelDims  # noqa: E402
+from kernels.expert_parallel import plan_dispatch  # noqa: E402
+from router.energy_router import EnergyAwareTTTRouter  # noqa: E402
+
+CPU_SHAPE = MoeShape("tiny", 8, 2, 32, 24, True)
+NO_GPU = "no NVIDIA GPU"
+BF16_REL_TOL = 1e-2  # the tests' bf16 tolerance (tests/conftest.py)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m bench.ep_benchmark",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="qwen3", choices=sorted(SHAPES) + ["tiny"])
+    parser.add_argument("--tokens_per_gpu", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=5, help="timed batches of back-to-back calls")
+    parser.add_argument("--calls_per_batch", type=int, default=10)
+    parser.add_argument("--chunks", default="1,2,4", help="ep_chunks values to time (comma-separated)")
+    parser.add_argument("--window_s", type=float, default=1.0, help="energy window (>= 1 s)")
+    parser.add_argument("--trials", type=int, default=2, help="energy windows per measurement")
+    parser.add_argument("--cost_table", default=None,
+                        help="table with an all_to_all curve for this GPU count (default: calibration/tables/<gpu>.json)")
+    parser.add_argument("--gpu", default="H100", help="the cost table's GPU name")
+    parser.add_argument("--objective_weights", default="energy=1,latency=0,quality=10")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="default: ep_results_<N>gpu.json")
+    args = parser.parse_args(argv)
+    for name in ("tokens_per_gpu", "repeats", "calls_per_batch", "trials"):
+        if getattr(args, name) < (0 if name == "tokens_per_gpu" else 1):
+            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
+    if not args.window_s >= 1.0:
+        parser.error(f"--window_s must be >= 1 s (the NVML counter updates every ~100 ms), got {args.window_s}")
+    args.on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    if args.device == "cuda" and not args.on_gpu:
+        parser.error(f"--device cuda: {NO_GPU}")
+    args.shape = CPU_SHAPE if args.shape == "tiny" else SHAPES[args.shape]
+    try:
+        args.chunks = [int(c) for c in args.chunks.split(",")]
+    except ValueError:
+        parser.error(f"--chunks must be comma-separated ints, got {args.chunks!r}")
+    if not args.chunks or min(args.chunks) < 1:
+        parser.error(f"--chunks must be ints >= 1, got {args.chunks}")
+    args.objective_weights = dict((k, float(v)) for k, v in (kv.split("=") for kv in args.objective_weights.split(",")))
+    return args
+
+
+def init_distributed(on_gpu):
+    """(rank, world size, device); torchrun's environment, or a group of one without it."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# ---- the layers -----------------------------------------------------------------------------------
+
+def full_weights(shape, device, dtype, seed):
+    """Router [E, H], gate_up [E, 2I, H], down [E, H, I]: the same on every rank (same seed)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, scale):
+        return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
+    return (randn(shape.E, shape.H, scale=1.0), randn(shape.E, 2 * shape.I, shape.H, scale=shape.H ** -0.5),
+            randn(shape.E, shape.H, shape.I, scale=shape.I ** -0.5))
+
+
+def layers(args, rank, world_size, device, dtype):
+    """(single-GPU layer with all experts, expert-parallel layer with this rank's, its local slice)."""
+    router_weight, gate_up, down = full_weights(args.shape, device, dtype, args.seed)
+    per_rank = args.shape.E // world_size
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    whole = kernels.FusedMoE(kernels.TopKRouter(router_weight, args.shape.K, args.shape.renormalize), gate_up, down)
+    sharded = kernels.FusedMoE(kernels.TopKRouter(router_weight, args.shape.K, args.shape.renormalize),
+                               gate_up[mine].clone(), down[mine].clone(), process_group=dist.group.WORLD)
+    return whole, sharded
+
+
+def energy_aware_router(args, sharded, rank, world_size, dtype):
+    """The energy-aware router over the same gate weight, charging remote experts the all_to_all cost.
+
+    Its compute costs are the analytic prior at this layer's dims (labelled so in the results);
+    the communication costs are the measured curve of ``--cost_table``."""
+    shape = args.shape
+    dims = ModelDims(d_model=shape.H, d_ff=shape.I, n_heads=max(1, shape.H // 128), seq_len=1,
+                     num_experts=shape.E, top_k=shape.K)
+    measured, path = load_table(None if args.cost_table else args.gpu, args.cost_table)
+    table = prior_table(args.gpu, dims) | {"collectives": measured.get("collectives", {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_json_atomic(Path(tmp) / "ep_costs.json", table)
+        cost_model = KernelCostModel(None, table=Path(tmp) / "ep_costs.json")
+    router = EnergyAwareTTTRouter.from_router(
+        sharded.gate, cost_model, objective_weights=args.objective_weights, adapt=False,
+        expert_placement=(rank, world_size),
+        expert_placement_bytes_per_rank=args.tokens_per_gpu * shape.H * torch.finfo(dtype).bits // 8)
+    return router, {"compute_costs": "prior (calibration.priors at the layer's dims)",
+                    "communication_costs": f"measured all_to_all curve from {path}"}
+
+
+# ---- measurement ----------------------------------------------------------------------------------
+
+def _all_reduce(value, op):
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def slowest(value):
+    """The maximum of ``value`` over the ranks."""
+    return _all_reduce(value, dist.ReduceOp.MAX)
+
+
+def summed(value):
+    return _all_reduce(value, dist.ReduceOp.SUM)
+
+
+def ms_per_call(fn, args):
+    """Median over ``--repeats`` batches of back-to-back calls (barrier-aligned), slowest rank."""
+    fn()
+    times_ms = []
+    for _ in range(args.repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if args.on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        for _ in range(args.calls_per_batch):
+            fn()
+        if args.on_gpu:
+            end.record()
+            end.synchronize()
+            times_ms.append(start.elapsed_time(end) / args.calls_per_batch)
+        else:
+            times_ms.append((time.perf_counter() - t0) * 1e3 / args.calls_per_batch)
+    return slowest(statistics.median(times_ms))
+
+
+def energy_per_call(env, fn, latency_ms, args):
+    """(every GPU's energy for one call of ``fn`` on every rank, summed, with its spread; None), or
+    (None, why not)."""
+    if env["meter"] is None:
+        return None, env["energy_reason"]
+    device, rng = env["device"], random.Random(args.seed + dist.get_rank())
+    calls = calls_per_window(fn, latency_ms, args.window_s, None, device, True)
+    return collective_energy(fn, calls, env["meter"], env["idle_power_w"], args.window_s, None, device, True,
+                             args.trials, rng), None
+
+
+def traffic_bytes_per_token(layer, x, rank, world_size, dtype):
+    """Bytes this rank's tokens send to other GPUs per token: dispatch (row + ids/weights) and combine."""
+    with torch.no_grad():
+        _, weights, ids = layer.gate(x)
+    counts = plan_dispatch(ids, weights, layer.experts.gate_up_proj.shape[0], world_size).send_counts.tolist()
+    remote_rows = sum(counts) - counts[rank]
+    row_bytes = x.shape[1] * torch.finfo(dtype).bits // 8
+    tokens = max(x.shape[0], 1)
+    return {"dispatch": remote_rows * (row_bytes + 2 * ids.shape[1] * 4) / tokens,
+            "combine": remote_rows * row_bytes / tokens, "ranks_per_token": sum(counts) / tokens}
+
+
+def measure_layer(env, fn, tokens_total, args):
+    latency_ms = ms_per_call(fn, args)
+    energy, reason = energy_per_call(env, fn, latency_ms, args)
+    return {"latency_ms": latency_ms, "tokens_per_s": tokens_total / (latency_ms * 1e-3),
+            "energy_j_per_token": None if energy is None else energy["energy_j"] / tokens_total,
+            "energy_all_gpus_per_call": energy, "energy_reason": reason}
+
+
+def relative_error(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def run(args, rank, world_size, device):
+    dtype = torch.bfloat16 if args.on_gpu else torch.float32
+    env = meter_env(args, device)
+    whole, sharded = layers(args, rank, world_size, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(1000 + rank)
+    x = torch.randn(args.tokens_per_gpu, args.shape.H, generator=gen, device=device).to(dtype)
+    T, W = args.tokens_per_gpu, world_size
+    results = {}
+    with torch.inference_mode():
+        reference, plain = whole(x), sharded(x)
+        results["correctness"] = {"rel_l2_error_max_over_ranks": slowest(relative_error(plain, reference)),
+                                  "tolerance": BF16_REL_TOL if dtype == torch.bfloat16 else 1e-5}
+        results["single_gpu"] = measure_layer(env, lambda: whole(x), W * T, args) | {
+            "note": "all E experts on each GPU, every GPU at once: J/token over all GPUs' tokens"}
+        for chunks in args.chunks:
+            sharded.ep_chunks = chunks
+            results[f"ep_topk_chunks{chunks}"] = measure_layer(env, lambda: sharded(x), W * T, args) | {
+                "ep_chunks": chunks, "rel_l2_error_vs_single_gpu": slowest(relative_error(sharded(x), reference)),
+                "bytes_per_token": _mean_over_ranks(traffic_bytes_per_token(sharded, x, rank, W, dtype))}
+        best = max((results[f"ep_topk_chunks{c}"] for c in args.chunks), key=lambda e: e["tokens_per_s"])
+        sharded.ep_chunks = best["ep_chunks"]
+        if W > 1:
+            results["ep_energy_aware"] = energy_aware_run(args, env, sharded, x, plain, rank, W, dtype)
+        else:
+            results["ep_energy_aware"] = {"skipped": "one GPU: every expert is local, nothing to keep local"}
+    results["weak_scaling_efficiency"] = best["tokens_per_s"] / results["single_gpu"]["tokens_per_s"]
+    results["best_ep_chunks"] = best["ep_chunks"]
+    return results
+
+
+def energy_aware_run(args, env, sharded, x, plain_out, rank, world_size, dtype):
+    plain_router = sharded.gate
+    try:
+        router, costs = energy_aware_router(args, sharded, rank, world_size, dtype)
+    except ValueError as exc:  # no all_to_all curve for this GPU count: nothing measured to charge
+        return {"skipped": f"no communication cost to charge: {exc}"}
+    sharded.gate = router
+    try:
+        out = sharded(x)
+        entry = measure_layer(env, lambda: sharded(x), world_size * args.tokens_per_gpu, args)
+        entry["bytes_per_token"] = _mean_over_ranks(traffic_bytes_per_token(sharded, x, rank, world_size, dtype))
+        stats = router.stats()
+        entry |= {"costs": costs, "rerouted_fraction": _mean(stats["rerouted_fraction"]),
+                  "output_change_rel_l2_vs_topk": slowest(relative_error(out, plain_out))}
+    finally:
+        sharded.gate = plain_router
+    return entry
+
+
+def _mean(value):
+    return summed(value) / dist.get_world_size()
+
+
+def _mean_over_ranks(values):
+    return {k: _mean(v) for k, v in values.items()}
+
+
+def meter_env(args, device):
+    if not args.on_gpu:
+        return {"meter": None, "energy_reason": NO_GPU if not torch.cuda.is_available() else "--device cpu"}
+    meter = meter_for_cuda_device(device.index)
+    if not meter.available:
+        return {"meter": None, "energy_reason": meter.unavailable_reason}
+    return {"meter": meter, "idle_power_w": measure_idle_power_w(meter), "energy_reason": None, "device": device}
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+def report(args, world_size, results):
+    print(f"expert-parallel FusedMoE, {args.shape.name} (E {args.shape.E}, K {args.shape.K}, H {args.shape.H}, "
+          f"I {args.shape.I}), {args.tokens_per_gpu} tokens per GPU, {world_size} GPU(s)")
+    print(f"correctness: max rel L2 error vs the single-GPU layer {results['correctness']['rel_l2_error_max_over_ranks']:.2e} "
+          f"(tolerance {results['correctness']['tolerance']:.0e})")
+    print(f"{'layer':<18}{'ms/call':>10}{'tokens/s':>14}{'J/token':>12}{'bytes/token out':>18}")
+    for name in ["single_gpu"] + [f"ep_topk_chunks{c}" for c in args.chunks] + ["ep_energy_aware"]:
+        e = results[name]
+        if "skipped" in e:
+            print(f"{name:<18}skipped: {e['skipped']}")
+            continue
+        j = "null" if e["energy_j_per_token"] is None else f"{e['energy_j_per_token']:.3e}"
+        b = e.get("bytes_per_token")
+        bpt = "" if b is None else f"{b['dispatch'] + b['combine']:.0f}"
+        print(f"{name:<18}{e['latency_ms']:>10.3f}{e['tokens_per_s']:>14.0f}{j:>12}{bpt:>18}")
+    print(f"weak-scaling efficiency (best EP tokens/s, {results['best_ep_chunks']} chunk(s), / "
+          f"({world_size} x single-GPU tokens/s)): {results['weak_scaling_efficiency']:.3f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = init_distributed(args.on_gpu)
+    if args.shape.E % world_size:
+        raise SystemExit(f"{world_size} ranks do not divide the {args.shape.E} experts of {args.shape.name}")
+    try:
+        results = run(args, rank, world_size, device)
+        if rank == 0:
+            report(args, world_size, results)
+            output = args.output or f"ep_results_{world_size}gpu.json"
+            write_json_atomic(output, {"schema": 1, "provenance": provenance(), "world_size": world_size,
+                                       "shape": asdict(args.shape), "tokens_per_gpu": args.tokens_per_gpu,
+                                       "parameters": {k: v for k, v in vars(args).items() if k != "shape"},
+                                       "results": results})
+            print(f"wrote {output}")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Expert parallelism over a torch.distributed process group: dispatch, local experts, combine.
+
+Rank r of W owns experts [r*E/W, (r+1)*E/W). Every rank routes its own tokens with the full
+router, then:
+
+1. plan (device ops, per chunk of tokens): the ranks each token needs (those owning one of its
+   K experts), and a send order grouped by destination rank, tokens in order;
+2. count exchange: one ``all_to_all_single`` of the [W, chunks] send counts, then one host sync
+   to read the split sizes (NCCL's ``all_to_all_single`` takes them as Python lists: the only
+   sync);
+3. dispatch: each token's hidden row goes once to each rank it needs (not once per expert),
+   packed with its K ids in the receiver's numbering (ids it does not own: out of range) and
+   its K gate weights; all chunks are queued on NCCL's stream at once;
+4. the receiver runs the fused experts on each chunk as it arrives; out-of-range ids are
+   dropped, so each row comes back as the weighted sum over that rank's experts only, and the
+   chunk's return is queued at once (so chunk c computes while c+1 arrives and c-1 returns);
+5. combine: each token adds its ranks' rows in rank order (``kernels.gather_sum``:
+   deterministic, float32).
+
+In float32 the result equals the single-GPU layer's up to summation order; in bf16 the partial
+sums are rounded once more (within bf16 tolerance). The layer is forward-only (no backward
+through the all-to-all): with gradients enabled it raises rather than return a detached output.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kernels.fused_experts import launch_fused_experts
+from kernels.gather_sum import launch_gather_sum
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where each token goes. ``send_order`` [W*T]: (rank, token) entries flattened rank-major,
+    those sent first, in send order; ``send_counts`` [W] int64 (device); ``combine_index`` [T, W]:
+    each token's row in the returned buffer per rank, -1 where it was not sent; ``meta`` [W*T, 2K]
+    int32: per (rank, token), the ids in that rank's numbering then the float32 weights' bits."""
+    send_order: torch.Tensor
+    send_counts: torch.Tensor
+    combine_index: torch.Tensor
+    meta: torch.Tensor
+
+
+def plan_dispatch(topk_ids, topk_weights, experts_per_rank, world_size):
+    """The ``DispatchPlan`` of a routed batch (device ops only, no host sync)."""
+    T, K = topk_ids.shape
+    device = topk_ids.device
+    ids = topk_ids.long()
+    owner = ids // experts_per_rank  # [T, K]
+    needed = torch.zeros(T, world_size, dtype=torch.bool, device=device).scatter_(1, owner, True)  # [T, W]
+    needed_rt = needed.T.reshape(-1)  # [W*T], rank-major
+    send_order = torch.sort((~needed_rt).to(torch.int8), stable=True).indices  # sent entries first, in order
+    position = needed_rt.long().cumsum(0) - 1  # each sent entry's row in the send buffer
+    combine_index = torch.where(needed_rt, position, -1).view(world_size, T).T
+    ranks = torch.arange(world_size, device=device)[:, None, None]
+    local_ids = torch.where(owner[None] == ranks, ids[None] - ranks * experts_per_rank, experts_per_rank)
+    weight_bits = topk_weights.float().contiguous().view(torch.int32)[None].expand(world_size, T, K)
+    meta = torch.cat((local_ids.to(torch.int32), weight_bits), dim=2).view(world_size * T, 2 * K)
+    return DispatchPlan(send_order, needed.sum(0), combine_index, meta)
+
+
+def exchange_counts(send_counts, group):
+    """Receive counts for ``send_counts`` [W, C] (rows this rank sends to each rank in each chunk):
+    (send splits, receive splits) as Python lists [C][W]; one all-to-all, one host sync."""
+    world_size, chunks = send_counts.shape
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)  # rank r gets row r of every rank's
+    counts = torch.stack((send_counts, recv_counts)).tolist()  # the sync the split sizes need
+    return ([[counts[0][r][c] for r in range(world_size)] for c in range(chunks)],
+            [[counts[1][r][c] for r in range(world_size)] for c in range(chunks)])
+
+
+def _pack(hidden_states, plan, sent):
+    """[S, H + M] rows to send: the hidden row, then its [2K] int32 ids and weights viewed in the
+    rows' dtype (one message per chunk instead of two)."""
+    meta = plan.meta[sent].view(hidden_states.dtype)
+    return torch.cat((hidden_states[sent % max(hidden_states.shape[0], 1)], meta), dim=1)
+
+
+def _unpack(received, hidden_size, top_k):
+    meta = received[:, hidden_size:].contiguous().view(torch.int32)  # [R, 2K]
+    return received[:, :hidden_size], meta[:, :top_k], meta[:, top_k:].view(torch.float32)
+
+
+def expert_parallel_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, group,
+                            experts_fn=launch_fused_experts, chunks=1):
+    """This rank's share of an expert-parallel MoE forward.
+
+    Args:
+        hidden_states: [T, H] this rank's tokens (float32/float16/bfloat16).
+        topk_ids, topk_weights: [T, K] their global expert ids (in [0, E)) and gate weights.
+        gate_up_proj, down_proj: this rank's experts, [E/W, 2I, H] and [E/W, H, I].
+        group: the process group (W ranks, rank r owns experts [r*E/W, (r+1)*E/W)).
+        experts_fn: runs the local experts (``launch_fused_experts``; the torch reference
+            ``fused_experts_reference`` for a check); it must drop ids outside [0, E/W).
+        chunks: split the tokens into this many chunks, each dispatched while the previous one
+            computes (NCCL runs the all-to-alls on its own stream); the same on every rank.
+    Returns [T, H]. Every rank of the group must call it (with T = 0 if it has no tokens).
+    """
+    T, H = hidden_states.shape
+    K = topk_ids.shape[1]
+    world_size = dist.get_world_size(group)
+    bounds = [round(c * T / chunks) for c in range(chunks + 1)]
+    pieces = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    plans = [plan_dispatch(topk_ids[p], topk_weights[p], gate_up_proj.shape[0], world_size) for p in pieces]
+    send_splits, recv_splits = exchange_counts(torch.stack([plan.send_counts for plan in plans], dim=1), group)
+    dispatches = []
+    for piece, plan, sends, recvs in zip(pieces, plans, send_splits, recv_splits):
+        packed = _pack(hidden_states[piece], plan, plan.send_order[:sum(sends)])
+        received = packed.new_empty((sum(recvs), packed.shape[1]))
+        dispatches.append((received, dist.all_to_all_single(received, packed, recvs, sends, group=group,
+                                                             async_op=True)))
+    returns = []
+    for (received, work), sends, recvs in zip(dispatches, send_splits, recv_splits):
+        work.wait()  # this stream waits for the chunk; the later chunks' dispatches keep going
+        x_received, ids_received, weights_received = _unpack(received, H, K)
+        partial = experts_fn(x_received, gate_up_proj, down_proj, ids_received, weights_received)  # [R, H]
+        back = partial.new_empty((sum(sends), H))
+        returns.append((back, dist.all_to_all_single(back, partial.contiguous(), sends, recvs, group=group,
+                                                     async_op=True)))
+    out = hidden_states.new_empty((T, H))
+    for piece, plan, (back, work) in zip(pieces, plans, returns):
+        work.wait()
+        launch_gather_sum(back, plan.combine_index, out[piece])
+    return out

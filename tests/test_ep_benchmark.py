@@ -1,0 +1,58 @@
+"""bench.ep_benchmark on 2 CPU processes (gloo), and the multi-node SLURM script's header and commands."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+from bench import ep_benchmark
+from tests.cluster_scripts import REPO, directives, dry_run, modules_called
+
+SCRIPT = "bench/run_ep.slurm"
+
+
+def test_two_process_cpu_run(tmp_path):
+    output = tmp_path / "ep.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "bench.ep_benchmark", "--device", "cpu", "--shape", "tiny", "--tokens_per_gpu", "24",
+               "--repeats", "1", "--calls_per_batch", "2", "--chunks", "1,3", "--output", str(output)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "weak-scaling efficiency" in done.stdout
+    report = json.loads(output.read_text())
+    assert report["world_size"] == 2 and report["provenance"]["commit"]
+    results = report["results"]
+    assert results["correctness"]["rel_l2_error_max_over_ranks"] <= results["correctness"]["tolerance"] == 1e-5
+    for name in ("single_gpu", "ep_topk_chunks1", "ep_topk_chunks3"):
+        entry = results[name]
+        assert entry["latency_ms"] > 0 and entry["tokens_per_s"] > 0
+        assert entry["energy_j_per_token"] is None and entry["energy_reason"]  # no NVML here: null, with why
+    traffic = results["ep_topk_chunks1"]["bytes_per_token"]
+    assert traffic == results["ep_topk_chunks3"]["bytes_per_token"]
+    assert results["best_ep_chunks"] in (1, 3)
+    assert 0 < traffic["combine"] < traffic["dispatch"] and 1 <= traffic["ranks_per_token"] <= 2
+    assert results["weak_scaling_efficiency"] > 0
+
+
+def test_slurm_header():
+    options = dict(re.fullmatch(r"--([\w-]+)=(.+)", d).groups() for d in directives(SCRIPT, "#SBATCH"))
+    assert int(options["nodes"]) >= 2 and options["gres"].startswith("gpu:")
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", options["time"]) and options["ntasks-per-node"] == "1"
+
+
+def test_slurm_dry_run(tmp_path):
+    """One torchrun per node through srun, rendezvous at the first node; each module's flags parse."""
+    env = dict(os.environ, SLURM_SUBMIT_DIR=str(tmp_path), SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4",
+               SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu[01-02]")
+    calls = dry_run(SCRIPT, tmp_path, env, passthrough=("srun",), printing={"scontrol": "gpu01\ngpu02"})
+    for call in calls:
+        assert call[0] == "torchrun" and call[call.index("--nnodes") + 1] == "2"
+        assert call[call.index("--nproc_per_node") + 1] == "4" and call[call.index("--rdzv_endpoint") + 1] == "gpu01:29500"
+    modules = modules_called(calls)
+    assert list(modules) == ["bench.calibrate_comm", "bench.ep_benchmark"]
+    table = modules["bench.ep_benchmark"][modules["bench.ep_benchmark"].index("--cost_table") + 1]
+    assert table == modules["bench.calibrate_comm"][modules["bench.calibrate_comm"].index("--output") + 1]
+    args = ep_benchmark.parse_args(modules["bench.ep_benchmark"])
+    assert args.shape.name == "qwen3" and args.tokens_per_gpu == 8192
+    assert (tmp_path / "results" / "ep_77").is_dir()
