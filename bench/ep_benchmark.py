@@ -66,7 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--cost_table", default=None,
                         help="table with an all_to_all curve for this GPU count (default: calibration/tables/<gpu>.json)")
     parser.add_argument("--gpu", default="H100", help="the cost table's GPU name")
-    parser.add_argument("--objective_weights", default="energy=1,latency=0,quality=10")
+    parser.add_argument("--quality_weights", default="10,100",
+                        help="the energy-aware router's quality weights to run (objective energy=1, latency=0, "
+                             "quality=q: a swap moves at most 1/q of probability)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="default: ep_results_<N>gpu.json")
@@ -86,7 +88,12 @@ def parse_args(argv=None):
         parser.error(f"--chunks must be comma-separated ints, got {args.chunks!r}")
     if not args.chunks or min(args.chunks) < 1:
         parser.error(f"--chunks must be ints >= 1, got {args.chunks}")
-    args.objective_weights = dict((k, float(v)) for k, v in (kv.split("=") for kv in args.objective_weights.split(",")))
+    try:
+        args.quality_weights = [float(q) for q in args.quality_weights.split(",")]
+    except ValueError:
+        parser.error(f"--quality_weights must be comma-separated numbers, got {args.quality_weights!r}")
+    if not args.quality_weights or min(args.quality_weights) <= 0:
+        parser.error(f"--quality_weights must be > 0, got {args.quality_weights}")
     return args
 
 
@@ -112,7 +119,9 @@ def full_weights(shape, device, dtype, seed):
 
     def randn(*size, scale):
         return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
-    return (randn(shape.E, shape.H, scale=1.0), randn(shape.E, 2 * shape.I, shape.H, scale=shape.H ** -0.5),
+    # router logits ~ N(0, 1) as from a trained router's scale (unscaled, they would be ~sqrt(H) and the
+    # gates one-hot, hiding what re-routing changes)
+    return (randn(shape.E, shape.H, scale=shape.H ** -0.5), randn(shape.E, 2 * shape.I, shape.H, scale=shape.H ** -0.5),
             randn(shape.E, shape.H, shape.I, scale=shape.I ** -0.5))
 
 
@@ -127,7 +136,7 @@ def layers(args, rank, world_size, device, dtype):
     return whole, sharded
 
 
-def energy_aware_router(args, sharded, rank, world_size, dtype):
+def energy_aware_router(args, sharded, rank, world_size, dtype, quality_weight):
     """The energy-aware router over the same gate weight, charging remote experts the all_to_all cost.
 
     Its compute costs are the analytic prior at this layer's dims (labelled so in the results);
@@ -141,7 +150,8 @@ def energy_aware_router(args, sharded, rank, world_size, dtype):
         write_json_atomic(Path(tmp) / "ep_costs.json", table)
         cost_model = KernelCostModel(None, table=Path(tmp) / "ep_costs.json")
     router = EnergyAwareTTTRouter.from_router(
-        sharded.gate, cost_model, objective_weights=args.objective_weights, adapt=False,
+        sharded.gate, cost_model, objective_weights={"energy": 1.0, "latency": 0.0, "quality": quality_weight},
+        adapt=False,
         expert_placement=(rank, world_size),
         expert_placement_bytes_per_rank=args.tokens_per_gpu * shape.H * torch.finfo(dtype).bits // 8)
     return router, {"compute_costs": "prior (calibration.priors at the layer's dims)",
@@ -243,19 +253,19 @@ def run(args, rank, world_size, device):
                 "bytes_per_token": _mean_over_ranks(traffic_bytes_per_token(sharded, x, rank, W, dtype))}
         best = max((results[f"ep_topk_chunks{c}"] for c in args.chunks), key=lambda e: e["tokens_per_s"])
         sharded.ep_chunks = best["ep_chunks"]
-        if W > 1:
-            results["ep_energy_aware"] = energy_aware_run(args, env, sharded, x, plain, rank, W, dtype)
-        else:
-            results["ep_energy_aware"] = {"skipped": "one GPU: every expert is local, nothing to keep local"}
+        for quality_weight in args.quality_weights:
+            results[f"ep_energy_aware_q{quality_weight:g}"] = \
+                energy_aware_run(args, env, sharded, x, plain, rank, W, dtype, quality_weight) if W > 1 else \
+                {"skipped": "one GPU: every expert is local, nothing to keep local"}
     results["weak_scaling_efficiency"] = best["tokens_per_s"] / results["single_gpu"]["tokens_per_s"]
     results["best_ep_chunks"] = best["ep_chunks"]
     return results
 
 
-def energy_aware_run(args, env, sharded, x, plain_out, rank, world_size, dtype):
+def energy_aware_run(args, env, sharded, x, plain_out, rank, world_size, dtype, quality_weight):
     plain_router = sharded.gate
     try:
-        router, costs = energy_aware_router(args, sharded, rank, world_size, dtype)
+        router, costs = energy_aware_router(args, sharded, rank, world_size, dtype, quality_weight)
     except ValueError as exc:  # no all_to_all curve for this GPU count: nothing measured to charge
         return {"skipped": f"no communication cost to charge: {exc}"}
     sharded.gate = router
@@ -264,7 +274,7 @@ def energy_aware_run(args, env, sharded, x, plain_out, rank, world_size, dtype):
         entry = measure_layer(env, lambda: sharded(x), world_size * args.tokens_per_gpu, args)
         entry["bytes_per_token"] = _mean_over_ranks(traffic_bytes_per_token(sharded, x, rank, world_size, dtype))
         stats = router.stats()
-        entry |= {"costs": costs, "rerouted_fraction": _mean(stats["rerouted_fraction"]),
+        entry |= {"costs": costs, "quality_weight": quality_weight, "rerouted_fraction": _mean(stats["rerouted_fraction"]),
                   "output_change_rel_l2_vs_topk": slowest(relative_error(out, plain_out))}
     finally:
         sharded.gate = plain_router
@@ -296,7 +306,8 @@ def report(args, world_size, results):
     print(f"correctness: max rel L2 error vs the single-GPU layer {results['correctness']['rel_l2_error_max_over_ranks']:.2e} "
           f"(tolerance {results['correctness']['tolerance']:.0e})")
     print(f"{'layer':<18}{'ms/call':>10}{'tokens/s':>14}{'J/token':>12}{'bytes/token out':>18}")
-    for name in ["single_gpu"] + [f"ep_topk_chunks{c}" for c in args.chunks] + ["ep_energy_aware"]:
+    for name in (["single_gpu"] + [f"ep_topk_chunks{c}" for c in args.chunks] +
+                 [f"ep_energy_aware_q{q:g}" for q in args.quality_weights]):
         e = results[name]
         if "skipped" in e:
             print(f"{name:<18}skipped: {e['skipped']}")

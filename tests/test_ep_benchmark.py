@@ -5,12 +5,16 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from bench import ep_benchmark
 from tests.cluster_scripts import REPO, directives, dry_run, modules_called
+from tests.conftest import ON_GPU
 
 SCRIPT = "bench/run_ep.slurm"
 
 
+@pytest.mark.skipif(ON_GPU, reason="the CPU (gloo, interpreter) run; on a CUDA machine run the benchmark on GPUs")
 def test_two_process_cpu_run(tmp_path):
     output = tmp_path / "ep.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -31,6 +35,10 @@ def test_two_process_cpu_run(tmp_path):
     traffic = results["ep_topk_chunks1"]["bytes_per_token"]
     assert traffic == results["ep_topk_chunks3"]["bytes_per_token"]
     assert results["best_ep_chunks"] in (1, 3)
+    for q in ("10", "100"):  # the committed H100 table has a measured 2-GPU all_to_all curve
+        aware = results[f"ep_energy_aware_q{q}"]
+        assert aware["bytes_per_token"]["dispatch"] <= traffic["dispatch"] and aware["costs"]["communication_costs"]
+        assert 0 <= aware["rerouted_fraction"] <= 1 and aware["output_change_rel_l2_vs_topk"] >= 0
     assert 0 < traffic["combine"] < traffic["dispatch"] and 1 <= traffic["ranks_per_token"] <= 2
     assert results["weak_scaling_efficiency"] > 0
 
