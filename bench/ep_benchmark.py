@@ -39,7 +39,7 @@ import torch.distributed as dist  # noqa: E402
 import kernels  # noqa: E402
 from bench._results import provenance, write_json_atomic  # noqa: E402
 from bench.moe_cases import SHAPES, MoeShape  # noqa: E402
-from calibration.collectives import calls_per_window, collective_energy  # noqa: E402
+from calibration.collectives import all_reduce_floats, calls_per_window, collective_energy  # noqa: E402
 from calibration.energy import measure_idle_power_w  # noqa: E402
 from calibration.nvml_meter import meter_for_cuda_device  # noqa: E402
 from calibration.priors import prior_table  # noqa: E402
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None, help="default: ep_results_<N>gpu.json")
     args = parser.parse_args(argv)
     for name in ("tokens_per_gpu", "repeats", "calls_per_batch", "trials"):
-        if getattr(args, name) < (0 if name == "tokens_per_gpu" else 1):
+        if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
     if not args.window_s >= 1.0:
         parser.error(f"--window_s must be >= 1 s (the NVML counter updates every ~100 ms), got {args.window_s}")
@@ -162,9 +162,7 @@ def energy_aware_router(args, sharded, rank, world_size, dtype, quality_weight):
 
 def _all_reduce(value, op):
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return t.item()
+    return all_reduce_floats([float(value)], op, None, device)[0]
 
 
 def slowest(value):

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one call, step by step; full logs go to $OUT (default ./out),
 # tuned configs as one tarball, and short tables are printed last.
-#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe trace calibrate accuracy router tests benchmark
+#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe trace calibrate accuracy router tests
+#                                     benchmark ep
+#   (ep: the all_to_all curve and the expert-parallel benchmark on NGPUS GPUs, default 2)
 #   (GPU=H100 names the cost table that calibrate writes and accuracy reads)
 #   BENCH_K='-k "H256 or mixtral"' selects the pytest-benchmark subset (default: all of them).
 # Pass GIT_COMMIT=<sha> when the tree was copied without .git, so results name their commit.
@@ -25,12 +27,16 @@ for step in "$@"; do
         tests) python -m pytest -q -p no:cacheprovider tests ${TESTS_K:-} > "$OUT/pytest.txt" 2>&1 ;;
         benchmark) eval python -m pytest -q -p no:cacheprovider bench --benchmark-only "${BENCH_K:-}" \
             --benchmark-columns=median,iqr,rounds > "$OUT/benchmark.txt" 2>&1 ;;
+        ep) torchrun --standalone --nproc_per_node "${NGPUS:-2}" -m bench.calibrate_comm --gpu "${GPU:-H100}" \
+                --output "$OUT/${GPU:-H100}_comm.json" > "$OUT/ep.txt" 2>&1 &&
+            torchrun --standalone --nproc_per_node "${NGPUS:-2}" -m bench.ep_benchmark --gpu "${GPU:-H100}" \
+                --cost_table "$OUT/${GPU:-H100}_comm.json" --output "$OUT/ep_${NGPUS:-2}gpu.json" >> "$OUT/ep.txt" 2>&1 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
     echo "== $step done (rc $?)"
 done
 case " $* " in *" tune-"*) tar -cf "$OUT/configs.tar" kernels/configs ;; esac
-for f in tune_dense tune_moe calibrate accuracy router benchmark pytest kernels moe; do
+for f in tune_dense tune_moe calibrate accuracy router benchmark pytest kernels moe ep; do
     [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -v "^\s*$" "$OUT/$f.txt" | grep -v "^ " | tail -n 30 | cut -c1-240; }
 done
 exit 0

@@ -67,8 +67,9 @@ def _sync(on_gpu):
         torch.cuda.synchronize()
 
 
-def _all_reduce(values, op, group, device):
-    """``values`` (floats) reduced over the group with ``op``, as floats."""
+def all_reduce_floats(values, op, group, device):
+    """``values`` (floats) reduced over the group with ``op``, as floats (``device``: where the
+    backend reduces, a CUDA device for NCCL)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op, group=group)
     return tensor.tolist()
@@ -91,7 +92,7 @@ def _latency_ms(call, group, device, on_gpu, repeats):
     for _ in range(repeats):
         dist.barrier(group=group)  # a late peer's start would otherwise count as the op's time
         times_ms.append(_timed_ms(call, on_gpu))
-    return _all_reduce([statistics.median(times_ms)], dist.ReduceOp.MAX, group, device)[0]
+    return all_reduce_floats([statistics.median(times_ms)], dist.ReduceOp.MAX, group, device)[0]
 
 
 def _run_calls(call, calls, on_gpu):
@@ -108,7 +109,7 @@ def calls_per_window(call, latency_ms, window_s, group, device, on_gpu):
     start = time.monotonic()
     _run_calls(call, probe, on_gpu)
     per_call_s = (time.monotonic() - start) / probe
-    return int(_all_reduce([math.ceil(window_s / per_call_s)], dist.ReduceOp.MAX, group, device)[0])
+    return int(all_reduce_floats([math.ceil(window_s / per_call_s)], dist.ReduceOp.MAX, group, device)[0])
 
 
 def _window(call, calls, meter, idle_power_w, group, on_gpu):
@@ -131,12 +132,12 @@ def collective_energy(call, calls, meter, idle_power_w, window_s, group, device,
     while len(windows) < trials:
         time.sleep(rng.uniform(0.0, 0.1))  # a random phase against the counter's update period
         energy_j, seconds = _window(call, calls, meter, idle_power_w, group, on_gpu)
-        shortest_s = _all_reduce([seconds], dist.ReduceOp.MIN, group, device)[0]
+        shortest_s = all_reduce_floats([seconds], dist.ReduceOp.MIN, group, device)[0]
         if shortest_s < window_s:
             calls, windows = math.ceil(calls * 1.1 * window_s / shortest_s), []
             continue
         windows.append((energy_j, energy_j / seconds))
-    summed = _all_reduce([v for window in windows for v in window], dist.ReduceOp.SUM, group, device)
+    summed = all_reduce_floats([v for window in windows for v in window], dist.ReduceOp.SUM, group, device)
     per_call_j, power_w = [e / calls for e in summed[0::2]], summed[1::2]
     return {"energy_j": statistics.median(per_call_j), "energy_j_min": min(per_call_j),
             "energy_j_max": max(per_call_j), "power_w": statistics.median(power_w), "calls_per_window": calls}
@@ -151,7 +152,7 @@ def _energy_missing_reason(meter, group, device):
     else:
         reading = meter.read()
         reason = None if reading.energy_mj is not None else reading.missing.get("energy_mj")
-    if _all_reduce([reason is not None], dist.ReduceOp.MAX, group, device)[0]:
+    if all_reduce_floats([reason is not None], dist.ReduceOp.MAX, group, device)[0]:
         return reason or "another rank cannot read its GPU's energy counter"
     return None
 
@@ -195,6 +196,6 @@ def measure_all_to_all(sizes_bytes, group=None, *, window_s=1.0, trials=2, repea
             point |= dict.fromkeys(("energy_j", "energy_j_min", "energy_j_max", "power_w", "calls_per_window"))
         points.append(point)
         del call  # frees the buffers before the next (larger) size
-    total_idle_w = None if reason else _all_reduce([idle_power_w], dist.ReduceOp.SUM, group, device)[0]
+    total_idle_w = None if reason else all_reduce_floats([idle_power_w], dist.ReduceOp.SUM, group, device)[0]
     return {"points": points, "idle_power_w": total_idle_w, "energy_missing_reason": reason, "backend": backend,
             "world_size": world_size}

@@ -64,3 +64,13 @@ def test_slurm_dry_run(tmp_path):
     args = ep_benchmark.parse_args(modules["bench.ep_benchmark"])
     assert args.shape.name == "qwen3" and args.tokens_per_gpu == 8192
     assert (tmp_path / "results" / "ep_77").is_dir()
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--tokens_per_gpu", "0"], "--tokens_per_gpu"), (["--chunks", "1,x"], "--chunks"), (["--chunks", "0"], "--chunks"),
+    (["--quality_weights", "0"], "--quality_weights"), (["--window_s", "0.5"], "--window_s"),
+    (["--shape", "nope"], "--shape")])
+def test_bad_flags_name_the_flag(flags, name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ep_benchmark.parse_args(flags)
+    assert exc.value.code == 2 and name in capsys.readouterr().err
