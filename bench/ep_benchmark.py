@@ -38,6 +38,7 @@ import torch.distributed as dist  # noqa: E402
 
 import kernels  # noqa: E402
 from bench._results import provenance, write_json_atomic  # noqa: E402
+from bench.kernels import rel_error  # noqa: E402
 from bench.moe_cases import SHAPES, MoeShape  # noqa: E402
 from calibration.collectives import all_reduce_floats, calls_per_window, collective_energy  # noqa: E402
 from calibration.energy import measure_idle_power_w  # noqa: E402
@@ -226,10 +227,6 @@ def measure_layer(env, fn, tokens_total, args):
             "energy_all_gpus_per_call": energy, "energy_reason": reason}
 
 
-def relative_error(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
-
-
 def run(args, rank, world_size, device):
     dtype = torch.bfloat16 if args.on_gpu else torch.float32
     env = meter_env(args, device)
@@ -240,14 +237,14 @@ def run(args, rank, world_size, device):
     results = {}
     with torch.inference_mode():
         reference, plain = whole(x), sharded(x)
-        results["correctness"] = {"rel_l2_error_max_over_ranks": slowest(relative_error(plain, reference)),
+        results["correctness"] = {"rel_l2_error_max_over_ranks": slowest(rel_error(plain, reference)),
                                   "tolerance": BF16_REL_TOL if dtype == torch.bfloat16 else 1e-5}
         results["single_gpu"] = measure_layer(env, lambda: whole(x), W * T, args) | {
             "note": "all E experts on each GPU, every GPU at once: J/token over all GPUs' tokens"}
         for chunks in args.chunks:
             sharded.ep_chunks = chunks
             results[f"ep_topk_chunks{chunks}"] = measure_layer(env, lambda: sharded(x), W * T, args) | {
-                "ep_chunks": chunks, "rel_l2_error_vs_single_gpu": slowest(relative_error(sharded(x), reference)),
+                "ep_chunks": chunks, "rel_l2_error_vs_single_gpu": slowest(rel_error(sharded(x), reference)),
                 "bytes_per_token": _mean_over_ranks(traffic_bytes_per_token(sharded, x, rank, W, dtype))}
         best = max((results[f"ep_topk_chunks{c}"] for c in args.chunks), key=lambda e: e["tokens_per_s"])
         sharded.ep_chunks = best["ep_chunks"]
@@ -273,7 +270,7 @@ def energy_aware_run(args, env, sharded, x, plain_out, rank, world_size, dtype, 
         entry["bytes_per_token"] = _mean_over_ranks(traffic_bytes_per_token(sharded, x, rank, world_size, dtype))
         stats = router.stats()
         entry |= {"costs": costs, "quality_weight": quality_weight, "rerouted_fraction": _mean(stats["rerouted_fraction"]),
-                  "output_change_rel_l2_vs_topk": slowest(relative_error(out, plain_out))}
+                  "output_change_rel_l2_vs_topk": slowest(rel_error(out, plain_out))}
     finally:
         sharded.gate = plain_router
     return entry

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from costmodel.kernel_cost_model import lerp_segments
 from kernels._validate import INDEX_DTYPES, check_tensor
+from kernels.routing_stats import expert_loads_reference
 
 PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stand-in's knots
 ROWS = ("log_batch", "log_energy", "log_latency", "temp_c", "sm_clock_mhz", "pressure", "pressure_stretch")
@@ -238,7 +239,7 @@ def expert_cost_bias(topk_ids, curves, hardware_state, bias_offsets, *, energy_w
     _check(curves, hardware_state, bias_offsets, topk_ids=topk_ids, extra_cost=extra)
     E = bias_offsets.shape[0]
     bias = torch.empty(E, dtype=torch.float32, device=bias_offsets.device)
-    ids = topk_ids.reshape(-1)
+    ids = topk_ids.contiguous().view(-1)  # the kernel indexes it with unit stride (a [T, 1] slice may not have it)
     _cost_bias_kernel[(1,)](
         ids, ids.numel(), curves.packed, curves.packed.stride(0), hardware_state, bias_offsets, extra, bias, E,
         *_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
@@ -329,10 +330,7 @@ def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *
                                max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9,
                                extra_cost=None):
     """``expert_cost_bias`` in torch."""
-    E = bias_offsets.shape[0]
-    ids = topk_ids.reshape(-1).long()
-    loads = torch.zeros(E, device=ids.device).index_add_(0, ids[(ids >= 0) & (ids < E)],
-                                                         torch.ones((), device=ids.device).expand(ids.numel()))
+    loads = expert_loads_reference(topk_ids, bias_offsets.shape[0])
     temp, stretch = _hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
     others = (loads - 1.0).clamp_min(0.0)
     (e_hi, l_hi), (e_lo, l_lo) = _cost_reference(curves, others + 1.0, stretch), \

@@ -86,7 +86,7 @@ def routing_tallies(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats
 
 def routing_tallies_reference(plain_ids, topk_ids, weights, nan_tokens, num_experts):
     """(stats increments [8] int64, window increments [2, E] float32) in torch."""
-    loads, plain_loads = _loads(topk_ids, num_experts), _loads(plain_ids, num_experts)
+    loads, plain_loads = expert_loads_reference(topk_ids, num_experts), expert_loads_reference(plain_ids, num_experts)
     moved = ~(topk_ids[:, :, None].long() == plain_ids[:, None, :].long()).any(2)  # [T, K]
     stats = torch.stack([torch.as_tensor(v, device=loads.device).reshape(()).long() for v in (
         1, topk_ids.shape[0], moved.any(1).sum(), moved.sum(), (loads > 0).sum(), (plain_loads > 0).sum(),
@@ -94,7 +94,8 @@ def routing_tallies_reference(plain_ids, topk_ids, weights, nan_tokens, num_expe
     return stats, torch.stack((loads, (loads > 0).float()))
 
 
-def _loads(ids, num_experts):
+def expert_loads_reference(ids, num_experts):
+    """Tokens routed to each expert, [E] float32; ids outside [0, E) count for no expert."""
     ids = ids.reshape(-1).long()
     ids = ids[(ids >= 0) & (ids < num_experts)]
     return torch.zeros(num_experts, device=ids.device).index_add_(0, ids, torch.ones(ids.shape, device=ids.device))

@@ -180,3 +180,17 @@ def test_extra_cost_is_checked():
         with pytest.raises(error, match="extra_cost"):
             ttt_offset_step(torch.zeros(2, 4, device=DEVICE), curves, state, offsets, lr=0.1, energy_weight=1.0,
                             latency_weight=0.0, max_shift=0.1, extra_cost=extra)
+
+
+def test_out_of_range_ids_count_for_no_expert():
+    """Kernel and reference alike: an id outside [0, E) loads no expert (the reference used to fail
+    on one), and a strided [T, 1] slice of ids reads as its values (the kernel used to read memory
+    order)."""
+    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    ids = torch.tensor([[0, 9], [1, -1], [0, 2]], dtype=torch.int32, device=DEVICE)
+    state, offsets = torch.tensor(STATES[1], device=DEVICE), torch.zeros(4, device=DEVICE)
+    ours = expert_cost_bias(ids, curves, state, offsets, **WEIGHTS)
+    ref = expert_cost_bias_reference(ids, curves, state, offsets, **WEIGHTS)
+    valid = expert_cost_bias(ids[:, :1], curves, state, offsets, **WEIGHTS)  # strided; loads of experts 0, 1 alike
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours, ref)
+    assert torch.equal(ours[:2], valid[:2]), (ours, valid)

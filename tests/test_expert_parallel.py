@@ -1,6 +1,5 @@
 """Expert parallelism: the dispatch plan by hand, and the layer on several processes against the
 single-process layer: gloo on the CPU (in CI), NCCL on 2 and 4 GPUs where they exist."""
-import os
 import socket
 
 import pytest
@@ -52,9 +51,9 @@ def _tokens(rank, H, tokens_per_rank):
 
 
 def _init(rank, world_size, port, backend):
-    if backend == "gloo":
-        os.environ["TRITON_INTERPRET"] = "1"  # spawned processes import triton afresh: interpreter on the CPU
-    else:
+    """Join the group; a spawned process inherits TRITON_INTERPRET from the parent's environment
+    (conftest sets it on CPU machines) when it re-imports this module and triton with it."""
+    if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     return (torch.device("cuda", rank), torch.bfloat16) if backend == "nccl" else (torch.device("cpu"), torch.float32)
