@@ -5,17 +5,22 @@ top-8, H 2048, I 768, bf16) and routes its own ``--tokens_per_gpu`` tokens (8192
 
 - correctness: the expert-parallel output against the single-GPU layer (all E experts on this
   GPU, same tokens), relative L2 error per rank;
-- the single-GPU layer on every GPU at once (the weak-scaling base): tokens/s, J/token;
-- the expert-parallel layer, with plain top-k and with the energy-aware router that charges
-  remote experts the measured all_to_all cost (``--cost_table``: a table with an all_to_all
-  curve for N GPUs, from ``python -m bench.calibrate_comm``): tokens/s (N*T over the slowest
-  rank's time), J/token (every GPU's NVML energy over the same synchronised >= 1 s windows,
-  summed), and the bytes each token sends to other GPUs; plain top-k at each ``--chunks``
-  (``FusedMoE.ep_chunks``: dispatch of one chunk overlapping the experts of another), the
-  energy-aware router at the fastest of them.
+- the single-GPU layer on every GPU at once (the weak-scaling base): tokens/s, J/token, eager
+  and replayed from a CUDA graph;
+- the expert-parallel layer with plain top-k for each ``--modes`` exchange (``exact``: count
+  exchange and one host sync, eager; ``fixed``: ``ep_capacity`` = tokens per GPU, no host sync;
+  ``fixed_graph``: the same replayed from a CUDA graph, NCCL collectives inside) at each
+  ``--chunks`` (``FusedMoE.ep_chunks``: dispatch of one chunk overlapping the experts of another):
+  tokens/s (N*T over the slowest rank's time), J/token (every GPU's NVML energy over the same
+  synchronised >= 1 s windows, summed), the bytes each token sends to other GPUs;
+- the energy-aware router that charges remote experts the measured all_to_all cost
+  (``--cost_table``: a table with an all_to_all curve for N GPUs, from ``python -m
+  bench.calibrate_comm``), on the fastest exact exchange (the fixed-size one sends the same bytes
+  whatever the routing): its bytes/token and J/token against plain top-k.
 
-Weak-scaling efficiency = the fastest EP tokens/s / (N x single-GPU tokens/s), measured in the
-same run.
+Weak-scaling efficiency = EP tokens/s / (N x single-GPU tokens/s), measured in the same run: the
+fastest EP configuration against the fastest single-GPU one, and eager against eager, graphs
+against graphs.
 Latencies are CUDA-event times of back-to-back calls between barriers (median of ``--repeats``
 batches, slowest rank). Rank 0 prints a table and writes ``--output`` atomically. On a CPU
 (gloo, ``--device cpu``, ``--shape tiny``) it runs end to end with energy null.
@@ -52,6 +57,9 @@ from router.energy_router import EnergyAwareTTTRouter  # noqa: E402
 CPU_SHAPE = MoeShape("tiny", 8, 2, 32, 24, True)
 NO_GPU = "no NVIDIA GPU"
 BF16_REL_TOL = 1e-2  # the tests' bf16 tolerance (tests/conftest.py)
+MODES = ("exact", "fixed", "fixed_graph")
+NOT_EXACT = ("the energy-aware router runs on the exact exchange (--modes exact): the fixed-size one sends "
+             "the same bytes whatever the routing")
 
 
 def parse_args(argv=None):
@@ -62,6 +70,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed batches of back-to-back calls")
     parser.add_argument("--calls_per_batch", type=int, default=10)
     parser.add_argument("--chunks", default="1,2,4", help="ep_chunks values to time (comma-separated)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="exchanges to time: exact (count exchange, eager), fixed (ep_capacity = tokens per "
+                             "GPU, eager), fixed_graph (the same replayed from a CUDA graph; GPU only)")
     parser.add_argument("--window_s", type=float, default=1.0, help="energy window (>= 1 s)")
     parser.add_argument("--trials", type=int, default=2, help="energy windows per measurement")
     parser.add_argument("--cost_table", default=None,
@@ -89,6 +100,9 @@ def parse_args(argv=None):
         parser.error(f"--chunks must be comma-separated ints, got {args.chunks!r}")
     if not args.chunks or min(args.chunks) < 1:
         parser.error(f"--chunks must be ints >= 1, got {args.chunks}")
+    args.modes = args.modes.split(",")
+    if not args.modes or not set(args.modes) <= set(MODES):
+        parser.error(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {','.join(args.modes)}")
     try:
         args.quality_weights = [float(q) for q in args.quality_weights.split(",")]
     except ValueError:
@@ -208,15 +222,21 @@ def energy_per_call(env, fn, latency_ms, args):
 
 
 def traffic_bytes_per_token(layer, x, rank, world_size, dtype):
-    """Bytes this rank's tokens send to other GPUs per token: dispatch (row + ids/weights) and combine."""
-    with torch.no_grad():
-        _, weights, ids = layer.gate(x)
-    counts = plan_dispatch(ids, weights, layer.experts.gate_up_proj.shape[0], world_size).send_counts.tolist()
-    remote_rows = sum(counts) - counts[rank]
+    """Bytes this rank's tokens send to other GPUs per token: dispatch (row + ids/weights) and combine.
+    The exact exchange sends each token once per other rank it needs; the fixed-size one sends all
+    ``ep_capacity`` rows to every other rank."""
     row_bytes = x.shape[1] * torch.finfo(dtype).bits // 8
     tokens = max(x.shape[0], 1)
+    with torch.no_grad():
+        _, weights, ids = layer.gate(x)
+    if layer.ep_capacity is not None:
+        remote_rows = (world_size - 1) * layer.ep_capacity
+        ranks_per_token = world_size * layer.ep_capacity / tokens
+    else:
+        counts = plan_dispatch(ids, weights, layer.experts.gate_up_proj.shape[0], world_size).send_counts.tolist()
+        remote_rows, ranks_per_token = sum(counts) - counts[rank], sum(counts) / tokens
     return {"dispatch": remote_rows * (row_bytes + 2 * ids.shape[1] * 4) / tokens,
-            "combine": remote_rows * row_bytes / tokens, "ranks_per_token": sum(counts) / tokens}
+            "combine": remote_rows * row_bytes / tokens, "ranks_per_token": ranks_per_token}
 
 
 def measure_layer(env, fn, tokens_total, args):
@@ -236,25 +256,73 @@ def run(args, rank, world_size, device):
     T, W = args.tokens_per_gpu, world_size
     results = {}
     with torch.inference_mode():
-        reference, plain = whole(x), sharded(x)
-        results["correctness"] = {"rel_l2_error_max_over_ranks": slowest(rel_error(plain, reference)),
-                                  "tolerance": BF16_REL_TOL if dtype == torch.bfloat16 else 1e-5}
+        reference = whole(x)
+        results["correctness"] = {"tolerance": BF16_REL_TOL if dtype == torch.bfloat16 else 1e-5}
         results["single_gpu"] = measure_layer(env, lambda: whole(x), W * T, args) | {
             "note": "all E experts on each GPU, every GPU at once: J/token over all GPUs' tokens"}
-        for chunks in args.chunks:
-            sharded.ep_chunks = chunks
-            results[f"ep_topk_chunks{chunks}"] = measure_layer(env, lambda: sharded(x), W * T, args) | {
-                "ep_chunks": chunks, "rel_l2_error_vs_single_gpu": slowest(rel_error(sharded(x), reference)),
-                "bytes_per_token": _mean_over_ranks(traffic_bytes_per_token(sharded, x, rank, W, dtype))}
-        best = max((results[f"ep_topk_chunks{c}"] for c in args.chunks), key=lambda e: e["tokens_per_s"])
-        sharded.ep_chunks = best["ep_chunks"]
+        results["single_gpu_graph"] = measure_graphed(env, lambda: whole(x), reference, W * T, args)
+        for mode in args.modes:
+            for chunks in args.chunks:
+                sharded.ep_chunks, sharded.ep_capacity = chunks, None if mode == "exact" else T
+                name = f"ep_{mode}_chunks{chunks}"
+                if mode == "fixed_graph":
+                    results[name] = measure_graphed(env, lambda: sharded(x), reference, W * T, args)
+                else:
+                    results[name] = measure_layer(env, lambda: sharded(x), W * T, args) | {
+                        "rel_l2_error_vs_single_gpu": slowest(rel_error(sharded(x), reference))}
+                results[name] |= {"exchange": mode, "ep_chunks": chunks,
+                                  "bytes_per_token": _mean_over_ranks(traffic_bytes_per_token(sharded, x, rank, W, dtype))}
+        measured = [name for name, e in results.items() if name.startswith("ep_") and "latency_ms" in e]
+        results["correctness"]["rel_l2_error_max_over_ranks"] = max(
+            results[name]["rel_l2_error_vs_single_gpu"] for name in measured)
+        exact = [name for name in measured if results[name]["exchange"] == "exact"]
+        if exact:
+            best_exact = max(exact, key=lambda name: results[name]["tokens_per_s"])
+            sharded.ep_chunks, sharded.ep_capacity = results[best_exact]["ep_chunks"], None
+            plain = sharded(x)
         for quality_weight in args.quality_weights:
             results[f"ep_energy_aware_q{quality_weight:g}"] = \
-                energy_aware_run(args, env, sharded, x, plain, rank, W, dtype, quality_weight) if W > 1 else \
-                {"skipped": "one GPU: every expert is local, nothing to keep local"}
-    results["weak_scaling_efficiency"] = best["tokens_per_s"] / results["single_gpu"]["tokens_per_s"]
-    results["best_ep_chunks"] = best["ep_chunks"]
+                {"skipped": "one GPU: every expert is local, nothing to keep local"} if W == 1 else \
+                {"skipped": NOT_EXACT} if not exact else \
+                energy_aware_run(args, env, sharded, x, plain, rank, W, dtype, quality_weight)
+    results["weak_scaling"] = weak_scaling(results, measured)
     return results
+
+
+def weak_scaling(results, measured):
+    """Efficiency = EP tokens/s / (N x single-GPU tokens/s): the fastest EP configuration against the
+    fastest single-GPU one, and per execution mode (eager against eager, graphs against graphs)."""
+    def best(names):
+        names = [name for name in names if "latency_ms" in results[name]]
+        return max(names, key=lambda name: results[name]["tokens_per_s"]) if names else None
+
+    def efficiency(ep, single):
+        return None if ep is None or single is None else results[ep]["tokens_per_s"] / results[single]["tokens_per_s"]
+    graphed = [name for name in measured if results[name]["exchange"] == "fixed_graph"]
+    eager = [name for name in measured if name not in graphed]
+    best_ep, best_single = best(measured), best(["single_gpu", "single_gpu_graph"])
+    return {"efficiency": efficiency(best_ep, best_single), "best_ep": best_ep, "best_single_gpu": best_single,
+            "eager_efficiency": efficiency(best(eager), "single_gpu"),
+            "graph_efficiency": efficiency(best(graphed), best(["single_gpu_graph"]))}
+
+
+def measure_graphed(env, fn, reference, tokens_total, args):
+    """``measure_layer`` of ``fn`` replayed from a CUDA graph (captured after a warm-up on a side
+    stream), with its output checked against ``reference``; skipped without a GPU."""
+    if not args.on_gpu:
+        return {"skipped": "CUDA graphs need a GPU"}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    entry = measure_layer(env, graph.replay, tokens_total, args)
+    return entry | {"rel_l2_error_vs_single_gpu": slowest(rel_error(out, reference)), "cuda_graph": True}
 
 
 def energy_aware_run(args, env, sharded, x, plain_out, rank, world_size, dtype, quality_weight):
@@ -300,19 +368,25 @@ def report(args, world_size, results):
           f"I {args.shape.I}), {args.tokens_per_gpu} tokens per GPU, {world_size} GPU(s)")
     print(f"correctness: max rel L2 error vs the single-GPU layer {results['correctness']['rel_l2_error_max_over_ranks']:.2e} "
           f"(tolerance {results['correctness']['tolerance']:.0e})")
-    print(f"{'layer':<18}{'ms/call':>10}{'tokens/s':>14}{'J/token':>12}{'bytes/token out':>18}")
-    for name in (["single_gpu"] + [f"ep_topk_chunks{c}" for c in args.chunks] +
-                 [f"ep_energy_aware_q{q:g}" for q in args.quality_weights]):
-        e = results[name]
+    print(f"{'layer':<26}{'ms/call':>10}{'tokens/s':>14}{'J/token':>12}{'bytes/token out':>18}")
+    for name, e in results.items():
+        if not (name.startswith("ep_") or name.startswith("single_gpu")):
+            continue
         if "skipped" in e:
-            print(f"{name:<18}skipped: {e['skipped']}")
+            print(f"{name:<26}skipped: {e['skipped']}")
             continue
         j = "null" if e["energy_j_per_token"] is None else f"{e['energy_j_per_token']:.3e}"
         b = e.get("bytes_per_token")
         bpt = "" if b is None else f"{b['dispatch'] + b['combine']:.0f}"
-        print(f"{name:<18}{e['latency_ms']:>10.3f}{e['tokens_per_s']:>14.0f}{j:>12}{bpt:>18}")
-    print(f"weak-scaling efficiency (best EP tokens/s, {results['best_ep_chunks']} chunk(s), / "
-          f"({world_size} x single-GPU tokens/s)): {results['weak_scaling_efficiency']:.3f}")
+        print(f"{name:<26}{e['latency_ms']:>10.3f}{e['tokens_per_s']:>14.0f}{j:>12}{bpt:>18}")
+    scaling = results["weak_scaling"]
+    print(f"weak-scaling efficiency ({scaling['best_ep']} tokens/s / ({world_size} x {scaling['best_single_gpu']} "
+          f"tokens/s)): {scaling['efficiency']:.3f}; eager vs eager {_fmt(scaling['eager_efficiency'])}, "
+          f"graphs vs graphs {_fmt(scaling['graph_efficiency'])}")
+
+
+def _fmt(value):
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv=None):

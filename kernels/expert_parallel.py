@@ -1,7 +1,9 @@
 """Expert parallelism over a torch.distributed process group: dispatch, local experts, combine.
 
 Rank r of W owns experts [r*E/W, (r+1)*E/W). Every rank routes its own tokens with the full
-router, then:
+router, then exchanges them in one of two ways.
+
+Exact-size exchange (``capacity=None``):
 
 1. plan (device ops, per chunk of tokens): the ranks each token needs (those owning one of its
    K experts), and a send order grouped by destination rank, tokens in order;
@@ -17,6 +19,18 @@ router, then:
 5. combine: each token adds its ranks' rows in rank order (``kernels.gather_sum``:
    deterministic, float32).
 
+Fixed-size exchange (``capacity=C``, the same on every rank, T <= C): no count exchange and no host
+sync, so the layer can be captured in a CUDA graph (host launch time was most of the exact
+exchange's cost on 2 and 4 H100s). Each rank's C token rows (its T tokens, then padding whose
+ids are -1) go to every rank by one ``all_gather_into_tensor``, with the global ids and gate
+weights packed in the same message; each receiver drops the ids it does not own, runs its
+experts, and ``all_to_all_single`` returns every block of partial sums to its source, which adds
+its W blocks per token (``kernels.gather_sum``). Every token row goes to every rank: at top-8
+over 4 ranks a token needs ~90% of the ranks anyway (1 - (3/4)^8), so this sends ~10% more than
+the exact exchange; at many ranks per top-k the exact exchange sends less.
+
+Both run the receiver's experts on persistent grids (``launch_fused_experts(persistent=True)``):
+most received slots belong to other ranks' experts, and a grid sized for all of them idles.
 In float32 the result equals the single-GPU layer's up to summation order; in bf16 the partial
 sums are rounded once more (within bf16 tolerance). The layer is forward-only (no backward
 through the all-to-all): with gradients enabled it raises rather than return a detached output.
@@ -26,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kernels.fused_experts import launch_fused_experts
+from kernels.fused_experts import expert_configs, launch_fused_experts
 from kernels.gather_sum import launch_gather_sum
 
 
@@ -83,8 +97,19 @@ def _unpack(received, hidden_size, top_k):
     return received[:, :hidden_size], meta[:, :top_k], meta[:, top_k:].view(torch.float32)
 
 
+def receiver_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights, world_size):
+    """The fused experts on the rows a rank received. Configs are picked for the expected load per
+    local expert (the slots over all E = E/W * W experts: most slots are other ranks' and dropped)."""
+    local_experts, two_i, _ = gate_up_proj.shape
+    configs = None
+    if hidden_states.shape[0] and two_i:
+        configs = expert_configs(hidden_states, local_experts * world_size, two_i // 2, topk_ids.numel())
+    return launch_fused_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights, configs=configs,
+                                persistent=True)
+
+
 def expert_parallel_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, group,
-                            experts_fn=launch_fused_experts, chunks=1):
+                            experts_fn=None, chunks=1, capacity=None):
     """This rank's share of an expert-parallel MoE forward.
 
     Args:
@@ -92,16 +117,26 @@ def expert_parallel_experts(hidden_states, topk_ids, topk_weights, gate_up_proj,
         topk_ids, topk_weights: [T, K] their global expert ids (in [0, E)) and gate weights.
         gate_up_proj, down_proj: this rank's experts, [E/W, 2I, H] and [E/W, H, I].
         group: the process group (W ranks, rank r owns experts [r*E/W, (r+1)*E/W)).
-        experts_fn: runs the local experts (``launch_fused_experts``; the torch reference
-            ``fused_experts_reference`` for a check); it must drop ids outside [0, E/W).
+        experts_fn: runs the local experts, ``fn(x, gate_up, down, ids, weights)``; None: our
+            kernels (``receiver_experts``); the torch reference ``fused_experts_reference`` for a
+            check. It must drop ids outside [0, E/W).
         chunks: split the tokens into this many chunks, each dispatched while the previous one
-            computes (NCCL runs the all-to-alls on its own stream); the same on every rank. On 2
-            and 4 H100s more chunks were slower (each adds host time the layer cannot hide).
+            computes (NCCL runs the collectives on its own stream); the same on every rank. In
+            eager mode on 2 and 4 H100s more chunks were slower (each adds host time).
+        capacity: None (exact-size exchange: one count all-to-all and one host sync), or the
+            tokens per rank of a fixed-size exchange (no host sync; T <= capacity; the same on
+            every rank).
     Returns [T, H]. Every rank of the group must call it (with T = 0 if it has no tokens).
     """
+    world_size = dist.get_world_size(group)
+    if experts_fn is None:
+        def experts_fn(x, gate_up, down, ids, weights):
+            return receiver_experts(x, gate_up, down, ids, weights, world_size)
+    if capacity is not None:
+        return _fixed_size_exchange(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, group,
+                                    experts_fn, chunks, capacity)
     T, H = hidden_states.shape
     K = topk_ids.shape[1]
-    world_size = dist.get_world_size(group)
     bounds = [round(c * T / chunks) for c in range(chunks + 1)]
     pieces = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
     plans = [plan_dispatch(topk_ids[p], topk_weights[p], gate_up_proj.shape[0], world_size) for p in pieces]
@@ -125,3 +160,54 @@ def expert_parallel_experts(hidden_states, topk_ids, topk_weights, gate_up_proj,
         work.wait()
         launch_gather_sum(back, plan.combine_index, out[piece])
     return out
+
+
+def _fixed_size_exchange(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, group, experts_fn, chunks,
+                         capacity):
+    """``expert_parallel_experts`` with fixed-size messages (see the module docstring): no host sync."""
+    T, H = hidden_states.shape
+    K = topk_ids.shape[1]
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    bounds = sorted({round(c * capacity / chunks) for c in range(chunks + 1)})  # capacity rows, in chunks
+    pieces = list(zip(bounds, bounds[1:]))
+    gathers = []
+    for first, end in pieces:
+        packed = _pack_fixed(hidden_states, topk_ids, topk_weights, first, end)
+        received = packed.new_empty((world_size * (end - first), packed.shape[1]))  # [W * rows, H + M]
+        gathers.append((received, dist.all_gather_into_tensor(received, packed, group=group, async_op=True)))
+    returns = []
+    for received, work in gathers:
+        work.wait()
+        x_received, ids_received, weights_received = _unpack(received, H, K)
+        # other ranks' experts and the padding's -1 fall outside [0, E/W): dropped
+        local_ids = ids_received - rank * gate_up_proj.shape[0]
+        partial = experts_fn(x_received, gate_up_proj, down_proj, local_ids, weights_received)  # [W * rows, H]
+        back = torch.empty_like(partial)
+        returns.append((back, dist.all_to_all_single(back, partial.contiguous(), group=group, async_op=True)))
+    out = hidden_states.new_empty((T, H))
+    for (first, end), (back, work) in zip(pieces, returns):
+        work.wait()
+        tokens = max(min(end, T) - first, 0)
+        # token first + t's partial sum from rank r sits in row r * (end - first) + t; a rank that
+        # owns none of its experts sent zeros, which add exactly
+        index = torch.arange(world_size, device=back.device) * (end - first) + \
+            torch.arange(tokens, device=back.device)[:, None]  # [tokens, W]
+        launch_gather_sum(back, index, out[first:first + tokens])
+    return out
+
+
+def _pack_fixed(hidden_states, topk_ids, topk_weights, first, end):
+    """[end - first, H + M] rows for capacity rows [first, end): each token's hidden row, its global
+    ids and its weights' bits (as ``_pack``); rows past the tokens are padding with ids -1 (their
+    hidden part is left unset: no expert reads it)."""
+    T, H = hidden_states.shape
+    K = topk_ids.shape[1]
+    tokens = max(min(end, T) - first, 0)
+    meta = torch.full((end - first, 2 * K), -1, dtype=torch.int32, device=hidden_states.device)
+    meta[:tokens, :K] = topk_ids[first:first + tokens]
+    meta[:tokens, K:] = topk_weights[first:first + tokens].float().view(torch.int32)
+    meta = meta.view(hidden_states.dtype)
+    packed = hidden_states.new_empty((end - first, H + meta.shape[1]))
+    packed[:tokens, :H] = hidden_states[first:first + tokens]
+    packed[:, H:] = meta
+    return packed

@@ -21,26 +21,25 @@ from kernels import _config
 from kernels._autograd import apply_with_reference_grad
 from kernels._validate import INDEX_DTYPES, check_dim, check_same_dtype_device, check_tensor, dot_precision
 from kernels.gather_sum import launch_gather_sum
-from kernels.matmul import _tile_coords, _tile_product
+from kernels.matmul import _tile_coords, _tile_product, processor_count
 from kernels.routing import check_topk_ids, group_by_expert
+
+PERSISTENT_PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs to hide each one's loads
 
 
 @triton.jit
-def _expert_gemm_kernel(
-    p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_num_padded, p_topk_weights,
-    N, K, n_slots, n_row_blocks,
+def _expert_tile(
+    i_m, i_n, p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K, n_slots,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
+    EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
     MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """out[slot] = f(a[row(slot)] @ w[expert].T) for the BLOCK_M slots of one expert's row block.
+    """out[slot] = f(a[row(slot)] @ w[expert].T) for the BLOCK_M slots of row block ``i_m``, columns
+    block ``i_n``.
 
     row(slot) is slot // TOP_K (its token) when GATHER_TOKENS, else slot. With FUSE_SWIGLU, f is
     silu(gate) * up over the stacked [2N, K] weight; with MUL_WEIGHTS, f scales by the slot's weight."""
-    i_m, i_n = _tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    if i_m * BLOCK_M >= tl.load(p_num_padded):
-        return  # rows past the last expert's padded run: nothing routed here
     i_e = tl.load(p_block_experts + i_m).to(tl.int64)
     b_slots = tl.load(p_sorted_slots + i_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
     m_rows = b_slots < n_slots  # padding rows carry the sentinel n_slots
@@ -65,11 +64,43 @@ def _expert_gemm_kernel(
     tl.store(p_ob, b_acc.to(p_out.dtype.element_ty), mask=m_rows[:, None] & (o_on[None, :] < N))
 
 
-def _launch_expert_gemm(a, w, out, blocks, topk_weights, top_k, gather_tokens, fuse_swiglu, cfg):
+@triton.jit
+def _expert_gemm_kernel(
+    p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_num_padded, p_topk_weights,
+    N, K, n_slots, n_row_blocks,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
+    MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """The grouped GEMM over the ``ExpertBlocks`` layout: one tile per program, or with PERSISTENT
+    a grid of a few programs per SM that loops over the routed tiles only (for inputs whose
+    slots are mostly dropped, where the grid's bound n_row_blocks is far above the routed rows)."""
+    if PERSISTENT:
+        n_routed = tl.load(p_num_padded)  # rows of the experts' padded runs
+        n_tiles = tl.cdiv(n_routed, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for i_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            i_m, i_n = _tile_coords(i_tile, n_routed, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _expert_tile(i_m, i_n, p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K, n_slots,
+                         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                         TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_SWIGLU, MUL_WEIGHTS,
+                         DOT_PRECISION)
+    else:
+        i_m, i_n = _tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if i_m * BLOCK_M >= tl.load(p_num_padded):
+            return  # rows past the last expert's padded run: nothing routed here
+        _expert_tile(i_m, i_n, p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K, n_slots,
+                     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                     TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_SWIGLU, MUL_WEIGHTS,
+                     DOT_PRECISION)
+
+
+def _launch_expert_gemm(a, w, out, blocks, topk_weights, top_k, gather_tokens, fuse_swiglu, cfg, persistent):
     N = out.shape[1]
     K = a.shape[1]
     n_row_blocks = blocks.block_experts.shape[0]
-    grid = (n_row_blocks * triton.cdiv(N, cfg["block_n"]),)
+    n_tiles = n_row_blocks * triton.cdiv(N, cfg["block_n"])
+    grid = (min(n_tiles, PERSISTENT_PROGRAMS_PER_SM * processor_count(a.device)) if persistent else n_tiles,)
     _expert_gemm_kernel[grid](
         a, w, out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded, topk_weights,
         N, K, blocks.n_slots, n_row_blocks,
@@ -77,7 +108,7 @@ def _launch_expert_gemm(a, w, out, blocks, topk_weights, top_k, gather_tokens, f
         TOP_K=top_k, BLOCK_M=blocks.block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
         GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, GATHER_TOKENS=gather_tokens,
         FUSE_SWIGLU=fuse_swiglu, MUL_WEIGHTS=topk_weights is not None, DOT_PRECISION=dot_precision(a.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PERSISTENT=persistent, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
@@ -89,8 +120,12 @@ def expert_configs(hidden_states, num_experts, intermediate, n_slots):
             _config.lookup("moe_down", hidden_states.device, **dims))
 
 
-def launch_fused_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights, configs=None):
-    """Run the fused experts on validated inputs (no host sync); ``configs`` overrides the files."""
+def launch_fused_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights, configs=None,
+                         persistent=False):
+    """Run the fused experts on validated inputs (no host sync); ``configs`` overrides the files.
+
+    ``persistent`` runs the GEMMs on a few programs per SM that loop over the routed tiles: for
+    ids mostly out of range (an expert-parallel rank's share), whose grid bound is mostly idle."""
     T, H = hidden_states.shape
     E, two_i, _ = gate_up_proj.shape
     top_k = topk_ids.shape[1]
@@ -103,10 +138,12 @@ def launch_fused_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_
     cfg_gate_up, cfg_down = configs or expert_configs(hidden_states, E, two_i // 2, n_slots)
     blocks = group_by_expert(topk_ids, E, cfg_gate_up["block_m"])
     intermediate = torch.empty((n_slots, two_i // 2), dtype=hidden_states.dtype, device=hidden_states.device)
-    _launch_expert_gemm(hidden_states, gate_up_proj, intermediate, blocks, None, top_k, True, True, cfg_gate_up)
+    _launch_expert_gemm(hidden_states, gate_up_proj, intermediate, blocks, None, top_k, True, True, cfg_gate_up,
+                        persistent)
     per_slot = torch.empty((n_slots, H), dtype=hidden_states.dtype, device=hidden_states.device)
     weights = topk_weights.contiguous().view(-1)  # the kernel indexes it by slot with unit stride
-    _launch_expert_gemm(intermediate, down_proj, per_slot, blocks, weights, top_k, False, False, cfg_down)
+    _launch_expert_gemm(intermediate, down_proj, per_slot, blocks, weights, top_k, False, False, cfg_down,
+                        persistent)
     # fixed-order, deterministic sum over each token's slots; slots of out-of-range ids (dropped,
     # never written) are skipped: expert parallelism sends every rank ids outside its experts
     return launch_gather_sum(per_slot, topk_ids, out, num_experts=E)

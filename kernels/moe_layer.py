@@ -95,19 +95,23 @@ class FusedMoE(nn.Module):
         process_group: None (every expert here), or a torch.distributed group for expert
             parallelism (``kernels.expert_parallel``): every rank routes its own tokens with the
             full router, tokens travel to the ranks owning their experts by ``all_to_all_single``
-            and back. Forward-only; one host sync per call (the count exchange).
+            and back. Forward-only.
         ep_chunks: with a process group, the chunks each rank's tokens are split into so that one
             chunk's experts run while the next chunk's tokens travel (the same on every rank;
-            1 by default: more were slower on 2 and 4 H100s, the layer being host-bound).
+            1 by default: in eager mode more were slower on 2 and 4 H100s, being host-bound).
+        ep_capacity: with a process group, None (exact-size exchange: one host sync per call to
+            read the counts), or the most tokens per rank per call, the same on every rank: a
+            fixed-size exchange with no host sync, which a CUDA graph can capture (each rank then
+            sends all ``ep_capacity`` rows to every rank; a call with more tokens raises).
     The submodules are named as in the HF blocks (``gate`` is the router, ``experts`` holds the
     weights), so a patched model's ``state_dict`` keeps its keys; ``router`` reads ``gate``.
-    Forward: hidden_states [..., H] -> [..., H]. Without a process group there is no host sync
-    (capturable in a CUDA graph), and gradients reach the experts, the hidden states and the
+    Forward: hidden_states [..., H] -> [..., H]. Without a process group, or with ``ep_capacity``,
+    there is no host sync (capturable in a CUDA graph); without a process group, and gradients reach the experts, the hidden states and the
     router (through the chosen experts' gate weights, as in the HF blocks); the experts' backward
     recomputes the torch reference.
     """
 
-    def __init__(self, router, gate_up_proj, down_proj, process_group=None, ep_chunks=EP_CHUNKS):
+    def __init__(self, router, gate_up_proj, down_proj, process_group=None, ep_chunks=EP_CHUNKS, ep_capacity=None):
         super().__init__()
         self.gate = router
         self.experts = Experts(gate_up_proj, down_proj)
@@ -115,6 +119,10 @@ class FusedMoE(nn.Module):
         if isinstance(ep_chunks, bool) or not isinstance(ep_chunks, int) or ep_chunks < 1:
             raise ValueError(f"ep_chunks must be an int >= 1, got {ep_chunks!r}")
         self.ep_chunks = ep_chunks
+        if ep_capacity is not None and (isinstance(ep_capacity, bool) or not isinstance(ep_capacity, int)
+                                        or ep_capacity < 1):
+            raise ValueError(f"ep_capacity must be None or an int >= 1 (tokens per rank), got {ep_capacity!r}")
+        self.ep_capacity = ep_capacity
         if process_group is not None:
             _check_expert_shard(router.num_experts, gate_up_proj.shape[0], process_group)
 
@@ -124,7 +132,7 @@ class FusedMoE(nn.Module):
         return self.gate
 
     @classmethod
-    def from_hf(cls, block, process_group=None, ep_chunks=EP_CHUNKS):
+    def from_hf(cls, block, process_group=None, ep_chunks=EP_CHUNKS, ep_capacity=None):
         """Build from a transformers 5.x Mixtral / Qwen3-MoE / OLMoE sparse-MoE block, sharing its
         weights; with a ``process_group``, this rank keeps a copy of its E/W experts only (so the
         block's full weights can be freed) and the router stays whole."""
@@ -143,7 +151,7 @@ class FusedMoE(nn.Module):
         if process_group is not None:
             _check_expert_shard(router.num_experts, None, process_group)
             gate_up, down = (_local_experts(w, process_group) for w in (gate_up, down))
-        return cls(router, gate_up, down, process_group, ep_chunks)
+        return cls(router, gate_up, down, process_group, ep_chunks, ep_capacity)
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
@@ -154,8 +162,11 @@ class FusedMoE(nn.Module):
         if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in self.parameters())):
             raise RuntimeError("the expert-parallel FusedMoE is forward-only (no backward through all_to_all): "
                                "call it under torch.no_grad() or torch.inference_mode()")
+        if self.ep_capacity is not None and flat.shape[0] > self.ep_capacity:
+            raise ValueError(f"hidden_states has {flat.shape[0]} tokens, more than ep_capacity={self.ep_capacity}")
         return expert_parallel_experts(flat, topk_ids, topk_weights, self.experts.gate_up_proj,
-                                       self.experts.down_proj, self.process_group, chunks=self.ep_chunks).reshape(shape)
+                                       self.experts.down_proj, self.process_group, chunks=self.ep_chunks,
+                                       capacity=self.ep_capacity).reshape(shape)
 
 
 def _check_expert_shard(num_experts, local_experts, process_group):

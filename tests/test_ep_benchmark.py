@@ -19,7 +19,7 @@ def test_two_process_cpu_run(tmp_path):
     output = tmp_path / "ep.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "bench.ep_benchmark", "--device", "cpu", "--shape", "tiny", "--tokens_per_gpu", "24",
-               "--repeats", "1", "--calls_per_batch", "2", "--chunks", "1,3", "--output", str(output)]
+               "--repeats", "1", "--calls_per_batch", "2", "--chunks", "1,3", "--output", str(output)]  # every mode
     env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -28,19 +28,26 @@ def test_two_process_cpu_run(tmp_path):
     assert report["world_size"] == 2 and report["provenance"]["commit"]
     results = report["results"]
     assert results["correctness"]["rel_l2_error_max_over_ranks"] <= results["correctness"]["tolerance"] == 1e-5
-    for name in ("single_gpu", "ep_topk_chunks1", "ep_topk_chunks3"):
+    for name in ("single_gpu", "ep_exact_chunks1", "ep_exact_chunks3", "ep_fixed_chunks1", "ep_fixed_chunks3"):
         entry = results[name]
         assert entry["latency_ms"] > 0 and entry["tokens_per_s"] > 0
         assert entry["energy_j_per_token"] is None and entry["energy_reason"]  # no NVML here: null, with why
-    traffic = results["ep_topk_chunks1"]["bytes_per_token"]
-    assert traffic == results["ep_topk_chunks3"]["bytes_per_token"]
-    assert results["best_ep_chunks"] in (1, 3)
+        assert name == "single_gpu" or entry["rel_l2_error_vs_single_gpu"] <= 1e-5
+    for name in ("single_gpu_graph", "ep_fixed_graph_chunks1"):
+        assert "GPU" in results[name]["skipped"]
+    traffic = results["ep_exact_chunks1"]["bytes_per_token"]
+    assert traffic == results["ep_exact_chunks3"]["bytes_per_token"]
+    fixed = results["ep_fixed_chunks1"]["bytes_per_token"]  # every row to the other rank: 24 rows of 32 floats
+    assert fixed == {"dispatch": 32 * 4 + 2 * 2 * 4, "combine": 32 * 4, "ranks_per_token": 2}
+    assert results["weak_scaling"]["best_ep"] in ("ep_exact_chunks1", "ep_exact_chunks3", "ep_fixed_chunks1",
+                                                  "ep_fixed_chunks3")
+    assert results["weak_scaling"]["best_single_gpu"] == "single_gpu" and results["weak_scaling"]["graph_efficiency"] is None
     for q in ("10", "100"):  # the committed H100 table has a measured 2-GPU all_to_all curve
         aware = results[f"ep_energy_aware_q{q}"]
         assert aware["bytes_per_token"]["dispatch"] <= traffic["dispatch"] and aware["costs"]["communication_costs"]
         assert 0 <= aware["rerouted_fraction"] <= 1 and aware["output_change_rel_l2_vs_topk"] >= 0
     assert 0 < traffic["combine"] < traffic["dispatch"] and 1 <= traffic["ranks_per_token"] <= 2
-    assert results["weak_scaling_efficiency"] > 0
+    assert results["weak_scaling"]["efficiency"] == results["weak_scaling"]["eager_efficiency"] > 0
 
 
 def test_slurm_header():
@@ -68,7 +75,7 @@ def test_slurm_dry_run(tmp_path):
 
 @pytest.mark.parametrize("flags, name", [
     (["--tokens_per_gpu", "0"], "--tokens_per_gpu"), (["--chunks", "1,x"], "--chunks"), (["--chunks", "0"], "--chunks"),
-    (["--quality_weights", "0"], "--quality_weights"), (["--window_s", "0.5"], "--window_s"),
+    (["--quality_weights", "0"], "--quality_weights"), (["--modes", "exact,fast"], "--modes"), (["--window_s", "0.5"], "--window_s"),
     (["--shape", "nope"], "--shape")])
 def test_bad_flags_name_the_flag(flags, name, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -59,7 +59,7 @@ def _init(rank, world_size, port, backend):
     return (torch.device("cuda", rank), torch.bfloat16) if backend == "nccl" else (torch.device("cpu"), torch.float32)
 
 
-def _rank_checks(rank, world_size, port, E, K, tokens_per_rank, backend="gloo", H=24, I=20, chunks=1):
+def _rank_checks(rank, world_size, port, E, K, tokens_per_rank, backend="gloo", H=24, I=20, chunks=1, capacity=None):
     device, dtype = _init(rank, world_size, port, backend)
     try:
         router_weight, gate_up, down = (w.to(device, dtype) for w in _weights(E, H, I))
@@ -68,19 +68,24 @@ def _rank_checks(rank, world_size, port, E, K, tokens_per_rank, backend="gloo", 
         per_rank = E // world_size
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         sharded = kernels.FusedMoE(kernels.TopKRouter(router_weight, K), gate_up[mine].clone(), down[mine].clone(),
-                                   process_group=dist.group.WORLD, ep_chunks=chunks)
+                                   process_group=dist.group.WORLD, ep_chunks=chunks, ep_capacity=capacity)
         with torch.no_grad():
             expected = whole(x)
             ours = sharded(x)
             _, weights, ids = sharded.gate(x)
             ref_path = expert_parallel_experts(x, ids, weights, gate_up[mine], down[mine], dist.group.WORLD,
-                                               experts_fn=fused_experts_reference, chunks=chunks)
+                                               experts_fn=fused_experts_reference, chunks=chunks, capacity=capacity)
         for name, out in (("kernels", ours), ("torch reference", ref_path)):
             assert out.shape == expected.shape and torch.isfinite(out).all(), name
             error = rel_error(out, expected)
             assert error <= REL_TOL[dtype], f"rank {rank} ({name}): relative error {error:.3e}"
         with pytest.raises(RuntimeError, match="forward-only"):
             sharded(x)  # gradients enabled: refused, never silently detached
+        if capacity is not None:
+            with torch.no_grad(), pytest.raises(ValueError, match="ep_capacity"):
+                sharded(torch.randn(capacity + 1, H, device=device, dtype=dtype))
+            if backend == "nccl":
+                _check_graph_replay(sharded, whole, x)
         with pytest.raises(ValueError, match="gate_up_proj"):
             kernels.FusedMoE(kernels.TopKRouter(router_weight, K), gate_up, down, process_group=dist.group.WORLD)
         with pytest.raises(ValueError, match="does not divide"):
@@ -90,25 +95,49 @@ def _rank_checks(rank, world_size, port, E, K, tokens_per_rank, backend="gloo", 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world_size, E, K, tokens_per_rank, chunks", [
-    (2, 4, 2, (37, 5), 1),
-    (2, 6, 3, (0, 11), 3),  # a rank with no tokens still joins every collective; more chunks than tokens
-    (3, 6, 2, (4, 9, 1), 2),  # a world size that is not a power of two
-], ids=["W2-E4-K2", "W2-E6-K3-empty-rank-3-chunks", "W3-E6-K2-2-chunks"])
+@pytest.mark.parametrize("world_size, E, K, tokens_per_rank, chunks, capacity", [
+    (2, 4, 2, (37, 5), 1, None),
+    (2, 6, 3, (0, 11), 3, None),  # a rank with no tokens still joins every collective; more chunks than tokens
+    (3, 6, 2, (4, 9, 1), 2, None),  # a world size that is not a power of two
+    (2, 4, 2, (37, 5), 1, 40),  # fixed-size exchange: mostly padding on rank 1
+    (3, 6, 2, (4, 9, 0), 2, 9),  # a rank at capacity, an empty one, 2 chunks
+    (2, 4, 3, (2, 1), 3, 2),  # more chunks than capacity rows
+], ids=["W2-E4-K2", "W2-E6-K3-empty-rank-3-chunks", "W3-E6-K2-2-chunks",
+        "W2-capacity40", "W3-capacity9-full-and-empty-ranks-2-chunks", "W2-capacity2-3-chunks"])
 @cpu_machine_only
-def test_gloo_layer_matches_single_process(world_size, E, K, tokens_per_rank, chunks):
-    mp.spawn(_rank_checks, args=(world_size, _free_port(), E, K, tokens_per_rank, "gloo", 24, 20, chunks),
+def test_gloo_layer_matches_single_process(world_size, E, K, tokens_per_rank, chunks, capacity):
+    mp.spawn(_rank_checks, args=(world_size, _free_port(), E, K, tokens_per_rank, "gloo", 24, 20, chunks, capacity),
              nprocs=world_size)
+
+
+def _check_graph_replay(sharded, whole, x):
+    """The fixed-size exchange captured in a CUDA graph (NCCL collectives included), replayed on
+    new tokens, matches the single-GPU layer."""
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        sharded(static_x)  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = sharded(static_x)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    with torch.no_grad():
+        error = rel_error(static_out, whole(static_x))
+    assert error <= REL_TOL[x.dtype], f"graph replay: relative error {error:.3e}"
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_nccl_layer_matches_single_gpu_in_bf16(world_size):
-    """The Qwen3-MoE expert layout (128 experts, top-8) at a small width, on real GPUs."""
+    """The Qwen3-MoE expert layout (128 experts, top-8) at a small width, on real GPUs: exact and
+    fixed-size exchanges, the latter also replayed from a CUDA graph."""
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} CUDA devices, found {torch.cuda.device_count()}")
     tokens = tuple(257 + 64 * r for r in range(world_size))
-    for chunks in (1, 4):
-        mp.spawn(_rank_checks, args=(world_size, _free_port(), 128, 8, tokens, "nccl", 256, 96, chunks),
+    for chunks, capacity in ((1, None), (4, None), (1, max(tokens)), (2, max(tokens) + 5)):
+        mp.spawn(_rank_checks, args=(world_size, _free_port(), 128, 8, tokens, "nccl", 256, 96, chunks, capacity),
                  nprocs=world_size)
 
 
@@ -151,3 +180,6 @@ def test_bad_expert_parallel_arguments():
     for chunks in (0, 1.5, True):
         with pytest.raises(ValueError, match="ep_chunks"):
             kernels.FusedMoE(kernels.TopKRouter(router_weight, 2), gate_up, down, ep_chunks=chunks)
+    for capacity in (0, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="ep_capacity"):
+            kernels.FusedMoE(kernels.TopKRouter(router_weight, 2), gate_up, down, ep_capacity=capacity)

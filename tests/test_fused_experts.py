@@ -81,6 +81,25 @@ def test_fused_experts_config_variants(variant):
     assert_matches(out, reference64(x, gate_up, down, ids, weights), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_persistent_grid_with_mostly_dropped_ids(dtype):
+    """An expert-parallel rank's share: most ids belong to other ranks (out of range, both sides).
+    The persistent grid loops over the routed tiles only and must give the one-tile-per-program
+    grid's answer bit for bit."""
+    T, H, I, E, K = 67, 40, 24, 4, 3
+    x = randn(T, H, dtype=dtype)
+    gate_up, down = expert_weights(E, H, I, dtype)
+    ids = torch.randint(-2 * E, 3 * E, (T, K), device=DEVICE)
+    ids[0] = -1  # a token routed nowhere here: its row is zeros
+    weights = torch.rand(T, K, device=DEVICE)
+    cfg = (dict(block_m=16, block_n=16, block_k=16, group_m=4, num_warps=4, num_stages=2),
+           dict(block_n=16, block_k=16, group_m=4, num_warps=4, num_stages=2))
+    persistent = launch_fused_experts(x, gate_up, down, ids, weights, configs=cfg, persistent=True)
+    assert torch.equal(persistent, launch_fused_experts(x, gate_up, down, ids, weights, configs=cfg))
+    assert torch.equal(persistent[0], torch.zeros_like(persistent[0]))
+    assert_matches(persistent, reference64(x, gate_up, down, ids, weights), dtype)
+
+
 def test_fused_experts_gradients_match_reference():
     x = randn(9, 16).requires_grad_()
     gate_up, down = (w.requires_grad_() for w in expert_weights(4, 16, 8, torch.float32))
