@@ -25,7 +25,8 @@ exchange's cost on 2 and 4 H100s). Each rank's C token rows (its T tokens, then 
 ids are -1) go to every rank by one ``all_gather_into_tensor``, with the global ids and gate
 weights packed in the same message; each receiver drops the ids it does not own, runs its
 experts, and ``all_to_all_single`` returns every block of partial sums to its source, which adds
-its W blocks per token (``kernels.gather_sum``). Every token row goes to every rank: at top-8
+its W blocks per token (``kernels.gather_sum``). Each rank's own tokens skip the trip: their
+local experts run while the collectives travel. Every token row goes to every rank: at top-8
 over 4 ranks a token needs ~90% of the ranks anyway (1 - (3/4)^8), so this sends ~10% more than
 the exact exchange; at many ranks per top-k the exact exchange sends less.
 
@@ -164,10 +165,15 @@ def expert_parallel_experts(hidden_states, topk_ids, topk_weights, gate_up_proj,
 
 def _fixed_size_exchange(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, group, experts_fn, chunks,
                          capacity):
-    """``expert_parallel_experts`` with fixed-size messages (see the module docstring): no host sync."""
+    """``expert_parallel_experts`` with fixed-size messages (see the module docstring): no host sync.
+
+    A rank's own tokens need no transfer, so their local experts run while the collectives
+    travel: the first half while the chunk's rows arrive, the second while the partial sums of
+    the other ranks' rows go back (NCCL's kernels are queued first, so they hold their SMs)."""
     T, H = hidden_states.shape
     K = topk_ids.shape[1]
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    first_expert = rank * gate_up_proj.shape[0]
     bounds = sorted({round(c * capacity / chunks) for c in range(chunks + 1)})  # capacity rows, in chunks
     pieces = list(zip(bounds, bounds[1:]))
     gathers = []
@@ -175,19 +181,34 @@ def _fixed_size_exchange(hidden_states, topk_ids, topk_weights, gate_up_proj, do
         packed = _pack_fixed(hidden_states, topk_ids, topk_weights, first, end)
         received = packed.new_empty((world_size * (end - first), packed.shape[1]))  # [W * rows, H + M]
         gathers.append((received, dist.all_gather_into_tensor(received, packed, group=group, async_op=True)))
+
+    def own_experts(first, end):  # this rank's tokens [first, end) on its own experts
+        tokens = slice(first, max(min(end, T), first))
+        return experts_fn(hidden_states[tokens], gate_up_proj, down_proj, topk_ids[tokens] - first_expert,
+                          topk_weights[tokens])
+
     returns = []
-    for received, work in gathers:
+    for (first, end), (received, work) in zip(pieces, gathers):
+        middle = min((first + end) // 2, T)
+        own_first = own_experts(first, middle)
         work.wait()
         x_received, ids_received, weights_received = _unpack(received, H, K)
-        # other ranks' experts and the padding's -1 fall outside [0, E/W): dropped
-        local_ids = ids_received - rank * gate_up_proj.shape[0]
-        partial = experts_fn(x_received, gate_up_proj, down_proj, local_ids, weights_received)  # [W * rows, H]
-        back = torch.empty_like(partial)
-        returns.append((back, dist.all_to_all_single(back, partial.contiguous(), group=group, async_op=True)))
+        rows = end - first
+        # other ranks' experts, the padding's -1 and this rank's own block (done apart) fall
+        # outside [0, E/W): dropped
+        local_ids = (ids_received - first_expert).view(world_size, rows, K)
+        local_ids[rank] = -1
+        partial = experts_fn(x_received, gate_up_proj, down_proj, local_ids.view(-1, K), weights_received)
+        back = torch.empty_like(partial)  # [W * rows, H]
+        work = dist.all_to_all_single(back, partial.contiguous(), group=group, async_op=True)
+        returns.append((back, work, own_first, own_experts(middle, end)))
     out = hidden_states.new_empty((T, H))
-    for (first, end), (back, work) in zip(pieces, returns):
+    for (first, end), (back, work, own_first, own_second) in zip(pieces, returns):
         work.wait()
         tokens = max(min(end, T) - first, 0)
+        own_rows = back[rank * (end - first):][:tokens]  # zeros came back for this rank's own block
+        own_rows[:own_first.shape[0]] = own_first
+        own_rows[own_first.shape[0]:] = own_second
         # token first + t's partial sum from rank r sits in row r * (end - first) + t; a rank that
         # owns none of its experts sent zeros, which add exactly
         index = torch.arange(world_size, device=back.device) * (end - first) + \
