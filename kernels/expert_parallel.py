@@ -26,8 +26,8 @@ ids are -1) go to every rank by one ``all_gather_into_tensor``, with the global 
 weights packed in the same message; each receiver drops the ids it does not own, runs its
 experts, and one ``reduce_scatter_tensor`` adds every rank's partial sums for each source's rows
 and returns them (NCCL adds in the rows' dtype, in its ring order: fixed for a fixed setup).
-Each rank's own tokens skip the trip: their local experts run while the collectives travel,
-and their sums are added last. Every token row goes to every rank: at top-8
+From 4 ranks up each rank's own tokens skip the trip: their local experts run while the
+collectives travel, and their sums are added last. Every token row goes to every rank: at top-8
 over 4 ranks a token needs ~90% of the ranks anyway (1 - (3/4)^8), so this sends ~10% more than
 the exact exchange; at many ranks per top-k the exact exchange sends less.
 
@@ -45,8 +45,13 @@ import torch.distributed as dist
 from kernels.fused_experts import expert_configs, launch_fused_experts
 from kernels.gather_sum import launch_gather_sum
 
+# A rank's own tokens run apart (while the collectives travel) from 4 ranks up: apart, the local
+# experts' weights are read three times instead of once, which on 2 H100s (half the model per GPU)
+# cost more than the hidden transfers (Qwen3 layer, 8192 tokens per GPU, graph replays: 2.42 ms
+# apart vs 1.97 ms in one pass; on 4 H100s 2.15 ms apart vs 2.29 ms).
+OWN_APART_MIN_RANKS = 4
 # share of a chunk's own tokens computed during the dispatch (the rest during the return): the
-# fastest of 0, 0.25, 0.5 and 1 on 4 H100s (Qwen3 layer, 8192 tokens per GPU)
+# fastest of 0, 0.25, 0.5 and 1 on 4 H100s
 OWN_SHARE_DURING_DISPATCH = 0.5
 
 
@@ -172,9 +177,9 @@ def _fixed_size_exchange(hidden_states, topk_ids, topk_weights, gate_up_proj, do
                          capacity):
     """``expert_parallel_experts`` with fixed-size messages (see the module docstring): no host sync.
 
-    A rank's own tokens need no transfer, so their local experts run while the collectives
-    travel: the first half while the chunk's rows arrive, the second while the partial sums of
-    the other ranks' rows go back."""
+    A rank's own tokens need no transfer, so from ``OWN_APART_MIN_RANKS`` ranks up their local
+    experts run while the collectives travel: the first half while the chunk's rows arrive, the
+    second while the partial sums of the other ranks' rows go back."""
     T, H = hidden_states.shape
     K = topk_ids.shape[1]
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -192,25 +197,31 @@ def _fixed_size_exchange(hidden_states, topk_ids, topk_weights, gate_up_proj, do
         return experts_fn(hidden_states[tokens], gate_up_proj, down_proj, topk_ids[tokens] - first_expert,
                           topk_weights[tokens])
 
+    own_apart = world_size >= OWN_APART_MIN_RANKS
     returns = []
     for (first, end), (received, work) in zip(pieces, gathers):
         middle = min(first + round((end - first) * OWN_SHARE_DURING_DISPATCH), T)
-        own_first = own_experts(first, middle)
+        own_first = own_experts(first, middle) if own_apart else None
         work.wait()
         x_received, ids_received, weights_received = _unpack(received, H, K)
         rows = end - first
-        # other ranks' experts, the padding's -1 and this rank's own block (done apart) fall
-        # outside [0, E/W): dropped
+        # other ranks' experts and the padding's -1 (and this rank's own block when it runs
+        # apart) fall outside [0, E/W): dropped
         local_ids = (ids_received - first_expert).view(world_size, rows, K)
-        local_ids[rank] = -1
+        if own_apart:
+            local_ids[rank] = -1
         partial = experts_fn(x_received, gate_up_proj, down_proj, local_ids.view(-1, K), weights_received)
         summed = partial.new_empty((rows, H))  # every rank's partial sums for this rank's rows
         work = dist.reduce_scatter_tensor(summed, partial.contiguous(), group=group, async_op=True)
-        returns.append((summed, work, own_first, own_experts(middle, end)))
+        returns.append((summed, work, own_first, own_experts(middle, end) if own_apart else None))
     out = hidden_states.new_empty((T, H))
     for (first, end), (summed, work, own_first, own_second) in zip(pieces, returns):
         work.wait()
-        tokens, middle = max(min(end, T) - first, 0), own_first.shape[0]
+        tokens = max(min(end, T) - first, 0)
+        if not own_apart:
+            out[first:first + tokens] = summed[:tokens]
+            continue
+        middle = own_first.shape[0]
         torch.add(summed[:middle], own_first, out=out[first:first + middle])
         torch.add(summed[middle:tokens], own_second, out=out[first + middle:first + tokens])
     return out

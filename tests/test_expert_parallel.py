@@ -59,8 +59,11 @@ def _init(rank, world_size, port, backend):
     return (torch.device("cuda", rank), torch.bfloat16) if backend == "nccl" else (torch.device("cpu"), torch.float32)
 
 
-def _rank_checks(rank, world_size, port, E, K, tokens_per_rank, backend="gloo", H=24, I=20, chunks=1, capacity=None):
+def _rank_checks(rank, world_size, port, E, K, tokens_per_rank, backend="gloo", H=24, I=20, chunks=1, capacity=None,
+                 own_apart_from=None):
     device, dtype = _init(rank, world_size, port, backend)
+    if own_apart_from is not None:  # this process's copy of the module: the other tests keep the default
+        kernels.expert_parallel.OWN_APART_MIN_RANKS = own_apart_from
     try:
         router_weight, gate_up, down = (w.to(device, dtype) for w in _weights(E, H, I))
         x = _tokens(rank, H, tokens_per_rank).to(device, dtype)
@@ -102,12 +105,20 @@ def _rank_checks(rank, world_size, port, E, K, tokens_per_rank, backend="gloo", 
     (2, 4, 2, (37, 5), 1, 40),  # fixed-size exchange: mostly padding on rank 1
     (3, 6, 2, (4, 9, 0), 2, 9),  # a rank at capacity, an empty one, 2 chunks
     (2, 4, 3, (2, 1), 3, 2),  # more chunks than capacity rows
+    (4, 8, 3, (5, 0, 9, 2), 1, 9),  # 4 ranks: own tokens run apart, one rank empty
 ], ids=["W2-E4-K2", "W2-E6-K3-empty-rank-3-chunks", "W3-E6-K2-2-chunks",
-        "W2-capacity40", "W3-capacity9-full-and-empty-ranks-2-chunks", "W2-capacity2-3-chunks"])
+        "W2-capacity40", "W3-capacity9-full-and-empty-ranks-2-chunks", "W2-capacity2-3-chunks", "W4-capacity9-own-apart"])
 @cpu_machine_only
 def test_gloo_layer_matches_single_process(world_size, E, K, tokens_per_rank, chunks, capacity):
     mp.spawn(_rank_checks, args=(world_size, _free_port(), E, K, tokens_per_rank, "gloo", 24, 20, chunks, capacity),
              nprocs=world_size)
+
+
+@pytest.mark.parametrize("capacity, chunks", [(40, 1), (23, 3)], ids=["one-chunk", "odd-capacity-3-chunks"])
+@cpu_machine_only
+def test_gloo_own_tokens_apart_on_2_ranks(capacity, chunks):
+    """The own-tokens-apart schedule (the default from 4 ranks) forced on 2 ranks, with an odd split."""
+    mp.spawn(_rank_checks, args=(2, _free_port(), 4, 2, (23, 6), "gloo", 24, 20, chunks, capacity, 2), nprocs=2)
 
 
 def _check_graph_replay(sharded, whole, x):
