@@ -69,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--tokens_per_gpu", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=5, help="timed batches of back-to-back calls")
     parser.add_argument("--calls_per_batch", type=int, default=10)
-    parser.add_argument("--chunks", default="1,2,4", help="ep_chunks values to time (comma-separated)")
+    parser.add_argument("--chunks", default="1,2", help="ep_chunks values to time (comma-separated)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="exchanges to time: exact (count exchange, eager), fixed (ep_capacity = tokens per "
                              "GPU, eager), fixed_graph (the same replayed from a CUDA graph; GPU only)")
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--cost_table", default=None,
                         help="table with an all_to_all curve for this GPU count (default: calibration/tables/<gpu>.json)")
     parser.add_argument("--gpu", default="H100", help="the cost table's GPU name")
-    parser.add_argument("--quality_weights", default="10,100",
+    parser.add_argument("--quality_weights", default="10,100,1000",
                         help="the energy-aware router's quality weights to run (objective energy=1, latency=0, "
                              "quality=q: a swap moves at most 1/q of probability)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -13,11 +13,16 @@ costs, the score and bias are
     g(T) = 1 + thermal_gain * clamp((T - (T_slowdown - margin)) / margin, 0, 1)
     bias_e = clamp(offset_e - max_shift * s_e / (1 + s_e), -max_shift, 0)
 
-The optional ``extra_cost`` [2, E] float32 device tensor (energy_j, latency_ms per routed token)
-is what each expert costs beyond its compute, e.g. the all_to_all that sends a token to a remote
-expert and back (0 for local experts): dE_e and dL_e above include it as given (unstretched: the
-communication curve is its own measurement), and the test-time step charges it per routed token.
-Without it a constexpr flag compiles its loads out.
+The optional ``extra_cost`` [2, E] float32 device tensor (xE_e, xL_e: energy_j, latency_ms per
+routed token) is what each expert costs beyond its compute, e.g. the all_to_all that sends a token
+to a remote expert and back (0 for local experts; unstretched: the communication curve is its
+own measurement). It is a per-token cost, so it is scored against a token's marginal compute,
+not against the weight load: with n the mean load of the busy experts and dE_n = cost(n + 1) -
+cost(n) (likewise dL_n), s_e gains w_energy * g(T) * xE_e / dE_n + w_latency * xL_e / dL_n.
+(Scored against E1 instead, a transfer worth 1.6 tokens' compute moved a Qwen3 layer's bias by
+< 0.001 at 8192 tokens, where one token's compute is ~300x smaller than a weight load.) The
+test-time step, which is scale-free, charges it per routed token. Without it a constexpr flag
+compiles its loads out.
 
 The hardware state is a [3] device tensor (temperature °C, power W, NVML memory utilisation
 0..1; NaN = unknown: the coolest calibrated temperature and no pressure). One program does it all
@@ -36,6 +41,7 @@ from costmodel.kernel_cost_model import lerp_segments
 from kernels._validate import INDEX_DTYPES, check_tensor
 from kernels.routing_stats import expert_loads_reference
 
+MARGINAL_FLOOR = 1e-6  # a flat cost curve's marginal cost, as a share of the one-token cost (no division by 0)
 PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stand-in's knots
 ROWS = ("log_batch", "log_energy", "log_latency", "temp_c", "sm_clock_mhz", "pressure", "pressure_stretch")
 
@@ -150,9 +156,17 @@ def _cost_bias_kernel(
     b_busy = b_others > 0
     b_energy = tl.where(b_busy, e_hi - e_lo, e_hi)
     b_latency = tl.where(b_busy, l_hi - l_lo, l_hi)
-    if HAS_EXTRA:  # [2, E]: each routed token's energy and latency beyond the expert's compute
-        b_energy += tl.load(p_extra + o_e, mask=m_e, other=0.0)
-        b_latency += tl.load(p_extra + E + o_e, mask=m_e, other=0.0)
+    if HAS_EXTRA:  # [2, E]: each routed token's energy and latency beyond the expert's compute,
+        # scored against a token's marginal compute at the mean load of the busy experts
+        busy_experts = tl.sum(((b_loads > 0) & m_e).to(tl.float32), 0)
+        routed = tl.sum(tl.where(m_e, b_loads, 0).to(tl.float32), 0)
+        b_mean = tl.maximum(routed / tl.maximum(busy_experts, 1.0), 1.0) + tl.zeros_like(b_others)  # [BINS]
+        r_hi_e, r_hi_l = _stretched_cost(p_curves, stride_row, b_mean + 1.0, b_stretch, idle_power_w, N_TABLE)
+        r_lo_e, r_lo_l = _stretched_cost(p_curves, stride_row, b_mean, b_stretch, idle_power_w, N_TABLE)
+        b_energy += tl.load(p_extra + o_e, mask=m_e, other=0.0) * fixed_energy_j / \
+            tl.maximum(r_hi_e - r_lo_e, MARGINAL_FLOOR * fixed_energy_j)
+        b_latency += tl.load(p_extra + E + o_e, mask=m_e, other=0.0) * fixed_latency_ms / \
+            tl.maximum(r_hi_l - r_lo_l, MARGINAL_FLOOR * fixed_latency_ms)
     b_score = _score(b_energy, b_latency, b_temp, fixed_energy_j, fixed_latency_ms, slowdown_temp_c, energy_weight,
                      latency_weight, thermal_gain, thermal_margin_c)
     b_offsets = tl.load(p_offsets + o_e, mask=m_e, other=0.0)
@@ -338,7 +352,13 @@ def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *
     busy = others > 0
     energy, latency = torch.where(busy, e_hi - e_lo, e_hi), torch.where(busy, l_hi - l_lo, l_hi)
     if extra_cost is not None:
-        energy, latency = energy + extra_cost[0], latency + extra_cost[1]
+        mean = (loads.sum() / (loads > 0).sum().clamp_min(1)).clamp_min(1.0).reshape(1)
+        (r_hi_e, r_hi_l), (r_lo_e, r_lo_l) = _cost_reference(curves, mean + 1.0, stretch), \
+            _cost_reference(curves, mean, stretch)
+        energy = energy + extra_cost[0] * curves.fixed_energy_j / \
+            (r_hi_e - r_lo_e).clamp_min(MARGINAL_FLOOR * curves.fixed_energy_j)
+        latency = latency + extra_cost[1] * curves.fixed_latency_ms / \
+            (r_hi_l - r_lo_l).clamp_min(MARGINAL_FLOOR * curves.fixed_latency_ms)
     score = _score_reference(curves, energy, latency, temp, energy_weight, latency_weight, thermal_gain,
                              thermal_margin_c)
     return (bias_offsets - max_shift * score / (1.0 + score)).clamp(-max_shift, 0.0)

@@ -62,8 +62,10 @@ table's ``all_to_all`` curve slope at the layer's message size (``KernelCostMode
 comm_cost_per_byte`` at ``expert_placement_bytes_per_rank``), which is per byte of every rank's
 message with energy summed over the W GPUs: energy / (W-1) and latency x W / (W-1).
 This [2, E] ``extra_cost`` (energy J, latency ms per token) is built once, on the host, and
-follows the router's device. It is a per-expert upper bound of the marginal cost: a token
-already sent to a rank for another expert costs nothing more to send there again.
+follows the router's device; the bias scores it against a token's marginal compute at the
+batch's mean expert load (``kernels.cost_bias``), so it weighs as a per-token cost. It is a
+per-expert upper bound of the marginal cost: a token already sent to a rank for another expert
+costs nothing more to send there again.
 
 **Dynamic k.** ``top_p`` (off by default) keeps, per token, the chosen experts in descending
 gate weight until their share of the token's top-k weight reaches ``top_p``; the rest get weight

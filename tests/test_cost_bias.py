@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from costmodel.kernel_cost_model import KernelCostModel
-from kernels.cost_bias import (cost_curves, expert_cost_bias, expert_cost_bias_reference, ttt_offset_step,
-                               ttt_offset_step_reference)
+from kernels.cost_bias import (cost_curves, expert_cost_bias, expert_cost_bias_reference, expert_cost_reference,
+                               ttt_offset_step, ttt_offset_step_reference)
 from tests.conftest import DEVICE
 
 WEIGHTS = dict(energy_weight=1.0, latency_weight=0.5, max_shift=0.2, thermal_gain=1.0, thermal_margin_c=15.0)
@@ -70,6 +70,29 @@ def test_bad_input():
             expert_cost_bias(ids, curves, state, offsets, **(WEIGHTS | {name: value}))
     with pytest.raises(ValueError, match="conv2d"):
         cost_curves(KernelCostModel("H100"), "conv2d", DEVICE)
+
+
+def test_per_token_extra_is_scored_against_a_tokens_compute():
+    """Busy experts (a Qwen3-sized batch): a remote transfer worth one token's marginal compute must
+    move the bias by about half the maximum shift, s/(1+s) going from ~0 to ~1/2; scored against
+    the one-token (weight-load) cost instead it would move it by ~max_shift/300."""
+    model = KernelCostModel("H100")
+    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    T, K, E = 2048, 8, 128
+    ids, hardware = random_ids(T, K, E, seed=3), torch.full((3,), math.nan, device=DEVICE)
+    loads = torch.bincount(ids.reshape(-1).long(), minlength=E)
+    assert (loads > 0).all()
+    mean = (loads.sum() / E).reshape(1).float().to(DEVICE)
+    marginal = expert_cost_reference(curves, hardware, mean + 1)[0] - expert_cost_reference(curves, hardware, mean)[0]
+    extra = torch.zeros(2, E, device=DEVICE)
+    extra[0, E // 2:] = marginal
+    weights = dict(energy_weight=1.0, latency_weight=0.0, max_shift=0.2)
+    offsets = torch.zeros(E, device=DEVICE)
+    plain = expert_cost_bias(ids, curves, hardware, offsets, **weights)
+    ours = expert_cost_bias(ids, curves, hardware, offsets, **weights, extra_cost=extra)
+    assert torch.equal(ours[:E // 2], plain[:E // 2])
+    shift = (plain - ours)[E // 2:]
+    assert (shift > 0.4 * weights["max_shift"]).all() and (shift < 0.5 * weights["max_shift"]).all(), shift
 
 
 @pytest.mark.parametrize("E", [5, 128])
