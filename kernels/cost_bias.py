@@ -42,6 +42,7 @@ from kernels._validate import INDEX_DTYPES, check_tensor
 from kernels.routing_stats import expert_loads_reference
 
 MARGINAL_FLOOR = 1e-6  # a flat cost curve's marginal cost, as a share of the one-token cost (no division by 0)
+_MARGINAL_FLOOR = tl.constexpr(MARGINAL_FLOOR)  # the kernel's copy (compiled kernels read constexpr globals only)
 PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stand-in's knots
 ROWS = ("log_batch", "log_energy", "log_latency", "temp_c", "sm_clock_mhz", "pressure", "pressure_stretch")
 
@@ -164,9 +165,9 @@ def _cost_bias_kernel(
         r_hi_e, r_hi_l = _stretched_cost(p_curves, stride_row, b_mean + 1.0, b_stretch, idle_power_w, N_TABLE)
         r_lo_e, r_lo_l = _stretched_cost(p_curves, stride_row, b_mean, b_stretch, idle_power_w, N_TABLE)
         b_energy += tl.load(p_extra + o_e, mask=m_e, other=0.0) * fixed_energy_j / \
-            tl.maximum(r_hi_e - r_lo_e, MARGINAL_FLOOR * fixed_energy_j)
+            tl.maximum(r_hi_e - r_lo_e, _MARGINAL_FLOOR * fixed_energy_j)
         b_latency += tl.load(p_extra + E + o_e, mask=m_e, other=0.0) * fixed_latency_ms / \
-            tl.maximum(r_hi_l - r_lo_l, MARGINAL_FLOOR * fixed_latency_ms)
+            tl.maximum(r_hi_l - r_lo_l, _MARGINAL_FLOOR * fixed_latency_ms)
     b_score = _score(b_energy, b_latency, b_temp, fixed_energy_j, fixed_latency_ms, slowdown_temp_c, energy_weight,
                      latency_weight, thermal_gain, thermal_margin_c)
     b_offsets = tl.load(p_offsets + o_e, mask=m_e, other=0.0)
