@@ -103,6 +103,8 @@ def parse_args(argv=None):
     args.modes = args.modes.split(",")
     if not args.modes or not set(args.modes) <= set(MODES):
         parser.error(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {','.join(args.modes)}")
+    if args.modes == ["fixed_graph"] and not args.on_gpu:
+        parser.error("--modes fixed_graph alone measures nothing without a GPU (CUDA graphs)")
     try:
         args.quality_weights = [float(q) for q in args.quality_weights.split(",")]
     except ValueError:

@@ -94,11 +94,12 @@ class FusedMoE(nn.Module):
         down_proj: [E, H, I] (or this rank's [E/W, H, I]).
         process_group: None (every expert here), or a torch.distributed group for expert
             parallelism (``kernels.expert_parallel``): every rank routes its own tokens with the
-            full router, tokens travel to the ranks owning their experts by ``all_to_all_single``
-            and back. Forward-only.
+            full router, tokens travel to the ranks owning their experts and back
+            (``all_to_all_single``; with ``ep_capacity``, ``all_gather_into_tensor`` and
+            ``reduce_scatter_tensor``). Forward-only.
         ep_chunks: with a process group, the chunks each rank's tokens are split into so that one
             chunk's experts run while the next chunk's tokens travel (the same on every rank;
-            1 by default: in eager mode more were slower on 2 and 4 H100s, being host-bound).
+            1 by default: more were slower on 2 and 4 H100s, eager and in CUDA graphs).
         ep_capacity: with a process group, None (exact-size exchange: one host sync per call to
             read the counts), or the most tokens per rank per call, the same on every rank: a
             fixed-size exchange with no host sync, which a CUDA graph can capture (each rank then

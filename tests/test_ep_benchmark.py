@@ -75,7 +75,8 @@ def test_slurm_dry_run(tmp_path):
 
 @pytest.mark.parametrize("flags, name", [
     (["--tokens_per_gpu", "0"], "--tokens_per_gpu"), (["--chunks", "1,x"], "--chunks"), (["--chunks", "0"], "--chunks"),
-    (["--quality_weights", "0"], "--quality_weights"), (["--modes", "exact,fast"], "--modes"), (["--window_s", "0.5"], "--window_s"),
+    (["--quality_weights", "0"], "--quality_weights"), (["--modes", "exact,fast"], "--modes"),
+    (["--modes", "fixed_graph", "--device", "cpu"], "--modes"), (["--window_s", "0.5"], "--window_s"),
     (["--shape", "nope"], "--shape")])
 def test_bad_flags_name_the_flag(flags, name, capsys):
     with pytest.raises(SystemExit) as exc:
