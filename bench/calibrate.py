@@ -18,7 +18,7 @@ from dataclasses import asdict
 
 import torch
 
-from bench._results import provenance, write_json_atomic
+from bench.harness.results import provenance, write_json_atomic
 from calibration.energy import GraphRunner, measure_energy, measure_gap_power_w, measure_idle_power_w
 from calibration.nvml_meter import BackgroundSampler, GpuMeter
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve

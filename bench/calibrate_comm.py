@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench._results import provenance, write_json_atomic
+from bench.harness.results import provenance, write_json_atomic
 from bench.calibrate import gpu_matches
 from calibration.collectives import measure_all_to_all
 from costmodel.kernel_cost_model import TABLE_DIR, load_table

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import kernels  # noqa: E402
-from bench._results import provenance, write_json_atomic  # noqa: E402
+from bench.harness.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import rel_error  # noqa: E402
 from bench.moe_cases import SHAPES, MoeShape  # noqa: E402
 from calibration.collectives import all_reduce_floats, calls_per_window, collective_energy  # noqa: E402

@@ -3,7 +3,7 @@
 Measures every op at batch sizes *not* on the calibration grid (same method as
 ``bench.calibrate``) and compares the table's predictions with them: median and 90th-percentile
 absolute percentage error, for energy and latency. Then whole-model forwards: the harness's
-dense and MoE transformers (``bench.models``) at the table's dims, each forward predicted as the
+dense and MoE transformers (``bench.harness.models``) at the table's dims, each forward predicted as the
 sum of its ops' costs (``TransformerLM.cost_plan``) plus power over the gaps between kernels.
 Two ways of running them: CUDA-graph replays (no gaps: a pure prediction) and eager calls (the
 gap time is the measured forward latency minus the predicted kernel time, charged at the table's
@@ -18,9 +18,9 @@ import sys
 
 import torch
 
-from bench._results import provenance, write_json_atomic
+from bench.harness.results import provenance, write_json_atomic
 from bench.calibrate import check_gpu, sweep_point
-from bench.models import TransformerLM
+from bench.harness.models import TransformerLM
 from calibration.energy import EagerRunner, GraphRunner, measure_energy, measure_idle_power_w
 from calibration.nvml_meter import GpuMeter
 from costmodel.kernel_cost_model import KernelCostModel

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: @triton.jit reads it
 
 from bench import moe_cases  # noqa: E402
-from bench._results import provenance, write_json_atomic  # noqa: E402
+from bench.harness.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import NO_GPU, copy_bytes_per_s, graph_median_ms, median_ms, rel_error  # noqa: E402
 
 PEERS = {"grouped_mm": moe_cases.grouped_mm, "hf_loop": moe_cases.hf_loop}

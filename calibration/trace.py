@@ -117,7 +117,7 @@ class ReplayNvml(PynvmlConstants):
 
 
 def main(argv=None):
-    from bench._results import provenance, write_json_atomic
+    from bench.harness.results import provenance, write_json_atomic
     parser = argparse.ArgumentParser(prog="python -m calibration.trace", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--output", required=True)

@@ -2,7 +2,7 @@
 
 ``batch_size`` counts tokens for the FFN, projection, norm, router and expert ops and sequences
 (each ``seq_len`` long) for the attention ops. The projections, ``lm_head``, ``rms_norm`` and
-``residual_add`` are the rest of the harness's transformer forward (``bench.models``), so a whole
+``residual_add`` are the rest of the harness's transformer forward (``bench.harness.models``), so a whole
 forward is a sum of table ops. Work and bytes feed the analytic priors and the compute- vs
 memory-bound split of ``get_cost_breakdown``; the measured tables time the real kernels
 (``kernels/``; ``rms_norm`` and ``residual_add`` are torch's) at the same shapes.

@@ -12,6 +12,7 @@ This package's import name, ``kernels``, is also Hugging Face's ``kernels`` pack
 cannot be installed side by side.
 """
 from kernels.attention import attention_av, attention_qk, flash_attention
+from kernels.decode_attention import decode_attention
 from kernels.fused_experts import fused_experts
 from kernels.matmul import matmul
 from kernels.moe_layer import FusedMoE, TopKRouter, patch_hf_model, register_hf_experts_implementation
@@ -21,7 +22,7 @@ from kernels.swiglu import ffn_down, ffn_gate, ffn_up, swiglu_ffn, swiglu_gate_u
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention_av", "attention_qk", "flash_attention", "matmul",
+    "attention_av", "attention_qk", "decode_attention", "flash_attention", "matmul",
     "ffn_down", "ffn_gate", "ffn_up", "swiglu_ffn", "swiglu_gate_up",
     "FusedMoE", "TopKRouter", "fused_experts", "patch_hf_model", "register_hf_experts_implementation", "route",
 ]

@@ -48,9 +48,11 @@ shapes) the forward first updates the router from the batches routed *before* it
   set the energy-aware selection chose, so plain probabilities drift toward cheap routing and
   later batches need smaller shifts. Tokens with non-finite hidden states are left out.
 TTT runs in eval mode and under ``torch.no_grad``/``inference_mode`` (it is test-time training);
-set ``router.adapt = False`` to freeze it. It never runs while a CUDA graph is being captured;
-under graph replays the per-expert window still accumulates on the device, and ``ttt_step()``
-applies an update between replays. Updates are counted and timed (CUDA events on a GPU); their
+set ``router.adapt = False`` to freeze it. The window and the gate's ring of hidden states (its
+write position and fill on the device) are device work in the forward, so a captured forward keeps
+them; an update never runs inside a captured forward. Between replays, ``ttt_step()`` applies one,
+or a caller replays a graph of ``ttt_update()`` (the update's device work, no host sync; Adam is
+capturable on a GPU) and counts it with ``note_update()``. Updates are counted and timed (CUDA events on a GPU); their
 energy is *attributed* (monitor board power x update time), not metered.
 
 **Expert placement.** Under expert parallelism (``expert_placement=(rank, world_size)``, experts
@@ -211,11 +213,12 @@ class EnergyAwareTTTRouter(TopKRouter):
                                                              dtype=self.weight.dtype), persistent=False)
             self.register_buffer("_ring_ids", torch.zeros(self.ttt_chunk_size, self.top_k, device=device,
                                                           dtype=torch.int32), persistent=False)
+            self.register_buffer("_ring_next", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+            self.register_buffer("_ring_filled", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._gate_optimizer = None
 
     def _reset_host_counters(self):
         self._tokens_since_update = 0
-        self._ring_next = self._ring_filled = 0
         self._reset_ttt_accounting()
 
     def _reset_ttt_accounting(self):
@@ -253,7 +256,7 @@ class EnergyAwareTTTRouter(TopKRouter):
         adapting = adapt and not _capturing(hidden_states)
         if self.monitoring and self.cost_weighted:
             self.hardware_state.copy_(self.monitor.host_state, non_blocking=True)
-        if adapting and self._tokens_since_update >= self.ttt_update_frequency:
+        if adapting and self.update_due():
             self.ttt_step()  # before routing this batch: the update sees past batches only
         router_logits = F.linear(hidden_states, self.weight)  # NaN/+Inf logits: -inf in the routing kernel
         plain = topk_routing(router_logits, self.top_k, self.selection_bias, self.renormalize)
@@ -267,7 +270,9 @@ class EnergyAwareTTTRouter(TopKRouter):
                             stats=self._stats if self.track_stats else None,
                             window=self._window if window else None)
         if adapting:
-            self._remember(hidden_states, routing.topk_ids)
+            self.note_tokens(hidden_states.shape[0])
+        if adapt and self.ttt_gate:
+            self._write_ring(hidden_states.detach(), routing.topk_ids)
         if self.weights_dtype == "logits":
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, routing.topk_ids
@@ -313,35 +318,45 @@ class EnergyAwareTTTRouter(TopKRouter):
                 "thermal_margin_c": self.thermal_margin_c, "max_memory_pressure": self.max_memory_pressure,
                 "extra_cost": self.extra_cost}
 
-    def _remember(self, hidden_states, topk_ids):
-        """The host side of the TTT window: the token count, and the gate's ring of hidden states."""
-        self._tokens_since_update += hidden_states.shape[0]
-        if self.ttt_gate:
-            self._write_ring(hidden_states.detach(), topk_ids)
-
     def _write_ring(self, hidden_states, topk_ids):
+        """The gate's ring of the last ``ttt_chunk_size`` tokens: write position and fill on the device."""
         n = min(hidden_states.shape[0], self.ttt_chunk_size)
-        hidden_states, topk_ids = hidden_states[-n:], topk_ids[-n:]
-        first = min(n, self.ttt_chunk_size - self._ring_next)  # up to the ring's end, then wrap
-        for dst, src in ((self._ring_hidden, hidden_states), (self._ring_ids, topk_ids)):
-            dst[self._ring_next:self._ring_next + first].copy_(src[:first])
-            dst[:n - first].copy_(src[first:])
-        self._ring_next = (self._ring_next + n) % self.ttt_chunk_size
-        self._ring_filled = min(self._ring_filled + n, self.ttt_chunk_size)
+        slots = (self._ring_next + torch.arange(n, device=hidden_states.device)) % self.ttt_chunk_size
+        self._ring_hidden.index_copy_(0, slots, hidden_states[-n:])
+        self._ring_ids.index_copy_(0, slots, topk_ids[-n:])
+        self._ring_next.add_(n).remainder_(self.ttt_chunk_size)
+        self._ring_filled.add_(n).clamp_(max=self.ttt_chunk_size)
 
     # ---- test-time training --------------------------------------------------------------------
 
     def ttt_step(self):
-        """One test-time update from the batches routed since the last one (outside graph capture)."""
+        """One timed, counted test-time update from the batches routed since the last one (outside capture)."""
         if _capturing(self.weight):
             raise RuntimeError("ttt_step() cannot run inside CUDA-graph capture: call it between replays")
-        self._tokens_since_update = 0
         power_w = self.monitor.power_w if self.monitoring else None
-        with self._update_timer.time(self.weight.is_cuda, power_w), torch.inference_mode(False), torch.no_grad():
+        with self._update_timer.time(self.weight.is_cuda, power_w):
+            self.ttt_update()
+        self.note_update()
+
+    def ttt_update(self):
+        """The update's device work (no host sync, capturable): the offsets' step and the gate's step."""
+        with torch.inference_mode(False), torch.no_grad():
             if self.cost_weighted:
                 self._bias_step()
-            if self.ttt_gate and self._ring_filled:
+            if self.ttt_gate:
                 self._gate_step()
+
+    def update_due(self):
+        """Have ``ttt_update_frequency`` tokens been routed since the last update (host count)?"""
+        return self.adapt and self.adaptive and self._tokens_since_update >= self.ttt_update_frequency
+
+    def note_tokens(self, count):
+        """Count routed tokens (a caller replaying a captured forward counts its replays here)."""
+        self._tokens_since_update += count
+
+    def note_update(self):
+        """Count an update (a caller replaying a captured ``ttt_update`` counts its replays here)."""
+        self._tokens_since_update = 0
         self.ttt_updates += 1
 
     def _bias_step(self):
@@ -355,16 +370,17 @@ class EnergyAwareTTTRouter(TopKRouter):
         self.weight.grad = user_grad  # leave the caller's own gradient in place
 
     def _gate_gradient(self):
-        """d/dW of the mean over the ring's finite tokens of -log(softmax mass on the chosen set).
+        """d/dW of the mean over the ring's filled, finite tokens of -log(softmax mass on the chosen set).
 
         In closed form (no autograd graph: eager TTT is host-bound): with p the softmax of the
         logits and q = p on the chosen experts renormalised to 1 (0 elsewhere), dloss/dlogits =
         (p - q) / n per token, and the weight's gradient is its product with the hidden states."""
-        hidden = self._ring_hidden[:self._ring_filled]
-        finite = torch.isfinite(hidden).all(1, keepdim=True)
+        hidden = self._ring_hidden
+        filled = torch.arange(self.ttt_chunk_size, device=hidden.device)[:, None] < self._ring_filled  # [N, 1]
+        finite = torch.isfinite(hidden).all(1, keepdim=True) & filled
         hidden = torch.where(finite, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
         probs = F.linear(hidden, self.weight.detach()).float().softmax(-1)  # [N, E]
-        chosen = torch.zeros_like(probs).scatter_(1, self._ring_ids[:self._ring_filled].long(), 1.0) * probs
+        chosen = torch.zeros_like(probs).scatter_(1, self._ring_ids.long(), 1.0) * probs
         scale = finite / finite.sum().clamp_min(1)
         d_logits = (probs - chosen / chosen.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)) * scale
         return (d_logits.T @ hidden.float()).to(self.weight.dtype)
@@ -373,7 +389,8 @@ class EnergyAwareTTTRouter(TopKRouter):
         if self._gate_optimizer is None:
             lr = self.energy_aware_lr
             self._gate_optimizer = torch.optim.Muon([self.weight], lr=lr, weight_decay=0.0) if self.muon_enabled \
-                else torch.optim.Adam([self.weight], lr=lr, fused=self.weight.is_cuda)  # fused: one launch
+                else torch.optim.Adam([self.weight], lr=lr, fused=self.weight.is_cuda,  # fused: one launch
+                                      capturable=self.weight.is_cuda)
         return self._gate_optimizer
 
     def _settle_update_timings(self):

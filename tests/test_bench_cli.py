@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from bench import _results
+from bench.harness import results as _results
 from bench import kernels as bench_kernels
 from tests.conftest import DEVICE, REL_TOL
 

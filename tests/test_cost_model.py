@@ -9,7 +9,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from bench._results import write_json_atomic
+from bench.harness.results import write_json_atomic
 from calibration.priors import PRIOR_TABLES, prior_table
 from costmodel.kernel_cost_model import DeviceCostTable, KernelCostModel
 from costmodel.ops import OPS, ModelDims

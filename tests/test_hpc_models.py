@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench.models import (DECODE_PLAN_EXCLUDES, TransformerLM, TTTLanguageModel, model_dims, ttt_parameters,
+from bench.harness.models import (DECODE_PLAN_EXCLUDES, TransformerLM, TTTLanguageModel, model_dims, ttt_parameters,
                           use_energy_aware_router)
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import OPS
@@ -47,7 +47,7 @@ def test_cache_misuse_is_refused():
     lm(torch.randint(0, 256, (2, 1)), cache)
     with pytest.raises(ValueError, match="overflow"):
         lm(torch.randint(0, 256, (2, 1)), cache)
-    cache.length = 5  # rewinding re-decodes the last slot, as the benchmark's steps do
+    cache.rewind(5)  # rewinding re-decodes the last slot, as the benchmark's steps do
     assert lm(torch.randint(0, 256, (2, 1)), cache).shape == (2, 1, 256)
 
 
@@ -136,7 +136,7 @@ def test_ttt_frozen_and_bad_arguments():
 
 
 def test_energy_aware_router_shares_the_gate():
-    from bench.hpc_single_gpu_test import prior_cost_model
+    from bench.harness.costs import prior_cost_model
     cost_model, _ = prior_cost_model("H100", DIMS)
     assert isinstance(cost_model, KernelCostModel) and cost_model.is_prior
     lm = TransformerLM(DIMS, 2, moe=True, use_kernels=False, device=DEVICE)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench.models import TransformerLM
+from bench.harness.models import TransformerLM
 from costmodel.ops import OPS, ModelDims
 from tests.conftest import DEVICE, rel_error
 

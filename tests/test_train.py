@@ -1,12 +1,18 @@
-"""bench.train: the stdlib corpus, its by-file split, held-out evaluation, checkpoints, and a tiny run."""
+"""bench.train: the stdlib corpus, its by-file split, held-out evaluation, checkpoints, grouped-GEMM experts,
+the time budget, and a tiny run."""
 import math
 
 import pytest
 import torch
 
-from bench.models import TransformerLM, model_dims
-from bench.train import (HELDOUT_PERCENT, checkpoint_path, corpus_files, evaluate, heldout_streams, load_checkpoint,
-                         main, parse_args, save_checkpoint, split_by_file, stdlib_root)
+from bench.harness.models import TransformerLM, model_dims
+from bench.harness.corpus import (HELDOUT_PERCENT, checkpoint_path, corpus_files, evaluate, heldout_streams,
+                                  load_checkpoint, save_checkpoint, split_by_file, stdlib_root)
+from bench.harness.models import grouped_mm_experts
+from bench.harness.training import TrainConfig, budgeted_steps
+from bench.train import main, parse_args
+from kernels.fused_experts import fused_experts_reference
+from tests.conftest import rel_error
 from tests.conftest import DEVICE
 
 
@@ -78,8 +84,36 @@ def test_tiny_training_run(tmp_path, capsys):
     (["--models", "dense,sparse"], "--models"),
     (["--d_model", "40"], "--d_model"),
     (["--lr", "-1"], "--lr"),
-], ids=["steps", "top_k", "models", "d_model", "lr"])
+    (["--time_budget_s", "0"], "--time_budget_s"),
+    (["--preset", "deployment", "--num_experts", "8"], "--num_experts"),
+    (["--output_dir", __file__], "--output_dir"),
+    (["--device", "tpu"], "--device"),
+], ids=["steps", "top_k", "models", "d_model", "lr", "budget", "preset-conflict", "output-file", "device"])
 def test_bad_flags_name_the_flag(flags, named, capsys):
     with pytest.raises(SystemExit):
         parse_args(flags)
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("T, E, K", [(7, 4, 2), (1, 3, 3), (0, 2, 1), (9, 5, 1)], ids=["odd", "k=e", "empty", "k1"])
+def test_grouped_mm_experts_match_the_per_expert_loop_with_gradients(T, E, K):
+    H, I = 16, 8
+    x = torch.randn(T, H, dtype=torch.float64).float().requires_grad_()
+    gate_up = (torch.randn(E, 2 * I, H) * H ** -0.5).requires_grad_()
+    down = (torch.randn(E, H, I) * I ** -0.5).requires_grad_()
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    weights = torch.rand(T, K).requires_grad_()
+    ours = grouped_mm_experts(x, gate_up, down, ids, weights)
+    ref = fused_experts_reference(x, gate_up, down, ids, weights)
+    assert ours.shape == (T, H) and rel_error(ours, ref) <= 1e-5
+    if T:
+        grad = torch.randn_like(ours)
+        got = torch.autograd.grad(ours, (x, gate_up, down, weights), grad)
+        want = torch.autograd.grad(ref, (x, gate_up, down, weights), grad)
+        assert all(rel_error(a, b) <= 1e-5 for a, b in zip(got, want))
+
+
+def test_time_budget_sets_the_steps():
+    config = TrainConfig(max_steps=1000, batch_size=2, lr=1e-3, time_budget_s=10.0)
+    assert budgeted_steps(config, step_s=0.1) == 100 and budgeted_steps(config, step_s=1e-4) == 1000
+    assert budgeted_steps(TrainConfig(max_steps=30, batch_size=2, lr=1e-3), step_s=5.0) == 30

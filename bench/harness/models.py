@@ -7,13 +7,20 @@ the 256 byte values. Every op it runs is an op of the cost model (``costmodel.op
 gather and head transposes are costed as ``residual_add``, one [T, H] elementwise pass each), so
 ``cost_plan`` lists a forward as table ops and a prediction is their sum. ``use_kernels=False`` runs the torch references instead (CPU runs).
 
-Autoregressive decode keeps a ``KVCache``: ``lm(prompt, cache)`` fills it (causal), then each
-``lm(next_tokens, cache)`` with one position per sequence attends its single query to every
-cached key (``causal=False``: the cache holds only the past). There are no positional
+Autoregressive decode keeps a static ``KVCache``: pre-allocated keys and values, and the filled
+length as a device tensor. ``lm(prompt, cache)`` fills an empty cache (causal); each
+``lm(next_tokens, cache)`` with one position per sequence writes its keys at the device-side
+length and attends its single query to the cache through ``kernels.decode_attention``, which
+reads that length on the device. No step reads a position on the host, so a decode step can be
+captured once in a CUDA graph and replayed (``bench.harness.graphs``). There are no positional
 embeddings (causal attention orders the bytes), so decode needs no position bookkeeping.
 ``decode_cost_plan`` lists a decode step's table ops; its attention (one query against the cache)
 is not a table op (the table's ``flash_attention`` is a causal prefill over ``seq_len``), so it is
 left out and named in ``DECODE_PLAN_EXCLUDES``.
+
+Without our kernels (``use_kernels=False``: CPU runs and training) the experts run on
+``torch._grouped_mm`` (``grouped_mm_experts``): one grouped GEMM per projection over the slots
+sorted by expert, differentiable, never the per-expert Python loop.
 
 ``TTTLanguageModel`` adds test-time training to a dense ``TransformerLM``, and
 ``use_energy_aware_router`` swaps an MoE model's routers for ``router.EnergyAwareTTTRouter``.
@@ -27,8 +34,7 @@ from torch import nn
 import kernels
 from calibration.energy import DeferredTimer
 from costmodel.ops import ModelDims
-from kernels.attention import flash_attention_reference
-from kernels.fused_experts import fused_experts_reference
+from kernels.decode_attention import decode_attention, decode_attention_reference
 from kernels.matmul import matmul_reference
 from kernels.swiglu import swiglu_ffn_reference
 from router.energy_router import EnergyAwareTTTRouter
@@ -37,15 +43,15 @@ DECODE_PLAN_EXCLUDES = ("decode attention (one query against the KV cache): not 
                         "the KV-cache writes")
 
 
-def model_dims(d_model, seq_length, num_experts=4, top_k=2):
-    """The harness's ``ModelDims`` for a width: d_ff = 4 d_model (also each expert's), heads of 64
-    (of 32 when d_model is not a multiple of 64; the attention kernel takes head dims 32/64/128).
-    At d_model 256 these are the calibrated table's dims (4 heads, d_ff 1024)."""
+def model_dims(d_model, seq_length, num_experts=4, top_k=2, d_ff=None):
+    """The harness's ``ModelDims`` for a width: d_ff (the dense FFN's, or each expert's) defaults to
+    4 d_model; heads of 64 (of 32 when d_model is not a multiple of 64; the attention kernels take
+    head dims 32/64/128). At d_model 256 these are the calibrated table's dims (4 heads, d_ff 1024)."""
     if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 32 or d_model % 32:
         raise ValueError(f"d_model must be a positive multiple of 32 (attention heads of 32 or 64), got {d_model!r}")
     head_dim = 64 if d_model % 64 == 0 else 32
-    return ModelDims(d_model=d_model, d_ff=4 * d_model, n_heads=d_model // head_dim, seq_len=seq_length,
-                     num_experts=num_experts, top_k=top_k)
+    return ModelDims(d_model=d_model, d_ff=4 * d_model if d_ff is None else d_ff, n_heads=d_model // head_dim,
+                     seq_len=seq_length, num_experts=num_experts, top_k=top_k)
 
 
 def _param(*shape, scale, generator, device, dtype):
@@ -57,17 +63,47 @@ class _Ops:
 
     def __init__(self, use_kernels):
         self.matmul = kernels.matmul if use_kernels else matmul_reference
-        self.attention = kernels.flash_attention if use_kernels else flash_attention_reference
+        self.attention = kernels.flash_attention if use_kernels else _sdpa
+        self.decode_attention = decode_attention if use_kernels else decode_attention_reference
         self.swiglu_ffn = kernels.swiglu_ffn if use_kernels else swiglu_ffn_reference
-        self.moe = nn.Module.__call__ if use_kernels else _reference_moe
+        self.moe = nn.Module.__call__ if use_kernels else _grouped_mm_moe
 
 
-def _reference_moe(layer, hidden_states):
-    """``FusedMoE`` with the torch experts (the router is the layer's own)."""
+def _sdpa(q, k, v, causal):
+    """The attention kernel's semantics (SDPA's) on torch's own attention: the reference ops' path."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _grouped_mm_moe(layer, hidden_states):
+    """``FusedMoE`` with the experts on ``torch._grouped_mm`` (the router is the layer's own)."""
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
     _, weights, ids = layer.gate(flat)
-    out = fused_experts_reference(flat, layer.experts.gate_up_proj, layer.experts.down_proj, ids, weights)
+    out = grouped_mm_experts(flat, layer.experts.gate_up_proj, layer.experts.down_proj, ids, weights)
     return out.view_as(hidden_states)
+
+
+def grouped_mm_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights):
+    """The fused experts' function on ``torch._grouped_mm``, differentiable in every input but the ids.
+
+    hidden_states [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I], topk_ids/topk_weights [T, K]:
+    the T*K slots sorted by expert, one grouped GEMM per projection (group e = expert e's slots),
+    SwiGLU between, each slot's row scaled by its weight and added back to its token. On a GPU the
+    GEMMs run in bf16 (the grouped GEMM's dtype there), fp32 on a CPU."""
+    T, H = hidden_states.shape
+    E, K = gate_up_proj.shape[0], topk_ids.shape[1]
+    dtype = torch.bfloat16 if hidden_states.is_cuda else torch.float32
+    slot_experts = topk_ids.reshape(-1).long()
+    order = torch.argsort(slot_experts, stable=True)  # [T*K] slots grouped by expert
+    counts = torch.zeros(E, dtype=torch.int32, device=hidden_states.device).index_add_(
+        0, slot_experts, torch.ones_like(slot_experts, dtype=torch.int32))
+    offsets = counts.cumsum(0, dtype=torch.int32)  # group ends, as _grouped_mm wants them
+    tokens = order // K
+    x = hidden_states[tokens].to(dtype)  # [T*K, H]
+    gate, up = torch._grouped_mm(x, gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, down_proj.to(dtype).transpose(-2, -1), offs=offsets)  # [T*K, H]
+    y = y.float() * topk_weights.reshape(-1)[order, None].float()
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device).index_add(0, tokens, y)
+    return out.to(hidden_states.dtype)
 
 
 class Block(nn.Module):
@@ -92,10 +128,13 @@ class Block(nn.Module):
         heads = self.dims.n_heads
         qkv = self.ops.matmul(F.rms_norm(x, (H,), self.attn_norm), self.qkv_proj)  # [B, S, 3H]
         q, k, v = qkv.view(B, S, 3, heads, H // heads).permute(2, 0, 3, 1, 4)  # each [B, heads, S, D], strided
-        if cache is not None:
-            k, v = cache.write(layer, k, v)  # [B, heads, cached + S, D]
-        # a prefill is causal over its own positions; one decode query may see the whole cache (its past)
-        o = self.ops.attention(q, k, v, causal=S > 1)  # [B, heads, S, D]
+        if cache is not None and cache.filled:  # one query per sequence against the cache (its past)
+            cache.write_step(layer, k, v)
+            o = self.ops.decode_attention(q, cache.keys[layer], cache.values[layer], cache.step_lengths)
+        else:  # a prefill (filling an empty cache) is causal over its own positions
+            if cache is not None:
+                cache.write_prompt(layer, k, v)
+            o = self.ops.attention(q, k, v, causal=True)  # [B, heads, S, D]
         return self.ops.matmul(o.transpose(1, 2).reshape(B, S, H), self.out_proj)
 
     def ffn(self, x):  # x: [B, S, H]
@@ -136,12 +175,12 @@ class TransformerLM(nn.Module):
         if tokens.shape[1] > self.dims.seq_len:
             raise ValueError(f"tokens has {tokens.shape[1]} positions; the model's context is {self.dims.seq_len}")
         if cache is not None:
-            cache.check(tokens.shape)
+            cache.begin(tokens.shape)
         x = self.embed[tokens]
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.end(tokens.shape[1])
         x = F.rms_norm(x, (x.shape[-1],), self.final_norm)
         return self.ops.matmul(x, self.lm_head)
 
@@ -181,35 +220,64 @@ class TransformerLM(nn.Module):
 
 
 class KVCache:
-    """Past keys and values of every layer, ``keys``/``values`` [layers, B, heads, capacity, D];
-    the first ``length`` positions are filled. Set ``length`` back to re-decode from a position."""
+    """Past keys and values of every layer, ``keys``/``values`` [layers, B, heads, capacity, D],
+    allocated once. ``length`` ([1] int32, on the device) counts the filled positions of every
+    sequence (they decode in step); a decode step writes at ``length`` and attends to
+    ``length + 1`` positions without reading either on the host. ``rewind(n)`` sets the length back
+    (on the device too), so a captured step can re-decode one position again and again. The host
+    keeps ``filled`` (positions written by eager calls) only to refuse misuse before any work."""
 
     def __init__(self, num_layers, batch_size, n_heads, capacity, head_dim, device, dtype):
         shape = (num_layers, batch_size, n_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
+        self.length = torch.zeros(1, dtype=torch.int32, device=device)
+        self.step_lengths = torch.ones(1, dtype=torch.int32, device=device)  # length + 1 during a step
+        self._write_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.filled = 0
 
     @property
     def capacity(self):
         return self.keys.shape[3]
 
-    def check(self, token_shape):
+    def begin(self, token_shape):
+        """Check a call's [B, S] against the cache; a decode step computes its device-side indices."""
         B, S = token_shape
         if B != self.keys.shape[1]:
             raise ValueError(f"tokens has batch {B}; the cache holds {self.keys.shape[1]} sequences")
-        if self.length and S != 1:
+        if self.filled and S != 1:
             # the attention kernels' causal mask is top-left aligned: S queries after cached keys would be mis-masked
             raise ValueError(f"a filled cache takes one position per sequence (decode), got {S}")
-        if self.length + S > self.capacity:
-            raise ValueError(f"the cache holds {self.capacity} positions; {self.length} + {S} would overflow it")
+        if self.filled + S > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {self.filled} + {S} would overflow it")
+        if self.filled:
+            self._write_index.copy_(self.length)
+            torch.add(self.length, 1, out=self.step_lengths)
 
-    def write(self, layer, k, v):
-        """Store this call's [B, heads, S, D] keys and values; all of the layer's so far, [B, heads, length + S, D]."""
-        end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def end(self, positions):
+        if self.filled:
+            self.length.add_(positions)
+        else:
+            self.length.fill_(positions)
+        self.filled += positions
+
+    def write_prompt(self, layer, k, v):
+        """A prefill's [B, heads, S, D] keys and values into positions [0, S)."""
+        self.keys[layer, :, :, :k.shape[2]] = k
+        self.values[layer, :, :, :v.shape[2]] = v
+
+    def write_step(self, layer, k, v):
+        """A decode step's [B, heads, 1, D] keys and values at the device-side length."""
+        self.keys[layer].index_copy_(2, self._write_index, k)
+        self.values[layer].index_copy_(2, self._write_index, v)
+
+    def rewind(self, positions):
+        """Back to ``positions`` filled positions (a device fill: capturable in a CUDA graph)."""
+        if isinstance(positions, bool) or not isinstance(positions, int) or not 1 <= positions <= self.filled:
+            raise ValueError(f"positions must be an int in [1, {self.filled}] (the filled positions), "
+                             f"got {positions!r}")
+        self.length.fill_(positions)
+        self.filled = positions
 
 
 def ttt_parameters(lm):
@@ -231,11 +299,16 @@ class TTTLanguageModel(nn.Module):
     ``max(2, ttt_chunk_size // B)`` positions of each of the B streams (a stream is row b of every
     call with the same B; a new B starts new streams). A forward of more than
     ``ttt_update_frequency`` tokens triggers one update, not several (as ``EnergyAwareTTTRouter``).
+    The window is a static [B, window] buffer with its filled length on the device (the loss skips
+    positions not yet seen), so remembering a call and the update itself read nothing on the host
+    and each can be captured in a CUDA graph (``bench.harness.graphs``): the forward with its
+    remembering, and the update (``ttt_update``) replayed between forwards.
     The step updates ``ttt_parameters(lm)`` only (the rest is frozen) with Adam at
-    ``energy_aware_lr``, or Muon (``torch.optim.Muon``) for the 2-D weights with ``muon_enabled``,
-    on fp32 master copies: a bf16 weight would round a 1e-4 step away. Updates are counted and
-    timed (CUDA events on a GPU, ``perf_counter`` on a CPU); they run inside the forward, so any
-    energy window around forwards includes them. ``adapt = False`` freezes it.
+    ``energy_aware_lr`` (capturable on a GPU), or Muon (``torch.optim.Muon``) for the 2-D weights
+    with ``muon_enabled``, on fp32 master copies: a bf16 weight would round a 1e-4 step away.
+    Updates are counted and timed (CUDA events on a GPU, ``perf_counter`` on a CPU); they run
+    inside the forward, so any energy window around forwards includes them. ``adapt = False``
+    freezes it.
     """
 
     def __init__(self, lm, ttt_update_frequency=128, ttt_chunk_size=512, energy_aware_lr=1e-4, muon_enabled=False):
@@ -259,17 +332,19 @@ class TTTLanguageModel(nn.Module):
             p.requires_grad_(True)
         self._masters = [p.detach().float().clone().requires_grad_() for p in self.ttt_params.values()]
         self._optimizers = self._build_optimizers()
-        self._history = None  # [B, positions] int64: the streams' most recent tokens
+        self._history = None  # [B, window] int64: the streams' most recent tokens, oldest first
+        self._seen = None  # [1] int64 on the device: how many of the window's positions are filled
         self._tokens_since_update = 0
         self.reset_stats()
 
     def _build_optimizers(self):
-        lr, fused = self.energy_aware_lr, self._masters[0].is_cuda  # fused Adam: one launch per step
+        lr, on_gpu = self.energy_aware_lr, self._masters[0].is_cuda  # fused Adam: one launch per step
         if not self.muon_enabled:
-            return [torch.optim.Adam(self._masters, lr=lr, fused=fused)]
+            return [torch.optim.Adam(self._masters, lr=lr, fused=on_gpu, capturable=on_gpu)]
         matrices = [m for m in self._masters if m.dim() == 2]
         return [torch.optim.Muon(matrices, lr=lr, weight_decay=0.0),  # Muon takes 2-D weights only
-                torch.optim.Adam([m for m in self._masters if m.dim() != 2], lr=lr, fused=fused)]
+                torch.optim.Adam([m for m in self._masters if m.dim() != 2], lr=lr, fused=on_gpu,
+                                 capturable=on_gpu)]
 
     @property
     def dims(self):
@@ -280,29 +355,63 @@ class TTTLanguageModel(nn.Module):
         return "muon (2-D) + adam (norms)" if self.muon_enabled else "adam"
 
     def forward(self, tokens, cache=None):
-        if self.adapt and self._history is not None and self._tokens_since_update >= self.ttt_update_frequency:
+        if self.update_due():
             self.ttt_step()  # before this call's tokens are seen: the update is causal
         logits = self.lm(tokens, cache)
-        self._remember(tokens)
+        self.remember(tokens)
         return logits
 
-    def _remember(self, tokens):
-        self._tokens_since_update += tokens.numel()
-        B = tokens.shape[0]
-        keep = min(max(2, self.ttt_chunk_size // B), self.dims.seq_len + 1)  # seq_len inputs + 1 target
-        same_streams = self._history is not None and self._history.shape[0] == B
-        stream = torch.cat((self._history, tokens), dim=1) if same_streams else tokens
-        self._history = stream[:, -keep:].clone()
+    def update_due(self):
+        """Has ``ttt_update_frequency`` tokens' worth of calls passed since the last update (host count)?"""
+        return self.adapt and self._history is not None and self._tokens_since_update >= self.ttt_update_frequency
+
+    def window_length(self, batch_size):
+        return min(max(2, self.ttt_chunk_size // batch_size), self.dims.seq_len + 1)  # seq_len inputs + 1 target
+
+    def remember(self, tokens):
+        """Shift a call's [B, S] tokens into the window (device work only; a new B starts new streams)."""
+        self.note_tokens(tokens.numel())
+        B, S = tokens.shape
+        keep = self.window_length(B)
+        if self._history is None or self._history.shape[0] != B:
+            self._history = torch.zeros(B, keep, dtype=torch.long, device=tokens.device)
+            self._seen = torch.zeros(1, dtype=torch.long, device=tokens.device)
+        if S >= keep:
+            self._history.copy_(tokens[:, -keep:])
+        else:
+            self._history.copy_(torch.cat((self._history[:, S:], tokens), dim=1))
+        self._seen.add_(S).clamp_(max=keep)
 
     def ttt_step(self):
-        """One update on the remembered tokens (there must be at least two positions per stream)."""
-        if self._history is None or self._history.shape[1] < 2:
-            raise RuntimeError("test-time training needs at least two seen positions per stream")
+        """One timed, counted update on the remembered tokens (``ttt_update`` does the work)."""
+        if self._history is None:
+            raise RuntimeError("test-time training needs seen tokens: call the model first")
+        with self._timer.time(self.lm.embed.is_cuda):
+            self.ttt_update()
+        self.note_update()
+
+    def note_tokens(self, count):
+        """Count tokens seen (a caller replaying a captured forward counts its replays here)."""
+        self._tokens_since_update += count
+
+    def note_update(self):
+        """Count an update (a caller replaying a captured ``ttt_update`` counts its replays here)."""
+        self._tokens_since_update = 0
+        self.ttt_updates += 1
+
+    def ttt_update(self):
+        """The update's device work, no host sync: the next-token loss over the window's filled
+        positions, its gradient for ``ttt_parameters``, the optimiser step on the masters, and the
+        masters copied into the model's weights."""
         params = list(self.ttt_params.values())
-        with self._timer.time(self.lm.embed.is_cuda), torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             stream = self._history.clone()  # a normal tensor even if it was recorded under inference_mode
             logits = self.lm(stream[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), stream[:, 1:].reshape(-1))
+            per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), stream[:, 1:].reshape(-1),
+                                        reduction="none").view(stream.shape[0], -1)
+            targets = torch.arange(per_token.shape[1], device=stream.device)
+            seen = (targets >= stream.shape[1] - self._seen).float()  # [window - 1]: inputs and targets both seen
+            loss = (per_token * seen).sum() / (seen.sum() * stream.shape[0]).clamp_min(1.0)
             grads = torch.autograd.grad(loss, params)
             for master, grad in zip(self._masters, grads):
                 master.grad = grad.float()
@@ -311,8 +420,6 @@ class TTTLanguageModel(nn.Module):
             with torch.no_grad():
                 for p, master in zip(params, self._masters):
                     p.copy_(master)
-        self._tokens_since_update = 0
-        self.ttt_updates += 1
 
     def stats(self):
         """Updates since ``reset_stats`` and their total time (waits for the last update on a GPU)."""

@@ -1,0 +1,86 @@
+"""Argument helpers shared by the ``python -m bench.<name>`` entry points (command-line code only)."""
+import argparse
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bench.harness.presets import PRESETS, SEED
+
+DIM_FLAGS = ("d_model", "num_layers", "num_experts", "top_k", "expert_d_ff", "seq_length")
+MOE_CPU_NEEDS_INTERPRETER = ("an MoE on --device cpu needs TRITON_INTERPRET=1 on a machine with CUDA: the routing "
+                             "kernel takes CPU tensors only under Triton's interpreter")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def moe_cpu_without_interpreter(device):
+    """Would an MoE on ``device`` launch the routing kernel on CPU tensors without the interpreter?"""
+    return device.type == "cpu" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def add_preset_flags(parser):
+    """``--preset`` and the dim flags that refine the seed preset (``resolve_preset`` reads them)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="model sizes (default: seed); the dim flags refine the seed preset only")
+    for flag in DIM_FLAGS:
+        parser.add_argument(f"--{flag}", type=positive_int,
+                            help="each expert's d_ff (seed: 4 d_model)" if flag == "expert_d_ff" else None)
+
+
+def resolve_preset(parser, args):
+    """The ``Preset`` the flags ask for: ``--preset`` as it is (a dim flag beside it is refused), or the
+    seed preset refined by the dim flags (a new width scales the dense ladder with it)."""
+    given = [f for f in DIM_FLAGS if getattr(args, f, None) is not None]
+    if args.preset is not None:
+        if given:
+            parser.error(f"--{given[0]} conflicts with --preset {args.preset}: a preset fixes the model dims "
+                         "(drop the flag, or the preset to refine the seed sizes)")
+        return PRESETS[args.preset]
+    changes = {f: getattr(args, f) for f in given}
+    d_model = changes.get("d_model", SEED.d_model)
+    if d_model % 32:
+        parser.error(f"--d_model must be a multiple of 32 (attention heads of 32 or 64), got {d_model}")
+    if "d_model" in changes:
+        changes.setdefault("expert_d_ff", 4 * d_model)
+        changes["dense_ladder"] = tuple(dict.fromkeys((d_model, 32 * round(1.5 * d_model / 32), 2 * d_model)))
+    preset = replace(SEED, **changes)
+    if preset.top_k > preset.num_experts:
+        parser.error(f"--top_k ({preset.top_k}) must be <= --num_experts ({preset.num_experts})")
+    if preset.seq_length < 2:
+        parser.error(f"--seq_length must be >= 2 (decode caches seq_length // 2 positions), got {preset.seq_length}")
+    return preset
+
+
+def checked_output_dir(parser, path, flag="--output_dir"):
+    """``path`` as a directory that exists and takes files, made if missing: checked before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        parser.error(f"{flag} {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"{flag} {path} cannot be created: {exc.strerror or exc}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {path} is not writable")
+    return path
