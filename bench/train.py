@@ -17,11 +17,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the MoE routing kernel; before triton is imported
 
-from bench._cli import (add_preset_flags, DIM_FLAGS, checked_output_dir, moe_cpu_without_interpreter, positive_float,  # noqa: E402
+from bench._cli import (add_preset_flags, checked_output_dir, moe_cpu_without_interpreter, positive_float,  # noqa: E402
                                positive_int, resolve_preset, MOE_CPU_NEEDS_INTERPRETER)
 from bench.harness.corpus import (checkpoint_path, corpus_files, corpus_summary, evaluate, heldout_streams,  # noqa: E402
                                   read_stream, save_checkpoint, split_by_file, stdlib_root)
-from bench.harness.models import model_dims  # noqa: E402
 from bench.harness.results import provenance  # noqa: E402
 from bench.harness.training import TrainConfig, train_model  # noqa: E402
 

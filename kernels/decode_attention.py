@@ -21,7 +21,7 @@ BLOCK_N = 64
 
 @triton.jit
 def _decode_attention_kernel(
-    p_q, p_k, p_v, p_o, p_lengths, qk_scale_log2, HEADS_Q, GQA_GROUP, CAPACITY,
+    p_q, p_k, p_v, p_o, p_lengths, stride_len, qk_scale_log2, HEADS_Q, GQA_GROUP, CAPACITY,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -31,7 +31,7 @@ def _decode_attention_kernel(
     i_hkv = i_h // GQA_GROUP
     o_d = tl.arange(0, HEAD_DIM)
     o_n = tl.arange(0, BLOCK_N)
-    n_kv = tl.minimum(tl.load(p_lengths + i_b), CAPACITY)  # a length past the cache reads only the cache
+    n_kv = tl.minimum(tl.load(p_lengths + i_b * stride_len), CAPACITY)  # stride 0: one shared length
 
     b_q = tl.load(p_q + i_b * stride_qb + i_h * stride_qh + o_d).to(tl.float32) * qk_scale_log2  # [D]
     b_m = tl.full((1,), float("-inf"), dtype=tl.float32)
@@ -115,10 +115,9 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, sm_scale=None):
     o = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     if o.numel() == 0:
         return o
-    lengths = kv_lengths.to(torch.int32).expand(B).contiguous()
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     _decode_attention_kernel[(B * H,)](
-        q, k_cache, v_cache, o, lengths, scale * LOG2_E, H, H // k_cache.shape[1], k_cache.shape[2],
+        q, k_cache, v_cache, o, kv_lengths, kv_lengths.stride(0) if kv_lengths.shape[0] > 1 else 0, scale * LOG2_E, H, H // k_cache.shape[1], k_cache.shape[2],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
         HEAD_DIM=D, BLOCK_N=BLOCK_N, num_warps=4,
