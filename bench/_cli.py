@@ -9,6 +9,8 @@ import torch
 
 from bench.harness.presets import PRESETS, SEED
 
+MIN_WINDOW_S = 1.0  # the project's rule: an energy window lasts at least 1 s
+MIN_EVAL_BYTES = 2  # evaluation predicts each held-out byte from the ones before it: 2 bytes, one prediction
 DIM_FLAGS = ("d_model", "num_layers", "num_experts", "top_k", "expert_d_ff", "seq_length")
 MOE_CPU_NEEDS_INTERPRETER = ("an MoE on --device cpu needs TRITON_INTERPRET=1 on a machine with CUDA: the routing "
                              "kernel takes CPU tensors only under Triton's interpreter")
@@ -24,14 +26,59 @@ def positive_int(text):
     return value
 
 
-def positive_float(text):
+def eval_bytes(text):
+    """Held-out bytes to evaluate: at least ``MIN_EVAL_BYTES``, or no byte is predicted and there is no score."""
+    value = positive_int(text)
+    if value < MIN_EVAL_BYTES:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_EVAL_BYTES} (the evaluation predicts each held-out byte "
+                                         f"from the ones before it: {MIN_EVAL_BYTES} bytes make one prediction), "
+                                         f"got {text!r}")
+    return value
+
+
+def checked_float(text, ok, rule):
+    """``text`` as a finite float for which ``ok(value)`` holds, else an argparse error saying ``rule``."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
     return value
+
+
+def positive_float(text):
+    return checked_float(text, lambda v: v > 0, "a positive finite number")
+
+
+def non_negative_float(text):
+    return checked_float(text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def window_s(text):
+    """An energy window: finite and at least ``MIN_WINDOW_S``."""
+    return checked_float(text, lambda v: v >= MIN_WINDOW_S, f"a finite number of seconds >= {MIN_WINDOW_S:g} "
+                         "(an energy window spans 10+ updates of the ~100 ms NVML energy counter)")
+
+
+def comma_list(item=str, choices=None, allow_empty=False):
+    """An argparse type: comma-separated values, each through ``item`` (and among ``choices``), none empty,
+    none repeated; '' is the empty list with ``allow_empty``."""
+    def parse(text):
+        if allow_empty and not text.strip():
+            return []
+        parts = [part.strip() for part in text.split(",")]
+        if "" in parts:
+            raise argparse.ArgumentTypeError(f"must be comma-separated values, none empty, got {text!r}")
+        values = [item(part) for part in parts]
+        repeated = sorted({part for part, value in zip(parts, values) if values.count(value) > 1})
+        if repeated:
+            raise argparse.ArgumentTypeError(f"repeats {', '.join(repeated)} in {text!r}: give each value once")
+        unknown = [part for part, value in zip(parts, values) if choices is not None and value not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return values
+    return parse
 
 
 def moe_cpu_without_interpreter(device):
@@ -83,4 +130,14 @@ def checked_output_dir(parser, path, flag="--output_dir"):
         parser.error(f"{flag} {path} cannot be created: {exc.strerror or exc}")
     if not os.access(path, os.W_OK | os.X_OK):
         parser.error(f"{flag} {path} is not writable")
+    return path
+
+
+def checked_output_file(parser, path, flag="--output"):
+    """``path`` as a file to write: not a directory, in a directory that takes files (made if missing);
+    checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        parser.error(f"{flag} {path} is a directory; give a file path")
+    checked_output_dir(parser, path.parent, f"{flag} {path}: its directory")
     return path

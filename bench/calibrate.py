@@ -7,7 +7,9 @@ matmul and copy ceilings, and fits the first-order thermal model to the timeline
 heated, and each op's memory-pressure curve (its latency stretch beside a background stream that
 takes a set share of HBM bandwidth, ``calibration.pressure``). The table goes to
 ``calibration/tables/<gpu>.json`` atomically, with its provenance, keeping the collective curves
-(``bench.calibrate_comm``) of the table it replaces. No GPU setting is changed.
+(``bench.calibrate_comm``) of the table it replaces; a table that fails ``costmodel.table.check_table``
+goes to ``<gpu>.rejected.json`` instead, the old table kept, and the run exits non-zero. No GPU
+setting is changed.
 """
 import argparse
 import re
@@ -18,13 +20,14 @@ from dataclasses import asdict
 
 import torch
 
+from bench._cli import checked_float, checked_output_file, comma_list, positive_int, window_s
 from bench.harness.results import provenance, write_json_atomic
 from calibration.energy import GraphRunner, measure_energy, measure_gap_power_w, measure_idle_power_w
 from calibration.nvml_meter import BackgroundSampler, GpuMeter
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
 from calibration.thermal import fit_thermal_model
 from calibration.trace import trace_of
-from costmodel.kernel_cost_model import TABLE_DIR, load_table
+from costmodel.table import TABLE_DIR, check_table, load_table
 from costmodel.ops import OPS, SEQUENCE_OPS, ModelDims, work
 
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
@@ -168,35 +171,54 @@ def kept_collectives(path):
         return None
 
 
+def hbm_share(text):
+    return checked_float(text, lambda v: 0 < v <= 1, "a share of HBM bandwidth in (0, 1]")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", required=True, help="the GPU this table is for, e.g. H100 or A100")
     for name, default in asdict(ModelDims()).items():
         parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--window_s", type=float, default=1.0, help="energy window (>= 1 s)")
-    parser.add_argument("--trials", type=int, default=2, help="windows per point (median and spread)")
-    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of the ops")
-    parser.add_argument("--pressure_shares", default="0.5,0.9",
+    parser.add_argument("--window_s", type=window_s, default=1.0, help="energy window (>= 1 s)")
+    parser.add_argument("--trials", type=positive_int, default=2, help="windows per point (median and spread)")
+    parser.add_argument("--ops", type=comma_list(choices=OPS), default=",".join(OPS),
+                        help="comma-separated subset of the ops")
+    parser.add_argument("--pressure_shares", type=comma_list(hbm_share, allow_empty=True), default="0.5,0.9",
                         help="background HBM shares for the memory-pressure curves ('' to skip them)")
     parser.add_argument("--output", default=None, help="default: calibration/tables/<gpu>.json")
     parser.add_argument("--trace", default=None, help="also write the sweep's NVML timeline here (for replays)")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.gpu):
         parser.error(f"--gpu must be a short name such as H100, got {args.gpu!r}")
-    unknown = set(args.ops.split(",")) - set(OPS)
-    if unknown:
-        parser.error(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}")
-    try:
-        args.shares = [float(x) for x in args.pressure_shares.split(",") if x]
-        if not all(0.0 < x <= 1.0 for x in args.shares):
-            raise ValueError
-    except ValueError:
-        parser.error(f"--pressure_shares must be comma-separated numbers in (0, 1], got {args.pressure_shares!r}")
+    committed = {path.stem.lower(): path.stem for path in TABLE_DIR.glob("*.json")}.get(args.gpu.lower(), args.gpu)
+    if committed != args.gpu:
+        parser.error(f"--gpu {args.gpu}: the committed table is {committed}.json and tables are read by exact "
+                     f"name; use --gpu {committed}")
     try:
         args.dims = ModelDims(**{k: getattr(args, k) for k in asdict(ModelDims())})
     except ValueError as exc:
         parser.error(str(exc))
+    args.output = checked_output_file(parser, args.output or TABLE_DIR / f"{args.gpu}.json")
+    if args.trace:
+        args.trace = checked_output_file(parser, args.trace, "--trace")
     return parser, args
+
+
+def rejected_path(output):
+    return output.with_suffix(".rejected.json")
+
+
+def write_table(output, table):
+    """Write ``table`` to ``output`` if it passes ``check_table`` (None); else to ``rejected_path(output)``,
+    leaving the table at ``output`` as it was, and return why."""
+    try:
+        check_table(output, table)
+    except ValueError as exc:
+        write_json_atomic(rejected_path(output), table)
+        return str(exc)
+    write_json_atomic(output, table)
+    return None
 
 
 def check_gpu(parser, requested, meter):
@@ -212,11 +234,10 @@ def check_gpu(parser, requested, meter):
 
 def sweep(args, meter, idle_power_w):
     """Every (op, batch) point, and each op's pressure curve at its PRESSURE_BATCH; the sampler's timeline."""
-    ops = args.ops.split(",")
-    hogs = [BandwidthHog(share) for share in args.shares]
+    hogs = [BandwidthHog(share) for share in args.pressure_shares]
     background = background_utilisation(meter, hogs) if hogs else {}
-    points, curves = {op: [] for op in ops}, {}
-    plan = [(op, b) for op in ops for b in (SEQUENCE_BATCHES if op in SEQUENCE_OPS else TOKEN_BATCHES)]
+    points, curves = {op: [] for op in args.ops}, {}
+    plan = [(op, b) for op in args.ops for b in (SEQUENCE_BATCHES if op in SEQUENCE_OPS else TOKEN_BATCHES)]
     started = time.monotonic()
     with BackgroundSampler(meter, interval_s=0.1) as sampler:
         for n, (op, batch_size) in enumerate(plan, 1):
@@ -227,7 +248,7 @@ def sweep(args, meter, idle_power_w):
             if curve:
                 curves[op] = (batch_size, curve)
             progress(n, len(plan), f"{op} batch {batch_size}", time.monotonic() - started)
-    return points, pressure_section(args.shares, background, curves) if hogs else None, sampler
+    return points, pressure_section(args.pressure_shares, background, curves) if hogs else None, sampler
 
 
 def main(argv=None):
@@ -253,14 +274,16 @@ def main(argv=None):
                 for op, pts in points.items()},
         "duration_s": time.monotonic() - started,
     }
-    output = args.output or TABLE_DIR / f"{args.gpu}.json"
-    collectives = kept_collectives(output)
+    collectives = kept_collectives(args.output)
     if collectives:
         table["collectives"] = collectives
-    write_json_atomic(output, table)
+    rejected = write_table(args.output, table)
     if args.trace:
         write_json_atomic(args.trace, trace_of(meter, sampler) | {"provenance": table["provenance"]})
-    print(f"wrote {output} ({sum(map(len, points.values()))} points in {table['duration_s']:.0f} s)")
+    if rejected:
+        raise SystemExit(f"the measured table fails its check, so {args.output} is left as it was (the new "
+                         f"one is {rejected_path(args.output)}): {rejected}")
+    print(f"wrote {args.output} ({sum(map(len, points.values()))} points in {table['duration_s']:.0f} s)")
     return 0
 
 

@@ -13,11 +13,11 @@ import argparse
 import os
 import re
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from bench._cli import checked_output_file, positive_int, window_s
 from bench.harness.results import provenance, write_json_atomic
 from bench.calibrate import gpu_matches
 from calibration.collectives import measure_all_to_all
@@ -51,16 +51,13 @@ def parse_args(argv):
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=list(DEFAULT_SIZES),
                         help="bytes each rank sends (64K, 1M, ...), rounded down to a multiple of 2 x world size "
                              "(bf16 split evenly); default 64K to 256M, every factor of 4")
-    parser.add_argument("--window_s", type=float, default=1.0, help="energy window (>= 1 s)")
-    parser.add_argument("--trials", type=int, default=2, help="windows per size (median and spread)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per size for the latency")
+    parser.add_argument("--window_s", type=window_s, default=1.0, help="energy window (>= 1 s)")
+    parser.add_argument("--trials", type=positive_int, default=2, help="windows per size (median and spread)")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed calls per size for the latency")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.gpu):
         parser.error(f"--gpu must be a short name such as H100, got {args.gpu!r}")
-    if not args.window_s >= 1.0:
-        parser.error(f"--window_s must be >= 1 s (10+ updates of the ~100 ms energy counter), got {args.window_s}")
-    if args.trials < 1 or args.repeats < 1:
-        parser.error("--trials and --repeats must be >= 1")
+    args.output = checked_output_file(parser, args.output or TABLE_DIR / f"{args.gpu}.json")
     return parser, args
 
 
@@ -137,7 +134,7 @@ def print_curve(curve, stream=None):
 def main(argv=None):
     parser, args = parse_args(argv)
     world_size = world_size_from_torchrun(parser)
-    output = Path(args.output) if args.output else TABLE_DIR / f"{args.gpu}.json"
+    output = args.output
     source = output if output.exists() else TABLE_DIR / f"{args.gpu}.json"
     try:
         load_table(args.gpu, source)  # the table to extend must exist and be for this GPU: fail before measuring

@@ -42,13 +42,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import kernels  # noqa: E402
+from bench._cli import checked_output_file, comma_list, positive_float, positive_int, window_s  # noqa: E402
 from bench.harness.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import rel_error  # noqa: E402
 from bench.moe_cases import SHAPES, MoeShape  # noqa: E402
 from calibration.collectives import all_reduce_floats, calls_per_window, collective_energy  # noqa: E402
 from calibration.energy import measure_idle_power_w  # noqa: E402
 from calibration.nvml_meter import meter_for_cuda_device  # noqa: E402
-from calibration.priors import prior_table  # noqa: E402
+from calibration.priors import DATASHEETS, prior_table  # noqa: E402
 from costmodel.kernel_cost_model import KernelCostModel, load_table  # noqa: E402
 from costmodel.ops import ModelDims  # noqa: E402
 from kernels.expert_parallel import plan_dispatch  # noqa: E402
@@ -66,52 +67,55 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m bench.ep_benchmark",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="qwen3", choices=sorted(SHAPES) + ["tiny"])
-    parser.add_argument("--tokens_per_gpu", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=5, help="timed batches of back-to-back calls")
-    parser.add_argument("--calls_per_batch", type=int, default=10)
-    parser.add_argument("--chunks", default="1,2", help="ep_chunks values to time (comma-separated)")
-    parser.add_argument("--modes", default=",".join(MODES),
+    parser.add_argument("--tokens_per_gpu", type=positive_int, default=8192)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed batches of back-to-back calls")
+    parser.add_argument("--calls_per_batch", type=positive_int, default=10)
+    parser.add_argument("--chunks", type=comma_list(positive_int), default="1,2",
+                        help="ep_chunks values to time (comma-separated)")
+    parser.add_argument("--modes", type=comma_list(choices=MODES), default=",".join(MODES),
                         help="exchanges to time: exact (count exchange, eager), fixed (ep_capacity = tokens per "
                              "GPU, eager), fixed_graph (the same replayed from a CUDA graph; GPU only)")
-    parser.add_argument("--window_s", type=float, default=1.0, help="energy window (>= 1 s)")
-    parser.add_argument("--trials", type=int, default=2, help="energy windows per measurement")
+    parser.add_argument("--window_s", type=window_s, default=1.0, help="energy window (>= 1 s)")
+    parser.add_argument("--trials", type=positive_int, default=2, help="energy windows per measurement")
     parser.add_argument("--cost_table", default=None,
                         help="table with an all_to_all curve for this GPU count (default: calibration/tables/<gpu>.json)")
     parser.add_argument("--gpu", default="H100", help="the cost table's GPU name")
-    parser.add_argument("--quality_weights", default="10,100,1000",
+    parser.add_argument("--quality_weights", type=comma_list(positive_float), default="10,100,1000",
                         help="the energy-aware router's quality weights to run (objective energy=1, latency=0, "
                              "quality=q: a swap moves at most 1/q of probability)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="default: ep_results_<N>gpu.json")
     args = parser.parse_args(argv)
-    for name in ("tokens_per_gpu", "repeats", "calls_per_batch", "trials"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
-    if not args.window_s >= 1.0:
-        parser.error(f"--window_s must be >= 1 s (the NVML counter updates every ~100 ms), got {args.window_s}")
     args.on_gpu = args.device != "cpu" and torch.cuda.is_available()
     if args.device == "cuda" and not args.on_gpu:
         parser.error(f"--device cuda: {NO_GPU}")
-    args.shape = CPU_SHAPE if args.shape == "tiny" else SHAPES[args.shape]
-    try:
-        args.chunks = [int(c) for c in args.chunks.split(",")]
-    except ValueError:
-        parser.error(f"--chunks must be comma-separated ints, got {args.chunks!r}")
-    if not args.chunks or min(args.chunks) < 1:
-        parser.error(f"--chunks must be ints >= 1, got {args.chunks}")
-    args.modes = args.modes.split(",")
-    if not args.modes or not set(args.modes) <= set(MODES):
-        parser.error(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {','.join(args.modes)}")
     if args.modes == ["fixed_graph"] and not args.on_gpu:
         parser.error("--modes fixed_graph alone measures nothing without a GPU (CUDA graphs)")
-    try:
-        args.quality_weights = [float(q) for q in args.quality_weights.split(",")]
-    except ValueError:
-        parser.error(f"--quality_weights must be comma-separated numbers, got {args.quality_weights!r}")
-    if not args.quality_weights or min(args.quality_weights) <= 0:
-        parser.error(f"--quality_weights must be > 0, got {args.quality_weights}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.shape = CPU_SHAPE if args.shape == "tiny" else SHAPES[args.shape]
+    if args.shape.E % world_size:
+        parser.error(f"--shape {args.shape.name}: {world_size} ranks do not divide its {args.shape.E} experts")
+    check_cost_tables(parser, args, world_size)
+    args.output = str(checked_output_file(parser, args.output or f"ep_results_{world_size}gpu.json"))
+    if args.shape is not CPU_SHAPE and not args.on_gpu and os.environ.get("RANK", "0") == "0":
+        print(f"note: --shape {args.shape.name} without a GPU runs the full layer under the Triton interpreter "
+              "(many minutes); --shape tiny is the CPU one", file=sys.stderr)
     return args
+
+
+def check_cost_tables(parser, args, world_size):
+    """Load now what the energy-aware run reads: ``--cost_table`` whenever given, and with more than
+    one GPU and the exact exchange (the run then charges remote experts) the ``--gpu`` table and datasheet."""
+    needed = world_size > 1 and "exact" in args.modes
+    if needed and args.gpu not in DATASHEETS:
+        parser.error(f"--gpu must be one of {', '.join(DATASHEETS)} (its datasheet gives the router's compute "
+                     f"prior), got {args.gpu!r}")
+    if args.cost_table or needed:
+        try:
+            load_table(None if args.cost_table else args.gpu, args.cost_table)
+        except ValueError as exc:
+            parser.error(f"{'--cost_table' if args.cost_table else '--gpu'}: {exc}")
 
 
 def init_distributed(on_gpu):
@@ -394,18 +398,15 @@ def _fmt(value):
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = init_distributed(args.on_gpu)
-    if args.shape.E % world_size:
-        raise SystemExit(f"{world_size} ranks do not divide the {args.shape.E} experts of {args.shape.name}")
     try:
         results = run(args, rank, world_size, device)
         if rank == 0:
             report(args, world_size, results)
-            output = args.output or f"ep_results_{world_size}gpu.json"
-            write_json_atomic(output, {"schema": 1, "provenance": provenance(), "world_size": world_size,
-                                       "shape": asdict(args.shape), "tokens_per_gpu": args.tokens_per_gpu,
-                                       "parameters": {k: v for k, v in vars(args).items() if k != "shape"},
-                                       "results": results})
-            print(f"wrote {output}")
+            write_json_atomic(args.output, {"schema": 1, "provenance": provenance(), "world_size": world_size,
+                                            "shape": asdict(args.shape), "tokens_per_gpu": args.tokens_per_gpu,
+                                            "parameters": {k: v for k, v in vars(args).items() if k != "shape"},
+                                            "results": results})
+            print(f"wrote {args.output}")
     finally:
         dist.barrier()
         dist.destroy_process_group()

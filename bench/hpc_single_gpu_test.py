@@ -24,6 +24,7 @@ output) with energy, power and temperature null ("no NVIDIA GPU"). Under ``torch
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -32,8 +33,8 @@ if not torch.cuda.is_available():
 
 import torch.distributed as dist  # noqa: E402
 
-from bench._cli import (add_preset_flags, MOE_CPU_NEEDS_INTERPRETER, checked_output_dir, moe_cpu_without_interpreter,  # noqa: E402
-                        positive_float, positive_int, resolve_preset)
+from bench._cli import (add_preset_flags, MOE_CPU_NEEDS_INTERPRETER, checked_output_dir, comma_list,  # noqa: E402
+                        eval_bytes, moe_cpu_without_interpreter, positive_float, positive_int, resolve_preset)
 from bench.calibrate import gpu_matches  # noqa: E402
 from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root  # noqa: E402
 from bench.harness.costs import NO_GPU, known_gpus, select_cost_model  # noqa: E402
@@ -49,14 +50,7 @@ MODE_CHOICES = ("graph", "eager", "both")
 
 # ---- arguments ----------------------------------------------------------------------------------
 
-def batch_sizes(text):
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        sizes = [0]
-    if any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers (or ''), got {text!r}")
-    return sizes
+batch_sizes = comma_list(positive_int, allow_empty=True)
 
 
 def objective_weights(text):
@@ -97,7 +91,7 @@ def build_parser():
     parser.add_argument("--objective_weights", type=objective_weights, default="energy=1,latency=0,quality=10",
                         help="EnergyAwareTTTRouter's weights; a re-route crosses at most 1/quality of probability")
     parser.add_argument("--energy_trials", type=positive_int, default=3, help="energy windows (>= 1 s) per point")
-    parser.add_argument("--eval_bytes", type=positive_int, help="held-out bytes (preset's; 2048 on a CPU)")
+    parser.add_argument("--eval_bytes", type=eval_bytes, help="held-out bytes (preset's; 2048 on a CPU)")
     return parser
 
 
@@ -135,7 +129,22 @@ def parse_args(argv=None, local_rank=0):
     args.modes = ["graph", "eager"] if args.mode == "both" else [args.mode]
     args.gpu = resolve_gpu(parser, args.gpu, torch.cuda.get_device_name(args.device) if on_gpu else None)
     args.output_dir = checked_output_dir(parser, args.output_dir)
+    check_checkpoint_dir(parser, args.checkpoint_dir)
+    if args.cost_table:
+        try:
+            KernelCostModel(None, table=args.cost_table)
+        except (ValueError, TypeError) as exc:
+            parser.error(f"--cost_table: {exc}")
     return parser, args
+
+
+def check_checkpoint_dir(parser, path):
+    """A directory, or missing only as the default (a fresh machine runs on random weights)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        parser.error(f"--checkpoint_dir {path} is not a directory")
+    if not Path(path).exists() and path != parser.get_default("checkpoint_dir"):
+        parser.error(f"--checkpoint_dir {path} does not exist (python -m bench.train --output_dir {path} writes "
+                     "checkpoints there)")
 
 
 def _given(argv, flag):

@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from bench._cli import checked_output_file, positive_int
 from bench.harness.results import provenance, write_json_atomic
 from bench.calibrate import check_gpu, sweep_point
 from bench.harness.models import TransformerLM
@@ -100,13 +101,17 @@ def main(argv=None):
     parser.add_argument("--gpu", required=True)
     parser.add_argument("--table", default=None, help="default: calibration/tables/<gpu>.json")
     parser.add_argument("--output", default="kcm_accuracy.json")
-    parser.add_argument("--trials", type=int, default=2, help="energy windows per point")
+    parser.add_argument("--trials", type=positive_int, default=2, help="energy windows per point")
     args = parser.parse_args(argv)
-    meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    check_gpu(parser, args.gpu, meter)
-    model = KernelCostModel(args.gpu, table=args.table)
+    args.output = checked_output_file(parser, args.output)
+    try:
+        model = KernelCostModel(args.gpu, table=args.table)
+    except ValueError as exc:
+        parser.error(f"{'--table' if args.table else '--gpu'}: {exc}")
     if model.is_prior:
         parser.error(f"the {args.gpu} table is a prior: calibrate first (python -m bench.calibrate --gpu {args.gpu})")
+    meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    check_gpu(parser, args.gpu, meter)
     idle_power_w = measure_idle_power_w(meter)
     rows = kernel_rows(model, meter, idle_power_w, args.trials)
     forwards = forward_rows(model, meter, idle_power_w, args.trials)

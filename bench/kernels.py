@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 import triton.testing  # noqa: E402
 
 from bench import dense_cases  # noqa: E402
+from bench._cli import checked_output_file  # noqa: E402
 from bench.harness.results import provenance, write_json_atomic  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -119,7 +120,8 @@ def main(argv=None):
     parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
+    if args.output:
+        args.output = checked_output_file(parser, args.output)
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]

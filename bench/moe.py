@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: @triton.jit reads it
 
 from bench import moe_cases  # noqa: E402
+from bench._cli import checked_output_file, comma_list  # noqa: E402
 from bench.harness.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import NO_GPU, copy_bytes_per_s, graph_median_ms, median_ms, rel_error  # noqa: E402
 
@@ -76,16 +77,19 @@ def print_table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.moe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(moe_cases.SHAPES))
+    parser.add_argument("--shapes", type=comma_list(), default=None,
+                        help="comma-separated subset of " + ",".join(moe_cases.SHAPES))
     parser.add_argument("--output", default=None, help="write the results JSON (atomically) to this path")
     args = parser.parse_args(argv)
+    if args.output:
+        args.output = checked_output_file(parser, args.output)
     on_gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
     shapes = moe_cases.SHAPES if on_gpu else moe_cases.CPU_SHAPES
-    names = args.shapes.split(",") if args.shapes else list(shapes)
+    names = args.shapes or list(shapes)
     unknown = set(names) - set(shapes)
     if unknown:
-        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(shapes)}")
+        parser.error(f"--shapes: unknown shapes {sorted(unknown)}; choose from {sorted(shapes)}")
     bytes_per_s = copy_bytes_per_s() if on_gpu else None
     rows = [run_case(shapes[n], T, device, dtype, on_gpu, bytes_per_s)
             for n in names for T in (moe_cases.GPU_TOKENS[n] if on_gpu else moe_cases.CPU_TOKENS)]

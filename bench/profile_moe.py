@@ -9,13 +9,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench import moe_cases
+from bench._cli import positive_int
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.profile_moe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(moe_cases.SHAPES), default="qwen3")
-    parser.add_argument("--tokens", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tokens", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("profiling needs a CUDA device; none was found")

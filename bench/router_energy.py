@@ -38,6 +38,7 @@ if not torch.cuda.is_available():
 
 import kernels  # noqa: E402
 from bench import calibrate, moe_cases  # noqa: E402
+from bench._cli import checked_output_file, comma_list, positive_int, window_s  # noqa: E402
 from bench.harness.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import graph_median_ms, rel_error  # noqa: E402
 from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w, median_event_ms, repeat_for  # noqa: E402,E501
@@ -278,21 +279,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.router_energy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=None, help="write the results JSON (atomically) to this path")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, prior table, no timing (any device)")
-    parser.add_argument("--shapes", default=None, help=f"comma-separated subset of {','.join(GPU_SHAPES)}")
-    parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes")
-    parser.add_argument("--window_s", type=float, default=1.0, help="energy window (>= 1 s)")
-    parser.add_argument("--trials", type=int, default=2, help="energy windows per point")
-    parser.add_argument("--held_out", type=int, default=16, help="batches that pick the bounded quality")
+    parser.add_argument("--shapes", type=comma_list(), default=None,
+                        help=f"comma-separated subset of {','.join(GPU_SHAPES)}")
+    parser.add_argument("--batches", type=comma_list(positive_int), default=None,
+                        help="comma-separated decode batch sizes")
+    parser.add_argument("--window_s", type=window_s, default=1.0, help="energy window (>= 1 s)")
+    parser.add_argument("--trials", type=positive_int, default=2, help="energy windows per point")
+    parser.add_argument("--held_out", type=positive_int, default=16, help="batches that pick the bounded quality")
     args = parser.parse_args(argv)
+    if args.output:
+        args.output = checked_output_file(parser, args.output)
     on_gpu = torch.cuda.is_available()
     timed = on_gpu and not args.smoke
     device, dtype = ("cuda", torch.bfloat16) if timed else ("cuda" if on_gpu else "cpu", torch.float32)
     table = moe_cases.SHAPES if timed else moe_cases.CPU_SHAPES
-    names = args.shapes.split(",") if args.shapes else list(GPU_SHAPES if timed else table)
+    names = args.shapes or list(GPU_SHAPES if timed else table)
     unknown = set(names) - set(table)
     if unknown:
-        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(table)}")
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else (GPU_BATCHES if timed else CPU_BATCHES)
+        parser.error(f"--shapes: unknown {sorted(unknown)}; choose from {sorted(table)}")
+    batches = args.batches or (GPU_BATCHES if timed else CPU_BATCHES)
     meter = GpuMeter(torch.cuda.current_device()) if timed else None
     if timed and not meter.available:
         parser.error(f"cannot read the GPU's energy: {meter.unavailable_reason}")

@@ -17,14 +17,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the MoE routing kernel; before triton is imported
 
-from bench._cli import (add_preset_flags, checked_output_dir, moe_cpu_without_interpreter, positive_float,  # noqa: E402
-                               positive_int, resolve_preset, MOE_CPU_NEEDS_INTERPRETER)
+from bench._cli import (add_preset_flags, checked_float, checked_output_dir, comma_list, eval_bytes,  # noqa: E402
+                        moe_cpu_without_interpreter, non_negative_float, positive_float, positive_int, resolve_preset,
+                        MOE_CPU_NEEDS_INTERPRETER)
 from bench.harness.corpus import (checkpoint_path, corpus_files, corpus_summary, evaluate, heldout_streams,  # noqa: E402
                                   read_stream, save_checkpoint, split_by_file, stdlib_root)
 from bench.harness.results import provenance  # noqa: E402
-from bench.harness.training import TrainConfig, train_model  # noqa: E402
+from bench.harness.training import TIMING_STEPS, TrainConfig, train_model  # noqa: E402
 
 MODEL_KINDS = ("dense", "moe", "iso")
+
+
+def adamw_lr(text):
+    return checked_float(text, lambda v: 0 < v <= 1, "a finite AdamW learning rate in (0, 1]")
 
 
 def build_parser():
@@ -34,11 +39,13 @@ def build_parser():
     parser.add_argument("--time_budget_s", type=positive_float, default=None,
                         help="seconds per model (default: the preset's on a GPU, none on a CPU)")
     parser.add_argument("--batch_size", type=positive_int, default=None, help="training sequences per step")
-    parser.add_argument("--lr", type=positive_float, default=None, help="peak AdamW learning rate")
-    parser.add_argument("--aux_loss_coef", type=float, default=0.01, help="MoE load-balancing loss weight")
+    parser.add_argument("--lr", type=adamw_lr, default=None, help="peak AdamW learning rate, in (0, 1]")
+    parser.add_argument("--aux_loss_coef", type=non_negative_float, default=0.01,
+                        help="MoE load-balancing loss weight (>= 0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default="dense,moe,iso", help="comma-separated: dense, moe, iso")
-    parser.add_argument("--eval_bytes", type=positive_int, default=None,
+    parser.add_argument("--models", type=comma_list(choices=MODEL_KINDS), default="dense,moe,iso",
+                        help="comma-separated: dense, moe, iso")
+    parser.add_argument("--eval_bytes", type=eval_bytes, default=None,
                         help="held-out bytes to evaluate (default: 131072 on a GPU, 4096 on a CPU)")
     parser.add_argument("--output_dir", default="checkpoints")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -49,10 +56,6 @@ def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.preset = resolve_preset(parser, args)
-    args.models = args.models.split(",")
-    if not args.models or set(args.models) - set(MODEL_KINDS):
-        parser.error(f"--models must be a comma-separated subset of {','.join(MODEL_KINDS)}, "
-                     f"got {','.join(args.models)!r}")
     args.device = resolve_device(parser, args.device)
     if "moe" in args.models and moe_cpu_without_interpreter(args.device):
         parser.error(f"--models moe: {MOE_CPU_NEEDS_INTERPRETER}")
@@ -115,6 +118,10 @@ def main(argv=None):
         print(f"{name}: held-out {heldout_metrics['bits_per_byte']:.3f} bits/byte (perplexity "
               f"{heldout_metrics['perplexity']:.2f} per byte) over {heldout_metrics['bytes']} bytes, "
               f"{meta['steps']} steps in {meta['train_seconds']:.0f} s; wrote {path}", flush=True)
+        if config.time_budget_s is not None and meta["train_seconds"] > config.time_budget_s:
+            print(f"note: {name} trained past --time_budget_s {config.time_budget_s:g} s: the schedule is set after "
+                  f"timing steps 2-{TIMING_STEPS + 1}, so a budget runs at least min(--steps, {TIMING_STEPS + 2}) "
+                  "steps", flush=True)
         del model
         if args.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from bench import moe_cases
+from bench._cli import comma_list
 from bench.tune_kernels import time_candidates, write_tuned
 from kernels.fused_experts import _launch_expert_gemm
 from kernels.routing import group_by_expert
@@ -107,14 +108,15 @@ def entries_for(shape, points):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.tune_moe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=",".join(TOKENS), help="comma-separated subset of " + ",".join(TOKENS))
+    parser.add_argument("--shapes", type=comma_list(choices=TOKENS), default=",".join(TOKENS),
+                        help="comma-separated subset of " + ",".join(TOKENS))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("tuning needs a CUDA device; none was found")
     gpu = torch.cuda.get_device_name()
     entries = {"moe_gate_up": [], "moe_down": []}
     measured = []
-    for name in args.shapes.split(","):
+    for name in args.shapes:
         shape = moe_cases.SHAPES[name]
         points = []
         for T in TOKENS[name]:

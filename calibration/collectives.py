@@ -19,6 +19,7 @@ work are charged at that GPU's idle power and subtracted. Without a GPU or NVML 
 energy fields are None and ``energy_missing_reason`` says why.
 """
 import math
+import numbers
 import random
 import statistics
 import time
@@ -26,7 +27,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from calibration.energy import event_times_ms, measure_idle_power_w, wait_for_counter_update
+from calibration._validate import check_meter, count
+from calibration.energy import (check_idle_power_w, check_window_s, event_times_ms, measure_idle_power_w,
+                                wait_for_counter_update)
 from calibration.nvml_meter import meter_for_cuda_device
 from costmodel.ops import BYTES_PER_ELEMENT
 
@@ -35,23 +38,25 @@ PROBE_S = 0.1  # back-to-back calls timed to size the energy windows
 
 
 def check_sizes(sizes_bytes, world_size):
-    """ValueError unless every size is a positive int of bytes that splits evenly over ``world_size``
-    ranks in bf16 elements."""
+    """The sizes as ints, each a positive number of bytes that splits evenly over ``world_size`` ranks
+    in bf16 elements: TypeError for a size that is not an int, ValueError for one that does not split."""
+    world_size = count("world_size", world_size)
+    if not isinstance(sizes_bytes, (list, tuple)):
+        raise TypeError(f"sizes_bytes must be a list of message sizes (ints, bytes), got {type(sizes_bytes).__name__}")
     if not sizes_bytes:
         raise ValueError("sizes_bytes must name at least one message size")
     step = BYTES_PER_ELEMENT * world_size
+    rule = f"a positive int multiple of {step} bytes (bf16 elements split evenly over {world_size} ranks)"
     for size in sizes_bytes:
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % step:
-            raise ValueError(f"sizes_bytes: each size must be a positive int multiple of {step} bytes (bf16 elements "
-                             f"split evenly over {world_size} ranks), got {size!r}")
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"sizes_bytes: each size must be {rule}, got {type(size).__name__} {size!r}")
+        if size <= 0 or size % step:
+            raise ValueError(f"sizes_bytes: each size must be {rule}, got {size!r}")
+    return [int(size) for size in sizes_bytes]
 
 
 def _check_knobs(window_s, trials, repeats):
-    if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or not window_s >= 1.0:
-        raise ValueError(f"window_s must be >= 1 s (10+ updates of the ~100 ms energy counter), got {window_s!r}")
-    for name, value in (("trials", trials), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return check_window_s(window_s), count("trials", trials), count("repeats", repeats)
 
 
 def all_to_all_call(bytes_per_rank, group, device, seed=0):
@@ -126,13 +131,19 @@ def _window(call, calls, meter, idle_power_w, group, on_gpu):
 
 def collective_energy(call, calls, meter, idle_power_w, window_s, group, device, on_gpu, trials, rng):
     """Energy per call of ``call`` run on every rank at once, over all the ranks' GPUs (median, min,
-    max over trials), the GPUs' summed power, and the calls per window. A window shorter than ``window_s`` on any rank (the probe overrated the
-    pace) makes every trial start again with more calls."""
+    max over trials), the GPUs' summed power, and the calls per window. A window shorter than ``window_s``
+    on any rank (the probe overrated the pace) makes every trial start again with more calls. A window
+    whose energy is not positive on any rank (its counter ran backwards, or its idle power is too high)
+    is a RuntimeError on every rank alike."""
     windows = []
     while len(windows) < trials:
         time.sleep(rng.uniform(0.0, 0.1))  # a random phase against the counter's update period
         energy_j, seconds = _window(call, calls, meter, idle_power_w, group, on_gpu)
-        shortest_s = all_reduce_floats([seconds], dist.ReduceOp.MIN, group, device)[0]
+        shortest_s, lowest_j = all_reduce_floats([seconds, energy_j], dist.ReduceOp.MIN, group, device)
+        if lowest_j <= 0:
+            raise RuntimeError(f"a window's energy came out {lowest_j:.6g} J on one rank (this rank: {energy_j:.6g} J, "
+                               f"idle power {idle_power_w:g} W): its energy counter ran backwards or its idle power "
+                               "is above its power under load; no measurement")
         if shortest_s < window_s:
             calls, windows = math.ceil(calls * 1.1 * window_s / shortest_s), []
             continue
@@ -174,8 +185,12 @@ def measure_all_to_all(sizes_bytes, group=None, *, window_s=1.0, trials=2, repea
         (``idle_power_w`` too) when any rank cannot read its counter.
     """
     world_size, backend = dist.get_world_size(group), dist.get_backend(group)
-    check_sizes(sizes_bytes, world_size)
-    _check_knobs(window_s, trials, repeats)
+    sizes_bytes = check_sizes(sizes_bytes, world_size)
+    window_s, trials, repeats = _check_knobs(window_s, trials, repeats)
+    if meter is not None:
+        check_meter("meter", meter, "available", "unavailable_reason")
+    if idle_power_w is not None:
+        idle_power_w = check_idle_power_w(idle_power_w)
     on_gpu = backend == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     if meter is None and on_gpu:

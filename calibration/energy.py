@@ -10,10 +10,15 @@ Latency is the median CUDA-event time of a graph replay over its calls (the same
 windows run). GPU state is recorded at each window's start and end.
 """
 import contextlib
+import numbers
 import random
 import statistics
 import time
 from dataclasses import dataclass
+
+from calibration._validate import MAX_BOARD_POWER_W, check_meter, count, finite_number
+
+MIN_WINDOW_S = 1.0  # 10+ updates of the ~100 ms energy counter
 
 
 @dataclass(frozen=True)
@@ -25,46 +30,97 @@ class WindowResult:
     end: object
 
 
+def check_window_s(window_s):
+    """``window_s`` as a float: a finite number of seconds >= ``MIN_WINDOW_S``."""
+    return finite_number("window_s", window_s, low=MIN_WINDOW_S, why=" s (10+ updates of the ~100 ms energy counter)")
+
+
+def check_idle_power_w(idle_power_w):
+    """``idle_power_w`` as a float: a finite board power in [0, ``MAX_BOARD_POWER_W``] W."""
+    return finite_number("idle_power_w", idle_power_w, low=0.0, high=MAX_BOARD_POWER_W, why=" W")
+
+
+def _check_run_for(run_for):
+    if not callable(run_for):
+        raise TypeError(f"run_for must be a callable run_for(seconds) -> calls, got {type(run_for).__name__}")
+
+
 def wait_for_counter_update(meter, timeout_s=1.0):
-    """Poll until the energy counter changes; the reading just after the change."""
+    """Poll until the energy counter changes; the reading just after the change. RuntimeError when
+    there is no counter, it stops reading, or it does not change within ``timeout_s`` (> 0)."""
+    check_meter("meter", meter)
+    timeout_s = finite_number("timeout_s", timeout_s, low=0.0, low_open=True, why=" s")
     first = meter.read()
     if first.energy_mj is None:
         raise RuntimeError(f"no energy counter: {first.missing.get('energy_mj')}")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         reading = meter.read()
+        if reading.energy_mj is None:
+            raise RuntimeError(f"the energy counter stopped reading: {reading.missing.get('energy_mj')}")
         if reading.energy_mj != first.energy_mj:
             return reading
         time.sleep(0.002)
     raise RuntimeError(f"the energy counter did not change within {timeout_s} s")
 
 
+def _counter_energy_j(start, end):
+    """Joules the counter gained from reading ``start`` to ``end``; RuntimeError unless it advanced
+    (a counter that ran backwards or stood still measured nothing: a driver reload, another board)."""
+    if end.energy_mj <= start.energy_mj or end.time_s <= start.time_s:
+        raise RuntimeError(f"the energy counter went from {start.energy_mj} mJ to {end.energy_mj} mJ over "
+                           f"{end.time_s - start.time_s:.6g} s: it must advance (driver reload or counter reset?); "
+                           "no measurement")
+    return (end.energy_mj - start.energy_mj) / 1000.0
+
+
 def measure_idle_power_w(meter, seconds=2.0):
-    """Idle (static) board power: counter energy over ``seconds`` of doing nothing, edge to edge."""
+    """Idle (static) board power: counter energy over ``seconds`` (>= 0) of doing nothing, edge to edge.
+    RuntimeError when the counter does not advance or gives a power no board draws."""
+    check_meter("meter", meter)
+    seconds = finite_number("seconds", seconds, low=0.0, why=" s")
     start = wait_for_counter_update(meter)
     time.sleep(seconds)
     end = wait_for_counter_update(meter)
-    return (end.energy_mj - start.energy_mj) / 1000.0 / (end.time_s - start.time_s)
+    power_w = _counter_energy_j(start, end) / (end.time_s - start.time_s)
+    if power_w > MAX_BOARD_POWER_W:
+        raise RuntimeError(f"idle power came out {power_w:.6g} W, above any board's ({MAX_BOARD_POWER_W:g} W): "
+                           "the energy counter jumped; no measurement")
+    return power_w
 
 
 def measure_window(meter, run_for, window_s, idle_power_w):
-    """One window: ``run_for(seconds) -> calls`` does the work (and waits for the device)."""
+    """One window: ``run_for(seconds) -> calls`` does the work (at least one call, for at least
+    ``seconds``, and waits for the device). RuntimeError when the counter does not advance or the
+    work's energy, once the idle tail is removed, is not positive (``idle_power_w`` too high)."""
+    check_meter("meter", meter)
+    _check_run_for(run_for)
+    window_s, idle_power_w = check_window_s(window_s), check_idle_power_w(idle_power_w)
     start = wait_for_counter_update(meter)
     t0 = time.monotonic()
     calls = run_for(window_s)
     t_end = time.monotonic()
+    if isinstance(calls, bool) or not isinstance(calls, numbers.Integral):
+        raise TypeError(f"run_for must return the number of calls it ran (an int), got {type(calls).__name__}")
+    if calls < 1:
+        raise ValueError(f"run_for returned {calls} calls: a window must run the work at least once")
+    if t_end - t0 < window_s:
+        raise ValueError(f"run_for({window_s:g}) returned after {t_end - t0:.3g} s: it must run the work for at "
+                         "least the seconds it is given")
     end = wait_for_counter_update(meter)
-    tail_s = end.time_s - t_end
-    energy_j = (end.energy_mj - start.energy_mj) / 1000.0 - idle_power_w * tail_s
-    return WindowResult(calls, t_end - t0, energy_j, start, end)
+    energy_j = _counter_energy_j(start, end) - idle_power_w * (end.time_s - t_end)
+    if energy_j <= 0:
+        raise RuntimeError(f"the window's energy is {energy_j:.6g} J once the idle tail is charged at idle_power_w "
+                           f"{idle_power_w:g} W: idle power above the board's power under load; measure it again")
+    return WindowResult(int(calls), t_end - t0, energy_j, start, end)
 
 
-def measure_energy(meter, run_for, idle_power_w, window_s=1.0, trials=3, seed=0):
-    """Median and spread of energy per call over ``trials`` windows with randomised starts."""
-    if not window_s >= 1.0:
-        raise ValueError(f"window_s must be >= 1 s (10+ updates of the ~100 ms energy counter), got {window_s}")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be a positive int, got {trials!r}")
+def measure_energy(meter, run_for, idle_power_w, window_s=MIN_WINDOW_S, trials=3, seed=0):
+    """Median and spread of energy per call over ``trials`` (>= 1) windows of at least ``window_s``
+    (>= 1 s) with randomised starts; ``measure_window``'s errors for a window that measured nothing."""
+    check_meter("meter", meter)
+    _check_run_for(run_for)
+    idle_power_w, window_s, trials = check_idle_power_w(idle_power_w), check_window_s(window_s), count("trials", trials)
     rng = random.Random(seed)
     windows = []
     for _ in range(trials):
@@ -83,6 +139,8 @@ def measure_energy(meter, run_for, idle_power_w, window_s=1.0, trials=3, seed=0)
 def measure_gap_power_w(meter, idle_power_w, launch_every_s=2e-4):
     """Board power while the host launches a tiny kernel every ``launch_every_s``: the GPU awake but
     mostly waiting, as in the gaps between an eager forward's kernels (deep idle draws less)."""
+    launch_every_s = finite_number("launch_every_s", launch_every_s, low=0.0, low_open=True, why=" s")
+    check_idle_power_w(idle_power_w)
     import torch
     scratch = torch.zeros(1, device="cuda")
 
@@ -90,7 +148,7 @@ def measure_gap_power_w(meter, idle_power_w, launch_every_s=2e-4):
         scratch.add_(1.0)
         time.sleep(launch_every_s)
     return measure_energy(meter, lambda seconds: repeat_for(launch_then_wait, seconds), idle_power_w,
-                          window_s=1.0, trials=2)["power_w"]
+                          window_s=MIN_WINDOW_S, trials=2)["power_w"]
 
 
 def _state(reading):
@@ -107,6 +165,8 @@ class GraphRunner:
     back to back for that long and waits for the device."""
 
     def __init__(self, fn, target_replay_ms=10.0):
+        _check_fn(fn)
+        target_replay_ms = finite_number("target_replay_ms", target_replay_ms, low=0.0, low_open=True, why=" ms")
         import torch
         self.torch = torch
         self.fn = fn  # the graph reads the tensors fn holds: they must outlive it
@@ -133,6 +193,7 @@ class EagerRunner:
     without autograd, and its median CUDA-event latency; warmed up first."""
 
     def __init__(self, fn):
+        _check_fn(fn)
         import torch
         self.torch, self.fn = torch, fn
         with torch.no_grad():
@@ -175,9 +236,16 @@ class DeferredTimer:
         return done
 
 
+def _check_fn(fn):
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
+
+
 def repeat_for(fn, seconds):
-    """Call ``fn`` back to back for ``seconds`` and wait for the device; the number of calls.
+    """Call ``fn`` back to back for ``seconds`` (finite, >= 0) and wait for the device; the number of calls.
     The host stays at most 8 calls ahead of the device, so the time is the device's."""
+    _check_fn(fn)
+    seconds = finite_number("seconds", seconds, low=0.0, why=" s")
     import torch
     calls, t0 = 0, time.monotonic()
     while time.monotonic() - t0 < seconds:
@@ -190,7 +258,9 @@ def repeat_for(fn, seconds):
 
 
 def event_times_ms(fn, repeats):
-    """CUDA-event times of ``repeats`` calls of ``fn()``, each waited for (ms)."""
+    """CUDA-event times of ``repeats`` (>= 1) calls of ``fn()``, each waited for (ms)."""
+    _check_fn(fn)
+    repeats = count("repeats", repeats)
     import torch
     times = []
     for _ in range(repeats):

@@ -7,10 +7,13 @@ that field is ``None`` and ``missing[field]`` says why: never an estimate. ``Bac
 records readings on a thread at up to 10 Hz (NVML's power and energy update about every 100 ms).
 Nothing here changes a GPU setting.
 """
+import numbers
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
+
+from calibration._validate import check_meter, count, finite_number
 
 MIN_SAMPLE_INTERVAL_S = 0.1  # NVML's energy counter and power average update about every 100 ms
 
@@ -48,9 +51,7 @@ class GpuMeter:
     """NVML readings for one GPU. ``nvml`` is the pynvml module (injectable, for fakes and replays)."""
 
     def __init__(self, device_index=0, nvml=None):
-        if isinstance(device_index, bool) or not isinstance(device_index, int) or device_index < 0:
-            raise ValueError(f"device_index must be a non-negative int, got {device_index!r}")
-        self.device_index = device_index
+        self.device_index = count("device_index", device_index, low=0)
         self.unavailable_reason = None
         self._handle = None
         try:
@@ -60,7 +61,7 @@ class GpuMeter:
             return
         try:
             self.nvml.nvmlInit()
-            self._handle = self.nvml.nvmlDeviceGetHandleByIndex(device_index)
+            self._handle = self.nvml.nvmlDeviceGetHandleByIndex(self.device_index)
         except Exception as exc:  # NVMLError_* (no driver, no GPU, bad index): the meter reads nothing
             self.unavailable_reason = f"NVML unavailable: {exc.__class__.__name__}: {exc}"
 
@@ -148,24 +149,29 @@ class GpuMeter:
         return tuple(out)
 
     def slowdown_reasons(self, bits):
-        """Names of the thermal/power slowdown reasons set in ``bits`` (clock-event reason bits)."""
+        """Names of the thermal/power slowdown reasons set in ``bits`` (clock-event reason bits, an int), or None."""
         if bits is None:
             return None
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+            raise TypeError(f"bits must be an int of clock-event reason bits or None, got {type(bits).__name__}")
         return [name for const, name in THERMAL_OR_POWER_SLOWDOWN_REASONS.items()
                 if bits & getattr(self.nvml, const, 0)]
 
 
+def check_interval_s(interval_s):
+    """``interval_s`` as a float: a finite sampling period >= ``MIN_SAMPLE_INTERVAL_S``."""
+    return finite_number("interval_s", interval_s, low=MIN_SAMPLE_INTERVAL_S,
+                         why=" s (NVML updates about every 100 ms)")
+
+
 class BackgroundSampler:
-    """Reads ``meter`` every ``interval_s`` (>= 0.1 s) on a daemon thread; ``samples`` is the timeline.
+    """Reads ``meter`` every ``interval_s`` (finite, >= 0.1 s) on a daemon thread; ``samples`` is the timeline.
 
     Use as a context manager; ``latest`` is the newest reading (what a hot path may read: never NVML)."""
 
     def __init__(self, meter, interval_s=0.1):
-        if not interval_s >= MIN_SAMPLE_INTERVAL_S:
-            raise ValueError(f"interval_s must be >= {MIN_SAMPLE_INTERVAL_S} s (NVML updates about every 100 ms), "
-                             f"got {interval_s}")
-        self.meter = meter
-        self.interval_s = interval_s
+        self.meter = check_meter("meter", meter)
+        self.interval_s = check_interval_s(interval_s)
         self.samples = []
         self._stop = threading.Event()
         self._thread = None

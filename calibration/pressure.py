@@ -12,18 +12,20 @@ run). The hog's copies also occupy SMs, as any real neighbour's kernels would.
 import statistics
 import time
 
+from calibration._validate import check_meter, finite_number
 from calibration.energy import median_event_ms
 
 HOG_BUFFER_BYTES = 256 * 2 ** 20  # far beyond L2, so every copy goes to HBM
 
 
 class BandwidthHog:
-    """A background copy loop that keeps HBM busy about ``share`` (0, 1] of the time."""
+    """A background copy loop that keeps HBM busy about ``share`` (0, 1] of the time, in periods of
+    about ``period_ms`` (> 0)."""
 
     def __init__(self, share, period_ms=20.0, device="cuda"):
+        share = finite_number("share", share, low=0.0, low_open=True, high=1.0)
+        period_ms = finite_number("period_ms", period_ms, low=0.0, low_open=True, why=" ms")
         import torch
-        if not 0.0 < share <= 1.0:
-            raise ValueError(f"share must be in (0, 1], got {share!r}")
         self.torch, self.share = torch, share
         self.stream = torch.cuda.Stream(device)
         src = torch.randn(HOG_BUFFER_BYTES // 4, device=device)
@@ -41,7 +43,8 @@ class BandwidthHog:
         self._buffers = (src, dst)  # the graph reads and writes them
 
     def start(self, seconds):
-        """Queue ``seconds`` of background traffic on the hog's stream (returns at once)."""
+        """Queue ``seconds`` (finite, >= 0) of background traffic on the hog's stream (returns at once)."""
+        seconds = finite_number("seconds", seconds, low=0.0, why=" s")
         with self.torch.cuda.stream(self.stream):  # a replay runs on the current stream
             for _ in range(max(1, int(seconds * 1e3 / self.period_ms) + 1)):
                 self.graph.replay()
@@ -70,12 +73,20 @@ def _replay_latency_ms(runner, seconds):
 
 
 def _utilisation(meter):
+    """NVML memory-bandwidth utilisation in [0, 1], or None when NVML gives none or an impossible one."""
     pct = meter.read().memory_bandwidth_util_pct
-    return None if pct is None else pct / 100.0
+    return pct / 100.0 if pct is not None and 0 <= pct <= 100 else None
+
+
+def _check_window_s(window_s):
+    return finite_number("window_s", window_s, low=0.0, low_open=True, why=" s")
 
 
 def background_utilisation(meter, hogs, window_s=0.5):
-    """NVML memory utilisation (0..1) each hog produces running alone: the pressure coordinate."""
+    """NVML memory utilisation (0..1, None where NVML gives none) each hog produces running alone over
+    ``window_s`` (> 0): the pressure coordinate."""
+    check_meter("meter", meter)
+    window_s = _check_window_s(window_s)
     utilisation = {}
     for hog in hogs:
         hog.start(window_s + 0.2)
@@ -89,7 +100,14 @@ def measure_pressure_curve(meter, runner, hogs, background, window_s=0.5):
     """Points of (background utilisation, pair utilisation, latency stretch) for one op.
 
     ``runner`` is the op's ``calibration.energy.GraphRunner``; ``background`` is
-    ``background_utilisation(meter, hogs)``. The first point is the op alone (stretch 1)."""
+    ``background_utilisation(meter, hogs)``. The first point is the op alone (stretch 1); each window
+    lasts ``window_s`` (> 0)."""
+    check_meter("meter", meter)
+    window_s = _check_window_s(window_s)
+    unknown = [hog.share for hog in hogs if hog.share not in background]
+    if unknown:
+        raise ValueError(f"background has no utilisation for the hogs of share {unknown}: pass "
+                         "background_utilisation(meter, hogs)")
     alone_ms = _replay_latency_ms(runner, window_s)
     points = [{"share": 0.0, "background_util": 0.0, "pair_util": _utilisation(meter),
                "latency_ms": alone_ms, "stretch": 1.0}]

@@ -37,6 +37,14 @@ def prior_point(op, batch_size, dims, sheet):
 
 
 def prior_table(gpu, dims=ModelDims()):
+    """The prior table of ``gpu`` (a key of ``DATASHEETS``) at ``dims`` (a ``ModelDims``)."""
+    if not isinstance(gpu, str):
+        raise TypeError(f"gpu must be a GPU name (str), got {type(gpu).__name__}")
+    if gpu not in DATASHEETS:
+        raise ValueError(f"no datasheet for GPU {gpu!r}; known: {', '.join(sorted(DATASHEETS))}")
+    if not isinstance(dims, ModelDims):
+        raise TypeError(f"dims must be a costmodel.ops.ModelDims, got {type(dims).__name__} "
+                        "(ModelDims(**mapping) makes one from a mapping)")
     sheet = DATASHEETS[gpu]
     return {
         "schema": 1,

@@ -8,12 +8,18 @@ not give raises again with its recorded reason, so CPU tests see what the card r
 """
 import argparse
 import bisect
+import math
+import numbers
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from types import SimpleNamespace
 
-from calibration.nvml_meter import BackgroundSampler, GpuMeter
+from calibration._validate import check_meter, finite_number
+from calibration.nvml_meter import BackgroundSampler, GpuMeter, GpuReading
+
+# what every reading of a trace records (``missing``, the reasons, is optional)
+READING_FIELDS = tuple(f.name for f in fields(GpuReading) if f.name != "missing")
 
 
 class ReplayedNVMLError(Exception):
@@ -21,7 +27,10 @@ class ReplayedNVMLError(Exception):
 
 
 def record(meter, seconds, interval_s=0.1):
-    """A trace dict: ``readings`` (time relative to the first) plus what the meter knows of the GPU."""
+    """A trace dict: ``readings`` over ``seconds`` (finite, > 0; time relative to the first) plus
+    what the meter knows of the GPU."""
+    check_meter("meter", meter, "available", "unavailable_reason")
+    seconds = finite_number("seconds", seconds, low=0.0, low_open=True, why=" s")
     if not meter.available:
         raise RuntimeError(f"cannot record a trace: {meter.unavailable_reason}")
     with BackgroundSampler(meter, interval_s) as sampler:
@@ -30,7 +39,9 @@ def record(meter, seconds, interval_s=0.1):
 
 
 def trace_of(meter, sampler):
-    """The trace dict of a finished ``BackgroundSampler``'s timeline."""
+    """The trace dict of a finished ``BackgroundSampler``'s timeline (RuntimeError if it has none)."""
+    if not sampler.samples:
+        raise RuntimeError("the sampler recorded no readings: record for longer")
     t0 = sampler.samples[0].time_s
     return {"gpu_name": meter.name(), "gpu_uuid": meter.uuid(), "driver": meter.driver_version(),
             "interval_s": sampler.interval_s,
@@ -50,9 +61,15 @@ class PynvmlConstants:
 
 
 class ReplayNvml(PynvmlConstants):
-    """Plays a recorded trace back through the pynvml calls ``GpuMeter`` makes."""
+    """Plays a recorded trace back through the pynvml calls ``GpuMeter`` makes.
+
+    ``trace`` is what ``record`` returns: ``gpu_name``, ``driver``, ``thresholds_c`` (``slowdown``
+    and ``shutdown``) and a non-empty list of ``readings``, each with every ``GpuReading`` field
+    (``missing`` optional) and ``time_s`` finite and non-decreasing; anything else is a ValueError
+    naming the missing or bad field. The values themselves are replayed as recorded."""
 
     def __init__(self, trace):
+        _check_trace(trace)
         self.trace = trace
         self._times = [r["time_s"] for r in trace["readings"]]
         self._start = None
@@ -64,7 +81,7 @@ class ReplayNvml(PynvmlConstants):
     def _field(self, name):
         reading = self._now()
         if reading[name] is None:
-            raise ReplayedNVMLError(reading["missing"].get(name, "not recorded"))
+            raise ReplayedNVMLError(reading.get("missing", {}).get(name, "not recorded"))
         return reading[name]
 
     def nvmlInit(self):
@@ -116,12 +133,43 @@ class ReplayNvml(PynvmlConstants):
         return SimpleNamespace(memory=self._field("memory_bandwidth_util_pct"))
 
 
+def _check_trace(trace):
+    if not isinstance(trace, dict):
+        raise TypeError(f"trace must be a dict (what calibration.trace.record returns), got {type(trace).__name__}")
+    for key in ("readings", "gpu_name", "driver", "thresholds_c"):
+        if key not in trace:
+            raise ValueError(f"trace has no {key!r} field (a calibration.trace.record trace has it)")
+    thresholds = trace["thresholds_c"]
+    if not isinstance(thresholds, dict) or not {"slowdown", "shutdown"} <= set(thresholds):
+        raise ValueError(f"trace['thresholds_c'] must be a dict with 'slowdown' and 'shutdown' (°C or None), "
+                         f"got {thresholds!r}")
+    readings = trace["readings"]
+    if not isinstance(readings, list) or not readings:
+        raise ValueError(f"trace['readings'] must be a non-empty list of readings, got {readings!r:.80}")
+    last_s = -math.inf
+    for n, reading in enumerate(readings):
+        if not isinstance(reading, dict):
+            raise ValueError(f"trace['readings'][{n}] must be a dict of a reading's fields, got "
+                             f"{type(reading).__name__}")
+        absent = [name for name in READING_FIELDS if name not in reading]
+        if absent:
+            raise ValueError(f"trace['readings'][{n}] has no {', '.join(map(repr, absent))} field")
+        time_s = reading["time_s"]
+        if isinstance(time_s, bool) or not isinstance(time_s, numbers.Real) or not math.isfinite(time_s) \
+                or time_s < last_s:
+            raise ValueError(f"trace['readings'][{n}]['time_s'] must be a finite number, no earlier than the "
+                             f"reading before ({last_s}), got {time_s!r}")
+        last_s = time_s
+
+
 def main(argv=None):
     from bench.harness.results import provenance, write_json_atomic
     parser = argparse.ArgumentParser(prog="python -m calibration.trace", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        parser.error(f"--seconds must be a positive finite number, got {args.seconds}")
     meter = GpuMeter()
     if not meter.available:
         parser.error(f"no GPU to record: {meter.unavailable_reason}")

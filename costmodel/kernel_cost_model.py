@@ -11,59 +11,38 @@ A table's optional ``collectives`` section holds measured collective curves, wri
 energy summed over the participating GPUs. ``get_comm_cost`` and ``comm_cost_per_byte`` read it.
 """
 import bisect
-import json
 import math
-from pathlib import Path
+import numbers
+import os
+import re
 
 from costmodel.ops import COMM_OPS, ModelDims, check_op, work
+from costmodel.table import ABSOLUTE_ZERO_C, TABLE_DIR, load_table
 
-TABLE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "tables"
+__all__ = ["DeviceCostTable", "KernelCostModel", "TABLE_DIR", "lerp_segments", "load_table"]
+
+
+def _real(name, value):
+    """``value`` as a float: Python and numpy numbers, never a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _count(name, value, low):
+    """``value`` as an int >= ``low``: Python and numpy integers, never a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def _positive_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    value = _real(name, value)
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
-def load_table(gpu_type=None, table=None):
-    """Read and check a table: by GPU name from ``calibration/tables``, or from a path."""
-    path = Path(table) if table is not None else TABLE_DIR / f"{gpu_type}.json"
-    if not path.exists():
-        hint = f"; run: python -m bench.calibrate --gpu {gpu_type}" if table is None else ""
-        raise ValueError(f"no cost table at {path}{hint}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cost table {path} is corrupt: {exc}") from exc
-    if not isinstance(data, dict) or data.get("schema") != 1 or not isinstance(data.get("ops"), dict):
-        raise ValueError(f"cost table {path} is corrupt: expected schema 1 with an 'ops' mapping")
-    if gpu_type is not None and data.get("gpu") != gpu_type:
-        raise ValueError(f"cost table {path} is for GPU {data.get('gpu')!r}, not {gpu_type!r}")
-    if data.get("source") not in ("measured", "prior"):
-        raise ValueError(f"cost table {path} has source {data.get('source')!r}; expected 'measured' or 'prior'")
-    for op, entry in data["ops"].items():
-        points = entry.get("points") if isinstance(entry, dict) else None
-        if not points or any(p.get("batch_size", 0) <= 0 or p.get("latency_ms", 0) <= 0 or p.get("energy_j", 0) <= 0
-                             for p in points):
-            raise ValueError(f"cost table {path} is corrupt: op {op!r} needs points with positive batch_size, "
-                             "latency_ms and energy_j")
-    _check_collectives(path, data.get("collectives"))
-    return data, path
-
-
-def _check_collectives(path, section):
-    """Each collective curve: a world-size key ("2"), a source, and points with positive sizes,
-    latency and energy."""
-    positive = ("bytes_per_rank", "latency_ms", "energy_j")
-    for op, curves in (section or {}).items():
-        for world_size, curve in (curves.items() if isinstance(curves, dict) else [(None, None)]):
-            curve = curve if isinstance(curve, dict) else {}
-            points = curve.get("points")
-            if not str(world_size).isdigit() or curve.get("source") not in ("measured", "prior") or not points or \
-                    any(not (p.get(k) or 0) > 0 for p in points for k in positive):
-                raise ValueError(f"cost table {path} is corrupt: collectives[{op!r}] needs world-size keys ('2') "
-                                 "and curves with a source and points of positive bytes_per_rank, latency_ms and "
-                                 "energy_j")
+    return value
 
 
 def _piecewise_linear(points, x):
@@ -134,6 +113,13 @@ class KernelCostModel:
     def __init__(self, gpu_type="H100", table=None):
         if gpu_type is None and table is None:
             raise ValueError("give gpu_type or table")
+        if gpu_type is not None and not isinstance(gpu_type, str):
+            raise TypeError(f"gpu_type must be a str such as 'H100', got {type(gpu_type).__name__}")
+        if gpu_type is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", gpu_type):
+            raise ValueError(f"gpu_type must be a table name such as 'H100' (letters, digits, '_', '-'), "
+                             f"got {gpu_type!r}")
+        if table is not None and not isinstance(table, (str, os.PathLike)):
+            raise TypeError(f"table must be a path (str or os.PathLike), got {type(table).__name__}")
         self.table, self.path = load_table(gpu_type if table is None else None, table)
         if gpu_type is not None and table is not None and self.table.get("gpu") != gpu_type:
             raise ValueError(f"cost table {table} is for GPU {self.table.get('gpu')!r}, not {gpu_type!r}")
@@ -148,17 +134,31 @@ class KernelCostModel:
         return tuple(self._points)
 
     def _check(self, op, batch_size, current_temp, memory_pressure):
+        """The arguments as Python floats (numpy scalars in, plain numbers out), or an error naming one."""
         check_op(op)
         if op not in self._points:
             raise ValueError(f"op {op!r} is not in the {self.gpu_type} table ({self.path})")
-        _positive_number("batch_size", batch_size)
-        if current_temp is not None and (isinstance(current_temp, bool) or not isinstance(current_temp, (int, float))
-                                         or not math.isfinite(current_temp)):
-            raise ValueError(f"current_temp must be a finite number of °C or None, got {current_temp!r}")
-        if memory_pressure is not None and (isinstance(memory_pressure, bool)
-                                            or not isinstance(memory_pressure, (int, float))
-                                            or not 0.0 <= memory_pressure <= 1.0):
-            raise ValueError(f"memory_pressure must be in [0, 1] or None, got {memory_pressure!r}")
+        batch_size = _positive_number("batch_size", batch_size)
+        if current_temp is not None:
+            current_temp = self._check_temp(current_temp)
+        if memory_pressure is not None:
+            memory_pressure = _real("memory_pressure", memory_pressure)
+            if not 0.0 <= memory_pressure <= 1.0:
+                raise ValueError(f"memory_pressure must be in [0, 1] or None, got {memory_pressure!r}")
+        return batch_size, current_temp, memory_pressure
+
+    def _check_temp(self, current_temp):
+        """A card's temperature: above absolute zero, and below the shutdown threshold when the
+        table knows it (a card there is off, so such a reading is a bad sensor or a typo)."""
+        temp_c = _real("current_temp", current_temp)
+        shutdown_c = (self.table.get("thermal") or {}).get("shutdown_temp_c")
+        if not math.isfinite(temp_c) or temp_c <= ABSOLUTE_ZERO_C:
+            raise ValueError(f"current_temp must be a finite °C above absolute zero ({ABSOLUTE_ZERO_C}), "
+                             f"got {current_temp!r}")
+        if shutdown_c is not None and temp_c >= shutdown_c:
+            raise ValueError(f"current_temp {current_temp!r} °C is at or above the {self.gpu_type}'s shutdown "
+                             f"threshold ({shutdown_c} °C), where the card powers off")
+        return temp_c
 
     def _base(self, op, batch_size):
         points = self._points[op]
@@ -168,12 +168,13 @@ class KernelCostModel:
         return latency_ms, energy_j, memory_gb, "prior" if self.is_prior else where
 
     def pressure_curve(self, op):
-        """The measured (background utilisation, latency stretch) points of ``op``, or None."""
+        """The measured (background utilisation, latency stretch) points of ``op``, or None. A stretch
+        below 1 (timing noise: pressure never shortens a call) counts as 1."""
         section = self.table.get("memory_pressure")
         curve = section["ops"].get(op) if section else None
         if not curve:
             return None
-        points = sorted((p["background_util"], p["stretch"]) for p in curve["points"]
+        points = sorted((p["background_util"], max(p["stretch"], 1.0)) for p in curve["points"]
                         if p["background_util"] is not None)
         return points if len(points) >= 2 else None
 
@@ -186,10 +187,11 @@ class KernelCostModel:
             return 1.0, False
         curve = self.pressure_curve(op)
         if curve is not None:
-            return _piecewise_linear(curve, memory_pressure), memory_pressure > curve[-1][0]
+            return max(_piecewise_linear(curve, memory_pressure), 1.0), memory_pressure > curve[-1][0]
         compute_s, memory_s = self._roofline_s(op, batch_size)
         if memory_pressure >= 1.0:
-            return math.inf, False
+            raise ValueError(f"memory_pressure 1.0 leaves {op} no HBM bandwidth in the roofline model (the {self.gpu_type} "
+                             "table has no measured pressure curve for it): the predicted time would be infinite")
         return max(compute_s, memory_s / (1.0 - memory_pressure)) / max(compute_s, memory_s), False
 
     def _thermal_factor(self, current_temp):
@@ -236,7 +238,7 @@ class KernelCostModel:
         A hotter card runs at the SM clock the calibration saw at that temperature (held at the
         hottest one seen beyond it: "extrapolated"); a share of HBM taken by others stretches the
         memory-bound part of the roofline time. Stretched time costs idle power."""
-        self._check(op, batch_size, current_temp, memory_pressure)
+        batch_size, current_temp, memory_pressure = self._check(op, batch_size, current_temp, memory_pressure)
         latency_ms, energy_j, memory_gb, source = self._base(op, batch_size)
         thermal_stretch, thermal_extrapolated, warning = self._thermal_factor(current_temp)
         pressure_stretch, pressure_extrapolated = self._pressure_factor(op, batch_size, memory_pressure)
@@ -257,8 +259,7 @@ class KernelCostModel:
         if op not in COMM_OPS:
             raise ValueError(f"unknown collective op {op!r}; the cost model knows {', '.join(COMM_OPS)}")
         _positive_number("bytes_per_rank", bytes_per_rank)
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        world_size = _count("world_size", world_size, 1)
         if not self.table.get("collectives"):
             raise ValueError(f"the {self.gpu_type} table ({self.path}) has no collectives section: "
                              f"torchrun --nproc_per_node N -m bench.calibrate_comm --gpu {self.gpu_type} measures it")
@@ -295,13 +296,18 @@ class KernelCostModel:
         ``gap_power_w`` (the awake-but-waiting power; idle power for tables without it). Returns
         ``energy_joules``, ``latency_ms`` (kernel time plus the gaps), ``kernel_latency_ms``,
         ``gap_ms`` and ``prediction: True``."""
-        if measured_latency_ms is not None and not (isinstance(measured_latency_ms, (int, float))
-                                                    and math.isfinite(measured_latency_ms) and measured_latency_ms >= 0):
-            raise ValueError(f"measured_latency_ms must be a finite number >= 0 or None, got {measured_latency_ms!r}")
+        if measured_latency_ms is not None:
+            measured_latency_ms = _real("measured_latency_ms", measured_latency_ms)
+            if not (math.isfinite(measured_latency_ms) and measured_latency_ms >= 0):
+                raise ValueError(f"measured_latency_ms must be a finite number >= 0 or None, got {measured_latency_ms!r}")
+        if isinstance(plan, (str, dict)) or not hasattr(plan, "__iter__"):
+            raise TypeError(f"plan must be a list of (op, batch_size, calls) entries, got {type(plan).__name__}")
         energy_j = latency_ms = 0.0
-        for op, batch_size, calls in plan:
-            if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-                raise ValueError(f"plan entry ({op!r}, {batch_size!r}, {calls!r}): calls must be an int >= 0")
+        for entry in plan:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+                raise ValueError(f"plan entries must be (op, batch_size, calls), got {entry!r}")
+            op, batch_size, calls = entry
+            calls = _count(f"plan entry ({op!r}, {batch_size!r}, {calls!r}): calls", calls, 0)
             cost = self.get_cost(op, batch_size)
             energy_j += cost["energy_joules"] * calls
             latency_ms += cost["latency_ms"] * calls
@@ -323,15 +329,23 @@ class KernelCostModel:
 
     def get_thermal_safe_batch_size(self, op, current_temp, max_temp_increase):
         """Largest batch size (powers of two up to the table's largest) whose predicted temperature
-        rise from ``current_temp`` stays within ``max_temp_increase`` °C; None without a thermal model."""
-        _positive_number("max_temp_increase", max_temp_increase)
-        self._check(op, 1, current_temp, None)
+        rise from ``current_temp`` stays within ``max_temp_increase`` °C and keeps the card below
+        the NVML slowdown threshold (when the table has it); 0 when no batch is safe (e.g. at or
+        above the slowdown threshold); None without a thermal model."""
+        max_temp_increase = _positive_number("max_temp_increase", max_temp_increase)
+        if current_temp is None:
+            raise TypeError("current_temp must be a number of °C, got NoneType")
+        _, current_temp, _ = self._check(op, 1, current_temp, None)
         if not self.table.get("thermal"):
             return None
+        slowdown_c = self.table["thermal"].get("slowdown_temp_c")
+        if slowdown_c is not None and current_temp >= slowdown_c:
+            return 0  # the hardware is already slowing the card down
         largest = self._points[op][-1]["batch_size"]
         safe, batch = 0, 1
         while batch <= largest:
-            if self.get_cost(op, batch, current_temp=current_temp)["temp_impact"] <= max_temp_increase:
+            rise_c = self.get_cost(op, batch, current_temp=current_temp)["temp_impact"]
+            if rise_c <= max_temp_increase and (slowdown_c is None or current_temp + rise_c < slowdown_c):
                 safe = batch
             batch *= 2
         return safe
@@ -349,6 +363,10 @@ class DeviceCostTable:
 
     def __init__(self, model, ops, device):
         import torch
+        if not isinstance(model, KernelCostModel):
+            raise TypeError(f"model must be a KernelCostModel, got {type(model).__name__}")
+        if isinstance(ops, str) or not all(isinstance(op, str) for op in ops):
+            raise TypeError(f"ops must be a list of op names, got {ops!r}")
         self.torch, self.model = torch, model
         self.source = model.table["source"]
         self.idle_power_w = model.table["idle_power_w"]
@@ -372,32 +390,57 @@ class DeviceCostTable:
         """(energy_j, latency_ms) tensors shaped like ``batch_sizes`` (a float tensor, > 0).
 
         ``temp_c`` and ``memory_pressure`` are optional 0-d (or broadcastable) float tensors on
-        the device: the card's temperature and NVML memory utilisation (0..1), as in ``get_cost``."""
+        the device: the card's temperature and NVML memory utilisation (0..1), as in ``get_cost``.
+        Their values are not checked on the host (that would sync): a batch size <= 0, a
+        temperature at or below absolute zero and a pressure outside [0, 1] give NaN, as does a
+        pressure of 1 on the roofline fallback (no bandwidth left: no finite time)."""
         torch = self.torch
+        self._check_predict(op, batch_sizes, temp_c, memory_pressure)
         row = self._rows[op]
-        log_b = torch.log(batch_sizes.to(torch.float32))
+        batch_sizes = torch.where(batch_sizes > 0, batch_sizes.to(torch.float32), math.nan)
+        log_b = torch.log(batch_sizes)
         energy = torch.exp(lerp_segments(row[0], row[1], log_b))
         latency = torch.exp(lerp_segments(row[0], row[2], log_b))
         stretch = torch.ones_like(latency)
+        if temp_c is not None:
+            temp_c = temp_c.to(torch.float32)
+            stretch = torch.where(temp_c > ABSOLUTE_ZERO_C, stretch, math.nan)
         if temp_c is not None and self._clocks is not None:
             temps, clocks = self._clocks
-            held = temp_c.to(torch.float32).clamp(temps[0], temps[-1])  # beyond: the hottest clock seen
+            held = temp_c.clamp(temps[0], temps[-1])  # beyond: the hottest clock seen
             clock = lerp_segments(temps, clocks, held) if temps.numel() > 1 else clocks[0]
             stretch = stretch * (clocks.max() / clock)
         if memory_pressure is not None:
-            stretch = stretch * self._pressure_stretch(op, batch_sizes, memory_pressure.to(torch.float32))
+            pressure = memory_pressure.to(torch.float32)
+            pressure = torch.where((pressure >= 0) & (pressure <= 1), pressure, math.nan)
+            stretch = stretch * self._pressure_stretch(op, batch_sizes, pressure)
         # the stretched time costs static (idle) power, as in get_cost
         energy = energy + self.idle_power_w * latency * 1e-3 * (stretch - 1.0)
         return energy, latency * stretch
 
+    def _check_predict(self, op, batch_sizes, temp_c, memory_pressure):
+        """Host checks of what ``predict`` was given: kinds and devices only (values stay on the device)."""
+        if op not in self._rows:
+            raise ValueError(f"op {op!r} is not carried by this DeviceCostTable; it carries {sorted(self._rows)}")
+        device = self._rows[op].device
+        for name, value in (("batch_sizes", batch_sizes), ("temp_c", temp_c), ("memory_pressure", memory_pressure)):
+            if value is None and name != "batch_sizes":
+                continue
+            if not isinstance(value, self.torch.Tensor) or not value.is_floating_point():
+                raise TypeError(f"{name} must be a float tensor, got {type(value).__name__}"
+                                f"{'' if not isinstance(value, self.torch.Tensor) else ' of ' + str(value.dtype)}")
+            if value.device != device:
+                raise ValueError(f"{name} is on {value.device}, the table on {device}")
+
     def _pressure_stretch(self, op, batch_sizes, pressure):
         if op in self._pressure:
             util, stretch = self._pressure[op]
-            return lerp_segments(util, stretch, pressure)
+            return lerp_segments(util, stretch, pressure).clamp_min(1.0)  # never faster under pressure
         flops, nbytes = work(op, batch_sizes.to(self.torch.float64), self.model.dims)  # the roofline fallback
         compute_s = (flops / self.model.table["peak_flops"]).float()
         memory_s = (nbytes / self.model.table["hbm_bytes_per_s"]).float()
-        return compute_s.maximum(memory_s / (1.0 - pressure)) / compute_s.maximum(memory_s)
+        free = self.torch.where(pressure < 1, 1.0 - pressure, math.nan)
+        return compute_s.maximum(memory_s / free) / compute_s.maximum(memory_s)
 
 
 def lerp_segments(xs, ys, x):

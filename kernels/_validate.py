@@ -3,16 +3,24 @@
 Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device or
 value) whose message names the offending argument, so bad input never reaches Triton.
 """
+import math
+import numbers
+import operator
 import os
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# Triton reads TRITON_INTERPRET when it defines each kernel, i.e. when ``kernels`` is imported
+INTERPRETER_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def check_tensor(name, value, ndim=None, dtypes=FLOAT_DTYPES):
-    """Check that ``value`` is a tensor of one of ``dtypes`` with ``ndim`` dimensions."""
+def check_tensor(name, value, ndim=None, dtypes=FLOAT_DTYPES, kernel_device=True):
+    """Check that ``value`` is a tensor of one of ``dtypes`` with ``ndim`` dimensions, and (with
+    ``kernel_device``, for a kernel's input; constructors may take weights still to be moved) on a
+    device the Triton kernels can run on."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if dtypes is not None and value.dtype not in dtypes:
@@ -20,9 +28,36 @@ def check_tensor(name, value, ndim=None, dtypes=FLOAT_DTYPES):
         raise TypeError(f"{name} has dtype {value.dtype}; expected one of {allowed}")
     if ndim is not None and value.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
-    if value.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if kernel_device and value.device.type != "cuda":
+        _check_interpretable(name, value)
+
+
+def _check_interpretable(name, value):
+    """A non-CUDA tensor runs under Triton's interpreter, which must have been on at import and
+    which computes garbage in bfloat16."""
+    if not INTERPRETER_AT_IMPORT:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError(f"{name} is on {value.device} and TRITON_INTERPRET=1 was set after `import kernels`; "
+                             "Triton reads it when the kernels are defined, so set it before the first import")
         raise ValueError(f"{name} is on {value.device}; the Triton kernels need a CUDA tensor "
-                         "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+                         "(or TRITON_INTERPRET=1, set before `import kernels`, for the CPU interpreter)")
+    if value.dtype == torch.bfloat16:
+        raise TypeError(f"{name} is bfloat16 on {value.device}: Triton's CPU interpreter computes bfloat16 "
+                        "wrongly, so bfloat16 needs a CUDA GPU; use float32 or float16 on the CPU")
+
+
+def check_int(name, value, low=None, high=None):
+    """``value`` as a Python int (numpy and torch integer scalars too, never bool), in [low, high]."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() > 0):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
+    return value
 
 
 def check_same_dtype_device(**tensors):
@@ -51,3 +86,21 @@ def tma_compatible(*tensors):
     """Tensor descriptors need a unit last stride and 16-byte aligned base and row strides."""
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
+def check_sm_scale(sm_scale, head_dim):
+    """The attention score scale as a float: ``None`` means 1/sqrt(head_dim)."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
+        raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+    return float(sm_scale)
+
+
+def check_bool(name, value):
+    """``value`` as a bool (numpy bools too; never an int or a string, which would mean something else)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)

@@ -16,7 +16,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _config
 from kernels._autograd import apply_with_reference_grad
-from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision, tma_compatible
+from kernels._validate import (check_bool, check_dim, check_same_dtype_device, check_sm_scale, check_tensor,
+                               dot_precision, tma_compatible)
 
 HEAD_DIMS = (32, 64, 128)
 LOG2_E = 1.4426950408889634
@@ -26,8 +27,9 @@ LOG2_E = 1.4426950408889634
 def _online_softmax_step(b_acc, b_l, b_m, b_s, b_v, DOT_PRECISION: tl.constexpr):
     """Fold a [BM, BN] block of log2-domain scores and its [BN, D] values into the running state."""
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-    b_p = tl.math.exp2(b_s - b_m_new[:, None])
-    b_alpha = tl.math.exp2(b_m - b_m_new)
+    b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # a row masked so far: exp2(-inf - 0) = 0, not NaN
+    b_p = tl.math.exp2(b_s - b_base[:, None])
+    b_alpha = tl.math.exp2(b_m - b_base)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     b_acc = b_acc * b_alpha[:, None]
     b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=DOT_PRECISION)
@@ -188,11 +190,14 @@ def _check_head_dim(name, t):
         raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")
 
 
-def _check_kv(q_name, q, kv_name, kv):
-    """``kv`` [B, H_kv, S_kv, D] must match ``q`` [B, H_q, *, D] with H_q a multiple of H_kv."""
+def _check_kv(q_name, q, kv_name, kv, same_head_dim=True):
+    """``kv`` [B, H_kv, S_kv, D] must match ``q`` [B, H_q, *, D] with H_q a multiple of H_kv
+    (``same_head_dim=False`` for scores, whose last dim is S_kv)."""
     check_tensor(kv_name, kv, ndim=4)
     check_same_dtype_device(**{q_name: q, kv_name: kv})
     check_dim(kv_name, kv, 0, q.shape[0], f"the batch size of {q_name}")
+    if same_head_dim:
+        check_dim(kv_name, kv, 3, q.shape[3], f"the head dim of {q_name}")
     _check_head_dim(kv_name, kv)
     if kv.shape[1] == 0 or q.shape[1] % kv.shape[1]:
         raise ValueError(f"{kv_name} has {kv.shape[1]} heads, which must divide the {q.shape[1]} heads of "
@@ -202,21 +207,6 @@ def _check_kv(q_name, q, kv_name, kv):
 def _check_q(q):
     check_tensor("q", q, ndim=4)
     _check_head_dim("q", q)
-
-
-def _check_sm_scale(sm_scale, head_dim):
-    if sm_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not isinstance(sm_scale, (int, float)) or isinstance(sm_scale, bool):
-        raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
-    if not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
-    return float(sm_scale)
-
-
-def _check_causal(causal):
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 
 
 def _launch_config(q):
@@ -272,8 +262,8 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
     _check_kv("q", q, "v", v)
     check_dim("v", v, 2, k.shape[2], "the sequence length of k")
     check_dim("v", v, 1, k.shape[1], "the heads of k")
-    _check_causal(causal)
-    sm_scale = _check_sm_scale(sm_scale, q.shape[-1])
+    causal = check_bool("causal", causal)
+    sm_scale = check_sm_scale(sm_scale, q.shape[-1])
     if k.shape[2] == 0 and q.shape[2] > 0:
         raise ValueError("k and v have sequence length 0; each query needs at least one key")
 
@@ -315,7 +305,7 @@ def attention_qk(q, k, sm_scale=None):
     """
     _check_q(q)
     _check_kv("q", q, "k", k)
-    sm_scale = _check_sm_scale(sm_scale, q.shape[-1])
+    sm_scale = check_sm_scale(sm_scale, q.shape[-1])
 
     def kernel(q_, k_):
         return _attention_qk(q_, k_, sm_scale)
@@ -356,9 +346,9 @@ def attention_av(scores, v, causal=False):
     check_tensor("scores", scores, ndim=4)
     if scores.stride(-1) != 1:
         raise ValueError(f"scores must be contiguous in its last dim, got strides {scores.stride()}")
-    _check_kv("scores", scores, "v", v)
+    _check_kv("scores", scores, "v", v, same_head_dim=False)
     check_dim("v", v, 2, scores.shape[-1], "the last dim (S_kv) of scores")
-    _check_causal(causal)
+    causal = check_bool("causal", causal)
     if v.shape[2] == 0 and scores.shape[2] > 0:
         raise ValueError("scores and v have S_kv = 0; each query needs at least one key")
 

@@ -31,6 +31,7 @@ The hardware state is a [3] device tensor (temperature °C, power W, NVML memory
 ``*_reference`` functions are the same in torch.
 """
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ from costmodel.kernel_cost_model import lerp_segments
 from kernels._validate import INDEX_DTYPES, check_tensor
 from kernels.routing_stats import expert_loads_reference
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MARGINAL_FLOOR = 1e-6  # a flat cost curve's marginal cost, as a share of the one-token cost (no division by 0)
 _MARGINAL_FLOOR = tl.constexpr(MARGINAL_FLOOR)  # the kernel's copy (compiled kernels read constexpr globals only)
 PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stand-in's knots
@@ -127,7 +129,14 @@ def _score(energy_j, latency_ms, b_temp, fixed_energy_j, fixed_latency_ms, slowd
     ramp = tl.minimum(tl.maximum((b_temp - slowdown_temp_c) / thermal_margin_c + 1.0, 0.0), 1.0)
     ramp = tl.where(ramp == ramp, ramp, 0.0)  # no slowdown threshold known (NaN): no rise
     b_score = energy_weight * (1.0 + thermal_gain * ramp) * energy_j / fixed_energy_j
-    return tl.maximum(b_score + latency_weight * latency_ms / fixed_latency_ms, 0.0)
+    return tl.maximum(b_score + latency_weight * latency_ms / fixed_latency_ms, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _clamp(x, low, high):
+    """``x.clamp(low, high)`` as torch does it: a NaN stays NaN (Triton's min/max would drop it)."""
+    x = tl.maximum(x, low, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, high, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -171,7 +180,8 @@ def _cost_bias_kernel(
     b_score = _score(b_energy, b_latency, b_temp, fixed_energy_j, fixed_latency_ms, slowdown_temp_c, energy_weight,
                      latency_weight, thermal_gain, thermal_margin_c)
     b_offsets = tl.load(p_offsets + o_e, mask=m_e, other=0.0)
-    b_bias = tl.minimum(tl.maximum(b_offsets - max_shift * b_score / (1.0 + b_score), -max_shift), 0.0)
+    b_share = tl.where(b_score == float("inf"), 1.0, b_score / (1.0 + b_score))  # s / (1 + s) saturates at 1
+    b_bias = _clamp(b_offsets - max_shift * b_share, -max_shift, 0.0)
     tl.store(p_bias + o_e, b_bias, mask=m_e)
 
 
@@ -201,7 +211,7 @@ def _offset_step_kernel(
     b_step = tl.where(b_per_token < target, 1.0, tl.where(b_per_token > target, -1.0, 0.0))  # cheaper: attract
     b_step = tl.where(b_tokens > 0, b_step, 0.0)
     b_offsets = tl.load(p_offsets + o_e, mask=m_e, other=0.0) + lr * b_step
-    tl.store(p_offsets + o_e, tl.minimum(tl.maximum(b_offsets, -max_shift), max_shift), mask=m_e)
+    tl.store(p_offsets + o_e, _clamp(b_offsets, -max_shift, max_shift), mask=m_e)
     tl.store(p_window + o_e, tl.zeros((BINS,), dtype=tl.float32), mask=m_e)
     tl.store(p_window + E + o_e, tl.zeros((BINS,), dtype=tl.float32), mask=m_e)
 
@@ -214,6 +224,11 @@ def _check(curves, hardware_state, bias_offsets, **inputs):
     if hardware_state.shape[0] != 3:
         raise ValueError(f"hardware_state must be [3] (temp_c, power_w, memory utilisation), got "
                          f"{tuple(hardware_state.shape)}")
+    if bias_offsets.shape[0] == 0:
+        raise ValueError("bias_offsets must hold one offset per expert, got an empty tensor")
+    for name, t in (("hardware_state", hardware_state), ("bias_offsets", bias_offsets)):
+        if t.stride(0) != 1:  # read (and bias_offsets written in place) with unit stride
+            raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
     tensors = inputs | {"hardware_state": hardware_state, "bias_offsets": bias_offsets, "curves.packed": curves.packed}
     if len({t.device for t in tensors.values()}) > 1:
         raise ValueError(f"all on one device, got {({k: str(t.device) for k, t in tensors.items()})}")
@@ -235,13 +250,20 @@ def _constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, t
              "thermal_gain": thermal_gain, "thermal_margin_c": thermal_margin_c,
              "max_memory_pressure": max_memory_pressure}
     for name, value in knobs.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        _check_knob(name, value)
     if thermal_margin_c == 0:
         raise ValueError("thermal_margin_c must be > 0")
     return (curves.idle_power_w, curves.fixed_energy_j, curves.fixed_latency_ms, curves.cool_temp_c,
             curves.slowdown_temp_c, curves.fastest_clock_mhz, float(energy_weight), float(latency_weight),
             float(max_shift), float(thermal_gain), float(thermal_margin_c), float(max_memory_pressure))
+
+
+def _check_knob(name, value, positive=False):
+    """A number the kernel takes as a float32 scalar: finite there (<= 3.4e38), and >= 0 (or > 0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite float32 number {'>' if positive else '>='} 0, got {value!r}")
 
 
 def expert_cost_bias(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight, max_shift,
@@ -275,6 +297,7 @@ def ttt_offset_step(window, curves, hardware_state, bias_offsets, *, lr, energy_
     ``extra_cost`` [2, E] per token, if given) / mean load; experts cheaper than the token-weighted
     mean step up by ``lr`` (attract tokens), dearer ones step down (DeepSeek's sign step, aimed at
     cost per token, not load balance). Offsets stay in [-max_shift, max_shift]."""
+    _check_knob("lr", lr, positive=True)
     _check_window(window, bias_offsets)
     extra = _check_extra_cost(extra_cost, bias_offsets)
     _check(curves, hardware_state, bias_offsets, window=window, extra_cost=extra)
@@ -362,7 +385,8 @@ def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *
             (r_hi_l - r_lo_l).clamp_min(MARGINAL_FLOOR * curves.fixed_latency_ms)
     score = _score_reference(curves, energy, latency, temp, energy_weight, latency_weight, thermal_gain,
                              thermal_margin_c)
-    return (bias_offsets - max_shift * score / (1.0 + score)).clamp(-max_shift, 0.0)
+    share = torch.where(score == math.inf, 1.0, score / (1.0 + score))
+    return (bias_offsets - max_shift * share).clamp(-max_shift, 0.0)
 
 
 def ttt_offset_step_reference(window, curves, hardware_state, bias_offsets, *, lr, energy_weight, latency_weight,

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import INDEX_DTYPES, check_dim, check_same_dtype_device, check_tensor
+from kernels._autograd import apply_with_reference_grad
+from kernels._validate import INDEX_DTYPES, check_dim, check_same_dtype_device, check_sm_scale, check_tensor
 
 HEAD_DIMS = (32, 64, 128)
 LOG2_E = 1.4426950408889634
@@ -45,8 +46,9 @@ def _decode_attention_kernel(
         b_s = tl.sum(b_k.to(tl.float32) * b_q[None, :], 1)  # [BN]
         b_s = tl.where(m_n, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
-        b_p = tl.math.exp2(b_s - b_m_new)  # [BN]
-        b_alpha = tl.math.exp2(b_m - b_m_new)
+        b_base = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # all -inf so far: weights 0, not NaN
+        b_p = tl.math.exp2(b_s - b_base)  # [BN]
+        b_alpha = tl.math.exp2(b_m - b_base)
         b_l = b_l * b_alpha + tl.sum(b_p, 0)
         b_v = tl.load(p_vh + (n0 + o_n)[:, None] * stride_vs + o_d[None, :], mask=m_n[:, None], other=0.0)
         b_acc = b_acc * b_alpha + tl.sum(b_p[:, None] * b_v.to(tl.float32), 0)  # [D]
@@ -61,6 +63,8 @@ def _check(q, k_cache, v_cache, kv_lengths):
         raise ValueError(f"q must hold one query per sequence, [B, H, 1, D], got shape {tuple(q.shape)}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"q has head dim {q.shape[-1]}; supported head dims are {HEAD_DIMS}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must be contiguous in its last (head) dim, got strides {q.stride()}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, cache, ndim=4)
         check_same_dtype_device(q=q, **{name: cache})
@@ -91,7 +95,8 @@ def decode_attention_reference(q, k_cache, v_cache, kv_lengths, sm_scale=None):
     lengths = kv_lengths.long().expand(B).clamp(max=k_cache.shape[2])
     visible = torch.arange(k_cache.shape[2], device=q.device)[None, :] < lengths[:, None]  # [B, C]
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # an empty cache: zeros
+    empty = (lengths <= 0)[:, None, None, None]
+    probs = torch.where(empty, 0.0, scores.softmax(-1))  # an empty cache: zeros (other NaN stays NaN)
     return (probs @ v).to(q.dtype)
 
 
@@ -102,22 +107,33 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, sm_scale=None):
         q: [B, H_q, 1, D] float32/float16/bfloat16, D in 32/64/128, contiguous in D.
         k_cache, v_cache: [B, H_kv, capacity, D], same dtype and device; H_kv divides H_q.
         kv_lengths: int32/int64 [B] (or [1], shared) on q's device: positions of each cache to read
-            (clamped to the capacity).
+            (clamped to the capacity; a length <= 0 reads nothing). Not checked on the host (that
+            would sync).
         sm_scale: the score scale; default 1 / sqrt(D).
     Returns:
-        [B, H_q, 1, D] in q's dtype; a sequence whose length is 0 gets zeros.
+        [B, H_q, 1, D] in q's dtype; a sequence whose length is <= 0 gets zeros. Gradients, where
+        inputs need them, come from the torch reference.
     """
     _check(q, k_cache, v_cache, kv_lengths)
-    if sm_scale is not None and (isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float))
-                                 or not math.isfinite(sm_scale)):
-        raise ValueError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
+    scale = check_sm_scale(sm_scale, q.shape[-1])
+
+    def kernel(q_, k_, v_):
+        return _decode_attention(q_, k_, v_, kv_lengths, scale)
+
+    def reference(q_, k_, v_):
+        return decode_attention_reference(q_, k_, v_, kv_lengths, scale)
+
+    return apply_with_reference_grad(kernel, reference, q, k_cache, v_cache)
+
+
+def _decode_attention(q, k_cache, v_cache, kv_lengths, scale):
     B, H, _, D = q.shape
     o = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     if o.numel() == 0:
         return o
-    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     _decode_attention_kernel[(B * H,)](
-        q, k_cache, v_cache, o, kv_lengths, kv_lengths.stride(0) if kv_lengths.shape[0] > 1 else 0, scale * LOG2_E, H, H // k_cache.shape[1], k_cache.shape[2],
+        q, k_cache, v_cache, o, kv_lengths, kv_lengths.stride(0) if kv_lengths.shape[0] > 1 else 0, scale * LOG2_E,
+        H, H // k_cache.shape[1], k_cache.shape[2],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
         HEAD_DIM=D, BLOCK_N=BLOCK_N, num_warps=4,

@@ -171,8 +171,9 @@ def check_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
     T, H = hidden_states.shape
     E, two_i, _ = gate_up_proj.shape
     check_dim("gate_up_proj", gate_up_proj, 2, H, "the hidden size of hidden_states")
-    if two_i % 2:
-        raise ValueError(f"gate_up_proj must have an even dim 1 (gate rows, then up rows), got {two_i}")
+    if E == 0 or two_i == 0 or two_i % 2:
+        raise ValueError(f"gate_up_proj must be [E, 2I, H] with E, I >= 1 (gate rows, then up rows), "
+                         f"got shape {tuple(gate_up_proj.shape)}")
     check_dim("down_proj", down_proj, 0, E, "the experts of gate_up_proj")
     check_dim("down_proj", down_proj, 1, H, "the hidden size of hidden_states")
     check_dim("down_proj", down_proj, 2, two_i // 2, "half of dim 1 of gate_up_proj")

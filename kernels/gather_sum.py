@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._autograd import apply_with_reference_grad
 from kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 
@@ -59,7 +60,8 @@ def gather_sum(rows, index):
         index: [T, J] int32/int64 row numbers; -1 (any negative) skips the entry. Entries >= N
             are an error (checked here with one host sync; ``launch_gather_sum`` skips the check).
     Returns:
-        [T, H] in ``rows``' dtype: the float32 sum of each token's rows, rounded once."""
+        [T, H] in ``rows``' dtype: the float32 sum of each token's rows, rounded once; gradients to
+        ``rows``, where it needs them, come from the torch reference."""
     check_tensor("rows", rows, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("index", index, ndim=2, dtypes=INDEX_DTYPES)
     if rows.stride(1) != 1 and rows.shape[1] > 1:
@@ -68,7 +70,8 @@ def gather_sum(rows, index):
         raise ValueError(f"index is on {index.device} but rows is on {rows.device}")
     if index.numel() and index.max() >= rows.shape[0]:
         raise ValueError(f"index has entries >= {rows.shape[0]} (the rows of rows)")
-    return launch_gather_sum(rows, index)
+    return apply_with_reference_grad(lambda r: launch_gather_sum(r, index), lambda r: gather_sum_reference(r, index),
+                                     rows)
 
 
 def gather_sum_reference(rows, index):

@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kernels._validate import check_dim, check_int, check_same_dtype_device, check_tensor
 from kernels.expert_parallel import expert_parallel_experts
 from kernels.fused_experts import fused_experts
-from kernels.routing import topk_routing
+from kernels.routing import check_selection_bias, topk_routing
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
 EP_CHUNKS = 1
@@ -33,8 +34,12 @@ class TopKRouter(nn.Module):
 
     def __init__(self, weight, top_k, renormalize=True, weights_dtype=None):
         super().__init__()
-        if not 1 <= top_k <= weight.shape[0]:
-            raise ValueError(f"top_k must be in [1, {weight.shape[0]}] (the number of experts), got {top_k}")
+        check_tensor("weight", weight, ndim=2, kernel_device=False)
+        if weight.shape[0] == 0 or weight.shape[1] == 0:
+            raise ValueError(f"weight must be [num_experts, hidden_size] with both >= 1, got {tuple(weight.shape)}")
+        top_k = check_int("top_k", top_k, 1, weight.shape[0])
+        if not isinstance(renormalize, bool):
+            raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
         if weights_dtype not in (None, "logits"):
             raise ValueError(f"weights_dtype must be None or 'logits', got {weights_dtype!r}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
@@ -49,7 +54,17 @@ class TopKRouter(nn.Module):
     def num_experts(self):
         return self.weight.shape[0]
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``/``.half()``: the selection bias stays float32, the dtype the routing kernel reads."""
+        super()._apply(fn, *args, **kwargs)
+        self.selection_bias = self.selection_bias.float()
+        return self
+
     def forward(self, hidden_states):
+        check_tensor("hidden_states", hidden_states, ndim=2)
+        check_same_dtype_device(hidden_states=hidden_states, weight=self.weight)
+        check_dim("hidden_states", hidden_states, 1, self.weight.shape[1], "the hidden size of the router's weight")
+        check_selection_bias(self.selection_bias, self.num_experts, self.weight.device)
         router_logits = F.linear(hidden_states, self.weight)
         routing = topk_routing(router_logits, self.top_k, self.selection_bias, self.renormalize)
         weights = routing.topk_weights
@@ -63,7 +78,8 @@ class TopKRouter(nn.Module):
         """The chosen experts' gate weights through torch ops, so training reaches the router
         (the kernel's weights carry no autograd graph); the selection stays the kernel's, and so
         does the NaN policy: NaN logits count as -inf, and an all-NaN token's weights are 0, not NaN."""
-        probs = torch.softmax(router_logits.float().nan_to_num(nan=-math.inf, posinf=-math.inf), dim=-1)
+        probs = torch.softmax(router_logits.float().nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf),
+                              dim=-1)
         probs = probs.nan_to_num(nan=0.0)  # a row of NaN/-inf only: 0, as the kernel gives
         weights = probs.gather(1, topk_ids.long())
         if not self.renormalize:
@@ -114,6 +130,7 @@ class FusedMoE(nn.Module):
 
     def __init__(self, router, gate_up_proj, down_proj, process_group=None, ep_chunks=EP_CHUNKS, ep_capacity=None):
         super().__init__()
+        _check_layer(router, gate_up_proj, down_proj, process_group)
         self.gate = router
         self.experts = Experts(gate_up_proj, down_proj)
         self.process_group = process_group
@@ -155,9 +172,15 @@ class FusedMoE(nn.Module):
         return cls(router, gate_up, down, process_group, ep_chunks, ep_capacity)
 
     def forward(self, hidden_states):
+        check_tensor("hidden_states", hidden_states, ndim=None)
+        hidden_size = self.experts.gate_up_proj.shape[2]
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != hidden_size:
+            raise ValueError(f"hidden_states must be [..., {hidden_size}] (the experts' hidden size), "
+                             f"got shape {tuple(hidden_states.shape)}")
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        _, topk_weights, topk_ids = self.gate(flat)
+        router_logits, topk_weights, topk_ids = self.gate(flat)
+        self._check_routing(flat, router_logits, topk_ids)
         if self.process_group is None or dist.get_world_size(self.process_group) == 1:
             return self.experts(flat, topk_ids, topk_weights).reshape(shape)
         if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in self.parameters())):
@@ -168,6 +191,40 @@ class FusedMoE(nn.Module):
         return expert_parallel_experts(flat, topk_ids, topk_weights, self.experts.gate_up_proj,
                                        self.experts.down_proj, self.process_group, chunks=self.ep_chunks,
                                        capacity=self.ep_capacity).reshape(shape)
+
+
+    def _check_routing(self, flat, router_logits, topk_ids):
+        """Shapes only (no sync): the router must score this layer's experts, one row per token."""
+        num_experts = self.experts.gate_up_proj.shape[0]
+        if self.process_group is not None:
+            num_experts *= dist.get_world_size(self.process_group)
+        if router_logits.shape != (flat.shape[0], num_experts):
+            raise ValueError(f"the router returned logits of shape {tuple(router_logits.shape)}; expected "
+                             f"({flat.shape[0]}, {num_experts}): one row per token over the layer's experts")
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != flat.shape[0] or not 1 <= topk_ids.shape[1] <= num_experts:
+            raise ValueError(f"the router returned topk_ids of shape {tuple(topk_ids.shape)}; expected "
+                             f"({flat.shape[0]}, K) with 1 <= K <= {num_experts}")
+
+
+def _check_layer(router, gate_up_proj, down_proj, process_group):
+    """The router is a module, and it and the experts agree on experts and hidden size."""
+    if not isinstance(router, nn.Module):
+        raise TypeError(f"router must be a torch.nn.Module, got {type(router).__name__}")
+    for name, weight in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        check_tensor(name, weight, ndim=3, kernel_device=False)
+    check_same_dtype_device(gate_up_proj=gate_up_proj, down_proj=down_proj)
+    E, two_i, H = gate_up_proj.shape
+    if E == 0 or two_i == 0 or H == 0 or two_i % 2:
+        raise ValueError(f"gate_up_proj must be [E, 2I, H] with E, I, H >= 1, got {tuple(gate_up_proj.shape)}")
+    check_dim("down_proj", down_proj, 0, E, "the experts of gate_up_proj")
+    check_dim("down_proj", down_proj, 1, H, "dim 2 (the hidden size) of gate_up_proj")
+    check_dim("down_proj", down_proj, 2, two_i // 2, "half of dim 1 of gate_up_proj")
+    router_experts = getattr(router, "num_experts", None)
+    if process_group is None and router_experts is not None and router_experts != E:
+        raise ValueError(f"router has {router_experts} experts but gate_up_proj holds {E}")
+    router_weight = getattr(router, "weight", None)
+    if isinstance(router_weight, torch.Tensor) and router_weight.dim() == 2 and router_weight.shape[1] != H:
+        raise ValueError(f"router.weight has hidden size {router_weight.shape[1]} but the experts' is {H}")
 
 
 def _check_expert_shard(num_experts, local_experts, process_group):

@@ -8,22 +8,30 @@ no data-dependent Python branching, so the whole path can be captured in a CUDA 
 
 NaN policy (documented, tested): a NaN or +Inf (overflowed) logit is treated as -inf, so that expert is never chosen
 through it and gets weight 0; a token whose logits are all NaN gets weight 0 on every chosen
-expert, so it contributes nothing to the layer output. With a selection bias, an expert of
-probability 0 (NaN or -inf logit) is never chosen over one of positive probability, whatever the
-bias. ``RoutingResult.nan_tokens`` counts such tokens on the device; ``route(...,
-nan_policy="raise")`` instead checks on the host (one sync) and raises ``ValueError``.
+expert, so it contributes nothing to the layer output. ``RoutingResult.nan_tokens`` counts such
+tokens on the device; ``route(..., nan_policy="raise")`` instead checks on the host (one sync)
+and raises ``ValueError``.
+
+Masked experts: an expert is *unselectable* when its probability is 0 (NaN or -inf logit) or its
+selection score (probability + bias) is NaN or at most float32's lowest, -3.4e38 (a bias of -inf
+is how a caller masks an expert out, e.g. a failed GPU's). An unselectable expert is never chosen
+over a selectable one, whatever the bias. When a token has fewer than K selectable experts, its
+spare slots still get *distinct* ids, the lowest-index unchosen experts, with weight 0 (before
+renormalisation, so the selectable experts' weights renormalise among themselves). The K ids of
+a token are always distinct and in [0, E).
 """
+import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import INDEX_DTYPES, check_tensor
+from kernels._validate import INDEX_DTYPES, check_bool, check_int, check_tensor
 
 
-# selection score of a probability-0 expert under a bias: below any biased probability, and
-# finite, so an all-NaN row still picks K distinct experts (the lowest indices)
+# the selection score of every unselectable expert: float32's lowest, below any selectable score,
+# and finite, so spare slots still pick K distinct experts (the lowest indices)
 UNSELECTABLE = tl.constexpr(-3.4028234663852886e38)
 
 
@@ -52,7 +60,7 @@ class ExpertBlocks:
 @triton.jit
 def _topk_routing_kernel(
     p_logits, p_bias, p_weights, p_ids, p_nan_tokens,
-    T, E, stride_lt,
+    T, E, stride_lt, stride_bias,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
 ):
@@ -76,8 +84,12 @@ def _topk_routing_kernel(
 
     b_select = b_probs
     if HAS_BIAS:
-        b_select = b_select + tl.load(p_bias + o_e, mask=m_e, other=0.0)[None, :]
-        b_select = tl.where(b_probs > 0, b_select, UNSELECTABLE)
+        b_select = b_select + tl.load(p_bias + o_e * stride_bias, mask=m_e, other=0.0)[None, :]
+    # unselectable (probability 0, bias -inf or NaN) experts share one finite score below every
+    # selectable one, and chosen experts drop to -inf, so the K picks stay distinct
+    m_selectable = (b_probs > 0) & (b_select > UNSELECTABLE)  # NaN compares False
+    b_gate = tl.where(m_selectable, b_probs, 0.0)  # [BT, BE]: a masked expert in a spare slot weighs 0
+    b_select = tl.where(m_selectable, b_select, UNSELECTABLE)
     b_select = tl.where(m_e[None, :], b_select, float("-inf"))  # padding experts are never chosen
 
     b_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
@@ -86,7 +98,7 @@ def _topk_routing_kernel(
         b_best = tl.argmax(b_select, 1, tie_break_left=True)  # [BT], lowest index on ties
         m_best = o_e[None, :] == b_best[:, None]
         b_ids = tl.where(o_k[None, :] == k, b_best[:, None], b_ids)
-        b_weights = tl.where(o_k[None, :] == k, tl.sum(tl.where(m_best, b_probs, 0.0), 1)[:, None], b_weights)
+        b_weights = tl.where(o_k[None, :] == k, tl.sum(tl.where(m_best, b_gate, 0.0), 1)[:, None], b_weights)
         b_select = tl.where(m_best, float("-inf"), b_select)
     if RENORMALIZE:
         b_total = tl.sum(b_weights, 1)
@@ -157,6 +169,7 @@ def topk_routing(router_logits, top_k, selection_bias=None, renormalize=True):
         block_t = max(1, min(64, 4096 // block_e))
         _topk_routing_kernel[(triton.cdiv(T, block_t),)](
             router_logits, selection_bias, weights, ids, nan_tokens, T, E, router_logits.stride(0),
+            selection_bias.stride(0) if selection_bias is not None else 0,
             TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k),
             HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize,
         )
@@ -186,13 +199,15 @@ def group_by_expert(topk_ids, num_experts, block_m):
 
 
 def route_reference(router_logits, top_k, selection_bias=None, renormalize=True):
-    """The routing in torch: (weights [T, K] float32, ids [T, K] int64), NaN and +Inf logits as -inf."""
-    logits = router_logits.float().nan_to_num(nan=float("-inf"), posinf=float("-inf"))
+    """The routing in torch: (weights [T, K] float32, ids [T, K] int64), with the module's NaN and
+    masked-expert rules; ties go to the lowest index (a stable sort), as in the kernel."""
+    logits = router_logits.float().nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
     probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
-    select = probs if selection_bias is None else torch.where(probs > 0, probs + selection_bias.float(),
-                                                                UNSELECTABLE.value)
-    ids = torch.topk(select, top_k, dim=-1).indices
-    weights = probs.gather(1, ids)
+    select = probs if selection_bias is None else probs + selection_bias.float()
+    selectable = (probs > 0) & (select > UNSELECTABLE.value)  # NaN compares False
+    select = torch.where(selectable, select, UNSELECTABLE.value)
+    ids = torch.sort(select, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = torch.where(selectable, probs, 0.0).gather(1, ids)
     if renormalize:
         total = weights.sum(-1, keepdim=True)
         weights = weights / torch.where(total > 0, total, torch.ones_like(total))
@@ -207,28 +222,35 @@ def route(router_logits, top_k, selection_bias=None, renormalize=True, nan_polic
         top_k: experts per token, 1 <= top_k <= E.
         selection_bias: optional [E] float32 tensor added to the probabilities for selection only.
         renormalize: divide the chosen weights by their sum.
-        nan_policy: ``"mask"`` (no host sync; see the module docstring) or ``"raise"`` (syncs).
+        nan_policy: ``"mask"`` (no host sync; see the module docstring) or ``"raise"`` (syncs once and
+            raises ``ValueError`` on a NaN or +Inf logit).
     Returns:
         ``RoutingResult`` with ``topk_weights`` [T, K] float32 and ``topk_ids`` [T, K] int32.
     """
     check_tensor("router_logits", router_logits, ndim=2)
     T, E = router_logits.shape
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
-    if router_logits.stride(1) != 1:
+    if E == 0:
+        raise ValueError(f"router_logits must score at least one expert, got shape {tuple(router_logits.shape)}")
+    top_k = check_int("top_k", top_k, 1, E)
+    if router_logits.stride(1) != 1 and E > 1:
         raise ValueError(f"router_logits must be contiguous in its last dim, got strides {router_logits.stride()}")
-    if selection_bias is not None:
-        check_tensor("selection_bias", selection_bias, ndim=1, dtypes=(torch.float32,))
-        if selection_bias.shape[0] != E or selection_bias.device != router_logits.device:
-            raise ValueError(f"selection_bias must be a [{E}] tensor on {router_logits.device}, got "
-                             f"{tuple(selection_bias.shape)} on {selection_bias.device}")
+    check_selection_bias(selection_bias, E, router_logits.device)
+    renormalize = check_bool("renormalize", renormalize)
     if nan_policy not in ("mask", "raise"):
         raise ValueError(f"nan_policy must be 'mask' or 'raise', got {nan_policy!r}")
-    if nan_policy == "raise" and torch.isnan(router_logits).any():
-        raise ValueError("router_logits contains NaN (nan_policy='raise')")
+    if nan_policy == "raise" and (router_logits.isnan() | router_logits.isposinf()).any():
+        raise ValueError("router_logits contains NaN or +Inf (nan_policy='raise')")
     return topk_routing(router_logits, top_k, selection_bias, renormalize)
+
+
+def check_selection_bias(selection_bias, num_experts, device):
+    """None, or a float32 [E] tensor on ``device`` (any stride: the kernel reads it with its own)."""
+    if selection_bias is None:
+        return
+    check_tensor("selection_bias", selection_bias, ndim=1, dtypes=(torch.float32,))
+    if selection_bias.shape[0] != num_experts or selection_bias.device != device:
+        raise ValueError(f"selection_bias must be a [{num_experts}] tensor on {device}, got "
+                         f"{tuple(selection_bias.shape)} on {selection_bias.device}")
 
 
 def check_topk_ids(name, topk_ids, num_experts):

@@ -9,13 +9,14 @@ For a batch whose plain top-k chose ``plain_ids`` [T, K] and whose biased top-k 
   positive weight;
 - to ``window`` [2, E] float32: tokens each expert ran, and 1 for each expert that ran at all.
 
-Ids outside [0, E) count as no expert. ``routing_tallies_reference`` is the same in torch.
+Ids outside [0, E) count as no expert: such a slot is neither a load nor a change, and it keeps
+no slot of the plain set. ``routing_tallies_reference`` is the same in torch.
 """
 import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import INDEX_DTYPES, check_tensor
+from kernels._validate import INDEX_DTYPES, check_int, check_tensor
 
 STAT_FIELDS = ("calls", "tokens", "rerouted_tokens", "changed_slots", "distinct_experts", "plain_distinct_experts",
                "nan_tokens", "active_slots")
@@ -42,9 +43,10 @@ def _routing_tally_kernel(
         b_plain = tl.where(m_tk & (b_plain >= 0) & (b_plain < E), b_plain, E).to(tl.int32)
         b_loads += tl.histogram(tl.reshape(b_ids, (BLOCK_T * BLOCK_K,)), BINS)
         b_plain_loads += tl.histogram(tl.reshape(b_plain, (BLOCK_T * BLOCK_K,)), BINS)
-        # a slot changed when its expert is not among the token's plain experts: [BT, BK, BK]
-        b_kept = tl.max((b_ids[:, :, None] == b_plain[:, None, :]).to(tl.int32), axis=2)
-        b_moved = (m_tk & (b_kept == 0)).to(tl.int64)  # [BT, BK]
+        # a slot changed when its (valid) expert is not among the token's valid plain experts: [BT, BK, BK]
+        b_same = (b_ids[:, :, None] == b_plain[:, None, :]) & (b_plain < E)[:, None, :]
+        b_kept = tl.max(b_same.to(tl.int32), axis=2)
+        b_moved = (m_tk & (b_ids < E) & (b_kept == 0)).to(tl.int64)  # [BT, BK]
         n_changed += tl.sum(tl.sum(b_moved, axis=1), axis=0)
         n_rerouted += tl.sum(tl.max(b_moved, axis=1), axis=0)
         b_weights = tl.load(p_weights + o_tk, mask=m_tk, other=0.0)
@@ -71,7 +73,7 @@ def _routing_tally_kernel(
 def routing_tallies(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats=None, window=None):
     """Add one routing call's tallies to ``stats`` [8] int64 and/or ``window`` [2, E] float32 in
     place (either may be None); see the module docstring. One launch, no host sync."""
-    _check(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats, window)
+    num_experts = _check(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats, window)
     if stats is None and window is None:
         return
     T, K = topk_ids.shape
@@ -87,7 +89,9 @@ def routing_tallies(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats
 def routing_tallies_reference(plain_ids, topk_ids, weights, nan_tokens, num_experts):
     """(stats increments [8] int64, window increments [2, E] float32) in torch."""
     loads, plain_loads = expert_loads_reference(topk_ids, num_experts), expert_loads_reference(plain_ids, num_experts)
-    moved = ~(topk_ids[:, :, None].long() == plain_ids[:, None, :].long()).any(2)  # [T, K]
+    valid, plain_valid = ((ids >= 0) & (ids < num_experts) for ids in (topk_ids, plain_ids))
+    same = (topk_ids[:, :, None].long() == plain_ids[:, None, :].long()) & plain_valid[:, None, :]
+    moved = valid & ~same.any(2)  # [T, K]
     stats = torch.stack([torch.as_tensor(v, device=loads.device).reshape(()).long() for v in (
         1, topk_ids.shape[0], moved.any(1).sum(), moved.sum(), (loads > 0).sum(), (plain_loads > 0).sum(),
         nan_tokens.sum(), (weights > 0).sum())])
@@ -106,8 +110,9 @@ def _check(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats, window)
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_tensor("weights", weights, ndim=2)
     check_tensor("nan_tokens", nan_tokens, ndim=1, dtypes=(torch.int32,))
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    num_experts = check_int("num_experts", num_experts, 1)
+    if topk_ids.shape[1] == 0:
+        raise ValueError(f"topk_ids must choose at least one expert per token, got shape {tuple(topk_ids.shape)}")
     for name, t in (("plain_ids", plain_ids), ("weights", weights)):
         if t.shape != topk_ids.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(topk_ids.shape)} (topk_ids')")
@@ -126,3 +131,4 @@ def _check(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats, window)
     devices = {k: str(t.device) for k, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all on one device, got {devices}")
+    return num_experts

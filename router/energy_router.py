@@ -93,13 +93,13 @@ from torch import nn
 
 from calibration.energy import DeferredTimer
 from costmodel.ops import BYTES_PER_ELEMENT
-from kernels._validate import check_dim, check_same_dtype_device, check_tensor
+from kernels._validate import FLOAT_DTYPES, check_dim, check_int, check_same_dtype_device, check_tensor
 from kernels.cost_bias import (cost_curves, energy_weight_reference, expert_cost_bias, expert_cost_reference,
                                ttt_offset_step)
 from kernels.moe_layer import TopKRouter
-from kernels.routing import topk_routing
+from kernels.routing import check_selection_bias, topk_routing
 from kernels.routing_stats import STAT_FIELDS, routing_tallies
-from router.monitor import STATE_FIELDS
+from router.monitor import STATE_FIELDS, HardwareMonitor
 
 COST_OP = "swiglu_ffn"
 COMM_OP = "all_to_all"
@@ -144,8 +144,9 @@ class EnergyAwareTTTRouter(TopKRouter):
                  monitor=None, *, weight=None, renormalize=True, weights_dtype=None, top_p=None, ttt_gate=False,
                  adapt=True, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9, track_stats=True,
                  expert_placement=None, expert_placement_bytes_per_rank=None, device=None, dtype=None):
-        _check_sizes(d_model=d_model, num_experts=num_experts, top_k=top_k, ttt_update_frequency=ttt_update_frequency,
-                     ttt_chunk_size=ttt_chunk_size)
+        d_model, num_experts, top_k, ttt_update_frequency, ttt_chunk_size = _check_sizes(
+            d_model=d_model, num_experts=num_experts, top_k=top_k, ttt_update_frequency=ttt_update_frequency,
+            ttt_chunk_size=ttt_chunk_size)
         super().__init__(_gate_weight(weight, d_model, num_experts, device, dtype), top_k, renormalize, weights_dtype)
         self.objective_weights = _check_objective_weights(objective_weights)
         _check_cost_model(kernel_cost_model, d_model)
@@ -162,6 +163,8 @@ class EnergyAwareTTTRouter(TopKRouter):
         self.top_p, self.adapt, self.track_stats = top_p, adapt, track_stats
         self.thermal_gain, self.thermal_margin_c = thermal_gain, thermal_margin_c
         self.max_memory_pressure = max_memory_pressure
+        if monitor is not None and not isinstance(monitor, HardwareMonitor):
+            raise TypeError(f"monitor must be a router.HardwareMonitor or None, got {type(monitor).__name__}")
         self.monitor = monitor
         if monitor is not None:
             monitor.warn_unavailable()
@@ -252,6 +255,7 @@ class EnergyAwareTTTRouter(TopKRouter):
         check_tensor("hidden_states", hidden_states, ndim=2)
         check_dim("hidden_states", hidden_states, 1, self.d_model, "d_model")
         check_same_dtype_device(hidden_states=hidden_states, weight=self.weight)
+        check_selection_bias(self.selection_bias, self.num_experts, self.weight.device)
         adapt = self.adapt and self.adaptive
         adapting = adapt and not _capturing(hidden_states)
         if self.monitoring and self.cost_weighted:
@@ -352,7 +356,7 @@ class EnergyAwareTTTRouter(TopKRouter):
 
     def note_tokens(self, count):
         """Count routed tokens (a caller replaying a captured forward counts its replays here)."""
-        self._tokens_since_update += count
+        self._tokens_since_update += check_int("count", count, 0)
 
     def note_update(self):
         """Count an update (a caller replaying a captured ``ttt_update`` counts its replays here)."""
@@ -437,14 +441,9 @@ def _capturing(tensor):
     return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_sizes(**sizes):
-    for name, value in sizes.items():
-        _positive_int(name, value)
+    """Each size as a Python int >= 1 (numpy integers too)."""
+    return [check_int(name, value, 1) for name, value in sizes.items()]
 
 
 def _finite_number(name, value, low, low_open=False, high=math.inf, high_open=True):
@@ -505,7 +504,7 @@ def _placement_extra_cost(model, placement, num_experts, d_model, bytes_per_rank
         return None
     if bytes_per_rank is None:
         bytes_per_rank = DEFAULT_MESSAGE_TOKENS * d_model * BYTES_PER_ELEMENT
-    _positive_int("expert_placement_bytes_per_rank", bytes_per_rank)
+    bytes_per_rank = check_int("expert_placement_bytes_per_rank", bytes_per_rank, 1)
     rank, world_size = placement
     extra = torch.zeros(2, num_experts, dtype=torch.float32)
     if world_size == 1:  # every expert is local
@@ -536,11 +535,13 @@ def _check_hyperparameters(energy_aware_lr, top_p, thermal_gain, thermal_margin_
 
 
 def _gate_weight(weight, d_model, num_experts, device, dtype):
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
     if weight is None:
         weight = torch.empty(num_experts, d_model, device=device, dtype=dtype or torch.float32)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default init
         return weight
-    check_tensor("weight", weight, ndim=2)
+    check_tensor("weight", weight, ndim=2, kernel_device=False)
     if tuple(weight.shape) != (num_experts, d_model):
         raise ValueError(f"weight must be [num_experts, d_model] = [{num_experts}, {d_model}], "
                          f"got {tuple(weight.shape)}")

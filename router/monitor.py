@@ -10,20 +10,28 @@ thread itself makes no CUDA calls (one could break another thread's graph captur
 thread may rewrite the buffer while a copy reads it; a copy can then mix two readings' fields,
 which is harmless for a 10 Hz state.
 
-A NaN temperature reading is ignored with a warning (the last good value stays). Without NVML
-every figure stays unknown and routers run on the cost model alone; ``warn_unavailable`` says so
-once per monitor.
+A reading NVML does not give, or one that is physically impossible (a temperature at or below
+absolute zero or above ``MAX_GPU_TEMP_C``, a power below 0 W or above ``MAX_BOARD_POWER_W``, a
+utilisation outside 0..100 %), is never cached: that field keeps its last good value (unknown,
+NaN in ``host_state``, if it never had one). A non-finite temperature counts in
+``nan_temperature_readings``, every other rejected figure in ``impossible_readings``, and each
+rejection warns. NVML thresholds outside that temperature range, or a slowdown threshold above the
+shutdown one, leave ``slowdown_temp_c`` unknown (None), with a warning. Without NVML every figure
+stays unknown and routers run on the cost model alone; ``warn_unavailable`` says so once per monitor.
 """
 import math
+import numbers
 import threading
 import warnings
 from collections import deque
 
 import torch
 
-from calibration.nvml_meter import MIN_SAMPLE_INTERVAL_S, BackgroundSampler, GpuMeter
+from calibration._validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C, check_meter, count
+from calibration.nvml_meter import MIN_SAMPLE_INTERVAL_S, BackgroundSampler, GpuMeter, check_interval_s
 
 STATE_FIELDS = ("temperature_c", "power_w", "memory_bandwidth_util")
+METER_CALLS = ("available", "unavailable_reason", "temperature_thresholds_c")
 
 
 class _TappedMeter:
@@ -39,23 +47,32 @@ class _TappedMeter:
 
 
 class HardwareMonitor:
-    """Cached NVML state of one GPU, refreshed every ``interval_s`` (>= 0.1 s) while started.
+    """Cached NVML state of one GPU, refreshed every ``interval_s`` (>= 0.1 s) while started; readings
+    NVML does not give or that are physically impossible are never cached (see the module's docstring).
 
     Args:
         meter: a ``GpuMeter`` (default: one for ``device``'s index; tests pass a fake-NVML meter).
-        interval_s: sampling period, at least ``MIN_SAMPLE_INTERVAL_S`` (NVML updates ~every 100 ms).
-        device: the CUDA device whose NVML index to read (default: the current one, or 0).
-        history: readings kept in ``samples`` (a bounded timeline: a server's monitor must not grow).
+        interval_s: sampling period, a finite number of seconds >= ``MIN_SAMPLE_INTERVAL_S`` (NVML
+            updates ~every 100 ms).
+        device: the CUDA device whose NVML index to read (default: the current one, or 0); only
+            without ``meter``.
+        history: readings kept in ``samples``, an int >= 0 (a bounded timeline: a server's monitor
+            must not grow; 0 keeps none).
     Use ``with monitor:`` (or ``start``/``stop``); ``poll()`` takes one reading now.
     """
 
     def __init__(self, meter=None, interval_s=MIN_SAMPLE_INTERVAL_S, device=None, history=600):
-        self.meter = meter if meter is not None else GpuMeter(_device_index(device))
+        if meter is not None and device is not None:
+            raise ValueError("give meter or device, not both: device only picks the default meter's GPU")
+        self.meter = check_meter("meter", meter, *METER_CALLS) if meter is not None else \
+            GpuMeter(_device_index(device))
+        interval_s, history = check_interval_s(interval_s), count("history", history, low=0)
         self.temperature_c = self.power_w = self.memory_bandwidth_util = None
         self.nan_temperature_readings = 0
+        self.impossible_readings = dict.fromkeys(STATE_FIELDS, 0)
         state = torch.full((len(STATE_FIELDS),), math.nan, dtype=torch.float32)
         self.host_state = state.pin_memory() if torch.cuda.is_available() else state
-        self.slowdown_temp_c = self.meter.temperature_thresholds_c()["slowdown"] if self.available else None
+        self.slowdown_temp_c = _slowdown_temp_c(self.meter.temperature_thresholds_c()) if self.available else None
         self._sampler = BackgroundSampler(_TappedMeter(self.meter, self._ingest), interval_s)
         self._sampler.samples = deque(maxlen=history)
         self._lock = threading.Lock()
@@ -103,21 +120,58 @@ class HardwareMonitor:
         with self._lock:  # the sampler thread and poll() may both ingest
             self._ingest_temperature(reading.temperature_c)
             power_w = reading.power_average_w if reading.power_average_w is not None else reading.power_instant_w
-            if power_w is not None:
-                self.power_w = power_w
-            if reading.memory_bandwidth_util_pct is not None:
-                self.memory_bandwidth_util = reading.memory_bandwidth_util_pct / 100.0
+            self._ingest_field("power_w", power_w, 0.0, MAX_BOARD_POWER_W, "W")
+            self._ingest_field("memory_bandwidth_util", reading.memory_bandwidth_util_pct, 0.0, 100.0, "%", scale=0.01)
             self.host_state.copy_(torch.tensor([_or_nan(getattr(self, f)) for f in STATE_FIELDS]))
 
     def _ingest_temperature(self, temperature_c):
         if temperature_c is None:
             return
-        if not math.isfinite(temperature_c):
+        if _is_number(temperature_c) and not math.isfinite(temperature_c):
             self.nan_temperature_readings += 1
             warnings.warn(f"NVML gave a non-finite temperature ({temperature_c}); ignored, keeping the last good "
                           f"reading ({self.temperature_c} °C)", RuntimeWarning, stacklevel=2)
+        elif _is_number(temperature_c) and _possible_temp_c(temperature_c):
+            self.temperature_c = float(temperature_c)
+        else:
+            self._reject("temperature_c", temperature_c, "°C", f"outside ({ABSOLUTE_ZERO_C}, {MAX_GPU_TEMP_C:g}]")
+
+    def _ingest_field(self, name, value, low, high, unit, scale=1.0):
+        """Cache ``value * scale`` as ``name`` if ``value`` (None: NVML gave none) is a number in [low, high]."""
+        if value is None:
             return
-        self.temperature_c = temperature_c
+        if _is_number(value) and low <= value <= high:
+            setattr(self, name, float(value) * scale)
+        else:
+            self._reject(name, value, unit, f"outside [{low:g}, {high:g}]")
+
+    def _reject(self, name, value, unit, rule):
+        self.impossible_readings[name] += 1
+        warnings.warn(f"NVML gave an impossible {name} ({value!r} {unit}, {rule}); ignored, keeping the last good "
+                      f"reading ({getattr(self, name)})", RuntimeWarning, stacklevel=2)
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _possible_temp_c(value):
+    return ABSOLUTE_ZERO_C < value <= MAX_GPU_TEMP_C
+
+
+def _slowdown_temp_c(thresholds):
+    """NVML's slowdown threshold (°C), or None when NVML gives none or an impossible one (outside the
+    possible temperatures, or above the shutdown threshold), with a warning."""
+    slowdown_c, shutdown_c = thresholds.get("slowdown"), thresholds.get("shutdown")
+    if slowdown_c is None:
+        return None
+    impossible = [c for c in (slowdown_c, shutdown_c) if c is not None and not (_is_number(c) and _possible_temp_c(c))]
+    if impossible or (shutdown_c is not None and slowdown_c > shutdown_c):
+        warnings.warn(f"NVML gave impossible temperature thresholds (slowdown {slowdown_c!r} °C, shutdown "
+                      f"{shutdown_c!r} °C; each must be in ({ABSOLUTE_ZERO_C}, {MAX_GPU_TEMP_C:g}] and slowdown <= "
+                      "shutdown); the slowdown threshold is unknown", RuntimeWarning, stacklevel=2)
+        return None
+    return slowdown_c
 
 
 def _or_nan(value):
@@ -125,7 +179,16 @@ def _or_nan(value):
 
 
 def _device_index(device):
-    index = None if device is None else torch.device(device).index
+    """The index of CUDA ``device`` (default: the current device, or 0 without CUDA)."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            kind = TypeError if isinstance(exc, TypeError) else ValueError
+            raise kind(f"device must be a CUDA device such as 'cuda:0', got {device!r}") from None
+        if device.type != "cuda":
+            raise ValueError(f"device must be a CUDA device such as 'cuda:0', got {device}")
+    index = None if device is None else device.index
     if index is None:
         return torch.cuda.current_device() if torch.cuda.is_available() else 0
     return index

@@ -58,3 +58,15 @@ def assert_matches(out, ref, dtype):
 def randn(*shape, dtype=torch.float32, scale=1.0, generator=None):
     """Random normal data on the device under test (never zeros)."""
     return (torch.randn(*shape, generator=generator, dtype=torch.float32) * scale).to(DEVICE, dtype)
+
+
+def usage_error(parse_args, argv, tmp_path, capsys, file_text=""):
+    """The stderr of ``parse_args`` refusing ``argv`` with exit code 2; ``{dir}`` and ``{file}`` in
+    ``argv`` name a directory and a file (holding ``file_text``) under ``tmp_path``. Returns
+    (stderr, paths) so the caller can format its expected message with the same paths."""
+    (tmp_path / "file").write_text(file_text)
+    paths = {"dir": tmp_path, "file": tmp_path / "file"}
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([arg.format(**paths) for arg in argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err, paths

@@ -1,4 +1,7 @@
 """Flash attention and the standalone QKᵀ / softmax·V kernels against float64 torch SDPA."""
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,6 +116,11 @@ BAD_INPUT = [
     ("sm_scale", lambda q, k, v: dict(q=q, k=k, v=v, sm_scale="0.1"), TypeError),
     ("causal", lambda q, k, v: dict(q=q, k=k, v=v, causal=None), TypeError),
     ("sequence length 0", lambda q, k, v: dict(q=q, k=k[:, :, :0], v=v[:, :, :0]), ValueError),
+    ("k has size 32 in dim 3; expected 64 .the head dim of q",
+     lambda q, k, v: dict(q=torch.cat([q, q], -1), k=k, v=v), ValueError),  # supported dims, mismatched
+    ("v has size 64 in dim 3; expected 32", lambda q, k, v: dict(q=q, k=k, v=torch.cat([v, v], -1)), ValueError),
+    ("causal", lambda q, k, v: dict(q=q, k=k, v=v, causal=1), TypeError),
+    ("causal", lambda q, k, v: dict(q=q, k=k, v=v, causal="False"), TypeError),
 ]
 
 
@@ -122,10 +130,25 @@ def test_flash_attention_bad_input(name, corrupt, error):
         kernels.flash_attention(**corrupt(*_args()))
 
 
+def test_numpy_bool_causal_is_a_bool():
+    q, k, v = _args()
+    assert torch.equal(kernels.flash_attention(q, k, v, causal=np.bool_(True)), kernels.flash_attention(q, k, v))
+
+
+def test_masked_score_blocks_give_the_reference_not_nan():
+    """Scores whose first key blocks are all -inf (left padding) must not poison the online softmax."""
+    scores = randn(1, 2, 4, 130)
+    scores[..., :80] = -math.inf
+    v = randn(1, 2, 130, 32)
+    assert_matches(kernels.attention_av(scores, v), attention_av_reference(scores.double(), v.double()), torch.float32)
+
+
 def test_qk_av_bad_input():
     q, k, v = _args()
     with pytest.raises(ValueError, match="k"):
         kernels.attention_qk(q, k[..., :16])
+    with pytest.raises(ValueError, match="k has size 32 in dim 3; expected 64"):
+        kernels.attention_qk(torch.cat([q, q], -1), k)
     scores = kernels.attention_qk(q, k)
     with pytest.raises(ValueError, match="v"):
         kernels.attention_av(scores, v[:, :, :7])

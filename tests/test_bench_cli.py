@@ -56,15 +56,86 @@ def test_calibrate_without_gpu_stops_with_a_clear_error(capsys):
     assert "no NVIDIA GPU detected" in capsys.readouterr().err
 
 
+def fill_paths(argv, tmp_path):
+    """``argv`` with {dir} an existing directory and {file} a regular file (not JSON) under ``tmp_path``."""
+    (tmp_path / "file").write_text("{ not json")
+    return [arg.format(dir=tmp_path, file=tmp_path / "file") for arg in argv]
+
+
+def refused(main, argv, capsys):
+    """The usage error (exit code 2) ``main(argv)`` stops with, before any work."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--gpu", "A100", "--top_k", "9"], "top_k"), (["--gpu", "A100", "--ops", "conv"], "unknown ops"),
-    (["--gpu", "../x"], "short name"),
-])
-def test_calibrate_bad_arguments(argv, message, capsys):
+    (["--top_k", "9"], "top_k"), (["--ops", "conv"], "--ops: unknown conv"), (["--ops", ""], "--ops"),
+    (["--ops", "swiglu_ffn,swiglu_ffn"], "--ops: repeats swiglu_ffn"),
+    (["--pressure_shares", "0.5,0.5"], "--pressure_shares: repeats 0.5"),
+    (["--pressure_shares", "0.5,,0.9"], "none empty"), (["--pressure_shares", "1.5"], "--pressure_shares"),
+    (["--window_s", "0.5"], "--window_s: must be a finite number of seconds >= 1"), (["--window_s", "nan"], "--window_s"),
+    (["--window_s", "inf"], "--window_s"), (["--window_s", "-1"], "--window_s"),
+    (["--trials", "0"], "--trials"), (["--trials", "-2"], "--trials"),
+    (["--output", "{dir}"], "--output {dir} is a directory"), (["--output", "{file}/t.json"], "is not a directory"),
+    (["--trace", "{dir}"], "--trace {dir} is a directory"),
+], ids=["top_k", "unknown-op", "no-ops", "repeated-op", "repeated-share", "empty-share", "share-above-1", "window",
+        "window-nan", "window-inf", "window-negative", "trials-0", "trials-negative", "output-dir", "output-in-file",
+        "trace-dir"])
+def test_calibrate_bad_arguments(argv, message, tmp_path, capsys):
+    """Refused before the GPU check: on any machine, before a second of measuring."""
     from bench import calibrate
-    with pytest.raises(SystemExit):
-        calibrate.main(argv)
-    assert message in capsys.readouterr().err
+    argv, message = fill_paths(["--gpu", "H100", *argv], tmp_path), message.format(dir=tmp_path)
+    assert message in refused(calibrate.main, argv, capsys)
+
+
+@pytest.mark.parametrize("gpu, message", [("../x", "short name"), ("h100", "use --gpu H100")])
+def test_calibrate_gpu_names_a_table(gpu, message, capsys):
+    from bench import calibrate
+    assert message in refused(calibrate.main, ["--gpu", gpu], capsys)
+
+
+def test_calibrate_keeps_the_old_table_when_the_new_one_fails_its_check(tmp_path):
+    from bench.calibrate import rejected_path, write_table
+    from calibration.priors import prior_table
+    output = tmp_path / "H100.json"
+    assert write_table(output, prior_table("H100")) is None
+    before = output.read_text()
+    bad = prior_table("H100")
+    bad["ops"]["swiglu_ffn"]["points"][0]["energy_j"] = -1.0
+    assert "energy_j" in write_table(output, bad)
+    assert output.read_text() == before and rejected_path(output) == tmp_path / "H100.rejected.json"
+    assert json.loads(rejected_path(output).read_text())["ops"]["swiglu_ffn"]["points"][0]["energy_j"] == -1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trials", "0"], "--trials"), (["--output", "{dir}"], "--output {dir} is a directory"),
+    (["--output", "{file}/x.json"], "is not a directory"),
+    (["--table", "{dir}"], "--table: cost table {dir} is not a file"),
+    (["--table", "{file}"], "--table: cost table {file} is corrupt"),
+    (["--table", "{dir}/none.json"], "--table: no cost table"),
+    (["--gpu", "Z100"], "--gpu: no cost table"), (["--gpu", "A100"], "is a prior"),
+], ids=["trials", "output-dir", "output-in-file", "table-dir", "table-corrupt", "table-missing", "gpu-no-table",
+        "prior"])
+def test_kcm_accuracy_bad_arguments(argv, message, tmp_path, capsys):
+    from bench import kcm_accuracy
+    argv = fill_paths(["--gpu", "H100", *argv] if "--gpu" not in argv else argv, tmp_path)
+    assert message.format(dir=tmp_path, file=tmp_path / "file") in refused(kcm_accuracy.main, argv, capsys)
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("tune_moe", ["--shapes", "mixtral,bogus"], "--shapes: unknown bogus"), ("tune_moe", ["--shapes", ""], "--shapes"),
+    ("tune_moe", ["--shapes", "mixtral,mixtral"], "--shapes: repeats mixtral"),
+    ("profile_moe", ["--tokens", "0"], "--tokens"), ("profile_moe", ["--tokens", "-1"], "--tokens"),
+    ("profile_moe", ["--repeats", "-5"], "--repeats"), ("profile_moe", ["--repeats", "0"], "--repeats"),
+    ("kernels", ["--output", "{dir}"], "--output"), ("moe", ["--output", "{file}/x.json"], "--output"),
+    ("moe", ["--shapes", ""], "--shapes"),
+])
+def test_gpu_tools_refuse_bad_arguments_first(module, argv, message, tmp_path, capsys):
+    """Before the no-GPU check, so a CPU machine sees the argument error too."""
+    main = __import__(f"bench.{module}", fromlist=["main"]).main
+    assert message in refused(main, fill_paths(argv, tmp_path), capsys)
 
 
 @pytest.mark.parametrize("op", __import__("costmodel").OPS)

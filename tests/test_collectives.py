@@ -10,6 +10,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from bench.harness.results import write_json_atomic
 from calibration.collectives import check_sizes, measure_all_to_all
 from calibration.nvml_meter import GpuMeter
 from costmodel.kernel_cost_model import KernelCostModel
+from tests.conftest import usage_error
 from tests.fake_nvml import FakeNvml
 from tests.test_cost_model import synthetic_collectives, synthetic_table
 
@@ -40,9 +42,16 @@ def spawn(worker, *args):
 def _error(call):
     try:
         call()
-    except ValueError as exc:
-        return str(exc)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
     return None
+
+
+class BackwardsNvml(FakeNvml):
+    """A board whose energy counter runs backwards (a wrapped or reset counter)."""
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        return 10 ** 12 - super().nvmlDeviceGetTotalEnergyConsumption(handle)
 
 
 def _measure_worker(rank, port, out_dir):
@@ -59,6 +68,17 @@ def _measure_worker(rank, port, out_dir):
             "errors": [_error(lambda: measure_all_to_all([1024], window_s=0.5)),
                        _error(lambda: measure_all_to_all([1024], trials=0)),
                        _error(lambda: measure_all_to_all([1022]))],
+            "bad_input": [_error(lambda: measure_all_to_all([1024], window_s=float("inf"))),
+                          _error(lambda: measure_all_to_all([1024], window_s=True)),
+                          _error(lambda: measure_all_to_all([1024], repeats=2.0)),
+                          _error(lambda: measure_all_to_all([1024], idle_power_w=float("nan"))),
+                          _error(lambda: measure_all_to_all([1024], idle_power_w=-5.0)),
+                          _error(lambda: measure_all_to_all([1024], meter="gpu0")),
+                          _error(lambda: measure_all_to_all(1024))],
+            # rank 1's counter runs backwards: every rank refuses the window, none returns a negative energy
+            "backwards": _error(lambda: measure_all_to_all(
+                [4096], window_s=1.0, trials=1, repeats=3, idle_power_w=50.0,
+                meter=GpuMeter(nvml=(BackwardsNvml if rank == 1 else FakeNvml)(power_w=FAKE_POWER_W)))),
         }
     finally:
         dist.destroy_process_group()
@@ -111,10 +131,33 @@ def test_bad_arguments_raise_before_any_collective(measured):
     assert "window_s" in window and "trials" in trials and "sizes_bytes" in size and "multiple of 4" in size
 
 
-@pytest.mark.parametrize("sizes, world_size", [([], 2), ([0], 2), ([-4], 2), ([True], 1), ([4096.0], 2), ([4098], 4)])
-def test_check_sizes(sizes, world_size):
-    with pytest.raises(ValueError, match="sizes_bytes"):
+@pytest.mark.parametrize("row, phrase", list(enumerate([
+    "ValueError: window_s must be a finite number >= 1", "TypeError: window_s must be a real number",
+    "TypeError: repeats must be an int", "ValueError: idle_power_w must be a finite number in [0,",
+    "ValueError: idle_power_w must be a finite number in [0,", "TypeError: meter must be a calibration.nvml_meter",
+    "TypeError: sizes_bytes must be a list",
+])))
+def test_bad_input_raises_before_any_collective(measured, row, phrase):
+    assert measured[0]["bad_input"][row].startswith(phrase) and measured[1]["bad_input"][row].startswith(phrase)
+
+
+def test_a_counter_running_backwards_is_an_error_on_every_rank(measured):
+    for rank in range(WORLD_SIZE):
+        message = measured[rank]["backwards"]
+        assert message.startswith("RuntimeError: a window's energy came out -") and "ran backwards" in message
+
+
+@pytest.mark.parametrize("sizes, world_size, error", [
+    ([], 2, ValueError), ([0], 2, ValueError), ([-4], 2, ValueError), ([True], 1, TypeError),
+    ([4096.0], 2, TypeError), ([4098], 4, ValueError), (4096, 2, TypeError), ("4096", 2, TypeError),
+])
+def test_check_sizes(sizes, world_size, error):
+    with pytest.raises(error, match="sizes_bytes"):
         check_sizes(sizes, world_size)
+
+
+def test_check_sizes_takes_numpy_ints():
+    assert check_sizes([np.int64(4096)], 2) == [4096] and type(check_sizes([np.int64(4096)], 2)[0]) is int
 
 
 # ---- bench.calibrate_comm ------------------------------------------------------------------------
@@ -192,13 +235,15 @@ def test_parse_size(text, expected):
 
 @pytest.mark.parametrize("argv, message", [
     (["--gpu", "H100", "--sizes", "0"], "--sizes"), (["--gpu", "H100", "--sizes", "1.5M"], "--sizes"),
-    (["--gpu", "H100", "--window_s", "0.5"], "window_s"), (["--gpu", "../x"], "short name"),
-    (["--gpu", "H100", "--trials", "0"], "--trials"),
+    (["--gpu", "H100", "--window_s", "0.5"], "--window_s"), (["--gpu", "H100", "--window_s", "inf"], "--window_s"),
+    (["--gpu", "H100", "--window_s", "nan"], "--window_s"), (["--gpu", "../x"], "short name"),
+    (["--gpu", "H100", "--trials", "0"], "--trials"), (["--gpu", "H100", "--repeats", "0"], "--repeats"),
+    (["--gpu", "H100", "--output", "{dir}"], "--output {dir} is a directory"),
+    (["--gpu", "H100", "--output", "{file}/c.json"], "is not a directory"),
 ])
-def test_cli_bad_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        calibrate_comm.parse_args(argv)
-    assert message in capsys.readouterr().err
+def test_cli_bad_arguments(argv, message, tmp_path, capsys):
+    err, paths = usage_error(calibrate_comm.parse_args, argv, tmp_path, capsys)
+    assert message.format(**paths) in err
 
 
 def test_cli_needs_torchrun_and_a_table(tmp_path, monkeypatch, capsys):

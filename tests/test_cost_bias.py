@@ -1,6 +1,7 @@
 """The energy-aware selection-bias kernel against its torch reference and the host cost model."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,11 +66,65 @@ def test_bad_input():
         expert_cost_bias(ids, curves, state, offsets.double(), **WEIGHTS)
     with pytest.raises(TypeError, match="curves"):
         expert_cost_bias(ids, "H100", state, offsets, **WEIGHTS)
-    for name, value in (("max_shift", -0.1), ("energy_weight", math.nan), ("thermal_margin_c", 0.0)):
+    for name, value in (("max_shift", -0.1), ("energy_weight", math.nan), ("thermal_margin_c", 0.0),
+                        ("energy_weight", 1e300), ("max_shift", 1e39)):  # the last two overflow float32
         with pytest.raises(ValueError, match=name):
+            expert_cost_bias(ids, curves, state, offsets, **(WEIGHTS | {name: value}))
+    for name, value in (("energy_weight", "1"), ("max_shift", True)):
+        with pytest.raises(TypeError, match=name):
             expert_cost_bias(ids, curves, state, offsets, **(WEIGHTS | {name: value}))
     with pytest.raises(ValueError, match="conv2d"):
         cost_curves(KernelCostModel("H100"), "conv2d", DEVICE)
+    strided = torch.zeros(6, device=DEVICE)[::2]
+    with pytest.raises(ValueError, match="hardware_state must be contiguous"):
+        expert_cost_bias(ids, curves, strided, offsets, **WEIGHTS)
+    with pytest.raises(ValueError, match="bias_offsets must be contiguous"):
+        expert_cost_bias(ids, curves, state, torch.zeros(1, device=DEVICE).expand(4), **WEIGHTS)
+    window = torch.zeros(2, 4, device=DEVICE)
+    for lr, error in ((math.nan, ValueError), (0.0, ValueError), (None, TypeError), ("0.1", TypeError),
+                      (True, TypeError), (math.inf, ValueError)):
+        with pytest.raises(error, match="lr"):
+            ttt_offset_step(window, curves, state, offsets, lr=lr, **WEIGHTS)
+    with pytest.raises(ValueError, match="bias_offsets must be contiguous"):  # written in place: never a view's base
+        ttt_offset_step(window, curves, state, torch.zeros(8, device=DEVICE)[::2], lr=0.1, **WEIGHTS)
+
+
+def test_numpy_knobs_are_numbers():
+    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    ids, state, offsets = random_ids(5, 2, 4, 1), torch.zeros(3, device=DEVICE), torch.zeros(4, device=DEVICE)
+    numpy_knobs = {k: np.float32(v) for k, v in WEIGHTS.items()}
+    assert torch.equal(expert_cost_bias(ids, curves, state, offsets, **numpy_knobs),
+                       expert_cost_bias(ids, curves, state, offsets, **WEIGHTS))
+
+
+def test_nan_offsets_and_extra_costs_propagate_as_in_the_reference():
+    """A NaN in the router's state stays NaN in the bias (which the routing then masks), in both."""
+    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    ids, state = random_ids(6, 2, 4, 2), torch.full((3,), math.nan, device=DEVICE)
+    offsets = torch.tensor([math.nan, 0.0, 0.0, 0.0], device=DEVICE)
+    extra = torch.zeros(2, 4, device=DEVICE)
+    extra[0, 2] = math.nan
+    ours = expert_cost_bias(ids, curves, state, offsets, **WEIGHTS, extra_cost=extra)
+    ref = expert_cost_bias_reference(ids, curves, state, offsets, **WEIGHTS, extra_cost=extra)
+    assert ours.isnan().tolist() == ref.isnan().tolist() == [True, False, True, False]
+    assert torch.allclose(ours[[1, 3]], ref[[1, 3]], rtol=1e-5)
+    ours_window, ref_window = (torch.tensor([[3.0, 2.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]], device=DEVICE)
+                               for _ in range(2))
+    ours_offsets, ref_offsets = offsets.clone(), offsets.clone()
+    ttt_offset_step(ours_window, curves, state, ours_offsets, lr=0.01, **WEIGHTS)
+    ttt_offset_step_reference(ref_window, curves, state, ref_offsets, lr=0.01, **WEIGHTS)
+    assert ours_offsets.isnan().tolist() == ref_offsets.isnan().tolist()
+
+
+def test_an_overflowing_score_saturates_at_the_maximum_shift():
+    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    ids, state, offsets = random_ids(2, 2, 8, 3), torch.zeros(3, device=DEVICE), torch.zeros(8, device=DEVICE)
+    knobs = WEIGHTS | {"energy_weight": 3e38}  # finite in float32; a weight load's score overflows to +Inf
+    ours = expert_cost_bias(ids, curves, state, offsets, **knobs)
+    idle = torch.bincount(ids.reshape(-1).long(), minlength=8) <= 1  # idle or singleton: the weight load
+    assert torch.isfinite(ours).all() and (ours >= -WEIGHTS["max_shift"]).all()
+    assert torch.allclose(ours[idle], torch.full_like(ours[idle], -WEIGHTS["max_shift"])) and idle.any()
+    assert torch.allclose(ours, expert_cost_bias_reference(ids, curves, state, offsets, **knobs))
 
 
 def test_per_token_extra_is_scored_against_a_tokens_compute():

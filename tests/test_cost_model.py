@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ def synthetic_table(gpu="TESTGPU", thermal=True):
     return {"schema": 1, "gpu": gpu, "source": "measured", "dims": asdict(ModelDims()), "idle_power_w": 73.0,
             "peak_flops": 9.0e14, "hbm_bytes_per_s": 3.0e12,
             "thermal": {"ambient_c": 30.0, "resistance_c_per_w": 0.05, "time_constant_s": 20.0, "slowdown_temp_c": 87,
+                        "shutdown_temp_c": 95,
                         "clock_vs_temp": [{"temp_c": 40, "sm_clock_mhz": 1980}, {"temp_c": 60, "sm_clock_mhz": 1980},
                                           {"temp_c": 70, "sm_clock_mhz": 1800}]} if thermal else None,
             "ops": ops}
@@ -125,21 +127,116 @@ def test_committed_priors_match_the_generator(gpu="A100"):
 
 
 BAD = [
-    ("unknown op", lambda m: m.get_cost("conv2d", 8)),
-    ("batch_size", lambda m: m.get_cost("ffn_gate", 0)),
-    ("batch_size", lambda m: m.get_cost("ffn_gate", -3)),
-    ("batch_size", lambda m: m.get_cost("ffn_gate", float("nan"))),
-    ("current_temp", lambda m: m.get_cost("ffn_gate", 8, current_temp=float("nan"))),
-    ("memory_pressure", lambda m: m.get_cost("ffn_gate", 8, memory_pressure=1.5)),
-    ("memory_pressure", lambda m: m.get_cost("ffn_gate", 8, memory_pressure=-0.1)),
-    ("max_temp_increase", lambda m: m.get_thermal_safe_batch_size("ffn_gate", 40.0, 0)),
+    ("unknown op", lambda m: m.get_cost("conv2d", 8), ValueError),
+    ("batch_size", lambda m: m.get_cost("ffn_gate", 0), ValueError),
+    ("batch_size", lambda m: m.get_cost("ffn_gate", -3), ValueError),
+    ("batch_size", lambda m: m.get_cost("ffn_gate", float("nan")), ValueError),
+    ("batch_size", lambda m: m.get_cost("ffn_gate", "8"), TypeError),
+    ("batch_size", lambda m: m.get_cost("ffn_gate", True), TypeError),
+    ("current_temp", lambda m: m.get_cost("ffn_gate", 8, current_temp=float("nan")), ValueError),
+    ("current_temp .*absolute zero", lambda m: m.get_cost("ffn_gate", 8, current_temp=-300.0), ValueError),
+    ("current_temp .*shutdown threshold", lambda m: m.get_cost("ffn_gate", 8, current_temp=95.0), ValueError),
+    ("current_temp .*shutdown threshold", lambda m: m.get_cost("ffn_gate", 8, current_temp=1e6), ValueError),
+    ("current_temp", lambda m: m.get_cost("ffn_gate", 8, current_temp="hot"), TypeError),
+    ("memory_pressure", lambda m: m.get_cost("ffn_gate", 8, memory_pressure=1.5), ValueError),
+    ("memory_pressure", lambda m: m.get_cost("ffn_gate", 8, memory_pressure=-0.1), ValueError),
+    ("memory_pressure", lambda m: m.get_cost("ffn_gate", 8, memory_pressure=float("nan")), ValueError),
+    ("memory_pressure 1.0 leaves ffn_gate no HBM", lambda m: m.get_cost("ffn_gate", 8, memory_pressure=1.0),
+     ValueError),
+    ("max_temp_increase", lambda m: m.get_thermal_safe_batch_size("ffn_gate", 40.0, 0), ValueError),
+    ("current_temp", lambda m: m.get_thermal_safe_batch_size("ffn_gate", None, 5.0), TypeError),
+    ("current_temp .*shutdown threshold", lambda m: m.get_thermal_safe_batch_size("ffn_gate", 95.0, 5.0), ValueError),
 ]
 
 
-@pytest.mark.parametrize("match, call", BAD, ids=[f"{m}-{i}" for i, (m, _) in enumerate(BAD)])
-def test_bad_input(table_path, match, call):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("match, call, error", BAD, ids=[f"{m[:24]}-{i}" for i, (m, _, _) in enumerate(BAD)])
+def test_bad_input(table_path, match, call, error):
+    with pytest.raises(error, match=match):
         call(KernelCostModel("TESTGPU", table=table_path))
+
+
+def test_numpy_numbers_are_numbers(table_path):
+    model = KernelCostModel("TESTGPU", table=table_path)
+    assert model.get_cost("ffn_gate", np.int64(16), current_temp=np.float32(50.0)) == \
+        model.get_cost("ffn_gate", 16, current_temp=50.0)
+    assert model.get_plan_cost([("ffn_gate", np.int32(16), np.int64(2))])["latency_ms"] == \
+        pytest.approx(2 * model.get_cost("ffn_gate", 16)["latency_ms"])
+
+
+def test_no_batch_is_thermally_safe_at_the_slowdown_threshold(tmp_path):
+    table = synthetic_table()
+    table["thermal"] |= {"resistance_c_per_w": 0.5, "time_constant_s": 1e-3}  # steady states far above slowdown
+    write_json_atomic(tmp_path / "hot.json", table)
+    model = KernelCostModel("TESTGPU", table=tmp_path / "hot.json")  # slowdown 87 °C, shutdown 95 °C
+    assert model.get_thermal_safe_batch_size("swiglu_ffn", current_temp=87.0, max_temp_increase=50.0) == 0
+    assert model.get_thermal_safe_batch_size("swiglu_ffn", current_temp=94.0, max_temp_increase=50.0) == 0
+    start_c = 80.0
+    rises = {b: model.get_cost("swiglu_ffn", b, current_temp=start_c)["temp_impact"] for b in BATCHES}
+    assert rises[1] < 87.0 - start_c < rises[256], "the test needs a batch that crosses the threshold"
+    safe = model.get_thermal_safe_batch_size("swiglu_ffn", current_temp=start_c, max_temp_increase=50.0)
+    assert start_c + model.get_cost("swiglu_ffn", safe, current_temp=start_c)["temp_impact"] < 87.0
+    assert start_c + model.get_cost("swiglu_ffn", 2 * safe, current_temp=start_c)["temp_impact"] >= 87.0
+
+
+def test_clock_curve_listed_hot_to_cold_predicts_as_sorted(tmp_path, table_path):
+    table = synthetic_table()
+    table["thermal"]["clock_vs_temp"].reverse()
+    write_json_atomic(tmp_path / "reversed.json", table)
+    reversed_model = KernelCostModel("TESTGPU", table=tmp_path / "reversed.json")
+    model = KernelCostModel("TESTGPU", table=table_path)
+    for temp_c in (35.0, 65.0, 80.0):
+        assert reversed_model.get_cost("ffn_gate", 16, current_temp=temp_c) == \
+            model.get_cost("ffn_gate", 16, current_temp=temp_c)
+    device = DeviceCostTable(reversed_model, ["ffn_gate"], DEVICE)
+    _, latency = device.predict("ffn_gate", torch.tensor([16.0], device=DEVICE), temp_c=torch.tensor(65.0, device=DEVICE))
+    assert latency.item() == pytest.approx(model.get_cost("ffn_gate", 16, current_temp=65.0)["latency_ms"], rel=1e-5)
+
+
+def test_pressure_never_shortens_a_call(tmp_path):
+    table = synthetic_table() | {"memory_pressure": {"ops": {"ffn_gate": {"points": [
+        {"background_util": 0.0, "stretch": 0.97}, {"background_util": 0.5, "stretch": 0.5}]}}}}
+    write_json_atomic(tmp_path / "t.json", table)
+    model = KernelCostModel("TESTGPU", table=tmp_path / "t.json")
+    base = model.get_cost("ffn_gate", 16)["latency_ms"]
+    assert model.get_cost("ffn_gate", 16, memory_pressure=0.4)["latency_ms"] == pytest.approx(base)
+    _, latency = DeviceCostTable(model, ["ffn_gate"], DEVICE).predict(
+        "ffn_gate", torch.tensor([16.0], device=DEVICE), memory_pressure=torch.tensor(0.4, device=DEVICE))
+    assert latency.item() == pytest.approx(base, rel=1e-5)
+
+
+def test_device_table_gives_nan_outside_the_domain_and_checks_kinds(table_path, tmp_path):
+    device = DeviceCostTable(KernelCostModel("TESTGPU", table=table_path), ["ffn_gate"], DEVICE)
+    batches = torch.tensor([-4.0, 0.0, 16.0], device=DEVICE)
+    energy, latency = device.predict("ffn_gate", batches)
+    assert energy[:2].isnan().all() and latency[:2].isnan().all() and torch.isfinite(energy[2])
+    for kwargs in (dict(temp_c=torch.tensor(-300.0, device=DEVICE)), dict(memory_pressure=torch.tensor(1.5)),
+                   dict(memory_pressure=torch.tensor(-0.1))):
+        kwargs = {k: v.to(DEVICE) for k, v in kwargs.items()}
+        assert device.predict("ffn_gate", batches[2:], **kwargs)[1].isnan().all(), kwargs
+    prior = DeviceCostTable(KernelCostModel("A100"), ["ffn_gate"], DEVICE)  # no pressure curve: the roofline
+    assert prior.predict("ffn_gate", batches[2:], memory_pressure=torch.tensor(1.0, device=DEVICE))[1].isnan().all()
+    with pytest.raises(ValueError, match="op 'ffn_up' is not carried"):
+        device.predict("ffn_up", batches)
+    with pytest.raises(TypeError, match="batch_sizes must be a float tensor"):
+        device.predict("ffn_gate", 4.0)
+    with pytest.raises(TypeError, match="temp_c must be a float tensor"):
+        device.predict("ffn_gate", batches, temp_c=60.0)
+    with pytest.raises(TypeError, match="ops must be a list of op names"):
+        DeviceCostTable(KernelCostModel("TESTGPU", table=table_path), "ffn_gate", DEVICE)
+    with pytest.raises(TypeError, match="model must be a KernelCostModel"):
+        DeviceCostTable("H100", ["ffn_gate"], DEVICE)
+
+
+def test_plan_entries_are_checked(table_path):
+    model = KernelCostModel("TESTGPU", table=table_path)
+    with pytest.raises(ValueError, match=r"plan entries must be \(op, batch_size, calls\)"):
+        model.get_plan_cost(["swiglu_ffn"])
+    with pytest.raises(TypeError, match="plan must be a list"):
+        model.get_plan_cost({"swiglu_ffn": 4})
+    with pytest.raises(TypeError, match="measured_latency_ms"):
+        model.get_plan_cost([("ffn_gate", 16, 1)], measured_latency_ms=True)
+    total = model.get_plan_cost([("ffn_gate", 16, np.int64(2))])
+    assert all(type(total[k]) is float for k in ("energy_joules", "latency_ms"))
 
 
 def test_bad_tables(tmp_path, table_path):
@@ -151,11 +248,75 @@ def test_bad_tables(tmp_path, table_path):
         KernelCostModel(table=corrupt, gpu_type=None)
     with pytest.raises(ValueError, match="is for GPU 'TESTGPU', not 'H200'"):
         KernelCostModel("H200", table=table_path)
-    bad = synthetic_table()
-    bad["ops"]["ffn_gate"]["points"][0]["energy_j"] = -1.0
-    write_json_atomic(tmp_path / "bad.json", bad)
-    with pytest.raises(ValueError, match="ffn_gate"):
-        KernelCostModel(table=tmp_path / "bad.json", gpu_type=None)
+    with pytest.raises(ValueError, match="is not a file"):
+        KernelCostModel(table=tmp_path, gpu_type=None)
+    with pytest.raises(TypeError, match="table must be a path"):
+        KernelCostModel(table=3, gpu_type=None)
+    with pytest.raises(TypeError, match="gpu_type must be a str"):
+        KernelCostModel(gpu_type=100)
+    for name in ("", "../H100", "H 100"):
+        with pytest.raises(ValueError, match="gpu_type must be a table name"):
+            KernelCostModel(name)
+
+
+def _set(table, keys, value):
+    """``table`` with the field at the path ``keys`` set to ``value`` (or deleted for ``DELETE``)."""
+    node = table
+    for key in keys[:-1]:
+        node = node[key]
+    if value is DELETE:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return table
+
+
+DELETE = object()
+FIRST_POINT = ("ops", "ffn_gate", "points", 0)
+CORRUPT_TABLES = [
+    (FIRST_POINT + ("energy_j",), -1.0, r"ops\['ffn_gate'\]\['points'\]\[0\]\['energy_j'\]"),
+    (FIRST_POINT + ("energy_j",), math.nan, r"\['energy_j'\] must be a finite number, got nan"),
+    (FIRST_POINT + ("latency_ms",), math.inf, r"\['latency_ms'\] must be a finite number, got inf"),
+    (FIRST_POINT + ("latency_ms",), "0.1", r"\['latency_ms'\] must be a finite number"),
+    (FIRST_POINT + ("memory_gb",), DELETE, "has no 'memory_gb' field"),
+    (FIRST_POINT + ("batch_size",), DELETE, "has no 'batch_size' field"),
+    (FIRST_POINT + ("batch_size",), 4, "repeated batch_size values"),
+    (("ops", "ffn_gate", "points"), [], "has no points"),
+    (("ops", "conv2d"), {"points": []}, "not an op the cost model knows"),
+    (("idle_power_w",), math.nan, r"\['idle_power_w'\] must be a finite number"),
+    (("peak_flops",), DELETE, "has no 'peak_flops' field"),
+    (("hbm_bytes_per_s",), 0, r"\['hbm_bytes_per_s'\] must be in"),
+    (("dims", "d_model"), 0, "'dims' d_model must be a positive int"),
+    (("dims", "width"), 3, "'dims' has unknown fields"),
+    (("gpu",), None, "'gpu' must be a non-empty string"),
+    (("source",), "guess", "'source' must be 'measured' or 'prior'"),
+    (("thermal", "ambient_c"), -300.0, r"\['ambient_c'\] must be in"),
+    (("thermal", "time_constant_s"), DELETE, "has no 'time_constant_s'"),
+    (("thermal", "clock_vs_temp", 1, "temp_c"), 40, "repeated temp_c values"),
+    (("thermal", "clock_vs_temp", 0, "sm_clock_mhz"), math.nan, r"\['sm_clock_mhz'\] must be a finite number"),
+    (("memory_pressure",), {"ops": {"ffn_gate": {"points": [{"background_util": 0.0, "stretch": 1.0},
+                                                            {"background_util": 1.5, "stretch": 2.0}]}}},
+     r"\['background_util'\] must be in \[0.0, 1.0\]"),
+    (("memory_pressure",), {"ops": {"ffn_gate": {"points": [{"background_util": 0.5, "stretch": 1.0},
+                                                            {"background_util": 0.5, "stretch": 2.0}]}}},
+     "repeated background_util values"),
+    (FIRST_POINT + ("batch_size",), 10 ** 400, r"\['batch_size'\] must be a finite number"),  # beyond float
+    (FIRST_POINT + ("energy_j",), 1e30, "above any GPU's power"),
+    (("thermal", "shutdown_temp_c"), 30.0, r"\['shutdown_temp_c'\] must be in \(30.0"),  # below ambient
+    (("thermal", "slowdown_temp_c"), 99.0, "slowdown_temp_c 99.0 above shutdown_temp_c 95"),
+    (("thermal", "ambient_c"), 1e6, r"\['ambient_c'\] must be in"),
+    (("collectives",), {"all_to_all": {"02": {"source": "measured", "points": [
+        {"bytes_per_rank": 1024, "latency_ms": 0.1, "energy_j": 0.01}]}}}, "plain digits"),
+]
+
+
+@pytest.mark.parametrize("keys, value, match", CORRUPT_TABLES,
+                         ids=[f"{'.'.join(map(str, k))}-{i}" for i, (k, _, _) in enumerate(CORRUPT_TABLES)])
+def test_corrupt_tables_are_refused_at_load(tmp_path, keys, value, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_set(synthetic_table(), keys, value)))  # json writes NaN/Infinity literals
+    with pytest.raises(ValueError, match=f"corrupt: .*{match}"):
+        KernelCostModel(table=path, gpu_type=None)
 
 
 def test_device_table_matches_host(table_path):
@@ -168,7 +329,7 @@ def test_device_table_matches_host(table_path):
         assert e == pytest.approx(host["energy_joules"], rel=1e-5) and lat == pytest.approx(host["latency_ms"], rel=1e-5)
 
 
-@pytest.mark.parametrize("temp_c, pressure", [(35.0, 0.0), (65.0, 0.3), (95.0, 0.6), (50.0, 0.9)])
+@pytest.mark.parametrize("temp_c, pressure", [(35.0, 0.0), (65.0, 0.3), (92.0, 0.6), (50.0, 0.9)])
 def test_device_table_applies_temperature_and_pressure_like_the_host(tmp_path, temp_c, pressure):
     write_json_atomic(tmp_path / "t.json", with_pressure_curve(synthetic_table()))
     model = KernelCostModel("TESTGPU", table=tmp_path / "t.json")
@@ -291,22 +452,23 @@ def test_noisy_first_segment_keeps_costs_positive(tmp_path):
 
 
 BAD_COMM = [
-    ("unknown collective op 'all_reduce'", lambda m: m.get_comm_cost("all_reduce", 2 ** 20, 2)),
-    ("bytes_per_rank", lambda m: m.get_comm_cost("all_to_all", 0, 2)),
-    ("bytes_per_rank", lambda m: m.comm_cost_per_byte("all_to_all", -5, 2)),
-    ("bytes_per_rank", lambda m: m.get_comm_cost("all_to_all", True, 2)),
-    ("bytes_per_rank", lambda m: m.get_comm_cost("all_to_all", float("inf"), 2)),
-    ("world_size", lambda m: m.get_comm_cost("all_to_all", 2 ** 20, 2.0)),
-    ("world_size", lambda m: m.get_comm_cost("all_to_all", 2 ** 20, True)),
-    ("world_size", lambda m: m.get_comm_cost("all_to_all", 2 ** 20, 0)),
+    ("unknown collective op 'all_reduce'", lambda m: m.get_comm_cost("all_reduce", 2 ** 20, 2), ValueError),
+    ("bytes_per_rank", lambda m: m.get_comm_cost("all_to_all", 0, 2), ValueError),
+    ("bytes_per_rank", lambda m: m.comm_cost_per_byte("all_to_all", -5, 2), ValueError),
+    ("bytes_per_rank", lambda m: m.get_comm_cost("all_to_all", True, 2), TypeError),
+    ("bytes_per_rank", lambda m: m.get_comm_cost("all_to_all", float("inf"), 2), ValueError),
+    ("world_size", lambda m: m.get_comm_cost("all_to_all", 2 ** 20, 2.0), TypeError),
+    ("world_size", lambda m: m.get_comm_cost("all_to_all", 2 ** 20, True), TypeError),
+    ("world_size", lambda m: m.get_comm_cost("all_to_all", 2 ** 20, 0), ValueError),
     (r"world_size 8 has no all_to_all curve .*measured world sizes: \[2, 4\]",
-     lambda m: m.comm_cost_per_byte("all_to_all", 2 ** 20, 8)),
+     lambda m: m.comm_cost_per_byte("all_to_all", 2 ** 20, 8), ValueError),
 ]
 
 
-@pytest.mark.parametrize("match, call", BAD_COMM, ids=[f"{m[:16]}-{i}" for i, (m, _) in enumerate(BAD_COMM)])
-def test_comm_bad_input(comm_model, match, call):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("match, call, error", BAD_COMM,
+                         ids=[f"{m[:16]}-{i}" for i, (m, _, _) in enumerate(BAD_COMM)])
+def test_comm_bad_input(comm_model, match, call, error):
+    with pytest.raises(error, match=match):
         call(comm_model)
 
 

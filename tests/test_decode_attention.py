@@ -43,9 +43,37 @@ def test_empty_cache_gives_zeros_and_long_lengths_clamp():
     (lambda a: a | {"kv_lengths": torch.ones(3, dtype=torch.int32, device=DEVICE)}, ValueError, "kv_lengths"),
     (lambda a: a | {"q": a["q"].half()}, TypeError, "k_cache"),
     (lambda a: a | {"q": [1.0]}, TypeError, "q"),
-], ids=["queries", "head-dim", "k-dim", "v-shape", "gqa", "length-dtype", "length-size", "dtype", "type"])
+    (lambda a: a | {"q": randn(2, 2, 1, 64)[..., ::2]}, ValueError, "q must be contiguous in its last"),
+    (lambda a: a | {"sm_scale": "a"}, TypeError, "sm_scale"),
+    (lambda a: a | {"sm_scale": float("inf")}, ValueError, "sm_scale"),
+], ids=["queries", "head-dim", "k-dim", "v-shape", "gqa", "length-dtype", "length-size", "dtype", "type",
+        "q-stride", "scale-type", "scale-inf"])
 def test_bad_input_names_the_argument(change, error, phrase):
     args = {"q": randn(2, 2, 1, 32), "k_cache": randn(2, 2, 8, 32), "v_cache": randn(2, 2, 8, 32),
             "kv_lengths": torch.tensor([3], dtype=torch.int32, device=DEVICE)}
     with pytest.raises(error, match=phrase):
         decode_attention(**change(args))
+
+
+def test_lengths_at_or_below_zero_read_nothing_and_nan_is_not_hidden():
+    q, k, v = randn(3, 2, 1, 32), randn(3, 2, 8, 32), randn(3, 2, 8, 32)
+    lengths = torch.tensor([-4, 0, 5], dtype=torch.int32, device=DEVICE)
+    out = decode_attention(q, k, v, lengths)
+    assert torch.equal(out[:2], torch.zeros_like(out[:2]))
+    assert torch.allclose(out, decode_attention_reference(q, k, v, lengths), rtol=1e-5, atol=1e-6)
+    k[2, 0, 1] = float("inf")  # a +Inf score: NaN in the kernel, and in the reference too
+    assert decode_attention(q, k, v, lengths)[2, 0].isnan().all()
+    assert decode_attention_reference(q, k, v, lengths)[2, 0].isnan().all()
+
+
+def test_gradients_come_from_the_reference():
+    q, k, v = (randn(2, 2, 1, 32).requires_grad_(), randn(2, 1, 8, 32).requires_grad_(),
+               randn(2, 1, 8, 32).requires_grad_())
+    lengths = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
+    out = decode_attention(q, k, v, lengths)
+    assert out.requires_grad
+    grad_out = randn(*out.shape)
+    ours = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = torch.autograd.grad(decode_attention_reference(q, k, v, lengths), (q, k, v), grad_out)
+    for g, r in zip(ours, ref, strict=True):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-6)

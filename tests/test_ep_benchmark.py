@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from bench import ep_benchmark
 from tests.cluster_scripts import REPO, directives, dry_run, modules_called
-from tests.conftest import ON_GPU
+from tests.conftest import ON_GPU, usage_error
 
 SCRIPT = "bench/run_ep.slurm"
 
@@ -56,7 +57,7 @@ def test_slurm_header():
     assert re.fullmatch(r"\d\d:\d\d:\d\d", options["time"]) and options["ntasks-per-node"] == "1"
 
 
-def test_slurm_dry_run(tmp_path):
+def test_slurm_dry_run(tmp_path, monkeypatch):
     """One torchrun per node through srun, rendezvous at the first node; each module's flags parse."""
     env = dict(os.environ, SLURM_SUBMIT_DIR=str(tmp_path), SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4",
                SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu[01-02]")
@@ -68,17 +69,39 @@ def test_slurm_dry_run(tmp_path):
     assert list(modules) == ["bench.calibrate_comm", "bench.ep_benchmark"]
     table = modules["bench.ep_benchmark"][modules["bench.ep_benchmark"].index("--cost_table") + 1]
     assert table == modules["bench.calibrate_comm"][modules["bench.calibrate_comm"].index("--output") + 1]
+    assert (tmp_path / "results" / "ep_77").is_dir()
+    monkeypatch.chdir(tmp_path)  # the job's directory, where calibrate_comm has written the table
+    shutil.copy(REPO / "calibration" / "tables" / "H100.json", table)
     args = ep_benchmark.parse_args(modules["bench.ep_benchmark"])
     assert args.shape.name == "qwen3" and args.tokens_per_gpu == 8192
-    assert (tmp_path / "results" / "ep_77").is_dir()
 
 
 @pytest.mark.parametrize("flags, name", [
     (["--tokens_per_gpu", "0"], "--tokens_per_gpu"), (["--chunks", "1,x"], "--chunks"), (["--chunks", "0"], "--chunks"),
-    (["--quality_weights", "0"], "--quality_weights"), (["--modes", "exact,fast"], "--modes"),
-    (["--modes", "fixed_graph", "--device", "cpu"], "--modes"), (["--window_s", "0.5"], "--window_s"),
-    (["--shape", "nope"], "--shape")])
-def test_bad_flags_name_the_flag(flags, name, capsys):
+    (["--chunks", "1,1"], "--chunks: repeats 1"), (["--quality_weights", "0"], "--quality_weights"),
+    (["--quality_weights", "nan,inf"], "--quality_weights"), (["--quality_weights", "10,,100"], "--quality_weights"),
+    (["--modes", "exact,fast"], "--modes"), (["--modes", "fixed_graph", "--device", "cpu"], "--modes"),
+    (["--window_s", "0.5"], "--window_s"), (["--window_s", "inf"], "--window_s"), (["--window_s", "nan"], "--window_s"),
+    (["--shape", "nope"], "--shape"), (["--output", "{dir}"], "--output {dir} is a directory"),
+    (["--output", "{file}/x.json"], "is not a directory"),
+    (["--cost_table", "{dir}/none.json"], "--cost_table: no cost table"),
+    (["--cost_table", "{dir}"], "--cost_table: cost table {dir} is not a file"),
+    (["--cost_table", "{file}"], "--cost_table: cost table {file} is corrupt")])
+def test_bad_flags_name_the_flag(flags, name, tmp_path, capsys):
+    err, paths = usage_error(ep_benchmark.parse_args, flags, tmp_path, capsys, file_text="{ not json")
+    assert name.format(**paths) in err
+
+
+@pytest.mark.parametrize("world_size, flags, name", [
+    ("2", ["--gpu", "Z100"], "--gpu must be one of"), ("3", ["--shape", "tiny"], "--shape tiny: 3 ranks"),
+    ("2", ["--gpu", "Z100", "--modes", "fixed"], None)])
+def test_tables_the_run_needs_are_checked_with_the_flags(world_size, flags, name, monkeypatch, tmp_path, capsys):
+    """With more than one GPU and the exact exchange, the energy-aware run reads the --gpu table: checked now."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    argv = ["--device", "cpu", "--output", str(tmp_path / "ep.json"), *flags]
+    if name is None:  # no exact exchange: no energy-aware run, no table read
+        assert ep_benchmark.parse_args(argv).gpu == "Z100"
+        return
     with pytest.raises(SystemExit) as exc:
-        ep_benchmark.parse_args(flags)
+        ep_benchmark.parse_args(argv)
     assert exc.value.code == 2 and name in capsys.readouterr().err

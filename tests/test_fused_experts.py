@@ -135,6 +135,11 @@ BAD_INPUT = [
     ("down_proj", lambda a: a | dict(down_proj=a["down_proj"][:3]), ValueError),
     ("down_proj", lambda a: a | dict(down_proj=a["down_proj"][:, :, :7]), ValueError),
     ("hidden_states", lambda a: a | dict(hidden_states=a["hidden_states"][None]), ValueError),
+    ("gate_up_proj", lambda a: a | dict(gate_up_proj=a["gate_up_proj"][:0], down_proj=a["down_proj"][:0],
+                                        top_k_index=a["top_k_index"][:, :0], top_k_weights=a["top_k_weights"][:, :0]),
+     ValueError),  # zero experts
+    ("gate_up_proj", lambda a: a | dict(gate_up_proj=a["gate_up_proj"][:, :0], down_proj=a["down_proj"][..., :0]),
+     ValueError),  # I = 0
 ]
 
 

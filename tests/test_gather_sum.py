@@ -62,3 +62,14 @@ def test_fused_experts_drop_out_of_range_ids(K):
     assert torch.equal(out[0], torch.zeros(H, device=DEVICE))
     with pytest.raises(ValueError, match="top_k_index"):
         kernels.fused_experts(x, gate_up, down, ids, weights)  # the validated path still refuses them
+
+
+def test_gradients_reach_the_rows():
+    rows = randn(5, 7).requires_grad_()
+    index = torch.tensor([[0, -1, 3], [4, 4, 1]], device=DEVICE)
+    out = gather_sum(rows, index)
+    assert out.requires_grad
+    grad_out = randn(2, 7)
+    (ours,) = torch.autograd.grad(out, rows, grad_out)
+    (ref,) = torch.autograd.grad(gather_sum_reference(rows, index), rows, grad_out)
+    assert torch.allclose(ours, ref)

@@ -136,12 +136,31 @@ def test_cpu_run_plots(cpu_run):
     (["--preset", "huge"], "--preset"),
     (["--mode", "graph"], "--mode"),
     (["--output_dir", __file__], "--output_dir"),
+    (["--decode", "1,1"], "--decode: repeats 1"),
+    (["--eval_bytes", "1"], "--eval_bytes: must be >= 2"),
+    (["--cost_table", "{dir}"], "--cost_table: cost table {dir} is not a file"),
+    (["--cost_table", "{dir}/none.json"], "--cost_table: no cost table"),
+    (["--cost_table", "{file}"], "--cost_table: cost table {file} is corrupt"),
+    (["--checkpoint_dir", "{file}"], "--checkpoint_dir {file} is not a directory"),
+    (["--checkpoint_dir", "{dir}/typo"], "--checkpoint_dir {dir}/typo does not exist"),
 ], ids=["d_model", "d_model-48", "top_k", "gpu", "decode", "lr", "objective", "num_runs", "device", "quality-0",
-        "negative-weight", "weights-without-moe", "preset-conflict", "preset", "graph-on-cpu", "output-file"])
-def test_bad_flags_name_the_flag(flags, named, capsys):
-    with pytest.raises(SystemExit):
+        "negative-weight", "weights-without-moe", "preset-conflict", "preset", "graph-on-cpu", "output-file",
+        "decode-repeated", "eval-bytes", "table-dir", "table-missing", "table-corrupt", "checkpoints-file",
+        "checkpoints-missing"])
+def test_bad_flags_name_the_flag(flags, named, tmp_path, capsys):
+    (tmp_path / "file").write_text("{ not json")
+    paths = {"dir": tmp_path, "file": tmp_path / "file"}
+    flags = [flag.format(**paths) for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
         hpc.parse_args(flags + ["--device", "cpu"] if "--device" not in flags else flags)
-    assert named in capsys.readouterr().err
+    assert exit_info.value.code == 2 and named.format(**paths) in capsys.readouterr().err
+
+
+def test_default_checkpoint_dir_may_be_missing(tmp_path, monkeypatch):
+    """A fresh machine's quick start runs on random weights: only a --checkpoint_dir given otherwise must exist."""
+    monkeypatch.chdir(tmp_path)
+    _, args = hpc.parse_args(["--device", "cpu", "--dense_only"])
+    assert args.checkpoint_dir == "checkpoints" and not (tmp_path / "checkpoints").exists()
 
 
 def test_cpu_sizes_are_chosen_and_said():
@@ -181,7 +200,7 @@ def test_torchrun_gathers_one_entry_per_rank(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "bench.hpc_single_gpu_test", *TINY, "--decode", "", "--output_dir", str(tmp_path),
-               "--checkpoint_dir", str(tmp_path / "none")]
+               "--checkpoint_dir", str(tmp_path)]  # no checkpoints in it: random weights
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     devices = read(tmp_path, "hpc_results.json")["devices"]

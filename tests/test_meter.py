@@ -1,6 +1,7 @@
 """The NVML meter and its background sampler, on a scripted fake NVML."""
 import time
 
+import numpy as np
 import pytest
 
 from calibration.nvml_meter import BackgroundSampler, GpuMeter
@@ -66,13 +67,26 @@ def test_background_sampler_records_a_timeline():
     assert samples[0].temperature_c == 45.0 and sampler.latest.temperature_c == 60.0
 
 
-@pytest.mark.parametrize("bad", [0.05, 0, -1, float("nan")])
+@pytest.mark.parametrize("bad", [0.05, 0, -1, float("nan"), float("inf")])
 def test_sampler_rejects_faster_than_10hz(bad):
     with pytest.raises(ValueError, match="interval_s"):
         BackgroundSampler(GpuMeter(nvml=FakeNvml()), interval_s=bad)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "0"])
-def test_meter_rejects_bad_device_index(bad):
-    with pytest.raises(ValueError, match="device_index"):
-        GpuMeter(device_index=bad, nvml=FakeNvml())
+def test_meter_takes_a_numpy_device_index():
+    assert GpuMeter(device_index=np.int64(0), nvml=FakeNvml()).device_index == 0
+
+
+@pytest.mark.parametrize("call, error, phrase", [
+    (lambda: GpuMeter(device_index=-1, nvml=FakeNvml()), ValueError, "device_index must be an int >= 0"),
+    (lambda: GpuMeter(device_index=1.5, nvml=FakeNvml()), TypeError, "device_index must be an int"),
+    (lambda: GpuMeter(device_index=True, nvml=FakeNvml()), TypeError, "device_index must be an int"),
+    (lambda: GpuMeter(device_index="0", nvml=FakeNvml()), TypeError, "device_index must be an int"),
+    (lambda: BackgroundSampler(GpuMeter(nvml=FakeNvml()), interval_s="1"), TypeError, "interval_s must be a real"),
+    (lambda: BackgroundSampler(GpuMeter(nvml=FakeNvml()), interval_s=True), TypeError, "interval_s must be a real"),
+    (lambda: BackgroundSampler("gpu0"), TypeError, "meter must be a calibration.nvml_meter.GpuMeter"),
+    (lambda: GpuMeter(nvml=FakeNvml()).slowdown_reasons("0x20"), TypeError, "bits must be an int"),
+], ids=["index<0", "index-float", "index-bool", "index-str", "interval-str", "interval-bool", "meter-str", "bits-str"])
+def test_bad_input(call, error, phrase):
+    with pytest.raises(error, match=phrase):
+        call()

@@ -1,4 +1,5 @@
 """FusedMoE as a drop-in for transformers 5.x Mixtral, Qwen3-MoE and OLMoE sparse-MoE blocks."""
+import numpy as np
 import pytest
 import torch
 
@@ -117,6 +118,87 @@ def test_bad_input():
     block.experts.act_fn = torch.nn.GELU()
     with pytest.raises(ValueError, match="act_fn must be SiLU"):
         kernels.FusedMoE.from_hf(block)
+
+
+class FixedRouter(torch.nn.Module):
+    """A router module without ``num_experts``: only its outputs say what it routes to."""
+
+    def __init__(self, num_experts, top_k):
+        super().__init__()
+        self.num_experts_out, self.top_k = num_experts, top_k
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], self.num_experts_out, device=x.device)
+        ids = torch.arange(self.top_k, device=x.device).expand(x.shape[0], self.top_k)
+        return logits, torch.ones(x.shape[0], self.top_k, device=x.device) / self.top_k, ids
+
+
+E_, H_, I_ = 4, 16, 8
+BAD_LAYERS = [  # (what is wrong, constructor arguments, error, phrase)
+    ("router experts != experts", lambda: (kernels.TopKRouter(randn(4, H_), 2), randn(3, 2 * I_, H_),
+                                           randn(3, H_, I_)), ValueError, "router has 4 experts but gate_up_proj holds 3"),
+    ("router hidden != experts'", lambda: (kernels.TopKRouter(randn(E_, 12), 2), randn(E_, 2 * I_, H_),
+                                           randn(E_, H_, I_)), ValueError, "router.weight has hidden size 12"),
+    ("odd 2I", lambda: (kernels.TopKRouter(randn(E_, H_), 2), randn(E_, 7, H_), randn(E_, H_, 3)), ValueError,
+     "gate_up_proj must be"),
+    ("zero experts", lambda: (FixedRouter(0, 1), randn(0, 2 * I_, H_), randn(0, H_, I_)), ValueError,
+     "gate_up_proj must be"),
+    ("down_proj experts", lambda: (kernels.TopKRouter(randn(E_, H_), 2), randn(E_, 2 * I_, H_), randn(3, H_, I_)),
+     ValueError, "down_proj"),
+    ("down_proj dims", lambda: (kernels.TopKRouter(randn(E_, H_), 2), randn(E_, 2 * I_, H_), randn(E_, I_, H_)),
+     ValueError, "down_proj"),
+    ("router not a module", lambda: (lambda x: x, randn(E_, 2 * I_, H_), randn(E_, H_, I_)), TypeError, "router"),
+    ("2-D experts", lambda: (kernels.TopKRouter(randn(E_, H_), 2), randn(2 * I_, H_), randn(H_, I_)), ValueError,
+     "gate_up_proj"),
+    ("mixed dtypes", lambda: (kernels.TopKRouter(randn(E_, H_), 2), randn(E_, 2 * I_, H_),
+                              randn(E_, H_, I_).half()), TypeError, "down_proj"),
+]
+
+
+@pytest.mark.parametrize("what, make, error, phrase", BAD_LAYERS, ids=[w for w, _, _, _ in BAD_LAYERS])
+def test_fused_moe_refuses_a_layer_that_does_not_fit(what, make, error, phrase):
+    with pytest.raises(error, match=phrase):
+        kernels.FusedMoE(*make())
+
+
+BAD_ROUTERS = [
+    ("float top_k", lambda: kernels.TopKRouter(randn(E_, H_), 2.0), TypeError, "top_k must be an int"),
+    ("1-D weight", lambda: kernels.TopKRouter(randn(E_), 2), ValueError, "weight must have 2 dimensions"),
+    ("empty weight", lambda: kernels.TopKRouter(randn(0, H_), 1), ValueError, "weight must be"),
+    ("int weight", lambda: kernels.TopKRouter(torch.ones(E_, H_, dtype=torch.long), 1), TypeError, "weight"),
+    ("list weight", lambda: kernels.TopKRouter([[1.0]], 1), TypeError, "weight"),
+    ("renormalize", lambda: kernels.TopKRouter(randn(E_, H_), 2, renormalize="yes"), TypeError, "renormalize"),
+]
+
+
+@pytest.mark.parametrize("what, make, error, phrase", BAD_ROUTERS, ids=[w for w, _, _, _ in BAD_ROUTERS])
+def test_top_k_router_refuses_bad_arguments(what, make, error, phrase):
+    with pytest.raises(error, match=phrase):
+        make()
+
+
+def test_forward_checks_the_input_and_the_router_outputs():
+    layer = kernels.FusedMoE(kernels.TopKRouter(randn(E_, H_), 2), randn(E_, 2 * I_, H_), randn(E_, H_, I_))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=f"hidden_states must be \\[..., {H_}\\]"):
+            layer(randn(5, H_ + 1))
+        with pytest.raises(TypeError, match="hidden_states"):
+            layer(randn(5, H_).double())
+        with pytest.raises(ValueError, match="hidden_states"):
+            layer.router(randn(5, H_ + 1))
+        layer.gate.selection_bias = torch.zeros(2 * E_, device=DEVICE)[::2][:2]  # a wrong-size bias view
+        with pytest.raises(ValueError, match="selection_bias"):
+            layer(randn(5, H_))
+        layer.gate = FixedRouter(E_ + 1, 2)  # scores more experts than the layer holds
+        with pytest.raises(ValueError, match="the router returned logits of shape \\(5, 5\\)"):
+            layer(randn(5, H_))
+        layer.gate = FixedRouter(E_, 2)
+        assert layer(randn(2, 3, H_)).shape == (2, 3, H_)
+
+
+def test_numpy_top_k_and_a_cpu_weight_for_later_moving_are_accepted():
+    router = kernels.TopKRouter(torch.randn(E_, H_), np.int64(2))  # weights built on the CPU, moved later
+    assert router.top_k == 2 and isinstance(router.top_k, int)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA-graph capture needs a CUDA device (none found)")

@@ -8,6 +8,7 @@ import time
 import warnings
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,20 +28,20 @@ H, E, K, I = 32, 8, 2, 16
 COST = {"energy": 1.0, "latency": 0.0, "quality": 1.0}
 
 
-COMM_J_PER_BYTE, COMM_MS_PER_BYTE = 2e-3, 1e-4
+COMM_J_PER_BYTE, COMM_MS_PER_BYTE = 2e-3, 1e-3
 
 
 def decode_table(d_model=H, drop_swiglu=False):
-    """swiglu_ffn: 1 J + 0.02 J/token and 0.1 ms + 1 us/token (weight load dominates, as in decode);
-    all_to_all over 2 ranks: 1 J + 2 mJ/byte and 0.05 ms + 0.1 us/byte (a token's exchange costs a
-    visible share of an expert's weight load)."""
+    """swiglu_ffn: 1 J + 0.02 J/token and 1 ms + 10 us/token (weight load dominates, as in decode;
+    1 kW at one token); all_to_all over 2 ranks: 1 J + 2 mJ/byte and 0.5 ms + 1 us/byte (a token's
+    exchange costs a visible share of an expert's weight load)."""
     table = synthetic_table()
     table["dims"] = asdict(ModelDims(d_model=d_model, d_ff=I, n_heads=4, num_experts=E, top_k=K))
     table["ops"]["swiglu_ffn"]["points"] = [
-        {"batch_size": b, "latency_ms": 0.1 + 0.001 * b, "energy_j": 1.0 + 0.02 * b, "memory_gb": 1e-3 * b}
+        {"batch_size": b, "latency_ms": 1.0 + 0.01 * b, "energy_j": 1.0 + 0.02 * b, "memory_gb": 1e-3 * b}
         for b in (1, 4, 16, 64, 256)]
     table["collectives"] = {"all_to_all": {"2": {"source": "measured", "points": [
-        {"bytes_per_rank": b, "latency_ms": 0.05 + COMM_MS_PER_BYTE * b, "energy_j": 1.0 + COMM_J_PER_BYTE * b}
+        {"bytes_per_rank": b, "latency_ms": 0.5 + COMM_MS_PER_BYTE * b, "energy_j": 1.0 + COMM_J_PER_BYTE * b}
         for b in (2 ** 10, 2 ** 16, 2 ** 22)]}}}
     if drop_swiglu:
         del table["ops"]["swiglu_ffn"]
@@ -358,22 +359,23 @@ def test_placement_keeps_tokens_on_local_experts(cost_model):
 
 
 BAD_PLACEMENT = [
-    (r"expert_placement: num_experts \(8\) must be a multiple of world_size \(3\)", dict(expert_placement=(0, 3))),
-    (r"expert_placement .*0 <= rank < world_size", dict(expert_placement=(2, 2))),
-    (r"expert_placement .*0 <= rank < world_size", dict(expert_placement=(-1, 2))),
-    (r"expert_placement must be None or \(rank, world_size\)", dict(expert_placement=(0,))),
-    (r"expert_placement must be None or \(rank, world_size\)", dict(expert_placement="0,2")),
-    (r"expert_placement must be None or \(rank, world_size\)", dict(expert_placement=(True, 2))),
-    (r"expert_placement \(0, 4\): world_size 4 has no all_to_all curve", dict(expert_placement=(0, 4))),
-    ("expert_placement_bytes_per_rank", dict(expert_placement=(0, 2), expert_placement_bytes_per_rank=0)),
-    ("expert_placement_bytes_per_rank", dict(expert_placement=(0, 2), expert_placement_bytes_per_rank=1.5)),
-    ("expert_placement_bytes_per_rank .* needs expert_placement", dict(expert_placement_bytes_per_rank=4096)),
+    (r"expert_placement: num_experts \(8\) must be a multiple of world_size \(3\)", dict(expert_placement=(0, 3)), ValueError),
+    (r"expert_placement .*0 <= rank < world_size", dict(expert_placement=(2, 2)), ValueError),
+    (r"expert_placement .*0 <= rank < world_size", dict(expert_placement=(-1, 2)), ValueError),
+    (r"expert_placement must be None or \(rank, world_size\)", dict(expert_placement=(0,)), ValueError),
+    (r"expert_placement must be None or \(rank, world_size\)", dict(expert_placement="0,2"), ValueError),
+    (r"expert_placement must be None or \(rank, world_size\)", dict(expert_placement=(True, 2)), ValueError),
+    (r"expert_placement \(0, 4\): world_size 4 has no all_to_all curve", dict(expert_placement=(0, 4)), ValueError),
+    ("expert_placement_bytes_per_rank", dict(expert_placement=(0, 2), expert_placement_bytes_per_rank=0), ValueError),
+    ("expert_placement_bytes_per_rank", dict(expert_placement=(0, 2), expert_placement_bytes_per_rank=1.5), TypeError),
+    ("expert_placement_bytes_per_rank .* needs expert_placement", dict(expert_placement_bytes_per_rank=4096), ValueError),
 ]
 
 
-@pytest.mark.parametrize("match, kwargs", BAD_PLACEMENT, ids=[f"placement-{i}" for i in range(len(BAD_PLACEMENT))])
-def test_bad_placement(cost_model, match, kwargs):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("match, kwargs, error", BAD_PLACEMENT,
+                         ids=[f"placement-{i}" for i in range(len(BAD_PLACEMENT))])
+def test_bad_placement(cost_model, match, kwargs, error):
+    with pytest.raises(error, match=match):
         EnergyAwareTTTRouter(H, E, K, cost_model, **kwargs)
 
 
@@ -460,14 +462,31 @@ BAD_CONSTRUCTION = [
     ("muon_enabled .* needs ttt_gate", dict(muon_enabled=True)),
     (r"weight must be \[num_experts, d_model\]", dict(weight=torch.zeros(E, H + 1, device=DEVICE))),
 ]
+BAD_CONSTRUCTION_TYPES = [
+    ("top_k must be an int", dict(top_k=2.0)),
+    ("num_experts must be an int", dict(num_experts="8")),
+    ("d_model must be an int", dict(d_model=True)),
+    ("monitor must be a router.HardwareMonitor", dict(monitor="gpu0")),
+    ("dtype must be one of float32", dict(dtype=torch.int64)),
+]
 
 
-@pytest.mark.parametrize("match, kwargs", BAD_CONSTRUCTION, ids=[f"{m[:24]}-{i}" for i, (m, _) in
-                                                                  enumerate(BAD_CONSTRUCTION)])
-def test_bad_construction(cost_model, match, kwargs):
+@pytest.mark.parametrize("match, kwargs, error", [(m, k, ValueError) for m, k in BAD_CONSTRUCTION] +
+                         [(m, k, TypeError) for m, k in BAD_CONSTRUCTION_TYPES],
+                         ids=[f"{m[:24]}-{i}" for i, (m, _) in enumerate(BAD_CONSTRUCTION + BAD_CONSTRUCTION_TYPES)])
+def test_bad_construction(cost_model, match, kwargs, error):
     args = dict(d_model=H, num_experts=E, top_k=K, kernel_cost_model=cost_model) | kwargs
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         EnergyAwareTTTRouter(**args)
+
+
+def test_numpy_sizes_are_ints_and_token_counts_cannot_go_negative(cost_model):
+    router = EnergyAwareTTTRouter(np.int64(H), np.int32(E), np.int64(K), cost_model)
+    assert (router.d_model, router.num_experts, router.top_k) == (H, E, K)
+    assert all(type(v) is int for v in (router.d_model, router.top_k, router.ttt_update_frequency))
+    for count, error in ((-5, ValueError), (1.5, TypeError)):
+        with pytest.raises(error, match="count"):
+            router.note_tokens(count)
 
 
 def test_cost_model_checked_at_construction(cost_model, tmp_path, monkeypatch):

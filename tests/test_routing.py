@@ -1,4 +1,7 @@
 """Top-k routing and the expert-grouped layout against torch, with their invariants."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +77,65 @@ def test_nan_policy_mask_and_raise():
         kernels.route(logits, 2, nan_policy="raise")
 
 
+def test_masked_experts_keep_ids_distinct_and_weigh_nothing():
+    """-inf biases (masked experts) leaving fewer than K selectable: distinct ids, spare slots at weight 0."""
+    logits = randn(6, 2)
+    one_left = kernels.route(logits, 2, selection_bias=torch.tensor([0.0, -math.inf], device=DEVICE))
+    assert one_left.topk_ids.tolist() == [[0, 1]] * 6
+    assert torch.allclose(one_left.topk_weights, torch.tensor([[1.0, 0.0]] * 6, device=DEVICE), rtol=1e-6, atol=0), \
+        "renormalised over the selectable expert; the spare slot weighs exactly 0"
+    assert (one_left.topk_weights[:, 1] == 0).all()
+    none_left = kernels.route(randn(6, 4), 2, selection_bias=torch.full((4,), -math.inf, device=DEVICE))
+    assert none_left.topk_ids.tolist() == [[0, 1]] * 6, "the lowest unchosen indices"
+    assert torch.equal(none_left.topk_weights, torch.zeros(6, 2, device=DEVICE))
+    nan_bias = torch.tensor([math.nan, 0.0, 0.0, 0.0], device=DEVICE)  # NaN masks like -inf, in both
+    logits = randn(5, 4)
+    logits[:, 0] = 10.0
+    result = kernels.route(logits, 2, selection_bias=nan_bias, renormalize=False)
+    weights, ids = route_reference(logits, 2, selection_bias=nan_bias, renormalize=False)
+    assert not (result.topk_ids == 0).any() and torch.equal(result.topk_ids.long(), ids)
+    assert torch.allclose(result.topk_weights, weights)
+
+
+def test_all_neg_inf_logits_weigh_nothing_in_the_kernel_the_reference_and_the_gradient_path():
+    logits = torch.full((3, 4), -math.inf, device=DEVICE)
+    logits[0] = randn(4)
+    result = kernels.route(logits, 2)
+    weights, ids = route_reference(logits, 2)
+    assert torch.equal(result.topk_weights[1:], torch.zeros(2, 2, device=DEVICE))
+    assert torch.equal(weights[1:], torch.zeros(2, 2, device=DEVICE)) and torch.equal(result.topk_ids.long(), ids)
+    router = kernels.TopKRouter(randn(4, 8), 2)
+    x = randn(3, 8).requires_grad_()
+    with torch.no_grad():
+        router.weight[:, 0] = 1e30  # huge logits; +Inf in float32 for the positive rows
+    _, grad_weights, _ = router(x)
+    _, plain_weights, _ = router(x.detach())
+    assert torch.allclose(grad_weights, plain_weights), "the training path keeps the kernel's NaN/Inf policy"
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_selection_bias_is_read_with_its_strides(layout):
+    E = 8
+    logits = randn(9, E)
+    dense = randn(2 * E, scale=0.3)[::2] if layout == "strided" else torch.tensor([0.2], device=DEVICE).expand(E)
+    result = kernels.route(logits, 2, selection_bias=dense)
+    expected = kernels.route(logits, 2, selection_bias=dense.contiguous())
+    assert torch.equal(result.topk_ids, expected.topk_ids) and torch.equal(result.topk_weights, expected.topk_weights)
+
+
+def test_nan_policy_raise_counts_positive_infinity_like_the_mask():
+    logits = randn(3, 4)
+    logits[1, 2] = math.inf
+    assert int(kernels.route(logits, 2).nan_tokens) == 1
+    with pytest.raises(ValueError, match="NaN or \\+Inf"):
+        kernels.route(logits, 2, nan_policy="raise")
+
+
+def test_numpy_integer_top_k_is_an_int():
+    logits = randn(5, 8)
+    assert torch.equal(kernels.route(logits, np.int64(3)).topk_ids, kernels.route(logits, 3).topk_ids)
+
+
 @pytest.mark.parametrize("case", ["random", "one-expert", "empty-experts", "T0"])
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_group_by_expert_invariants(case, block_m):
@@ -123,6 +185,14 @@ BAD_ROUTE = [
     ("selection_bias", lambda x: dict(router_logits=x, top_k=2, selection_bias=torch.zeros(8, device=x.device).half()),
      TypeError),
     ("nan_policy", lambda x: dict(router_logits=x, top_k=2, nan_policy="ignore"), ValueError),
+    ("top_k", lambda x: dict(router_logits=x, top_k=np.float64(2)), TypeError),
+    ("top_k", lambda x: dict(router_logits=x, top_k=True), TypeError),
+    ("router_logits", lambda x: dict(router_logits=x[:, :0], top_k=1), ValueError),
+    ("router_logits", lambda x: dict(router_logits=x.cpu().bfloat16() if not ON_GPU else x.cpu(), top_k=2),
+     TypeError if not ON_GPU else ValueError),
+    ("renormalize", lambda x: dict(router_logits=x, top_k=2, renormalize="no"), TypeError),
+    ("renormalize", lambda x: dict(router_logits=x, top_k=2, renormalize=None), TypeError),
+    ("renormalize", lambda x: dict(router_logits=x, top_k=2, renormalize=1), TypeError),
 ]
 
 

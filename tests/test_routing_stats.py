@@ -45,6 +45,19 @@ def test_counts_by_hand():
     assert window.tolist() == [[2.0, 2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 0.0]]
 
 
+@pytest.mark.parametrize("K", [1, 3])  # K=3: the kernel pads K to 4 lanes, which must never match a bad id
+def test_invalid_ids_are_neither_kept_nor_changed(K):
+    plain = torch.tensor([[0, 1, 2][:K], [-1, 1, 2][:K], [99, 1, 2][:K]], device=DEVICE)
+    chosen = torch.tensor([[-1, 1, 2][:K], [-1, 1, 2][:K], [3, 1, 2][:K]], device=DEVICE)
+    weights, nan_tokens = torch.ones(3, K, device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    stats = torch.zeros(len(STAT_FIELDS), dtype=torch.int64, device=DEVICE)
+    routing_tallies(plain, chosen, weights, nan_tokens, 4, stats=stats)
+    expected, _ = routing_tallies_reference(plain, chosen, weights, nan_tokens, 4)
+    assert stats.tolist() == expected.tolist()
+    fields = dict(zip(STAT_FIELDS, stats.tolist()))
+    assert fields["changed_slots"] == fields["rerouted_tokens"] == 1, "only token 2's slot moved, to expert 3"
+
+
 def test_only_the_given_outputs_change_and_bad_ids_count_as_no_expert():
     plain = torch.tensor([[0, 7]], device=DEVICE)  # 7 is out of range for E = 4
     window = torch.zeros(2, 4, device=DEVICE)
@@ -67,11 +80,12 @@ def good_args():
     ("weights", [[1.0, 1.0]] * 3, TypeError),
     ("nan_tokens", torch.zeros(2, dtype=torch.int32), ValueError),
     ("num_experts", 0, ValueError),
-    ("num_experts", 4.0, ValueError),
+    ("num_experts", 4.0, TypeError),
     ("stats", torch.zeros(8, dtype=torch.int32), TypeError),
     ("stats", torch.zeros(7, dtype=torch.int64), ValueError),
     ("window", torch.zeros(2, 5), ValueError),
     ("window", torch.zeros(5, 2).T, ValueError),
+    ("topk_ids", torch.zeros(3, 0, dtype=torch.int32), ValueError),
 ])
 def test_bad_input_names_the_argument(name, value, error):
     args = good_args()

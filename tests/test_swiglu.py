@@ -140,8 +140,12 @@ def test_matmul_mixed_devices():
 
 
 def test_cpu_tensor_without_interpreter_is_rejected(monkeypatch):
+    monkeypatch.setattr(kernels._validate, "INTERPRETER_AT_IMPORT", False)  # as if imported without it
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="x is on cpu"):
+    with pytest.raises(ValueError, match="x is on cpu; the Triton kernels need a CUDA tensor"):
+        kernels.matmul(torch.randn(2, 4), torch.randn(3, 4))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set after the import: too late for Triton
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 was set after `import kernels`"):
         kernels.matmul(torch.randn(2, 4), torch.randn(3, 4))
 
 

@@ -72,3 +72,63 @@ def test_energy_window_on_the_replayed_h100_counter(h100_trace):
     recorded = [r for r in trimmed["readings"] if start <= r["time_s"] <= end]
     integrated_j = sum(r["power_instant_w"] for r in recorded) * trimmed["interval_s"]
     assert window.energy_j == pytest.approx(integrated_j, rel=0.15)
+
+
+# ---- traces that cannot be replayed ------------------------------------------------------------------
+
+def one_reading_trace(**reading):
+    fields = {"time_s": 0.0, "energy_mj": 1, "power_instant_w": 100.0, "power_average_w": 100.0,
+              "temperature_c": 60.0, "sm_clock_mhz": 1980, "mem_clock_mhz": 2619, "clock_event_reasons": 0,
+              "memory_used_bytes": 1, "memory_bandwidth_util_pct": 50, "missing": {}}
+    return {"gpu_name": "NVIDIA H100", "gpu_uuid": "GPU-x", "driver": "1", "interval_s": 0.1,
+            "thresholds_c": {"slowdown": 89, "shutdown": 95}, "readings": [fields | reading]}
+
+
+def without(mapping, key):
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+TRACE = one_reading_trace()
+READING = TRACE["readings"][0]
+
+
+@pytest.mark.parametrize("trace, error, phrase", [
+    ([READING], TypeError, "trace must be a dict"),
+    ({"gpu_name": "x"}, ValueError, "trace has no 'readings' field"),
+    (without(TRACE, "driver"), ValueError, "trace has no 'driver' field"),
+    (without(TRACE, "thresholds_c"), ValueError, "trace has no 'thresholds_c' field"),
+    (TRACE | {"thresholds_c": {"slowdown": 89}}, ValueError, "'slowdown' and 'shutdown'"),
+    (TRACE | {"readings": []}, ValueError, r"trace\['readings'\] must be a non-empty list"),
+    (TRACE | {"readings": {"0": READING}}, ValueError, r"trace\['readings'\] must be a non-empty list"),
+    (TRACE | {"readings": [5]}, ValueError, r"trace\['readings'\]\[0\] must be a dict"),
+    (TRACE | {"readings": [without(READING, "energy_mj")]}, ValueError, r"\[0\] has no 'energy_mj' field"),
+    (TRACE | {"readings": [{"time_s": 0.0}]}, ValueError, r"\[0\] has no 'energy_mj', 'power_instant_w'"),
+    (TRACE | {"readings": [READING | {"time_s": float("nan")}]}, ValueError, r"\['time_s'\] must be a finite"),
+    (TRACE | {"readings": [READING | {"time_s": "0"}]}, ValueError, r"\['time_s'\] must be a finite"),
+    (TRACE | {"readings": [READING | {"time_s": 1.0}, READING]}, ValueError,
+     r"\[1\]\['time_s'\] must be a finite number, no earlier than the reading before \(1.0\)"),
+])
+def test_replay_refuses_a_trace_it_cannot_play(trace, error, phrase):
+    with pytest.raises(error, match=phrase):
+        ReplayNvml(trace)
+
+
+def test_replay_without_missing_reasons_or_uuid():
+    trace = without(TRACE, "gpu_uuid") | {"readings": [without(READING, "missing") | {"sm_clock_mhz": None}]}
+    meter = GpuMeter(nvml=ReplayNvml(trace))
+    reading = meter.read()
+    assert reading.sm_clock_mhz is None and "not recorded" in reading.missing["sm_clock_mhz"]
+    assert reading.temperature_c == 60.0 and meter.uuid() is None
+
+
+@pytest.mark.parametrize("call, error, phrase", [
+    (lambda: record(GpuMeter(nvml=FakeNvml()), seconds=-1), ValueError, "seconds must be a finite number > 0"),
+    (lambda: record(GpuMeter(nvml=FakeNvml()), seconds=0), ValueError, "seconds must be a finite number > 0"),
+    (lambda: record(GpuMeter(nvml=FakeNvml()), seconds=float("nan")), ValueError, "seconds must be a finite"),
+    (lambda: record(GpuMeter(nvml=FakeNvml()), seconds="1"), TypeError, "seconds must be a real number"),
+    (lambda: record(GpuMeter(nvml=FakeNvml()), seconds=0.2, interval_s=0.01), ValueError, "interval_s"),
+    (lambda: record("gpu0", seconds=1), TypeError, "meter must be a calibration.nvml_meter.GpuMeter"),
+])
+def test_record_bad_input(call, error, phrase):
+    with pytest.raises(error, match=phrase):
+        call()

@@ -69,13 +69,14 @@ def test_checkpoints_round_trip(tmp_path):
 
 def test_tiny_training_run(tmp_path, capsys):
     main(["--steps", "2", "--d_model", "32", "--num_layers", "1", "--seq_length", "16", "--batch_size", "2",
-          "--eval_bytes", "64", "--output_dir", str(tmp_path), "--device", DEVICE])
+          "--eval_bytes", "64", "--output_dir", str(tmp_path), "--device", DEVICE, "--time_budget_s", "1e-9"])
     for moe in (False, True):
         path = checkpoint_path(tmp_path, moe, 32, 1, 4, 2)
         meta = torch.load(path, weights_only=True)["meta"]
         assert meta["steps"] == 2 and meta["heldout"]["bytes"] > 0 and meta["heldout"]["bits_per_byte"] > 0
         assert meta["corpus"]["heldout_files"] > 0 and meta["parameters"]["total"] > 0
-    assert "held-out" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out" in out and "trained past --time_budget_s 1e-09 s" in out, "an overrun budget is said"
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -88,11 +89,19 @@ def test_tiny_training_run(tmp_path, capsys):
     (["--preset", "deployment", "--num_experts", "8"], "--num_experts"),
     (["--output_dir", __file__], "--output_dir"),
     (["--device", "tpu"], "--device"),
-], ids=["steps", "top_k", "models", "d_model", "lr", "budget", "preset-conflict", "output-file", "device"])
+    (["--aux_loss_coef", "nan"], "--aux_loss_coef"),
+    (["--aux_loss_coef", "-5"], "--aux_loss_coef: must be a finite number >= 0"),
+    (["--lr", "1e300"], "--lr: must be a finite AdamW learning rate in (0, 1]"),
+    (["--lr", "nan"], "--lr"),
+    (["--eval_bytes", "1"], "--eval_bytes: must be >= 2"),
+    (["--models", "dense,dense"], "--models: repeats dense"),
+    (["--models", ""], "--models"),
+], ids=["steps", "top_k", "models", "d_model", "lr", "budget", "preset-conflict", "output-file", "device", "aux-nan",
+        "aux-negative", "lr-huge", "lr-nan", "eval-bytes", "models-repeated", "models-empty"])
 def test_bad_flags_name_the_flag(flags, named, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         parse_args(flags)
-    assert named in capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("T, E, K", [(7, 4, 2), (1, 3, 3), (0, 2, 1), (9, 5, 1)], ids=["odd", "k=e", "empty", "k1"])
