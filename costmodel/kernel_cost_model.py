@@ -230,7 +230,9 @@ class KernelCostModel:
         return (steady - start) * (1.0 - math.exp(-latency_ms * 1e-3 / thermal["time_constant_s"]))
 
     def get_cost(self, op, batch_size, current_temp=None, memory_pressure=None):
-        """Predicted cost of one call of ``op`` at ``batch_size`` (tokens; sequences for attention ops).
+        """Predicted cost of one call of ``op`` at ``batch_size`` (tokens; sequences for attention ops;
+        any positive number: a fractional one is a mean load, as the router uses; beyond the measured
+        sizes the end segment extends, labelled "extrapolated").
 
         Returns a dict: ``energy_joules``, ``latency_ms``, ``power_w``, ``temp_impact`` (°C the call
         raises the card from ``current_temp``; None without a thermal model), ``memory_gb``,
