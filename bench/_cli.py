@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from bench.harness.presets import PRESETS, SEED
+from calibration.energy import MIN_WINDOW_S
 
-MIN_WINDOW_S = 1.0  # the project's rule: an energy window lasts at least 1 s
 MIN_EVAL_BYTES = 2  # evaluation predicts each held-out byte from the ones before it: 2 bytes, one prediction
 DIM_FLAGS = ("d_model", "num_layers", "num_experts", "top_k", "expert_d_ff", "seq_length")
 MOE_CPU_NEEDS_INTERPRETER = ("an MoE on --device cpu needs TRITON_INTERPRET=1 on a machine with CUDA: the routing "

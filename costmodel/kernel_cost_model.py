@@ -12,37 +12,14 @@ energy summed over the participating GPUs. ``get_comm_cost`` and ``comm_cost_per
 """
 import bisect
 import math
-import numbers
 import os
 import re
 
+from calibration._validate import ABSOLUTE_ZERO_C, count, finite_number, real
 from costmodel.ops import COMM_OPS, ModelDims, check_op, work
-from costmodel.table import ABSOLUTE_ZERO_C, TABLE_DIR, load_table
+from costmodel.table import TABLE_DIR, load_table
 
 __all__ = ["DeviceCostTable", "KernelCostModel", "TABLE_DIR", "lerp_segments", "load_table"]
-
-
-def _real(name, value):
-    """``value`` as a float: Python and numpy numbers, never a bool."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _count(name, value, low):
-    """``value`` as an int >= ``low``: Python and numpy integers, never a bool."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def _positive_number(name, value):
-    value = _real(name, value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
 
 
 def _piecewise_linear(points, x):
@@ -138,11 +115,11 @@ class KernelCostModel:
         check_op(op)
         if op not in self._points:
             raise ValueError(f"op {op!r} is not in the {self.gpu_type} table ({self.path})")
-        batch_size = _positive_number("batch_size", batch_size)
+        batch_size = finite_number("batch_size", batch_size, low=0.0, low_open=True)
         if current_temp is not None:
             current_temp = self._check_temp(current_temp)
         if memory_pressure is not None:
-            memory_pressure = _real("memory_pressure", memory_pressure)
+            memory_pressure = real("memory_pressure", memory_pressure)
             if not 0.0 <= memory_pressure <= 1.0:
                 raise ValueError(f"memory_pressure must be in [0, 1] or None, got {memory_pressure!r}")
         return batch_size, current_temp, memory_pressure
@@ -150,7 +127,7 @@ class KernelCostModel:
     def _check_temp(self, current_temp):
         """A card's temperature: above absolute zero, and below the shutdown threshold when the
         table knows it (a card there is off, so such a reading is a bad sensor or a typo)."""
-        temp_c = _real("current_temp", current_temp)
+        temp_c = real("current_temp", current_temp)
         shutdown_c = (self.table.get("thermal") or {}).get("shutdown_temp_c")
         if not math.isfinite(temp_c) or temp_c <= ABSOLUTE_ZERO_C:
             raise ValueError(f"current_temp must be a finite °C above absolute zero ({ABSOLUTE_ZERO_C}), "
@@ -260,8 +237,8 @@ class KernelCostModel:
     def _comm_curve(self, op, bytes_per_rank, world_size):
         if op not in COMM_OPS:
             raise ValueError(f"unknown collective op {op!r}; the cost model knows {', '.join(COMM_OPS)}")
-        _positive_number("bytes_per_rank", bytes_per_rank)
-        world_size = _count("world_size", world_size, 1)
+        finite_number("bytes_per_rank", bytes_per_rank, low=0.0, low_open=True)
+        world_size = count("world_size", world_size, 1)
         if not self.table.get("collectives"):
             raise ValueError(f"the {self.gpu_type} table ({self.path}) has no collectives section: "
                              f"torchrun --nproc_per_node N -m bench.calibrate_comm --gpu {self.gpu_type} measures it")
@@ -299,7 +276,7 @@ class KernelCostModel:
         ``energy_joules``, ``latency_ms`` (kernel time plus the gaps), ``kernel_latency_ms``,
         ``gap_ms`` and ``prediction: True``."""
         if measured_latency_ms is not None:
-            measured_latency_ms = _real("measured_latency_ms", measured_latency_ms)
+            measured_latency_ms = real("measured_latency_ms", measured_latency_ms)
             if not (math.isfinite(measured_latency_ms) and measured_latency_ms >= 0):
                 raise ValueError(f"measured_latency_ms must be a finite number >= 0 or None, got {measured_latency_ms!r}")
         if isinstance(plan, (str, dict)) or not hasattr(plan, "__iter__"):
@@ -309,7 +286,7 @@ class KernelCostModel:
             if not isinstance(entry, (tuple, list)) or len(entry) != 3:
                 raise ValueError(f"plan entries must be (op, batch_size, calls), got {entry!r}")
             op, batch_size, calls = entry
-            calls = _count(f"plan entry ({op!r}, {batch_size!r}, {calls!r}): calls", calls, 0)
+            calls = count(f"plan entry ({op!r}, {batch_size!r}, {calls!r}): calls", calls, 0)
             cost = self.get_cost(op, batch_size)
             energy_j += cost["energy_joules"] * calls
             latency_ms += cost["latency_ms"] * calls
@@ -334,7 +311,7 @@ class KernelCostModel:
         rise from ``current_temp`` stays within ``max_temp_increase`` °C and keeps the card below
         the NVML slowdown threshold (when the table has it); 0 when no batch is safe (e.g. at or
         above the slowdown threshold); None without a thermal model."""
-        max_temp_increase = _positive_number("max_temp_increase", max_temp_increase)
+        max_temp_increase = finite_number("max_temp_increase", max_temp_increase, low=0.0, low_open=True)
         if current_temp is None:
             raise TypeError("current_temp must be a number of °C, got NoneType")
         _, current_temp, _ = self._check(op, 1, current_temp, None)

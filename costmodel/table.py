@@ -10,12 +10,10 @@ import math
 from dataclasses import fields
 from pathlib import Path
 
+from calibration._validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C
 from costmodel.ops import OPS, ModelDims
 
 TABLE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "tables"
-ABSOLUTE_ZERO_C = -273.15
-MAX_TEMP_C = 200.0  # no GPU runs, or reports, a die this hot: a larger figure is a unit or sensor error
-MAX_POWER_W = 10_000.0  # one GPU's average power over a call; 10x any card's limit
 
 
 class _TableChecker:
@@ -97,20 +95,20 @@ def _check_ops(check, ops):
         for n, point in enumerate(entry["points"]):
             check.field(f"{where}['points'][{n}]", point, "memory_gb", low_open=False)
             power_w = point["energy_j"] / (point["latency_ms"] * 1e-3)
-            if power_w > MAX_POWER_W:
+            if power_w > MAX_BOARD_POWER_W:
                 check.fail(f"{where}['points'][{n}]", f"implies {power_w:.3g} W over the call, above any GPU's "
-                           f"power ({MAX_POWER_W:.0f} W): energy_j or latency_ms is in the wrong unit")
+                           f"power ({MAX_BOARD_POWER_W:.0f} W): energy_j or latency_ms is in the wrong unit")
 
 
 def _check_thermal(check, thermal):
     if thermal is None:
         return
     check.section("'thermal'", thermal)
-    temp_bounds = {"low": ABSOLUTE_ZERO_C, "high": MAX_TEMP_C}
+    temp_bounds = {"low": ABSOLUTE_ZERO_C, "high": MAX_GPU_TEMP_C}
     ambient_c = check.field("'thermal'", thermal, "ambient_c", **temp_bounds)
     check.field("'thermal'", thermal, "resistance_c_per_w")
     check.field("'thermal'", thermal, "time_constant_s")
-    thresholds = {key: check.field("'thermal'", thermal, key, low=ambient_c, high=MAX_TEMP_C)
+    thresholds = {key: check.field("'thermal'", thermal, key, low=ambient_c, high=MAX_GPU_TEMP_C)
                   for key in ("slowdown_temp_c", "shutdown_temp_c") if thermal.get(key) is not None}
     if thresholds.get("slowdown_temp_c", -math.inf) > thresholds.get("shutdown_temp_c", math.inf):
         check.fail("'thermal'", f"has slowdown_temp_c {thresholds['slowdown_temp_c']} above shutdown_temp_c "

@@ -31,13 +31,13 @@ The hardware state is a [3] device tensor (temperature °C, power W, NVML memory
 ``*_reference`` functions are the same in torch.
 """
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from calibration._validate import finite_number
 from costmodel.kernel_cost_model import lerp_segments
 from kernels._validate import INDEX_DTYPES, check_tensor
 from kernels.routing_stats import expert_loads_reference
@@ -260,10 +260,7 @@ def _constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, t
 
 def _check_knob(name, value, positive=False):
     """A number the kernel takes as a float32 scalar: finite there (<= 3.4e38), and >= 0 (or > 0)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite float32 number {'>' if positive else '>='} 0, got {value!r}")
+    finite_number(name, value, low=0.0, low_open=positive, high=FLOAT32_MAX, why=" (a float32 kernel argument)")
 
 
 def expert_cost_bias(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight, max_shift,
