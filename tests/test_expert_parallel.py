@@ -94,6 +94,7 @@ def _rank_checks(rank, world_size, port, E, K, tokens_per_rank, backend="gloo", 
         with pytest.raises(ValueError, match="does not divide"):
             kernels.FusedMoE(kernels.TopKRouter(router_weight[:E - 1], K), gate_up[mine], down[mine],
                              process_group=dist.group.WORLD)
+        dist.barrier()  # no rank tears gloo down while another still talks (SIGABRT at exit otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -174,6 +175,7 @@ def _rank_from_hf(rank, world_size, port):
             out = sharded(x)
         out = out[0] if isinstance(out, tuple) else out
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+        dist.barrier()  # no rank tears gloo down while another still talks (SIGABRT at exit otherwise)
     finally:
         dist.destroy_process_group()
 
