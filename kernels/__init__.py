@@ -1,6 +1,8 @@
 """Triton kernels, their launchers, and a pure-torch reference beside each.
 
-MoE ops: top-k routing with a selection-bias hook (``route``), the fused experts
+MoE ops: top-k routing with a selection-bias hook (``route``), baseline-preserving re-routing
+(``policy_routing``: keep each token's best experts, fill its other slots by cost or from the
+batch's active set), the fused experts
 (``fused_experts``, transformers' ``MixtralExperts`` semantics) and the drop-in ``FusedMoE``
 layer with ``patch_hf_model``. Dense ops: the SwiGLU FFN (fused gate+up with SiLU·up in the epilogue, and the single
 projections ``ffn_gate``/``ffn_up``/``ffn_down`` the cost model calibrates), a plain GEMM, and
@@ -16,6 +18,7 @@ from kernels.decode_attention import decode_attention
 from kernels.fused_experts import fused_experts
 from kernels.matmul import matmul
 from kernels.moe_layer import FusedMoE, TopKRouter, patch_hf_model, register_hf_experts_implementation
+from kernels.policy_routing import policy_routing
 from kernels.routing import route
 from kernels.swiglu import ffn_down, ffn_gate, ffn_up, swiglu_ffn, swiglu_gate_up
 
@@ -24,5 +27,6 @@ __version__ = "0.1.0"
 __all__ = [
     "attention_av", "attention_qk", "decode_attention", "flash_attention", "matmul",
     "ffn_down", "ffn_gate", "ffn_up", "swiglu_ffn", "swiglu_gate_up",
-    "FusedMoE", "TopKRouter", "fused_experts", "patch_hf_model", "register_hf_experts_implementation", "route",
+    "FusedMoE", "TopKRouter", "fused_experts", "patch_hf_model", "policy_routing", "register_hf_experts_implementation",
+    "route",
 ]

@@ -140,27 +140,25 @@ def _clamp(x, low, high):
 
 
 @triton.jit
-def _cost_bias_kernel(
-    p_ids, n_slots, p_curves, stride_row, p_state, p_offsets, p_extra, p_bias, E,
+def _bias_from_loads(
+    b_loads, p_curves, stride_row, p_state, p_offsets, p_extra, E,
     idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
     energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure,
     N_TABLE: tl.constexpr, N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    BLOCK: tl.constexpr, BINS: tl.constexpr,
+    BINS: tl.constexpr, SELF_IN_LOADS: tl.constexpr,
 ):
-    # loads: a histogram of the plain ids [n_slots]; invalid ids and padding land in the spare bin E
-    b_loads = tl.zeros((BINS,), dtype=tl.int32)
-    for s0 in range(0, n_slots, BLOCK):
-        o_s = s0 + tl.arange(0, BLOCK)
-        b_ids = tl.load(p_ids + o_s, mask=o_s < n_slots, other=E)
-        b_ids = tl.where((b_ids >= 0) & (b_ids < E), b_ids, E).to(tl.int32)
-        b_loads += tl.histogram(b_ids, BINS)
+    """The [BINS] bias from the experts' loads [BINS] (int32). With SELF_IN_LOADS the deciding token
+    is one of an expert's load (plain top-k's loads), so the others put n - 1 on it; without, the
+    loads are the other tokens' only (the kept experts of a baseline-preserving policy)."""
     o_e = tl.arange(0, BINS)
     m_e = o_e < E
     b_temp, b_stretch = _hardware_stretch(p_curves, stride_row, p_state, o_e, cool_temp_c, fastest_clock_mhz,
                                           max_memory_pressure, N_CLOCK, N_PRESSURE)
 
     # marginal cost against the load the other tokens put on each expert
-    b_others = tl.maximum(b_loads.to(tl.float32) - 1.0, 0.0)
+    b_others = b_loads.to(tl.float32)
+    if SELF_IN_LOADS:
+        b_others = tl.maximum(b_others - 1.0, 0.0)
     e_hi, l_hi = _stretched_cost(p_curves, stride_row, b_others + 1.0, b_stretch, idle_power_w, N_TABLE)
     e_lo, l_lo = _stretched_cost(p_curves, stride_row, tl.maximum(b_others, 1.0), b_stretch, idle_power_w, N_TABLE)
     b_busy = b_others > 0
@@ -181,8 +179,31 @@ def _cost_bias_kernel(
                      latency_weight, thermal_gain, thermal_margin_c)
     b_offsets = tl.load(p_offsets + o_e, mask=m_e, other=0.0)
     b_share = tl.where(b_score == float("inf"), 1.0, b_score / (1.0 + b_score))  # s / (1 + s) saturates at 1
-    b_bias = _clamp(b_offsets - max_shift * b_share, -max_shift, 0.0)
-    tl.store(p_bias + o_e, b_bias, mask=m_e)
+    return _clamp(b_offsets - max_shift * b_share, -max_shift, 0.0)
+
+
+@triton.jit
+def _cost_bias_kernel(
+    p_ids, n_slots, p_curves, stride_row, p_state, p_offsets, p_extra, p_bias, E,
+    idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
+    energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure,
+    N_TABLE: tl.constexpr, N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    BLOCK: tl.constexpr, BINS: tl.constexpr,
+):
+    # loads: a histogram of the plain ids [n_slots]; invalid ids and padding land in the spare bin E
+    b_loads = tl.zeros((BINS,), dtype=tl.int32)
+    for s0 in range(0, n_slots, BLOCK):
+        o_s = s0 + tl.arange(0, BLOCK)
+        b_ids = tl.load(p_ids + o_s, mask=o_s < n_slots, other=E)
+        b_ids = tl.where((b_ids >= 0) & (b_ids < E), b_ids, E).to(tl.int32)
+        b_loads += tl.histogram(b_ids, BINS)
+    b_bias = _bias_from_loads(
+        b_loads, p_curves, stride_row, p_state, p_offsets, p_extra, E,
+        idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
+        energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure,
+        N_TABLE, N_CLOCK, N_PRESSURE, HAS_EXTRA, BINS, SELF_IN_LOADS=True)
+    o_e = tl.arange(0, BINS)
+    tl.store(p_bias + o_e, b_bias, mask=o_e < E)
 
 
 @triton.jit
@@ -365,9 +386,19 @@ def expert_cost_bias_reference(topk_ids, curves, hardware_state, bias_offsets, *
                                max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9,
                                extra_cost=None):
     """``expert_cost_bias`` in torch."""
-    loads = expert_loads_reference(topk_ids, bias_offsets.shape[0])
+    return bias_from_loads_reference(expert_loads_reference(topk_ids, bias_offsets.shape[0]), curves, hardware_state,
+                                     bias_offsets, energy_weight=energy_weight, latency_weight=latency_weight,
+                                     max_shift=max_shift, thermal_gain=thermal_gain,
+                                     thermal_margin_c=thermal_margin_c, max_memory_pressure=max_memory_pressure,
+                                     extra_cost=extra_cost, self_in_loads=True)
+
+
+def bias_from_loads_reference(loads, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight,
+                              max_shift, thermal_gain, thermal_margin_c, max_memory_pressure, extra_cost,
+                              self_in_loads):
+    """The bias from the experts' loads [E] float32 (``_bias_from_loads`` in torch)."""
     temp, stretch = _hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
-    others = (loads - 1.0).clamp_min(0.0)
+    others = (loads - 1.0).clamp_min(0.0) if self_in_loads else loads
     (e_hi, l_hi), (e_lo, l_lo) = _cost_reference(curves, others + 1.0, stretch), \
         _cost_reference(curves, others.clamp_min(1.0), stretch)
     busy = others > 0

@@ -61,11 +61,7 @@ class TopKRouter(nn.Module):
         return self
 
     def forward(self, hidden_states):
-        check_tensor("hidden_states", hidden_states, ndim=2)
-        check_same_dtype_device(hidden_states=hidden_states, weight=self.weight)
-        check_dim("hidden_states", hidden_states, 1, self.weight.shape[1], "the hidden size of the router's weight")
-        check_selection_bias(self.selection_bias, self.num_experts, self.weight.device)
-        router_logits = F.linear(hidden_states, self.weight)
+        router_logits = self._router_logits(hidden_states)
         routing = topk_routing(router_logits, self.top_k, self.selection_bias, self.renormalize)
         weights = routing.topk_weights
         if torch.is_grad_enabled() and router_logits.requires_grad:
@@ -74,14 +70,24 @@ class TopKRouter(nn.Module):
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, routing.topk_ids
 
+    def _router_logits(self, hidden_states):
+        """The gate's [T, E] logits of checked [T, H] hidden states (and a checked selection bias)."""
+        check_tensor("hidden_states", hidden_states, ndim=2)
+        check_same_dtype_device(hidden_states=hidden_states, weight=self.weight)
+        check_dim("hidden_states", hidden_states, 1, self.weight.shape[1], "the hidden size of the router's weight")
+        check_selection_bias(self.selection_bias, self.num_experts, self.weight.device)
+        return F.linear(hidden_states, self.weight)
+
     def _differentiable_weights(self, router_logits, topk_ids):
         """The chosen experts' gate weights through torch ops, so training reaches the router
         (the kernel's weights carry no autograd graph); the selection stays the kernel's, and so
-        does the NaN policy: NaN logits count as -inf, and an all-NaN token's weights are 0, not NaN."""
+        does the NaN policy: NaN logits count as -inf, and an all-NaN token's weights are 0, not NaN.
+        An empty slot (id -1, from ``kernels.policy_routing``) weighs 0."""
         probs = torch.softmax(router_logits.float().nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf),
                               dim=-1)
         probs = probs.nan_to_num(nan=0.0)  # a row of NaN/-inf only: 0, as the kernel gives
-        weights = probs.gather(1, topk_ids.long())
+        ids = topk_ids.long()
+        weights = probs.gather(1, ids.clamp_min(0)) * (ids >= 0)  # id -1: an empty slot, weight 0
         if not self.renormalize:
             return weights
         return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)

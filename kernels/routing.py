@@ -58,6 +58,74 @@ class ExpertBlocks:
 
 
 @triton.jit
+def _probabilities(p_logits, o_t, o_e, m_t, m_e, stride_lt):
+    """(probabilities [BT, BE] fp32, NaN-token flags [BT]) of a block of tokens: NaN and +Inf
+    logits count as -inf; an all-NaN row's probabilities are 0, not NaN."""
+    b_logits = tl.load(p_logits + o_t[:, None] * stride_lt + o_e[None, :], mask=m_t[:, None] & m_e[None, :],
+                       other=float("-inf")).to(tl.float32)  # [BT, BE]
+    m_nan = (b_logits != b_logits) | (b_logits == float("inf"))  # +Inf (overflow) counts as NaN
+    b_logits = tl.where(m_nan, float("-inf"), b_logits)
+    b_max = tl.max(b_logits, 1)
+    b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
+    b_exp = tl.exp(b_logits - b_max[:, None])
+    b_sum = tl.sum(b_exp, 1)
+    b_probs = b_exp / tl.where(b_sum > 0, b_sum, 1.0)[:, None]
+    return b_probs, tl.max(m_nan.to(tl.int32), 1) > 0
+
+
+@triton.jit
+def _selection(b_probs, b_bias, m_e):
+    """(selection scores, gate weights) [BT, BE] under the masked-expert rule: unselectable experts
+    (probability 0, score NaN or <= float32's lowest) share one finite score below every selectable
+    one and weigh 0; padding experts score -inf, so they are never chosen."""
+    b_select = b_probs + b_bias
+    m_selectable = (b_probs > 0) & (b_select > UNSELECTABLE)  # NaN compares False
+    b_gate = tl.where(m_selectable, b_probs, 0.0)
+    b_select = tl.where(m_selectable, b_select, UNSELECTABLE)
+    return tl.where(m_e[None, :], b_select, float("-inf")), b_gate
+
+
+@triton.jit
+def _pick(b_select, b_gate, o_e):
+    """The best expert of every token [BT] (lowest index on ties), its gate weight, its score, and
+    the scores with it removed."""
+    b_best = tl.argmax(b_select, 1, tie_break_left=True)
+    m_best = o_e[None, :] == b_best[:, None]
+    b_score = tl.max(b_select, 1)
+    b_weight = tl.sum(tl.where(m_best, b_gate, 0.0), 1)
+    return b_best, b_weight, b_score, tl.where(m_best, float("-inf"), b_select)
+
+
+@triton.jit
+def _top_k(b_select, b_gate, o_e, o_k, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(ids, gate weights) [BT, BK] of the TOP_K best experts of every token, best first."""
+    b_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    b_weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        b_best, b_weight, _, b_select = _pick(b_select, b_gate, o_e)
+        b_ids = tl.where(o_k[None, :] == k, b_best[:, None], b_ids)
+        b_weights = tl.where(o_k[None, :] == k, b_weight[:, None], b_weights)
+    return b_ids, b_weights
+
+
+@triton.jit
+def _bias_vector(p_bias, stride_bias, o_e, E, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The caller's [E] selection bias (zeros without one), padding lanes 0."""
+    b_bias = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias + o_e * stride_bias, mask=o_e < E, other=0.0)
+    return b_bias
+
+
+@triton.jit
+def _renormalized(b_weights, RENORMALIZE: tl.constexpr):
+    if RENORMALIZE:
+        b_total = tl.sum(b_weights, 1)
+        b_weights = b_weights / tl.where(b_total > 0, b_total, 1.0)[:, None]
+    return b_weights
+
+
+@triton.jit
 def _topk_routing_kernel(
     p_logits, p_bias, p_weights, p_ids, p_nan_tokens,
     T, E, stride_lt, stride_bias,
@@ -70,39 +138,12 @@ def _topk_routing_kernel(
     o_k = tl.arange(0, BLOCK_K)
     m_t, m_e = o_t < T, o_e < E
 
-    b_logits = tl.load(p_logits + o_t[:, None] * stride_lt + o_e[None, :], mask=m_t[:, None] & m_e[None, :],
-                       other=float("-inf")).to(tl.float32)  # [BT, BE]
-    m_nan = (b_logits != b_logits) | (b_logits == float("inf"))  # +Inf (overflow) counts as NaN
-    tl.atomic_add(p_nan_tokens, tl.sum((tl.max(m_nan.to(tl.int32), 1) > 0).to(tl.int32), 0))
-    b_logits = tl.where(m_nan, float("-inf"), b_logits)
-
-    b_max = tl.max(b_logits, 1)
-    b_max = tl.where(b_max == float("-inf"), 0.0, b_max)  # an all-NaN row: probabilities become 0, not NaN
-    b_exp = tl.exp(b_logits - b_max[:, None])
-    b_sum = tl.sum(b_exp, 1)
-    b_probs = b_exp / tl.where(b_sum > 0, b_sum, 1.0)[:, None]  # [BT, BE]
-
-    b_select = b_probs
-    if HAS_BIAS:
-        b_select = b_select + tl.load(p_bias + o_e * stride_bias, mask=m_e, other=0.0)[None, :]
-    # unselectable (probability 0, bias -inf or NaN) experts share one finite score below every
-    # selectable one, and chosen experts drop to -inf, so the K picks stay distinct
-    m_selectable = (b_probs > 0) & (b_select > UNSELECTABLE)  # NaN compares False
-    b_gate = tl.where(m_selectable, b_probs, 0.0)  # [BT, BE]: a masked expert in a spare slot weighs 0
-    b_select = tl.where(m_selectable, b_select, UNSELECTABLE)
-    b_select = tl.where(m_e[None, :], b_select, float("-inf"))  # padding experts are never chosen
-
-    b_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
-    b_weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        b_best = tl.argmax(b_select, 1, tie_break_left=True)  # [BT], lowest index on ties
-        m_best = o_e[None, :] == b_best[:, None]
-        b_ids = tl.where(o_k[None, :] == k, b_best[:, None], b_ids)
-        b_weights = tl.where(o_k[None, :] == k, tl.sum(tl.where(m_best, b_gate, 0.0), 1)[:, None], b_weights)
-        b_select = tl.where(m_best, float("-inf"), b_select)
-    if RENORMALIZE:
-        b_total = tl.sum(b_weights, 1)
-        b_weights = b_weights / tl.where(b_total > 0, b_total, 1.0)[:, None]
+    b_probs, m_nan = _probabilities(p_logits, o_t, o_e, m_t, m_e, stride_lt)  # [BT, BE], [BT]
+    tl.atomic_add(p_nan_tokens, tl.sum(m_nan.to(tl.int32), 0))
+    b_bias = _bias_vector(p_bias, stride_bias, o_e, E, BLOCK_E, HAS_BIAS)
+    b_select, b_gate = _selection(b_probs, b_bias[None, :], m_e)
+    b_ids, b_weights = _top_k(b_select, b_gate, o_e, o_k, TOP_K, BLOCK_T, BLOCK_K)
+    b_weights = _renormalized(b_weights, RENORMALIZE)
 
     m_out = m_t[:, None] & (o_k[None, :] < TOP_K)
     tl.store(p_ids + o_t[:, None] * TOP_K + o_k[None, :], b_ids, mask=m_out)

@@ -86,6 +86,20 @@ def routing_tallies(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats
     )
 
 
+def tally_summary(stats, top_k):
+    """The ``stats`` [8] tallies as Python numbers (one device sync), with their per-token and
+    per-call fractions."""
+    values = dict(zip(STAT_FIELDS, stats.tolist()))
+    calls, tokens = max(values["calls"], 1), max(values["tokens"], 1)
+    return values | {
+        "rerouted_fraction": values["rerouted_tokens"] / tokens,
+        "changed_slot_fraction": values["changed_slots"] / (tokens * top_k),
+        "distinct_experts_per_call": values["distinct_experts"] / calls,
+        "plain_distinct_experts_per_call": values["plain_distinct_experts"] / calls,
+        "active_experts_per_token": values["active_slots"] / tokens,
+    }
+
+
 def routing_tallies_reference(plain_ids, topk_ids, weights, nan_tokens, num_experts):
     """(stats increments [8] int64, window increments [2, E] float32) in torch."""
     loads, plain_loads = expert_loads_reference(topk_ids, num_experts), expert_loads_reference(plain_ids, num_experts)

@@ -26,6 +26,18 @@ if p_a - p_b <= delta. quality = 10 keeps every swap within 0.1 of probability; 
 to plain top-k. ``quality`` must be > 0 when a cost weight is set. With energy and latency weights
 both 0 (and no gate adaptation) the output is exactly plain ``TopKRouter`` routing.
 
+**Baseline-preserving policy** (``keep_top_k`` or ``keep_share``; the knob users turn). Each token
+keeps its plain top ``keep_top_k`` experts, or those holding ``keep_share`` of its top-k gate
+weight; its other slots go, in order, to its highest ``probability + bias`` experts among the rest,
+where the bias is the cost score above computed against the *kept* experts' loads: an expert some
+token keeps costs only its per-token work, an idle one its weight read. So a slot moves to an
+already-woken expert whenever that one's probability is within about max_shift / 2 of the idle
+expert it would otherwise wake (at quality 1, the default, max_shift = 1), and never crosses more
+than max_shift. The weights stay the unbiased probabilities of the chosen experts, renormalised.
+Kept slots, loads, bias and fill are one launch (``kernels.policy_routing``, ``fill="cost"``);
+``router.OEARouter`` is the same launch with the published OEA fill (kept experts only). Without
+either knob the router runs the older unkept mode below, where every slot may move.
+
 **Hardware state.** A ``router.monitor.HardwareMonitor`` caches NVML readings on its own thread;
 the forward copies its pinned [3] buffer to the device (non-blocking, one small copy, re-read at
 every CUDA-graph replay) and never calls NVML. The energy weight rises toward the GPU's NVML
@@ -97,8 +109,9 @@ from kernels._validate import FLOAT_DTYPES, check_dim, check_int, check_same_dty
 from kernels.cost_bias import (cost_curves, energy_weight_reference, expert_cost_bias, expert_cost_reference,
                                ttt_offset_step)
 from kernels.moe_layer import TopKRouter
+from kernels.policy_routing import FillCost, policy_routing
 from kernels.routing import check_selection_bias, topk_routing
-from kernels.routing_stats import STAT_FIELDS, routing_tallies
+from kernels.routing_stats import STAT_FIELDS, routing_tallies, tally_summary
 from router.monitor import STATE_FIELDS, HardwareMonitor
 
 COST_OP = "swiglu_ffn"
@@ -127,6 +140,7 @@ class EnergyAwareTTTRouter(TopKRouter):
         weight: an [E, H] gate weight to use (shared, not copied); default: nn.Linear's init.
         renormalize, weights_dtype: as ``TopKRouter``.
         top_p: dynamic k (None: off).
+        keep_top_k, keep_share: the baseline-preserving policy (module docstring); at most one.
         ttt_gate: adapt the gate weight too. adapt: run TTT at all (settable later).
         thermal_gain, thermal_margin_c: the energy weight's rise toward the slowdown threshold.
         max_memory_pressure: cap on the memory pressure fed to the cost lookup (< 1).
@@ -141,8 +155,8 @@ class EnergyAwareTTTRouter(TopKRouter):
 
     def __init__(self, d_model, num_experts, top_k, kernel_cost_model, objective_weights=None,
                  ttt_update_frequency=128, ttt_chunk_size=512, energy_aware_lr=1e-4, muon_enabled=False,
-                 monitor=None, *, weight=None, renormalize=True, weights_dtype=None, top_p=None, ttt_gate=False,
-                 adapt=True, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9, track_stats=True,
+                 monitor=None, *, weight=None, renormalize=True, weights_dtype=None, top_p=None, keep_top_k=None,
+                 keep_share=None, ttt_gate=False, adapt=True, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9, track_stats=True,
                  expert_placement=None, expert_placement_bytes_per_rank=None, device=None, dtype=None):
         d_model, num_experts, top_k, ttt_update_frequency, ttt_chunk_size = _check_sizes(
             d_model=d_model, num_experts=num_experts, top_k=top_k, ttt_update_frequency=ttt_update_frequency,
@@ -161,6 +175,7 @@ class EnergyAwareTTTRouter(TopKRouter):
         self.ttt_update_frequency, self.ttt_chunk_size = ttt_update_frequency, ttt_chunk_size
         self.energy_aware_lr, self.muon_enabled, self.ttt_gate = energy_aware_lr, muon_enabled, ttt_gate
         self.top_p, self.adapt, self.track_stats = top_p, adapt, track_stats
+        self.keep_top_k, self.keep_share = _check_keep(keep_top_k, keep_share, top_k)
         self.thermal_gain, self.thermal_margin_c = thermal_gain, thermal_margin_c
         self.max_memory_pressure = max_memory_pressure
         if monitor is not None and not isinstance(monitor, HardwareMonitor):
@@ -263,14 +278,11 @@ class EnergyAwareTTTRouter(TopKRouter):
         if adapting and self.update_due():
             self.ttt_step()  # before routing this batch: the update sees past batches only
         router_logits = F.linear(hidden_states, self.weight)  # NaN/+Inf logits: -inf in the routing kernel
-        plain = topk_routing(router_logits, self.top_k, self.selection_bias, self.renormalize)
-        routing = plain
-        if self.cost_weighted:
-            routing = topk_routing(router_logits, self.top_k, self.cost_bias(plain.topk_ids), self.renormalize)
+        plain_ids, nan_tokens, routing = self._route(router_logits)
         weights = self._gate_weights(router_logits, routing.topk_weights, routing.topk_ids)
         window = adapt and self.cost_weighted
         if self.track_stats or window:
-            routing_tallies(plain.topk_ids, routing.topk_ids, weights.detach(), plain.nan_tokens, self.num_experts,
+            routing_tallies(plain_ids, routing.topk_ids, weights.detach(), nan_tokens, self.num_experts,
                             stats=self._stats if self.track_stats else None,
                             window=self._window if window else None)
         if adapting:
@@ -280,6 +292,26 @@ class EnergyAwareTTTRouter(TopKRouter):
         if self.weights_dtype == "logits":
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, routing.topk_ids
+
+    @property
+    def keeps(self):
+        """Does the baseline-preserving policy route (``keep_top_k`` or ``keep_share`` set)?"""
+        return self.keep_top_k is not None or self.keep_share is not None
+
+    def _route(self, router_logits):
+        """(plain ids, NaN-token count, the routing used): the policy in one launch, else plain top-k
+        and, with a cost weight, the biased re-selection."""
+        if self.keeps:
+            routing = policy_routing(router_logits, self.top_k, fill="cost", keep_top_k=self.keep_top_k,
+                                     keep_share=self.keep_share, selection_bias=self.selection_bias,
+                                     renormalize=self.renormalize,
+                                     cost=FillCost(self._curves, self._state(), self.bias_offsets, self._bias_knobs()))
+            return routing.plain_ids, routing.nan_tokens, routing
+        plain = topk_routing(router_logits, self.top_k, self.selection_bias, self.renormalize)
+        routing = plain
+        if self.cost_weighted:
+            routing = topk_routing(router_logits, self.top_k, self.cost_bias(plain.topk_ids), self.renormalize)
+        return plain.topk_ids, plain.nan_tokens, routing
 
     def expert_cost(self, batch_sizes):
         """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens (a float tensor) under the
@@ -384,7 +416,8 @@ class EnergyAwareTTTRouter(TopKRouter):
         finite = torch.isfinite(hidden).all(1, keepdim=True) & filled
         hidden = torch.where(finite, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
         probs = F.linear(hidden, self.weight.detach()).float().softmax(-1)  # [N, E]
-        chosen = torch.zeros_like(probs).scatter_(1, self._ring_ids.long(), 1.0) * probs
+        ids = self._ring_ids.long()  # -1: an empty slot (the policy's), no expert
+        chosen = torch.zeros_like(probs).scatter_add_(1, ids.clamp_min(0), (ids >= 0).float()).clamp_max(1) * probs
         scale = finite / finite.sum().clamp_min(1)
         d_logits = (probs - chosen / chosen.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)) * scale
         return (d_logits.T @ hidden.float()).to(self.weight.dtype)
@@ -409,16 +442,11 @@ class EnergyAwareTTTRouter(TopKRouter):
 
     def stats(self):
         """The accumulated statistics as Python numbers (one device sync)."""
-        values = dict(zip(STAT_FIELDS, self._stats.tolist()))  # the sync: recorded update events are done
+        summary = tally_summary(self._stats, self.top_k)  # the sync: recorded update events are done
         self._settle_update_timings()
-        calls, tokens = max(values["calls"], 1), max(values["tokens"], 1)
         known_energy = self.ttt_updates == 0 or self._ttt_unpowered_s == 0
-        return values | {
-            "rerouted_fraction": values["rerouted_tokens"] / tokens,
-            "changed_slot_fraction": values["changed_slots"] / (tokens * self.top_k),
-            "distinct_experts_per_call": values["distinct_experts"] / calls,
-            "plain_distinct_experts_per_call": values["plain_distinct_experts"] / calls,
-            "active_experts_per_token": values["active_slots"] / tokens,
+        return summary | {
+            "keep_top_k": self.keep_top_k, "keep_share": self.keep_share, "max_shift": self.max_shift,
             "ttt_updates": self.ttt_updates, "ttt_time_s": self._ttt_time_s,
             "ttt_energy_j_attributed": self._ttt_energy_j if known_energy else None,
             "ttt_energy_note": ATTRIBUTED_NOTE if known_energy else
@@ -433,6 +461,7 @@ class EnergyAwareTTTRouter(TopKRouter):
     def extra_repr(self):
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"objective_weights={self.objective_weights}, max_shift={self.max_shift:.3g}, top_p={self.top_p}, "
+                f"keep_top_k={self.keep_top_k}, keep_share={self.keep_share}, "
                 f"adapt={self.adapt}, ttt_gate={self.ttt_gate}, monitoring={self.monitoring}, "
                 f"expert_placement={self.expert_placement}")
 
@@ -451,6 +480,19 @@ def _finite_number(name, value, low, low_open=False, high=math.inf, high_open=Tr
     if bad or value < low or (low_open and value == low) or value > high or (high_open and value == high):
         span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
+
+
+def _check_keep(keep_top_k, keep_share, top_k):
+    """(keep_top_k, keep_share): at most one set; keep_top_k in [1, top_k], keep_share in (0, 1]."""
+    if keep_top_k is not None and keep_share is not None:
+        raise ValueError(f"keep_top_k and keep_share are two forms of one knob: give at most one, got "
+                         f"{keep_top_k!r} and {keep_share!r}")
+    if keep_top_k is not None:
+        keep_top_k = check_int("keep_top_k", keep_top_k, 1, top_k)
+    if keep_share is not None:
+        _finite_number("keep_share", keep_share, 0.0, low_open=True, high=1.0, high_open=False)
+        keep_share = float(keep_share)
+    return keep_top_k, keep_share
 
 
 def _check_objective_weights(objective_weights):

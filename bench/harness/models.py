@@ -93,6 +93,8 @@ def grouped_mm_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_we
     E, K = gate_up_proj.shape[0], topk_ids.shape[1]
     dtype = torch.bfloat16 if hidden_states.is_cuda else torch.float32
     slot_experts = topk_ids.reshape(-1).long()
+    empty = slot_experts < 0  # id -1: an empty slot (kernels.policy_routing); it runs as expert 0 with weight 0
+    slot_experts = slot_experts.clamp_min(0)
     order = torch.argsort(slot_experts, stable=True)  # [T*K] slots grouped by expert
     counts = torch.zeros(E, dtype=torch.int32, device=hidden_states.device).index_add_(
         0, slot_experts, torch.ones_like(slot_experts, dtype=torch.int32))
@@ -101,7 +103,7 @@ def grouped_mm_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_we
     x = hidden_states[tokens].to(dtype)  # [T*K, H]
     gate, up = torch._grouped_mm(x, gate_up_proj.to(dtype).transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
     y = torch._grouped_mm(F.silu(gate) * up, down_proj.to(dtype).transpose(-2, -1), offs=offsets)  # [T*K, H]
-    y = y.float() * topk_weights.reshape(-1)[order, None].float()
+    y = y.float() * topk_weights.reshape(-1).masked_fill(empty, 0.0)[order, None].float()
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device).index_add(0, tokens, y)
     return out.to(hidden_states.dtype)
 
@@ -270,6 +272,11 @@ class KVCache:
         """A decode step's [B, heads, 1, D] keys and values at the device-side length."""
         self.keys[layer].index_copy_(2, self._write_index, k)
         self.values[layer].index_copy_(2, self._write_index, v)
+
+    def clear(self):
+        """Empty again, for a new prompt (the buffers stay: a captured step still reads them)."""
+        self.length.zero_()
+        self.filled = 0
 
     def rewind(self, positions):
         """Back to ``positions`` filled positions (a device fill: capturable in a CUDA graph)."""
