@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 from bench._cli import checked_output_dir, comma_list, positive_int  # noqa: E402
 from bench.harness import hf_policies  # noqa: E402
 from bench.harness.measure import DeviceEnv, device_header, throttling  # noqa: E402
-from bench.harness.policies import parse_keep, policy_grid  # noqa: E402
+from bench.harness.policies import OBJECTIVE_WEIGHTS, parse_keep, policy_grid  # noqa: E402
 from bench.harness.results import provenance, write_json_atomic  # noqa: E402
 from bench.router_policies import cost_model, keep_list  # noqa: E402
 from costmodel.ops import ModelDims  # noqa: E402
@@ -138,7 +138,7 @@ def main(argv=None):
     report = {"provenance": provenance(), "device": device_header(env) | {"throttling": throttling(env)},
               "hf_compat": hf_policies.hf_compat(), "model": model_entry(args, config, dtype, patched),
               "decode": decode_entry(args, env), "cost_table": cost_source,
-              "objective_weights": hf_policies.OBJECTIVE_WEIGHTS, "quality": hf_policies.NO_QUALITY,
+              "objective_weights": OBJECTIVE_WEIGHTS, "quality": hf_policies.NO_QUALITY,
               "policies": results, "summary": {"rows": rows}}
     write_json_atomic(Path(args.output_dir) / RESULTS, report)
     print(f"mode: {report['decode']['mode']} ({report['decode']['mode_note']}); energy: "

@@ -20,10 +20,9 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, StaticCache
 
 import kernels
 from bench.harness.graphs import CapturedCall
-from bench.harness.policies import OBJECTIVE_WEIGHTS, router_stats, timed_energy
+from bench.harness.policies import policy_router, router_stats, timed_energy
+from bench.harness.policy_report import format_or_dash, ratio
 from kernels.moe_layer import FusedMoE
-from router.energy_router import EnergyAwareTTTRouter
-from router.oea import OEARouter
 
 SHAPES = {
     # Qwen3-30B-A3B's layer shape; vocab 32000, not its 151936 (smaller embedding and LM head)
@@ -145,17 +144,8 @@ class HFGates:
     def install(self, policy, monitor, track_stats):
         """The policy's routers in every layer (returned); plain top-k with statistics is OEA keeping K."""
         for layer, plain in zip(self.layers, self.plain):
-            layer.gate = self._router(policy, plain, monitor, track_stats)
+            layer.gate = policy_router(policy, plain, self.cost_model, monitor, track_stats)
         return [layer.gate for layer in self.layers]
-
-    def _router(self, policy, plain, monitor, track_stats):
-        if policy.kind == "topk":
-            return OEARouter.from_router(plain, plain.top_k) if track_stats else plain
-        if policy.kind == "oea":
-            return OEARouter.from_router(plain, policy.keep_top_k, track_stats)
-        return EnergyAwareTTTRouter.from_router(
-            plain, self.cost_model, objective_weights=OBJECTIVE_WEIGHTS, keep_top_k=policy.keep_top_k,
-            keep_share=policy.keep_share, adapt=False, track_stats=track_stats, monitor=monitor)
 
     def restore(self):
         for layer, plain in zip(self.layers, self.plain):
@@ -207,10 +197,6 @@ def run_policies(env, gates, policies, monitor, args):
 
 # ---- ratios and the table ------------------------------------------------------------------------
 
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
-
-
 def summary_rows(results):
     """Per policy and batch: J/token, latency and distinct experts, each also as a ratio to plain top-k's."""
     base = {d["batch_size"]: d for d in results["topk"]["decode"]}
@@ -222,11 +208,11 @@ def summary_rows(results):
             rows.append({
                 "policy": name, "batch_size": decode["batch_size"],
                 "step_j_per_token": step["energy_per_token_j"],
-                "step_energy_vs_topk": _ratio(step["energy_per_token_j"], ref_step["energy_per_token_j"]),
+                "step_energy_vs_topk": ratio(step["energy_per_token_j"], ref_step["energy_per_token_j"]),
                 "step_latency_ms": step["latency_ms_median"],
-                "latency_vs_topk": _ratio(step["latency_ms_median"], ref_step["latency_ms_median"]),
+                "latency_vs_topk": ratio(step["latency_ms_median"], ref_step["latency_ms_median"]),
                 "distinct_experts_per_layer": stats["distinct_experts_per_call"],
-                "distinct_experts_vs_topk": _ratio(stats["distinct_experts_per_call"],
+                "distinct_experts_vs_topk": ratio(stats["distinct_experts_per_call"],
                                                    ref_stats["distinct_experts_per_call"]),
                 "changed_slot_fraction": stats["changed_slot_fraction"],
                 "active_slots_per_token": stats["active_experts_per_token"]})
@@ -234,8 +220,7 @@ def summary_rows(results):
 
 
 def table_lines(rows):
-    def fmt(value, spec):
-        return format("-", spec.split(".")[0]) if value is None else format(value, spec)
+    fmt = format_or_dash
     lines = [f"{'policy':<12}{'B':>4}{'step ms':>9}{'x topk':>7}{'J/token':>11}{'x topk':>7}{'experts':>8}"
              f"{'x topk':>7}{'moved':>7}"]
     for r in rows:

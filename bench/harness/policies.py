@@ -101,22 +101,8 @@ class PolicyModel:
 
     def install(self, policy, monitor, track_stats):
         for block, plain in zip(self.lm.blocks, self.plain_gates):
-            block.moe.gate = self._router(policy, plain, monitor, track_stats)
+            block.moe.gate = policy_router(policy, plain, self.cost_model, monitor, track_stats, self.ttt)
         return self.lm
-
-    def _router(self, policy, plain, monitor, track_stats):
-        if policy.kind == "topk":  # OEA keeping all K experts is plain top-k, with statistics
-            return OEARouter.from_router(plain, plain.top_k) if track_stats else plain
-        if policy.kind == "oea":
-            return OEARouter.from_router(plain, policy.keep_top_k, track_stats)
-        weight = plain.weight.detach().clone() if policy.adapt else plain.weight  # TTT steps its own copy
-        num_experts, d_model = weight.shape
-        return EnergyAwareTTTRouter(
-            d_model, num_experts, plain.top_k, self.cost_model, OBJECTIVE_WEIGHTS, monitor=monitor, weight=weight,
-            renormalize=plain.renormalize, weights_dtype=plain.weights_dtype, keep_top_k=policy.keep_top_k,
-            keep_share=policy.keep_share, adapt=policy.adapt, ttt_gate=policy.adapt, track_stats=track_stats,
-            ttt_update_frequency=self.ttt["update_frequency"], ttt_chunk_size=self.ttt["chunk_size"],
-            energy_aware_lr=self.ttt["lr"])
 
     def routers(self):
         return [block.moe.gate for block in self.lm.blocks]
@@ -124,6 +110,26 @@ class PolicyModel:
     def restore(self):
         for block, plain in zip(self.lm.blocks, self.plain_gates):
             block.moe.gate = plain
+
+
+def policy_router(policy, plain, cost_model, monitor, track_stats, ttt=None):
+    """The router ``policy`` puts in place of a plain ``TopKRouter`` (sharing its gate weight, or a
+    copy when test-time training steps it; ``ttt`` holds the update's settings)."""
+    if policy.kind == "topk":  # OEA keeping all K experts is plain top-k, with statistics
+        return OEARouter.from_router(plain, plain.top_k) if track_stats else plain
+    if policy.kind == "oea":
+        return OEARouter.from_router(plain, policy.keep_top_k, track_stats)
+    if policy.adapt and ttt is None:
+        raise ValueError(f"{policy.name}: test-time training needs its settings (ttt)")
+    weight = plain.weight.detach().clone() if policy.adapt else plain.weight
+    num_experts, d_model = weight.shape
+    ttt_settings = {} if ttt is None else {"ttt_update_frequency": ttt["update_frequency"],
+                                           "ttt_chunk_size": ttt["chunk_size"], "energy_aware_lr": ttt["lr"]}
+    return EnergyAwareTTTRouter(
+        d_model, num_experts, plain.top_k, cost_model, OBJECTIVE_WEIGHTS, monitor=monitor, weight=weight,
+        renormalize=plain.renormalize, weights_dtype=plain.weights_dtype, keep_top_k=policy.keep_top_k,
+        keep_share=policy.keep_share, adapt=policy.adapt, ttt_gate=policy.adapt, track_stats=track_stats,
+        **ttt_settings)
 
 
 def router_stats(routers):

@@ -119,8 +119,14 @@ def _energy(decode, part):
     return None if decode is None else decode.get(part, {}).get("energy_per_token_j")
 
 
-def _ratio(a, b):
+def ratio(a, b):
+    """a / b, or None when either is unmeasured (or b is 0)."""
     return None if a is None or b is None or b == 0 else a / b
+
+
+def format_or_dash(value, spec):
+    """``format(value, spec)``, or a dash as wide when the value is unmeasured."""
+    return format("-", spec.split(".")[0]) if value is None else format(value, spec)
 
 
 def comparison_rows(results):
@@ -133,12 +139,12 @@ def comparison_rows(results):
             stats = decode["router"] or {}
             rows.append({
                 "policy": name, "batch_size": decode["batch_size"], "bits_per_byte": decode["bits_per_byte"],
-                "bpb_vs_topk": _ratio(decode["bits_per_byte"], ref["bits_per_byte"]) - 1.0,
+                "bpb_vs_topk": ratio(decode["bits_per_byte"], ref["bits_per_byte"]) - 1.0,
                 "step_j_per_token": _energy(decode, "step"), "moe_j_per_token": _energy(decode, "moe_layers"),
-                "step_energy_vs_topk": _ratio(_energy(decode, "step"), _energy(ref, "step")),
-                "moe_energy_vs_topk": _ratio(_energy(decode, "moe_layers"), _energy(ref, "moe_layers")),
+                "step_energy_vs_topk": ratio(_energy(decode, "step"), _energy(ref, "step")),
+                "moe_energy_vs_topk": ratio(_energy(decode, "moe_layers"), _energy(ref, "moe_layers")),
                 "step_latency_ms": decode["step"]["latency_ms_median"],
-                "latency_vs_topk": _ratio(decode["step"]["latency_ms_median"], ref["step"]["latency_ms_median"]),
+                "latency_vs_topk": ratio(decode["step"]["latency_ms_median"], ref["step"]["latency_ms_median"]),
                 "distinct_experts_per_layer": stats.get("distinct_experts_per_call"),
                 "changed_slot_fraction": stats.get("changed_slot_fraction"),
                 "active_slots_per_token": stats.get("active_experts_per_token")})
@@ -210,7 +216,7 @@ def _b1_target(results, num_layers):
         if not name.startswith("ours_") or name.endswith("_ttt") or ours is None:
             continue
         extra_ms = ours["step"]["latency_ms_median"] - base["step"]["latency_ms_median"]
-        energy = _ratio(_energy(ours, "step"), _energy(base, "step"))
+        energy = ratio(_energy(ours, "step"), _energy(base, "step"))
         per_setting[name] = {"latency_overhead_fraction": extra_ms / base["step"]["latency_ms_median"],
                              "overhead_us_per_layer": extra_ms * 1e3 / num_layers,
                              "energy_overhead_fraction": None if energy is None else energy - 1.0,
@@ -234,8 +240,8 @@ def _hot_target(hot, results):
     return {"rule": rule, "met": weight_ok and hot_j is not None and base is not None and hot_j < base,
             "energy_weight_live": hot["live"]["energy_weight"], "energy_weight_hot": hot["hot"]["energy_weight"],
             "energy_weight_documented": hot["documented_energy_weight_hot"],
-            "hot_step_energy_vs_topk": _ratio(hot_j, base),
-            "live_step_energy_vs_topk": _ratio(_energy(hot["live"]["decode"], "step"), base)}
+            "hot_step_energy_vs_topk": ratio(hot_j, base),
+            "live_step_energy_vs_topk": ratio(_energy(hot["live"]["decode"], "step"), base)}
 
 
 def _ttt_verdict(results):
@@ -251,7 +257,7 @@ def _ttt_verdict(results):
                 continue
             rows.append({"batch_size": decode["batch_size"],
                          "bpb_change": decode["bits_per_byte"] - ref["bits_per_byte"],
-                         "step_energy_vs_frozen": _ratio(_energy(decode, "step"), _energy(ref, "step")),
+                         "step_energy_vs_frozen": ratio(_energy(decode, "step"), _energy(ref, "step")),
                          "updates": (decode["router"] or {}).get("ttt_updates")})
         pays = None
         if rows and all(r["step_energy_vs_frozen"] is not None for r in rows):
@@ -297,12 +303,10 @@ def table_lines(rows):
     lines = [f"{'policy':<16}{'B':>4}{'bpb':>8}{'d bpb':>8}{'MoE J/tok':>11}{'x topk':>7}{'step J/tok':>11}"
              f"{'x topk':>7}{'experts':>8}"]
     for r in rows:
-        def fmt(v, spec):
-            return format(v, spec) if v is not None else format("-", spec.split(".")[0])
         lines.append(f"{r['policy']:<16}{r['batch_size']:>4}{r['bits_per_byte']:>8.3f}{r['bpb_vs_topk']:>+8.2%}"
-                     f"{fmt(r['moe_j_per_token'], '>11.3e')}{fmt(r['moe_energy_vs_topk'], '>7.2f')}"
-                     f"{fmt(r['step_j_per_token'], '>11.3e')}{fmt(r['step_energy_vs_topk'], '>7.2f')}"
-                     f"{fmt(r['distinct_experts_per_layer'], '>8.1f')}")
+                     f"{format_or_dash(r['moe_j_per_token'], '>11.3e')}{format_or_dash(r['moe_energy_vs_topk'], '>7.2f')}"
+                     f"{format_or_dash(r['step_j_per_token'], '>11.3e')}{format_or_dash(r['step_energy_vs_topk'], '>7.2f')}"
+                     f"{format_or_dash(r['distinct_experts_per_layer'], '>8.1f')}")
     return lines
 
 
