@@ -40,6 +40,7 @@ from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, s
 from bench.harness.costs import NO_GPU, known_gpus, select_cost_model  # noqa: E402
 from bench.harness.measure import (DeviceEnv, ModelSpec, checkpoint_bits_per_byte, gather_to_rank0,  # noqa: E402
                                    init_distributed, run_device)
+from bench.harness.policies import parse_keep  # noqa: E402
 from bench.harness.report import write_outputs  # noqa: E402
 from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402
 from router.energy_router import _check_objective_weights  # noqa: E402
@@ -51,6 +52,17 @@ MODE_CHOICES = ("graph", "eager", "both")
 # ---- arguments ----------------------------------------------------------------------------------
 
 batch_sizes = comma_list(positive_int, allow_empty=True)
+
+
+def router_keep(text):
+    """'k2' / 'p0.5' -> {"keep_top_k": .., "keep_share": ..}; 'none' -> {} (every slot re-routable)."""
+    if text == "none":
+        return {}
+    try:
+        keep_top_k, keep_share = parse_keep(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return {"keep_top_k": keep_top_k, "keep_share": keep_share}
 
 
 def objective_weights(text):
@@ -88,8 +100,12 @@ def build_parser():
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: each rank its LOCAL_RANK GPU)")
     parser.add_argument("--cost_table", default=None, help="a cost table at one model's dims (e.g. from "
                                                             "python -m bench.calibrate --d_model ... --output PATH)")
-    parser.add_argument("--objective_weights", type=objective_weights, default="energy=1,latency=0,quality=10",
+    parser.add_argument("--objective_weights", type=objective_weights, default="energy=1,latency=0,quality=1",
                         help="EnergyAwareTTTRouter's weights; a re-route crosses at most 1/quality of probability")
+    parser.add_argument("--router_keep", type=router_keep, default="p0.5",
+                        help="the energy-aware router's kept experts per token: k<n> or p<share> (the setting "
+                             "measured in bench/results/router_policies_H200_deployment), or 'none' to re-route "
+                             "every slot")
     parser.add_argument("--energy_trials", type=positive_int, default=3, help="energy windows (>= 1 s) per point")
     parser.add_argument("--eval_bytes", type=eval_bytes, help="held-out bytes (preset's; 2048 on a CPU)")
     return parser
@@ -102,9 +118,9 @@ def parse_args(argv=None, local_rank=0):
     on_gpu = args.device.type == "cuda"
     if not args.dense_only and moe_cpu_without_interpreter(args.device):
         parser.error(f"the MoE models: {MOE_CPU_NEEDS_INTERPRETER} (or pass --dense_only)")
-    if args.dense_only and _given(argv, "--objective_weights"):
-        parser.error("--objective_weights sets the energy-aware router's weights: it needs the MoE models "
-                     "(drop --dense_only)")
+    for flag in ("--objective_weights", "--router_keep"):
+        if args.dense_only and _given(argv, flag):
+            parser.error(f"{flag} sets the energy-aware router: it needs the MoE models (drop --dense_only)")
     args.cpu_sizes = []
     if not on_gpu and args.preset is None:  # small CPU sizes for the dims not given
         args.cpu_sizes = [k for k in ("d_model", "num_layers", "seq_length") if getattr(args, k) is None]
@@ -122,6 +138,8 @@ def parse_args(argv=None, local_rank=0):
             setattr(args, key, value)
     for key in ("d_model", "num_layers", "seq_length", "num_experts", "top_k"):
         setattr(args, key, getattr(preset, key))
+    if (args.router_keep.get("keep_top_k") or 0) > args.top_k:
+        parser.error(f"--router_keep keeps {args.router_keep['keep_top_k']} experts but top_k is {args.top_k}")
     args.mode = args.mode or ("graph" if on_gpu else "eager")
     if args.mode != "eager" and not on_gpu:
         where = NO_GPU if not torch.cuda.is_available() else "--device cpu"

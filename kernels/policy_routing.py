@@ -16,7 +16,14 @@ block (<= 64 at E <= 64: decode batches), else two launches over a grid of token
      Every bias lies in [-max_shift, 0], so a fill crosses at most max_shift of probability.
    - ``fill="active"``: Opportunistic Expert Activation (arXiv 2511.02237): only experts some
      token keeps are selectable (bias 0; idle experts are masked).
-   A slot left with no selectable expert is *empty*: id -1, weight 0. ``fused_experts`` (and so
+   A fill wakes an idle expert only where its probability exceeds its *price*, minus the fill
+   bias (its weight read, scored): leaving the slot out saves that read and gives up the
+   probability, so the expert is worth waking when ``probability + fill bias > 0``. At batch 1
+   every unkept expert is idle and priced near max_shift, so a lone token runs about its kept
+   experts, as under OEA; a hotter card (a larger energy weight) raises every price. A woken
+   expert is never refused: the per-token work it adds is free at decode (on the H200 a policy
+   that left such slots empty spent no less MoE-layer energy, and lost bits/byte). A slot left
+   with no selectable expert is *empty*: id -1, weight 0. ``fused_experts`` (and so
    ``FusedMoE``) skips such slots, so an empty slot costs nothing.
 
 Gate weights are the unbiased probabilities of the chosen experts (renormalised over them with
@@ -97,11 +104,14 @@ def _fill_bias(
 
 
 @triton.jit
-def _fill(b_probs, b_bias, b_plain, b_kept, o_e, o_k, m_e, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
-          BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr):
+def _fill(b_probs, b_user, b_fill, b_idle, b_plain, b_kept, o_e, o_k, m_e, TOP_K: tl.constexpr,
+          BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr):
     """(ids, weights) [BT, BK]: the kept prefix of ``b_plain`` as it was, the other slots filled by
-    the biased score among the experts the token did not keep (-1 and 0 when none is selectable)."""
-    b_select, b_gate = _selection(b_probs, b_bias[None, :], m_e)
+    the biased score among the experts the token did not keep, an idle one (``b_idle`` [BE]) only
+    where its probability exceeds its price -b_fill (-1 and 0 when none is left)."""
+    b_select, b_gate = _selection(b_probs, (b_user + b_fill)[None, :], m_e)
+    m_unpaid = b_idle[None, :] & (b_probs + b_fill[None, :] <= 0)  # waking it costs more than it brings
+    b_select = tl.where(m_unpaid, float("-inf"), b_select)
     m_kept = o_k[None, :] < b_kept[:, None]
     b_kept_weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for k in tl.static_range(TOP_K):  # the kept experts leave the fill's choices
@@ -163,12 +173,13 @@ def _policy_routing_kernel(
             fastest_clock_mhz, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
             max_memory_pressure, BINS, FILL_BY_COST, N_TABLE, N_CLOCK, N_PRESSURE, HAS_EXTRA), mask=o_bins < E)
         tl.debug_barrier()  # every program stores the same bias (identical writes) and reads it in its layout
-        b_bias = b_user + tl.load(p_fill_bias + o_e, mask=m_e, other=0.0)
+        b_fill = tl.load(p_fill_bias + o_e, mask=m_e, other=0.0)
+        b_idle = tl.load(p_loads + o_e, mask=m_e, other=0) == 0
         b_probs, _ = _probabilities(p_logits, o_t, o_e, m_t, m_e, stride_lt)
         b_plain = tl.load(p_plain + o_tk, mask=m_out, other=-1)
         b_kept = tl.load(p_kept + o_t, mask=m_t, other=0)
-        b_ids, b_weights = _fill(b_probs, b_bias, b_plain, b_kept, o_e, o_k, m_e, TOP_K, BLOCK_T, BLOCK_K,
-                                 RENORMALIZE)
+        b_ids, b_weights = _fill(b_probs, b_user, b_fill, b_idle, b_plain, b_kept, o_e, o_k, m_e, TOP_K, BLOCK_T,
+                                 BLOCK_K, RENORMALIZE)
     else:
         b_probs, m_nan = _probabilities(p_logits, o_t, o_e, m_t, m_e, stride_lt)  # [BT, BE]
         b_select, b_gate = _selection(b_probs, b_user[None, :], m_e)
@@ -187,8 +198,8 @@ def _policy_routing_kernel(
                                 energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
                                 max_memory_pressure, BLOCK_E, FILL_BY_COST, N_TABLE, N_CLOCK, N_PRESSURE, HAS_EXTRA)
             tl.store(p_fill_bias + o_e, b_fill, mask=m_e)
-            b_ids, b_weights = _fill(b_probs, b_user + b_fill, b_plain, b_kept, o_e, o_k, m_e, TOP_K, BLOCK_T,
-                                     BLOCK_K, RENORMALIZE)
+            b_ids, b_weights = _fill(b_probs, b_user, b_fill, b_loads == 0, b_plain, b_kept, o_e, o_k, m_e, TOP_K,
+                                     BLOCK_T, BLOCK_K, RENORMALIZE)
     if PASS != 1:
         tl.store(p_ids + o_tk, b_ids, mask=m_out)
         tl.store(p_weights + o_tk, b_weights, mask=m_out)
@@ -316,7 +327,8 @@ def policy_routing_reference(router_logits, top_k, *, fill, keep_top_k=None, kee
     probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
     user = 0.0 if selection_bias is None else selection_bias.float()
     select = probs + user + fill_bias
-    selectable = (probs > 0) & (select > UNSELECTABLE.value)
+    unpaid = (loads == 0) & (probs + fill_bias <= 0)  # an idle expert worth less than its price
+    selectable = (probs > 0) & (select > UNSELECTABLE.value) & ~unpaid
     select = torch.where(selectable, select, UNSELECTABLE.value)
     kept_experts = torch.zeros(T, E, dtype=torch.bool, device=probs.device).scatter_(1, plain_ids, keep)
     select = select.masked_fill(kept_experts, -torch.inf)

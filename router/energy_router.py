@@ -33,7 +33,11 @@ where the bias is the cost score above computed against the *kept* experts' load
 token keeps costs only its per-token work, an idle one its weight read. So a slot moves to an
 already-woken expert whenever that one's probability is within about max_shift / 2 of the idle
 expert it would otherwise wake (at quality 1, the default, max_shift = 1), and never crosses more
-than max_shift. The weights stay the unbiased probabilities of the chosen experts, renormalised.
+than max_shift. An idle expert is woken only where its probability exceeds its price (minus its
+bias): otherwise the slot stays empty (id -1, weight 0), so at batch 1, where every unkept expert
+is idle, a token runs about its kept experts, and a hotter card (a larger energy weight) wakes
+fewer. A woken expert's per-token work is free at decode, so such a fill is never refused. The
+weights stay the unbiased probabilities of the chosen experts, renormalised.
 Kept slots, loads, bias and fill are one launch (``kernels.policy_routing``, ``fill="cost"``);
 ``router.OEARouter`` is the same launch with the published OEA fill (kept experts only). Without
 either knob the router runs the older unkept mode below, where every slot may move.

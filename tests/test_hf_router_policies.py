@@ -48,8 +48,8 @@ def test_cli_writes_every_policy_with_null_energy_and_routing_stats(tmp_path, ca
     oea_b4 = stats["oea_k1"][1]
     assert 1 <= oea_b4["distinct_experts_per_call"] <= min(4, oea_b4["plain_distinct_experts_per_call"]), \
         "OEA at batch 4 loads no expert beyond the union of the 4 tokens' kept ones"
-    assert stats["ours_k1"][0]["distinct_experts_per_call"] == TINY_K, \
-        "ours at batch 1: every fill is idle alike, so plain top-k's experts"
+    assert stats["ours_k1"][0]["distinct_experts_per_call"] == 1.0, \
+        "ours at batch 1: every unkept expert is idle, priced above a random gate's probabilities"
     assert report["model"]["moe_blocks_patched"] == 1 and report["model"]["attn_implementation"] == "sdpa"
     assert report["decode"]["mode"] == "eager" and "CUDA" in report["decode"]["mode_note"]
     assert report["cost_table"]["source"].startswith("analytic prior")

@@ -16,6 +16,9 @@ from bench import train
 from bench.harness import costs, criteria, measure
 from bench.harness.corpus import checkpoint_path, save_checkpoint
 from bench.harness.models import TransformerLM, model_dims
+from calibration.priors import prior_table
+from costmodel.kernel_cost_model import KernelCostModel
+from router import EnergyAwareTTTRouter
 from tests.cluster_scripts import directives, dry_run, modules_called
 from tests.conftest import ON_GPU
 
@@ -143,10 +146,13 @@ def test_cpu_run_plots(cpu_run):
     (["--cost_table", "{file}"], "--cost_table: cost table {file} is corrupt"),
     (["--checkpoint_dir", "{file}"], "--checkpoint_dir {file} is not a directory"),
     (["--checkpoint_dir", "{dir}/typo"], "--checkpoint_dir {dir}/typo does not exist"),
+    (["--router_keep", "q2"], "--router_keep"),
+    (["--router_keep", "k9"], "--router_keep keeps 9 experts but top_k is"),
+    (["--dense_only", "--router_keep", "k1"], "--router_keep"),
 ], ids=["d_model", "d_model-48", "top_k", "gpu", "decode", "lr", "objective", "num_runs", "device", "quality-0",
         "negative-weight", "weights-without-moe", "preset-conflict", "preset", "graph-on-cpu", "output-file",
         "decode-repeated", "eval-bytes", "table-dir", "table-missing", "table-corrupt", "checkpoints-file",
-        "checkpoints-missing"])
+        "checkpoints-missing", "keep-typo", "keep-above-k", "keep-without-moe"])
 def test_bad_flags_name_the_flag(flags, named, tmp_path, capsys):
     (tmp_path / "file").write_text("{ not json")
     paths = {"dir": tmp_path, "file": tmp_path / "file"}
@@ -241,3 +247,19 @@ def test_script_dry_run(script, tmp_path):
     _, args = hpc.parse_args(modules["bench.hpc_single_gpu_test"] + on_cpu)
     assert args.test_moe and args.d_model == 64 and (tmp_path / args.output_dir).is_dir()  # made in the job dir
     assert calls[-1][:2] == ["torchrun", "--standalone"]
+
+
+@pytest.mark.parametrize("flag, keeps", [([], {"keep_top_k": None, "keep_share": 0.5}),
+                                         (["--router_keep", "k1"], {"keep_top_k": 1, "keep_share": None}),
+                                         (["--router_keep", "none"], {})])
+def test_router_keep_reaches_the_energy_aware_routers(flag, keeps, tmp_path):
+    """The main job's MoE routes with the measured baseline-preserving setting (p0.5) unless told."""
+    _, args = hpc.parse_args(flag + ["--device", "cpu"])
+    assert args.router_keep == keeps
+    spec = measure.ModelSpec("moe_energy_aware", args.preset.moe_dims(), 1)
+    table = tmp_path / "prior.json"
+    table.write_text(json.dumps(prior_table("H100", spec.dims)))
+    lm, _ = measure.build_model(spec, args, KernelCostModel("H100", table=table), None)
+    gates = [block.moe.gate for block in lm.blocks]
+    assert all(isinstance(g, EnergyAwareTTTRouter) for g in gates)
+    assert all((g.keep_top_k, g.keep_share) == (keeps.get("keep_top_k"), keeps.get("keep_share")) for g in gates)

@@ -108,10 +108,41 @@ def test_cost_fill_prefers_woken_experts_within_the_shift(tmp_path):
     assert torch.equal(exact.topk_ids, plain.topk_ids) and torch.allclose(exact.topk_weights, plain.topk_weights)
     greedy = policy_routing(logits, K, fill="cost", keep_top_k=1, cost=fill_cost(model, E, max_shift=1e3))
     woken = set(plain.topk_ids[:, 0].tolist())
-    assert set(greedy.topk_ids.unique().tolist()) <= woken, "with a huge shift no fill wakes an idle expert"
+    assert set(greedy.topk_ids.unique().tolist()) - {-1} <= woken, "with a huge shift no fill wakes an idle expert"
     bounded = policy_routing(logits, K, fill="cost", keep_top_k=1, cost=fill_cost(model, E, max_shift=0.4))
     assert torch.unique(bounded.topk_ids).numel() <= torch.unique(plain.topk_ids).numel()
     assert (bounded.fill_bias >= -0.4).all() and (bounded.fill_bias <= 0).all()
+
+
+def test_a_fill_takes_an_expert_only_above_its_price(tmp_path):
+    """An idle expert fills a slot only where probability + fill bias > 0: a lone token (every
+    unkept expert idle, priced near max_shift) runs its kept experts alone; a confident one fills
+    with its second expert once its probability beats the idle price; in a batch every woken idle
+    expert was worth its price, and no slot stays empty while an expert some token keeps is left."""
+    E, K = 16, 4
+    cost = fill_cost(curves_for(E, tmp_path), E, max_shift=0.4)
+    flat = randn(1, E, scale=0.1)  # no unkept expert near 0.4
+    lone = policy_routing(flat, K, fill="cost", keep_top_k=1, cost=cost)
+    assert lone.topk_ids[0, 1:].tolist() == [-1] * (K - 1) and lone.topk_weights[0, 0] == 1.0
+    two = torch.full((1, E), -30.0, device=DEVICE)
+    two[0, 3], two[0, 7] = 0.0, 0.0  # two experts of probability 1/2 each: the second beats its price
+    paired = policy_routing(two, K, fill="cost", keep_top_k=1, cost=cost)
+    assert paired.topk_ids[0, :2].tolist() == [3, 7] and paired.topk_ids[0, 2:].tolist() == [-1] * (K - 2)
+    assert -paired.fill_bias[7] < 0.5, "the idle price is below the probability it was paid for"
+    logits = randn(24, E, scale=2.0)
+    batch = policy_routing(logits, K, fill="cost", keep_top_k=1, cost=cost)
+    probs = torch.softmax(logits.float(), -1)
+    slot = torch.arange(K, device=DEVICE)[None, :]
+    woken = torch.zeros(E, dtype=torch.bool, device=DEVICE)
+    woken[batch.plain_ids[slot < batch.kept[:, None]].long()] = True
+    ids = batch.topk_ids.clamp_min(0).long()
+    idle_fill = (batch.topk_ids >= 0) & (slot >= batch.kept[:, None]) & ~woken[ids]
+    assert idle_fill.any(), "some token woke an idle expert (the test must exercise the price)"
+    assert (probs.gather(1, ids) > -batch.fill_bias[ids])[idle_fill].all(), "every woken idle expert paid"
+    for t in range(24):  # an empty slot means the token's woken candidates ran out
+        if (batch.topk_ids[t] == -1).any():
+            assert set(torch.nonzero(woken).flatten().tolist()) <= set(batch.topk_ids[t].tolist()), t
+    assert_same(batch, logits, K, E, fill="cost", keep_top_k=1, cost=cost)
 
 
 def test_keep_share_keeps_until_the_share(tmp_path):

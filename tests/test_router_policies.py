@@ -29,8 +29,9 @@ def test_cli_writes_every_policy_with_null_energy_and_reasons(tmp_path, capsys):
     oea_b1 = report["policies"]["oea_k1"]["decode"][0]["router"]
     assert oea_b1["distinct_experts_per_call"] == 1.0 and oea_b1["active_experts_per_token"] == 1.0, \
         "OEA at batch 1 runs only the kept expert"
-    assert report["policies"]["ours_k1"]["decode"][0]["router"]["distinct_experts_per_call"] == 4.0, \
-        "ours at batch 1: every fill is idle alike, so plain top-k's experts"
+    ours_b1 = report["policies"]["ours_k1"]["decode"][0]["router"]
+    assert ours_b1["distinct_experts_per_call"] == 1.0 and ours_b1["plain_distinct_experts_per_call"] == 4.0, \
+        "ours at batch 1: every unkept expert is idle, priced above a random gate's probabilities"
     assert report["cost_table"]["source"].startswith("analytic prior")
     assert report["plot"]["skipped"].startswith("no NVML energy")
     assert report["summary"]["targets"]["b16_energy_at_kept_quality"]["met"] is None
@@ -82,6 +83,23 @@ def test_summary_states_targets_as_ratios_to_topk():
     assert oea["ours"] == "ours_k2" and oea["beaten"] is False, "0.45 J is not below OEA's 0.4 J"
     rows = {r["policy"]: r for r in comparison_rows(results)}
     assert rows["ours_p0.5"]["bpb_vs_topk"] == pytest.approx(0.1 / 3.0)
+
+
+def test_b1_overhead_is_the_router_against_the_same_experts_without_it():
+    """At batch 1 ours_k2 runs OEA k2's experts: its extra latency and energy over OEA k2 are the
+    router's own; a share setting, with no OEA twin, is held against plain top-k."""
+    def entry(keep_top_k, latency_ms, step_j):
+        return {"keep_top_k": keep_top_k, "decode": [{"batch_size": 1, "bits_per_byte": 3.0,
+                                                      "step": {"energy_per_token_j": step_j, "latency_ms_median": latency_ms},
+                                                      "router": None}]}
+    results = {"topk": entry(None, 0.60, 0.16), "oea_k2": entry(2, 0.56, 0.116),
+               "ours_k2": entry(2, 0.588, 0.120), "ours_p0.5": entry(None, 0.57, 0.125)}
+    b1 = summarize(results, None, num_layers=4)["targets"]["b1_overhead"]
+    k2, share = b1["per_setting"]["ours_k2"], b1["per_setting"]["ours_p0.5"]
+    assert k2["against"] == "oea_k2" and k2["overhead_us_per_layer"] == pytest.approx(7.0)
+    assert k2["energy_overhead_fraction"] == pytest.approx(0.120 / 0.116 - 1)
+    assert share["against"] == "topk" and share["overhead_us_per_layer"] == pytest.approx(-7.5)
+    assert b1["met"] is False, "7 us per layer is over the 5 us bound"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -76,7 +76,7 @@ def build_model(spec, args, cost_model, monitor):
         use_energy_aware_router(lm, cost_model, objective_weights=args.objective_weights,
                                 ttt_update_frequency=args.ttt_update_frequency, ttt_chunk_size=args.ttt_chunk_size,
                                 energy_aware_lr=args.energy_aware_lr, muon_enabled=args.muon_enabled,
-                                ttt_gate=True, monitor=monitor)
+                                ttt_gate=True, monitor=monitor, **args.router_keep)
     return lm.eval(), checkpoint
 
 
