@@ -5,9 +5,11 @@ log-spaced batch sizes; each point is CUDA-graph replays in energy windows of at
 NVML counter (``calibration.energy``), with CUDA-event latency. It also measures idle power, the
 matmul and copy ceilings, and fits the first-order thermal model to the timeline the sweep itself
 heated, and each op's memory-pressure curve (its latency stretch beside a background stream that
-takes a set share of HBM bandwidth, ``calibration.pressure``). The table goes to
-``calibration/tables/<gpu>.json`` atomically, with its provenance, keeping the collective curves
-(``bench.calibrate_comm``) of the table it replaces; a table that fails ``costmodel.table.check_table``
+takes a set share of HBM bandwidth, ``calibration.pressure``). The table goes to the user's table
+folder (``costmodel.table.user_table_dir()``: ``$ENERGY_MOE_TABLES``, else
+``~/.cache/energy-moe/tables``), ``<gpu>.json``, which the cost model searches before the packaged
+tables, atomically, with its provenance, keeping the collective curves (``bench.calibrate_comm``)
+of the table it replaces; a table that fails ``costmodel.table.check_table``
 goes to ``<gpu>.rejected.json`` instead, the old table kept, and the run exits non-zero. No GPU
 setting is changed.
 """
@@ -27,7 +29,7 @@ from calibration.nvml_meter import BackgroundSampler, GpuMeter
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
 from calibration.thermal import fit_thermal_model
 from calibration.trace import trace_of
-from costmodel.table import TABLE_DIR, check_table, load_table
+from costmodel.table import check_table, load_table, table_names, user_table_dir
 from costmodel.ops import OPS, SEQUENCE_OPS, ModelDims, work
 
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
@@ -186,20 +188,21 @@ def parse_args(argv):
                         help="comma-separated subset of the ops")
     parser.add_argument("--pressure_shares", type=comma_list(hbm_share, allow_empty=True), default="0.5,0.9",
                         help="background HBM shares for the memory-pressure curves ('' to skip them)")
-    parser.add_argument("--output", default=None, help="default: calibration/tables/<gpu>.json")
+    parser.add_argument("--output", default=None, help="default: <gpu>.json in $ENERGY_MOE_TABLES, else "
+                                                       "~/.cache/energy-moe/tables")
     parser.add_argument("--trace", default=None, help="also write the sweep's NVML timeline here (for replays)")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.gpu):
         parser.error(f"--gpu must be a short name such as H100, got {args.gpu!r}")
-    committed = {path.stem.lower(): path.stem for path in TABLE_DIR.glob("*.json")}.get(args.gpu.lower(), args.gpu)
-    if committed != args.gpu:
-        parser.error(f"--gpu {args.gpu}: the committed table is {committed}.json and tables are read by exact "
-                     f"name; use --gpu {committed}")
+    known = {name.lower(): name for name in table_names()}.get(args.gpu.lower(), args.gpu)
+    if known != args.gpu:
+        parser.error(f"--gpu {args.gpu}: the existing table is {known}.json and tables are read by exact "
+                     f"name; use --gpu {known}")
     try:
         args.dims = ModelDims(**{k: getattr(args, k) for k in asdict(ModelDims())})
     except ValueError as exc:
         parser.error(str(exc))
-    args.output = checked_output_file(parser, args.output or TABLE_DIR / f"{args.gpu}.json")
+    args.output = checked_output_file(parser, args.output or user_table_dir() / f"{args.gpu}.json")
     if args.trace:
         args.trace = checked_output_file(parser, args.trace, "--trace")
     return parser, args

@@ -3,8 +3,9 @@
 Measures ``calibration.collectives.measure_all_to_all`` over the N ranks (NCCL, one process per
 GPU; gloo on a machine without CUDA) from 64 KiB to 256 MiB per rank, and on rank 0 merges the
 curve into a cost table under ``collectives.all_to_all["N"]``, atomically, keeping every other key
-and world size: the GPU's table ``calibration/tables/<gpu>.json`` by default, or ``--output``
-(a new ``--output`` starts as a copy of the GPU's table, so it is a whole table too). Only a curve
+and world size: ``<gpu>.json`` in the user's table folder (``costmodel.table.user_table_dir()``) by
+default, or ``--output`` (a new file starts as a copy of the GPU's table as ``find_table`` finds it,
+so it is a whole table too). Only a curve
 whose energies were measured is written: without NVML (gloo on CPU) the run prints its latencies,
 says why there is no energy, and writes nothing, so a table never holds a "measured" curve without
 measured energy. No GPU setting is changed.
@@ -21,7 +22,7 @@ from bench._cli import checked_output_file, positive_int, window_s
 from bench.harness.results import provenance, write_json_atomic
 from bench.calibrate import gpu_matches
 from calibration.collectives import measure_all_to_all
-from costmodel.kernel_cost_model import TABLE_DIR, load_table
+from costmodel.table import find_table, load_table, user_table_dir
 from costmodel.ops import BYTES_PER_ELEMENT
 
 DEFAULT_SIZES = tuple(64 * 2 ** 10 * 4 ** i for i in range(7))  # 64 KiB ... 256 MiB per rank
@@ -46,8 +47,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m bench.calibrate_comm",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", required=True, help="the cost table to extend, e.g. H100")
-    parser.add_argument("--output", default=None, help="the table to write (default: calibration/tables/<gpu>.json; "
-                                                        "a new file starts as a copy of that table)")
+    parser.add_argument("--output", default=None, help="the table to write (default: <gpu>.json in the user's table "
+                                                        "folder; a new file starts as a copy of the GPU's table)")
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=list(DEFAULT_SIZES),
                         help="bytes each rank sends (64K, 1M, ...), rounded down to a multiple of 2 x world size "
                              "(bf16 split evenly); default 64K to 256M, every factor of 4")
@@ -57,7 +58,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.gpu):
         parser.error(f"--gpu must be a short name such as H100, got {args.gpu!r}")
-    args.output = checked_output_file(parser, args.output or TABLE_DIR / f"{args.gpu}.json")
+    args.output = checked_output_file(parser, args.output or user_table_dir() / f"{args.gpu}.json")
     return parser, args
 
 
@@ -135,8 +136,8 @@ def main(argv=None):
     parser, args = parse_args(argv)
     world_size = world_size_from_torchrun(parser)
     output = args.output
-    source = output if output.exists() else TABLE_DIR / f"{args.gpu}.json"
     try:
+        source = output if output.exists() else find_table(args.gpu)
         load_table(args.gpu, source)  # the table to extend must exist and be for this GPU: fail before measuring
     except ValueError as exc:
         parser.error(f"{exc} (python -m bench.calibrate --gpu {args.gpu} makes a table)")

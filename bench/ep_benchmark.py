@@ -78,7 +78,8 @@ def parse_args(argv=None):
     parser.add_argument("--window_s", type=window_s, default=1.0, help="energy window (>= 1 s)")
     parser.add_argument("--trials", type=positive_int, default=2, help="energy windows per measurement")
     parser.add_argument("--cost_table", default=None,
-                        help="table with an all_to_all curve for this GPU count (default: calibration/tables/<gpu>.json)")
+                        help="table with an all_to_all curve for this GPU count (default: the GPU's table, "
+                             "yours before the packaged one)")
     parser.add_argument("--gpu", default="H100", help="the cost table's GPU name")
     parser.add_argument("--quality_weights", type=comma_list(positive_float), default="10,100,1000",
                         help="the energy-aware router's quality weights to run (objective energy=1, latency=0, "

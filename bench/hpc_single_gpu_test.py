@@ -277,5 +277,17 @@ def main(argv=None):
     return 0
 
 
+def exit_without_finalizing(code):
+    """Leave a finished torchrun rank at once: in interpreter finalization gloo's worker threads can
+    still release tensors and abort the process (SIGABRT) after every output is written, which
+    torchrun then reports as a failed run (pytorch/pytorch PR 179291 describes the race)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_finalizing(status)
+    sys.exit(status)

@@ -99,7 +99,7 @@ def summaries(rows, forwards):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.kcm_accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", required=True)
-    parser.add_argument("--table", default=None, help="default: calibration/tables/<gpu>.json")
+    parser.add_argument("--table", default=None, help="default: the GPU's table, yours before the packaged one")
     parser.add_argument("--output", default="kcm_accuracy.json")
     parser.add_argument("--trials", type=positive_int, default=2, help="energy windows per point")
     args = parser.parse_args(argv)

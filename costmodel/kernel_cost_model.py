@@ -1,7 +1,8 @@
 """``KernelCostModel``: predicted energy and latency of each op, read from a per-GPU table.
 
-Tables live in ``calibration/tables/<gpu>.json``: measured ones written by
-``python -m bench.calibrate`` and analytic priors (``"source": "prior"``). Between measured batch
+Tables are looked up by GPU name in the user's table folder (where ``python -m bench.calibrate``
+writes: ``$ENERGY_MOE_TABLES``, else ``~/.cache/energy-moe/tables``), then among the packaged
+``calibration/tables/<gpu>.json``: measured ones and analytic priors (``"source": "prior"``). Between measured batch
 sizes the model interpolates in log-log space; outside them it extrapolates the nearest segment
 and says so. Every figure it returns is a prediction, and ``source`` says what it rests on.
 
@@ -14,12 +15,16 @@ import bisect
 import math
 import os
 import re
+import warnings
 
 from calibration._validate import ABSOLUTE_ZERO_C, count, finite_number, real
 from costmodel.ops import COMM_OPS, ModelDims, check_op, work
 from costmodel.table import TABLE_DIR, load_table
 
 __all__ = ["DeviceCostTable", "KernelCostModel", "TABLE_DIR", "lerp_segments", "load_table"]
+
+DEFAULT_GPU = "H100"  # the seed API's KernelCostModel()
+_NOT_GIVEN = object()
 
 
 def _piecewise_linear(points, x):
@@ -83,11 +88,15 @@ class KernelCostModel:
     """Predicted cost of our kernels on one GPU, from its table.
 
     Args:
-        gpu_type: table name, e.g. ``"H100"`` (reads ``calibration/tables/H100.json``).
+        gpu_type: table name, e.g. ``"H100"`` (the user's ``H100.json`` if there is one, else the
+            packaged one; ``costmodel.table.find_table``). Default: ``"H100"``, or with ``table``,
+            whatever GPU the table is for.
         table: a path to a table instead (its ``gpu`` field must match ``gpu_type`` when both are given).
     """
 
-    def __init__(self, gpu_type="H100", table=None):
+    def __init__(self, gpu_type=_NOT_GIVEN, table=None):
+        if gpu_type is _NOT_GIVEN:
+            gpu_type = None if table is not None else DEFAULT_GPU
         if gpu_type is None and table is None:
             raise ValueError("give gpu_type or table")
         if gpu_type is not None and not isinstance(gpu_type, str):
@@ -318,8 +327,10 @@ class KernelCostModel:
         if not self.table.get("thermal"):
             return None
         slowdown_c = self.table["thermal"].get("slowdown_temp_c")
-        if slowdown_c is not None and current_temp >= slowdown_c:
-            return 0  # the hardware is already slowing the card down
+        if slowdown_c is not None and current_temp >= slowdown_c:  # the hardware is already slowing the card
+            warnings.warn(f"current_temp {current_temp} °C is at or above the {self.gpu_type}'s slowdown threshold "
+                          f"({slowdown_c} °C): no batch size is thermally safe (0)", RuntimeWarning, stacklevel=2)
+            return 0
         largest = self._points[op][-1]["batch_size"]
         safe, batch = 0, 1
         while batch <= largest:

@@ -1,5 +1,10 @@
 """Reading a cost table, and checking every number the cost model will compute with.
 
+Where tables live: a user's calibrations go to ``user_table_dir()`` (``$ENERGY_MOE_TABLES``, else
+``$XDG_CACHE_HOME/energy-moe/tables``, else ``~/.cache/energy-moe/tables``), outside the installed
+package, so a reinstall keeps them and the package's own tables stay as shipped. A table is
+looked up by GPU name there first, then among the packaged ones (``TABLE_DIR``).
+
 A table that loads is one the model can predict from without a NaN, an Inf, a division by zero
 or a ``KeyError``: every field it reads exists and is a finite number in its physical range, and
 the points it interpolates between have distinct coordinates. Anything else is a ``ValueError``
@@ -7,13 +12,47 @@ naming the file and the field.
 """
 import json
 import math
+import os
 from dataclasses import fields
 from pathlib import Path
 
 from calibration._validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C
 from costmodel.ops import OPS, ModelDims
 
-TABLE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "tables"
+TABLE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "tables"  # the packaged tables
+TABLES_ENV = "ENERGY_MOE_TABLES"
+
+
+def user_table_dir():
+    """Where ``python -m bench.calibrate`` writes a user's tables (searched before ``TABLE_DIR``)."""
+    if os.environ.get(TABLES_ENV):
+        return Path(os.environ[TABLES_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "energy-moe" / "tables"
+
+
+def table_dirs():
+    """The folders searched for a GPU's table, first match wins: the user's, then the package's."""
+    return [user_table_dir(), TABLE_DIR]
+
+
+def table_names():
+    """The GPU names that have a table in any searched folder."""
+    return sorted({path.stem for folder in table_dirs() if folder.is_dir() for path in folder.glob("*.json")
+                   if not path.stem.endswith(".rejected")})
+
+
+def find_table(gpu_type):
+    """The path of ``gpu_type``'s table, the user's before the package's; a ``ValueError`` that says
+    which command makes one (and names a table that differs only in case) when there is none."""
+    for folder in table_dirs():
+        if (folder / f"{gpu_type}.json").is_file():
+            return folder / f"{gpu_type}.json"
+    near = [name for name in table_names() if name.lower() == gpu_type.lower()]
+    hint = f"; did you mean {near[0]!r}? (names are case-sensitive)" if near else ""
+    searched = " and ".join(str(folder) for folder in table_dirs())
+    raise ValueError(f"no cost table for {gpu_type} in {searched}{hint}; make one on that GPU with: "
+                     f"python -m bench.calibrate --gpu {gpu_type}")
 
 
 class _TableChecker:
@@ -158,11 +197,10 @@ def check_table(path, data):
 
 
 def load_table(gpu_type=None, table=None):
-    """Read and check a table: by GPU name from ``calibration/tables``, or from a path."""
-    path = Path(table) if table is not None else TABLE_DIR / f"{gpu_type}.json"
+    """Read and check a table: by GPU name (``find_table``), or from a path."""
+    path = Path(table) if table is not None else find_table(gpu_type)
     if not path.exists():
-        hint = f"; run: python -m bench.calibrate --gpu {gpu_type}" if table is None else ""
-        raise ValueError(f"no cost table at {path}{hint}")
+        raise ValueError(f"no cost table at {path}")
     if not path.is_file():
         raise ValueError(f"cost table {path} is not a file")
     try:

@@ -4,6 +4,8 @@ import zlib
 import pytest
 import torch
 
+from costmodel.table import TABLES_ENV
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -18,6 +20,13 @@ DTYPES = [
 ]
 
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (none found)")
+
+
+@pytest.fixture(autouse=True)
+def own_user_tables(tmp_path_factory, monkeypatch):
+    """An empty user table folder per test: a developer's own calibrations never shadow the packaged
+    tables the tests read, and no test writes into the real one."""
+    monkeypatch.setenv(TABLES_ENV, str(tmp_path_factory.mktemp("user_tables")))
 
 
 @pytest.fixture(autouse=True)

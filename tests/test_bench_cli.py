@@ -155,3 +155,12 @@ def test_kcm_accuracy_summary_maths():
     summary = summarise(rows, "energy_j")
     assert summary["median_ape_pct"] == pytest.approx(2.0) and summary["p90_ape_pct"] == pytest.approx(10.0)
     assert summary["n"] == 5
+
+
+def test_calibrate_writes_to_the_user_table_folder_by_default(tmp_path, monkeypatch):
+    """Never into the installed package: a reinstall keeps the calibration, the package its tables."""
+    from bench import calibrate
+    from costmodel.table import TABLES_ENV
+    monkeypatch.setenv(TABLES_ENV, str(tmp_path / "tables"))
+    _, args = calibrate.parse_args(["--gpu", "H100"])
+    assert args.output == tmp_path / "tables" / "H100.json"

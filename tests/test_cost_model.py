@@ -14,6 +14,7 @@ from bench.harness.results import write_json_atomic
 from calibration.priors import PRIOR_TABLES, prior_table
 from costmodel.kernel_cost_model import DeviceCostTable, KernelCostModel
 from costmodel.ops import OPS, ModelDims
+from costmodel.table import TABLE_DIR, TABLES_ENV, table_names, user_table_dir
 from tests.conftest import DEVICE, ON_GPU
 
 BATCHES = (1, 4, 16, 64, 256)
@@ -168,8 +169,9 @@ def test_no_batch_is_thermally_safe_at_the_slowdown_threshold(tmp_path):
     table["thermal"] |= {"resistance_c_per_w": 0.5, "time_constant_s": 1e-3}  # steady states far above slowdown
     write_json_atomic(tmp_path / "hot.json", table)
     model = KernelCostModel("TESTGPU", table=tmp_path / "hot.json")  # slowdown 87 °C, shutdown 95 °C
-    assert model.get_thermal_safe_batch_size("swiglu_ffn", current_temp=87.0, max_temp_increase=50.0) == 0
-    assert model.get_thermal_safe_batch_size("swiglu_ffn", current_temp=94.0, max_temp_increase=50.0) == 0
+    for temp_c in (87.0, 94.0):
+        with pytest.warns(RuntimeWarning, match="at or above the TESTGPU's slowdown threshold"):
+            assert model.get_thermal_safe_batch_size("swiglu_ffn", current_temp=temp_c, max_temp_increase=50.0) == 0
     start_c = 80.0
     rises = {b: model.get_cost("swiglu_ffn", b, current_temp=start_c)["temp_impact"] for b in BATCHES}
     assert rises[1] < 87.0 - start_c < rises[256], "the test needs a batch that crosses the threshold"
@@ -480,3 +482,46 @@ def test_comm_needs_a_collectives_section(table_path, tmp_path):
     write_json_atomic(tmp_path / "bad.json", synthetic_table() | {"collectives": bad})
     with pytest.raises(ValueError, match=r"corrupt: collectives\['all_to_all'\]"):
         KernelCostModel("TESTGPU", table=tmp_path / "bad.json")
+
+
+# ---- where tables are found ------------------------------------------------------------------------
+
+def test_a_user_table_is_found_before_the_packaged_one(monkeypatch, tmp_path):
+    """A calibration written to $ENERGY_MOE_TABLES is what KernelCostModel("H100") reads; without
+    one the packaged table is; the packaged file is never the one a user's run replaces."""
+    packaged = KernelCostModel("H100")
+    assert packaged.path == TABLE_DIR / "H100.json"
+    user = tmp_path / "mine"
+    monkeypatch.setenv(TABLES_ENV, str(user))
+    write_json_atomic(user / "H100.json", synthetic_table("H100"))
+    mine = KernelCostModel("H100")
+    assert mine.path == user / "H100.json" and mine.table["ops"] != packaged.table["ops"]
+    assert "H100" in table_names() and "TESTGPU" not in table_names()
+
+
+def test_user_table_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(TABLES_ENV, str(tmp_path / "t"))
+    assert user_table_dir() == tmp_path / "t"
+    monkeypatch.delenv(TABLES_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert user_table_dir() == tmp_path / "cache" / "energy-moe" / "tables"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_table_dir() == tmp_path / "home" / ".cache" / "energy-moe" / "tables"
+
+
+def test_a_missing_table_names_the_command_and_a_case_near_match():
+    with pytest.raises(ValueError, match=r"did you mean 'H100'\?.*python -m bench.calibrate --gpu h100"):
+        KernelCostModel("h100")
+    with pytest.raises(ValueError, match="no cost table for B200") as info:
+        KernelCostModel("B200")
+    assert "did you mean" not in str(info.value) and "python -m bench.calibrate --gpu B200" in str(info.value)
+
+
+def test_a_table_path_alone_is_for_whatever_gpu_it_holds(tmp_path):
+    path = tmp_path / "a100.json"
+    write_json_atomic(path, synthetic_table("A100"))
+    assert KernelCostModel(table=path).gpu_type == "A100"
+    with pytest.raises(ValueError, match="is for GPU 'A100', not 'H100'"):
+        KernelCostModel("H100", table=path)
+    assert KernelCostModel().gpu_type == "H100", "the seed API's default"

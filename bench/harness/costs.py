@@ -6,19 +6,20 @@ from pathlib import Path
 
 from bench.harness.results import provenance, write_json_atomic
 from calibration.priors import DATASHEETS, prior_table
-from costmodel.kernel_cost_model import TABLE_DIR, KernelCostModel
+from costmodel.kernel_cost_model import KernelCostModel
+from costmodel.table import find_table, table_names
 
 NO_GPU = "no NVIDIA GPU"
 PRIOR_PROXY_GPU = "H200"  # the stand-in datasheet for a GPU calibration.priors does not know
 
 
 def known_gpus():
-    return sorted({p.stem for p in TABLE_DIR.glob("*.json")} | set(DATASHEETS))
+    return sorted(set(table_names()) | set(DATASHEETS))
 
 
 def select_cost_model(gpu, dims, table_path=None):
-    """(KernelCostModel, info). ``--cost_table`` if given; else the committed table for ``gpu``
-    when its dims are the model's (the plan's ops are then the ones it measured); else an analytic
+    """(KernelCostModel, info). ``--cost_table`` if given; else ``gpu``'s table (the user's, else the
+    packaged one: ``costmodel.table.find_table``) when its dims are the model's (the plan's ops are then the ones it measured); else an analytic
     prior built here at the model's dims, from ``gpu``'s datasheet (``PRIOR_PROXY_GPU``'s when
     ``calibration.priors`` has none), labelled "prior"."""
     if table_path is not None:
@@ -26,13 +27,15 @@ def select_cost_model(gpu, dims, table_path=None):
         if model.dims != dims:
             raise ValueError(f"--cost_table {table_path} is at {asdict(model.dims)}, not the model's {asdict(dims)}")
         return model, _cost_info(model, gpu, str(table_path), "given with --cost_table")
-    committed = TABLE_DIR / f"{gpu}.json"
-    why = f"no committed {gpu} table"
-    if committed.exists():
+    try:
+        found = find_table(gpu)
+    except ValueError:
+        found, why = None, f"no {gpu} table (user or packaged)"
+    if found is not None:
         model = KernelCostModel(gpu)
         if model.dims == dims:
-            return model, _cost_info(model, gpu, str(committed), f"the committed {gpu} table is at the model's dims")
-        why = f"the committed {gpu} table ({model.table['source']}) is at other dims {asdict(model.dims)}"
+            return model, _cost_info(model, gpu, str(found), f"the {gpu} table {found} is at the model's dims")
+        why = f"the {gpu} table {found} ({model.table['source']}) is at other dims {asdict(model.dims)}"
     model, sheet = prior_cost_model(gpu, dims)
     if sheet != gpu:
         why += f"; calibration.priors has no {gpu} datasheet, so the prior uses {sheet}'s as a stand-in"
