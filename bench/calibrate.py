@@ -12,8 +12,15 @@ tables, atomically, with its provenance, keeping the collective curves (``bench.
 of the table it replaces; a table that fails ``costmodel.table.check_table``
 goes to ``<gpu>.rejected.json`` instead, the old table kept, and the run exits non-zero. No GPU
 setting is changed.
+
+Every measured point also goes, atomically, to ``<gpu>.partial.json`` beside the output, so an
+interrupted sweep continues with ``--resume``: the same settings (refused otherwise, before any
+measuring), the points, idle power and ceilings of the earlier runs kept, only the missing points
+measured. The thermal model is fitted to the final run's timeline; the table's ``resumed`` says
+how many points came from earlier runs. The partial file is removed once the table is written.
 """
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -35,6 +42,7 @@ from costmodel.ops import OPS, SEQUENCE_OPS, ModelDims, work
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 SEQUENCE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 PRESSURE_BATCH = {"tokens": 64, "sequences": 4}  # where each op's memory-pressure curve is measured
+MIN_THERMAL_SAMPLES = 30  # 3 s of the 10 Hz timeline: fewer cannot fit the thermal model
 
 
 def gpu_matches(requested, detected_name):
@@ -147,10 +155,11 @@ def sweep_point(op, batch_size, dims, meter, idle_power_w, window_s, trials, pre
     return point, measure_pressure_curve(meter, runner, *pressure) if pressure else None
 
 
-def progress(n, total, label, elapsed_s, stream=sys.stderr):
-    """A one-line progress bar (redrawn in place on a terminal, one line per step in a log)."""
+def progress(n, total, label, elapsed_s, stream=sys.stderr, skipped=0):
+    """A one-line progress bar (redrawn in place on a terminal, one line per step in a log); the
+    time left is paced by the ``n - skipped`` points this run measured."""
     filled = round(24 * n / total)
-    left_s = elapsed_s / n * (total - n)
+    left_s = elapsed_s / max(n - skipped, 1) * (total - n)
     line = f"[{'#' * filled}{'.' * (24 - filled)}] {n}/{total} {label} {elapsed_s:4.0f} s, ~{left_s:3.0f} s left"
     end = "\r" if stream.isatty() and n < total else "\n"
     print(line, end=end, file=stream, flush=True)
@@ -191,6 +200,8 @@ def parse_args(argv):
     parser.add_argument("--output", default=None, help="default: <gpu>.json in $ENERGY_MOE_TABLES, else "
                                                        "~/.cache/energy-moe/tables")
     parser.add_argument("--trace", default=None, help="also write the sweep's NVML timeline here (for replays)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep of <output>.partial.json (same settings)")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.gpu):
         parser.error(f"--gpu must be a short name such as H100, got {args.gpu!r}")
@@ -205,7 +216,46 @@ def parse_args(argv):
     args.output = checked_output_file(parser, args.output or user_table_dir() / f"{args.gpu}.json")
     if args.trace:
         args.trace = checked_output_file(parser, args.trace, "--trace")
+    args.state = resumed_state(parser, args) if args.resume else new_state(args)
     return parser, args
+
+
+def partial_path(output):
+    return output.with_suffix(".partial.json")
+
+
+def sweep_settings(args):
+    """What must match for ``--resume`` to add points to an earlier sweep (JSON-plain)."""
+    return {"gpu": args.gpu, "dims": asdict(args.dims), "ops": list(args.ops), "window_s": args.window_s,
+            "trials": args.trials, "pressure_shares": list(args.pressure_shares)}
+
+
+def new_state(args):
+    """A sweep with nothing measured yet (what ``<gpu>.partial.json`` holds as it goes)."""
+    return {"schema": 1, "settings": sweep_settings(args), "constants": None, "background_util": None,
+            "points": {op: [] for op in args.ops}, "pressure_curves": {}, "measured_s": 0.0, "runs": 0}
+
+
+def resumed_state(parser, args):
+    """The interrupted sweep ``--resume`` continues: refused, naming why, when there is none, it is
+    unreadable, or it ran with other settings."""
+    path = partial_path(args.output)
+    if not path.is_file():
+        parser.error(f"--resume: no interrupted sweep at {path}")
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        parser.error(f"--resume: {path} is corrupt ({exc}); remove it to start afresh")
+    missing = [key for key in new_state(args) if not isinstance(state, dict) or key not in state]
+    if missing or not isinstance(state["settings"], dict):
+        parser.error(f"--resume: {path} is not a partial sweep (missing {missing or ['settings']}); remove it to "
+                     "start afresh")
+    settings = state["settings"]
+    differ = [key for key, value in sweep_settings(args).items() if settings.get(key) != value]
+    if differ:
+        parser.error(f"--resume: {path} is a sweep with other {', '.join(differ)} "
+                     f"({', '.join(f'{k}={settings.get(k)!r}' for k in differ)}); pass the same flags or drop --resume")
+    return state
 
 
 def rejected_path(output):
@@ -235,23 +285,75 @@ def check_gpu(parser, requested, meter):
     return detected
 
 
-def sweep(args, meter, idle_power_w):
-    """Every (op, batch) point, and each op's pressure curve at its PRESSURE_BATCH; the sampler's timeline."""
+def sweep(args, meter, state, save):
+    """Measure the points ``state`` lacks (every (op, batch), and each op's pressure curve at its
+    PRESSURE_BATCH), calling ``save(state)`` after each; the sampler of this run's timeline."""
     hogs = [BandwidthHog(share) for share in args.pressure_shares]
-    background = background_utilisation(meter, hogs) if hogs else {}
-    points, curves = {op: [] for op in args.ops}, {}
+    if hogs and state["background_util"] is None:
+        state["background_util"] = [[share, util] for share, util in background_utilisation(meter, hogs).items()]
+        save(state)
+    background = {share: util for share, util in state["background_util"] or []}
+    idle_power_w = state["constants"]["idle_power_w"]
     plan = [(op, b) for op in args.ops for b in (SEQUENCE_BATCHES if op in SEQUENCE_OPS else TOKEN_BATCHES)]
-    started = time.monotonic()
+    done = {(op, p["batch_size"]) for op, points in state["points"].items() for p in points}
+    started, skipped = time.monotonic(), 0
     with BackgroundSampler(meter, interval_s=0.1) as sampler:
         for n, (op, batch_size) in enumerate(plan, 1):
+            if (op, batch_size) in done:
+                skipped += 1
+                continue
+            point_started = time.monotonic()
             at_pressure_batch = batch_size == PRESSURE_BATCH["sequences" if op in SEQUENCE_OPS else "tokens"]
             point, curve = sweep_point(op, batch_size, args.dims, meter, idle_power_w, args.window_s, args.trials,
                                        (hogs, background) if hogs and at_pressure_batch else None)
-            points[op].append(point)
+            state["points"][op].append(point)
             if curve:
-                curves[op] = (batch_size, curve)
-            progress(n, len(plan), f"{op} batch {batch_size}", time.monotonic() - started)
-    return points, pressure_section(args.pressure_shares, background, curves) if hogs else None, sampler
+                state["pressure_curves"][op] = [batch_size, curve]
+            state["measured_s"] += time.monotonic() - point_started
+            save(state)
+            progress(n, len(plan), f"{op} batch {batch_size}", time.monotonic() - started, skipped=skipped)
+    return sampler
+
+
+def measure_constants(meter):
+    """Idle and gap power and the matmul and copy ceilings, after the card settles."""
+    time.sleep(3.0)  # let the card settle from whatever ran before
+    idle_power_w = measure_idle_power_w(meter)  # with this process's CUDA context held, as users run
+    peak_flops, copy_bytes_per_s = measure_ceilings()
+    return {"idle_power_w": idle_power_w, "gap_power_w": measure_gap_power_w(meter, idle_power_w),
+            "peak_flops": peak_flops, "hbm_bytes_per_s": copy_bytes_per_s}
+
+
+def build_table(args, state, meter, detected, sampler, duration_s):
+    points = {op: sorted(pts, key=lambda p: p["batch_size"]) for op, pts in state["points"].items()}
+    curves = {op: tuple(entry) for op, entry in state["pressure_curves"].items()}
+    background = {share: util for share, util in state["background_util"] or []}
+    table = {
+        "schema": 1, "gpu": args.gpu, "source": "measured", "gpu_name": detected,
+        "provenance": provenance() | {"driver": meter.driver_version(), "gpu_uuid": meter.uuid()},
+        "dims": asdict(args.dims), **state["constants"],
+        "method": {"window_s": args.window_s, "trials": args.trials, "dtype": "bfloat16",
+                   "energy": "NVML total-energy counter, edge-aligned windows of CUDA-graph replays"},
+        "thermal": None,
+        "memory_pressure": pressure_section(args.pressure_shares, background, curves) if args.pressure_shares else None,
+        "ops": {op: {"unit": "sequences" if op in SEQUENCE_OPS else "tokens", "points": pts}
+                for op, pts in points.items()},
+        "duration_s": duration_s,
+    }
+    usable = [x for x in sampler.samples if x.temperature_c is not None]
+    if len(usable) >= MIN_THERMAL_SAMPLES:
+        table["thermal"] = thermal_section(sampler.samples, meter.temperature_thresholds_c())
+    else:  # a resumed run that measured only a few points
+        table["thermal_missing_reason"] = (f"this run's timeline has {len(usable)} temperature samples, under the "
+                                           f"{MIN_THERMAL_SAMPLES} a fit needs: calibrate without --resume to fit it")
+    if state["runs"] > 1:
+        table["resumed"] = {"runs": state["runs"], "points_measured_s": state["measured_s"],
+                            "note": "an interrupted sweep continued with --resume: idle power and ceilings are the "
+                                    "first run's, the thermal model is fitted to the final run's timeline"}
+    collectives = kept_collectives(args.output)
+    if collectives:
+        table["collectives"] = collectives
+    return table
 
 
 def main(argv=None):
@@ -259,34 +361,28 @@ def main(argv=None):
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     detected = check_gpu(parser, args.gpu, meter)
     started = time.monotonic()
-    time.sleep(3.0)  # let the card settle from whatever ran before
-    idle_power_w = measure_idle_power_w(meter)  # with this process's CUDA context held, as users run
-    gap_power_w = measure_gap_power_w(meter, idle_power_w)
-    peak_flops, copy_bytes_per_s = measure_ceilings()
-    points, pressure, sampler = sweep(args, meter, idle_power_w)
-    table = {
-        "schema": 1, "gpu": args.gpu, "source": "measured", "gpu_name": detected,
-        "provenance": provenance() | {"driver": meter.driver_version(), "gpu_uuid": meter.uuid()},
-        "dims": asdict(args.dims), "idle_power_w": idle_power_w, "gap_power_w": gap_power_w,
-        "peak_flops": peak_flops, "hbm_bytes_per_s": copy_bytes_per_s,
-        "method": {"window_s": args.window_s, "trials": args.trials, "dtype": "bfloat16",
-                   "energy": "NVML total-energy counter, edge-aligned windows of CUDA-graph replays"},
-        "thermal": thermal_section(sampler.samples, meter.temperature_thresholds_c()),
-        "memory_pressure": pressure,
-        "ops": {op: {"unit": "sequences" if op in SEQUENCE_OPS else "tokens", "points": pts}
-                for op, pts in points.items()},
-        "duration_s": time.monotonic() - started,
-    }
-    collectives = kept_collectives(args.output)
-    if collectives:
-        table["collectives"] = collectives
+    state, partial = args.state, partial_path(args.output)
+    if not args.resume and partial.exists():
+        print(f"note: starting afresh over the interrupted sweep in {partial} (--resume continues it)", file=sys.stderr)
+    state["runs"] += 1
+
+    def save(current):
+        write_json_atomic(partial, current)
+
+    if state["constants"] is None:
+        state["constants"] = measure_constants(meter)
+        save(state)
+    sampler = sweep(args, meter, state, save)
+    table = build_table(args, state, meter, detected, sampler, time.monotonic() - started)
     rejected = write_table(args.output, table)
     if args.trace:
         write_json_atomic(args.trace, trace_of(meter, sampler) | {"provenance": table["provenance"]})
     if rejected:
         raise SystemExit(f"the measured table fails its check, so {args.output} is left as it was (the new "
-                         f"one is {rejected_path(args.output)}): {rejected}")
-    print(f"wrote {args.output} ({sum(map(len, points.values()))} points in {table['duration_s']:.0f} s)")
+                         f"one is {rejected_path(args.output)}; the points stay in {partial}): {rejected}")
+    partial.unlink(missing_ok=True)
+    count = sum(map(len, table["ops"].values()))
+    print(f"wrote {args.output} ({count} points, this run {table['duration_s']:.0f} s)")
     return 0
 
 

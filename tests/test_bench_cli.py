@@ -164,3 +164,124 @@ def test_calibrate_writes_to_the_user_table_folder_by_default(tmp_path, monkeypa
     monkeypatch.setenv(TABLES_ENV, str(tmp_path / "tables"))
     _, args = calibrate.parse_args(["--gpu", "H100"])
     assert args.output == tmp_path / "tables" / "H100.json"
+
+
+def test_calibrate_resume_is_refused_without_a_matching_partial_sweep(tmp_path, capsys):
+    """--resume needs the partial file of a sweep with the same settings: checked before any measuring."""
+    from bench import calibrate
+    from bench.harness.results import write_json_atomic
+    output = tmp_path / "H100.json"
+    argv = ["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--resume"]
+    assert "--resume: no interrupted sweep" in refused(calibrate.main, argv, capsys)
+    partial = calibrate.partial_path(output)
+    partial.write_text("{ not json")
+    assert "is corrupt" in refused(calibrate.main, argv, capsys)
+    write_json_atomic(partial, {"settings": {}})
+    assert "is not a partial sweep" in refused(calibrate.main, argv, capsys)
+    _, args = calibrate.parse_args(argv[:-1] + ["--trials", "3"])
+    write_json_atomic(partial, args.state)
+    err = refused(calibrate.main, argv, capsys)
+    assert "other trials (trials=3)" in err, err
+
+
+class _Sampler:
+    samples = []
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
+    """A sweep cut after 3 points keeps them in the partial file; --resume measures only the rest,
+    and the two runs' points together are the whole plan, each once."""
+    from bench import calibrate
+    measured = []
+
+    def fake_point(op, batch_size, *args):
+        if len(measured) == 3 and not resumed:
+            raise KeyboardInterrupt
+        measured.append((op, batch_size))
+        return {"batch_size": batch_size, "latency_ms": 1.0 + batch_size, "energy_j": 0.1}, None
+
+    monkeypatch.setattr(calibrate, "sweep_point", fake_point)
+    monkeypatch.setattr(calibrate, "BackgroundSampler", _Sampler)
+    argv = ["--gpu", "H100", "--output", str(tmp_path / "H100.json"), "--ops", "ffn_gate,ffn_up",
+            "--pressure_shares", ""]
+    _, args = calibrate.parse_args(argv)
+    args.state["constants"] = {"idle_power_w": 70.0}
+    save = lambda state: calibrate.write_json_atomic(calibrate.partial_path(args.output), state)  # noqa: E731
+    resumed = False
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.sweep(args, None, args.state, save)
+    assert measured == [("ffn_gate", 1), ("ffn_gate", 4), ("ffn_gate", 16)]
+    resumed = True
+    _, again = calibrate.parse_args(argv + ["--resume"])
+    assert again.state["points"]["ffn_gate"] == [{"batch_size": b, "latency_ms": 1.0 + b, "energy_j": 0.1}
+                                                 for b in (1, 4, 16)]
+    calibrate.sweep(again, None, again.state, save)
+    plan = [(op, b) for op in ("ffn_gate", "ffn_up") for b in calibrate.TOKEN_BATCHES]
+    assert sorted(measured) == sorted(plan) and len(measured) == len(plan), "every point once"
+    assert [p["batch_size"] for p in again.state["points"]["ffn_up"]] == list(calibrate.TOKEN_BATCHES)
+
+
+def test_calibrate_table_of_a_short_resumed_run_passes_its_check(tmp_path):
+    """Too few samples to fit the thermal model: the table says so instead of fitting noise, and
+    still passes check_table; it records the runs and keeps the first run's constants."""
+    from bench import calibrate
+    from costmodel.table import check_table
+    _, args = calibrate.parse_args(["--gpu", "H100", "--output", str(tmp_path / "H100.json"), "--ops", "ffn_gate",
+                                    "--pressure_shares", ""])
+    state = args.state | {"runs": 2, "constants": {"idle_power_w": 70.0, "gap_power_w": 90.0, "peak_flops": 1e15,
+                                                   "hbm_bytes_per_s": 3e12}}
+    state["points"] = {"ffn_gate": [{"batch_size": b, "latency_ms": 0.01 * b, "energy_j": 0.001 * b, "flops": 1.0,
+                                     "bytes": 1.0, "memory_gb": 1e-9} for b in (16, 1, 4)]}
+
+    class Meter:
+        def driver_version(self):
+            return "test"
+
+        def uuid(self):
+            return "GPU-test"
+
+    table = calibrate.build_table(args, state, Meter(), "NVIDIA H100 80GB HBM3", _Sampler(), 12.0)
+    check_table(args.output, table)
+    assert table["thermal"] is None and "without --resume" in table["thermal_missing_reason"]
+    assert table["resumed"]["runs"] == 2 and table["idle_power_w"] == 70.0
+    assert [p["batch_size"] for p in table["ops"]["ffn_gate"]["points"]] == [1, 4, 16]
+
+
+def test_calibrate_main_writes_the_table_and_removes_the_partial(tmp_path, monkeypatch, capsys):
+    """The whole command with the GPU parts stubbed: constants once, every point, the table checked
+    and written, the partial sweep gone."""
+    from bench import calibrate
+
+    class Meter:
+        def __init__(self, index):
+            pass
+
+        def driver_version(self):
+            return "test"
+
+        def uuid(self):
+            return "GPU-test"
+
+    monkeypatch.setattr(calibrate, "GpuMeter", Meter)
+    monkeypatch.setattr(calibrate, "check_gpu", lambda parser, gpu, meter: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(calibrate, "measure_constants", lambda meter: {
+        "idle_power_w": 70.0, "gap_power_w": 90.0, "peak_flops": 1e15, "hbm_bytes_per_s": 3e12})
+    monkeypatch.setattr(calibrate, "BackgroundSampler", _Sampler)
+    monkeypatch.setattr(calibrate, "sweep_point", lambda op, b, *a: ({
+        "batch_size": b, "latency_ms": 0.01 * b, "energy_j": 0.001 * b, "flops": 1.0, "bytes": 1.0,
+        "memory_gb": 1e-9}, None))
+    output = tmp_path / "H100.json"
+    assert calibrate.main(["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", ""]) == 0
+    table = json.loads(output.read_text())
+    assert len(table["ops"]["ffn_gate"]["points"]) == len(calibrate.TOKEN_BATCHES) and "resumed" not in table
+    assert not calibrate.partial_path(output).exists()
+    assert "wrote" in capsys.readouterr().out
