@@ -75,7 +75,9 @@ def build_parser():
                         help="held-out predictions per decode batch (a quarter at B=1); 8192, 64 on a CPU")
     parser.add_argument("--forward_eval_bytes", type=eval_bytes, default=None,
                         help="held-out bytes of the full-context evaluation (32768; 256 on a CPU)")
-    parser.add_argument("--energy_trials", type=positive_int, default=2, help="energy windows (>= 1 s) per point")
+    parser.add_argument("--energy_trials", type=positive_int, default=2,
+                        help="energy windows (>= 1 s) per point; at decode, passes over the policies, every other "
+                             "one in reverse order")
     parser.add_argument("--ttt_update_frequency", type=positive_int, default=128)
     parser.add_argument("--ttt_chunk_size", type=positive_int, default=512)
     parser.add_argument("--energy_aware_lr", type=float, default=1e-4)

@@ -113,3 +113,29 @@ def test_b1_overhead_is_the_router_against_the_same_experts_without_it():
 def test_bad_arguments_are_refused_before_any_work(argv, message, tmp_path, capsys):
     err, paths = usage_error(router_policies.parse_args, argv, tmp_path, capsys)
     assert message in err
+
+
+def test_timing_passes_alternate_the_policy_order(monkeypatch):
+    """Pass 1 measures the policies in order, pass 2 in reverse; the merged entry's energy is the
+    windows' mean, its spread their min and max."""
+    from types import SimpleNamespace
+
+    from bench.harness import policy_report
+    from bench.harness.policies import Policy
+    order, energies = [], iter([1.0, 2.0, 3.0, 5.0])
+
+    def fake_timing(env, model, policy, monitor, rows, context, recorded, trials):
+        order.append(policy.name)
+        j = next(energies)
+        window = {"latency_ms_median": j, "latency_runs": 7, "energy_per_token_j": j, "energy_per_token_j_min": j,
+                  "energy_per_token_j_max": j, "power_w": 100.0, "window_s": [1.0], "method": "m"}
+        return {"step": window}
+
+    monkeypatch.setattr(policy_report, "decode_timing", fake_timing)
+    policies = [Policy("topk", "topk"), Policy("oea_k2", "oea", keep_top_k=2)]
+    args = SimpleNamespace(energy_trials=2, context=4)
+    timings = policy_report.alternating_timings(None, None, policies, None, torch.zeros(8, 3), None, args)
+    assert order == ["topk", "oea_k2", "oea_k2", "topk"]
+    assert timings["topk"]["step"]["energy_per_token_j"] == pytest.approx(3.0)  # (1 + 5) / 2
+    assert timings["oea_k2"]["step"]["energy_per_token_j_min"] == 2.0
+    assert timings["oea_k2"]["step"]["energy_per_token_j_max"] == 3.0 and timings["topk"]["step"]["passes"] == 2

@@ -277,24 +277,48 @@ def timed_energy(env, fn, tokens_per_call, trials, on_gpu):
 
 
 def measure_decode(env, model, policy, monitor, rows, context, recorded, args):
-    """One policy at one decode batch: quality and statistics from the stream, then latency and
-    energy of the step and of the MoE layers alone (statistics off, as deployed)."""
-    on_gpu = env.on_gpu
+    """One policy at one decode batch: ``decode_quality`` then ``decode_timing``."""
+    return decode_quality(model, policy, monitor, rows, context, env.on_gpu) | \
+        decode_timing(env, model, policy, monitor, rows, context, recorded, args.energy_trials)
+
+
+def decode_quality(model, policy, monitor, rows, context, on_gpu):
+    """Held-out bits/byte and the routers' statistics from the teacher-forced stream."""
     lm = model.install(policy, monitor, track_stats=True)
     stream = DecodeStream(lm, rows, context, graph=on_gpu)
     reset_router_stats(model.routers())
     bits, predicted = stream.bits_per_byte()
-    entry = {"batch_size": rows.shape[1], "context": context, "bits_per_byte": bits, "predicted_bytes": predicted,
-             "router": router_stats(model.routers())}
-    del stream
+    return {"batch_size": rows.shape[1], "context": context, "bits_per_byte": bits, "predicted_bytes": predicted,
+            "router": router_stats(model.routers())}
+
+
+def decode_timing(env, model, policy, monitor, rows, context, recorded, trials):
+    """Latency and energy of the step and (``recorded`` given) of the MoE layers alone, statistics off
+    as deployed."""
+    on_gpu = env.on_gpu
     lm = model.install(policy, monitor, track_stats=False)
     stream = DecodeStream(lm, rows, context, graph=on_gpu)
-    entry["step"] = timed_energy(env, stream.step, rows.shape[1], args.energy_trials, on_gpu)
+    entry = {"step": timed_energy(env, stream.step, rows.shape[1], trials, on_gpu)}
     del stream
     if recorded is not None:
-        entry["moe_layers"] = timed_energy(env, MoELayersStep(lm, recorded, on_gpu), rows.shape[1],
-                                           args.energy_trials, on_gpu)
+        entry["moe_layers"] = timed_energy(env, MoELayersStep(lm, recorded, on_gpu), rows.shape[1], trials, on_gpu)
     return entry
+
+
+def merged_timings(passes):
+    """One ``timed_energy`` entry from passes of one window each: median latency over every run,
+    energy the mean of the windows (min and max across them)."""
+    first = passes[0]
+    merged = {"latency_ms_median": statistics.median(p["latency_ms_median"] for p in passes),
+              "latency_runs": sum(p["latency_runs"] for p in passes), "passes": len(passes)}
+    if first.get("energy_per_token_j") is None:
+        return merged | {"energy_per_token_j": None, "energy_reason": first.get("energy_reason")}
+    energies = [p["energy_per_token_j"] for p in passes]
+    return merged | {"energy_per_token_j": statistics.mean(energies),
+                     "energy_per_token_j_min": min(p["energy_per_token_j_min"] for p in passes),
+                     "energy_per_token_j_max": max(p["energy_per_token_j_max"] for p in passes),
+                     "power_w": statistics.mean(p["power_w"] for p in passes),
+                     "window_s": [w for p in passes for w in p["window_s"]], "method": first["method"]}
 
 
 def measure_forward(env, model, policy, monitor, text, streams, args):

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from bench.harness.plots import save
-from bench.harness.policies import (OBJECTIVE_WEIGHTS, RECORDED_STEPS, DecodeStream, Policy, measure_decode, measure_forward,
+from bench.harness.policies import (OBJECTIVE_WEIGHTS, RECORDED_STEPS, DecodeStream, Policy, decode_quality,
+                                    decode_timing, measure_decode, measure_forward, merged_timings,
                                     record_moe_inputs, stream_rows, ttt_update_energy)
 from calibration.nvml_meter import GpuMeter
 from calibration.trace import ReplayNvml, record
@@ -48,10 +49,12 @@ def run_policies(env, model, policies, monitor, text, forward_streams, args, sav
         model.install(Policy("topk", "topk"), monitor, track_stats=False)
         recorded = record_moe_inputs(model.lm, DecodeStream(model.lm, rows, args.context, graph=False),
                                      RECORDED_STEPS)
+        entries = {}
         for policy in policies:
-            _progress(f"{policy.name}: decode B={batch_size}")
-            out[policy.name]["decode"].append(measure_decode(env, model, policy, monitor, rows, args.context,
-                                                             recorded, args))
+            _progress(f"{policy.name}: decode B={batch_size}, quality")
+            entries[policy.name] = decode_quality(model, policy, monitor, rows, args.context, env.on_gpu)
+        for name, timing in alternating_timings(env, model, policies, monitor, rows, recorded, args).items():
+            out[name]["decode"].append(entries[name] | timing)
         del recorded
         if save_partial is not None:
             save_partial(out)
@@ -65,6 +68,19 @@ def run_policies(env, model, policies, monitor, text, forward_streams, args, sav
                                                                decode_rows(args, text, TARGET_BATCH), args.context)
     model.restore()
     return out
+
+
+def alternating_timings(env, model, policies, monitor, rows, recorded, args):
+    """{policy: timing}: ``args.energy_trials`` passes of one energy window each, the policy order
+    reversed on every other pass, so a card's drift (warming, power-cap clock events) over the
+    sweep weighs on every policy alike instead of favouring the ones measured first."""
+    passes = {p.name: [] for p in policies}
+    for n in range(args.energy_trials):
+        for policy in (policies if n % 2 == 0 else policies[::-1]):
+            _progress(f"{policy.name}: decode B={rows.shape[1]}, timing pass {n + 1}/{args.energy_trials}")
+            passes[policy.name].append(decode_timing(env, model, policy, monitor, rows, args.context, recorded, 1))
+    return {name: {part: merged_timings([t[part] for t in timings]) for part in timings[0]}
+            for name, timings in passes.items()}
 
 
 # ---- the hot-state check -------------------------------------------------------------------------
