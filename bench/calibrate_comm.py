@@ -5,10 +5,9 @@ GPU; gloo on a machine without CUDA) from 64 KiB to 256 MiB per rank, and on ran
 curve into a cost table under ``collectives.all_to_all["N"]``, atomically, keeping every other key
 and world size: ``<gpu>.json`` in the user's table folder (``costmodel.table.user_table_dir()``) by
 default, or ``--output`` (a new file starts as a copy of the GPU's table as ``find_table`` finds it,
-so it is a whole table too). Only a curve
-whose energies were measured is written: without NVML (gloo on CPU) the run prints its latencies,
-says why there is no energy, and writes nothing, so a table never holds a "measured" curve without
-measured energy. No GPU setting is changed.
+so it is a whole table too). Only a curve whose energies were measured is written: without NVML
+(gloo on CPU) the run prints its latencies, says why there is no energy, and writes nothing, so a
+table never holds a "measured" curve without measured energy. No GPU setting is changed.
 """
 import argparse
 import os

@@ -2,9 +2,9 @@
 
 Tables are looked up by GPU name in the user's table folder (where ``python -m bench.calibrate``
 writes: ``$ENERGY_MOE_TABLES``, else ``~/.cache/energy-moe/tables``), then among the packaged
-``calibration/tables/<gpu>.json``: measured ones and analytic priors (``"source": "prior"``). Between measured batch
-sizes the model interpolates in log-log space; outside them it extrapolates the nearest segment
-and says so. Every figure it returns is a prediction, and ``source`` says what it rests on.
+``calibration/tables/<gpu>.json``: measured ones and analytic priors (``"source": "prior"``).
+Between measured batch sizes the model interpolates in log-log space; outside them it
+extrapolates the nearest segment and says so. Every figure it returns is a prediction, and ``source`` says what it rests on.
 
 A table's optional ``collectives`` section holds measured collective curves, written by
 ``torchrun --nproc_per_node N -m bench.calibrate_comm``: ``collectives[op][str(world_size)]`` is

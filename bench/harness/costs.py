@@ -19,8 +19,8 @@ def known_gpus():
 
 def select_cost_model(gpu, dims, table_path=None):
     """(KernelCostModel, info). ``--cost_table`` if given; else ``gpu``'s table (the user's, else the
-    packaged one: ``costmodel.table.find_table``) when its dims are the model's (the plan's ops are then the ones it measured); else an analytic
-    prior built here at the model's dims, from ``gpu``'s datasheet (``PRIOR_PROXY_GPU``'s when
+    packaged one: ``costmodel.table.find_table``) when its dims are the model's (the plan's ops are
+    then the ones it measured); else an analytic prior built here at the model's dims, from ``gpu``'s datasheet (``PRIOR_PROXY_GPU``'s when
     ``calibration.priors`` has none), labelled "prior"."""
     if table_path is not None:
         model = KernelCostModel(None, table=table_path)
