@@ -4,6 +4,7 @@ import json
 import pytest
 
 from bench import router_energy
+from tests.conftest import ON_GPU
 
 
 def test_router_benchmark_smoke_writes_routing_figures(tmp_path, capsys):
@@ -33,3 +34,34 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         router_energy.main(["--smoke", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU path; on a GPU the command times every piece")
+def test_router_overhead_checks_every_piece_and_reports_no_time_on_a_cpu(tmp_path, capsys):
+    from bench import router_overhead
+    out = tmp_path / "overhead.json"
+    assert router_overhead.main(["--shapes", "olmoe", "--tokens", "1,3", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert "no CUDA device" in data["timing_reason"] and [r["T"] for r in data["rows"]] == [1, 3]
+    for row in data["rows"]:
+        assert set(row["us_per_call"]) == {"gate_linear", "topk_router", "oea_router", "ours_router",
+                                           "ours_router_no_monitor", "policy_kernel_active", "policy_kernel_cost",
+                                           "state_copy"}
+        assert all(v is None for v in row["us_per_call"].values()) and row["ours_minus_oea_us"] is None
+    assert "policy_kernel_cost" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [(["--shapes", "mixtral"], "--shapes"), (["--tokens", "0"], "--tokens"),
+                                           (["--output", "{dir}"], "is a directory")])
+def test_router_overhead_refuses_bad_arguments(argv, message, tmp_path, capsys):
+    from bench import router_overhead
+    with pytest.raises(SystemExit) as exit_info:
+        router_overhead.parse_args([a.format(dir=tmp_path) for a in argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_router_overhead_derives_the_splits():
+    from bench.router_overhead import derived
+    us = {"ours_router": 12.0, "oea_router": 5.0, "ours_router_no_monitor": 9.5, "policy_kernel_cost": 6.0,
+          "policy_kernel_active": 3.0}
+    assert derived(us) == {"ours_minus_oea_us": 7.0, "state_copy_share_us": 2.5, "cost_path_in_kernel_us": 3.0}
