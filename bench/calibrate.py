@@ -20,6 +20,7 @@ measured. The thermal model is fitted to the final run's timeline; the table's `
 how many points came from earlier runs. The partial file is removed once the table is written.
 """
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -292,7 +293,7 @@ def sweep(args, meter, state, save):
     if hogs and state["background_util"] is None:
         state["background_util"] = [[share, util] for share, util in background_utilisation(meter, hogs).items()]
         save(state)
-    background = {share: util for share, util in state["background_util"] or []}
+    background = background_of(state)
     idle_power_w = state["constants"]["idle_power_w"]
     plan = [(op, b) for op in args.ops for b in (SEQUENCE_BATCHES if op in SEQUENCE_OPS else TOKEN_BATCHES)]
     done = {(op, p["batch_size"]) for op, points in state["points"].items() for p in points}
@@ -315,6 +316,11 @@ def sweep(args, meter, state, save):
     return sampler
 
 
+def background_of(state):
+    """{HBM share: the NVML utilisation its hog produced alone}, from the JSON-plain pairs ``state`` keeps."""
+    return {share: util for share, util in state["background_util"] or []}
+
+
 def measure_constants(meter):
     """Idle and gap power and the matmul and copy ceilings, after the card settles."""
     time.sleep(3.0)  # let the card settle from whatever ran before
@@ -327,7 +333,7 @@ def measure_constants(meter):
 def build_table(args, state, meter, detected, sampler, duration_s):
     points = {op: sorted(pts, key=lambda p: p["batch_size"]) for op, pts in state["points"].items()}
     curves = {op: tuple(entry) for op, entry in state["pressure_curves"].items()}
-    background = {share: util for share, util in state["background_util"] or []}
+    background = background_of(state)
     table = {
         "schema": 1, "gpu": args.gpu, "source": "measured", "gpu_name": detected,
         "provenance": provenance() | {"driver": meter.driver_version(), "gpu_uuid": meter.uuid()},
@@ -365,10 +371,7 @@ def main(argv=None):
     if not args.resume and partial.exists():
         print(f"note: starting afresh over the interrupted sweep in {partial} (--resume continues it)", file=sys.stderr)
     state["runs"] += 1
-
-    def save(current):
-        write_json_atomic(partial, current)
-
+    save = functools.partial(write_json_atomic, partial)
     if state["constants"] is None:
         state["constants"] = measure_constants(meter)
         save(state)

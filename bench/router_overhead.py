@@ -57,21 +57,21 @@ def pieces(shape, T, cost_model, monitor, device, dtype):
     x = hidden_states(shape, T, device, dtype, seed=T)
     keep = max(1, shape.K // 2)
     plain = kernels.TopKRouter(gate, shape.K, renormalize=shape.renormalize)
-    ours = {name: EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights={"energy": 1.0, "quality": 1.0},
-                                                   monitor=mon, keep_top_k=keep, adapt=False, track_stats=False)
-            for name, mon in (("ours_router", monitor), ("ours_router_no_monitor", None))}
+    def ours_router(mon):
+        return EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights={"energy": 1.0, "quality": 1.0},
+                                                monitor=mon, keep_top_k=keep, adapt=False, track_stats=False)
+    ours, ours_no_monitor = ours_router(monitor), ours_router(None)
     oea = OEARouter.from_router(plain, keep, track_stats=False)
     logits = F.linear(x, gate)
-    fill_cost = FillCost(ours["ours_router"]._curves, ours["ours_router"]._state(), ours["ours_router"].bias_offsets,
-                         ours["ours_router"]._bias_knobs())
+    fill_cost = FillCost(ours._curves, ours._state(), ours.bias_offsets, ours._bias_knobs())
     state = torch.zeros(3, device=device)
     host_state = monitor.host_state if monitor is not None else torch.zeros(3)
     return {
         "gate_linear": lambda: F.linear(x, gate),
         "topk_router": lambda: plain(x),
         "oea_router": lambda: oea(x),
-        "ours_router": lambda: ours["ours_router"](x),
-        "ours_router_no_monitor": lambda: ours["ours_router_no_monitor"](x),
+        "ours_router": lambda: ours(x),
+        "ours_router_no_monitor": lambda: ours_no_monitor(x),
         "policy_kernel_active": lambda: policy_routing(logits, shape.K, fill="active", keep_top_k=keep),
         "policy_kernel_cost": lambda: policy_routing(logits, shape.K, fill="cost", keep_top_k=keep, cost=fill_cost),
         "state_copy": lambda: state.copy_(host_state, non_blocking=True),
