@@ -8,13 +8,14 @@ median), bf16 random gate weights and hidden states:
 - ``topk_router``: ``kernels.TopKRouter`` (linear + routing launch);
 - ``oea_router``: ``router.OEARouter`` at k0 = K/2, statistics off;
 - ``ours_router``: ``EnergyAwareTTTRouter`` at k0 = K/2, frozen, statistics off, with a live
-  ``HardwareMonitor`` (the pinned state copy each call) and ``ours_router_no_monitor`` without;
+  ``HardwareMonitor`` (its pinned state read in place by the kernel, or copied where this Triton
+  cannot: the row says which) and ``ours_router_no_monitor`` without;
 - ``policy_kernel_active`` / ``policy_kernel_cost``: ``kernels.policy_routing`` alone on the same
   logits, OEA's fill and ours (the cost-table lookups);
-- ``state_copy``: the [3] pinned-host to device copy alone.
+- ``state_copy``: the [3] pinned-host to device copy alone (what the copy fallback adds per call).
 
 The derived rows split the router's overhead over OEA (the issue's target: <= 5 us per layer
-call): ``ours - oea``, of which ``ours - ours_no_monitor`` is the state copy and
+call): ``ours - oea``, of which ``ours - ours_no_monitor`` is the monitor's share (reading its state) and
 ``cost kernel - active kernel`` the cost path inside the routing launch. Timings do not depend on
 the table's values, so the cost table is the analytic prior at the expert dims (labelled). On a
 CPU every piece runs once under the Triton interpreter (the path is checked) and every time is
@@ -38,6 +39,7 @@ from bench.harness.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import graph_median_ms  # noqa: E402
 from bench.moe_cases import SHAPES  # noqa: E402
 from bench.router_energy import cost_model_for, hidden_states  # noqa: E402
+from kernels.pinned_state import readable_in_place  # noqa: E402
 from kernels.policy_routing import FillCost, policy_routing  # noqa: E402
 from router import EnergyAwareTTTRouter, HardwareMonitor, OEARouter  # noqa: E402
 
@@ -45,7 +47,7 @@ GPU_TOKENS = (1, 4, 16, 64)
 CPU_TOKENS = (1, 4)
 NO_GPU = "no CUDA device: each piece ran once under the Triton interpreter, so no time is meaningful"
 DERIVED = {"ours_minus_oea_us": ("ours_router", "oea_router"),
-           "state_copy_share_us": ("ours_router", "ours_router_no_monitor"),
+           "monitor_share_us": ("ours_router", "ours_router_no_monitor"),
            "cost_path_in_kernel_us": ("policy_kernel_cost", "policy_kernel_active")}
 TARGET_US = 5.0
 
@@ -92,6 +94,13 @@ def derived(us):
     return {name: None if us[a] is None else us[a] - us[b] for name, (a, b) in DERIVED.items()}
 
 
+def monitor_state(monitor, device):
+    """How ``ours_router`` gets the monitor's state: "read in place", "copied" or None (no monitor)."""
+    if monitor is None:
+        return None
+    return "read in place" if readable_in_place(monitor.host_state, torch.device(device)) else "copied"
+
+
 def run(args, timed, device, dtype, workdir, monitor):
     rows = []
     for name in args.shapes:
@@ -99,7 +108,8 @@ def run(args, timed, device, dtype, workdir, monitor):
         cost_model = cost_model_for(shape, workdir, timed=False)  # timing needs the code path, not the values
         for T in args.tokens:
             us = measure(pieces(shape, T, cost_model, monitor, device, dtype), timed)
-            row = {"shape": name, "E": shape.E, "K": shape.K, "H": shape.H, "T": T, "us_per_call": us} | derived(us)
+            row = {"shape": name, "E": shape.E, "K": shape.K, "H": shape.H, "T": T, "us_per_call": us,
+                   "monitor_state": monitor_state(monitor, device)} | derived(us)
             row["target_met"] = None if not timed else row["ours_minus_oea_us"] <= TARGET_US
             rows.append(row)
             print(f"[router_overhead] {name} T={T}", file=sys.stderr, flush=True)

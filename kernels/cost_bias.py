@@ -24,8 +24,9 @@ cost(n) (likewise dL_n), s_e gains w_energy * g(T) * xE_e / dE_n + w_latency * x
 test-time step, which is scale-free, charges it per routed token. Without it a constexpr flag
 compiles its loads out.
 
-The hardware state is a [3] device tensor (temperature °C, power W, NVML memory utilisation
-0..1; NaN = unknown: the coolest calibrated temperature and no pressure). One program does it all
+The hardware state is a [3] float32 tensor (temperature °C, power W, NVML memory utilisation
+0..1; NaN = unknown: the coolest calibrated temperature and no pressure), on the kernels' device
+or in pinned host memory, which they read in place (``kernels.pinned_state``). One program does it all
 (histogram of the ids, interpolation, stretch, bias): no host sync, CUDA-graph capturable.
 ``ttt_offset_step`` is the router's test-time update of the offsets, also one launch. The
 ``*_reference`` functions are the same in torch.
@@ -40,6 +41,7 @@ import triton.language as tl
 from calibration._validate import finite_number
 from costmodel.kernel_cost_model import lerp_segments
 from kernels._validate import INDEX_DTYPES, check_tensor
+from kernels.pinned_state import readable_in_place
 from kernels.routing_stats import expert_loads_reference
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -238,7 +240,7 @@ def _offset_step_kernel(
 
 
 def _check(curves, hardware_state, bias_offsets, **inputs):
-    check_tensor("hardware_state", hardware_state, ndim=1, dtypes=(torch.float32,))
+    check_tensor("hardware_state", hardware_state, ndim=1, dtypes=(torch.float32,), kernel_device=False)
     check_tensor("bias_offsets", bias_offsets, ndim=1, dtypes=(torch.float32,))
     if not isinstance(curves, CostCurves):
         raise TypeError(f"curves must be CostCurves (from cost_curves), got {type(curves).__name__}")
@@ -250,9 +252,13 @@ def _check(curves, hardware_state, bias_offsets, **inputs):
     for name, t in (("hardware_state", hardware_state), ("bias_offsets", bias_offsets)):
         if t.stride(0) != 1:  # read (and bias_offsets written in place) with unit stride
             raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
-    tensors = inputs | {"hardware_state": hardware_state, "bias_offsets": bias_offsets, "curves.packed": curves.packed}
+    tensors = inputs | {"bias_offsets": bias_offsets, "curves.packed": curves.packed}
     if len({t.device for t in tensors.values()}) > 1:
         raise ValueError(f"all on one device, got {({k: str(t.device) for k, t in tensors.items()})}")
+    if not readable_in_place(hardware_state, curves.packed.device):
+        raise ValueError(f"hardware_state is on {hardware_state.device} but the kernels run on {curves.packed.device}: "
+                         "it must be there, or in pinned host memory that this Triton can read in place "
+                         "(kernels.pinned_state.device_reads_pinned)")
 
 
 def _check_extra_cost(extra_cost, bias_offsets):
@@ -336,8 +342,14 @@ def _check_window(window, bias_offsets):
                          f"{tuple(window.shape)}")
 
 
+def _state_on_table_device(curves, hardware_state):
+    """The state where the references compute: a pinned host state (read in place by the kernels) is copied."""
+    return hardware_state.to(curves.packed.device, non_blocking=True)
+
+
 def _hardware_stretch_reference(curves, hardware_state, max_memory_pressure):
     rows = dict(zip(ROWS, curves.packed))
+    hardware_state = _state_on_table_device(curves, hardware_state)
     temp = hardware_state[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
     pressure = hardware_state[2].nan_to_num(nan=0.0).clamp(0.0, max_memory_pressure).reshape(1)
     stretch = lerp_segments(rows["pressure"][:curves.n_pressure], rows["pressure_stretch"][:curves.n_pressure],
@@ -378,7 +390,7 @@ def expert_cost_reference(curves, hardware_state, batch_sizes, max_memory_pressu
 
 def energy_weight_reference(curves, hardware_state, energy_weight, thermal_gain=1.0, thermal_margin_c=15.0):
     """w_energy * g(T) at ``hardware_state``'s temperature, as the kernels apply it: a [1] tensor."""
-    temp = hardware_state[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
+    temp = _state_on_table_device(curves, hardware_state)[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
     return energy_weight * _thermal_rise_reference(curves, temp, thermal_gain, thermal_margin_c)
 
 

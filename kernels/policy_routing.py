@@ -1,7 +1,8 @@
 """Baseline-preserving re-routing: keep each token's best experts, fill its other slots cheaply.
 
 Two passes over the tokens: in registers, in one launch of one program, when the tokens fit one
-block (<= 64 at E <= 64: decode batches), else two launches over a grid of token blocks:
+block (the launch config's tokens per program, ``kernels/configs/policy_routing``: decode batches),
+else two launches over a grid of token blocks:
 
 1. plain top-k (``kernels.routing``'s rules: fp32 softmax, the caller's additive selection bias,
    masked experts, lowest index on ties). Each token *keeps* a prefix of its plain slots: the
@@ -42,7 +43,7 @@ from calibration._validate import finite_number
 from kernels._validate import check_bool, check_int, check_tensor
 from kernels.cost_bias import (_bias_from_loads, _check, _check_extra_cost, _constants, bias_from_loads_reference)
 from kernels.routing import (UNSELECTABLE, _bias_vector, _pick, _probabilities, _renormalized, _selection, _top_k,
-                             check_selection_bias, route_reference)
+                             check_selection_bias, launch_config, route_reference)
 from kernels.routing_stats import expert_loads_reference
 
 FILL_MODES = ("cost", "active")
@@ -62,8 +63,9 @@ class PolicyRouting:
 
 @dataclass(frozen=True)
 class FillCost:
-    """What ``fill="cost"`` reads: the cost curves, the [3] hardware state, the [E] offsets and the
-    ``kernels.cost_bias`` knobs (``COST_KNOBS``)."""
+    """What ``fill="cost"`` reads: the cost curves, the [3] hardware state (on the logits' device,
+    or pinned host memory read in place), the [E] offsets and the ``kernels.cost_bias`` knobs
+    (``COST_KNOBS``)."""
     curves: object
     hardware_state: torch.Tensor
     bias_offsets: torch.Tensor
@@ -206,7 +208,7 @@ def _policy_routing_kernel(
 
 
 def policy_routing(router_logits, top_k, *, fill, keep_top_k=None, keep_share=None, selection_bias=None,
-                   renormalize=True, cost=None):
+                   renormalize=True, cost=None, config=None):
     """Baseline-preserving top-k routing (module docstring).
 
     Args:
@@ -218,8 +220,9 @@ def policy_routing(router_logits, top_k, *, fill, keep_top_k=None, keep_share=No
             Exactly one of the two.
         selection_bias: optional [E] float32 added to the probabilities for selection (both passes).
         renormalize: divide the chosen weights by their sum.
+        config: overrides the launch config (``kernels.routing.launch_config``): the tuner's candidate.
     Returns:
-        ``PolicyRouting``. One launch, no host sync.
+        ``PolicyRouting``. One launch when T fits one program's block, else two; no host sync.
     """
     T, E = _check_logits(router_logits)
     top_k = check_int("top_k", top_k, 1, E)
@@ -237,16 +240,15 @@ def policy_routing(router_logits, top_k, *, fill, keep_top_k=None, keep_share=No
     kept = torch.empty(T, dtype=torch.int32, device=device)
     fill_bias = torch.empty(E, dtype=torch.float32, device=device)
     nan_tokens = torch.zeros(1, dtype=torch.int32, device=device)
-    block_e = triton.next_power_of_2(E)
-    block_t = max(1, min(64, 4096 // block_e, triton.next_power_of_2(max(T, 1))))
+    block_t, num_warps = launch_config("policy_routing", T, E, device, config)
     fused = T <= block_t
     loads = torch.zeros(0 if fused else E, dtype=torch.int32, device=device)
     args = (router_logits, selection_bias, weights, ids, plain, kept, fill_bias, nan_tokens, loads,
             T, E, router_logits.stride(0), selection_bias.stride(0) if selection_bias is not None else 0,
             keep_top_k or 0, keep_share or 0.0, *cost_args)
-    meta = dict(TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+    meta = dict(TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k),
                 BINS=triton.next_power_of_2(E + 1), HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize,
-                KEEP_BY_SHARE=keep_share is not None, FILL_BY_COST=fill == "cost", **cost_flags)
+                KEEP_BY_SHARE=keep_share is not None, FILL_BY_COST=fill == "cost", num_warps=num_warps, **cost_flags)
     if fused:
         _policy_routing_kernel[(1,)](*args, **meta, PASS=0)
     else:

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _config
 from kernels._validate import INDEX_DTYPES, check_bool, check_int, check_tensor
 
 
@@ -198,21 +199,44 @@ def _next_pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def topk_routing(router_logits, top_k, selection_bias=None, renormalize=True):
-    """Launch the routing kernel on validated inputs; see ``route``."""
+def row_block(T, E, most):
+    """Tokens per program of the routing kernels: at most ``most`` (the launch config's), 4096 //
+    BLOCK_E (the [BT, BE] tiles stay in registers) and T's next power of two (no idle rows)."""
+    return max(1, min(most, 4096 // _next_pow2(E), _next_pow2(T)))
+
+
+def launch_config(op, T, E, device, override=None):
+    """(tokens per program, num_warps) for a routing kernel ``op`` ("topk_routing" or
+    "policy_routing") at T tokens and E experts: ``kernels/configs/<op>/<GPU>.json`` (``python -m
+    bench.tune_routing`` writes it), or ``override`` (a {"block_t", "num_warps"} dict: the tuner's candidate)."""
+    config = _config.lookup(op, device, t=T, e=E) if override is None else _checked_launch_config(override)
+    return row_block(T, E, config["block_t"]), config["num_warps"]
+
+
+def _checked_launch_config(config):
+    if not isinstance(config, dict) or set(config) != {"block_t", "num_warps"}:
+        raise ValueError(f"config must be a dict with keys block_t and num_warps, got {config!r}")
+    check_int("config['block_t']", config["block_t"], 1)
+    if config["num_warps"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"config['num_warps'] must be 1, 2, 4, 8 or 16, got {config['num_warps']!r}")
+    return config
+
+
+def topk_routing(router_logits, top_k, selection_bias=None, renormalize=True, *, config=None):
+    """Launch the routing kernel on validated inputs; see ``route``. ``config`` overrides the
+    launch config (``launch_config``)."""
     T, E = router_logits.shape
     device = router_logits.device
     weights = torch.empty((T, top_k), dtype=torch.float32, device=device)
     ids = torch.empty((T, top_k), dtype=torch.int32, device=device)
     nan_tokens = torch.zeros(1, dtype=torch.int32, device=device)
     if T > 0:
-        block_e = _next_pow2(E)
-        block_t = max(1, min(64, 4096 // block_e))
+        block_t, num_warps = launch_config("topk_routing", T, E, device, config)
         _topk_routing_kernel[(triton.cdiv(T, block_t),)](
             router_logits, selection_bias, weights, ids, nan_tokens, T, E, router_logits.stride(0),
             selection_bias.stride(0) if selection_bias is not None else 0,
-            TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k),
-            HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize,
+            TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=_next_pow2(E), BLOCK_K=_next_pow2(top_k),
+            HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize, num_warps=num_warps,
         )
     return RoutingResult(weights, ids, nan_tokens)
 

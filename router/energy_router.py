@@ -43,8 +43,10 @@ Kept slots, loads, bias and fill are one launch (``kernels.policy_routing``, ``f
 either knob the router runs the older unkept mode below, where every slot may move.
 
 **Hardware state.** A ``router.monitor.HardwareMonitor`` caches NVML readings on its own thread;
-the forward copies its pinned [3] buffer to the device (non-blocking, one small copy, re-read at
-every CUDA-graph replay) and never calls NVML. The energy weight rises toward the GPU's NVML
+the routing kernels read its pinned [3] buffer in place (``kernels.pinned_state``: no copy, and a
+CUDA-graph replay sees the live reading) and never call NVML. Where this Triton cannot read pinned
+memory (probed once per device) the forward copies the buffer to the device instead (non-blocking,
+re-read at every replay). The energy weight rises toward the GPU's NVML
 slowdown threshold T_slow (the table's, else the meter's): g(T) = 1 + thermal_gain *
 clamp((T - (T_slow - thermal_margin_c)) / thermal_margin_c, 0, 1), on the device; without a known
 threshold g = 1. Memory-bandwidth utilisation (clamped to ``max_memory_pressure``) is the cost
@@ -113,6 +115,7 @@ from kernels._validate import FLOAT_DTYPES, check_dim, check_int, check_same_dty
 from kernels.cost_bias import (cost_curves, energy_weight_reference, expert_cost_bias, expert_cost_reference,
                                ttt_offset_step)
 from kernels.moe_layer import TopKRouter
+from kernels.pinned_state import readable_in_place
 from kernels.policy_routing import FillCost, policy_routing
 from kernels.routing import check_selection_bias, topk_routing
 from kernels.routing_stats import STAT_FIELDS, routing_tallies, tally_summary
@@ -267,6 +270,7 @@ class EnergyAwareTTTRouter(TopKRouter):
         # [2, E] energy_j, latency_ms per routed token beyond compute (None: no placement)
         self.extra_cost = None if self._extra_cost_host is None else self._extra_cost_host.to(device)
         self._no_state = torch.full((3,), math.nan, device=device)  # no monitor: cost model alone
+        self._reads_host_state = self.monitoring and readable_in_place(self.monitor.host_state, device)
 
     # ---- forward -------------------------------------------------------------------------------
 
@@ -277,7 +281,7 @@ class EnergyAwareTTTRouter(TopKRouter):
         check_selection_bias(self.selection_bias, self.num_experts, self.weight.device)
         adapt = self.adapt and self.adaptive
         adapting = adapt and not _capturing(hidden_states)
-        if self.monitoring and self.cost_weighted:
+        if self.monitoring and self.cost_weighted and not self._reads_host_state:
             self.hardware_state.copy_(self.monitor.host_state, non_blocking=True)
         if adapting and self.update_due():
             self.ttt_step()  # before routing this batch: the update sees past batches only
@@ -328,7 +332,10 @@ class EnergyAwareTTTRouter(TopKRouter):
                                        self.thermal_gain, self.thermal_margin_c)
 
     def _state(self):
-        return self.hardware_state if self.monitoring else self._no_state
+        """The [3] state the kernels read: the monitor's buffer in place, its copy, or NaNs (no monitor)."""
+        if not self.monitoring:
+            return self._no_state
+        return self.monitor.host_state if self._reads_host_state else self.hardware_state
 
     def _gate_weights(self, logits, topk_weights, topk_ids):
         weights = topk_weights

@@ -3,12 +3,12 @@
 A ``calibration.nvml_meter.BackgroundSampler`` reads NVML at 10 Hz or slower on its own thread;
 each reading updates host floats and ``host_state``, a [3] float32 CPU tensor (pinned where CUDA
 exists) holding ``[temperature_c, power_w, memory_bandwidth_util]`` (util in 0..1, NaN while
-unknown). Routers copy ``host_state`` to their device with ``non_blocking=True`` at the start of
-their forward: a pinned-memory copy never blocks the host, and inside a CUDA graph the captured
-copy re-reads the pinned buffer at every replay, so a replaying graph sees live readings. The
-thread itself makes no CUDA calls (one could break another thread's graph capture). The monitor
-thread may rewrite the buffer while a copy reads it; a copy can then mix two readings' fields,
-which is harmless for a 10 Hz state.
+unknown). The routers' kernels read the pinned ``host_state`` in place (``kernels.pinned_state``),
+so a replaying CUDA graph sees live readings with no copy; where that is not possible they copy it
+to their device with ``non_blocking=True`` (never blocking the host; a captured copy re-reads the
+buffer at every replay). The thread itself makes no CUDA calls (one could break another thread's
+graph capture). It may rewrite the buffer while a kernel or copy reads it, which can then mix two
+readings' fields: harmless for a 10 Hz state.
 
 A reading NVML does not give, or one that is physically impossible (a temperature at or below
 absolute zero or above ``MAX_GPU_TEMP_C``, a power below 0 W or above ``MAX_BOARD_POWER_W``, a

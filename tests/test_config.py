@@ -4,6 +4,9 @@ import json
 import pytest
 
 from kernels import _config
+from kernels.routing import launch_config
+
+ROUTING_OPS = ("topk_routing", "policy_routing")
 
 CONFIG_FILES = sorted(_config.CONFIG_DIR.glob("*/*.json"))
 
@@ -44,6 +47,10 @@ def test_config_file_is_well_formed(path):
     assert "when" not in entries[-1], "the last entry must be the unconditional fallback"
     for entry in entries:
         cfg = entry["config"]
+        if path.parent.name in ROUTING_OPS:  # one program per block of tokens: its size and warps only
+            assert launch_config(path.parent.name, 1, 8, "cpu", cfg) == (1, cfg["num_warps"])
+            assert cfg["block_t"] & (cfg["block_t"] - 1) == 0, f"block_t={cfg['block_t']} is not a power of two"
+            continue
         for key, value in cfg.items():
             if key.startswith("block_"):
                 assert value >= 16 and value & (value - 1) == 0, f"{key}={value} is not a power of two >= 16"

@@ -536,10 +536,23 @@ def test_forward_never_syncs_the_host(cost_model, placement):
     assert router.ttt_updates >= 1
 
 
-@requires_gpu
-def test_graph_capture_replays_with_live_hardware_state(cost_model):
+def test_the_router_reads_its_monitors_buffer_in_place(cost_model):
     monitor, nvml = fake_monitor(temperature_c=40)
     _, router = router_pair(cost_model, monitor=monitor)
+    assert router._state() is monitor.host_state
+    nvml.temperature_c = 95
+    monitor.poll()
+    assert router.energy_weight().item() == pytest.approx(2.0), "the next call sees the new reading"
+
+
+@requires_gpu
+@pytest.mark.parametrize("in_place", [True, False], ids=["pinned-read-in-place", "copy-fallback"])
+def test_graph_capture_replays_with_live_hardware_state(cost_model, in_place, monkeypatch):
+    if not in_place:  # a Triton that cannot read host pointers: the forward copies the state instead
+        monkeypatch.setattr(kernels.pinned_state, "_probe", lambda index: False)
+    monitor, nvml = fake_monitor(temperature_c=40)
+    _, router = router_pair(cost_model, monitor=monitor)
+    assert (router._state() is monitor.host_state) == in_place
     experts = randn(E, 2 * I, H, scale=H ** -0.5), randn(E, H, I, scale=I ** -0.5)
     layer = kernels.FusedMoE(router, *experts)
     x = batches([16])[0]
@@ -562,7 +575,7 @@ def test_graph_capture_replays_with_live_hardware_state(cost_model):
         monitor.poll()
         graph.replay()
         torch.cuda.synchronize()
-    assert router.hardware_state[0].item() == 95.0 and weight_now.item() == pytest.approx(2.0)
+    assert router._state()[0].item() == 95.0 and weight_now.item() == pytest.approx(2.0)
     assert router.stats()["calls"] >= 4, "replays count on the device"
 
 

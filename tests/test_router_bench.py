@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import triton
 
 from bench import router_energy
 from tests.conftest import ON_GPU
@@ -64,4 +65,30 @@ def test_router_overhead_derives_the_splits():
     from bench.router_overhead import derived
     us = {"ours_router": 12.0, "oea_router": 5.0, "ours_router_no_monitor": 9.5, "policy_kernel_cost": 6.0,
           "policy_kernel_active": 3.0}
-    assert derived(us) == {"ours_minus_oea_us": 7.0, "state_copy_share_us": 2.5, "cost_path_in_kernel_us": 3.0}
+    assert derived(us) == {"ours_minus_oea_us": 7.0, "monitor_share_us": 2.5, "cost_path_in_kernel_us": 3.0}
+
+
+def test_tune_routing_candidates_hold_the_default_and_respect_the_tile_cap():
+    from bench.tune_routing import LADDERS, candidates, default_config
+    for op in LADDERS:
+        for T, E in ((1, 8), (5, 64), (64, 128), (1024, 256)):
+            configs = candidates(op, T, E)
+            assert default_config(T, E) in configs and len(configs) == len({tuple(c.values()) for c in configs})
+            assert all(c["block_t"] <= min(4096 // triton.next_power_of_2(E), triton.next_power_of_2(T))
+                       for c in configs)
+    assert {c["block_t"] for c in candidates("topk_routing", 1, 64)} == {1}, "T=1: one row per program"
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU path")
+def test_tune_routing_needs_a_gpu(tmp_path, capsys):
+    from bench import tune_routing
+    assert tune_routing.main(["--output", str(tmp_path / "t.json")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [(["--ops", "softmax"], "--ops"), (["--output", "{dir}"], "is a directory")])
+def test_tune_routing_refuses_bad_arguments(argv, message, tmp_path, capsys):
+    from bench import tune_routing
+    with pytest.raises(SystemExit) as exit_info:
+        tune_routing.parse_args([a.format(dir=tmp_path) for a in argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
