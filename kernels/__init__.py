@@ -13,6 +13,7 @@ Triton's interpreter (``TRITON_INTERPRET=1``), slowly.
 This package's import name, ``kernels``, is also Hugging Face's ``kernels`` package: the two
 cannot be installed side by side.
 """
+from kernels._name_clash import warn_if_hub_kernels_installed
 from kernels.attention import attention_av, attention_qk, flash_attention
 from kernels.decode_attention import decode_attention
 from kernels.fused_experts import fused_experts
@@ -23,6 +24,8 @@ from kernels.routing import route
 from kernels.swiglu import ffn_down, ffn_gate, ffn_up, swiglu_ffn, swiglu_gate_up
 
 __version__ = "0.1.0"
+
+warn_if_hub_kernels_installed()
 
 __all__ = [
     "attention_av", "attention_qk", "decode_attention", "flash_attention", "matmul",
