@@ -5,7 +5,7 @@ ours) are latency-bound at decode: one small program per block of tokens, whose 
 reductions over [tokens per program, experts] tiles. For each expert count (8 top-2, 64, 128
 and 256 top-8) and a ladder of token counts, every (tokens per program, num_warps) candidate is
 checked against the default config's output (ids exact, weights to 1e-6) and timed as CUDA-graph
-replays (median); the fastest becomes the entry ``{"when": {"max_e": E, "max_t": T}}`` of
+replays (median); after each expert count the results so far are written; the fastest becomes the entry ``{"when": {"max_e": E, "max_t": T}}`` of
 ``kernels/configs/<op>/<GPU>.json`` (``--write``), with every candidate's time under ``tuned``.
 The policy kernel's time is the slower of its two fills. Needs a CUDA device.
 """
@@ -91,8 +91,9 @@ def time_point(op, T, E, K, cost):
     return rows
 
 
-def tune(op, workdir):
-    """(config entries, measured points) for ``op`` over ``EXPERTS`` x ``TOKENS``."""
+def tune(op, workdir, save):
+    """(config entries, measured points) for ``op`` over ``EXPERTS`` x ``TOKENS``; ``save(entries,
+    measured)`` after each expert count, so a run cut short keeps what it measured."""
     entries, measured = [], []
     for E, K in EXPERTS:
         cost = fill_cost(E, K, workdir) if op == "policy_routing" else None
@@ -107,6 +108,7 @@ def tune(op, workdir):
             print(f"[tune_routing] {op} E={E} T={T}: {best['config']} {best['us']:.2f} us (default "
                   f"{default_us:.2f} us)", file=sys.stderr, flush=True)
         entries.append({"when": {"max_e": E}, "config": best["config"]})  # beyond the ladder: its last point's
+        save(entries, measured)
     return entries, measured
 
 
@@ -150,12 +152,12 @@ def main(argv=None):
     lines = []
     with tempfile.TemporaryDirectory() as workdir:
         for op in args.ops:
-            entries, measured = tune(op, workdir)
-            report["ops"][op] = {"entries": entries, "measured": measured}
-            if args.write:
-                write_tuned(op, gpu, entries, [summary(m) for m in measured], "bfloat16 logits")
-            lines += table_lines(op, measured)
-    write_json_atomic(Path(args.output), report)
+            def save(entries, measured, op=op):
+                report["ops"][op] = {"entries": entries, "measured": measured}
+                write_json_atomic(Path(args.output), report)
+                if args.write:
+                    write_tuned(op, gpu, entries, [summary(m) for m in measured], "bfloat16 logits")
+            lines += table_lines(op, tune(op, workdir, save)[1])
     print("\n".join(lines))
     return 0
 

@@ -6,8 +6,6 @@ live host values, with no copy node: for the routers that is one host-to-device 
 graph time on the H200) saved per layer call. Whether a given Triton and driver accept such a
 pointer is probed once per device (``device_reads_pinned``); callers copy where it says no.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -23,17 +21,20 @@ def _copy_kernel(p_src, p_dst, N: tl.constexpr):
 
 def device_reads_pinned(device):
     """Can a Triton kernel on ``device`` load a pinned host tensor in place? True on a CPU device
-    (the interpreter reads host memory anyway); on CUDA, probed once (a kernel launch and a sync,
-    so call it outside graph capture: during a capture it answers False without caching)."""
+    (the interpreter reads host memory anyway); on CUDA, probed once per device (a kernel launch
+    and a sync). During a graph capture the probe cannot run: an unprobed device answers False."""
     device = torch.device(device)
     if device.type != "cuda":
         return True
-    if torch.cuda.is_current_stream_capturing():
-        return False
-    return _probe(device.index if device.index is not None else torch.cuda.current_device())
+    index = _index(device)
+    if index not in PROBED and not torch.cuda.is_current_stream_capturing():
+        PROBED[index] = _probe(index)
+    return PROBED.get(index, False)
 
 
-@functools.lru_cache(maxsize=None)
+PROBED = {}  # CUDA device index -> the probe's answer
+
+
 def _probe(index):
     source = torch.tensor(PROBE_VALUES, dtype=torch.float32).pin_memory()
     target = torch.full_like(source, float("nan"), device=f"cuda:{index}")
@@ -50,6 +51,10 @@ def readable_in_place(state, device):
     """Does a kernel on ``device`` read ``state`` where it lies (on ``device``, or pinned host
     memory this device's kernels can load)?"""
     device = torch.device(device)
-    if state.device == device:
+    if state.device.type == device.type and (device.type != "cuda" or state.device.index == _index(device)):
         return True
     return device.type == "cuda" and state.device.type == "cpu" and state.is_pinned() and device_reads_pinned(device)
+
+
+def _index(device):
+    return device.index if device.index is not None else torch.cuda.current_device()

@@ -22,10 +22,13 @@ def test_an_unpinned_host_state_is_not_readable_from_a_gpu():
     assert not readable_in_place(torch.rand(3), torch.device("cuda", 0))
 
 
-def test_the_probe_says_no_during_a_capture_without_caching(monkeypatch):
+def test_during_a_capture_the_probe_answer_is_the_cached_one_or_no(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(pinned_state, "_probe", lambda index: pytest.fail("probed during a capture"))
-    assert not device_reads_pinned(torch.device("cuda", 0))
+    monkeypatch.setattr(pinned_state, "PROBED", {0: True})
+    assert device_reads_pinned(torch.device("cuda", 0)), "probed before the capture"
+    assert not device_reads_pinned(torch.device("cuda", 1)), "never probed: no"
+    assert pinned_state.PROBED == {0: True}, "nothing cached during the capture"
 
 
 @requires_gpu

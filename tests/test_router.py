@@ -549,7 +549,7 @@ def test_the_router_reads_its_monitors_buffer_in_place(cost_model):
 @pytest.mark.parametrize("in_place", [True, False], ids=["pinned-read-in-place", "copy-fallback"])
 def test_graph_capture_replays_with_live_hardware_state(cost_model, in_place, monkeypatch):
     if not in_place:  # a Triton that cannot read host pointers: the forward copies the state instead
-        monkeypatch.setattr(kernels.pinned_state, "_probe", lambda index: False)
+        monkeypatch.setattr(kernels.pinned_state, "PROBED", {torch.cuda.current_device(): False})
     monitor, nvml = fake_monitor(temperature_c=40)
     _, router = router_pair(cost_model, monitor=monitor)
     assert (router._state() is monitor.host_state) == in_place
