@@ -187,9 +187,16 @@ def main(argv=None):
     if not checkpoint["loaded"]:
         print(f"note: {checkpoint['reason']}: bits/byte are of random weights", flush=True)
     print("\n".join(table_lines(summary["rows"])))
-    for name, verdict in summary["targets"].items():
-        print(f"{name}: met={verdict.get('met')}" if isinstance(verdict, dict) and "met" in verdict else name)
+    print("\n".join(verdict_lines(summary["targets"])))
     return 0
+
+
+def verdict_lines(targets):
+    """One line per target (met or not), and per test-time-training setting whether it pays."""
+    lines = [f"{name}: met={verdict['met']}" for name, verdict in targets.items() if "met" in verdict]
+    ttt = targets.get("test_time_training", {})
+    lines += [f"test_time_training {name}: pays={v['pays']}" for name, v in ttt.items() if isinstance(v, dict)]
+    return lines or ["no target was evaluated"]
 
 
 if __name__ == "__main__":

@@ -139,3 +139,13 @@ def test_timing_passes_alternate_the_policy_order(monkeypatch):
     assert timings["topk"]["step"]["energy_per_token_j"] == pytest.approx(3.0)  # (1 + 5) / 2
     assert timings["oea_k2"]["step"]["energy_per_token_j_min"] == 2.0
     assert timings["oea_k2"]["step"]["energy_per_token_j_max"] == 3.0 and timings["topk"]["step"]["passes"] == 2
+
+
+def test_verdict_lines_say_each_target_and_whether_ttt_pays():
+    from bench.router_policies import verdict_lines
+    targets = {"b1_overhead": {"met": False}, "hot_state": {"met": True},
+               "test_time_training": {"ours_k4_ttt": {"pays": True}}}
+    assert verdict_lines(targets) == ["b1_overhead: met=False", "hot_state: met=True",
+                                      "test_time_training ours_k4_ttt: pays=True"]
+    assert verdict_lines({"test_time_training": {"reason": "no test-time-training setting was run"}}) == \
+        ["no target was evaluated"]
