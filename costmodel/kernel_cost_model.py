@@ -21,6 +21,8 @@ from calibration._validate import ABSOLUTE_ZERO_C, count, finite_number, real
 from costmodel.ops import COMM_OPS, ModelDims, check_op, work
 from costmodel.table import TABLE_DIR, load_table
 
+PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stretch's knots on a device
+
 __all__ = ["DeviceCostTable", "KernelCostModel", "TABLE_DIR", "lerp_segments", "load_table"]
 
 DEFAULT_GPU = "H100"  # the seed API's KernelCostModel()
@@ -163,6 +165,34 @@ class KernelCostModel:
         points = sorted((p["background_util"], max(p["stretch"], 1.0)) for p in curve["points"]
                         if p["background_util"] is not None)
         return points if len(points) >= 2 else None
+
+    def device_curves(self, op):
+        """``op``'s curves as plain numbers: what every device path (``DeviceCostTable``, the router's
+        bias kernels through ``kernels.cost_bias.cost_curves``) interpolates, read from the table once.
+
+        Returns a dict: ``batch_size``, ``energy_j``, ``latency_ms`` (the measured points, by batch
+        size); ``clock`` [(temp_c, sm_clock_mhz)] (the calibrated SM clock against temperature, or
+        [(25.0, 1.0)] without one: no stretch); ``pressure`` [(NVML memory utilisation, latency
+        stretch)]: the measured curve, or the roofline stretch of one token on ``PRESSURE_GRID``;
+        ``idle_power_w``; ``fixed_energy_j``, ``fixed_latency_ms`` (one token, unstretched);
+        ``slowdown_temp_c`` (None where unknown)."""
+        self._check(op, 1, None, None)  # ValueError naming an op the table lacks
+        points = self._points[op]
+        if len(points) < 2:
+            raise ValueError(f"op {op!r} needs at least 2 points in the {self.gpu_type} table "
+                             "for device interpolation")
+        clock = self.clock_curve() or [(25.0, 1.0)]
+        pressure = self.pressure_curve(op) or [(u, self._pressure_factor(op, 1, u)[0]) for u in PRESSURE_GRID]
+        fixed = self.get_cost(op, 1)
+        return {**{k: [p[k] for p in points] for k in ("batch_size", "energy_j", "latency_ms")},
+                "clock": clock, "pressure": pressure, "idle_power_w": self.table["idle_power_w"],
+                "fixed_energy_j": fixed["energy_joules"], "fixed_latency_ms": fixed["latency_ms"],
+                "slowdown_temp_c": (self.table.get("thermal") or {}).get("slowdown_temp_c")}
+
+    def clock_curve(self):
+        """The calibrated (temp_c, sm_clock_mhz) points, coolest first, or None without a thermal model."""
+        curve = (self.table.get("thermal") or {}).get("clock_vs_temp")
+        return [(p["temp_c"], p["sm_clock_mhz"]) for p in curve] if curve else None
 
     def _pressure_factor(self, op, batch_size, memory_pressure):
         """(latency stretch, extrapolated?) when other work holds ``memory_pressure`` of HBM
@@ -362,19 +392,14 @@ class DeviceCostTable:
         self.idle_power_w = model.table["idle_power_w"]
         self._rows, self._pressure = {}, {}
         for op in ops:
-            model._check(op, 1, None, None)
-            points = model._points[op]
-            if len(points) < 2:
-                raise ValueError(f"op {op!r} needs at least 2 points in the table for device interpolation")
-            cols = [[math.log(p[k]) for p in points] for k in ("batch_size", "energy_j", "latency_ms")]
+            curves = model.device_curves(op)
+            cols = [[math.log(v) for v in curves[k]] for k in ("batch_size", "energy_j", "latency_ms")]
             self._rows[op] = torch.tensor(cols, dtype=torch.float32, device=device)  # [3, n]
-            curve = model.pressure_curve(op)
+            curve = model.pressure_curve(op)  # measured only: the roofline stretch is computed per batch size
             if curve is not None:
                 self._pressure[op] = torch.tensor(curve, dtype=torch.float32, device=device).T  # [2, n]
-        thermal = model.table.get("thermal")
-        curve = thermal.get("clock_vs_temp") if thermal else None
-        self._clocks = torch.tensor([[p["temp_c"] for p in curve], [p["sm_clock_mhz"] for p in curve]],
-                                    dtype=torch.float32, device=device) if curve else None
+        clock = model.clock_curve()
+        self._clocks = torch.tensor(clock, dtype=torch.float32, device=device).T if clock else None  # [2, n]
 
     def predict(self, op, batch_sizes, temp_c=None, memory_pressure=None):
         """(energy_j, latency_ms) tensors shaped like ``batch_sizes`` (a float tensor, > 0).

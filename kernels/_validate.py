@@ -60,6 +60,20 @@ def check_int(name, value, low=None, high=None):
     return value
 
 
+def check_float(name, value, low, high, low_open=False):
+    """``value`` as a Python float (numpy reals too, never bool or str), finite, in [low, high]
+    ((low, high] with ``low_open``): a scalar the kernels take as a float32 argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        number = math.inf
+    if not (low < number if low_open else low <= number) or not number <= high:
+        raise ValueError(f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+    return number
+
+
 def check_same_dtype_device(**tensors):
     """Check that all named tensors share the first one's dtype and device."""
     (first_name, first), *rest = tensors.items()

@@ -38,17 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-from calibration._validate import finite_number
-from costmodel.kernel_cost_model import lerp_segments
-from kernels._validate import INDEX_DTYPES, check_tensor
+from kernels._validate import INDEX_DTYPES, check_float, check_tensor
 from kernels.pinned_state import readable_in_place
 from kernels.routing_stats import expert_loads_reference
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MARGINAL_FLOOR = 1e-6  # a flat cost curve's marginal cost, as a share of the one-token cost (no division by 0)
 _MARGINAL_FLOOR = tl.constexpr(MARGINAL_FLOOR)  # the kernel's copy (compiled kernels read constexpr globals only)
-PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stand-in's knots
 ROWS = ("log_batch", "log_energy", "log_latency", "temp_c", "sm_clock_mhz", "pressure", "pressure_stretch")
+CURVE_KEYS = ("batch_size", "energy_j", "latency_ms", "clock", "pressure", "idle_power_w", "fixed_energy_j",
+              "fixed_latency_ms", "slowdown_temp_c")
 
 
 @dataclass(frozen=True)
@@ -67,23 +66,23 @@ class CostCurves:
     fastest_clock_mhz: float
 
 
-def cost_curves(model, op, device):
-    """Pack ``op``'s curves from a ``KernelCostModel`` (host work, once per router)."""
-    model._check(op, 1, None, None)  # ValueError naming an op the model or its table lacks
-    points = model._points[op]
-    if len(points) < 2:
-        raise ValueError(f"op {op!r} needs at least 2 points in the {model.gpu_type} table")
-    thermal = model.table.get("thermal") or {}
-    clock = [(p["temp_c"], p["sm_clock_mhz"]) for p in thermal.get("clock_vs_temp") or []] or [(25.0, 1.0)]
-    pressure = model.pressure_curve(op) or [(p, model._pressure_factor(op, 1, p)[0]) for p in PRESSURE_GRID]
-    rows = [[math.log(p[k]) for p in points] for k in ("batch_size", "energy_j", "latency_ms")]
-    rows += [list(c) for c in zip(*clock)] + [list(c) for c in zip(*pressure)]
+def cost_curves(curves, device):
+    """Pack one op's curves (``costmodel.KernelCostModel.device_curves(op)``: plain numbers) for the
+    kernels, on ``device``."""
+    missing = sorted(set(CURVE_KEYS) - set(curves)) if isinstance(curves, dict) else None
+    if missing is None:
+        raise TypeError(f"curves must be a dict from KernelCostModel.device_curves, got {type(curves).__name__}")
+    if missing:
+        raise ValueError(f"curves lacks {missing} (build it with KernelCostModel.device_curves)")
+    if len(curves["batch_size"]) < 2:
+        raise ValueError(f"curves needs at least 2 measured points, got {len(curves['batch_size'])}")
+    rows = [[math.log(v) for v in curves[k]] for k in ("batch_size", "energy_j", "latency_ms")]
+    rows += [list(c) for c in zip(*curves["clock"])] + [list(c) for c in zip(*curves["pressure"])]
     width = max(map(len, rows))
     packed = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], dtype=torch.float32, device=device)
-    fixed = model.get_cost(op, 1)
-    slowdown = thermal.get("slowdown_temp_c")
-    return CostCurves(packed, len(points), len(clock), len(pressure), model.table["idle_power_w"],
-                      fixed["energy_joules"], fixed["latency_ms"], float(clock[0][0]),
+    slowdown, clock = curves["slowdown_temp_c"], curves["clock"]
+    return CostCurves(packed, len(curves["batch_size"]), len(clock), len(curves["pressure"]), curves["idle_power_w"],
+                      curves["fixed_energy_j"], curves["fixed_latency_ms"], float(clock[0][0]),
                       math.nan if slowdown is None else float(slowdown), float(max(c for _, c in clock)))
 
 
@@ -287,7 +286,7 @@ def _constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, t
 
 def _check_knob(name, value, positive=False):
     """A number the kernel takes as a float32 scalar: finite there (<= 3.4e38), and >= 0 (or > 0)."""
-    finite_number(name, value, low=0.0, low_open=positive, high=FLOAT32_MAX, why=" (a float32 kernel argument)")
+    check_float(name, value, low=0.0, high=FLOAT32_MAX, low_open=positive)
 
 
 def expert_cost_bias(topk_ids, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight, max_shift,
@@ -342,6 +341,14 @@ def _check_window(window, bias_offsets):
                          f"{tuple(window.shape)}")
 
 
+def lerp_segments_reference(xs, ys, x):
+    """``_lerp`` in torch: piecewise-linear ys(x) through sorted ``xs``, extending the end segments."""
+    flat = x.reshape(-1)  # a 0-d index tensor would index like a Python int: a host sync
+    hi = (xs.unsqueeze(0) <= flat.unsqueeze(1)).sum(-1).clamp(1, xs.numel() - 1)
+    t = (flat - xs[hi - 1]) / (xs[hi] - xs[hi - 1])
+    return (ys[hi - 1] + t * (ys[hi] - ys[hi - 1])).reshape(x.shape)
+
+
 def _state_on_table_device(curves, hardware_state):
     """The state where the references compute: a pinned host state (read in place by the kernels) is copied."""
     return hardware_state.to(curves.packed.device, non_blocking=True)
@@ -352,19 +359,19 @@ def _hardware_stretch_reference(curves, hardware_state, max_memory_pressure):
     hardware_state = _state_on_table_device(curves, hardware_state)
     temp = hardware_state[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
     pressure = hardware_state[2].nan_to_num(nan=0.0).clamp(0.0, max_memory_pressure).reshape(1)
-    stretch = lerp_segments(rows["pressure"][:curves.n_pressure], rows["pressure_stretch"][:curves.n_pressure],
-                              pressure)
+    n = curves.n_pressure
+    stretch = lerp_segments_reference(rows["pressure"][:n], rows["pressure_stretch"][:n], pressure)
     if curves.n_clock > 1:
         temps, clocks = rows["temp_c"][:curves.n_clock], rows["sm_clock_mhz"][:curves.n_clock]
-        stretch = stretch * clocks.max() / lerp_segments(temps, clocks, temp.clamp(temps[0], temps[-1]))
+        stretch = stretch * clocks.max() / lerp_segments_reference(temps, clocks, temp.clamp(temps[0], temps[-1]))
     return temp, stretch
 
 
 def _cost_reference(curves, batch, stretch):
     rows = {k: v[:curves.n_table] for k, v in zip(ROWS, curves.packed)}
     log_b = batch.log()
-    energy = lerp_segments(rows["log_batch"], rows["log_energy"], log_b).exp()
-    latency = lerp_segments(rows["log_batch"], rows["log_latency"], log_b).exp()
+    energy = lerp_segments_reference(rows["log_batch"], rows["log_energy"], log_b).exp()
+    latency = lerp_segments_reference(rows["log_batch"], rows["log_latency"], log_b).exp()
     return energy + curves.idle_power_w * latency * 1e-3 * (stretch - 1.0), latency * stretch
 
 

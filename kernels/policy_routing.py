@@ -39,8 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from calibration._validate import finite_number
-from kernels._validate import check_bool, check_int, check_tensor
+from kernels._validate import check_bool, check_float, check_int, check_tensor
 from kernels.cost_bias import (_bias_from_loads, _check, _check_extra_cost, _constants, bias_from_loads_reference)
 from kernels.routing import (UNSELECTABLE, _bias_vector, _pick, _probabilities, _renormalized, _selection, _top_k,
                              check_selection_bias, launch_config, route_reference)
@@ -273,7 +272,7 @@ def _check_keep(keep_top_k, keep_share, top_k):
         raise ValueError(f"give exactly one of keep_top_k and keep_share, got {keep_top_k!r} and {keep_share!r}")
     if keep_top_k is not None:
         return check_int("keep_top_k", keep_top_k, 1, top_k), None
-    finite_number("keep_share", keep_share, low=0.0, low_open=True, high=1.0)
+    check_float("keep_share", keep_share, low=0.0, high=1.0, low_open=True)
     return None, float(keep_share)
 
 

@@ -263,7 +263,7 @@ class EnergyAwareTTTRouter(TopKRouter):
     def _device_tables(self):
         """The bias kernels' cost curves and the placement's extra cost, on the weight's device."""
         device = self.weight.device
-        curves = cost_curves(self.kernel_cost_model, COST_OP, device)
+        curves = cost_curves(self.kernel_cost_model.device_curves(COST_OP), device)
         if self.slowdown_temp_c is not None:  # the table's, else the monitor's (NVML) threshold
             curves = dataclasses.replace(curves, slowdown_temp_c=float(self.slowdown_temp_c))
         self._curves = curves

@@ -24,7 +24,7 @@ def random_ids(T, K, E, seed):
 @pytest.mark.parametrize("T, K, E", [(1, 2, 8), (13, 2, 5), (37, 8, 128), (0, 2, 4), (300, 1, 3)])
 @pytest.mark.parametrize("state", STATES, ids=["unknown", "cool", "hot-pressed", "beyond"])
 def test_kernel_matches_reference(gpu, T, K, E, state):
-    curves = cost_curves(KernelCostModel(gpu), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel(gpu).device_curves("swiglu_ffn"), DEVICE)
     ids = random_ids(T, K, E, seed=T + E)
     hardware = torch.tensor(state, device=DEVICE)
     offsets = (torch.rand(E, generator=torch.Generator().manual_seed(E)) - 0.5).mul(0.1).to(DEVICE)
@@ -38,7 +38,7 @@ def test_kernel_matches_reference(gpu, T, K, E, state):
 def test_bias_is_the_host_models_marginal_cost():
     """Idle expert: cost(1); expert with load 3: cost(3) - cost(2); at 65 °C and 30% pressure."""
     model = KernelCostModel("H100")
-    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    curves = cost_curves(model.device_curves("swiglu_ffn"), DEVICE)
     ids = torch.tensor([[0, 1], [0, 2], [0, 1]], dtype=torch.int32, device=DEVICE)
     hardware = torch.tensor([65.0, 300.0, 0.3], device=DEVICE)
     weights = dict(energy_weight=1.0, latency_weight=0.0, max_shift=0.2, thermal_gain=0.0)
@@ -56,7 +56,7 @@ def test_bias_is_the_host_models_marginal_cost():
 
 
 def test_bad_input():
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     ids, state, offsets = random_ids(3, 2, 4, 0), torch.zeros(3, device=DEVICE), torch.zeros(4, device=DEVICE)
     with pytest.raises(TypeError, match="topk_ids"):
         expert_cost_bias(ids.float(), curves, state, offsets, **WEIGHTS)
@@ -74,7 +74,7 @@ def test_bad_input():
         with pytest.raises(TypeError, match=name):
             expert_cost_bias(ids, curves, state, offsets, **(WEIGHTS | {name: value}))
     with pytest.raises(ValueError, match="conv2d"):
-        cost_curves(KernelCostModel("H100"), "conv2d", DEVICE)
+        cost_curves(KernelCostModel("H100").device_curves("conv2d"), DEVICE)
     strided = torch.zeros(6, device=DEVICE)[::2]
     with pytest.raises(ValueError, match="hardware_state must be contiguous"):
         expert_cost_bias(ids, curves, strided, offsets, **WEIGHTS)
@@ -90,7 +90,7 @@ def test_bad_input():
 
 
 def test_numpy_knobs_are_numbers():
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     ids, state, offsets = random_ids(5, 2, 4, 1), torch.zeros(3, device=DEVICE), torch.zeros(4, device=DEVICE)
     numpy_knobs = {k: np.float32(v) for k, v in WEIGHTS.items()}
     assert torch.equal(expert_cost_bias(ids, curves, state, offsets, **numpy_knobs),
@@ -99,7 +99,7 @@ def test_numpy_knobs_are_numbers():
 
 def test_nan_offsets_and_extra_costs_propagate_as_in_the_reference():
     """A NaN in the router's state stays NaN in the bias (which the routing then masks), in both."""
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     ids, state = random_ids(6, 2, 4, 2), torch.full((3,), math.nan, device=DEVICE)
     offsets = torch.tensor([math.nan, 0.0, 0.0, 0.0], device=DEVICE)
     extra = torch.zeros(2, 4, device=DEVICE)
@@ -117,7 +117,7 @@ def test_nan_offsets_and_extra_costs_propagate_as_in_the_reference():
 
 
 def test_an_overflowing_score_saturates_at_the_maximum_shift():
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     ids, state, offsets = random_ids(2, 2, 8, 3), torch.zeros(3, device=DEVICE), torch.zeros(8, device=DEVICE)
     knobs = WEIGHTS | {"energy_weight": 3e38}  # finite in float32; a weight load's score overflows to +Inf
     ours = expert_cost_bias(ids, curves, state, offsets, **knobs)
@@ -132,7 +132,7 @@ def test_per_token_extra_is_scored_against_a_tokens_compute():
     move the bias by about half the maximum shift, s/(1+s) going from ~0 to ~1/2; scored against
     the one-token (weight-load) cost instead it would move it by ~max_shift/300."""
     model = KernelCostModel("H100")
-    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    curves = cost_curves(model.device_curves("swiglu_ffn"), DEVICE)
     T, K, E = 2048, 8, 128
     ids, hardware = random_ids(T, K, E, seed=3), torch.full((3,), math.nan, device=DEVICE)
     loads = torch.bincount(ids.reshape(-1).long(), minlength=E)
@@ -153,7 +153,7 @@ def test_per_token_extra_is_scored_against_a_tokens_compute():
 @pytest.mark.parametrize("E", [5, 128])
 @pytest.mark.parametrize("state", STATES[:3], ids=["unknown", "cool", "hot-pressed"])
 def test_offset_step_matches_reference_and_attracts_cheap_experts(E, state):
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     gen = torch.Generator().manual_seed(E)
     tokens = torch.randint(0, 40, (E,), generator=gen).float()
     tokens[0] = 0.0  # an expert that never ran keeps its offset
@@ -170,7 +170,7 @@ def test_offset_step_matches_reference_and_attracts_cheap_experts(E, state):
 def test_offset_step_moves_toward_lower_cost_per_token():
     """Per routed token a busy expert (weight load shared) is cheaper: its offset rises, an
     expert that ran with one token at a time falls."""
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     window = torch.tensor([[64.0, 4.0, 0.0], [1.0, 4.0, 0.0]], device=DEVICE)  # 64 tokens in 1 batch; 1 per batch
     offsets = torch.zeros(3, device=DEVICE)
     ttt_offset_step(window, curves, torch.full((3,), math.nan, device=DEVICE), offsets, lr=0.01, energy_weight=1.0,
@@ -179,7 +179,7 @@ def test_offset_step_moves_toward_lower_cost_per_token():
 
 
 def test_window_is_checked():
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     with pytest.raises(ValueError, match="window"):
         ttt_offset_step(torch.zeros(3, 4, device=DEVICE), curves, torch.zeros(3, device=DEVICE),
                         torch.zeros(4, device=DEVICE), lr=0.1, energy_weight=1.0, latency_weight=0.0, max_shift=0.1)
@@ -200,7 +200,7 @@ def remote_extra_cost(model, E, seed):
 @pytest.mark.parametrize("state", STATES, ids=["unknown", "cool", "hot-pressed", "beyond"])
 def test_kernel_with_extra_cost_matches_reference(T, K, E, state):
     model = KernelCostModel("H100")
-    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    curves = cost_curves(model.device_curves("swiglu_ffn"), DEVICE)
     ids, hardware = random_ids(T, K, E, seed=T + E), torch.tensor(state, device=DEVICE)
     offsets = (torch.rand(E, generator=torch.Generator().manual_seed(E)) - 0.5).mul(0.1).to(DEVICE)
     extra = remote_extra_cost(model, E, seed=E)
@@ -221,7 +221,7 @@ def test_kernel_with_extra_cost_matches_reference(T, K, E, state):
 @pytest.mark.parametrize("state", STATES[:3], ids=["unknown", "cool", "hot-pressed"])
 def test_offset_step_with_extra_cost_matches_reference(E, state):
     model = KernelCostModel("H100")
-    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    curves = cost_curves(model.device_curves("swiglu_ffn"), DEVICE)
     gen = torch.Generator().manual_seed(E)
     tokens = torch.randint(0, 40, (E,), generator=gen).float()
     window = torch.stack((tokens, (tokens > 0).float() * torch.randint(1, 4, (E,), generator=gen))).to(DEVICE)
@@ -237,7 +237,7 @@ def test_offset_step_with_extra_cost_matches_reference(E, state):
 def test_offset_step_charges_the_extra_cost_per_token():
     """Two experts that ran alike; the remote one's tokens also pay the exchange: it steps down."""
     model = KernelCostModel("H100")
-    curves = cost_curves(model, "swiglu_ffn", DEVICE)
+    curves = cost_curves(model.device_curves("swiglu_ffn"), DEVICE)
     window = torch.tensor([[8.0, 8.0], [2.0, 2.0]], device=DEVICE)
     extra = torch.tensor([[0.0, 1e-4], [0.0, 0.0]], device=DEVICE)
     offsets = torch.zeros(2, device=DEVICE)
@@ -247,7 +247,7 @@ def test_offset_step_charges_the_extra_cost_per_token():
 
 
 def test_extra_cost_is_checked():
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     ids, state, offsets = random_ids(3, 2, 4, 0), torch.zeros(3, device=DEVICE), torch.zeros(4, device=DEVICE)
     bad = [(ValueError, torch.zeros(4, device=DEVICE)), (ValueError, torch.zeros(2, 5, device=DEVICE)),
            (TypeError, torch.zeros(2, 4, device=DEVICE, dtype=torch.float64)),
@@ -264,7 +264,7 @@ def test_out_of_range_ids_count_for_no_expert():
     """Kernel and reference alike: an id outside [0, E) loads no expert (the reference used to fail
     on one), and a strided [T, 1] slice of ids reads as its values (the kernel used to read memory
     order)."""
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     ids = torch.tensor([[0, 9], [1, -1], [0, 2]], dtype=torch.int32, device=DEVICE)
     state, offsets = torch.tensor(STATES[1], device=DEVICE), torch.zeros(4, device=DEVICE)
     ours = expert_cost_bias(ids, curves, state, offsets, **WEIGHTS)
@@ -272,3 +272,22 @@ def test_out_of_range_ids_count_for_no_expert():
     valid = expert_cost_bias(ids[:, :1], curves, state, offsets, **WEIGHTS)  # strided; loads of experts 0, 1 alike
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours, ref)
     assert torch.equal(ours[:2], valid[:2]), (ours, valid)
+
+
+def test_cost_curves_takes_the_cost_models_plain_curves_only():
+    curves = KernelCostModel("H100").device_curves("swiglu_ffn")
+    with pytest.raises(TypeError, match="curves must be a dict"):
+        cost_curves(KernelCostModel("H100"), DEVICE)
+    with pytest.raises(ValueError, match=r"curves lacks \['clock'\]"):
+        cost_curves({k: v for k, v in curves.items() if k != "clock"}, DEVICE)
+    with pytest.raises(ValueError, match="at least 2 measured points"):
+        cost_curves(curves | {k: curves[k][:1] for k in ("batch_size", "energy_j", "latency_ms")}, DEVICE)
+
+
+def test_the_device_curves_are_the_host_models_own():
+    model = KernelCostModel("H100")
+    curves = model.device_curves("swiglu_ffn")
+    assert curves["fixed_energy_j"] == model.get_cost("swiglu_ffn", 1)["energy_joules"]
+    assert curves["clock"] == model.clock_curve() and curves["pressure"][0] == pytest.approx((0.0, 1.0))
+    packed = cost_curves(curves, DEVICE)
+    assert packed.n_table == len(curves["batch_size"]) and packed.fixed_latency_ms == curves["fixed_latency_ms"]

@@ -38,7 +38,7 @@ def test_this_gpu_reads_pinned_memory_in_place():
 
 @requires_gpu
 def test_cost_kernels_read_a_pinned_state_as_its_device_copy():
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     ids = torch.randint(0, 16, (9, 2), generator=gen, device=DEVICE, dtype=torch.int32)
     offsets = torch.rand(16, generator=gen, device=DEVICE) * 0.05
@@ -51,7 +51,7 @@ def test_cost_kernels_read_a_pinned_state_as_its_device_copy():
 
 @requires_gpu
 def test_an_unpinned_host_state_is_refused_by_name():
-    curves = cost_curves(KernelCostModel("H100"), "swiglu_ffn", DEVICE)
+    curves = cost_curves(KernelCostModel("H100").device_curves("swiglu_ffn"), DEVICE)
     ids = torch.zeros(3, 2, dtype=torch.int32, device=DEVICE)
     offsets, window = torch.zeros(4, device=DEVICE), torch.rand(2, 4, device=DEVICE)
     unpinned = torch.full((3,), math.nan)

@@ -36,7 +36,7 @@ def curves_for(num_experts, tmp_path):
 
 def fill_cost(model, num_experts, max_shift=0.4, offsets=None):
     offsets = torch.zeros(num_experts, device=DEVICE) if offsets is None else offsets
-    return FillCost(cost_curves(model, "swiglu_ffn", DEVICE), torch.tensor(HOT_STATE, device=DEVICE), offsets,
+    return FillCost(cost_curves(model.device_curves("swiglu_ffn"), DEVICE), torch.tensor(HOT_STATE, device=DEVICE), offsets,
                     {"energy_weight": 1.0, "max_shift": max_shift})
 
 
