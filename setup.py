@@ -20,5 +20,6 @@ setup(
         "nvidia-ml-py>=12.535",
         "matplotlib>=3.8",  # the benchmark's plots
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=5.1", "hypothesis>=6.100", "transformers>=5.0,<5.25"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=5.1", "hypothesis>=6.100", "transformers>=5.0,<5.25"],
+                    "zeus": ["zeus>=0.16"]},
 )

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one call, step by step; full logs go to $OUT (default ./out),
 # tuned configs as one tarball, and short tables are printed last.
-#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe kernels moe trace calibrate accuracy router tests
-#                                     benchmark ep
+#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe tune-routing kernels moe trace calibrate
+#                                     accuracy meter router overhead tests benchmark ep
+#   (meter needs Zeus: carry its wheels and put them on PYTHONPATH first)
 #   (ep: the all_to_all curve and the expert-parallel benchmark on NGPUS GPUs, default 2)
 #   (GPU=H100 names the cost table that calibrate writes and accuracy reads)
 #   BENCH_K='-k "H256 or mixtral"' selects the pytest-benchmark subset (default: all of them).
@@ -17,13 +18,16 @@ for step in "$@"; do
     case $step in
         tune-dense) python -m bench.tune_kernels > "$OUT/tune_dense.txt" 2>&1 ;;
         tune-moe) python -m bench.tune_moe > "$OUT/tune_moe.txt" 2>&1 ;;
+        tune-routing) python -m bench.tune_routing --write --output "$OUT/tune_routing.json" > "$OUT/tune_routing.txt" 2>&1 ;;
         kernels) python -m bench.kernels --output "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
         moe) python -m bench.moe --output "$OUT/moe.json" > "$OUT/moe.txt" 2>&1 ;;
         trace) python -m calibration.trace --seconds 10 --output "$OUT/trace_${GPU:-H100}.json" > "$OUT/trace.txt" 2>&1 ;;
         calibrate) python -m bench.calibrate --gpu "${GPU:-H100}" --output "$OUT/${GPU:-H100}.json" \
             --trace "$OUT/trace_calibrate_${GPU:-H100}.json" > "$OUT/calibrate.txt" 2>&1 ;;
         accuracy) python -m bench.kcm_accuracy --gpu "${GPU:-H100}" --table "$OUT/${GPU:-H100}.json" --output "$OUT/kcm_accuracy.json" > "$OUT/accuracy.txt" 2>&1 ;;
+        meter) python -m bench.meter_check --output "$OUT/meter_check.json" > "$OUT/meter.txt" 2>&1 ;;
         router) python -m bench.router_energy --output "$OUT/router.json" > "$OUT/router.txt" 2>&1 ;;
+        overhead) python -m bench.router_overhead --output "$OUT/router_overhead.json" > "$OUT/overhead.txt" 2>&1 ;;
         tests) python -m pytest -q -p no:cacheprovider tests ${TESTS_K:-} > "$OUT/pytest.txt" 2>&1 ;;
         benchmark) eval python -m pytest -q -p no:cacheprovider bench --benchmark-only "${BENCH_K:-}" \
             --benchmark-columns=median,iqr,rounds > "$OUT/benchmark.txt" 2>&1 ;;
@@ -36,7 +40,7 @@ for step in "$@"; do
     echo "== $step done (rc $?)"
 done
 case " $* " in *" tune-"*) tar -cf "$OUT/configs.tar" kernels/configs ;; esac
-for f in tune_dense tune_moe calibrate accuracy router benchmark pytest kernels moe ep; do
+for f in tune_dense tune_moe tune_routing calibrate accuracy meter router overhead benchmark pytest kernels moe ep; do
     [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -v "^\s*$" "$OUT/$f.txt" | grep -v "^ " | tail -n 30 | cut -c1-240; }
 done
 exit 0
