@@ -134,7 +134,8 @@ def write_tuned(op, gpu, entries, measured, dtype_name):
     """Write ``op``'s config file for ``gpu``: tuned entries first, then the default entries (fp32 fallback)."""
     path = _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
     fallback, _ = _config.load_entries(op, "default")
-    write_json_atomic(path, {"entries": entries + list(fallback),
+    major, minor = torch.cuda.get_device_capability()  # a same-architecture card without its own file reads this one
+    write_json_atomic(path, {"compute_capability": f"{major}.{minor}", "entries": entries + list(fallback),
                              "tuned": {"dtype": dtype_name, "provenance": provenance(), "buckets": measured}})
     print(f"  wrote {path}")
 

@@ -1,7 +1,10 @@
-"""Block-size configs, read from one JSON file per op and GPU name, with a default fallback.
+"""Block-size configs, read from one JSON file per op and GPU name, with fallbacks by architecture.
 
-``configs/<op>/<GPU_name>.json`` (e.g. ``NVIDIA_H100_80GB_HBM3.json``) holds the tuned
-entries for one card; ``configs/<op>/default.json`` serves every other device. Each file is
+``configs/<op>/<GPU_name>.json`` (e.g. ``NVIDIA_H100_80GB_HBM3.json``) holds the tuned entries
+for one card, with the ``compute_capability`` it was tuned on. A device without its own file takes
+a tuned file of its compute capability (an H200 the H100's; the first by file name where several
+match), and any other device ``configs/<op>/default.json``. Which file an op uses is logged once
+(``logging`` debug, logger ``kernels``) and reported by ``config_sources`` for results files. Each file is
 ``{"entries": [{"when": {"max_m": 64}, "config": {...}}, ...]}``; the first entry whose
 ``when`` bounds (``max_<dim>`` and ``min_<dim>``, inclusive) all hold is used, so files end
 with an unconditional entry. Lookups pass the shape dims and ``elem_bytes``: tuned (16-bit)
@@ -11,25 +14,33 @@ bench.tune_kernels`` and ``python -m bench.tune_moe`` measure candidates to writ
 """
 import functools
 import json
+import logging
 import re
 from pathlib import Path
 
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+LOG = logging.getLogger("kernels")
 
 
 def device_name(device):
     """NVML-style GPU name for a CUDA device, or ``"cpu"``."""
+    return _device_identity(device)[0]
+
+
+def _device_identity(device):
+    """(GPU name, "major.minor" compute capability) of a CUDA device; ("cpu", None) otherwise."""
     device = torch.device(device)
     if device.type != "cuda":
-        return "cpu"
-    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+        return "cpu", None
+    return _cuda_identity(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_device_name(index):
-    return torch.cuda.get_device_name(index)  # cached: the query costs microseconds on every launch
+def _cuda_identity(index):  # cached: the queries cost microseconds on every launch
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), f"{major}.{minor}"
 
 
 def config_file_stem(name):
@@ -38,12 +49,29 @@ def config_file_stem(name):
 
 
 @functools.lru_cache(maxsize=None)
-def load_entries(op, gpu_name):
-    """The config entries for ``op`` on ``gpu_name``, and the path they came from."""
+def load_entries(op, gpu_name, compute_capability=None):
+    """The config entries for ``op`` on ``gpu_name`` (of ``compute_capability``, "9.0"), and the
+    path they came from: the GPU's own file, else a tuned file of the same capability, else the default."""
     path = CONFIG_DIR / op / f"{config_file_stem(gpu_name)}.json"
     if not path.exists():
-        path = CONFIG_DIR / op / "default.json"
+        path = _same_architecture(op, compute_capability) or CONFIG_DIR / op / "default.json"
+    LOG.debug("kernels: %s on %s (compute capability %s) uses %s", op, gpu_name, compute_capability, path.name)
     return tuple(json.loads(path.read_text())["entries"]), path
+
+
+def _same_architecture(op, compute_capability):
+    if compute_capability is None:
+        return None
+    for path in sorted((CONFIG_DIR / op).glob("*.json")):
+        if path.name != "default.json" and json.loads(path.read_text()).get("compute_capability") == compute_capability:
+            return path
+    return None
+
+
+def config_sources(device):
+    """{op: the config file it uses on ``device``}, for results files."""
+    return {path.name: load_entries(path.name, *_device_identity(device))[1].name
+            for path in sorted(CONFIG_DIR.iterdir()) if path.is_dir()}
 
 
 def _holds(key, bound, dims):
@@ -61,5 +89,5 @@ def select_config(entries, **dims):
 
 def lookup(op, device, **dims):
     """The block config dict for ``op`` at ``dims`` on ``device``."""
-    entries, _ = load_entries(op, device_name(device))
+    entries, _ = load_entries(op, *_device_identity(device))
     return select_config(entries, **dims)

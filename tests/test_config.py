@@ -1,5 +1,6 @@
 """Per-GPU block-size config files and their lookup."""
 import json
+import re
 
 import pytest
 
@@ -55,3 +56,26 @@ def test_config_file_is_well_formed(path):
             if key.startswith("block_"):
                 assert value >= 16 and value & (value - 1) == 0, f"{key}={value} is not a power of two >= 16"
         assert cfg["num_warps"] in (1, 2, 4, 8, 16) and cfg["num_stages"] >= 1
+
+def test_a_gpu_without_its_own_file_takes_a_tuned_file_of_its_architecture():
+    entries, path = _config.load_entries("matmul", "NVIDIA H200", "9.0")
+    assert path.name == "NVIDIA_H100_80GB_HBM3.json", "the H200 (sm_90) reads the H100's tuned configs"
+    assert json.loads(path.read_text())["compute_capability"] == "9.0"
+    _, path = _config.load_entries("topk_routing", "NVIDIA H100 80GB HBM3", "9.0")
+    assert path.name == "NVIDIA_H200.json"
+    _, own = _config.load_entries("matmul", "NVIDIA H100 80GB HBM3", "9.0")
+    assert own.name == "NVIDIA_H100_80GB_HBM3.json", "a GPU's own file first"
+    _, other = _config.load_entries("matmul", "NVIDIA A100-SXM4-80GB", "8.0")
+    assert other.name == "default.json", "no tuned file of its architecture: the default"
+
+
+def test_every_tuned_file_names_its_compute_capability():
+    for path in CONFIG_FILES:
+        if path.name != "default.json":
+            assert re.fullmatch(r"\d+\.\d+", json.loads(path.read_text())["compute_capability"]), path
+
+
+def test_config_sources_name_the_file_each_op_reads():
+    sources = _config.config_sources("cpu")
+    assert set(sources) == {p.name for p in _config.CONFIG_DIR.iterdir() if p.is_dir()}
+    assert set(sources.values()) == {"default.json"}, "a CPU reads the defaults"

@@ -62,6 +62,7 @@ def nvidia_driver_version():
 
 def provenance():
     """Where and with what a result was measured."""
+    from kernels._config import config_sources  # here, not at import: importing kernels fixes TRITON_INTERPRET
     on_gpu = torch.cuda.is_available()
     return {
         "gpu": torch.cuda.get_device_name() if on_gpu else None,
@@ -72,4 +73,5 @@ def provenance():
         "python": platform.python_version(),
         "commit": git_commit(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "kernel_configs": config_sources("cuda" if on_gpu else "cpu"),  # {op: the config file its kernels read}
     }
