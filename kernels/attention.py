@@ -16,6 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import _config
 from kernels._autograd import apply_with_reference_grad
+from kernels._library import kernel_op
 from kernels._validate import (check_bool, check_dim, check_same_dtype_device, check_sm_scale, check_tensor,
                                dot_precision, tma_compatible)
 
@@ -266,14 +267,13 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
     sm_scale = check_sm_scale(sm_scale, q.shape[-1])
     if k.shape[2] == 0 and q.shape[2] > 0:
         raise ValueError("k and v have sequence length 0; each query needs at least one key")
+    return _flash_attention_op(q, k, v, causal, sm_scale)
 
-    def kernel(q_, k_, v_):
-        return _flash_attention(q_, k_, v_, causal, sm_scale)
 
-    def reference(q_, k_, v_):
-        return flash_attention_reference(q_, k_, v_, causal, sm_scale)
-
-    return apply_with_reference_grad(kernel, reference, q, k, v)
+_flash_attention_op = kernel_op(
+    "flash_attention", "(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale) -> Tensor",
+    _flash_attention,
+    fake=lambda q, k, v, causal, sm_scale: torch.empty_like(q), reference=flash_attention_reference)
 
 
 def attention_qk_reference(q, k, sm_scale=None):

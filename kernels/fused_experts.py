@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels import _config
-from kernels._autograd import apply_with_reference_grad
+from kernels._library import kernel_op
 from kernels._validate import INDEX_DTYPES, check_dim, check_same_dtype_device, check_tensor, dot_precision
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import _tile_coords, _tile_product, processor_count
@@ -153,9 +153,7 @@ def fused_experts_reference(hidden_states, gate_up_proj, down_proj, top_k_index,
     """The per-expert loop in torch, as transformers' eager ``MixtralExperts.forward`` computes it."""
     out = torch.zeros_like(hidden_states)
     for expert in range(gate_up_proj.shape[0]):
-        token, k = torch.where(top_k_index == expert)
-        if token.numel() == 0:
-            continue
+        token, k = torch.where(top_k_index == expert)  # may be empty: no branch on it, so compile can trace
         gate, up = (hidden_states[token] @ gate_up_proj[expert].T).chunk(2, dim=-1)
         y = (torch.nn.functional.silu(gate) * up) @ down_proj[expert].T
         out = out.index_add(0, token, (y * top_k_weights[token, k, None]).to(out.dtype))
@@ -206,11 +204,11 @@ def fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
         [T, H] in ``hidden_states``' dtype.
     """
     check_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, validate_ids)
+    return _fused_experts_op(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
 
-    def kernel(x, gate_up, down, weights):
-        return launch_fused_experts(x, gate_up, down, top_k_index, weights)
 
-    def reference(x, gate_up, down, weights):
-        return fused_experts_reference(x, gate_up, down, top_k_index, weights)
-
-    return apply_with_reference_grad(kernel, reference, hidden_states, gate_up_proj, down_proj, top_k_weights)
+_fused_experts_op = kernel_op(
+    "fused_experts",
+    "(Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor top_k_index, Tensor top_k_weights) -> Tensor",
+    launch_fused_experts,
+    fake=lambda x, gate_up, down, ids, weights: torch.empty_like(x), reference=fused_experts_reference)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._autograd import apply_with_reference_grad
+from kernels._library import kernel_op
 from kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 
@@ -70,11 +70,18 @@ def gather_sum(rows, index):
         raise ValueError(f"index is on {index.device} but rows is on {rows.device}")
     if index.numel() and index.max() >= rows.shape[0]:
         raise ValueError(f"index has entries >= {rows.shape[0]} (the rows of rows)")
-    return apply_with_reference_grad(lambda r: launch_gather_sum(r, index), lambda r: gather_sum_reference(r, index),
-                                     rows)
+    return _gather_sum_op(rows, index)
 
 
 def gather_sum_reference(rows, index):
     """``gather_sum`` in torch (float32 accumulation)."""
     padded = torch.cat((rows.float(), rows.new_zeros(1, rows.shape[1], dtype=torch.float32)))  # row N: zeros
     return padded[torch.where(index >= 0, index, rows.shape[0]).long()].sum(1).to(rows.dtype)
+
+
+def _gather_sum_fake(rows, index):
+    return rows.new_empty((index.shape[0], rows.shape[1]))
+
+
+_gather_sum_op = kernel_op("gather_sum", "(Tensor rows, Tensor index) -> Tensor", launch_gather_sum,
+                           fake=_gather_sum_fake, reference=gather_sum_reference)

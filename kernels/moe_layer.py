@@ -20,7 +20,7 @@ from torch import nn
 from kernels._validate import check_dim, check_int, check_same_dtype_device, check_tensor
 from kernels.expert_parallel import expert_parallel_experts
 from kernels.fused_experts import fused_experts
-from kernels.routing import check_selection_bias, topk_routing
+from kernels.routing import check_selection_bias, route_checked
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
 EP_CHUNKS = 1
@@ -62,7 +62,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, hidden_states):
         router_logits = self._router_logits(hidden_states)
-        routing = topk_routing(router_logits, self.top_k, self.selection_bias, self.renormalize)
+        routing = route_checked(router_logits, self.top_k, self.selection_bias, self.renormalize)
         weights = routing.topk_weights
         if torch.is_grad_enabled() and router_logits.requires_grad:
             weights = self._differentiable_weights(router_logits, routing.topk_ids)

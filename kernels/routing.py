@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels import _config
+from kernels._library import kernel_op
 from kernels._validate import INDEX_DTYPES, check_bool, check_int, check_tensor
 
 
@@ -241,6 +242,28 @@ def topk_routing(router_logits, top_k, selection_bias=None, renormalize=True, *,
     return RoutingResult(weights, ids, nan_tokens)
 
 
+def _route_fake(router_logits, top_k, selection_bias, renormalize):
+    T = router_logits.shape[0]
+    return (router_logits.new_empty((T, top_k), dtype=torch.float32),
+            router_logits.new_empty((T, top_k), dtype=torch.int32), router_logits.new_empty((1,), dtype=torch.int32))
+
+
+def _route_launch(router_logits, top_k, selection_bias, renormalize):
+    routing = topk_routing(router_logits, top_k, selection_bias, renormalize)
+    return routing.topk_weights, routing.topk_ids, routing.nan_tokens
+
+
+_route_op = kernel_op(
+    "route", "(Tensor router_logits, int top_k, Tensor? selection_bias, bool renormalize) -> (Tensor, Tensor, Tensor)",
+    _route_launch, fake=_route_fake)
+
+
+def route_checked(router_logits, top_k, selection_bias=None, renormalize=True):
+    """``topk_routing`` on validated inputs as the ``energy_moe::route`` custom op, which
+    ``torch.compile`` traces around (``TopKRouter`` and ``route`` call it)."""
+    return RoutingResult(*_route_op(router_logits, top_k, selection_bias, renormalize))
+
+
 def group_by_expert(topk_ids, num_experts, block_m):
     """Build the ``ExpertBlocks`` layout for ``topk_ids`` [T, K] (any integer dtype, ids in [0, E))."""
     n_slots = topk_ids.numel()
@@ -305,7 +328,7 @@ def route(router_logits, top_k, selection_bias=None, renormalize=True, nan_polic
         raise ValueError(f"nan_policy must be 'mask' or 'raise', got {nan_policy!r}")
     if nan_policy == "raise" and (router_logits.isnan() | router_logits.isposinf()).any():
         raise ValueError("router_logits contains NaN or +Inf (nan_policy='raise')")
-    return topk_routing(router_logits, top_k, selection_bias, renormalize)
+    return route_checked(router_logits, top_k, selection_bias, renormalize)
 
 
 def check_selection_bias(selection_bias, num_experts, device):

@@ -5,9 +5,11 @@
 applies SiLU(gate)·up, then the down projection. ``ffn_gate``, ``ffn_up`` and ``ffn_down``
 launch the three projections alone so the cost model can calibrate each.
 """
+import torch
 import torch.nn.functional as F
 
 from kernels._autograd import apply_with_reference_grad
+from kernels._library import kernel_op
 from kernels._validate import check_dim, check_same_dtype_device, check_tensor
 from kernels.matmul import _matmul_2d, as_rows, check_projection, launch_matmul, matmul_reference
 
@@ -46,6 +48,11 @@ def _swiglu_ffn_2d(x, gate_up_proj, down_proj):
     return _matmul_2d(_swiglu_gate_up_2d(x, gate_up_proj), down_proj)
 
 
+_swiglu_ffn_op = kernel_op("swiglu_ffn", "(Tensor x, Tensor gate_up_proj, Tensor down_proj) -> Tensor", _swiglu_ffn_2d,
+                           fake=lambda x, gate_up_proj, down_proj: torch.empty_like(x),
+                           reference=swiglu_ffn_reference)
+
+
 def swiglu_gate_up(x, gate_up_proj):
     """Fused gate+up projection with SiLU(gate)·up in the GEMM epilogue.
 
@@ -74,7 +81,7 @@ def swiglu_ffn(x, gate_up_proj, down_proj):
     check_same_dtype_device(x=x, down_proj=down_proj)
     check_dim("down_proj", down_proj, 0, x.shape[-1], "the last dim of x")
     check_dim("down_proj", down_proj, 1, gate_up_proj.shape[0] // 2, "half the rows of gate_up_proj")
-    return apply_with_reference_grad(_swiglu_ffn_2d, swiglu_ffn_reference, x, gate_up_proj, down_proj)
+    return _swiglu_ffn_op(x, gate_up_proj, down_proj)
 
 
 def ffn_gate(x, gate_up_proj):

@@ -1,0 +1,40 @@
+"""Our kernels as ``torch.library`` custom ops (namespace ``energy_moe``), so ``torch.compile`` traces around them.
+
+An op is opaque to Dynamo: it never sees the launcher's config lookup or its Triton launch, only
+the op's schema and its fake implementation (shapes and dtypes, for tracing). Autograd, where an
+op has it, differentiates the op's torch reference (as ``kernels._autograd`` does for the others):
+correct, not fused. ``torch.ops.energy_moe.<name>`` is each op; the public functions validate
+their arguments and then call it.
+"""
+import torch
+
+NAMESPACE = "energy_moe"
+
+
+def kernel_op(name, schema, launcher, fake, reference=None):
+    """Register ``launcher`` as ``energy_moe::<name>`` with ``schema`` ("(Tensor x, ...) -> Tensor"),
+    ``fake`` for tracing and, with a ``reference``, autograd through it; the op's callable."""
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", launcher, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    if reference is not None:
+        op.register_autograd(_reference_backward(reference), setup_context=_save_inputs)
+    return op
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.tensor_at = [i for i, value in enumerate(inputs) if isinstance(value, torch.Tensor)]
+    ctx.constants = [None if isinstance(value, torch.Tensor) else value for value in inputs]
+    ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_at))
+
+
+def _reference_backward(reference):
+    def backward(ctx, grad_out):
+        args = list(ctx.constants)
+        for i, saved in zip(ctx.tensor_at, ctx.saved_tensors):
+            args[i] = saved.detach().requires_grad_(bool(ctx.needs_input_grad[i]))
+        wanted = [args[i] for i in ctx.tensor_at if args[i].requires_grad]
+        with torch.enable_grad():
+            out = reference(*args)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return tuple(next(grads) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
+    return backward

@@ -1,0 +1,82 @@
+"""Our kernels as torch.library custom ops: schema, fake (meta) implementations and autograd checked
+by ``torch.library.opcheck``, and ``torch.compile(fullgraph=True)`` tracing FusedMoE and a patched HF
+model around them. On a CPU the ops run under the Triton interpreter and compile uses the
+``aot_eager`` backend (tracing, fake tensors and AOT autograd; no code generation)."""
+import pytest
+import torch
+
+import kernels
+from tests.conftest import DEVICE, ON_GPU, assert_matches, randn
+from tests.test_moe_layer import sparse_blocks, tiny_model
+
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+BACKEND = "inductor" if ON_GPU else "aot_eager"
+
+
+def ids_of(T, K, E, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(DEVICE, torch.int32)
+
+
+def op_cases():
+    """(op name, args) at small odd shapes; float inputs need gradients where the op has autograd."""
+    T, H, I, E, K = 5, 32, 24, 4, 2
+    grad = dict(requires_grad=True)
+    x = randn(T, H, dtype=DTYPE).requires_grad_()
+    experts = (randn(E, 2 * I, H, dtype=DTYPE, scale=H ** -0.5).requires_grad_(),
+               randn(E, H, I, dtype=DTYPE, scale=I ** -0.5).requires_grad_())
+    q, k, v = (randn(2, 2, 9, 32, dtype=DTYPE).requires_grad_() for _ in range(3))
+    return [
+        ("swiglu_ffn", (x, randn(2 * I, H, dtype=DTYPE, scale=H ** -0.5).requires_grad_(),
+                        randn(H, I, dtype=DTYPE, scale=I ** -0.5).requires_grad_())),
+        ("fused_experts", (x, *experts, ids_of(T, K, E), torch.rand(T, K, device=DEVICE, **grad))),
+        ("gather_sum", (randn(7, H, dtype=DTYPE).requires_grad_(),
+                        torch.tensor([[0, 3, -1], [6, 6, 2]], device=DEVICE))),
+        ("flash_attention", (q, k, v, True, 32 ** -0.5)),
+        ("route", (randn(T, E, dtype=DTYPE), K, None, True)),
+        ("route", (randn(T, E, dtype=DTYPE), K, torch.rand(E, device=DEVICE) * 0.1, False)),
+    ]
+
+
+@pytest.mark.parametrize("name, args", op_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.energy_moe, name).default, args)
+
+
+def test_custom_op_gradients_are_the_references():
+    _, (x, gate_up, down) = op_cases()[0]
+    kernels.swiglu_ffn(x, gate_up, down).sum().backward()
+    grads = [t.grad.clone() for t in (x, gate_up, down)]
+    for t in (x, gate_up, down):
+        t.grad = None
+    kernels.swiglu.swiglu_ffn_reference(x, gate_up, down).sum().backward()
+    for ours, ref in zip(grads, (x.grad, gate_up.grad, down.grad)):
+        assert torch.equal(ours, ref), "the backward differentiates the torch reference"
+
+
+def fused_layer():
+    E, H, I, K = 4, 32, 24, 2
+    router = kernels.TopKRouter(randn(E, H, dtype=DTYPE), K)
+    return kernels.FusedMoE(router, randn(E, 2 * I, H, dtype=DTYPE, scale=H ** -0.5),
+                            randn(E, H, I, dtype=DTYPE, scale=I ** -0.5))
+
+
+def test_fused_moe_compiles_with_fullgraph():
+    torch._dynamo.reset()
+    layer, x = fused_layer(), randn(3, 5, 32, dtype=DTYPE)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)(x)
+    assert_matches(compiled, eager, DTYPE)
+
+
+def test_a_patched_hf_model_compiles_with_fullgraph():
+    torch._dynamo.reset()
+    model = tiny_model("qwen3_moe")
+    kernels.patch_hf_model(model)
+    assert not sparse_blocks(model)
+    input_ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        eager = model(input_ids).logits
+        compiled = torch.compile(model, fullgraph=True, backend=BACKEND)(input_ids).logits
+    assert_matches(compiled, eager, torch.float32)
