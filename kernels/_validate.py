@@ -13,6 +13,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # a float kernel argument's largest finite value
 # Triton reads TRITON_INTERPRET when it defines each kernel, i.e. when ``kernels`` is imported
 INTERPRETER_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -38,11 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import INDEX_DTYPES, check_float, check_tensor
+from kernels._validate import FLOAT32_MAX, INDEX_DTYPES, check_float, check_tensor
 from kernels.pinned_state import readable_in_place
 from kernels.routing_stats import expert_loads_reference
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MARGINAL_FLOOR = 1e-6  # a flat cost curve's marginal cost, as a share of the one-token cost (no division by 0)
 _MARGINAL_FLOOR = tl.constexpr(MARGINAL_FLOOR)  # the kernel's copy (compiled kernels read constexpr globals only)
 ROWS = ("log_batch", "log_energy", "log_latency", "temp_c", "sm_clock_mhz", "pressure", "pressure_stretch")

@@ -12,34 +12,54 @@ then a fixed-order sum over each token's K slots (``kernels.gather_sum``; determ
 atomics in the reduction), which skips slots whose expert id is outside [0, E).
 Only blocks of experts that received tokens do work; with few tokens (decode) each touched
 expert's weight tile is read once per output tile.
+
+The kernel reads each projection through strides (``ExpertWeights``), so other layouts run on it
+too: ``gpt_oss_experts`` is transformers' ``GptOssExperts.forward`` ([E, H, 2I] weights applied as
+``x @ w`` with gate and up columns interleaved, biases added in the epilogues, and the clamped GLU
+``(up + 1) * gate * sigmoid(alpha * gate)``, gate <= limit, |up| <= limit).
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels import _config
 from kernels._library import kernel_op
-from kernels._validate import INDEX_DTYPES, check_dim, check_same_dtype_device, check_tensor, dot_precision
+from kernels._validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_dtype_device,
+                               check_tensor, dot_precision)
 from kernels.gather_sum import launch_gather_sum
-from kernels.matmul import _tile_coords, _tile_product, processor_count
+from kernels.matmul import _tile_coords, _tile_products, processor_count
 from kernels.routing import check_topk_ids, group_by_expert
 
 PERSISTENT_PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs to hide each one's loads
 
 
 @triton.jit
-def _expert_tile(
-    i_m, i_n, p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K, n_slots,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
-    MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """out[slot] = f(a[row(slot)] @ w[expert].T) for the BLOCK_M slots of row block ``i_m``, columns
-    block ``i_n``.
+def _glu(b_gate, b_up, CLAMPED: tl.constexpr, alpha, limit):
+    """silu(gate) * up; CLAMPED: gpt-oss's (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit."""
+    if CLAMPED:
+        b_gate = tl.minimum(b_gate, limit)
+        b_up = tl.minimum(tl.maximum(b_up, -limit), limit)
+        return (b_up + 1.0) * b_gate * tl.sigmoid(alpha * b_gate)
+    return b_gate * tl.sigmoid(b_gate) * b_up
 
-    row(slot) is slot // TOP_K (its token) when GATHER_TOKENS, else slot. With FUSE_SWIGLU, f is
-    silu(gate) * up over the stacked [2N, K] weight; with MUL_WEIGHTS, f scales by the slot's weight."""
+
+@triton.jit
+def _expert_tile(
+    i_m, i_n, p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K, n_slots,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
+    stride_om, stride_on, alpha, limit,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr, CLAMPED_GLU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[slot] = f(a[row(slot)] @ w[expert].T + bias[expert]) for the BLOCK_M slots of row block
+    ``i_m``, columns block ``i_n``.
+
+    row(slot) is slot // TOP_K (its token) when GATHER_TOKENS, else slot. With FUSE_GLU, f is the
+    gated activation (``_glu``) of the gate columns w[e, n] and the up columns ``up_offset``
+    elements further on (their biases ``bias_up_offset`` on); with MUL_WEIGHTS, f scales by the slot's weight."""
     i_e = tl.load(p_block_experts + i_m).to(tl.int64)
     b_slots = tl.load(p_sorted_slots + i_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
     m_rows = b_slots < n_slots  # padding rows carry the sentinel n_slots
@@ -52,10 +72,15 @@ def _expert_tile(
     o_k = tl.arange(0, BLOCK_K)
     p_ab = p_a + o_rows.to(tl.int64)[:, None] * stride_am + o_k[None, :] * stride_ak  # [BM, BK]
     p_wb = p_w + i_e * stride_we + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
-
-    # the up rows sit N rows below the gate rows in each expert's stacked [2N, K] weight
-    b_acc = _tile_product(p_ab, p_wb, K, stride_ak, stride_wk, N * stride_wn,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_SWIGLU, DOT_PRECISION)
+    b_acc, b_acc_up = _tile_products(p_ab, p_wb, K, stride_ak, stride_wk, up_offset,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION)  # [BM, BN] x2
+    if HAS_BIAS:
+        p_bb = p_bias + i_e * stride_be + o_n * stride_bn  # [BN]
+        b_acc += tl.load(p_bb).to(tl.float32)[None, :]
+        if FUSE_GLU:
+            b_acc_up += tl.load(p_bb + bias_up_offset).to(tl.float32)[None, :]
+    if FUSE_GLU:
+        b_acc = _glu(b_acc, b_acc_up, CLAMPED_GLU, alpha, limit)
     if MUL_WEIGHTS:
         b_acc = b_acc * tl.load(p_topk_weights + b_slots, mask=m_rows, other=0.0).to(tl.float32)[:, None]
 
@@ -66,12 +91,14 @@ def _expert_tile(
 
 @triton.jit
 def _expert_gemm_kernel(
-    p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_num_padded, p_topk_weights,
+    p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_num_padded, p_topk_weights,
     N, K, n_slots, n_row_blocks,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
+    stride_om, stride_on, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
-    MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr,
+    CLAMPED_GLU: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """The grouped GEMM over the ``ExpertBlocks`` layout: one tile per program, or with PERSISTENT
     a grid of a few programs per SM that loops over the routed tiles only (for inputs whose
@@ -81,33 +108,53 @@ def _expert_gemm_kernel(
         n_tiles = tl.cdiv(n_routed, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for i_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             i_m, i_n = _tile_coords(i_tile, n_routed, N, BLOCK_M, BLOCK_N, GROUP_M)
-            _expert_tile(i_m, i_n, p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K, n_slots,
-                         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                         TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_SWIGLU, MUL_WEIGHTS,
-                         DOT_PRECISION)
+            _expert_tile(i_m, i_n, p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K,
+                         n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_be,
+                         stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
+                         TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU, CLAMPED_GLU, HAS_BIAS,
+                         MUL_WEIGHTS, DOT_PRECISION)
     else:
         i_m, i_n = _tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if i_m * BLOCK_M >= tl.load(p_num_padded):
             return  # rows past the last expert's padded run: nothing routed here
-        _expert_tile(i_m, i_n, p_a, p_w, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K, n_slots,
-                     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                     TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_SWIGLU, MUL_WEIGHTS,
-                     DOT_PRECISION)
+        _expert_tile(i_m, i_n, p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K,
+                     n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_be,
+                     stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
+                     TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU, CLAMPED_GLU, HAS_BIAS,
+                     MUL_WEIGHTS, DOT_PRECISION)
 
 
-def _launch_expert_gemm(a, w, out, blocks, topk_weights, top_k, gather_tokens, fuse_swiglu, cfg, persistent):
-    N = out.shape[1]
-    K = a.shape[1]
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One projection's weights as the kernel reads them: ``w`` [E, N, K] (any strides: gate
+    columns for a gated projection, whose up columns sit ``up_offset`` elements on), an optional
+    ``bias`` [E, N] (up biases ``bias_up_offset`` on), and the gated activation (``glu``: None,
+    "silu", or "clamped" with ``alpha`` and ``limit``)."""
+    w: torch.Tensor
+    up_offset: int = 0
+    bias: torch.Tensor = None
+    bias_up_offset: int = 0
+    glu: str = None
+    alpha: float = 1.0
+    limit: float = 0.0
+
+
+def _launch_expert_gemm(a, weights, out, blocks, topk_weights, top_k, gather_tokens, cfg, persistent):
+    N, K = out.shape[1], a.shape[1]
+    w, bias = weights.w, weights.bias
     n_row_blocks = blocks.block_experts.shape[0]
     n_tiles = n_row_blocks * triton.cdiv(N, cfg["block_n"])
     grid = (min(n_tiles, PERSISTENT_PROGRAMS_PER_SM * processor_count(a.device)) if persistent else n_tiles,)
     _expert_gemm_kernel[grid](
-        a, w, out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded, topk_weights,
+        a, w, bias, out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded, topk_weights,
         N, K, blocks.n_slots, n_row_blocks,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), weights.up_offset,
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, weights.bias_up_offset,
+        out.stride(0), out.stride(1), float(weights.alpha), float(weights.limit),
         TOP_K=top_k, BLOCK_M=blocks.block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
         GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, GATHER_TOKENS=gather_tokens,
-        FUSE_SWIGLU=fuse_swiglu, MUL_WEIGHTS=topk_weights is not None, DOT_PRECISION=dot_precision(a.dtype),
+        FUSE_GLU=weights.glu is not None, CLAMPED_GLU=weights.glu == "clamped", HAS_BIAS=bias is not None,
+        MUL_WEIGHTS=topk_weights is not None, DOT_PRECISION=dot_precision(a.dtype),
         PERSISTENT=persistent, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -120,30 +167,53 @@ def expert_configs(hidden_states, num_experts, intermediate, n_slots):
             _config.lookup("moe_down", hidden_states.device, **dims))
 
 
+def concatenated_weights(gate_up_proj, down_proj):
+    """The kernel's view of transformers' default layout: ``gate_up_proj`` [E, 2I, H] (I gate rows,
+    then I up rows), ``down_proj`` [E, H, I]; SiLU."""
+    I = gate_up_proj.shape[1] // 2
+    return (ExpertWeights(gate_up_proj[:, :I], up_offset=I * gate_up_proj.stride(1), glu="silu"),
+            ExpertWeights(down_proj))
+
+
+def gpt_oss_weights(gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, alpha, limit):
+    """The kernel's view of gpt-oss's layout: ``gate_up_proj`` [E, H, 2I] (x @ w; gate and up
+    columns interleaved: gate j at 2j, up j at 2j + 1) with its [E, 2I] bias, ``down_proj``
+    [E, I, H] with its [E, H] bias; the clamped GLU."""
+    return (ExpertWeights(gate_up_proj.transpose(1, 2)[:, 0::2], up_offset=gate_up_proj.stride(2),
+                          bias=gate_up_proj_bias[:, 0::2], bias_up_offset=gate_up_proj_bias.stride(1), glu="clamped",
+                          alpha=alpha, limit=limit),
+            ExpertWeights(down_proj.transpose(1, 2), bias=down_proj_bias))
+
+
 def launch_fused_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights, configs=None,
                          persistent=False):
-    """Run the fused experts on validated inputs (no host sync); ``configs`` overrides the files.
+    """Run the fused experts (transformers' default layout) on validated inputs (no host sync);
+    ``configs`` overrides the files.
 
     ``persistent`` runs the GEMMs on a few programs per SM that loop over the routed tiles: for
     ids mostly out of range (an expert-parallel rank's share), whose grid bound is mostly idle."""
+    return run_experts(hidden_states, *concatenated_weights(gate_up_proj, down_proj), topk_ids, topk_weights,
+                       configs, persistent)
+
+
+def run_experts(hidden_states, gate_up, down, topk_ids, topk_weights, configs=None, persistent=False):
+    """The two expert GEMMs and the sum over each token's slots, for ``ExpertWeights`` of any layout."""
     T, H = hidden_states.shape
-    E, two_i, _ = gate_up_proj.shape
+    E, intermediate_size, _ = gate_up.w.shape
     top_k = topk_ids.shape[1]
     out = torch.empty((T, H), dtype=hidden_states.dtype, device=hidden_states.device)
     if T == 0 or H == 0:
         return out
-    if two_i == 0:
+    if intermediate_size == 0:  # validation refuses it where a down bias would make it non-zero
         return out.zero_()
     n_slots = T * top_k
-    cfg_gate_up, cfg_down = configs or expert_configs(hidden_states, E, two_i // 2, n_slots)
+    cfg_gate_up, cfg_down = configs or expert_configs(hidden_states, E, intermediate_size, n_slots)
     blocks = group_by_expert(topk_ids, E, cfg_gate_up["block_m"])
-    intermediate = torch.empty((n_slots, two_i // 2), dtype=hidden_states.dtype, device=hidden_states.device)
-    _launch_expert_gemm(hidden_states, gate_up_proj, intermediate, blocks, None, top_k, True, True, cfg_gate_up,
-                        persistent)
+    intermediate = torch.empty((n_slots, intermediate_size), dtype=hidden_states.dtype, device=hidden_states.device)
+    _launch_expert_gemm(hidden_states, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, persistent)
     per_slot = torch.empty((n_slots, H), dtype=hidden_states.dtype, device=hidden_states.device)
     weights = topk_weights.contiguous().view(-1)  # the kernel indexes it by slot with unit stride
-    _launch_expert_gemm(intermediate, down_proj, per_slot, blocks, weights, top_k, False, False, cfg_down,
-                        persistent)
+    _launch_expert_gemm(intermediate, down, per_slot, blocks, weights, top_k, False, cfg_down, persistent)
     # fixed-order, deterministic sum over each token's slots; slots of out-of-range ids (dropped,
     # never written) are skipped: expert parallelism sends every rank ids outside its experts
     return launch_gather_sum(per_slot, topk_ids, out, num_experts=E)
@@ -175,11 +245,16 @@ def check_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_wei
     check_dim("down_proj", down_proj, 0, E, "the experts of gate_up_proj")
     check_dim("down_proj", down_proj, 1, H, "the hidden size of hidden_states")
     check_dim("down_proj", down_proj, 2, two_i // 2, "half of dim 1 of gate_up_proj")
+    _check_routing(hidden_states, E, top_k_index, top_k_weights, validate_ids)
+
+
+def _check_routing(hidden_states, num_experts, top_k_index, top_k_weights, validate_ids):
+    """The [T, K] ids and weights beside [T, H] hidden states (ids range-checked with ``validate_ids``)."""
     if validate_ids:
-        check_topk_ids("top_k_index", top_k_index, E)
+        check_topk_ids("top_k_index", top_k_index, num_experts)
     else:
         check_tensor("top_k_index", top_k_index, ndim=2, dtypes=INDEX_DTYPES)
-    check_dim("top_k_index", top_k_index, 0, T, "the tokens of hidden_states")
+    check_dim("top_k_index", top_k_index, 0, hidden_states.shape[0], "the tokens of hidden_states")
     check_tensor("top_k_weights", top_k_weights, ndim=2)
     if top_k_weights.shape != top_k_index.shape:
         raise ValueError(f"top_k_weights has shape {tuple(top_k_weights.shape)}; expected {tuple(top_k_index.shape)} "
@@ -212,3 +287,75 @@ _fused_experts_op = kernel_op(
     "(Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor top_k_index, Tensor top_k_weights) -> Tensor",
     launch_fused_experts,
     fake=lambda x, gate_up, down, ids, weights: torch.empty_like(x), reference=fused_experts_reference)
+
+
+def gpt_oss_experts_reference(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k_index,
+                              top_k_weights, alpha, limit):
+    """transformers' ``GptOssExperts.forward`` in torch: per-expert loop, interleaved gate/up, clamped GLU."""
+    out = torch.zeros_like(hidden_states)
+    for expert in range(gate_up_proj.shape[0]):
+        token, k = torch.where(top_k_index == expert)
+        gate_up = hidden_states[token] @ gate_up_proj[expert] + gate_up_proj_bias[expert]
+        gate, up = gate_up[..., ::2].clamp(max=limit), gate_up[..., 1::2].clamp(-limit, limit)
+        y = ((up + 1) * gate * torch.sigmoid(gate * alpha)) @ down_proj[expert] + down_proj_bias[expert]
+        out = out.index_add(0, token, (y * top_k_weights[token, k, None]).to(out.dtype))
+    return out
+
+
+def check_gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k_index,
+                          top_k_weights, alpha, limit, validate_ids=True):
+    """Validate the ``gpt_oss_experts`` arguments; (alpha, limit) as floats."""
+    check_tensor("hidden_states", hidden_states, ndim=2)
+    for name, t, ndim in (("gate_up_proj", gate_up_proj, 3), ("gate_up_proj_bias", gate_up_proj_bias, 2),
+                          ("down_proj", down_proj, 3), ("down_proj_bias", down_proj_bias, 2)):
+        check_tensor(name, t, ndim=ndim)
+    check_same_dtype_device(hidden_states=hidden_states, gate_up_proj=gate_up_proj,
+                            gate_up_proj_bias=gate_up_proj_bias, down_proj=down_proj, down_proj_bias=down_proj_bias)
+    H = hidden_states.shape[1]
+    E, _, two_i = gate_up_proj.shape
+    check_dim("gate_up_proj", gate_up_proj, 1, H, "the hidden size of hidden_states")
+    if E == 0 or two_i == 0 or two_i % 2:
+        raise ValueError(f"gate_up_proj must be [E, H, 2I] with E, I >= 1 (gate and up columns interleaved), "
+                         f"got shape {tuple(gate_up_proj.shape)}")
+    for name, t, dims in (("gate_up_proj_bias", gate_up_proj_bias, (E, two_i)), ("down_proj", down_proj,
+                          (E, two_i // 2, H)), ("down_proj_bias", down_proj_bias, (E, H))):
+        if tuple(t.shape) != dims:
+            raise ValueError(f"{name} must have shape {dims} (from gate_up_proj and hidden_states), "
+                             f"got {tuple(t.shape)}")
+    _check_routing(hidden_states, E, top_k_index, top_k_weights, validate_ids)
+    return check_float("alpha", alpha, 0.0, FLOAT32_MAX), check_float("limit", limit, 0.0, FLOAT32_MAX, low_open=True)
+
+
+def gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k_index,
+                    top_k_weights, alpha, limit, validate_ids=True):
+    """MoE experts with transformers' ``GptOssExperts.forward`` semantics, on our Triton kernels.
+
+    Args:
+        hidden_states: [T, H] float32/float16/bfloat16.
+        gate_up_proj: [E, H, 2I] (``x @ w``), gate and up columns interleaved; gate_up_proj_bias [E, 2I].
+        down_proj: [E, I, H]; down_proj_bias [E, H]. All in ``hidden_states``' dtype and device.
+        top_k_index, top_k_weights, validate_ids: as ``fused_experts``.
+        alpha, limit: the GLU's ``(up + 1) * gate * sigmoid(alpha * gate)`` with gate <= limit and
+            |up| <= limit (gpt-oss: 1.702 and 7.0).
+    Returns:
+        [T, H] in ``hidden_states``' dtype.
+    """
+    alpha, limit = check_gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                                         top_k_index, top_k_weights, alpha, limit, validate_ids)
+    return _gpt_oss_experts_op(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k_index,
+                               top_k_weights, alpha, limit)
+
+
+def launch_gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, topk_ids,
+                           topk_weights, alpha, limit):
+    """``gpt_oss_experts`` on validated inputs (no host sync)."""
+    return run_experts(hidden_states, *gpt_oss_weights(gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                                                       alpha, limit), topk_ids, topk_weights)
+
+
+_gpt_oss_experts_op = kernel_op(
+    "gpt_oss_experts",
+    "(Tensor hidden_states, Tensor gate_up_proj, Tensor gate_up_proj_bias, Tensor down_proj, Tensor down_proj_bias, "
+    "Tensor top_k_index, Tensor top_k_weights, float alpha, float limit) -> Tensor",
+    launch_gpt_oss_experts, fake=lambda x, *weights_and_routing: torch.empty_like(x),
+    reference=gpt_oss_experts_reference)

@@ -33,17 +33,15 @@ def _tile_coords(i_tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
 
 
 @triton.jit
-def _tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EVEN_K: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """[BM, BN] fp32 sum over K of x tiles ``p_xb`` [BM, BK] times weight tiles ``p_wb`` [BK, BN].
-
-    With FUSE_SWIGLU the same x tiles also meet the "up" weight tiles ``up_offset`` elements
-    further on, and the result is silu(gate) * up."""
+def _tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """([BM, BN] fp32 sum over K of x tiles ``p_xb`` [BM, BK] times weight tiles ``p_wb`` [BK, BN],
+    and with WITH_UP the same for the "up" weight tiles ``up_offset`` elements further on; zeros
+    without): the two halves of a gated projection, before its activation."""
     o_k = tl.arange(0, BLOCK_K)
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FUSE_SWIGLU:
-        b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             b_x = tl.load(p_xb)
@@ -53,7 +51,7 @@ def _tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
             b_x = tl.load(p_xb, mask=m_k[None, :], other=0.0)
             b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
         b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
-        if FUSE_SWIGLU:
+        if WITH_UP:
             if EVEN_K:
                 b_w_up = tl.load(p_wb + up_offset)
             else:
@@ -61,6 +59,16 @@ def _tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
             b_acc_up = tl.dot(b_x, b_w_up, b_acc_up, input_precision=DOT_PRECISION)
         p_xb += BLOCK_K * stride_xk
         p_wb += BLOCK_K * stride_wk
+    return b_acc, b_acc_up
+
+
+@triton.jit
+def _tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] fp32 x·w over K (``_tile_products``); with FUSE_SWIGLU silu(gate) * up."""
+    b_acc, b_acc_up = _tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset, BLOCK_M, BLOCK_N, BLOCK_K,
+                                     EVEN_K, FUSE_SWIGLU, DOT_PRECISION)
     if FUSE_SWIGLU:
         b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
     return b_acc

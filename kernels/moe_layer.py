@@ -19,7 +19,7 @@ from torch import nn
 
 from kernels._validate import check_dim, check_int, check_same_dtype_device, check_tensor
 from kernels.expert_parallel import expert_parallel_experts
-from kernels.fused_experts import fused_experts
+from kernels.fused_experts import fused_experts, gpt_oss_experts
 from kernels.routing import check_selection_bias, route_checked
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
@@ -274,7 +274,8 @@ def register_hf_experts_implementation():
 
     Afterwards ``from_pretrained(..., experts_implementation="energy_moe")`` or
     ``model.set_experts_implementation("energy_moe")`` runs every ``@use_experts_implementation``
-    experts module (Mixtral, Qwen3-MoE, OLMoE, ...) on ``fused_experts``. Returns the name."""
+    experts module (Mixtral, Qwen3-MoE, OLMoE, ...) on ``fused_experts``, and gpt-oss's on
+    ``gpt_oss_experts``. Returns the name."""
     from transformers.integrations.moe import ExpertsInterface
     ExpertsInterface.register(HF_EXPERTS_IMPLEMENTATION, _hf_experts_forward)
     return HF_EXPERTS_IMPLEMENTATION
@@ -282,8 +283,12 @@ def register_hf_experts_implementation():
 
 def _hf_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     layout = (experts.has_gate, experts.has_bias, experts.is_transposed, experts.is_concatenated)
+    if type(experts).__name__ == "GptOssExperts" and layout == (True, True, True, False):
+        return gpt_oss_experts(hidden_states, experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj,
+                               experts.down_proj_bias, top_k_index, top_k_weights, experts.alpha, experts.limit,
+                               validate_ids=False)
     if layout != (True, False, False, True) or type(experts.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
-        raise ValueError(f"{type(experts).__name__} is not a bias-free, concatenated [gate; up] SiLU expert "
-                         f"layout, which is all '{HF_EXPERTS_IMPLEMENTATION}' runs")
+        raise ValueError(f"{type(experts).__name__} is neither a bias-free, concatenated [gate; up] SiLU expert "
+                         f"layout nor gpt-oss's experts, which are what '{HF_EXPERTS_IMPLEMENTATION}' runs")
     return fused_experts(hidden_states, experts.gate_up_proj, experts.down_proj, top_k_index, top_k_weights,
                          validate_ids=False)
