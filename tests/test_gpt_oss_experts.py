@@ -7,6 +7,7 @@ import torch
 import kernels
 from kernels.fused_experts import gpt_oss_experts, gpt_oss_experts_reference
 from tests.conftest import DEVICE, ON_GPU, assert_matches, randn
+from tests.test_moe_layer import assert_experts_run_on
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed here")
 ALPHA, LIMIT = 1.702, 7.0
@@ -77,14 +78,7 @@ def test_matches_transformers_gpt_oss_experts():
 def test_experts_implementation_runs_a_gpt_oss_model(monkeypatch):
     model = seeded_random(transformers.AutoModelForCausalLM.from_config(tiny_gpt_oss_config())).to(DEVICE).eval()
     input_ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    calls = []
-    real = kernels.moe_layer.gpt_oss_experts
-    monkeypatch.setattr(kernels.moe_layer, "gpt_oss_experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    with torch.no_grad():
-        logits = model(input_ids).logits
-        model.set_experts_implementation(kernels.register_hf_experts_implementation())
-        assert_matches(model(input_ids).logits, logits, torch.float32)
-    assert len(calls) == 2, "each layer's experts run on ours"
+    assert_experts_run_on("gpt_oss_experts", model, input_ids, monkeypatch)
 
 
 def test_gradients_are_the_references():

@@ -64,17 +64,22 @@ def test_patched_model_logits_and_greedy_generate_match(name):
         assert torch.equal(model.generate(input_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False), tokens)
 
 
-def test_experts_implementation_flag_runs_fused_experts(monkeypatch):
-    model = tiny_model("qwen3_moe")
-    input_ids = torch.randint(1, 96, (1, 11), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+def assert_experts_run_on(function, model, input_ids, monkeypatch):
+    """With ``set_experts_implementation("energy_moe")`` the model's logits are unchanged and each of
+    its two layers' experts runs through ``kernels.moe_layer.<function>``."""
     calls = []
-    real = kernels.moe_layer.fused_experts
-    monkeypatch.setattr(kernels.moe_layer, "fused_experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = getattr(kernels.moe_layer, function)
+    monkeypatch.setattr(kernels.moe_layer, function, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad():
         logits = model(input_ids).logits
         model.set_experts_implementation(kernels.register_hf_experts_implementation())
         assert_matches(model(input_ids).logits, logits, torch.float32)
-    assert len(calls) == 2, "each layer's experts must run through fused_experts"
+    assert len(calls) == 2, f"each layer's experts must run through {function}"
+
+
+def test_experts_implementation_flag_runs_fused_experts(monkeypatch):
+    input_ids = torch.randint(1, 96, (1, 11), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    assert_experts_run_on("fused_experts", tiny_model("qwen3_moe"), input_ids, monkeypatch)
 
 
 def test_fused_moe_matches_torch_routing_and_experts():
