@@ -31,7 +31,7 @@ from dataclasses import asdict
 import torch
 
 from bench._cli import checked_float, checked_output_file, comma_list, positive_int, window_s
-from bench.harness.results import provenance, write_json_atomic
+from calibration.results import provenance, write_json_atomic
 from calibration.energy import GraphRunner, measure_energy, measure_gap_power_w, measure_idle_power_w
 from calibration.nvml_meter import BackgroundSampler, GpuMeter
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from bench._cli import checked_output_file, positive_int, window_s
-from bench.harness.results import provenance, write_json_atomic
+from calibration.results import provenance, write_json_atomic
 from bench.calibrate import gpu_matches
 from calibration.collectives import measure_all_to_all
 from costmodel.table import find_table, load_table, user_table_dir

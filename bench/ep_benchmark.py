@@ -43,7 +43,7 @@ import torch.distributed as dist  # noqa: E402
 
 import kernels  # noqa: E402
 from bench._cli import checked_output_file, comma_list, positive_float, positive_int, window_s  # noqa: E402
-from bench.harness.results import provenance, write_json_atomic  # noqa: E402
+from calibration.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import rel_error  # noqa: E402
 from bench.moe_cases import SHAPES, MoeShape  # noqa: E402
 from calibration.collectives import all_reduce_floats, calls_per_window, collective_energy  # noqa: E402

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from bench._cli import checked_output_file, positive_int
-from bench.harness.results import provenance, write_json_atomic
+from calibration.results import provenance, write_json_atomic
 from bench.calibrate import check_gpu, sweep_point
 from bench.harness.models import TransformerLM
 from calibration.energy import EagerRunner, GraphRunner, measure_energy, measure_idle_power_w

@@ -22,7 +22,7 @@ import triton.testing  # noqa: E402
 
 from bench import dense_cases  # noqa: E402
 from bench._cli import checked_output_file  # noqa: E402
-from bench.harness.results import provenance, write_json_atomic  # noqa: E402
+from calibration.results import provenance, write_json_atomic  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_GPU = "no CUDA device: kernels ran under the Triton interpreter, so times would be meaningless"

@@ -39,7 +39,7 @@ if not torch.cuda.is_available():
 import kernels  # noqa: E402
 from bench import calibrate, moe_cases  # noqa: E402
 from bench._cli import checked_output_file, comma_list, positive_int, window_s  # noqa: E402
-from bench.harness.results import provenance, write_json_atomic  # noqa: E402
+from calibration.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import graph_median_ms, rel_error  # noqa: E402
 from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w, median_event_ms, repeat_for  # noqa: E402,E501
 from calibration.nvml_meter import GpuMeter  # noqa: E402

@@ -35,7 +35,7 @@ from bench.harness.models import TransformerLM  # noqa: E402
 from bench.harness.policies import PolicyModel, default_keeps, parse_keep, policy_grid  # noqa: E402
 from bench.harness.policy_report import (TARGET_BATCH, hot_check, plot_energy_vs_quality, run_policies,  # noqa: E402
                                          summarize, sync_free_routers, table_lines)
-from bench.harness.results import provenance, write_json_atomic  # noqa: E402
+from calibration.results import provenance, write_json_atomic  # noqa: E402
 from bench.router_energy import short_gpu_name  # noqa: E402
 from calibration.priors import prior_table  # noqa: E402
 from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402

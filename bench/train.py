@@ -22,7 +22,7 @@ from bench._cli import (add_preset_flags, checked_float, checked_output_dir, com
                         MOE_CPU_NEEDS_INTERPRETER)
 from bench.harness.corpus import (checkpoint_path, corpus_files, corpus_summary, evaluate, heldout_streams,  # noqa: E402
                                   read_stream, save_checkpoint, split_by_file, stdlib_root)
-from bench.harness.results import provenance  # noqa: E402
+from calibration.results import provenance  # noqa: E402
 from bench.harness.training import TIMING_STEPS, TrainConfig, train_model  # noqa: E402
 
 MODEL_KINDS = ("dense", "moe", "iso")

@@ -13,7 +13,7 @@ import sys
 import torch
 import triton.testing
 
-from bench.harness.results import provenance, write_json_atomic
+from calibration.results import provenance, write_json_atomic
 from bench.kernels import rel_error
 from kernels import _config
 from kernels.attention import _flash_attention

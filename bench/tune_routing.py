@@ -18,7 +18,7 @@ import torch
 import triton.testing
 
 from bench._cli import checked_output_file
-from bench.harness.results import provenance, write_json_atomic
+from calibration.results import provenance, write_json_atomic
 from bench.moe_cases import MoeShape
 from bench.router_energy import cost_model_for
 from bench.tune_kernels import write_tuned

@@ -64,7 +64,7 @@ def prior_table(gpu, dims=ModelDims()):
 
 
 def main(argv=None):
-    from bench.harness.results import write_json_atomic
+    from calibration.results import write_json_atomic
     from costmodel.kernel_cost_model import TABLE_DIR
     for gpu in PRIOR_TABLES:
         path = TABLE_DIR / f"{gpu}.json"

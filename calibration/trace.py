@@ -15,8 +15,9 @@ import time
 from dataclasses import asdict, fields
 from types import SimpleNamespace
 
-from calibration._validate import check_meter, finite_number
+from calibration._validate import check_meter
 from calibration.nvml_meter import BackgroundSampler, GpuMeter, GpuReading
+from costmodel._validate import finite_number
 
 # what every reading of a trace records (``missing``, the reasons, is optional)
 READING_FIELDS = tuple(f.name for f in fields(GpuReading) if f.name != "missing")
@@ -163,7 +164,7 @@ def _check_trace(trace):
 
 
 def main(argv=None):
-    from bench.harness.results import provenance, write_json_atomic
+    from calibration.results import provenance, write_json_atomic
     parser = argparse.ArgumentParser(prog="python -m calibration.trace", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--output", required=True)

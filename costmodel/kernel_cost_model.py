@@ -17,7 +17,7 @@ import os
 import re
 import warnings
 
-from calibration._validate import ABSOLUTE_ZERO_C, count, finite_number, real
+from costmodel._validate import ABSOLUTE_ZERO_C, count, finite_number, real
 from costmodel.ops import COMM_OPS, ModelDims, check_op, work
 from costmodel.table import TABLE_DIR, load_table
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from bench.harness import results as _results
+from calibration import results as _results
 from bench import kernels as bench_kernels
 from tests.conftest import DEVICE, REL_TOL
 
@@ -169,7 +169,7 @@ def test_calibrate_writes_to_the_user_table_folder_by_default(tmp_path, monkeypa
 def test_calibrate_resume_is_refused_without_a_matching_partial_sweep(tmp_path, capsys):
     """--resume needs the partial file of a sweep with the same settings: checked before any measuring."""
     from bench import calibrate
-    from bench.harness.results import write_json_atomic
+    from calibration.results import write_json_atomic
     output = tmp_path / "H100.json"
     argv = ["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--resume"]
     assert "--resume: no interrupted sweep" in refused(calibrate.main, argv, capsys)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench import calibrate_comm
-from bench.harness.results import write_json_atomic
+from calibration.results import write_json_atomic
 from calibration.collectives import check_sizes, measure_all_to_all
 from calibration.nvml_meter import GpuMeter
 from costmodel.kernel_cost_model import KernelCostModel

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.harness.results import write_json_atomic
+from calibration.results import write_json_atomic
 from calibration.priors import PRIOR_TABLES, prior_table
 from costmodel.kernel_cost_model import DeviceCostTable, KernelCostModel
 from costmodel.ops import OPS, ModelDims

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.harness.results import write_json_atomic
+from calibration.results import write_json_atomic
 from calibration.nvml_meter import GpuMeter
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import ModelDims

@@ -4,7 +4,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.harness.results import provenance, write_json_atomic
+from calibration.results import provenance, write_json_atomic
 from calibration.priors import DATASHEETS, prior_table
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.table import find_table, table_names
