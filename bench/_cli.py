@@ -9,6 +9,7 @@ import torch
 
 from bench.harness.presets import PRESETS, SEED
 from calibration.energy import MIN_WINDOW_S
+from calibration.sweep import detected_gpu
 
 MIN_EVAL_BYTES = 2  # evaluation predicts each held-out byte from the ones before it: 2 bytes, one prediction
 DIM_FLAGS = ("d_model", "num_layers", "num_experts", "top_k", "expert_d_ff", "seq_length")
@@ -141,3 +142,11 @@ def checked_output_file(parser, path, flag="--output"):
         parser.error(f"{flag} {path} is a directory; give a file path")
     checked_output_dir(parser, path.parent, f"{flag} {path}: its directory")
     return path
+
+
+def check_gpu(parser, requested, meter):
+    """The detected GPU's NVML name, or a usage error when ``--gpu`` is not this measurable GPU."""
+    try:
+        return detected_gpu(meter, requested)
+    except ValueError as exc:
+        parser.error(str(exc))

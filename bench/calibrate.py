@@ -18,169 +18,21 @@ interrupted sweep continues with ``--resume``: the same settings (refused otherw
 measuring), the points, idle power and ceilings of the earlier runs kept, only the missing points
 measured. The thermal model is fitted to the final run's timeline; the table's ``resumed`` says
 how many points came from earlier runs. The partial file is removed once the table is written.
+The sweep itself is library code, ``calibration.sweep``; this module parses the flags.
 """
 import argparse
-import functools
 import json
 import re
-import statistics
 import sys
-import time
 from dataclasses import asdict
 
 import torch
 
-from bench._cli import checked_float, checked_output_file, comma_list, positive_int, window_s
-from calibration.results import provenance, write_json_atomic
-from calibration.energy import GraphRunner, measure_energy, measure_gap_power_w, measure_idle_power_w
-from calibration.nvml_meter import BackgroundSampler, GpuMeter
-from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
-from calibration.thermal import fit_thermal_model
-from calibration.trace import trace_of
-from costmodel.table import check_table, load_table, table_names, user_table_dir
-from costmodel.ops import OPS, SEQUENCE_OPS, ModelDims, work
-
-TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
-SEQUENCE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-PRESSURE_BATCH = {"tokens": 64, "sequences": 4}  # where each op's memory-pressure curve is measured
-MIN_THERMAL_SAMPLES = 30  # 3 s of the 10 Hz timeline: fewer cannot fit the thermal model
-
-
-def gpu_matches(requested, detected_name):
-    """Does ``--gpu`` (e.g. "A100") name the detected GPU (e.g. "NVIDIA A100-SXM4-80GB")?"""
-    return re.search(rf"(?<![A-Za-z0-9]){re.escape(requested)}(?![0-9])", detected_name, re.IGNORECASE) is not None
-
-
-def op_callable(op, batch_size, dims, device="cuda", dtype=torch.bfloat16, seed=0):
-    """A no-argument, graph-capturable call of our kernel for ``op`` at ``batch_size``, on random data."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
-    if op in SEQUENCE_OPS:
-        return _attention_call(op, randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim),
-                               *(randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim) for _ in range(2)))
-    if op in ("moe_router", "fused_experts"):
-        return _moe_call(op, randn(batch_size, dims.d_model), dims, randn)
-    return _dense_call(op, batch_size, dims, randn)
-
-
-def _attention_call(op, q, k, v):
-    import kernels
-    if op == "attention_qk":
-        return lambda: kernels.attention_qk(q, k)
-    if op == "attention_av":
-        scores = kernels.attention_qk(q, k)
-        return lambda: kernels.attention_av(scores, v, causal=True)
-    return lambda: kernels.flash_attention(q, k, v, causal=True)
-
-
-def _dense_call(op, batch_size, dims, randn):
-    import kernels
-    H, I = dims.d_model, dims.d_ff
-    if op == "ffn_down":
-        h, down = randn(batch_size, I), randn(H, I, scale=I ** -0.5)
-        return lambda: kernels.ffn_down(h, down)
-    x = randn(batch_size, H)
-    if op == "rms_norm":  # torch's kernel: the one the harness's models run
-        norm_weight = randn(H)
-        return lambda: torch.nn.functional.rms_norm(x, (H,), norm_weight)
-    if op == "residual_add":  # torch's elementwise add, as in the models' residual stream
-        y = randn(batch_size, H)
-        return lambda: x + y
-    projections = {"qkv_projection": (3 * H, H), "output_projection": (H, H), "lm_head": (dims.vocab_size, H)}
-    if op in projections:
-        weight = randn(*projections[op], scale=H ** -0.5)
-        return lambda: kernels.matmul(x, weight)
-    gate_up, down = randn(2 * I, H, scale=H ** -0.5), randn(H, I, scale=I ** -0.5)
-    return {"ffn_gate": lambda: kernels.ffn_gate(x, gate_up), "ffn_up": lambda: kernels.ffn_up(x, gate_up),
-            "swiglu_gate_up": lambda: kernels.swiglu_gate_up(x, gate_up),
-            "swiglu_ffn": lambda: kernels.swiglu_ffn(x, gate_up, down)}[op]
-
-
-def _moe_call(op, x, dims, randn):
-    import kernels
-    H, I, E = dims.d_model, dims.d_ff, dims.num_experts
-    router = kernels.TopKRouter(randn(E, H), dims.top_k)
-    if op == "moe_router":
-        return lambda: router(x)
-    gate_up, down = randn(E, 2 * I, H, scale=H ** -0.5), randn(E, H, I, scale=I ** -0.5)
-    with torch.no_grad():
-        _, weights, ids = router(x)
-    return lambda: kernels.fused_experts(x, gate_up, down, ids, weights, validate_ids=False)
-
-
-def measure_ceilings():
-    """Measured bf16 matmul FLOP/s and device copy bytes/s (read + write), for the roofline split."""
-    from bench.kernels import copy_bytes_per_s, median_ms
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192 ** 3 / (median_ms(lambda: a @ a) * 1e-3), copy_bytes_per_s()
-
-
-POWER_CAP_REASONS = 0x4 | 0x80  # nvmlClocksEventReasonSwPowerCap | HwPowerBrakeSlowdown
-
-
-def thermal_section(samples, thresholds):
-    """Fit the thermal model to the sweep's timeline; clock-vs-temperature points; what is extrapolated.
-
-    The fit uses instant power (the die temperature follows it within a sample). Clock-vs-temperature
-    leaves out samples whose clock the power cap held, so it shows what heat alone did."""
-    usable = [s for s in samples if s.temperature_c is not None and (s.power_instant_w or s.power_average_w)]
-    times = [s.time_s for s in usable]
-    powers = [s.power_instant_w or s.power_average_w for s in usable]
-    temps = [s.temperature_c for s in usable]
-    model = fit_thermal_model(times, powers, temps, min_tau_s=0.1)
-    by_temp = {}
-    for s in usable:
-        if s.sm_clock_mhz is not None and not (s.clock_event_reasons or 0) & POWER_CAP_REASONS:
-            by_temp.setdefault(int(s.temperature_c), []).append(s.sm_clock_mhz)
-    capped = sum(1 for s in usable if (s.clock_event_reasons or 0) & POWER_CAP_REASONS)
-    return asdict(model) | {
-        "fit_power": "instant board power (NVML field value)",
-        "clock_vs_temp": [{"temp_c": t, "sm_clock_mhz": statistics.median(c)} for t, c in sorted(by_temp.items())],
-        "power_capped_samples_left_out": capped,
-        "max_observed_c": max(temps), "slowdown_temp_c": thresholds["slowdown"],
-        "shutdown_temp_c": thresholds["shutdown"],
-        "extrapolated_above_c": max(temps),
-        "note": "clock behaviour above max_observed_c (up to the NVML slowdown threshold) is an extrapolation",
-    }
-
-
-def sweep_point(op, batch_size, dims, meter, idle_power_w, window_s, trials, pressure=None):
-    """One table point; with ``pressure`` (hogs, background utilisation) also the op's pressure curve."""
-    runner = GraphRunner(op_callable(op, batch_size, dims))
-    energy = measure_energy(meter, runner.run_for, idle_power_w, window_s=window_s, trials=trials)
-    flops, nbytes = work(op, batch_size, dims)
-    point = {"batch_size": batch_size, "latency_ms": runner.latency_ms, "flops": flops, "bytes": nbytes,
-             "memory_gb": nbytes / 1e9} | energy
-    return point, measure_pressure_curve(meter, runner, *pressure) if pressure else None
-
-
-def progress(n, total, label, elapsed_s, stream=sys.stderr, skipped=0):
-    """A one-line progress bar (redrawn in place on a terminal, one line per step in a log); the
-    time left is paced by the ``n - skipped`` points this run measured."""
-    filled = round(24 * n / total)
-    left_s = elapsed_s / max(n - skipped, 1) * (total - n)
-    line = f"[{'#' * filled}{'.' * (24 - filled)}] {n}/{total} {label} {elapsed_s:4.0f} s, ~{left_s:3.0f} s left"
-    end = "\r" if stream.isatty() and n < total else "\n"
-    print(line, end=end, file=stream, flush=True)
-
-
-def pressure_section(shares, background, curves):
-    return {"coordinate": "NVML memory-bandwidth utilisation (0..1) the background produces alone",
-            "method": "BandwidthHog: a copy loop on its own stream, duty-cycled with GPU sleeps to a share of time; "
-                      "latency stretch = CUDA-event median of the op's graph replays beside it / alone",
-            "shares": list(shares), "background_util": {str(k): v for k, v in background.items()},
-            "ops": {op: {"batch_size": b, "points": pts} for op, (b, pts) in curves.items()}}
-
-
-def kept_collectives(path):
-    """The collective curves of the table at ``path`` (measured apart, by ``bench.calibrate_comm``),
-    which a new sweep keeps; None without a readable table there."""
-    try:
-        return load_table(table=path)[0].get("collectives")
-    except ValueError:  # no table yet, or a corrupt one: nothing to keep
-        return None
+from bench._cli import check_gpu, checked_float, checked_output_file, comma_list, positive_int, window_s
+from calibration.nvml_meter import GpuMeter
+from calibration.sweep import SweepSettings, new_state, partial_path, rejected_path, run_sweep, sweep_settings
+from costmodel.ops import OPS, ModelDims
+from costmodel.table import table_names, user_table_dir
 
 
 def hbm_share(text):
@@ -217,173 +69,45 @@ def parse_args(argv):
     args.output = checked_output_file(parser, args.output or user_table_dir() / f"{args.gpu}.json")
     if args.trace:
         args.trace = checked_output_file(parser, args.trace, "--trace")
-    args.state = resumed_state(parser, args) if args.resume else new_state(args)
+    args.settings = SweepSettings(args.gpu, args.dims, tuple(args.ops), args.output, args.window_s, args.trials,
+                                  tuple(args.pressure_shares), args.trace)
+    args.state = resumed_state(parser, args.settings) if args.resume else new_state(args.settings)
     return parser, args
 
 
-def partial_path(output):
-    return output.with_suffix(".partial.json")
-
-
-def sweep_settings(args):
-    """What must match for ``--resume`` to add points to an earlier sweep (JSON-plain)."""
-    return {"gpu": args.gpu, "dims": asdict(args.dims), "ops": list(args.ops), "window_s": args.window_s,
-            "trials": args.trials, "pressure_shares": list(args.pressure_shares)}
-
-
-def new_state(args):
-    """A sweep with nothing measured yet (what ``<gpu>.partial.json`` holds as it goes)."""
-    return {"schema": 1, "settings": sweep_settings(args), "constants": None, "background_util": None,
-            "points": {op: [] for op in args.ops}, "pressure_curves": {}, "measured_s": 0.0, "runs": 0}
-
-
-def resumed_state(parser, args):
+def resumed_state(parser, settings):
     """The interrupted sweep ``--resume`` continues: refused, naming why, when there is none, it is
     unreadable, or it ran with other settings."""
-    path = partial_path(args.output)
+    path = partial_path(settings.output)
     if not path.is_file():
         parser.error(f"--resume: no interrupted sweep at {path}")
     try:
         state = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         parser.error(f"--resume: {path} is corrupt ({exc}); remove it to start afresh")
-    missing = [key for key in new_state(args) if not isinstance(state, dict) or key not in state]
+    missing = [key for key in new_state(settings) if not isinstance(state, dict) or key not in state]
     if missing or not isinstance(state["settings"], dict):
         parser.error(f"--resume: {path} is not a partial sweep (missing {missing or ['settings']}); remove it to "
                      "start afresh")
-    settings = state["settings"]
-    differ = [key for key, value in sweep_settings(args).items() if settings.get(key) != value]
+    earlier = state["settings"]
+    differ = [key for key, value in sweep_settings(settings).items() if earlier.get(key) != value]
     if differ:
         parser.error(f"--resume: {path} is a sweep with other {', '.join(differ)} "
-                     f"({', '.join(f'{k}={settings.get(k)!r}' for k in differ)}); pass the same flags or drop --resume")
+                     f"({', '.join(f'{k}={earlier.get(k)!r}' for k in differ)}); pass the same flags or drop --resume")
     return state
-
-
-def rejected_path(output):
-    return output.with_suffix(".rejected.json")
-
-
-def write_table(output, table):
-    """Write ``table`` to ``output`` if it passes ``check_table`` (None); else to ``rejected_path(output)``,
-    leaving the table at ``output`` as it was, and return why."""
-    try:
-        check_table(output, table)
-    except ValueError as exc:
-        write_json_atomic(rejected_path(output), table)
-        return str(exc)
-    write_json_atomic(output, table)
-    return None
-
-
-def check_gpu(parser, requested, meter):
-    if not torch.cuda.is_available():
-        parser.error("no NVIDIA GPU detected (torch.cuda.is_available() is False): calibration measures a GPU")
-    if not meter.available:
-        parser.error(f"cannot read the GPU's energy: {meter.unavailable_reason}")
-    detected = meter.name()
-    if not gpu_matches(requested, detected):
-        parser.error(f"--gpu {requested} does not match the detected GPU {detected!r}")
-    return detected
-
-
-def sweep(args, meter, state, save):
-    """Measure the points ``state`` lacks (every (op, batch), and each op's pressure curve at its
-    PRESSURE_BATCH), calling ``save(state)`` after each; the sampler of this run's timeline."""
-    hogs = [BandwidthHog(share) for share in args.pressure_shares]
-    if hogs and state["background_util"] is None:
-        state["background_util"] = [[share, util] for share, util in background_utilisation(meter, hogs).items()]
-        save(state)
-    background = background_of(state)
-    idle_power_w = state["constants"]["idle_power_w"]
-    plan = [(op, b) for op in args.ops for b in (SEQUENCE_BATCHES if op in SEQUENCE_OPS else TOKEN_BATCHES)]
-    done = {(op, p["batch_size"]) for op, points in state["points"].items() for p in points}
-    started, skipped = time.monotonic(), 0
-    with BackgroundSampler(meter, interval_s=0.1) as sampler:
-        for n, (op, batch_size) in enumerate(plan, 1):
-            if (op, batch_size) in done:
-                skipped += 1
-                continue
-            point_started = time.monotonic()
-            at_pressure_batch = batch_size == PRESSURE_BATCH["sequences" if op in SEQUENCE_OPS else "tokens"]
-            point, curve = sweep_point(op, batch_size, args.dims, meter, idle_power_w, args.window_s, args.trials,
-                                       (hogs, background) if hogs and at_pressure_batch else None)
-            state["points"][op].append(point)
-            if curve:
-                state["pressure_curves"][op] = [batch_size, curve]
-            state["measured_s"] += time.monotonic() - point_started
-            save(state)
-            progress(n, len(plan), f"{op} batch {batch_size}", time.monotonic() - started, skipped=skipped)
-    return sampler
-
-
-def background_of(state):
-    """{HBM share: the NVML utilisation its hog produced alone}, from the JSON-plain pairs ``state`` keeps."""
-    return {share: util for share, util in state["background_util"] or []}
-
-
-def measure_constants(meter):
-    """Idle and gap power and the matmul and copy ceilings, after the card settles."""
-    time.sleep(3.0)  # let the card settle from whatever ran before
-    idle_power_w = measure_idle_power_w(meter)  # with this process's CUDA context held, as users run
-    peak_flops, copy_bytes_per_s = measure_ceilings()
-    return {"idle_power_w": idle_power_w, "gap_power_w": measure_gap_power_w(meter, idle_power_w),
-            "peak_flops": peak_flops, "hbm_bytes_per_s": copy_bytes_per_s}
-
-
-def build_table(args, state, meter, detected, sampler, duration_s):
-    points = {op: sorted(pts, key=lambda p: p["batch_size"]) for op, pts in state["points"].items()}
-    curves = {op: tuple(entry) for op, entry in state["pressure_curves"].items()}
-    background = background_of(state)
-    table = {
-        "schema": 1, "gpu": args.gpu, "source": "measured", "gpu_name": detected,
-        "provenance": provenance() | {"driver": meter.driver_version(), "gpu_uuid": meter.uuid()},
-        "dims": asdict(args.dims), **state["constants"],
-        "method": {"window_s": args.window_s, "trials": args.trials, "dtype": "bfloat16",
-                   "energy": "NVML total-energy counter, edge-aligned windows of CUDA-graph replays"},
-        "thermal": None,
-        "memory_pressure": pressure_section(args.pressure_shares, background, curves) if args.pressure_shares else None,
-        "ops": {op: {"unit": "sequences" if op in SEQUENCE_OPS else "tokens", "points": pts}
-                for op, pts in points.items()},
-        "duration_s": duration_s,
-    }
-    usable = [x for x in sampler.samples if x.temperature_c is not None]
-    if len(usable) >= MIN_THERMAL_SAMPLES:
-        table["thermal"] = thermal_section(sampler.samples, meter.temperature_thresholds_c())
-    else:  # a resumed run that measured only a few points
-        table["thermal_missing_reason"] = (f"this run's timeline has {len(usable)} temperature samples, under the "
-                                           f"{MIN_THERMAL_SAMPLES} a fit needs: calibrate without --resume to fit it")
-    if state["runs"] > 1:
-        table["resumed"] = {"runs": state["runs"], "points_measured_s": state["measured_s"],
-                            "note": "an interrupted sweep continued with --resume: idle power and ceilings are the "
-                                    "first run's, the thermal model is fitted to the final run's timeline"}
-    collectives = kept_collectives(args.output)
-    if collectives:
-        table["collectives"] = collectives
-    return table
 
 
 def main(argv=None):
     parser, args = parse_args(argv)
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     detected = check_gpu(parser, args.gpu, meter)
-    started = time.monotonic()
-    state, partial = args.state, partial_path(args.output)
+    partial = partial_path(args.output)
     if not args.resume and partial.exists():
         print(f"note: starting afresh over the interrupted sweep in {partial} (--resume continues it)", file=sys.stderr)
-    state["runs"] += 1
-    save = functools.partial(write_json_atomic, partial)
-    if state["constants"] is None:
-        state["constants"] = measure_constants(meter)
-        save(state)
-    sampler = sweep(args, meter, state, save)
-    table = build_table(args, state, meter, detected, sampler, time.monotonic() - started)
-    rejected = write_table(args.output, table)
-    if args.trace:
-        write_json_atomic(args.trace, trace_of(meter, sampler) | {"provenance": table["provenance"]})
+    table, rejected = run_sweep(args.settings, args.state, meter, detected)
     if rejected:
         raise SystemExit(f"the measured table fails its check, so {args.output} is left as it was (the new "
                          f"one is {rejected_path(args.output)}; the points stay in {partial}): {rejected}")
-    partial.unlink(missing_ok=True)
     count = sum(map(len, table["ops"].values()))
     print(f"wrote {args.output} ({count} points, this run {table['duration_s']:.0f} s)")
     return 0

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 from bench._cli import checked_output_file, positive_int, window_s
-from calibration.results import provenance, write_json_atomic
-from bench.calibrate import gpu_matches
+from calibration.sweep import gpu_matches
 from calibration.collectives import measure_all_to_all
-from costmodel.table import find_table, load_table, user_table_dir
+from calibration.results import provenance, write_json_atomic
 from costmodel.ops import BYTES_PER_ELEMENT
+from costmodel.table import find_table, load_table, user_table_dir
 
 DEFAULT_SIZES = tuple(64 * 2 ** 10 * 4 ** i for i in range(7))  # 64 KiB ... 256 MiB per rank
 UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}

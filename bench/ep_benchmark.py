@@ -43,13 +43,13 @@ import torch.distributed as dist  # noqa: E402
 
 import kernels  # noqa: E402
 from bench._cli import checked_output_file, comma_list, positive_float, positive_int, window_s  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import rel_error  # noqa: E402
 from bench.moe_cases import SHAPES, MoeShape  # noqa: E402
 from calibration.collectives import all_reduce_floats, calls_per_window, collective_energy  # noqa: E402
 from calibration.energy import measure_idle_power_w  # noqa: E402
 from calibration.nvml_meter import meter_for_cuda_device  # noqa: E402
 from calibration.priors import DATASHEETS, prior_table  # noqa: E402
+from calibration.results import provenance, write_json_atomic  # noqa: E402
 from costmodel.kernel_cost_model import KernelCostModel, load_table  # noqa: E402
 from costmodel.ops import ModelDims  # noqa: E402
 from kernels.expert_parallel import plan_dispatch  # noqa: E402

@@ -25,8 +25,8 @@ from bench._cli import checked_output_dir, comma_list, positive_int  # noqa: E40
 from bench.harness import hf_policies  # noqa: E402
 from bench.harness.measure import DeviceEnv, device_header, throttling  # noqa: E402
 from bench.harness.policies import OBJECTIVE_WEIGHTS, parse_keep, policy_grid  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
 from bench.router_policies import cost_model, keep_list  # noqa: E402
+from calibration.results import provenance, write_json_atomic  # noqa: E402
 from costmodel.ops import ModelDims  # noqa: E402
 from router.monitor import HardwareMonitor  # noqa: E402
 

@@ -33,15 +33,15 @@ if not torch.cuda.is_available():
 
 import torch.distributed as dist  # noqa: E402
 
-from bench._cli import (add_preset_flags, MOE_CPU_NEEDS_INTERPRETER, checked_output_dir, comma_list,  # noqa: E402
+from bench._cli import (MOE_CPU_NEEDS_INTERPRETER, add_preset_flags, checked_output_dir, comma_list,  # noqa: E402
                         eval_bytes, moe_cpu_without_interpreter, positive_float, positive_int, resolve_preset)
-from bench.calibrate import gpu_matches  # noqa: E402
 from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root  # noqa: E402
 from bench.harness.costs import NO_GPU, known_gpus, select_cost_model  # noqa: E402
 from bench.harness.measure import (DeviceEnv, ModelSpec, checkpoint_bits_per_byte, gather_to_rank0,  # noqa: E402
                                    init_distributed, run_device)
 from bench.harness.policies import parse_keep  # noqa: E402
 from bench.harness.report import write_outputs  # noqa: E402
+from calibration.sweep import gpu_matches  # noqa: E402
 from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402
 from router.energy_router import _check_objective_weights  # noqa: E402
 

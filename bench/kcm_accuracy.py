@@ -18,12 +18,12 @@ import sys
 
 import torch
 
-from bench._cli import checked_output_file, positive_int
-from calibration.results import provenance, write_json_atomic
-from bench.calibrate import check_gpu, sweep_point
+from bench._cli import check_gpu, checked_output_file, positive_int
 from bench.harness.models import TransformerLM
 from calibration.energy import EagerRunner, GraphRunner, measure_energy, measure_idle_power_w
 from calibration.nvml_meter import GpuMeter
+from calibration.results import provenance, write_json_atomic
+from calibration.sweep import sweep_point
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import SEQUENCE_OPS
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from bench._cli import checked_output_file, comma_list, positive_int, window_s
-from calibration.results import provenance, write_json_atomic
 from calibration.energy import GraphRunner, measure_idle_power_w
 from calibration.meter_check import check_workload, verdict
 from calibration.nvml_meter import GpuMeter
+from calibration.results import provenance, write_json_atomic
 
 WORKLOADS = ("gemm", "swiglu_ffn", "copy", "add")
 

@@ -28,7 +28,6 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,13 +36,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: @triton.jit reads it
 
 import kernels  # noqa: E402
-from bench import calibrate, moe_cases  # noqa: E402
+from bench import moe_cases  # noqa: E402
 from bench._cli import checked_output_file, comma_list, positive_int, window_s  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import graph_median_ms, rel_error  # noqa: E402
-from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w, median_event_ms, repeat_for  # noqa: E402,E501
+from calibration.energy import (GraphRunner, measure_energy, measure_idle_power_w, median_event_ms,  # noqa: E402,E501
+                                repeat_for)
 from calibration.nvml_meter import GpuMeter  # noqa: E402
 from calibration.priors import prior_table  # noqa: E402
+from calibration.results import provenance, write_json_atomic  # noqa: E402
+from calibration.sweep import calibrate_ops  # noqa: E402
 from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402
 from costmodel.ops import ModelDims  # noqa: E402
 from router import EnergyAwareTTTRouter, HardwareMonitor  # noqa: E402
@@ -80,9 +81,7 @@ def cost_model_for(shape, workdir, timed):
         return KernelCostModel("H200", table=path)
     gpu = short_gpu_name(torch.cuda.get_device_name())
     path = Path(workdir) / f"{gpu}_{shape.name}_swiglu_ffn.json"
-    dims = asdict(expert_dims(shape))
-    calibrate.main(["--gpu", gpu, "--ops", "swiglu_ffn", "--output", str(path)]
-                   + [arg for k, v in dims.items() for arg in (f"--{k}", str(v))])
+    calibrate_ops(gpu, ("swiglu_ffn",), expert_dims(shape), path)
     return KernelCostModel(gpu, table=path)
 
 

@@ -35,10 +35,10 @@ if not torch.cuda.is_available():
 
 import kernels  # noqa: E402
 from bench._cli import checked_output_file, comma_list, positive_int  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
 from bench.kernels import graph_median_ms  # noqa: E402
 from bench.moe_cases import SHAPES  # noqa: E402
 from bench.router_energy import cost_model_for, hidden_states  # noqa: E402
+from calibration.results import provenance, write_json_atomic  # noqa: E402
 from kernels.pinned_state import readable_in_place  # noqa: E402
 from kernels.policy_routing import FillCost, policy_routing  # noqa: E402
 from router import EnergyAwareTTTRouter, HardwareMonitor, OEARouter  # noqa: E402

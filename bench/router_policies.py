@@ -18,7 +18,7 @@ the reason. Writes ``router_policies.json`` (atomically) and ``router_policies.p
 import argparse
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the routing kernels on a CPU; before triton is imported
 
-from bench import calibrate  # noqa: E402
 from bench._cli import (add_preset_flags, checked_output_dir, comma_list, eval_bytes, positive_int,  # noqa: E402
                         resolve_preset)
 from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root  # noqa: E402
@@ -35,9 +34,10 @@ from bench.harness.models import TransformerLM  # noqa: E402
 from bench.harness.policies import PolicyModel, default_keeps, parse_keep, policy_grid  # noqa: E402
 from bench.harness.policy_report import (TARGET_BATCH, hot_check, plot_energy_vs_quality, run_policies,  # noqa: E402
                                          summarize, sync_free_routers, table_lines)
-from calibration.results import provenance, write_json_atomic  # noqa: E402
 from bench.router_energy import short_gpu_name  # noqa: E402
 from calibration.priors import prior_table  # noqa: E402
+from calibration.results import provenance, write_json_atomic  # noqa: E402
+from calibration.sweep import calibrate_ops  # noqa: E402
 from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402
 from router.monitor import HardwareMonitor  # noqa: E402
 
@@ -136,8 +136,7 @@ def cost_model(args, dims):
                                                                "not a measurement", "path": str(path)}
     gpu = short_gpu_name(torch.cuda.get_device_name())
     path = Path(args.output_dir) / f"{gpu}_swiglu_ffn_d{dims.d_model}_f{dims.d_ff}.json"
-    calibrate.main(["--gpu", gpu, "--ops", "swiglu_ffn", "--output", str(path)]
-                   + [arg for k, v in asdict(dims).items() for arg in (f"--{k}", str(v))])
+    calibrate_ops(gpu, ("swiglu_ffn",), dims, path)
     return KernelCostModel(gpu, table=path), {"source": f"calibrated in this run on this GPU ({path.name})",
                                               "path": str(path)}
 

@@ -13,8 +13,8 @@ import sys
 import torch
 import triton.testing
 
-from calibration.results import provenance, write_json_atomic
 from bench.kernels import rel_error
+from calibration.results import provenance, write_json_atomic
 from kernels import _config
 from kernels.attention import _flash_attention
 from kernels.matmul import launch_matmul

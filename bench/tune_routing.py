@@ -18,10 +18,10 @@ import torch
 import triton.testing
 
 from bench._cli import checked_output_file
-from calibration.results import provenance, write_json_atomic
 from bench.moe_cases import MoeShape
 from bench.router_energy import cost_model_for
 from bench.tune_kernels import write_tuned
+from calibration.results import provenance, write_json_atomic
 from kernels.policy_routing import FillCost, policy_routing
 from kernels.routing import row_block, topk_routing
 from router import EnergyAwareTTTRouter

@@ -26,8 +26,8 @@ import triton.language as tl
 
 from kernels import _config
 from kernels._library import kernel_op
-from kernels._validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_dtype_device,
-                               check_tensor, dot_precision)
+from kernels._validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_dtype_device, check_tensor,
+                               dot_precision)
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import _tile_coords, _tile_products, processor_count
 from kernels.routing import check_topk_ids, group_by_expert

@@ -2,9 +2,10 @@
 
 Page-locked host memory lies in the GPU's unified virtual address space, so a Triton kernel given
 a pinned CPU tensor loads it over PCIe at run time. Inside a CUDA graph each replay then reads the
-live host values, with no copy node: for the routers that is one host-to-device copy (~2–4 us of
-graph time on the H200) saved per layer call. Whether a given Triton and driver accept such a
-pointer is probed once per device (``device_reads_pinned``); callers copy where it says no.
+live host values, with no copy node: for the routers, one host-to-device copy saved per layer
+call (measured in ``bench.router_overhead``'s ``state_copy`` row). Whether a given Triton and
+driver accept such a pointer is probed once per device (``device_reads_pinned``); callers copy
+where it says no.
 """
 import torch
 import triton

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels._validate import check_bool, check_float, check_int, check_tensor
-from kernels.cost_bias import (_bias_from_loads, _check, _check_extra_cost, _constants, bias_from_loads_reference)
+from kernels.cost_bias import _bias_from_loads, _check, _check_extra_cost, _constants, bias_from_loads_reference
 from kernels.routing import (UNSELECTABLE, _bias_vector, _pick, _probabilities, _renormalized, _selection, _top_k,
                              check_selection_bias, launch_config, route_reference)
 from kernels.routing_stats import expert_loads_reference

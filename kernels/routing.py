@@ -31,7 +31,6 @@ from kernels import _config
 from kernels._library import kernel_op
 from kernels._validate import INDEX_DTYPES, check_bool, check_int, check_tensor
 
-
 # the selection score of every unselectable expert: float32's lowest, below any selectable score,
 # and finite, so spare slots still pick K distinct experts (the lowest indices)
 UNSELECTABLE = tl.constexpr(-3.4028234663852886e38)

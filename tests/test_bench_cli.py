@@ -5,8 +5,10 @@ import os
 import pytest
 import torch
 
-from calibration import results as _results
 from bench import kernels as bench_kernels
+from calibration import results as _results
+from calibration import sweep as sweep_lib
+from calibration.results import write_json_atomic
 from tests.conftest import DEVICE, REL_TOL
 
 
@@ -43,7 +45,7 @@ def test_write_json_atomic_keeps_old_file_when_interrupted(tmp_path):
     ("H100", "NVIDIA H200", False), ("A10", "NVIDIA A100-SXM4-80GB", False),
 ])
 def test_calibrate_gpu_name_matching(requested, name, expected):
-    from bench.calibrate import gpu_matches
+    from calibration.sweep import gpu_matches
     assert gpu_matches(requested, name) is expected
 
 
@@ -97,7 +99,7 @@ def test_calibrate_gpu_names_a_table(gpu, message, capsys):
 
 
 def test_calibrate_keeps_the_old_table_when_the_new_one_fails_its_check(tmp_path):
-    from bench.calibrate import rejected_path, write_table
+    from calibration.sweep import rejected_path, write_table
     from calibration.priors import prior_table
     output = tmp_path / "H100.json"
     assert write_table(output, prior_table("H100")) is None
@@ -141,7 +143,7 @@ def test_gpu_tools_refuse_bad_arguments_first(module, argv, message, tmp_path, c
 @pytest.mark.parametrize("op", __import__("costmodel").OPS)
 def test_calibrate_runs_every_op_on_our_kernels(op):
     """Each op the sweep measures is a runnable call of our kernels (tiny shapes, on the test device)."""
-    from bench.calibrate import op_callable
+    from calibration.sweep import op_callable
     from costmodel import ModelDims
     dims = ModelDims(d_model=64, d_ff=48, n_heads=2, seq_len=16, num_experts=4, top_k=2)
     out = op_callable(op, 3, dims, device=DEVICE, dtype=torch.float32)()
@@ -173,7 +175,7 @@ def test_calibrate_resume_is_refused_without_a_matching_partial_sweep(tmp_path, 
     output = tmp_path / "H100.json"
     argv = ["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--resume"]
     assert "--resume: no interrupted sweep" in refused(calibrate.main, argv, capsys)
-    partial = calibrate.partial_path(output)
+    partial = sweep_lib.partial_path(output)
     partial.write_text("{ not json")
     assert "is corrupt" in refused(calibrate.main, argv, capsys)
     write_json_atomic(partial, {"settings": {}})
@@ -209,25 +211,25 @@ def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
         measured.append((op, batch_size))
         return {"batch_size": batch_size, "latency_ms": 1.0 + batch_size, "energy_j": 0.1}, None
 
-    monkeypatch.setattr(calibrate, "sweep_point", fake_point)
-    monkeypatch.setattr(calibrate, "BackgroundSampler", _Sampler)
+    monkeypatch.setattr(sweep_lib, "sweep_point", fake_point)
+    monkeypatch.setattr(sweep_lib, "BackgroundSampler", _Sampler)
     argv = ["--gpu", "H100", "--output", str(tmp_path / "H100.json"), "--ops", "ffn_gate,ffn_up",
             "--pressure_shares", ""]
     _, args = calibrate.parse_args(argv)
     args.state["constants"] = {"idle_power_w": 70.0}
-    save = lambda state: calibrate.write_json_atomic(calibrate.partial_path(args.output), state)  # noqa: E731
+    save = lambda state: write_json_atomic(sweep_lib.partial_path(args.output), state)  # noqa: E731
     resumed = False
     with pytest.raises(KeyboardInterrupt):
-        calibrate.sweep(args, None, args.state, save)
+        sweep_lib.sweep(args.settings, None, args.state, save)
     assert measured == [("ffn_gate", 1), ("ffn_gate", 4), ("ffn_gate", 16)]
     resumed = True
     _, again = calibrate.parse_args(argv + ["--resume"])
     assert again.state["points"]["ffn_gate"] == [{"batch_size": b, "latency_ms": 1.0 + b, "energy_j": 0.1}
                                                  for b in (1, 4, 16)]
-    calibrate.sweep(again, None, again.state, save)
-    plan = [(op, b) for op in ("ffn_gate", "ffn_up") for b in calibrate.TOKEN_BATCHES]
+    sweep_lib.sweep(again.settings, None, again.state, save)
+    plan = [(op, b) for op in ("ffn_gate", "ffn_up") for b in sweep_lib.TOKEN_BATCHES]
     assert sorted(measured) == sorted(plan) and len(measured) == len(plan), "every point once"
-    assert [p["batch_size"] for p in again.state["points"]["ffn_up"]] == list(calibrate.TOKEN_BATCHES)
+    assert [p["batch_size"] for p in again.state["points"]["ffn_up"]] == list(sweep_lib.TOKEN_BATCHES)
 
 
 def test_calibrate_table_of_a_short_resumed_run_passes_its_check(tmp_path):
@@ -249,7 +251,7 @@ def test_calibrate_table_of_a_short_resumed_run_passes_its_check(tmp_path):
         def uuid(self):
             return "GPU-test"
 
-    table = calibrate.build_table(args, state, Meter(), "NVIDIA H100 80GB HBM3", _Sampler(), 12.0)
+    table = sweep_lib.build_table(args.settings, state, Meter(), "NVIDIA H100 80GB HBM3", _Sampler(), 12.0)
     check_table(args.output, table)
     assert table["thermal"] is None and "without --resume" in table["thermal_missing_reason"]
     assert table["resumed"]["runs"] == 2 and table["idle_power_w"] == 70.0
@@ -273,15 +275,15 @@ def test_calibrate_main_writes_the_table_and_removes_the_partial(tmp_path, monke
 
     monkeypatch.setattr(calibrate, "GpuMeter", Meter)
     monkeypatch.setattr(calibrate, "check_gpu", lambda parser, gpu, meter: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(calibrate, "measure_constants", lambda meter: {
+    monkeypatch.setattr(sweep_lib, "measure_constants", lambda meter: {
         "idle_power_w": 70.0, "gap_power_w": 90.0, "peak_flops": 1e15, "hbm_bytes_per_s": 3e12})
-    monkeypatch.setattr(calibrate, "BackgroundSampler", _Sampler)
-    monkeypatch.setattr(calibrate, "sweep_point", lambda op, b, *a: ({
+    monkeypatch.setattr(sweep_lib, "BackgroundSampler", _Sampler)
+    monkeypatch.setattr(sweep_lib, "sweep_point", lambda op, b, *a: ({
         "batch_size": b, "latency_ms": 0.01 * b, "energy_j": 0.001 * b, "flops": 1.0, "bytes": 1.0,
         "memory_gb": 1e-9}, None))
     output = tmp_path / "H100.json"
     assert calibrate.main(["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", ""]) == 0
     table = json.loads(output.read_text())
-    assert len(table["ops"]["ffn_gate"]["points"]) == len(calibrate.TOKEN_BATCHES) and "resumed" not in table
-    assert not calibrate.partial_path(output).exists()
+    assert len(table["ops"]["ffn_gate"]["points"]) == len(sweep_lib.TOKEN_BATCHES) and "resumed" not in table
+    assert not sweep_lib.partial_path(output).exists()
     assert "wrote" in capsys.readouterr().out

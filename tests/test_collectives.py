@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench import calibrate_comm
-from calibration.results import write_json_atomic
 from calibration.collectives import check_sizes, measure_all_to_all
 from calibration.nvml_meter import GpuMeter
+from calibration.results import write_json_atomic
 from costmodel.kernel_cost_model import KernelCostModel
 from tests.conftest import usage_error
 from tests.fake_nvml import FakeNvml
@@ -219,7 +219,7 @@ def test_merge_into_a_new_file_copies_the_whole_table(tmp_path):
 
 
 def test_an_ops_sweep_keeps_the_collectives(tmp_path):
-    from bench.calibrate import kept_collectives
+    from calibration.sweep import kept_collectives
     collectives = synthetic_collectives((2, 4))
     write_json_atomic(tmp_path / "t.json", synthetic_table() | {"collectives": collectives})
     (tmp_path / "corrupt.json").write_text("{ not json")

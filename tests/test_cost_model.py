@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.results import write_json_atomic
 from calibration.priors import PRIOR_TABLES, prior_table
+from calibration.results import write_json_atomic
 from costmodel.kernel_cost_model import DeviceCostTable, KernelCostModel
 from costmodel.ops import OPS, ModelDims
 from costmodel.table import TABLE_DIR, TABLES_ENV, table_names, user_table_dir

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from calibration.results import write_json_atomic
 from calibration.nvml_meter import GpuMeter
+from calibration.results import write_json_atomic
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import ModelDims
 from kernels.fused_experts import fused_experts_reference

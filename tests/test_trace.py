@@ -51,7 +51,7 @@ def h100_trace():
 
 
 def test_committed_table_thermal_fit_comes_from_the_committed_trace(h100_trace):
-    from bench.calibrate import thermal_section
+    from calibration.sweep import thermal_section
     from costmodel.kernel_cost_model import KernelCostModel
     readings = [GpuReading(**r) for r in h100_trace["readings"]]
     refit = thermal_section(readings, h100_trace["thresholds_c"])

@@ -4,8 +4,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from calibration.results import provenance, write_json_atomic
 from calibration.priors import DATASHEETS, prior_table
+from calibration.results import provenance, write_json_atomic
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.table import find_table, table_names
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 
 from bench.harness.costs import NO_GPU, cost_model_report
-from bench.harness.criteria import (BASELINE, candidate_name, comparisons, headline, iso_reference,
-                                    success_criteria, ttt_on_vs_off)
+from bench.harness.criteria import (BASELINE, candidate_name, comparisons, headline, iso_reference, success_criteria,
+                                    ttt_on_vs_off)
 from bench.harness.plots import write_plots
 from calibration.results import provenance, write_json_atomic
 
