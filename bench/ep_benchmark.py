@@ -35,25 +35,22 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-if "TRITON_INTERPRET" not in os.environ and not __import__("torch").cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels run on the CPU
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import kernels  # noqa: E402
-from bench._cli import checked_output_file, comma_list, positive_float, positive_int, window_s  # noqa: E402
-from bench.kernels import rel_error  # noqa: E402
-from bench.moe_cases import SHAPES, MoeShape  # noqa: E402
-from calibration.collectives import all_reduce_floats, calls_per_window, collective_energy  # noqa: E402
-from calibration.energy import measure_idle_power_w  # noqa: E402
-from calibration.nvml_meter import meter_for_cuda_device  # noqa: E402
-from calibration.priors import DATASHEETS, prior_table  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
-from costmodel.kernel_cost_model import KernelCostModel, load_table  # noqa: E402
-from costmodel.ops import ModelDims  # noqa: E402
-from kernels.expert_parallel import plan_dispatch  # noqa: E402
-from router.energy_router import EnergyAwareTTTRouter  # noqa: E402
+import kernels
+from bench._cli import checked_output_file, comma_list, positive_float, positive_int, window_s
+from bench.kernels import rel_error
+from bench.moe_cases import SHAPES, MoeShape
+from calibration.collectives import all_reduce_floats, calls_per_window, collective_energy
+from calibration.energy import measure_idle_power_w
+from calibration.nvml_meter import meter_for_cuda_device
+from calibration.priors import DATASHEETS, prior_table
+from calibration.results import provenance, write_json_atomic
+from costmodel.kernel_cost_model import KernelCostModel, load_table
+from costmodel.ops import ModelDims
+from kernels.expert_parallel import plan_dispatch
+from router.energy_router import EnergyAwareTTTRouter
 
 CPU_SHAPE = MoeShape("tiny", 8, 2, 32, 24, True)
 NO_GPU = "no NVIDIA GPU"

@@ -11,24 +11,20 @@ energy null with the reason. Random weights: no quality is measured. Writes
 ``hf_router_policies.json`` (atomically) into ``--output_dir`` and prints a table last.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels on a CPU; before triton is imported
-
-from bench._cli import checked_output_dir, comma_list, positive_int  # noqa: E402
-from bench.harness import hf_policies  # noqa: E402
-from bench.harness.measure import DeviceEnv, device_header, throttling  # noqa: E402
-from bench.harness.policies import OBJECTIVE_WEIGHTS, parse_keep, policy_grid  # noqa: E402
-from bench.router_policies import cost_model, keep_list  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
-from costmodel.ops import ModelDims  # noqa: E402
-from router.monitor import HardwareMonitor  # noqa: E402
+from bench._cli import checked_output_dir, comma_list, positive_int
+from bench.harness import hf_policies
+from bench.harness.measure import DeviceEnv, device_header, throttling
+from bench.harness.policies import OBJECTIVE_WEIGHTS, parse_keep, policy_grid
+from bench.router_policies import cost_model, keep_list
+from calibration.results import provenance, write_json_atomic
+from costmodel.ops import ModelDims
+from router.monitor import HardwareMonitor
 
 RESULTS = "hf_router_policies.json"
 GPU_DEFAULTS = {"shape": "qwen3_30b_a3b", "num_layers": 4, "decode": [1, 16, 64], "context": 256, "stat_steps": 8}

@@ -27,23 +27,19 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the MoE routing kernel; before triton is imported
-
-import torch.distributed as dist  # noqa: E402
-
-from bench._cli import (MOE_CPU_NEEDS_INTERPRETER, add_preset_flags, checked_output_dir, comma_list,  # noqa: E402
-                        eval_bytes, moe_cpu_without_interpreter, positive_float, positive_int, resolve_preset)
-from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root  # noqa: E402
-from bench.harness.costs import NO_GPU, known_gpus, select_cost_model  # noqa: E402
-from bench.harness.measure import (DeviceEnv, ModelSpec, checkpoint_bits_per_byte, gather_to_rank0,  # noqa: E402
-                                   init_distributed, run_device)
-from bench.harness.policies import parse_keep  # noqa: E402
-from bench.harness.report import write_outputs  # noqa: E402
-from calibration.sweep import gpu_matches  # noqa: E402
-from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402
-from router.energy_router import _check_objective_weights  # noqa: E402
+from bench._cli import (MOE_CPU_NEEDS_INTERPRETER, add_preset_flags, checked_output_dir, comma_list, eval_bytes,
+                        moe_cpu_without_interpreter, positive_float, positive_int, resolve_preset)
+from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root
+from bench.harness.costs import NO_GPU, known_gpus, select_cost_model
+from bench.harness.measure import (DeviceEnv, ModelSpec, checkpoint_bits_per_byte, gather_to_rank0, init_distributed,
+                                   run_device)
+from bench.harness.policies import parse_keep
+from bench.harness.report import write_outputs
+from calibration.sweep import gpu_matches
+from costmodel.kernel_cost_model import KernelCostModel
+from router.energy_router import _check_objective_weights
 
 CPU_SIZES = {"d_model": 64, "num_layers": 2, "batch_size": 2, "seq_length": 64, "decode": "1,4", "eval_bytes": 2048}
 MODE_CHOICES = ("graph", "eager", "both")

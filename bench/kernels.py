@@ -8,21 +8,16 @@ CPU the kernels run under Triton's interpreter at small shapes: the table shows 
 and every time is null with the reason.
 """
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
+import triton.testing
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: @triton.jit reads it
-
-import triton.testing  # noqa: E402
-
-from bench import dense_cases  # noqa: E402
-from bench._cli import checked_output_file  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
+from bench import dense_cases
+from bench._cli import checked_output_file
+from calibration.results import provenance, write_json_atomic
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_GPU = "no CUDA device: kernels ran under the Triton interpreter, so times would be meaningless"

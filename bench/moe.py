@@ -8,18 +8,14 @@ run. On a CPU the kernels run under Triton's interpreter at tiny shapes: correct
 times null with the reason.
 """
 import argparse
-import os
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: @triton.jit reads it
-
-from bench import moe_cases  # noqa: E402
-from bench._cli import checked_output_file, comma_list  # noqa: E402
-from bench.kernels import NO_GPU, copy_bytes_per_s, graph_median_ms, median_ms, rel_error  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
+from bench import moe_cases
+from bench._cli import checked_output_file, comma_list
+from bench.kernels import NO_GPU, copy_bytes_per_s, graph_median_ms, median_ms, rel_error
+from calibration.results import provenance, write_json_atomic
 
 PEERS = {"grouped_mm": moe_cases.grouped_mm, "hf_loop": moe_cases.hf_loop}
 TARGETS = {  # (shape, T) -> (what, predicate on the row), from the issue

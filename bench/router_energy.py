@@ -24,7 +24,6 @@ prior table (``calibration.priors``): routing figures only, times and energies n
 """
 import argparse
 import math
-import os
 import re
 import sys
 import tempfile
@@ -32,22 +31,19 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: @triton.jit reads it
-
-import kernels  # noqa: E402
-from bench import moe_cases  # noqa: E402
-from bench._cli import checked_output_file, comma_list, positive_int, window_s  # noqa: E402
-from bench.kernels import graph_median_ms, rel_error  # noqa: E402
-from calibration.energy import (GraphRunner, measure_energy, measure_idle_power_w, median_event_ms,  # noqa: E402,E501
+import kernels
+from bench import moe_cases
+from bench._cli import checked_output_file, comma_list, positive_int, window_s
+from bench.kernels import graph_median_ms, rel_error
+from calibration.energy import (GraphRunner, measure_energy, measure_idle_power_w, median_event_ms,  # noqa: E501
                                 repeat_for)
-from calibration.nvml_meter import GpuMeter  # noqa: E402
-from calibration.priors import prior_table  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
-from calibration.sweep import calibrate_ops  # noqa: E402
-from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402
-from costmodel.ops import ModelDims  # noqa: E402
-from router import EnergyAwareTTTRouter, HardwareMonitor  # noqa: E402
+from calibration.nvml_meter import GpuMeter
+from calibration.priors import prior_table
+from calibration.results import provenance, write_json_atomic
+from calibration.sweep import calibrate_ops
+from costmodel.kernel_cost_model import KernelCostModel
+from costmodel.ops import ModelDims
+from router import EnergyAwareTTTRouter, HardwareMonitor
 
 GPU_SHAPES = ("mixtral", "qwen3")
 GPU_BATCHES = (1, 4, 16, 64, 256)

@@ -22,7 +22,6 @@ CPU every piece runs once under the Triton interpreter (the path is checked) and
 null, with the reason. Writes ``--output`` atomically and prints the table last.
 """
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,18 +29,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: @triton.jit reads it
-
-import kernels  # noqa: E402
-from bench._cli import checked_output_file, comma_list, positive_int  # noqa: E402
-from bench.kernels import graph_median_ms  # noqa: E402
-from bench.moe_cases import SHAPES  # noqa: E402
-from bench.router_energy import cost_model_for, hidden_states  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
-from kernels.pinned_state import readable_in_place  # noqa: E402
-from kernels.policy_routing import FillCost, policy_routing  # noqa: E402
-from router import EnergyAwareTTTRouter, HardwareMonitor, OEARouter  # noqa: E402
+import kernels
+from bench._cli import checked_output_file, comma_list, positive_int
+from bench.kernels import graph_median_ms
+from bench.moe_cases import SHAPES
+from bench.router_energy import cost_model_for, hidden_states
+from calibration.results import provenance, write_json_atomic
+from kernels.pinned_state import readable_in_place
+from kernels.policy_routing import FillCost, policy_routing
+from router import EnergyAwareTTTRouter, HardwareMonitor, OEARouter
 
 GPU_TOKENS = (1, 4, 16, 64)
 CPU_TOKENS = (1, 4)

@@ -16,30 +16,25 @@ the reason. Writes ``router_policies.json`` (atomically) and ``router_policies.p
 ``--output_dir``, and prints the comparison table last.
 """
 import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the routing kernels on a CPU; before triton is imported
-
-from bench._cli import (add_preset_flags, checked_output_dir, comma_list, eval_bytes, positive_int,  # noqa: E402
-                        resolve_preset)
-from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root  # noqa: E402
-from bench.harness.measure import DeviceEnv, ModelSpec, device_header, load_weights, throttling  # noqa: E402
-from bench.harness.models import TransformerLM  # noqa: E402
-from bench.harness.policies import PolicyModel, default_keeps, parse_keep, policy_grid  # noqa: E402
-from bench.harness.policy_report import (TARGET_BATCH, hot_check, plot_energy_vs_quality, run_policies,  # noqa: E402
-                                         summarize, sync_free_routers, table_lines)
-from bench.router_energy import short_gpu_name  # noqa: E402
-from calibration.priors import prior_table  # noqa: E402
-from calibration.results import provenance, write_json_atomic  # noqa: E402
-from calibration.sweep import calibrate_ops  # noqa: E402
-from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402
-from router.monitor import HardwareMonitor  # noqa: E402
+from bench._cli import add_preset_flags, checked_output_dir, comma_list, eval_bytes, positive_int, resolve_preset
+from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root
+from bench.harness.measure import DeviceEnv, ModelSpec, device_header, load_weights, throttling
+from bench.harness.models import TransformerLM
+from bench.harness.policies import PolicyModel, default_keeps, parse_keep, policy_grid
+from bench.harness.policy_report import (TARGET_BATCH, hot_check, plot_energy_vs_quality, run_policies, summarize,
+                                         sync_free_routers, table_lines)
+from bench.router_energy import short_gpu_name
+from calibration.priors import prior_table
+from calibration.results import provenance, write_json_atomic
+from calibration.sweep import calibrate_ops
+from costmodel.kernel_cost_model import KernelCostModel
+from router.monitor import HardwareMonitor
 
 CPU_SIZES = {"d_model": 64, "num_layers": 2, "num_experts": 8, "top_k": 4, "expert_d_ff": 64, "seq_length": 32}
 RESULTS = "router_policies.json"

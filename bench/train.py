@@ -9,21 +9,17 @@ trains on ``torch._grouped_mm`` experts (``bench.harness.training``). Checkpoint
 config, corpus statistics, held-out bits per byte and perplexity, and provenance.
 """
 import argparse
-import os
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the MoE routing kernel; before triton is imported
-
-from bench._cli import (MOE_CPU_NEEDS_INTERPRETER, add_preset_flags, checked_float, checked_output_dir,  # noqa: E402
-                        comma_list, eval_bytes, moe_cpu_without_interpreter, non_negative_float, positive_float,
-                        positive_int, resolve_preset)
-from bench.harness.corpus import (checkpoint_path, corpus_files, corpus_summary, evaluate,  # noqa: E402
-                                  heldout_streams, read_stream, save_checkpoint, split_by_file, stdlib_root)
-from bench.harness.training import TIMING_STEPS, TrainConfig, train_model  # noqa: E402
-from calibration.results import provenance  # noqa: E402
+from bench._cli import (MOE_CPU_NEEDS_INTERPRETER, add_preset_flags, checked_float, checked_output_dir, comma_list,
+                        eval_bytes, moe_cpu_without_interpreter, non_negative_float, positive_float, positive_int,
+                        resolve_preset)
+from bench.harness.corpus import (checkpoint_path, corpus_files, corpus_summary, evaluate, heldout_streams, read_stream,
+                                  save_checkpoint, split_by_file, stdlib_root)
+from bench.harness.training import TIMING_STEPS, TrainConfig, train_model
+from calibration.results import provenance
 
 MODEL_KINDS = ("dense", "moe", "iso")
 
