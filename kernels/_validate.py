@@ -71,7 +71,8 @@ def check_float(name, value, low, high, low_open=False):
     except OverflowError:  # an int beyond float range
         number = math.inf
     if not (low < number if low_open else low <= number) or not number <= high:
-        raise ValueError(f"{name} must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value!r}")
     return number
 
 

@@ -29,8 +29,9 @@ from kernels._library import kernel_op
 from kernels._validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_dtype_device, check_tensor,
                                dot_precision)
 from kernels.gather_sum import launch_gather_sum
-from kernels.matmul import _tile_coords, _tile_products, processor_count
+from kernels.matmul import processor_count
 from kernels.routing import check_topk_ids, group_by_expert
+from kernels.tiles import tile_coords, tile_products
 
 PERSISTENT_PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs to hide each one's loads
 
@@ -72,7 +73,7 @@ def _expert_tile(
     o_k = tl.arange(0, BLOCK_K)
     p_ab = p_a + o_rows.to(tl.int64)[:, None] * stride_am + o_k[None, :] * stride_ak  # [BM, BK]
     p_wb = p_w + i_e * stride_we + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
-    b_acc, b_acc_up = _tile_products(p_ab, p_wb, K, stride_ak, stride_wk, up_offset,
+    b_acc, b_acc_up = tile_products(p_ab, p_wb, K, stride_ak, stride_wk, up_offset,
                                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION)  # [BM, BN] x2
     if HAS_BIAS:
         p_bb = p_bias + i_e * stride_be + o_n * stride_bn  # [BN]
@@ -107,14 +108,14 @@ def _expert_gemm_kernel(
         n_routed = tl.load(p_num_padded)  # rows of the experts' padded runs
         n_tiles = tl.cdiv(n_routed, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for i_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            i_m, i_n = _tile_coords(i_tile, n_routed, N, BLOCK_M, BLOCK_N, GROUP_M)
+            i_m, i_n = tile_coords(i_tile, n_routed, N, BLOCK_M, BLOCK_N, GROUP_M)
             _expert_tile(i_m, i_n, p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K,
                          n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_be,
                          stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU, CLAMPED_GLU, HAS_BIAS,
                          MUL_WEIGHTS, DOT_PRECISION)
     else:
-        i_m, i_n = _tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        i_m, i_n = tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if i_m * BLOCK_M >= tl.load(p_num_padded):
             return  # rows past the last expert's padded run: nothing routed here
         _expert_tile(i_m, i_n, p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K,

@@ -17,61 +17,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels import _config
 from kernels._autograd import apply_with_reference_grad
 from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision, tma_compatible
-
-
-@triton.jit
-def _tile_coords(i_tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped tile order: GROUP_M row-tiles share each weight column-tile while it sits in L2."""
-    n_tiles_m = tl.cdiv(M, BLOCK_M)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    i_group = i_tile // (GROUP_M * n_tiles_n)
-    first_m = i_group * GROUP_M
-    group_size = min(n_tiles_m - first_m, GROUP_M)
-    i_m = first_m + (i_tile % group_size)
-    i_n = (i_tile % (GROUP_M * n_tiles_n)) // group_size
-    return i_m, i_n
-
-
-@triton.jit
-def _tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """([BM, BN] fp32 sum over K of x tiles ``p_xb`` [BM, BK] times weight tiles ``p_wb`` [BK, BN],
-    and with WITH_UP the same for the "up" weight tiles ``up_offset`` elements further on; zeros
-    without): the two halves of a gated projection, before its activation."""
-    o_k = tl.arange(0, BLOCK_K)
-    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            b_x = tl.load(p_xb)
-            b_w = tl.load(p_wb)
-        else:
-            m_k = o_k < K - k0
-            b_x = tl.load(p_xb, mask=m_k[None, :], other=0.0)
-            b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
-        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
-        if WITH_UP:
-            if EVEN_K:
-                b_w_up = tl.load(p_wb + up_offset)
-            else:
-                b_w_up = tl.load(p_wb + up_offset, mask=m_k[:, None], other=0.0)
-            b_acc_up = tl.dot(b_x, b_w_up, b_acc_up, input_precision=DOT_PRECISION)
-        p_xb += BLOCK_K * stride_xk
-        p_wb += BLOCK_K * stride_wk
-    return b_acc, b_acc_up
-
-
-@triton.jit
-def _tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EVEN_K: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """[BM, BN] fp32 x·w over K (``_tile_products``); with FUSE_SWIGLU silu(gate) * up."""
-    b_acc, b_acc_up = _tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset, BLOCK_M, BLOCK_N, BLOCK_K,
-                                     EVEN_K, FUSE_SWIGLU, DOT_PRECISION)
-    if FUSE_SWIGLU:
-        b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
-    return b_acc
+from kernels.tiles import tile_coords, tile_product
 
 
 @triton.jit
@@ -83,7 +29,7 @@ def _matmul_kernel(
     EVEN_K: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Pointer-based tiles: any strides, any alignment."""
-    i_m, i_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    i_m, i_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # rows and columns wrap modulo M and N, so loads need no mask; the store masks them
     o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
@@ -93,7 +39,7 @@ def _matmul_kernel(
     p_wb = p_w + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
 
     # with FUSE_SWIGLU the up rows sit N rows below the gate rows in the stacked [2N, K] weight
-    b_acc = _tile_product(p_xb, p_wb, K, stride_xk, stride_wk, N * stride_wn,
+    b_acc = tile_product(p_xb, p_wb, K, stride_xk, stride_wk, N * stride_wn,
                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_SWIGLU, DOT_PRECISION)
 
     o_ym = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,7 +60,7 @@ def _matmul_tma_kernel(
     makes the kernel persistent: each program walks tiles with a stride of the grid size."""
     n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for i_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        i_m, i_n = _tile_coords(i_tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        i_m, i_n = tile_coords(i_tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m, off_n = i_m * BLOCK_M, i_n * BLOCK_N
         b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if FUSE_SWIGLU:

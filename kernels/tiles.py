@@ -1,0 +1,59 @@
+"""The GEMM tile helpers our kernels share (``kernels.matmul``, ``kernels.fused_experts``): which
+output tile a program computes, and the K loop of a tile's product, plain or gated."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_coords(i_tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-tiles share each weight column-tile while it sits in L2."""
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    i_group = i_tile // (GROUP_M * n_tiles_n)
+    first_m = i_group * GROUP_M
+    group_size = min(n_tiles_m - first_m, GROUP_M)
+    i_m = first_m + (i_tile % group_size)
+    i_n = (i_tile % (GROUP_M * n_tiles_n)) // group_size
+    return i_m, i_n
+
+
+@triton.jit
+def tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """([BM, BN] fp32 sum over K of x tiles ``p_xb`` [BM, BK] times weight tiles ``p_wb`` [BK, BN],
+    and with WITH_UP the same for the "up" weight tiles ``up_offset`` elements further on; zeros
+    without): the two halves of a gated projection, before its activation."""
+    o_k = tl.arange(0, BLOCK_K)
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            b_x = tl.load(p_xb)
+            b_w = tl.load(p_wb)
+        else:
+            m_k = o_k < K - k0
+            b_x = tl.load(p_xb, mask=m_k[None, :], other=0.0)
+            b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+        if WITH_UP:
+            if EVEN_K:
+                b_w_up = tl.load(p_wb + up_offset)
+            else:
+                b_w_up = tl.load(p_wb + up_offset, mask=m_k[:, None], other=0.0)
+            b_acc_up = tl.dot(b_x, b_w_up, b_acc_up, input_precision=DOT_PRECISION)
+        p_xb += BLOCK_K * stride_xk
+        p_wb += BLOCK_K * stride_wk
+    return b_acc, b_acc_up
+
+
+@triton.jit
+def tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] fp32 x·w over K (``tile_products``); with FUSE_SWIGLU silu(gate) * up."""
+    b_acc, b_acc_up = tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset, BLOCK_M, BLOCK_N, BLOCK_K,
+                                     EVEN_K, FUSE_SWIGLU, DOT_PRECISION)
+    if FUSE_SWIGLU:
+        b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
+    return b_acc
