@@ -88,6 +88,12 @@ def select_config(entries, **dims):
 
 
 def lookup(op, device, **dims):
-    """The block config dict for ``op`` at ``dims`` on ``device``."""
-    entries, _ = load_entries(op, *_device_identity(device))
-    return select_config(entries, **dims)
+    """The block config dict for ``op`` at ``dims`` on ``device`` (shared: never modify it)."""
+    return _cached_lookup(op, *_device_identity(device), tuple(sorted(dims.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_lookup(op, gpu_name, compute_capability, dims):
+    """Once per (op, GPU, shape): a decode loop asks the same question every call."""
+    entries, _ = load_entries(op, gpu_name, compute_capability)
+    return select_config(entries, **dict(dims))
