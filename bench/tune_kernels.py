@@ -130,9 +130,14 @@ def main(argv=None):
     return 0
 
 
+def tuned_path(op, gpu):
+    """``op``'s config file for the GPU named ``gpu``."""
+    return _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
+
+
 def write_tuned(op, gpu, entries, measured, dtype_name):
     """Write ``op``'s config file for ``gpu``: tuned entries first, then the default entries (fp32 fallback)."""
-    path = _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
+    path = tuned_path(op, gpu)
     fallback, _ = _config.load_entries(op, "default")
     major, minor = torch.cuda.get_device_capability()  # a same-architecture card without its own file reads this one
     write_json_atomic(path, {"compute_capability": f"{major}.{minor}", "entries": entries + list(fallback),

@@ -7,9 +7,13 @@ and 256 top-8) and a ladder of token counts, every (tokens per program, num_warp
 checked against the default config's output (ids exact, weights to 1e-6) and timed as CUDA-graph
 replays (median); after each expert count the results so far are written; the fastest becomes the entry ``{"when": {"max_e": E, "max_t": T}}`` of
 ``kernels/configs/<op>/<GPU>.json`` (``--write``), with every candidate's time under ``tuned``.
-The policy kernel's time is the slower of its two fills. Needs a CUDA device.
+The policy kernel's time is the slower of its two fills. ``--experts`` tunes a subset (runs over
+the others can come later: ``--write`` keeps the file's entries for expert counts it did not
+tune, each with its own run's provenance). Needs a CUDA device.
 """
 import argparse
+import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -17,10 +21,10 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from bench._cli import checked_output_file
+from bench._cli import checked_output_file, comma_list, positive_int
 from bench.moe_cases import MoeShape
 from bench.router_energy import cost_model_for
-from bench.tune_kernels import write_tuned
+from bench.tune_kernels import tuned_path, write_tuned
 from calibration.results import provenance, write_json_atomic
 from kernels.policy_routing import FillCost, policy_routing
 from kernels.routing import row_block, topk_routing
@@ -91,11 +95,11 @@ def time_point(op, T, E, K, cost):
     return rows
 
 
-def tune(op, workdir, save):
-    """(config entries, measured points) for ``op`` over ``EXPERTS`` x ``TOKENS``; ``save(entries,
-    measured)`` after each expert count, so a run cut short keeps what it measured."""
+def tune(op, experts, workdir, save):
+    """(config entries, measured points) for ``op`` over ``experts`` ((E, K) pairs) x ``TOKENS``;
+    ``save(entries, measured)`` after each expert count, so a run cut short keeps what it measured."""
     entries, measured = [], []
-    for E, K in EXPERTS:
+    for E, K in experts:
         cost = fill_cost(E, K, workdir) if op == "policy_routing" else None
         best = None
         for T in TOKENS:
@@ -117,6 +121,19 @@ def summary(point):
     return {key: value for key, value in point.items() if key != "candidates"}
 
 
+def merged_with_file(path, entries, buckets, tuned_experts):
+    """This run's entries and buckets, plus those of ``path`` (this GPU's file, if any) for the
+    expert counts this run did not tune, each old bucket keeping its own run's provenance;
+    entries ordered by expert count, then tokens (the first match wins)."""
+    old = json.loads(path.read_text()) if path.exists() else {"entries": [], "tuned": {"buckets": []}}
+    old_provenance = old.get("tuned", {}).get("provenance")
+    kept = [e for e in old["entries"] if "max_e" in e.get("when", {}) and e["when"]["max_e"] not in tuned_experts]
+    kept_buckets = [{"provenance": old_provenance} | b for b in old.get("tuned", {}).get("buckets", [])
+                    if b["E"] not in tuned_experts]
+    order = sorted(kept + entries, key=lambda e: (e["when"]["max_e"], e["when"].get("max_t", math.inf)))
+    return order, sorted(kept_buckets + buckets, key=lambda b: (b["E"], b["T"]))
+
+
 def table_lines(op, measured):
     lines = [f"{op}: best launch config per point (us per call, graph replays; default: 64 tokens, 4 warps)",
              f"{'E':>4} {'T':>5} {'block_t':>8} {'warps':>6} {'best_us':>8} {'default_us':>11}"]
@@ -130,6 +147,8 @@ def table_lines(op, measured):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.tune_routing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", default="topk_routing,policy_routing")
+    parser.add_argument("--experts", type=comma_list(positive_int), default=",".join(str(e) for e, _ in EXPERTS),
+                        help="expert counts to tune (of 8, 64, 128, 256); --write keeps the file's others")
     parser.add_argument("--write", action="store_true", help="write kernels/configs/<op>/<GPU>.json")
     parser.add_argument("--output", default="tune_routing.json", help="every candidate's time (JSON)")
     args = parser.parse_args(argv)
@@ -137,6 +156,10 @@ def parse_args(argv=None):
     unknown = set(args.ops) - {"topk_routing", "policy_routing"}
     if unknown:
         parser.error(f"--ops: unknown {sorted(unknown)}; choose from topk_routing, policy_routing")
+    unknown_e = set(args.experts) - {e for e, _ in EXPERTS}
+    if unknown_e:
+        parser.error(f"--experts: {sorted(unknown_e)} not tuned here; choose from {[e for e, _ in EXPERTS]}")
+    args.experts = [(e, k) for e, k in EXPERTS if e in args.experts]
     args.output = checked_output_file(parser, args.output)
     return args
 
@@ -156,8 +179,10 @@ def main(argv=None):
                 report["ops"][op] = {"entries": entries, "measured": measured}
                 write_json_atomic(Path(args.output), report)
                 if args.write:
-                    write_tuned(op, gpu, entries, [summary(m) for m in measured], "bfloat16 logits")
-            lines += table_lines(op, tune(op, workdir, save)[1])
+                    buckets = [summary(m) | {"provenance": report["provenance"]} for m in measured]
+                    write_tuned(op, gpu, *merged_with_file(tuned_path(op, gpu), entries, buckets,
+                                                           {e for e, _ in args.experts}), "bfloat16 logits")
+            lines += table_lines(op, tune(op, args.experts, workdir, save)[1])
     print("\n".join(lines))
     return 0
 

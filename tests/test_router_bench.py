@@ -92,3 +92,29 @@ def test_tune_routing_refuses_bad_arguments(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tune_routing.parse_args([a.format(dir=tmp_path) for a in argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tune_routing_write_keeps_the_files_other_expert_counts(tmp_path):
+    """A run over --experts 64 replaces E=64's entries and buckets, and keeps E=8's with their own provenance."""
+    from bench.tune_routing import merged_with_file
+    path = tmp_path / "NVIDIA_H200.json"
+    old_entries = [{"when": {"max_e": 8, "max_t": 1}, "config": {"block_t": 1, "num_warps": 1}},
+                   {"when": {"max_e": 8}, "config": {"block_t": 4, "num_warps": 1}},
+                   {"when": {"max_e": 64, "max_t": 1}, "config": {"block_t": 1, "num_warps": 4}},
+                   {"config": {"block_t": 64, "num_warps": 4}}]  # the default fallback write_tuned appends
+    path.write_text(json.dumps({"entries": old_entries, "tuned": {"provenance": {"date_utc": "old"}, "buckets": [
+        {"E": 8, "T": 1, "best": {}}, {"E": 64, "T": 1, "best": {}}]}}))
+    new_entries = [{"when": {"max_e": 64, "max_t": 16}, "config": {"block_t": 4, "num_warps": 2}},
+                   {"when": {"max_e": 64}, "config": {"block_t": 4, "num_warps": 2}}]
+    entries, buckets = merged_with_file(path, new_entries, [{"E": 64, "T": 16, "provenance": "new"}], {64})
+    assert entries == old_entries[:2] + new_entries
+    assert buckets == [{"provenance": {"date_utc": "old"}, "E": 8, "T": 1, "best": {}},
+                       {"E": 64, "T": 16, "provenance": "new"}]
+    assert merged_with_file(tmp_path / "none.json", new_entries, [], {64}) == (new_entries, [])
+
+
+def test_tune_routing_experts_flag():
+    from bench.tune_routing import parse_args
+    assert parse_args(["--experts", "128,64"]).experts == [(64, 8), (128, 8)]
+    with pytest.raises(SystemExit):
+        parse_args(["--experts", "96"])
