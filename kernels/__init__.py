@@ -7,10 +7,11 @@ semantics; ``fused_experts.gpt_oss_experts``, gpt-oss's) and the drop-in ``Fused
 ``patch_hf_model``. Dense ops: the SwiGLU FFN (fused gate+up with SiLU·up in the epilogue, and the single
 projections ``ffn_gate``/``ffn_up``/``ffn_down`` the cost model calibrates), a plain GEMM, and
 attention (FlashAttention forward plus standalone QKᵀ and softmax·V). Block sizes come from the
-per-GPU JSON files in ``kernels/configs``. ``route``, ``fused_experts``, ``gpt_oss_experts``,
-``swiglu_ffn``, ``flash_attention`` and ``gather_sum`` run as ``torch.library`` custom ops (``kernels._library``),
-so ``torch.compile(fullgraph=True)`` traces around them. On a machine without CUDA the kernels
-run under Triton's interpreter (``TRITON_INTERPRET=1``), slowly.
+per-GPU JSON files in ``kernels/configs``. ``route``, ``policy_routing``, ``fused_experts``,
+``gpt_oss_experts``, ``swiglu_ffn``, ``flash_attention`` and ``gather_sum`` run as
+``torch.library`` custom ops (``kernels._library``), so ``torch.compile(fullgraph=True)`` traces
+around them. On a machine without CUDA the kernels run under Triton's interpreter
+(``TRITON_INTERPRET=1``), slowly.
 
 This package's import name, ``kernels``, is also Hugging Face's ``kernels`` package: the two
 cannot be installed side by side.

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._library import kernel_op
 from kernels._validate import check_bool, check_float, check_int, check_tensor
 from kernels.cost_bias import _bias_from_loads, _check, _check_extra_cost, _constants, bias_from_loads_reference
 from kernels.routing import (UNSELECTABLE, _bias_vector, _pick, _probabilities, _renormalized, _selection, _top_k,
@@ -232,10 +233,22 @@ def policy_routing(router_logits, top_k, *, fill, keep_top_k=None, keep_share=No
         raise ValueError("fill='cost' needs cost (a FillCost), and fill='active' takes none")
     check_selection_bias(selection_bias, E, router_logits.device)
     renormalize = check_bool("renormalize", renormalize)
-    cost_args, cost_flags = _cost_arguments(cost, E, router_logits)
+    cost_tensors, constants, flags = _cost_arguments(cost, E, router_logits)
+    args = (router_logits, top_k, keep_top_k or 0, keep_share or 0.0, keep_share is not None, selection_bias,
+            renormalize, fill == "cost", *cost_tensors, constants, *flags)
+    routing = _launch_policy(*args, config=config) if config is not None else _policy_routing_op(*args)
+    return PolicyRouting(*routing)
+
+
+def _launch_policy(router_logits, top_k, keep_top_k, keep_share, keep_by_share, selection_bias, renormalize,
+                   fill_by_cost, packed, hardware_state, bias_offsets, extra_cost, constants, n_table, n_clock,
+                   n_pressure, has_extra, config=None):
+    """The one or two launches on validated, flattened arguments (what the custom op runs):
+    (weights, ids, plain ids, kept, fill bias, NaN tokens)."""
+    T, E = router_logits.shape
     device = router_logits.device
     weights = torch.empty((T, top_k), dtype=torch.float32, device=device)
-    ids, plain = torch.empty((2, T, top_k), dtype=torch.int32, device=device)
+    ids, plain = (torch.empty((T, top_k), dtype=torch.int32, device=device) for _ in range(2))  # no shared storage
     kept = torch.empty(T, dtype=torch.int32, device=device)
     fill_bias = torch.empty(E, dtype=torch.float32, device=device)
     nan_tokens = torch.zeros(1, dtype=torch.int32, device=device)
@@ -244,17 +257,35 @@ def policy_routing(router_logits, top_k, *, fill, keep_top_k=None, keep_share=No
     loads = torch.zeros(0 if fused else E, dtype=torch.int32, device=device)
     args = (router_logits, selection_bias, weights, ids, plain, kept, fill_bias, nan_tokens, loads,
             T, E, router_logits.stride(0), selection_bias.stride(0) if selection_bias is not None else 0,
-            keep_top_k or 0, keep_share or 0.0, *cost_args)
+            keep_top_k, keep_share, packed, packed.stride(0), hardware_state, bias_offsets, extra_cost, *constants)
     meta = dict(TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k),
                 BINS=triton.next_power_of_2(E + 1), HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize,
-                KEEP_BY_SHARE=keep_share is not None, FILL_BY_COST=fill == "cost", num_warps=num_warps, **cost_flags)
+                KEEP_BY_SHARE=keep_by_share, FILL_BY_COST=fill_by_cost, num_warps=num_warps, N_TABLE=n_table,
+                N_CLOCK=n_clock, N_PRESSURE=n_pressure, HAS_EXTRA=has_extra)
     if fused:
         _policy_routing_kernel[(1,)](*args, **meta, PASS=0)
     else:
         grid = (triton.cdiv(T, block_t),)
         _policy_routing_kernel[grid](*args, **meta, PASS=1)
         _policy_routing_kernel[grid](*args, **meta, PASS=2)
-    return PolicyRouting(weights, ids, plain, kept, fill_bias, nan_tokens)
+    return weights, ids, plain, kept, fill_bias, nan_tokens
+
+
+def _policy_fake(router_logits, top_k, *rest):
+    T, E = router_logits.shape
+    new = router_logits.new_empty
+    return (new((T, top_k), dtype=torch.float32), new((T, top_k), dtype=torch.int32),
+            new((T, top_k), dtype=torch.int32), new((T,), dtype=torch.int32), new((E,), dtype=torch.float32),
+            new((1,), dtype=torch.int32))
+
+
+_policy_routing_op = kernel_op(
+    "policy_routing",
+    "(Tensor router_logits, int top_k, int keep_top_k, float keep_share, bool keep_by_share, Tensor? selection_bias, "
+    "bool renormalize, bool fill_by_cost, Tensor packed, Tensor hardware_state, Tensor bias_offsets, "
+    "Tensor extra_cost, float[] constants, int n_table, int n_clock, int n_pressure, bool has_extra) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _launch_policy, fake=_policy_fake)
 
 
 def _check_logits(router_logits):
@@ -277,11 +308,10 @@ def _check_keep(keep_top_k, keep_share, top_k):
 
 
 def _cost_arguments(cost, num_experts, router_logits):
-    """The kernel's cost-table arguments and flags (stand-ins the kernel never reads for OEA)."""
+    """The kernel's cost-table tensors (packed curves, state, offsets, extra cost), float constants
+    and (N_TABLE, N_CLOCK, N_PRESSURE, HAS_EXTRA); stand-ins the kernel never reads for OEA."""
     if cost is None:
-        stand_in = router_logits
-        return (stand_in, 0, stand_in, stand_in, stand_in) + (0.0,) * 12, \
-            {"N_TABLE": 2, "N_CLOCK": 1, "N_PRESSURE": 2, "HAS_EXTRA": False}
+        return (router_logits,) * 4, [0.0] * 12, (2, 1, 2, False)
     if not isinstance(cost, FillCost):
         raise TypeError(f"cost must be a FillCost, got {type(cost).__name__}")
     unknown = set(cost.knobs) - set(COST_KNOBS)
@@ -295,10 +325,9 @@ def _cost_arguments(cost, num_experts, router_logits):
         raise ValueError(f"cost.bias_offsets has {cost.bias_offsets.shape[0]} experts; router_logits scores "
                          f"{num_experts}")
     curves = cost.curves
-    return (curves.packed, curves.packed.stride(0), cost.hardware_state, cost.bias_offsets, extra,
-            *_constants(curves, **knobs)), \
-        {"N_TABLE": curves.n_table, "N_CLOCK": curves.n_clock, "N_PRESSURE": curves.n_pressure,
-         "HAS_EXTRA": extra_cost is not None}
+    constants = [float(c) for c in _constants(curves, **knobs)]
+    return ((curves.packed, cost.hardware_state, cost.bias_offsets, extra), constants,
+            (curves.n_table, curves.n_clock, curves.n_pressure, extra_cost is not None))
 
 
 def policy_routing_reference(router_logits, top_k, *, fill, keep_top_k=None, keep_share=None, selection_bias=None,

@@ -35,7 +35,13 @@ def op_cases():
         ("flash_attention", (q, k, v, True, 32 ** -0.5)),
         ("route", (randn(T, E, dtype=DTYPE), K, None, True)),
         ("route", (randn(T, E, dtype=DTYPE), K, torch.rand(E, device=DEVICE) * 0.1, False)),
+        ("policy_routing", policy_args(randn(T, E, dtype=DTYPE), K)),
     ]
+
+
+def policy_args(logits, top_k):
+    """The flattened op arguments of OEA's fill (keep 1; the cost tensors are stand-ins it never reads)."""
+    return (logits, top_k, 1, 0.0, False, None, True, False, *(logits,) * 4, [0.0] * 12, 2, 1, 2, False)
 
 
 @pytest.mark.parametrize("name, args", op_cases(), ids=lambda v: v if isinstance(v, str) else "")
@@ -80,3 +86,25 @@ def test_a_patched_hf_model_compiles_with_fullgraph():
         eager = model(input_ids).logits
         compiled = torch.compile(model, fullgraph=True, backend=BACKEND)(input_ids).logits
     assert_matches(compiled, eager, torch.float32)
+
+
+@pytest.mark.parametrize("keep", [dict(keep_top_k=1), dict(keep_share=0.5)])
+def test_fused_moe_with_the_frozen_energy_aware_router_compiles_with_fullgraph(tmp_path, keep):
+    """The deployed router (frozen, statistics off): its policy launch is the energy_moe::policy_routing op."""
+    from calibration.results import write_json_atomic
+    from costmodel.kernel_cost_model import KernelCostModel
+    from router import EnergyAwareTTTRouter
+    from tests.test_router import E, H, I, K, decode_table
+    write_json_atomic(tmp_path / "TESTGPU.json", decode_table())
+    model = KernelCostModel("TESTGPU", table=tmp_path / "TESTGPU.json")
+    torch._dynamo.reset()
+    plain = kernels.TopKRouter(randn(E, H, dtype=DTYPE), K)
+    router = EnergyAwareTTTRouter.from_router(plain, model, objective_weights={"energy": 1.0, "quality": 1.0},
+                                              adapt=False, track_stats=False, **keep)
+    layer = kernels.FusedMoE(router, randn(E, 2 * I, H, dtype=DTYPE, scale=H ** -0.5),
+                             randn(E, H, I, dtype=DTYPE, scale=I ** -0.5))
+    x = randn(3, 5, H, dtype=DTYPE)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)(x)
+    assert_matches(compiled, eager, DTYPE)
