@@ -17,12 +17,21 @@ class _KernelForwardReferenceBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
-        wanted = [t for t in inputs if t.requires_grad]
-        with torch.enable_grad():
-            out = ctx.reference_fn(*inputs)
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (None, None, *(next(grads) if t.requires_grad else None for t in inputs))
+        return (None, None, *reference_gradients(ctx.reference_fn, ctx.saved_tensors, ctx.needs_input_grad[2:],
+                                                 grad_out))
+
+
+def reference_gradients(reference_fn, inputs, needs_grad, grad_out):
+    """The gradients of ``reference_fn(*inputs)`` against ``grad_out`` for each tensor input whose
+    ``needs_grad`` is set (None for the others and for non-tensor inputs): the backward of every
+    kernel op here and in ``kernels._library``."""
+    args = [value.detach().requires_grad_(bool(need)) if isinstance(value, torch.Tensor) else value
+            for value, need in zip(inputs, needs_grad)]
+    wanted = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    with torch.enable_grad():
+        out = reference_fn(*args)
+    grads = iter(torch.autograd.grad(out, wanted, grad_out))
+    return tuple(next(grads) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
 
 
 def apply_with_reference_grad(kernel_fn, reference_fn, *inputs):

@@ -8,6 +8,8 @@ their arguments and then call it.
 """
 import torch
 
+from kernels._autograd import reference_gradients
+
 NAMESPACE = "energy_moe"
 
 
@@ -29,12 +31,8 @@ def _save_inputs(ctx, inputs, output):
 
 def _reference_backward(reference):
     def backward(ctx, grad_out):
-        args = list(ctx.constants)
+        inputs = list(ctx.constants)
         for i, saved in zip(ctx.tensor_at, ctx.saved_tensors):
-            args[i] = saved.detach().requires_grad_(bool(ctx.needs_input_grad[i]))
-        wanted = [args[i] for i in ctx.tensor_at if args[i].requires_grad]
-        with torch.enable_grad():
-            out = reference(*args)
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return tuple(next(grads) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
+            inputs[i] = saved
+        return reference_gradients(reference, inputs, ctx.needs_input_grad, grad_out)
     return backward
