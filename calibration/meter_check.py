@@ -26,7 +26,7 @@ import time
 
 from calibration._validate import check_meter
 from calibration.energy import _counter_energy_j, check_idle_power_w, check_window_s, wait_for_counter_update
-from costmodel._validate import count, finite_number
+from costmodel._validate import count
 
 METHODS = ("ours", "zeus", "zeus_aligned", "power_integral")
 AGREEMENT = 0.01  # the issue's bound on |ours / zeus - 1|
@@ -93,7 +93,7 @@ def check_workload(meter, zeus, gpu_index, run_for, idle_power_w, window_s=3.0, 
     """``trials`` (>= 1) windows of one workload: each method's J per window, and the medians of
     every method's ratio to ``ours``."""
     count("trials", trials)
-    finite_number("window_s", window_s, low=1.0)
+    check_window_s(window_s)
     rng = random.Random(seed)
     windows = [check_window(meter, zeus, gpu_index, run_for, window_s, idle_power_w, rng) for _ in range(trials)]
     return {"windows": windows, "power_w": statistics.median(w["ours"] / w["work_s"] for w in windows),
