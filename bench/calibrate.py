@@ -1,7 +1,8 @@
 """``python -m bench.calibrate --gpu H100``: measure every op's energy and latency on this GPU.
 
 Sweeps each op the cost model knows (``costmodel.ops.OPS``, run on our kernels in bf16) over
-log-spaced batch sizes; each point is CUDA-graph replays in energy windows of at least 1 s on the
+log-spaced batch sizes at the table's dims, then over a few at larger dims (``--shapes``), so the
+cost model's tile fit can carry the table to any shape; each point is CUDA-graph replays in energy windows of at least 1 s on the
 NVML counter (``calibration.energy``), with CUDA-event latency. It also measures idle power, the
 matmul and copy ceilings, and fits the first-order thermal model to the timeline the sweep itself
 heated, and each op's memory-pressure curve (its latency stretch beside a background stream that
@@ -30,7 +31,7 @@ import torch
 
 from bench._cli import check_gpu, checked_float, checked_output_file, comma_list, positive_int, window_s
 from calibration.nvml_meter import GpuMeter
-from calibration.sweep import SweepSettings, new_state, partial_path, rejected_path, run_sweep, sweep_settings
+from calibration.sweep import SHAPE_SWEEP, SweepSettings, new_state, partial_path, rejected_path, run_sweep, sweep_settings
 from costmodel.ops import OPS, ModelDims
 from costmodel.table import table_names, user_table_dir
 
@@ -53,6 +54,9 @@ def parse_args(argv):
     parser.add_argument("--output", default=None, help="default: <gpu>.json in $ENERGY_MOE_TABLES, else "
                                                        "~/.cache/energy-moe/tables")
     parser.add_argument("--trace", default=None, help="also write the sweep's NVML timeline here (for replays)")
+    parser.add_argument("--shapes", choices=("default", "none"), default="default",
+                        help="also time the ops at calibration.sweep.SHAPE_SWEEP's larger dims (energy at their "
+                             "end batch sizes), which carry the cost model to any shape; 'none': the table's dims only")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted sweep of <output>.partial.json (same settings)")
     args = parser.parse_args(argv)
@@ -70,7 +74,7 @@ def parse_args(argv):
     if args.trace:
         args.trace = checked_output_file(parser, args.trace, "--trace")
     args.settings = SweepSettings(args.gpu, args.dims, tuple(args.ops), args.output, args.window_s, args.trials,
-                                  tuple(args.pressure_shares), args.trace)
+                                  tuple(args.pressure_shares), args.trace, SHAPE_SWEEP if args.shapes == "default" else ())
     args.state = resumed_state(parser, args.settings) if args.resume else new_state(args.settings)
     return parser, args
 

@@ -1,8 +1,13 @@
 """The calibration sweep: every op's measured energy and latency on this GPU, as a cost table.
 
 ``run_sweep`` measures each op of ``SweepSettings.ops`` (``costmodel.ops.OPS``, on our kernels in
-bf16) over log-spaced batch sizes: each point is CUDA-graph replays in energy windows of at least
-1 s on the NVML counter (``calibration.energy``), with CUDA-event latency. It also measures idle
+bf16) over log-spaced batch sizes at the table's dims: each point is CUDA-graph replays in energy
+windows of at least 1 s on the NVML counter (``calibration.energy``), with CUDA-event latency.
+Then the same ops at ``SweepSettings.shapes`` (``SHAPE_SWEEP``: larger dims, where weights
+stream from HBM and K loops are long): latency at ``SHAPE_TOKEN_BATCHES`` /
+``SHAPE_SEQUENCE_BATCHES``, energy (one window) at the smallest and largest of them, which the
+cost model's tile fit (``costmodel.fit``) needs to carry costs to shapes nobody measured. The
+table records the block configs the kernels read and the card's SM count and L2 size. It also measures idle
 power and the matmul and copy ceilings, fits the first-order thermal model to the timeline the
 sweep itself heated, and measures each op's memory-pressure curve (``calibration.pressure``).
 Every point goes to ``<output>.partial.json`` as it is measured, so an interrupted sweep can
@@ -31,6 +36,13 @@ from costmodel.table import check_table, load_table
 
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 SEQUENCE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+SHAPE_TOKEN_BATCHES = (1, 16, 256, 4096)
+SHAPE_SEQUENCE_BATCHES = (1, 4, 16)
+SHAPE_SWEEP = (  # beyond the harness's dims: an L2-sized model, a fine-grained MoE, a Mixtral-sized expert
+    ModelDims(d_model=1024, d_ff=4096, n_heads=8, seq_len=1024, num_experts=8, top_k=2, vocab_size=32000),
+    ModelDims(d_model=2048, d_ff=768, n_heads=16, seq_len=2048, num_experts=64, top_k=8, vocab_size=32000),
+    ModelDims(d_model=4096, d_ff=14336, n_heads=32, seq_len=1024, num_experts=8, top_k=2, vocab_size=32000),
+)
 PRESSURE_BATCH = {"tokens": 64, "sequences": 4}  # where each op's memory-pressure curve is measured
 MIN_THERMAL_SAMPLES = 30  # 3 s of the 10 Hz timeline: fewer cannot fit the thermal model
 
@@ -147,13 +159,32 @@ def thermal_section(samples, thresholds):
 
 
 def sweep_point(op, batch_size, dims, meter, idle_power_w, window_s, trials, pressure=None):
-    """One table point; with ``pressure`` (hogs, background utilisation) also the op's pressure curve."""
+    """One table point; with ``pressure`` (hogs, background utilisation) also the op's pressure
+    curve; ``trials=0`` times the point without metering it (``energy_j`` None)."""
     runner = GraphRunner(op_callable(op, batch_size, dims))
-    energy = measure_energy(meter, runner.run_for, idle_power_w, window_s=window_s, trials=trials)
+    energy = (measure_energy(meter, runner.run_for, idle_power_w, window_s=window_s, trials=trials) if trials
+              else {"energy_j": None})
     flops, nbytes = work(op, batch_size, dims)
     point = {"batch_size": batch_size, "latency_ms": runner.latency_ms, "flops": flops, "bytes": nbytes,
              "memory_gb": nbytes / 1e9} | energy
     return point, measure_pressure_curve(meter, runner, *pressure) if pressure else None
+
+
+def sweep_plan(settings):
+    """[(op, dims, batch_size, energy trials)]: the table's dims at every batch size (``trials``
+    windows each), then each of ``settings.shapes`` at its batch sizes (one window at the
+    smallest and largest, latency alone between)."""
+    plan = [(op, settings.dims, b, settings.trials) for op in settings.ops
+            for b in (SEQUENCE_BATCHES if op in SEQUENCE_OPS else TOKEN_BATCHES)]
+    for dims in settings.shapes:
+        for op in settings.ops:
+            batches = SHAPE_SEQUENCE_BATCHES if op in SEQUENCE_OPS else SHAPE_TOKEN_BATCHES
+            plan += [(op, dims, b, 1 if b in (batches[0], batches[-1]) else 0) for b in batches]
+    return plan
+
+
+def _point_key(op, dims, batch_size, table_dims):
+    return op, None if dims == table_dims else tuple(sorted(asdict(dims).items())), batch_size
 
 
 def progress(n, total, label, elapsed_s, stream=sys.stderr, skipped=0):
@@ -190,7 +221,8 @@ def partial_path(output):
 def sweep_settings(args):
     """What must match for ``--resume`` to add points to an earlier sweep (JSON-plain)."""
     return {"gpu": args.gpu, "dims": asdict(args.dims), "ops": list(args.ops), "window_s": args.window_s,
-            "trials": args.trials, "pressure_shares": list(args.pressure_shares)}
+            "trials": args.trials, "pressure_shares": list(args.pressure_shares),
+            "shapes": [asdict(dims) for dims in args.shapes]}
 
 
 def new_state(args):
@@ -224,24 +256,29 @@ def sweep(args, meter, state, save):
         save(state)
     background = background_of(state)
     idle_power_w = state["constants"]["idle_power_w"]
-    plan = [(op, b) for op in args.ops for b in (SEQUENCE_BATCHES if op in SEQUENCE_OPS else TOKEN_BATCHES)]
-    done = {(op, p["batch_size"]) for op, points in state["points"].items() for p in points}
+    plan = sweep_plan(args)
+    done = {_point_key(op, ModelDims(**p.get("dims", asdict(args.dims))), p["batch_size"], args.dims)
+            for op, points in state["points"].items() for p in points}
     started, skipped = time.monotonic(), 0
     with BackgroundSampler(meter, interval_s=0.1) as sampler:
-        for n, (op, batch_size) in enumerate(plan, 1):
-            if (op, batch_size) in done:
+        for n, (op, dims, batch_size, trials) in enumerate(plan, 1):
+            if _point_key(op, dims, batch_size, args.dims) in done:
                 skipped += 1
                 continue
             point_started = time.monotonic()
-            at_pressure_batch = batch_size == PRESSURE_BATCH["sequences" if op in SEQUENCE_OPS else "tokens"]
-            point, curve = sweep_point(op, batch_size, args.dims, meter, idle_power_w, args.window_s, args.trials,
+            at_pressure_batch = dims == args.dims and batch_size == PRESSURE_BATCH[
+                "sequences" if op in SEQUENCE_OPS else "tokens"]
+            point, curve = sweep_point(op, batch_size, dims, meter, idle_power_w, args.window_s, trials,
                                        (hogs, background) if hogs and at_pressure_batch else None)
+            if dims != args.dims:
+                point = {"dims": asdict(dims)} | point
             state["points"][op].append(point)
             if curve:
                 state["pressure_curves"][op] = [batch_size, curve]
             state["measured_s"] += time.monotonic() - point_started
             save(state)
-            progress(n, len(plan), f"{op} batch {batch_size}", time.monotonic() - started, skipped=skipped)
+            label = f"{op} batch {batch_size}" + ("" if dims == args.dims else f" at d_model {dims.d_model}")
+            progress(n, len(plan), label, time.monotonic() - started, skipped=skipped)
     return sampler
 
 
@@ -251,22 +288,39 @@ def background_of(state):
 
 
 def measure_constants(meter):
-    """Idle and gap power and the matmul and copy ceilings, after the card settles."""
+    """Idle and gap power and the matmul and copy ceilings. Idle power is measured twice: settled
+    (``idle_power_cold_w``), and right after the ceilings' load, the state the card stays in for
+    minutes after work (an H200: 80 W cold, 123-127 W after load). The sweep's windows subtract
+    their idle tails at the after-load figure, ``idle_power_w``, since that is the state their
+    tails are in: charged at the cold figure, every window over-counted its tail."""
     time.sleep(3.0)  # let the card settle from whatever ran before
-    idle_power_w = measure_idle_power_w(meter)  # with this process's CUDA context held, as users run
+    idle_power_cold_w = measure_idle_power_w(meter)  # with this process's CUDA context held, as users run
     peak_flops, copy_bytes_per_s = measure_ceilings()
-    return {"idle_power_w": idle_power_w, "gap_power_w": measure_gap_power_w(meter, idle_power_w),
+    idle_power_w = measure_idle_power_w(meter)
+    return {"idle_power_w": idle_power_w, "idle_power_cold_w": idle_power_cold_w,
+            "gap_power_w": measure_gap_power_w(meter, idle_power_w),
             "peak_flops": peak_flops, "hbm_bytes_per_s": copy_bytes_per_s}
 
 
+def device_facts():
+    """What the cost model's tile fit needs of this card and build: SM count, L2 bytes, and the
+    block configs our kernels read here (``kernels.config_entries``); without CUDA, why not."""
+    if not torch.cuda.is_available():
+        return {"device_facts_missing_reason": "no CUDA device when the table was built"}
+    from kernels import config_entries
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"sm_count": props.multi_processor_count, "l2_cache_bytes": props.L2_cache_size,
+            "kernel_configs": config_entries("cuda")}
+
+
 def build_table(args, state, meter, detected, sampler, duration_s):
-    points = {op: sorted(pts, key=lambda p: p["batch_size"]) for op, pts in state["points"].items()}
+    points = {op: sorted(pts, key=lambda p: (bool(p.get("dims")), p["batch_size"])) for op, pts in state["points"].items()}
     curves = {op: tuple(entry) for op, entry in state["pressure_curves"].items()}
     background = background_of(state)
     table = {
         "schema": 1, "gpu": args.gpu, "source": "measured", "gpu_name": detected,
         "provenance": provenance() | {"driver": meter.driver_version(), "gpu_uuid": meter.uuid()},
-        "dims": asdict(args.dims), **state["constants"],
+        "dims": asdict(args.dims), **state["constants"], **device_facts(),
         "method": {"window_s": args.window_s, "trials": args.trials, "dtype": "bfloat16",
                    "energy": "NVML total-energy counter, edge-aligned windows of CUDA-graph replays"},
         "thermal": None,
@@ -302,6 +356,7 @@ class SweepSettings:
     trials: int = 2
     pressure_shares: tuple = (0.5, 0.9)
     trace: Path = None
+    shapes: tuple = SHAPE_SWEEP  # extra dims measured for the tile fit (module docstring); () for none
 
 
 def detected_gpu(meter, requested):
@@ -338,7 +393,7 @@ def run_sweep(settings, state, meter, detected):
 def calibrate_ops(gpu, ops, dims, output):
     """A fresh table of ``ops`` at ``dims`` on this GPU at ``output`` (the default settings): the table."""
     meter = GpuMeter(torch.cuda.current_device())
-    settings = SweepSettings(gpu, dims, tuple(ops), Path(output))
+    settings = SweepSettings(gpu, dims, tuple(ops), Path(output), shapes=())
     table, rejected = run_sweep(settings, new_state(settings), meter, detected_gpu(meter, gpu))
     if rejected:
         raise RuntimeError(f"the measured table fails its check ({rejected}); "

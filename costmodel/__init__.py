@@ -5,7 +5,8 @@ that ``python -m bench.calibrate`` measures, with a host API for reports and a d
 form that the router reads in its hot path without syncing the host.
 """
 
-from costmodel.kernel_cost_model import DeviceCostTable, KernelCostModel  # noqa: E402
+from costmodel.device import DeviceCostTable  # noqa: E402
+from costmodel.kernel_cost_model import KernelCostModel  # noqa: E402
 from costmodel.ops import OPS, ModelDims  # noqa: E402
 
 __all__ = ["DeviceCostTable", "KernelCostModel", "ModelDims", "OPS"]

@@ -1,89 +1,55 @@
-"""``KernelCostModel``: predicted energy and latency of each op, read from a per-GPU table.
+"""``KernelCostModel``: predicted energy and latency of each op at any shape, from a per-GPU table.
 
 Tables are looked up by GPU name in the user's table folder (where ``python -m bench.calibrate``
 writes: ``$ENERGY_MOE_TABLES``, else ``~/.cache/energy-moe/tables``), then among the packaged
 ``calibration/tables/<gpu>.json``: measured ones and analytic priors (``"source": "prior"``).
-Between measured batch sizes the model interpolates in log-log space; outside them it
-extrapolates the nearest segment and says so. Every figure it returns is a prediction, and ``source`` says what it rests on.
+A tile model of our kernels, fitted to the table's points, carries the costs to any dims and
+batch size; at a shape the table measured the costs pass through its points
+(``costmodel.curves``). Every figure it returns is a prediction, and ``source`` says what it
+rests on: measured (a table point), interpolated or extrapolated (a measured shape, between or
+beyond its batch sizes), modelled (a shape the table never measured) or prior.
 
 A table's optional ``collectives`` section holds measured collective curves, written by
 ``torchrun --nproc_per_node N -m bench.calibrate_comm``: ``collectives[op][str(world_size)]`` is
 ``{"points": [{"bytes_per_rank", "latency_ms", "energy_j", ...}], "source": "measured", ...}``,
 energy summed over the participating GPUs. ``get_comm_cost`` and ``comm_cost_per_byte`` read it.
 """
-import bisect
 import math
 import os
 import re
 import warnings
 
+from dataclasses import asdict, fields
+
 from costmodel._validate import ABSOLUTE_ZERO_C, count, finite_number, real
+from costmodel.comm import comm_curves, interpolate_comm, piecewise_linear, secant_slope
+from costmodel.curves import ShapeModel
 from costmodel.ops import COMM_OPS, ModelDims, check_op, work
 from costmodel.table import TABLE_DIR, load_table
 
 PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stretch's knots on a device
 
-__all__ = ["DeviceCostTable", "KernelCostModel", "TABLE_DIR", "lerp_segments", "load_table"]
+__all__ = ["KernelCostModel", "TABLE_DIR", "checked_dims", "load_table"]
 
 DEFAULT_GPU = "H100"  # the seed API's KernelCostModel()
 _NOT_GIVEN = object()
 
 
-def _piecewise_linear(points, x):
-    """y at ``x`` on the polyline through sorted (x, y) ``points``, extending its end segments."""
-    i = min(max(next((n for n, (px, _) in enumerate(points) if px > x), len(points)) - 1, 0), len(points) - 2)
-    (x0, y0), (x1, y1) = points[i], points[i + 1]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-
-
-def _interpolate(points, batch_size, key, x_key="batch_size"):
-    """Log-log interpolation of ``key`` over points sorted by ``x_key``; (value, where)."""
-    xs = [p[x_key] for p in points]
-    if batch_size in xs:
-        return points[xs.index(batch_size)][key], "measured"
-    if len(points) == 1:
-        return points[0][key] * batch_size / xs[0], "extrapolated"  # linear in batch: the only honest slope
-    i = min(max(next((n for n, x in enumerate(xs) if x > batch_size), len(xs)) - 1, 0), len(xs) - 2)
-    x0, x1, y0, y1 = xs[i], xs[i + 1], points[i][key], points[i + 1][key]
-    slope = (math.log(y1) - math.log(y0)) / (math.log(x1) - math.log(x0))
-    value = math.exp(math.log(y0) + slope * (math.log(batch_size) - math.log(x0)))
-    return value, "interpolated" if xs[0] < batch_size < xs[-1] else "extrapolated"
-
-
-def _interpolate_comm(points, bytes_per_rank, key):
-    """``key`` of a collective at ``bytes_per_rank``; (value, where). Log-log between measured sizes;
-    beyond them the end segment goes on linearly in bytes (latency + bytes / bandwidth), and below
-    the smallest size no cheaper per byte than it (a fixed start-up cost only grows the share)."""
-    xs = [p["bytes_per_rank"] for p in points]
-    if len(points) == 1 or xs[0] <= bytes_per_rank <= xs[-1]:
-        return _interpolate(points, bytes_per_rank, key, x_key="bytes_per_rank")
-    value = _piecewise_linear([(x, p[key]) for x, p in zip(xs, points)], bytes_per_rank)
-    if bytes_per_rank < xs[0]:
-        value = max(value, points[0][key] * bytes_per_rank / xs[0])
-    return value, "extrapolated"
-
-
-def _secant_slope(points, bytes_per_rank, key):
-    """d``key``/dbyte around ``bytes_per_rank``: the secant of the measured segment it lies in (at
-    an inner measured size, of its two neighbours; beyond the range, of the end segment), >= 0."""
-    xs = [p["bytes_per_rank"] for p in points]
-    if len(points) == 1:
-        return points[0][key] / xs[0]
-    hi = min(max(bisect.bisect_right(xs, bytes_per_rank), 1), len(xs) - 1)
-    lo = hi - 1
-    if lo > 0 and xs[lo] == bytes_per_rank:
-        lo -= 1
-    slope = (points[hi][key] - points[lo][key]) / (xs[hi] - xs[lo])
-    return max(slope, 0.0)  # timing noise can make a segment fall; more bytes never cost less
-
-
-def _comm_curves(table):
-    """{(op, world_size): curve with its points sorted by size} from a table's collectives section."""
-    curves = {}
-    for op, by_world_size in (table.get("collectives") or {}).items():
-        for world_size, curve in by_world_size.items():
-            curves[op, int(world_size)] = curve | {"points": sorted(curve["points"], key=lambda p: p["bytes_per_rank"])}
-    return curves
+def checked_dims(dims, default=None):
+    """``dims`` as a ``ModelDims`` (from a ``ModelDims`` or a dict of its fields); None: ``default``."""
+    if dims is None:
+        return default
+    if isinstance(dims, ModelDims):
+        return dims
+    if not isinstance(dims, dict):
+        raise TypeError(f"dims must be a ModelDims or a dict of its fields, got {type(dims).__name__}")
+    unknown = sorted(set(dims) - {f.name for f in fields(ModelDims)})
+    if unknown:
+        raise ValueError(f"dims has unknown fields {unknown}; ModelDims has {[f.name for f in fields(ModelDims)]}")
+    try:
+        return ModelDims(**dims)
+    except ValueError as exc:
+        raise ValueError(f"dims: {exc}") from exc
 
 
 class KernelCostModel:
@@ -94,9 +60,11 @@ class KernelCostModel:
             packaged one; ``costmodel.table.find_table``). Default: ``"H100"``, or with ``table``,
             whatever GPU the table is for.
         table: a path to a table instead (its ``gpu`` field must match ``gpu_type`` when both are given).
+        dims: the ``ModelDims`` (or a dict of its fields) that calls without their own ``dims``
+            cost; default: the table's. ``with_dims`` makes a copy at other dims.
     """
 
-    def __init__(self, gpu_type=_NOT_GIVEN, table=None):
+    def __init__(self, gpu_type=_NOT_GIVEN, table=None, dims=None):
         if gpu_type is _NOT_GIVEN:
             gpu_type = None if table is not None else DEFAULT_GPU
         if gpu_type is None and table is None:
@@ -113,18 +81,33 @@ class KernelCostModel:
             raise ValueError(f"cost table {table} is for GPU {self.table.get('gpu')!r}, not {gpu_type!r}")
         self.gpu_type = self.table["gpu"]
         self.is_prior = self.table["source"] == "prior"
-        self.dims = ModelDims(**self.table["dims"])
-        self._points = {op: sorted(e["points"], key=lambda p: p["batch_size"]) for op, e in self.table["ops"].items()}
-        self._comm = _comm_curves(self.table)
+        self.table_dims = ModelDims(**self.table["dims"])
+        self.dims = checked_dims(dims, self.table_dims)
+        self.shapes = ShapeModel(self.table)
+        self._comm = comm_curves(self.table)
+
+    def with_dims(self, dims=None, **changes):
+        """This model (same table and fit) costing ``dims`` by default, or its dims with ``changes``
+        (e.g. ``with_dims(d_model=4096, d_ff=14336)``)."""
+        dims = checked_dims(dims, self.dims)
+        if changes:
+            dims = checked_dims(asdict(dims) | changes)
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__, dims=dims)
+        return copy
 
     @property
     def ops(self):
-        return tuple(self._points)
+        return tuple(self.table["ops"])
+
+    def is_measured_shape(self, op, dims=None):
+        """Did the table measure ``op`` at ``dims`` (default: this model's)?"""
+        return bool(self.shapes.curve(op, checked_dims(dims, self.dims)).measured_batches)
 
     def _check(self, op, batch_size, current_temp, memory_pressure):
         """The arguments as Python floats (numpy scalars in, plain numbers out), or an error naming one."""
         check_op(op)
-        if op not in self._points:
+        if op not in self.table["ops"]:
             raise ValueError(f"op {op!r} is not in the {self.gpu_type} table ({self.path})")
         batch_size = finite_number("batch_size", batch_size, low=0.0, low_open=True)
         if current_temp is not None:
@@ -148,12 +131,9 @@ class KernelCostModel:
                              f"threshold ({shutdown_c} °C), where the card powers off")
         return temp_c
 
-    def _base(self, op, batch_size):
-        points = self._points[op]
-        latency_ms, where = _interpolate(points, batch_size, "latency_ms")
-        energy_j, _ = _interpolate(points, batch_size, "energy_j")
-        memory_gb, _ = _interpolate(points, batch_size, "memory_gb")
-        return latency_ms, energy_j, memory_gb, "prior" if self.is_prior else where
+    def _base(self, op, batch_size, dims):
+        curve = self.shapes.curve(op, dims)
+        return (*curve.at(batch_size), "prior" if self.is_prior else _where(curve.measured_batches, batch_size))
 
     def pressure_curve(self, op):
         """The measured (background utilisation, latency stretch) points of ``op``, or None. A stretch
@@ -166,25 +146,24 @@ class KernelCostModel:
                         if p["background_util"] is not None)
         return points if len(points) >= 2 else None
 
-    def device_curves(self, op):
-        """``op``'s curves as plain numbers: what every device path (``DeviceCostTable``, the router's
-        bias kernels through ``kernels.cost_bias.cost_curves``) interpolates, read from the table once.
+    def device_curves(self, op, dims=None):
+        """``op``'s curves at ``dims`` (default: this model's) as plain numbers: what every device
+        path (``DeviceCostTable``, the router's bias kernels through ``kernels.cost_bias.cost_curves``)
+        interpolates, the same knots ``get_cost`` interpolates.
 
-        Returns a dict: ``batch_size``, ``energy_j``, ``latency_ms`` (the measured points, by batch
-        size); ``clock`` [(temp_c, sm_clock_mhz)] (the calibrated SM clock against temperature, or
+        Returns a dict: ``batch_size``, ``energy_j``, ``latency_ms`` (the curve's knots,
+        ``costmodel.curves``); ``clock`` [(temp_c, sm_clock_mhz)] (the calibrated SM clock against temperature, or
         [(25.0, 1.0)] without one: no stretch); ``pressure`` [(NVML memory utilisation, latency
         stretch)]: the measured curve, or the roofline stretch of one token on ``PRESSURE_GRID``;
         ``idle_power_w``; ``fixed_energy_j``, ``fixed_latency_ms`` (one token, unstretched);
         ``slowdown_temp_c`` (None where unknown)."""
         self._check(op, 1, None, None)  # ValueError naming an op the table lacks
-        points = self._points[op]
-        if len(points) < 2:
-            raise ValueError(f"op {op!r} needs at least 2 points in the {self.gpu_type} table "
-                             "for device interpolation")
+        dims = checked_dims(dims, self.dims)
+        curve = self.shapes.curve(op, dims)
         clock = self.clock_curve() or [(25.0, 1.0)]
-        pressure = self.pressure_curve(op) or [(u, self._pressure_factor(op, 1, u)[0]) for u in PRESSURE_GRID]
-        fixed = self.get_cost(op, 1)
-        return {**{k: [p[k] for p in points] for k in ("batch_size", "energy_j", "latency_ms")},
+        pressure = self.pressure_curve(op) or [(u, self._pressure_factor(op, 1, u, dims)[0]) for u in PRESSURE_GRID]
+        fixed = self.get_cost(op, 1, dims=dims)
+        return {**{k: list(getattr(curve, k)) for k in ("batch_size", "energy_j", "latency_ms")},
                 "clock": clock, "pressure": pressure, "idle_power_w": self.table["idle_power_w"],
                 "fixed_energy_j": fixed["energy_joules"], "fixed_latency_ms": fixed["latency_ms"],
                 "slowdown_temp_c": (self.table.get("thermal") or {}).get("slowdown_temp_c")}
@@ -194,7 +173,7 @@ class KernelCostModel:
         curve = (self.table.get("thermal") or {}).get("clock_vs_temp")
         return [(p["temp_c"], p["sm_clock_mhz"]) for p in curve] if curve else None
 
-    def _pressure_factor(self, op, batch_size, memory_pressure):
+    def _pressure_factor(self, op, batch_size, memory_pressure, dims):
         """(latency stretch, extrapolated?) when other work holds ``memory_pressure`` of HBM
         bandwidth (NVML memory utilisation, 0..1). Measured tables interpolate the op's stretch
         curve linearly (beyond the highest measured pressure: its last segment, extrapolated);
@@ -203,8 +182,8 @@ class KernelCostModel:
             return 1.0, False
         curve = self.pressure_curve(op)
         if curve is not None:
-            return max(_piecewise_linear(curve, memory_pressure), 1.0), memory_pressure > curve[-1][0]
-        compute_s, memory_s = self._roofline_s(op, batch_size)
+            return max(piecewise_linear(curve, memory_pressure), 1.0), memory_pressure > curve[-1][0]
+        compute_s, memory_s = self._roofline_s(op, batch_size, dims)
         if memory_pressure >= 1.0:
             raise ValueError(f"memory_pressure 1.0 leaves {op} no HBM bandwidth in the roofline model (the {self.gpu_type} "
                              "table has no measured pressure curve for it): the predicted time would be infinite")
@@ -232,8 +211,8 @@ class KernelCostModel:
                        "slowdown there was never measured and is not modelled")
         return fastest / clocks[-1], True, warning  # held at the hottest measured clock
 
-    def _roofline_s(self, op, batch_size):
-        flops, nbytes = work(op, batch_size, self.dims)
+    def _roofline_s(self, op, batch_size, dims):
+        flops, nbytes = work(op, batch_size, dims)
         return flops / self.table["peak_flops"], nbytes / self.table["hbm_bytes_per_s"]
 
     def _temp_impact_c(self, power_w, latency_ms, current_temp):
@@ -245,21 +224,23 @@ class KernelCostModel:
             if current_temp is None else current_temp
         return (steady - start) * (1.0 - math.exp(-latency_ms * 1e-3 / thermal["time_constant_s"]))
 
-    def get_cost(self, op, batch_size, current_temp=None, memory_pressure=None):
+    def get_cost(self, op, batch_size, current_temp=None, memory_pressure=None, dims=None):
         """Predicted cost of one call of ``op`` at ``batch_size`` (tokens; sequences for attention ops;
-        any positive number: a fractional one is a mean load, as the router uses; beyond the measured
-        sizes the end segment extends, labelled "extrapolated").
+        any positive number: a fractional one is a mean load, as the router uses) and ``dims`` (a
+        ``ModelDims`` or a dict of its fields; default: this model's).
 
         Returns a dict: ``energy_joules``, ``latency_ms``, ``power_w``, ``temp_impact`` (°C the call
         raises the card from ``current_temp``; None without a thermal model), ``memory_gb``,
-        ``source`` (measured / interpolated / extrapolated / prior) and ``prediction: True``.
+        ``source`` (measured / interpolated / extrapolated / modelled / prior), ``dims`` and
+        ``prediction: True``.
         A hotter card runs at the SM clock the calibration saw at that temperature (held at the
         hottest one seen beyond it: "extrapolated"); a share of HBM taken by others stretches the
         memory-bound part of the roofline time. Stretched time costs idle power."""
         batch_size, current_temp, memory_pressure = self._check(op, batch_size, current_temp, memory_pressure)
-        latency_ms, energy_j, memory_gb, source = self._base(op, batch_size)
+        dims = checked_dims(dims, self.dims)
+        latency_ms, energy_j, memory_gb, source = self._base(op, batch_size, dims)
         thermal_stretch, thermal_extrapolated, warning = self._thermal_factor(current_temp)
-        pressure_stretch, pressure_extrapolated = self._pressure_factor(op, batch_size, memory_pressure)
+        pressure_stretch, pressure_extrapolated = self._pressure_factor(op, batch_size, memory_pressure, dims)
         if (thermal_extrapolated or pressure_extrapolated) and source in ("measured", "interpolated"):
             source = "extrapolated"
         stretch = pressure_stretch * thermal_stretch
@@ -270,7 +251,7 @@ class KernelCostModel:
         power_w = energy_j / (latency_ms * 1e-3)
         cost = {"energy_joules": energy_j, "latency_ms": latency_ms, "power_w": power_w,
                 "temp_impact": self._temp_impact_c(power_w, latency_ms, current_temp), "memory_gb": memory_gb,
-                "source": source, "prediction": True, "gpu": self.gpu_type}
+                "source": source, "prediction": True, "gpu": self.gpu_type, "dims": asdict(dims)}
         return cost | ({"warning": warning} if warning else {})
 
     def _comm_curve(self, op, bytes_per_rank, world_size):
@@ -295,8 +276,8 @@ class KernelCostModel:
         ``source`` (the curve's: "measured") and ``interpolation`` (measured / interpolated /
         extrapolated). Log-log between measured sizes; beyond them linear in bytes."""
         curve = self._comm_curve(op, bytes_per_rank, world_size)
-        latency_ms, where = _interpolate_comm(curve["points"], bytes_per_rank, "latency_ms")
-        energy_j, _ = _interpolate_comm(curve["points"], bytes_per_rank, "energy_j")
+        latency_ms, where = interpolate_comm(curve["points"], bytes_per_rank, "latency_ms")
+        energy_j, _ = interpolate_comm(curve["points"], bytes_per_rank, "energy_j")
         return {"energy_joules": energy_j, "latency_ms": latency_ms, "source": curve["source"],
                 "interpolation": where, "prediction": True, "gpu": self.gpu_type}
 
@@ -304,7 +285,7 @@ class KernelCostModel:
         """(energy_j_per_byte, latency_ms_per_byte): the marginal cost of one more byte per rank in a
         message of ``bytes_per_rank``, the secant slope of the measured curve around it (>= 0)."""
         points = self._comm_curve(op, bytes_per_rank, world_size)["points"]
-        return _secant_slope(points, bytes_per_rank, "energy_j"), _secant_slope(points, bytes_per_rank, "latency_ms")
+        return secant_slope(points, bytes_per_rank, "energy_j"), secant_slope(points, bytes_per_rank, "latency_ms")
 
     def get_plan_cost(self, plan, measured_latency_ms=None):
         """Predicted cost of a sequence of calls, ``plan`` = [(op, batch_size, calls), ...].
@@ -334,12 +315,12 @@ class KernelCostModel:
         return {"energy_joules": energy_j + gap_power_w * gap_ms * 1e-3, "latency_ms": latency_ms + gap_ms,
                 "kernel_latency_ms": latency_ms, "gap_ms": gap_ms, "prediction": True, "gpu": self.gpu_type}
 
-    def get_cost_breakdown(self, op, batch_size):
+    def get_cost_breakdown(self, op, batch_size, dims=None):
         """Static vs dynamic energy (idle power over the call's time vs the rest), and compute- vs
         memory-bound time (the roofline's split of the predicted latency)."""
-        cost = self.get_cost(op, batch_size)
+        cost = self.get_cost(op, batch_size, dims=dims)
         static_j = min(self.table["idle_power_w"] * cost["latency_ms"] * 1e-3, cost["energy_joules"])
-        compute_s, memory_s = self._roofline_s(op, batch_size)
+        compute_s, memory_s = self._roofline_s(op, batch_size, checked_dims(dims, self.dims))
         compute_share = compute_s / (compute_s + memory_s)
         return cost | {"static_energy_joules": static_j, "dynamic_energy_joules": cost["energy_joules"] - static_j,
                        "compute_bound_ms": cost["latency_ms"] * compute_share,
@@ -361,7 +342,7 @@ class KernelCostModel:
             warnings.warn(f"current_temp {current_temp} °C is at or above the {self.gpu_type}'s slowdown threshold "
                           f"({slowdown_c} °C): no batch size is thermally safe (0)", RuntimeWarning, stacklevel=2)
             return 0
-        largest = self._points[op][-1]["batch_size"]
+        largest = max(p["batch_size"] for p in self.table["ops"][op]["points"])
         safe, batch = 0, 1
         while batch <= largest:
             rise_c = self.get_cost(op, batch, current_temp=current_temp)["temp_impact"]
@@ -371,97 +352,10 @@ class KernelCostModel:
         return safe
 
 
-class DeviceCostTable:
-    """The table as device tensors, for hot paths: the host API's predictions with torch ops only
-    (no host sync, CUDA-graph capturable), including the thermal and memory-pressure stretches.
-
-    Args:
-        model: a ``KernelCostModel``.
-        ops: the ops to carry (their names are resolved here, never in the hot path).
-        device: where the tensors live.
-    """
-
-    def __init__(self, model, ops, device):
-        import torch
-        if not isinstance(model, KernelCostModel):
-            raise TypeError(f"model must be a KernelCostModel, got {type(model).__name__}")
-        if isinstance(ops, str) or not all(isinstance(op, str) for op in ops):
-            raise TypeError(f"ops must be a list of op names, got {ops!r}")
-        self.torch, self.model = torch, model
-        self.source = model.table["source"]
-        self.idle_power_w = model.table["idle_power_w"]
-        self._rows, self._pressure = {}, {}
-        for op in ops:
-            curves = model.device_curves(op)
-            cols = [[math.log(v) for v in curves[k]] for k in ("batch_size", "energy_j", "latency_ms")]
-            self._rows[op] = torch.tensor(cols, dtype=torch.float32, device=device)  # [3, n]
-            curve = model.pressure_curve(op)  # measured only: the roofline stretch is computed per batch size
-            if curve is not None:
-                self._pressure[op] = torch.tensor(curve, dtype=torch.float32, device=device).T  # [2, n]
-        clock = model.clock_curve()
-        self._clocks = torch.tensor(clock, dtype=torch.float32, device=device).T if clock else None  # [2, n]
-
-    def predict(self, op, batch_sizes, temp_c=None, memory_pressure=None):
-        """(energy_j, latency_ms) tensors shaped like ``batch_sizes`` (a float tensor, > 0).
-
-        ``temp_c`` and ``memory_pressure`` are optional 0-d (or broadcastable) float tensors on
-        the device: the card's temperature and NVML memory utilisation (0..1), as in ``get_cost``.
-        Their values are not checked on the host (that would sync): a batch size <= 0, a
-        temperature at or below absolute zero and a pressure outside [0, 1] give NaN, as does a
-        pressure of 1 on the roofline fallback (no bandwidth left: no finite time)."""
-        torch = self.torch
-        self._check_predict(op, batch_sizes, temp_c, memory_pressure)
-        row = self._rows[op]
-        batch_sizes = torch.where(batch_sizes > 0, batch_sizes.to(torch.float32), math.nan)
-        log_b = torch.log(batch_sizes)
-        energy = torch.exp(lerp_segments(row[0], row[1], log_b))
-        latency = torch.exp(lerp_segments(row[0], row[2], log_b))
-        stretch = torch.ones_like(latency)
-        if temp_c is not None:
-            temp_c = temp_c.to(torch.float32)
-            stretch = torch.where(temp_c > ABSOLUTE_ZERO_C, stretch, math.nan)
-        if temp_c is not None and self._clocks is not None:
-            temps, clocks = self._clocks
-            held = temp_c.clamp(temps[0], temps[-1])  # beyond: the hottest clock seen
-            clock = lerp_segments(temps, clocks, held) if temps.numel() > 1 else clocks[0]
-            stretch = stretch * (clocks.max() / clock)
-        if memory_pressure is not None:
-            pressure = memory_pressure.to(torch.float32)
-            pressure = torch.where((pressure >= 0) & (pressure <= 1), pressure, math.nan)
-            stretch = stretch * self._pressure_stretch(op, batch_sizes, pressure)
-        # the stretched time costs static (idle) power, as in get_cost
-        energy = energy + self.idle_power_w * latency * 1e-3 * (stretch - 1.0)
-        return energy, latency * stretch
-
-    def _check_predict(self, op, batch_sizes, temp_c, memory_pressure):
-        """Host checks of what ``predict`` was given: kinds and devices only (values stay on the device)."""
-        if op not in self._rows:
-            raise ValueError(f"op {op!r} is not carried by this DeviceCostTable; it carries {sorted(self._rows)}")
-        device = self._rows[op].device
-        for name, value in (("batch_sizes", batch_sizes), ("temp_c", temp_c), ("memory_pressure", memory_pressure)):
-            if value is None and name != "batch_sizes":
-                continue
-            if not isinstance(value, self.torch.Tensor) or not value.is_floating_point():
-                raise TypeError(f"{name} must be a float tensor, got {type(value).__name__}"
-                                f"{'' if not isinstance(value, self.torch.Tensor) else ' of ' + str(value.dtype)}")
-            if value.device != device:
-                raise ValueError(f"{name} is on {value.device}, the table on {device}")
-
-    def _pressure_stretch(self, op, batch_sizes, pressure):
-        if op in self._pressure:
-            util, stretch = self._pressure[op]
-            return lerp_segments(util, stretch, pressure).clamp_min(1.0)  # never faster under pressure
-        flops, nbytes = work(op, batch_sizes.to(self.torch.float64), self.model.dims)  # the roofline fallback
-        compute_s = (flops / self.model.table["peak_flops"]).float()
-        memory_s = (nbytes / self.model.table["hbm_bytes_per_s"]).float()
-        free = self.torch.where(pressure < 1, 1.0 - pressure, math.nan)
-        return compute_s.maximum(memory_s / free) / compute_s.maximum(memory_s)
-
-
-def lerp_segments(xs, ys, x):
-    """Piecewise-linear ys(x) through sorted ``xs`` (device tensors), extending the end segments."""
-    flat = x.reshape(-1)  # a 0-d index tensor would index like a Python int: a host sync
-    hi = (xs.unsqueeze(0) <= flat.unsqueeze(1)).sum(-1).clamp(1, xs.numel() - 1)
-    lo = hi - 1
-    t = (flat - xs[lo]) / (xs[hi] - xs[lo])
-    return (ys[lo] + t * (ys[hi] - ys[lo])).reshape(x.shape)
+def _where(measured_batches, batch_size):
+    """The source of a cost at ``batch_size`` on a curve measured at ``measured_batches`` (none: modelled)."""
+    if not measured_batches:
+        return "modelled"
+    if batch_size in measured_batches:
+        return "measured"
+    return "interpolated" if measured_batches[0] < batch_size < measured_batches[-1] else "extrapolated"

@@ -87,19 +87,49 @@ class _TableChecker:
             self.fail(where, f"has no {key!r} field")
         return self.number(f"{where}[{key!r}]", mapping[key], **bounds)
 
-    def points(self, where, points, x_key, y_keys, x_bounds=None):
-        """A non-empty list of points with distinct ``x_key`` values and positive ``y_keys``."""
+    def points(self, where, points, x_key, y_keys, x_bounds=None, group=None):
+        """A non-empty list of points with distinct ``x_key`` values (within each ``group(point)``)
+        and positive ``y_keys``."""
         self.section(where, points, list)
         if not points:
             self.fail(where, "has no points")
         xs = []
         for n, point in enumerate(points):
             self.section(f"{where}[{n}]", point)
-            xs.append(self.field(f"{where}[{n}]", point, x_key, **(x_bounds or {})))
+            x = self.field(f"{where}[{n}]", point, x_key, **(x_bounds or {}))
+            xs.append((group(point), x) if group else x)
             for key in y_keys:
                 self.field(f"{where}[{n}]", point, key)
         if len(set(xs)) != len(xs):
-            self.fail(where, f"has repeated {x_key} values {sorted(xs)}: interpolation needs distinct ones")
+            self.fail(where, f"has repeated {x_key} values {sorted(map(str, xs))}: interpolation needs distinct ones")
+
+
+def _check_dims(check, where, dims):
+    dims = check.section(where, dims)
+    unknown = set(dims) - {f.name for f in fields(ModelDims)}
+    if unknown:
+        check.fail(where, f"has unknown fields {sorted(unknown)}")
+    try:
+        ModelDims(**dims)
+    except (TypeError, ValueError) as exc:
+        check.fail(where, str(exc))
+
+
+def _check_device_facts(check, data):
+    """The tile fit's optional inputs: SM count, L2 bytes, and the kernels' block configs."""
+    for key in ("sm_count", "l2_cache_bytes"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            check.fail(f"{key!r}", f"must be a positive int, got {value!r}")
+    for op, section in check.section("'kernel_configs'", data.get("kernel_configs") or {}).items():
+        entries = check.section(f"kernel_configs[{op!r}]['entries']", check.section(
+            f"kernel_configs[{op!r}]", section).get("entries"), list)
+        for n, entry in enumerate(entries):
+            where = f"kernel_configs[{op!r}]['entries'][{n}]"
+            config = check.section(f"{where}['config']", check.section(where, entry).get("config"))
+            for key, value in config.items():
+                if key.startswith("block_") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    check.fail(f"{where}['config'][{key!r}]", f"must be a positive int, got {value!r}")
 
 
 def _check_top_level(check, data):
@@ -111,14 +141,8 @@ def _check_top_level(check, data):
         check.field("the table", data, key)
     if data.get("gap_power_w") is not None:
         check.field("the table", data, "gap_power_w")
-    dims = check.section("'dims'", data.get("dims"))
-    unknown = set(dims) - {f.name for f in fields(ModelDims)}
-    if unknown:
-        check.fail("'dims'", f"has unknown fields {sorted(unknown)}")
-    try:
-        ModelDims(**dims)
-    except ValueError as exc:
-        check.fail("'dims'", str(exc))
+    _check_dims(check, "'dims'", data.get("dims"))
+    _check_device_facts(check, data)
 
 
 def _check_ops(check, ops):
@@ -130,9 +154,20 @@ def _check_ops(check, ops):
             check.fail(f"ops[{op!r}]", f"is not an op the cost model knows ({', '.join(OPS)})")
         where = f"ops[{op!r}]"
         check.section(where, entry)
-        check.points(f"{where}['points']", entry.get("points"), "batch_size", ("latency_ms", "energy_j"))
+        for n, point in enumerate(entry.get("points") or []):
+            if isinstance(point, dict) and point.get("dims") is not None:
+                _check_dims(check, f"{where}['points'][{n}]['dims']", point["dims"])
+        check.points(f"{where}['points']", entry.get("points"), "batch_size", ("latency_ms",),
+                     group=lambda p: json.dumps(p.get("dims"), sort_keys=True))
+        metered = [p for p in entry["points"] if "energy_j" not in p or p["energy_j"] is not None]
+        if not metered:
+            check.fail(f"{where}['points']", "has no point with a measured energy_j (latency-only points need one)")
         for n, point in enumerate(entry["points"]):
             check.field(f"{where}['points'][{n}]", point, "memory_gb", low_open=False)
+            if point in metered:
+                check.field(f"{where}['points'][{n}]", point, "energy_j")
+            else:
+                continue  # a latency-only point (energy_j null): the sweep timed it without a window
             power_w = point["energy_j"] / (point["latency_ms"] * 1e-3)
             if power_w > MAX_BOARD_POWER_W:
                 check.fail(f"{where}['points'][{n}]", f"implies {power_w:.3g} W over the call, above any GPU's "

@@ -16,6 +16,7 @@ around them. On a machine without CUDA the kernels run under Triton's interprete
 This package's import name, ``kernels``, is also Hugging Face's ``kernels`` package: the two
 cannot be installed side by side.
 """
+from kernels._config import config_entries
 from kernels._name_clash import warn_if_hub_kernels_installed
 from kernels.attention import attention_av, attention_qk, flash_attention
 from kernels.decode_attention import decode_attention
@@ -34,5 +35,5 @@ __all__ = [
     "attention_av", "attention_qk", "decode_attention", "flash_attention", "matmul",
     "ffn_down", "ffn_gate", "ffn_up", "swiglu_ffn", "swiglu_gate_up",
     "FusedMoE", "TopKRouter", "fused_experts", "patch_hf_model", "policy_routing", "register_hf_experts_implementation",
-    "route",
+    "config_entries", "route",
 ]

@@ -74,6 +74,15 @@ def config_sources(device):
             for path in sorted(CONFIG_DIR.iterdir()) if path.is_dir()}
 
 
+def config_entries(device):
+    """{op: {"file": the config file it uses on ``device``, "entries": its entries}}: what a cost
+    table carries so the cost model knows the tiles our kernels pick (``costmodel.shapes``)."""
+    identity = _device_identity(device)
+    return {path.name: {"file": load_entries(path.name, *identity)[1].name,
+                        "entries": list(load_entries(path.name, *identity)[0])}
+            for path in sorted(CONFIG_DIR.iterdir()) if path.is_dir()}
+
+
 def _holds(key, bound, dims):
     kind, _, dim = key.partition("_")
     return dims[dim] <= bound if kind == "max" else dims[dim] >= bound

@@ -104,6 +104,7 @@ the statistics). The bias itself is one kernel launch
 """
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -134,8 +135,9 @@ class EnergyAwareTTTRouter(TopKRouter):
 
     Args:
         d_model, num_experts, top_k: H, E and K.
-        kernel_cost_model: a ``costmodel.KernelCostModel`` whose table has ``swiglu_ffn`` at the
-            experts' dims (``d_model`` must match).
+        kernel_cost_model: a ``costmodel.KernelCostModel`` whose table has ``swiglu_ffn``, at the
+            experts' dims (``KernelCostModel.with_dims``); at another d_model the router costs
+            experts of its own d_model with d_ff scaled alike, and warns.
         objective_weights: {"energy", "latency", "quality"} (non-negative, finite; missing keys take
             the defaults {1, 0, 1}). See the module docstring for their exact meaning.
         ttt_update_frequency: tokens between test-time updates.
@@ -170,7 +172,7 @@ class EnergyAwareTTTRouter(TopKRouter):
             ttt_chunk_size=ttt_chunk_size)
         super().__init__(_gate_weight(weight, d_model, num_experts, device, dtype), top_k, renormalize, weights_dtype)
         self.objective_weights = _check_objective_weights(objective_weights)
-        _check_cost_model(kernel_cost_model, d_model)
+        kernel_cost_model = _cost_model_at(kernel_cost_model, d_model)
         _check_hyperparameters(energy_aware_lr, top_p, thermal_gain, thermal_margin_c, max_memory_pressure)
         if muon_enabled and not ttt_gate:
             raise ValueError("muon_enabled updates the gate weight: it needs ttt_gate=True")
@@ -521,13 +523,22 @@ def _check_objective_weights(objective_weights):
     return {k: float(v) for k, v in weights.items()}
 
 
-def _check_cost_model(model, d_model):
+def _cost_model_at(model, d_model):
+    """``model`` costing experts of ``d_model``: as given when its dims have that d_model, else
+    at d_model with its d_ff scaled alike (the tile model carries the table there; a warning says
+    how to give the experts' real d_ff)."""
     if COST_OP not in getattr(model, "ops", ()):
         raise ValueError(f"kernel_cost_model has no {COST_OP!r} op (one expert's SwiGLU FFN), which the router's "
                          f"cost bias reads; its table has {list(getattr(model, 'ops', ()))}")
-    if model.dims.d_model != d_model:
-        raise ValueError(f"kernel_cost_model's table is for d_model={model.dims.d_model}, not the router's "
-                         f"d_model={d_model}: calibrate {COST_OP} at the experts' dims")
+    if model.dims.d_model == d_model:
+        return model
+    d_ff = max(1, round(model.dims.d_ff * d_model / model.dims.d_model))
+    n_heads = model.dims.n_heads if d_model % model.dims.n_heads == 0 else 1  # unused by the expert's cost
+    warnings.warn(f"kernel_cost_model is at d_model={model.dims.d_model}; the router costs its experts at "
+                  f"d_model={d_model}, d_ff={d_ff} (scaled alike, modelled). For the experts' real size pass "
+                  f"kernel_cost_model.with_dims(d_model={d_model}, d_ff=<their intermediate size>)", UserWarning,
+                  stacklevel=3)
+    return model.with_dims(d_model=d_model, d_ff=d_ff, n_heads=n_heads)
 
 
 def _check_placement(placement, num_experts):

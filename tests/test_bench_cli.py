@@ -9,6 +9,8 @@ from bench import kernels as bench_kernels
 from calibration import results as _results
 from calibration import sweep as sweep_lib
 from calibration.results import write_json_atomic
+from calibration.sweep import SHAPE_SWEEP
+from costmodel.ops import ModelDims
 from tests.conftest import DEVICE, REL_TOL
 
 
@@ -152,11 +154,19 @@ def test_calibrate_runs_every_op_on_our_kernels(op):
 
 
 def test_kcm_accuracy_summary_maths():
-    from bench.kcm_accuracy import summarise
+    from bench.harness.accuracy import summarise
+    from bench.kcm_accuracy import summaries
     rows = [{"predicted_energy_j": p, "measured_energy_j": 1.0} for p in (1.0, 1.02, 0.95, 1.1, 1.01)]
     summary = summarise(rows, "energy_j")
     assert summary["median_ape_pct"] == pytest.approx(2.0) and summary["p90_ape_pct"] == pytest.approx(10.0)
-    assert summary["n"] == 5
+    assert summary["median_signed_pct"] == pytest.approx(1.0) and summary["n"] == 5
+    kernel = [{"held_out": kind, "predicted_energy_j": p, "measured_energy_j": 1.0, "predicted_latency_ms": 1.0,
+               "measured_latency_ms": 1.0} for kind, p in (("batch", 1.1), ("batch", 1.1), ("shape", 0.8))]
+    forward = [{"mode": "graph", "predicted_energy_j": 1.0, "measured_energy_j": 1.0, "predicted_latency_ms": 1.0,
+                "measured_latency_ms": 1.0}]
+    report = summaries(kernel, forward)
+    assert report["batch_energy"]["median_signed_pct"] == pytest.approx(10.0) and report["batch_energy"]["n"] == 2
+    assert report["shape_energy"]["median_signed_pct"] == pytest.approx(-20.0) and report["energy"]["n"] == 3
 
 
 def test_calibrate_writes_to_the_user_table_folder_by_default(tmp_path, monkeypatch):
@@ -201,15 +211,16 @@ class _Sampler:
 
 def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
     """A sweep cut after 3 points keeps them in the partial file; --resume measures only the rest,
-    and the two runs' points together are the whole plan, each once."""
+    and the two runs' points together are the whole plan (the table's dims, then the extra
+    shapes, metered only at their end batch sizes), each once."""
     from bench import calibrate
     measured = []
 
-    def fake_point(op, batch_size, *args):
+    def fake_point(op, batch_size, dims, meter, idle_power_w, window_s, trials, pressure=None):
         if len(measured) == 3 and not resumed:
             raise KeyboardInterrupt
-        measured.append((op, batch_size))
-        return {"batch_size": batch_size, "latency_ms": 1.0 + batch_size, "energy_j": 0.1}, None
+        measured.append((op, dims, batch_size, trials))
+        return {"batch_size": batch_size, "latency_ms": 1.0 + batch_size, "energy_j": 0.1 if trials else None}, None
 
     monkeypatch.setattr(sweep_lib, "sweep_point", fake_point)
     monkeypatch.setattr(sweep_lib, "BackgroundSampler", _Sampler)
@@ -221,15 +232,28 @@ def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
     resumed = False
     with pytest.raises(KeyboardInterrupt):
         sweep_lib.sweep(args.settings, None, args.state, save)
-    assert measured == [("ffn_gate", 1), ("ffn_gate", 4), ("ffn_gate", 16)]
+    assert [(m[0], m[2]) for m in measured] == [("ffn_gate", 1), ("ffn_gate", 4), ("ffn_gate", 16)]
     resumed = True
     _, again = calibrate.parse_args(argv + ["--resume"])
     assert again.state["points"]["ffn_gate"] == [{"batch_size": b, "latency_ms": 1.0 + b, "energy_j": 0.1}
                                                  for b in (1, 4, 16)]
     sweep_lib.sweep(again.settings, None, again.state, save)
-    plan = [(op, b) for op in ("ffn_gate", "ffn_up") for b in sweep_lib.TOKEN_BATCHES]
-    assert sorted(measured) == sorted(plan) and len(measured) == len(plan), "every point once"
-    assert [p["batch_size"] for p in again.state["points"]["ffn_up"]] == list(sweep_lib.TOKEN_BATCHES)
+    plan = sweep_lib.sweep_plan(again.settings)
+    assert sorted(measured, key=str) == sorted(plan, key=str) and len(measured) == len(plan), "every point once"
+    assert len(plan) == 2 * (len(sweep_lib.TOKEN_BATCHES) + len(SHAPE_SWEEP) * len(sweep_lib.SHAPE_TOKEN_BATCHES))
+    metered = {(dims, b) for op, dims, b, trials in plan if trials and dims != again.settings.dims}
+    assert metered == {(dims, b) for dims in SHAPE_SWEEP for b in (1, 4096)}
+    at_table_dims = [p for p in again.state["points"]["ffn_up"] if "dims" not in p]
+    assert [p["batch_size"] for p in at_table_dims] == list(sweep_lib.TOKEN_BATCHES)
+    shaped = [p for p in again.state["points"]["ffn_up"] if "dims" in p]
+    assert [ModelDims(**p["dims"]) for p in shaped[::len(sweep_lib.SHAPE_TOKEN_BATCHES)]] == list(SHAPE_SWEEP)
+
+
+def test_calibrate_shapes_none_sweeps_the_table_dims_only(tmp_path):
+    from bench import calibrate
+    _, args = calibrate.parse_args(["--gpu", "H100", "--output", str(tmp_path / "H100.json"), "--ops", "ffn_gate",
+                                    "--shapes", "none"])
+    assert args.settings.shapes == () and len(sweep_lib.sweep_plan(args.settings)) == len(sweep_lib.TOKEN_BATCHES)
 
 
 def test_calibrate_table_of_a_short_resumed_run_passes_its_check(tmp_path):
@@ -284,6 +308,9 @@ def test_calibrate_main_writes_the_table_and_removes_the_partial(tmp_path, monke
     output = tmp_path / "H100.json"
     assert calibrate.main(["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", ""]) == 0
     table = json.loads(output.read_text())
-    assert len(table["ops"]["ffn_gate"]["points"]) == len(sweep_lib.TOKEN_BATCHES) and "resumed" not in table
+    points = table["ops"]["ffn_gate"]["points"]
+    assert len(points) == len(sweep_lib.TOKEN_BATCHES) + len(SHAPE_SWEEP) * len(sweep_lib.SHAPE_TOKEN_BATCHES)
+    assert [p["batch_size"] for p in points if "dims" not in p] == list(sweep_lib.TOKEN_BATCHES)
+    assert "resumed" not in table and "device_facts_missing_reason" in table  # no CUDA here: no SM count or configs
     assert not sweep_lib.partial_path(output).exists()
     assert "wrote" in capsys.readouterr().out

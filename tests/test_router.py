@@ -493,11 +493,25 @@ def test_cost_model_checked_at_construction(cost_model, tmp_path, monkeypatch):
     write_json_atomic(tmp_path / "no_ffn.json", decode_table(drop_swiglu=True))
     with pytest.raises(ValueError, match="no 'swiglu_ffn' op"):
         EnergyAwareTTTRouter(H, E, K, KernelCostModel("TESTGPU", table=tmp_path / "no_ffn.json"))
-    with pytest.raises(ValueError, match="d_model=32, not the router's d_model=64"):
-        EnergyAwareTTTRouter(64, E, K, cost_model)
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(RuntimeError, match="torch.optim.Muon"):
         EnergyAwareTTTRouter(H, E, K, cost_model, muon_enabled=True, ttt_gate=True)
+
+
+def test_a_cost_model_at_other_dims_is_carried_to_the_routers(cost_model):
+    """The issue's case: a table at other dims routes anyway. The router costs its own d_model,
+    with d_ff scaled alike, says so, and passing the experts' dims exactly is silent."""
+    with pytest.warns(UserWarning, match=r"d_model=64, d_ff=\d+ \(scaled alike, modelled\)"):
+        router = EnergyAwareTTTRouter(64, E, K, cost_model)
+    assert router.kernel_cost_model.dims.d_model == 64
+    assert router.kernel_cost_model.dims.d_ff == 2 * cost_model.dims.d_ff  # twice the table's d_model
+    exact = cost_model.with_dims(d_model=64, d_ff=96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        router = EnergyAwareTTTRouter(64, E, K, exact)
+    assert router.kernel_cost_model is exact
+    scores = router(torch.randn(5, 64, device=DEVICE))[2]
+    assert scores.shape == (5, K)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -18,29 +18,38 @@ def known_gpus():
 
 
 def select_cost_model(gpu, dims, table_path=None):
-    """(KernelCostModel, info). ``--cost_table`` if given; else ``gpu``'s table (the user's, else the
-    packaged one: ``costmodel.table.find_table``) when its dims are the model's (the plan's ops are
-    then the ones it measured); else an analytic prior built here at the model's dims, from ``gpu``'s datasheet (``PRIOR_PROXY_GPU``'s when
+    """(KernelCostModel, info). ``--cost_table`` if given, else ``gpu``'s table (the user's, else
+    the packaged one: ``costmodel.table.find_table``), at the model's dims: "measured" when the
+    table was measured there, "modelled" when it was measured at other dims (the tile model fitted
+    to it carries the costs, ``costmodel.curves``). Without a measured table, an analytic prior
+    built here at the model's dims from ``gpu``'s datasheet (``PRIOR_PROXY_GPU``'s when
     ``calibration.priors`` has none), labelled "prior"."""
     if table_path is not None:
         model = KernelCostModel(None, table=table_path)
-        if model.dims != dims:
-            raise ValueError(f"--cost_table {table_path} is at {asdict(model.dims)}, not the model's {asdict(dims)}")
-        return model, _cost_info(model, gpu, str(table_path), "given with --cost_table")
+        return _at_dims(model, gpu, str(table_path), "given with --cost_table", dims)
     try:
         found = find_table(gpu)
     except ValueError:
         found, why = None, f"no {gpu} table (user or packaged)"
     if found is not None:
         model = KernelCostModel(gpu)
-        if model.dims == dims:
-            return model, _cost_info(model, gpu, str(found), f"the {gpu} table {found} is at the model's dims")
-        why = f"the {gpu} table {found} ({model.table['source']}) is at other dims {asdict(model.dims)}"
+        if model.table["source"] == "measured":
+            return _at_dims(model, gpu, str(found), f"the {gpu} table {found}", dims)
+        why = f"the {gpu} table {found} is a prior at other dims {asdict(model.dims)}"
     model, sheet = prior_cost_model(gpu, dims)
     if sheet != gpu:
         why += f"; calibration.priors has no {gpu} datasheet, so the prior uses {sheet}'s as a stand-in"
     return model, _cost_info(model, gpu, f"in-process prior (calibration.priors.prior_table('{sheet}', dims))",
                              why + ": an analytic roofline prior at the model's dims, not a measurement")
+
+
+def _at_dims(model, gpu, table, why, dims):
+    """A measured table's model at ``dims``, and its info: "measured" there, or "modelled"."""
+    if model.dims == dims:
+        return model, _cost_info(model, gpu, table, why + " is at the model's dims")
+    info = _cost_info(model.with_dims(dims), gpu, table, why + f" was measured at other dims {asdict(model.dims)}: "
+                      "the tile model fitted to it predicts at the model's dims (modelled, not measured there)")
+    return model.with_dims(dims), info | {"source": "modelled", "table_dims": asdict(model.dims)}
 
 
 def prior_cost_model(gpu, dims):

@@ -126,21 +126,21 @@ def prediction_criterion(models, device):
     every model whose plan covers all its work and whose table was measured at its dims."""
     text = (f"energy prediction error < {PREDICTION_ERROR_TARGET_PCT:.0f}% (sum of kernel costs, no measured "
             "latency as input, vs NVML; models with a measured table at their dims)")
-    errors, prior_only = {}, []
+    errors, unjudged = {}, []
     for name, entry in models.items():
         for phase in [entry["forward"], *entry["decode"]]:
             pred = phase["prediction"]
             if not pred["covers_all_work"] or pred["error_pct"] is None:
                 continue
-            if pred["table_source"] == "prior":
-                prior_only.append(name)
+            if pred["table_source"] != "measured":  # a prior, or a table measured at other dims
+                unjudged.append(f"{name} ({pred['table_source']} {pred['error_pct']:+.1f}%)")
                 continue
             errors[f"{name} {'forward' if 'seq_length' in phase else 'decode B' + str(phase['batch_size'])}"] = \
                 pred["error_pct"]
     if not errors:
-        why = device["energy_reason"] or ("no model has a measured table at its dims (predictions came from "
-                                          f"analytic priors: {', '.join(sorted(set(prior_only)))}); calibrate at "
-                                          "those dims (python -m bench.calibrate --d_model ...) to judge this")
+        why = device["energy_reason"] or ("no model has a table measured at its dims (predictions were priors "
+                                          f"or modelled: {', '.join(sorted(set(unjudged)))}); calibrate at those "
+                                          "dims (python -m bench.calibrate --d_model ...) to judge this")
         return criterion(text, "not measured", detail=why)
     worst = max(abs(v) for v in errors.values())
     return criterion(text, "met" if worst < PREDICTION_ERROR_TARGET_PCT else "not met", worst,

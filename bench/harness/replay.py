@@ -1,0 +1,85 @@
+"""Predictions of the current cost model against measurements already committed in
+``bench/results`` (``python -m bench.kcm_replay``): no GPU needed, and every measured figure
+comes from a results file with its own provenance.
+
+``leave_one_out`` tests the table on its own points: each inner point of each measured shape
+is predicted from the table without it, by the tile model and by straight log-log interpolation
+between its neighbours (the cost model before the tile fit), to show each method's bias.
+
+Three kinds of file are read:
+- a ``bench.kcm_accuracy`` report: its held-out kernel rows (energy and latency, at the table's
+  dims or at held-out shapes, as each row says);
+- a ``bench.bench_kernels`` dense report (``dense_kernels_*.json``): CUDA-graph latency of our
+  flash attention, SwiGLU FFN and projections at model-sized shapes;
+- a ``bench.bench_moe`` report (``fused_moe_*.json``): CUDA-graph latency of the fused experts at
+  Mixtral, Qwen3-MoE and OLMoE shapes.
+"""
+import copy
+
+from costmodel.curves import ShapeModel, log_log_at, point_dims
+from costmodel.ops import ModelDims
+
+
+def _dense_case(row):
+    """(op, batch_size, dims) of a dense-kernels row the cost model has an op for, else None."""
+    shape, case = row["shape"], row["case"]
+    if case.startswith("flash_attention") and shape["H_kv"] == shape["H"]:
+        dims = ModelDims(d_model=shape["H"] * shape["D"], n_heads=shape["H"], seq_len=shape["S"])
+        return "flash_attention", shape["B"], dims
+    if case.startswith("swiglu_ffn"):
+        return "swiglu_ffn", shape["T"], ModelDims(d_model=shape["H"], d_ff=shape["I"], n_heads=1)
+    if case.startswith("ffn_gate"):
+        return "ffn_gate", shape["T"], ModelDims(d_model=shape["K"], d_ff=shape["N"], n_heads=1)
+    if case.startswith("ffn_down"):
+        return "ffn_down", shape["T"], ModelDims(d_model=shape["N"], d_ff=shape["K"], n_heads=1)
+    return None
+
+
+def _row(model, source_file, op, batch_size, dims, measured_latency_ms, measured_energy_j=None):
+    cost = model.get_cost(op, batch_size, dims=dims)
+    row = {"file": source_file, "op": op, "batch_size": batch_size, "dims": cost["dims"], "source": cost["source"],
+           "measured_latency_ms": measured_latency_ms, "predicted_latency_ms": cost["latency_ms"]}
+    if measured_energy_j is not None:
+        row |= {"measured_energy_j": measured_energy_j, "predicted_energy_j": cost["energy_joules"]}
+    return row
+
+
+def replay_rows(model, name, report):
+    """The rows of one results file ``report`` (named ``name``), each measured beside predicted."""
+    if "forward_rows" in report:  # a kcm_accuracy report
+        return [_row(model, name, r["op"], r["batch_size"], ModelDims(**r["dims"]) if r.get("dims") else model.table_dims,
+                     r["measured_latency_ms"], r["measured_energy_j"]) for r in report["rows"]]
+    rows = []
+    for r in report["rows"]:
+        if "case" in r:
+            case = _dense_case(r)
+            if case and r.get("ours_graph_ms"):
+                rows.append(_row(model, name, *case, r["ours_graph_ms"]))
+        elif {"T", "E", "K", "H", "I"} <= set(r) and r.get("ours_graph_ms"):
+            dims = ModelDims(d_model=r["H"], d_ff=r["I"], n_heads=1, num_experts=r["E"], top_k=r["K"])
+            rows.append(_row(model, name, "fused_experts", r["T"], dims, r["ours_graph_ms"]))
+    return rows
+
+
+def leave_one_out(table):
+    """Rows of (op, batch_size, measured and predicted energy and latency) for every inner point
+    of every measured shape of ``table``, by "tile_model" and by "log_log" interpolation."""
+    rows = []
+    for op, entry in table["ops"].items():
+        for dims in {point_dims(table, p) for p in entry["points"]}:
+            points = sorted((p for p in entry["points"] if point_dims(table, p) == dims and p.get("energy_j")),
+                            key=lambda p: p["batch_size"])
+            for held in points[1:-1]:
+                rest = [p for p in points if p is not held]
+                without = copy.deepcopy(table)
+                without["ops"] = {op: {"points": [p for p in entry["points"] if p is not held]}}
+                latency_ms, energy_j, _ = ShapeModel(without).curve(op, dims).at(held["batch_size"])
+                xs = [p["batch_size"] for p in rest]
+                for method, latency, energy in (
+                        ("tile_model", latency_ms, energy_j),
+                        ("log_log", log_log_at(xs, [p["latency_ms"] for p in rest], held["batch_size"]),
+                         log_log_at(xs, [p["energy_j"] for p in rest], held["batch_size"]))):
+                    rows.append({"method": method, "op": op, "batch_size": held["batch_size"],
+                                 "measured_latency_ms": held["latency_ms"], "predicted_latency_ms": latency,
+                                 "measured_energy_j": held["energy_j"], "predicted_energy_j": energy})
+    return rows

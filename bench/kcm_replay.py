@@ -1,0 +1,71 @@
+"""``python -m bench.kcm_replay --gpu H100 bench/results/<file>.json ...``: the cost model against
+measurements already committed, on any machine (``bench.harness.replay`` says which files it reads).
+
+Rows at the table's own shape test held-out batch sizes; rows at other dims test the shape-general
+model. The report groups them so (``at_table_dims`` / ``other_dims``), with each input file's
+provenance, adds the table's own leave-one-out test (``leave_one_out``: the tile model against
+log-log interpolation between neighbouring points), and is written atomically.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench._cli import checked_output_file
+from bench.harness.accuracy import summarise
+from bench.harness.replay import leave_one_out, replay_rows
+from calibration.results import provenance, write_json_atomic
+from costmodel.kernel_cost_model import KernelCostModel
+
+
+def summaries(rows):
+    """{group_quantity: summary} for the rows at the table's dims and at other dims."""
+    out = {}
+    for group in ("at_table_dims", "other_dims"):
+        members = [r for r in rows if (r["source"] != "modelled") == (group == "at_table_dims")]
+        for key in ("latency_ms", "energy_j"):
+            measured = [r for r in members if f"measured_{key}" in r]
+            if measured:
+                out[f"{group}_{key.split('_')[0]}"] = summarise(measured, key)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.kcm_replay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", required=True)
+    parser.add_argument("--table", default=None, help="default: the GPU's table, yours before the packaged one")
+    parser.add_argument("results", nargs="+", help="committed results files (kcm_accuracy, dense kernels, fused MoE)")
+    parser.add_argument("--output", default="kcm_replay.json")
+    args = parser.parse_args(argv)
+    args.output = checked_output_file(parser, args.output)
+    try:
+        model = KernelCostModel(args.gpu, table=args.table)
+    except ValueError as exc:
+        parser.error(f"{'--table' if args.table else '--gpu'}: {exc}")
+    reports = {}
+    for path in map(Path, args.results):
+        try:
+            reports[str(path)] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            parser.error(f"results file {path}: {exc}")
+    rows = [row for name, report in reports.items() for row in replay_rows(model, name, report)]
+    if not rows:
+        parser.error("no row of these files has an op the cost model predicts")
+    held = leave_one_out(model.table)
+    loo = {f"{method}_{key.split('_')[0]}": summarise([r for r in held if r["method"] == method], key)
+           for method in ("tile_model", "log_log") for key in ("energy_j", "latency_ms")}
+    report = {"provenance": provenance(), "label": "predictions of this commit's cost model against committed "
+              "measurements; the measurements' own provenance is per input",
+              "table": str(model.path), "table_provenance": model.table.get("provenance"),
+              "inputs": {name: r.get("provenance") for name, r in reports.items()}, **summaries(rows),
+              "leave_one_out": loo, "rows": rows, "leave_one_out_rows": held}
+    write_json_atomic(args.output, report)
+    for key, summary in (summaries(rows) | {f"leave_one_out {k}": v for k, v in loo.items()}).items():
+        print(f"{key}: median APE {summary['median_ape_pct']:.1f}%, p90 {summary['p90_ape_pct']:.1f}%, "
+              f"median signed {summary['median_signed_pct']:+.1f}% over {summary['n']} points")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

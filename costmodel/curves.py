@@ -1,0 +1,169 @@
+"""One op's cost curve at any dims: the fitted tile model, corrected by the measured points.
+
+``ShapeModel(table)`` fits each op once (``costmodel.fit``) over all its measured points, at
+every shape the sweep ran. ``curve(op, dims)`` then gives the op's costs at knot batch sizes:
+the measured batch sizes, every quarter power of two, and both sides of each step in the model:
+where a tile count crosses a multiple of the SM count (one more wave) or the kernel switches
+config (``_step_knots``), so a step is not smoothed over. At a shape the table measured, each knot's model
+cost is multiplied by the measured/model ratio interpolated in log batch size between that
+shape's points (held at the end ratio beyond them), so the curve passes through every measured
+point and the model only carries the shape between them; at other shapes the model stands alone.
+Every path (``KernelCostModel.get_cost``, ``DeviceCostTable``, the router's bias kernels)
+interpolates these same knots, log-log.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from costmodel.fit import Ceilings, fit_op, launch_times, work_totals
+from costmodel.ops import SEQUENCE_OPS, ModelDims, work
+from costmodel.shapes import op_launches
+
+TOKEN_KNOTS = tuple(sorted({round(2 ** (k / 4)) for k in range(0, 57)}))  # 1 .. 16384 tokens, 4 a doubling
+SEQUENCE_KNOTS = tuple(sorted({round(2 ** (k / 4)) for k in range(0, 33)}))  # 1 .. 256 sequences
+STEP_SCAN = {"tokens": tuple(range(1, 257)) + tuple(range(272, 4097, 16)) + tuple(range(4224, 16385, 128)),
+             "sequences": tuple(range(1, 257))}  # where steps are looked for; bisected down to one integer
+MIN_STEP = 0.02  # a rise of more than 2% from one batch size to the next is a step
+MAX_STEPS = 12  # the largest steps get knots (two each): the device kernels walk every knot
+_FITS = {}  # (op, its points, ceilings, configs) -> OpFit: a table loaded again is not fitted again
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Knots of one op at one shape, sorted by batch size; ``measured_batches`` are the batch sizes
+    the table measured at this shape (empty: the shape is modelled)."""
+    batch_size: tuple
+    latency_ms: tuple
+    energy_j: tuple
+    memory_gb: tuple
+    measured_batches: tuple
+
+    def at(self, batch_size):
+        """(latency_ms, energy_j, memory_gb) at ``batch_size`` (> 0), log-log between the knots."""
+        return tuple(log_log_at(self.batch_size, ys, batch_size) for ys in (self.latency_ms, self.energy_j,
+                                                                            self.memory_gb))
+
+
+def point_dims(table, point):
+    """The dims a table point was measured at: its own ``dims``, else the table's."""
+    return ModelDims(**(point.get("dims") or table["dims"]))
+
+
+def log_log_at(xs, ys, x):
+    """ys(x) on the polyline through the sorted knots (xs, ys) in log-log space, extending its end
+    segments: how every path reads a curve between its knots."""
+    i = min(max(next((n for n, v in enumerate(xs) if v > x), len(xs)) - 1, 0), len(xs) - 2)
+    slope = (math.log(ys[i + 1]) - math.log(ys[i])) / (math.log(xs[i + 1]) - math.log(xs[i]))
+    return math.exp(math.log(ys[i]) + slope * (math.log(x) - math.log(xs[i])))
+
+
+def _lerp_flat(xs, ys, x):
+    """Piecewise-linear ys(x) through sorted ``xs``, held at the end values beyond them."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = next(n for n, v in enumerate(xs) if v >= x)
+    w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[i - 1] + w * (ys[i] - ys[i - 1])
+
+
+class ShapeModel:
+    """The fitted tile model of a checked table (``costmodel.table.check_table``)."""
+
+    def __init__(self, table):
+        self.table = table
+        self.configs = table.get("kernel_configs")
+        self.ceilings = Ceilings(table["peak_flops"], table["hbm_bytes_per_s"], table.get("sm_count"),
+                                 table.get("l2_cache_bytes"))
+        self._fits, self._curves = {}, {}
+
+    def _times(self, op, batch_size, dims):
+        launches = op_launches(op, batch_size, dims, self.configs)
+        return [launch_times(l, self.ceilings) for l in launches], work_totals(launches)
+
+    def fit(self, op):
+        """The op's ``OpFit`` (fitted on first use)."""
+        if op not in self._fits:
+            points = self.table["ops"][op]["points"]
+            key = (op, json.dumps([points, self.table["dims"], self.configs], sort_keys=True), self.ceilings)
+            if key not in _FITS:
+                rows = []
+                for p in points:
+                    times, totals = self._times(op, p["batch_size"], point_dims(self.table, p))
+                    rows.append((p["latency_ms"], p.get("energy_j"), times, totals))
+                _FITS[key] = fit_op(rows)
+            self._fits[op] = _FITS[key]
+        return self._fits[op]
+
+    def model_cost(self, op, batch_size, dims, latency_ms=None):
+        """(latency_ms, energy_j) of the bare model; energy at ``latency_ms`` when given."""
+        fit = self.fit(op)
+        times, (flops, nbytes) = self._times(op, batch_size, dims)
+        latency_ms = fit.latency_ms(times) if latency_ms is None else latency_ms
+        return latency_ms, fit.energy_j(latency_ms, flops, nbytes)
+
+    def _residuals(self, op, dims):
+        """(log b, log latency ratio) and (log b, log energy ratio) of the points measured at ``dims``."""
+        latency, energy = [], []
+        for p in sorted(self.table["ops"][op]["points"], key=lambda p: p["batch_size"]):
+            if point_dims(self.table, p) != dims:
+                continue
+            log_b = math.log(p["batch_size"])
+            model_ms, _ = self.model_cost(op, p["batch_size"], dims)
+            latency.append((log_b, math.log(p["latency_ms"] / model_ms)))
+            if p.get("energy_j") is not None:
+                _, model_j = self.model_cost(op, p["batch_size"], dims, latency_ms=p["latency_ms"])
+                energy.append((log_b, math.log(p["energy_j"] / model_j)))
+        return latency, energy
+
+    def curve(self, op, dims):
+        """The op's ``Curve`` at ``dims`` (cached)."""
+        key = (op, dims)
+        if key not in self._curves:
+            self._curves[key] = self._build_curve(op, dims)
+        return self._curves[key]
+
+    def _build_curve(self, op, dims):
+        latency_res, energy_res = self._residuals(op, dims)
+        measured = tuple(p["batch_size"] for p in self.table["ops"][op]["points"] if point_dims(self.table, p) == dims)
+        knots = set(SEQUENCE_KNOTS if op in SEQUENCE_OPS else TOKEN_KNOTS)
+        knots = sorted(knots | set(measured) | self._step_knots(op, dims))
+        rows = []
+        for b in knots:
+            model_ms, _ = self.model_cost(op, b, dims)
+            latency_ms = model_ms * math.exp(_correction(latency_res, b))
+            _, model_j = self.model_cost(op, b, dims, latency_ms=latency_ms)
+            rows.append((b, latency_ms, model_j * math.exp(_correction(energy_res, b)), work(op, b, dims)[1] / 1e9))
+        return Curve(*(tuple(col) for col in zip(*rows)), measured_batches=tuple(sorted(measured)))
+
+    def _step_knots(self, op, dims):
+        """{b, b + 1} for the ``MAX_STEPS`` largest steps of the model's latency between
+        neighbouring batch sizes (a rise over ``MIN_STEP``), found on ``STEP_SCAN`` and bisected."""
+        def latency(b):
+            return self.model_cost(op, b, dims)[0]
+        scan = STEP_SCAN["sequences" if op in SEQUENCE_OPS else "tokens"]
+        values = [latency(b) for b in scan]
+        steps = []
+        for (lo, y_lo), (hi, y_hi) in zip(zip(scan, values), zip(scan[1:], values[1:])):
+            if y_hi / y_lo - 1 <= MIN_STEP:
+                continue
+            while hi - lo > 1:  # keep the half that rises more: it holds the step, if there is one
+                mid = (lo + hi) // 2
+                y_mid = latency(mid)
+                lo, y_lo, hi, y_hi = (lo, y_lo, mid, y_mid) if y_mid / y_lo >= y_hi / y_mid else (mid, y_mid, hi, y_hi)
+            if y_hi / y_lo - 1 > MIN_STEP:
+                steps.append((y_hi / y_lo, lo))
+        return {b for _, lo in sorted(steps, reverse=True)[:MAX_STEPS] for b in (lo, lo + 1)}
+
+    def measured_shapes(self, op):
+        """The dims at which the table measured ``op``, as dicts."""
+        shapes = {point_dims(self.table, p) for p in self.table["ops"][op]["points"]}
+        return [asdict(d) for d in sorted(shapes, key=lambda d: tuple(asdict(d).values()))]
+
+
+def _correction(residuals, batch_size):
+    """The log measured/model ratio at ``batch_size`` (0 without measured points at the shape)."""
+    if not residuals:
+        return 0.0
+    return _lerp_flat([x for x, _ in residuals], [y for _, y in residuals], math.log(batch_size))

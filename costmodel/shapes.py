@@ -1,0 +1,111 @@
+"""What our kernels do at a shape: the launches of one op call, each with its tiles and work.
+
+The cost model's shape-general part (``costmodel.fit``) predicts from these, so it has to know
+how each kernel splits its work: the block config it would pick (the table's ``kernel_configs``
+section: the config entries the calibrated kernels read, copied by the sweep), the output tiles
+that config makes, and the tensor-core FLOPs a tile runs *including padding* (a 96-row batch on
+64-row tiles computes 128 rows). Waves over the SMs come from ``tiles`` and the table's
+``sm_count`` (``costmodel.fit.launch_times``).
+
+A ``Launch`` is one kernel launch; ``op_launches(op, batch_size, dims, configs)`` lists an op's.
+Tiles are counted at the expected routing for ``fused_experts``: ``batch_size * top_k`` slots
+spread evenly over ``min(num_experts, batch_size * top_k)`` experts.
+"""
+import math
+from dataclasses import dataclass
+
+from costmodel.ops import BYTES_PER_ELEMENT, SEQUENCE_OPS, check_op, work
+
+# the tile a table without kernel configs assumes (a prior, or a table older than the section)
+GENERIC_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 64}
+ELEMENTWISE_BLOCK = 1024  # elements per program of torch's elementwise and norm kernels (rms_norm, residual_add)
+CONFIG_OPS = ("matmul", "swiglu_gate_up", "moe_gate_up", "moe_down", "attention", "topk_routing")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``tiles`` programs of ``tile_flops`` (padded) FLOPs each, moving at least
+    ``nbytes`` through HBM."""
+    tiles: int
+    tile_flops: float
+    nbytes: float
+
+
+def _holds(bound_key, bound, shape):
+    kind, _, dim = bound_key.partition("_")
+    value = shape.get(dim)
+    return value is None or (value <= bound if kind == "max" else value >= bound)
+
+
+def pick_config(configs, config_op, **shape):
+    """The block config our kernel picks for ``shape`` (the first entry whose ``when`` bounds hold,
+    as ``kernels._config.select_config`` reads the same entries); ``GENERIC_CONFIG`` without entries."""
+    for entry in (configs or {}).get(config_op, {}).get("entries", ()):
+        if all(_holds(key, bound, shape) for key, bound in entry.get("when", {}).items()):
+            return entry["config"]
+    return GENERIC_CONFIG
+
+
+def gemm(configs, config_op, M, N, K, gated=False):
+    """[M, K] x [K, N] (and a second [K, N] for a gated product) on the config's output tiles."""
+    cfg = pick_config(configs, config_op, m=M, n=N, k=K, elem_bytes=BYTES_PER_ELEMENT)
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg.get("block_k", GENERIC_CONFIG["block_k"])
+    products = 2 if gated else 1
+    tiles = math.ceil(M / bm) * math.ceil(N / bn)
+    tile_flops = 2.0 * bm * bn * math.ceil(K / bk) * bk * products
+    nbytes = BYTES_PER_ELEMENT * (M * K + products * N * K + M * N)
+    return Launch(tiles, tile_flops, nbytes)
+
+
+def _fused_experts(configs, B, dims):
+    """The gate-up and down launches; both run on the gate-up config's row blocks (each expert's
+    rows padded to a multiple of its ``block_m``)."""
+    H, I, E, K = dims.d_model, dims.d_ff, dims.num_experts, dims.top_k
+    slots = B * K
+    touched = min(E, slots)
+    shape = {"slots_per_expert": slots // E, "e": E, "i": I, "elem_bytes": BYTES_PER_ELEMENT}
+    bm = pick_config(configs, "moe_gate_up", **shape)["block_m"]
+    row_blocks = touched * math.ceil(slots / touched / bm)
+    launches = []
+    for config_op, N, K_in, gated in (("moe_gate_up", I, H, True), ("moe_down", H, I, False)):
+        cfg = pick_config(configs, config_op, **shape)
+        bn, bk = cfg["block_n"], cfg.get("block_k", GENERIC_CONFIG["block_k"])
+        tile_flops = 2.0 * bm * bn * math.ceil(K_in / bk) * bk * (2 if gated else 1)
+        nbytes = BYTES_PER_ELEMENT * (touched * (2 if gated else 1) * N * K_in + slots * (N + K_in))
+        launches.append(Launch(row_blocks * math.ceil(N / bn), tile_flops, nbytes))
+    return launches
+
+
+def _attention(op, configs, B, dims):
+    S, D, heads = dims.seq_len, dims.head_dim, dims.n_heads
+    cfg = pick_config(configs, "attention", head_dim=D, elem_bytes=BYTES_PER_ELEMENT)
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    _, nbytes = work(op, B, dims)
+    rows = math.ceil(S / bm) * B * heads
+    if op == "attention_qk":
+        return [Launch(rows * math.ceil(S / bn), 2.0 * bm * bn * D, nbytes)]
+    # causal: a row block sees (i + 1) column blocks of bn; on average half the sequence plus one block
+    visible = min(S, (S + bm) / 2)
+    products = 2 if op == "flash_attention" else 1  # scores and values, or values alone
+    return [Launch(rows, 2.0 * bm * visible * D * products, nbytes)]
+
+
+def op_launches(op, batch_size, dims, configs=None):
+    """The launches of one call of ``op`` at ``batch_size`` (tokens; sequences for attention) and
+    ``dims``, with the block configs in ``configs`` (a table's ``kernel_configs``)."""
+    check_op(op)
+    B, H, I = batch_size, dims.d_model, dims.d_ff
+    if op in SEQUENCE_OPS:
+        return _attention(op, configs, B, dims)
+    if op == "fused_experts":
+        return _fused_experts(configs, B, dims)
+    if op in ("moe_router", "rms_norm", "residual_add"):  # no tensor-core tiles: memory and launch bound
+        flops, nbytes = work(op, B, dims)
+        tiles = math.ceil(B * H / ELEMENTWISE_BLOCK)
+        return [Launch(tiles, flops / tiles, nbytes)]
+    gemms = {"ffn_gate": [("matmul", I, H, False)], "ffn_up": [("matmul", I, H, False)],
+             "ffn_down": [("matmul", H, I, False)], "swiglu_gate_up": [("swiglu_gate_up", I, H, True)],
+             "swiglu_ffn": [("swiglu_gate_up", I, H, True), ("matmul", H, I, False)],
+             "qkv_projection": [("matmul", 3 * H, H, False)], "output_projection": [("matmul", H, H, False)],
+             "lm_head": [("matmul", dims.vocab_size, H, False)]}[op]
+    return [gemm(configs, config_op, B, N, K, gated) for config_op, N, K, gated in gemms]

@@ -1,0 +1,184 @@
+"""The shape-general cost model: the tile launches, the fit, costs at dims no table measured.
+
+The tables here are synthetic test data, generated in this file from the model's own formula
+with known constants (or from a known step), never a committed or reported measurement."""
+import math
+from dataclasses import asdict
+
+import pytest
+
+from calibration.results import write_json_atomic
+from calibration.sweep import SHAPE_SWEEP
+from costmodel.fit import Ceilings, OpFit, launch_times, work_totals
+from costmodel.kernel_cost_model import KernelCostModel
+from costmodel.ops import ModelDims
+from costmodel.shapes import gemm, op_launches, pick_config
+
+CEILINGS = Ceilings(peak_flops=8.0e14, hbm_bytes_per_s=3.0e12, sm_count=132, l2_bytes=50 * 2 ** 20)
+CONFIGS = {"matmul": {"entries": [{"when": {"max_m": 64}, "config": {"block_m": 16, "block_n": 64, "block_k": 64}},
+                                  {"config": {"block_m": 128, "block_n": 128, "block_k": 64}}]}}
+# the constants the synthetic measurements are generated with: what the fit must recover
+TRUE_FIT = OpFit(fixed_ms=0.003, compute_eff=0.7, tile_ms=0.0005, l2_eff=1.5, hbm_eff=0.85, hbm_eff_source="fitted",
+                 power_w=250.0, j_per_flop=0.4e-12, j_per_byte=60e-12, latency_rms=0.0, energy_rms=0.0)
+TOKEN_BATCHES = (1, 16, 256, 4096)
+
+
+def true_cost(op, batch_size, dims):
+    launches = op_launches(op, batch_size, dims, CONFIGS)
+    latency_ms = TRUE_FIT.latency_ms([launch_times(l, CEILINGS) for l in launches])
+    return latency_ms, TRUE_FIT.energy_j(latency_ms, *work_totals(launches))
+
+
+def model_table(shapes, ops=("ffn_gate", "swiglu_ffn", "fused_experts")):
+    """A table whose points follow TRUE_FIT exactly at ``shapes`` (the first is the table's dims)."""
+    table_dims = shapes[0]
+    points = {}
+    for op in ops:
+        points[op] = []
+        for dims in shapes:
+            for b in TOKEN_BATCHES:
+                latency_ms, energy_j = true_cost(op, b, dims)
+                point = {"batch_size": b, "latency_ms": latency_ms, "energy_j": energy_j, "memory_gb": 0.0}
+                points[op].append(point | ({} if dims == table_dims else {"dims": asdict(dims)}))
+    return {"schema": 1, "gpu": "TESTGPU", "source": "measured", "dims": asdict(table_dims), "idle_power_w": 70.0,
+            "peak_flops": CEILINGS.peak_flops, "hbm_bytes_per_s": CEILINGS.hbm_bytes_per_s,
+            "sm_count": CEILINGS.sm_count, "l2_cache_bytes": CEILINGS.l2_bytes, "kernel_configs": CONFIGS,
+            "ops": {op: {"points": pts} for op, pts in points.items()}}
+
+
+@pytest.fixture
+def swept_model(tmp_path):
+    write_json_atomic(tmp_path / "t.json", model_table((ModelDims(),) + SHAPE_SWEEP))
+    return KernelCostModel(table=tmp_path / "t.json")
+
+
+HELD_OUT = [ModelDims(d_model=1536, d_ff=6144, n_heads=12, num_experts=16, top_k=4),
+            ModelDims(d_model=2048, d_ff=1024, n_heads=16, num_experts=64, top_k=8),
+            ModelDims(d_model=512, d_ff=2048, n_heads=8, num_experts=8, top_k=2)]
+
+
+@pytest.mark.parametrize("dims", HELD_OUT, ids=lambda d: f"H{d.d_model}_I{d.d_ff}_E{d.num_experts}")
+@pytest.mark.parametrize("op", ["ffn_gate", "swiglu_ffn", "fused_experts"])
+def test_costs_carry_to_shapes_the_table_never_measured(swept_model, op, dims):
+    for b in (3, 48, 700, 3000):
+        cost = swept_model.get_cost(op, b, dims=dims)
+        latency_ms, energy_j = true_cost(op, b, dims)
+        assert cost["source"] == "modelled" and cost["dims"] == asdict(dims)
+        assert cost["latency_ms"] == pytest.approx(latency_ms, rel=0.03), (op, b)
+        assert cost["energy_joules"] == pytest.approx(energy_j, rel=0.03), (op, b)
+
+
+def test_the_fit_recovers_the_generating_constants(swept_model):
+    fit = swept_model.shapes.fit("swiglu_ffn")
+    assert fit.hbm_eff_source == "fitted"  # the Mixtral-sized shape streams from HBM
+    assert fit.compute_eff == pytest.approx(TRUE_FIT.compute_eff, rel=0.1)
+    assert fit.hbm_eff == pytest.approx(TRUE_FIT.hbm_eff, rel=0.1)
+    assert fit.latency_rms < 0.02 and fit.energy_rms < 0.02
+
+
+def test_a_measured_shape_passes_through_its_points(swept_model):
+    dims = SHAPE_SWEEP[1]
+    for b in TOKEN_BATCHES:
+        cost = swept_model.get_cost("fused_experts", b, dims=dims)
+        assert cost["source"] == "measured"
+        assert cost["latency_ms"] == pytest.approx(true_cost("fused_experts", b, dims)[0], rel=1e-9)
+    assert swept_model.get_cost("fused_experts", 100, dims=dims)["source"] == "interpolated"
+    assert swept_model.is_measured_shape("fused_experts", dims) and not swept_model.is_measured_shape(
+        "fused_experts", HELD_OUT[0])
+
+
+def test_a_tile_size_step_is_predicted_not_smoothed_over(tmp_path):
+    """Points at 64 and 256 tokens only: between them the config switches from 16-row to 128-row
+    tiles at 65, and the wave count jumps; straight interpolation would miss the step at 96."""
+    dims = ModelDims(d_model=4096, d_ff=14336, n_heads=32)
+    table = model_table((dims,), ops=("ffn_gate",))
+    table["ops"]["ffn_gate"]["points"] = [
+        {"batch_size": b, "latency_ms": true_cost("ffn_gate", b, dims)[0],
+         "energy_j": true_cost("ffn_gate", b, dims)[1], "memory_gb": 0.0} for b in (1, 16, 64, 256, 1024, 4096)]
+    write_json_atomic(tmp_path / "t.json", table)
+    model = KernelCostModel(table=tmp_path / "t.json")
+    for b in (65, 96, 130, 200):
+        assert model.get_cost("ffn_gate", b)["latency_ms"] == pytest.approx(true_cost("ffn_gate", b, dims)[0],
+                                                                         rel=0.02), b
+
+
+def test_with_dims_keeps_the_table_and_changes_the_default_shape(swept_model):
+    wide = swept_model.with_dims(d_model=1536, d_ff=6144, n_heads=12)
+    assert wide.dims.d_model == 1536 and wide.table is swept_model.table and swept_model.dims == ModelDims()
+    assert wide.get_cost("ffn_gate", 64) == swept_model.get_cost("ffn_gate", 64, dims=wide.dims)
+    assert KernelCostModel(table=wide.path, dims=wide.dims).get_cost("ffn_gate", 64) == wide.get_cost("ffn_gate", 64)
+    assert wide.device_curves("ffn_gate")["latency_ms"] != swept_model.device_curves("ffn_gate")["latency_ms"]
+
+
+def test_the_packaged_table_costs_a_real_models_shape():
+    """The issue's case: the H100 table, measured at the harness's dims, costs a Mixtral expert."""
+    model = KernelCostModel("H100")
+    mixtral = ModelDims(d_model=4096, d_ff=14336, n_heads=32, num_experts=8, top_k=2)
+    cost = model.get_cost("fused_experts", 1, dims=mixtral)
+    assert cost["source"] == "modelled"
+    # decode reads two experts' weights from HBM: never faster than the copy ceiling allows
+    weight_bytes = 2 * 3 * 4096 * 14336 * 2
+    assert cost["latency_ms"] * 1e-3 >= weight_bytes / model.table["hbm_bytes_per_s"]
+
+
+@pytest.mark.parametrize("dims, error, match", [
+    ("H100", TypeError, "dims must be a ModelDims"),
+    ({"d_model": 256, "width": 3}, ValueError, r"dims has unknown fields \['width'\]"),
+    ({"d_model": 0}, ValueError, "dims: d_model must be a positive int"),
+    ({"d_model": 250, "n_heads": 4}, ValueError, "dims: d_model .* multiple of n_heads"),
+])
+def test_bad_dims_are_refused_naming_them(swept_model, dims, error, match):
+    with pytest.raises(error, match=match):
+        swept_model.get_cost("ffn_gate", 4, dims=dims)
+    with pytest.raises(error, match=match):
+        swept_model.with_dims(dims)
+
+
+def test_pick_config_reads_entries_like_the_kernels():
+    assert pick_config(CONFIGS, "matmul", m=64, n=1, k=1)["block_m"] == 16
+    assert pick_config(CONFIGS, "matmul", m=65, n=1, k=1)["block_m"] == 128
+    assert pick_config(None, "matmul", m=1)["block_m"] == 128  # no configs: the generic tile
+    launch = gemm(CONFIGS, "matmul", 96, 300, 100)
+    assert launch.tiles == 1 * 3 and launch.tile_flops == 2.0 * 128 * 128 * 128  # padded rows, columns and K
+
+
+def test_fused_experts_counts_padded_row_blocks_of_the_touched_experts():
+    dims = ModelDims(d_model=64, d_ff=128, n_heads=1, num_experts=8, top_k=2)
+    configs = {"moe_gate_up": {"entries": [{"config": {"block_m": 16, "block_n": 64, "block_k": 32}}]},
+               "moe_down": {"entries": [{"config": {"block_n": 32, "block_k": 32}}]}}
+    gate_up, down = op_launches("fused_experts", 1, dims, configs)  # 2 slots: two experts, one row block each
+    assert gate_up.tiles == 2 * math.ceil(128 / 64) and down.tiles == 2 * math.ceil(64 / 32)
+    gate_up, _ = op_launches("fused_experts", 100, dims, configs)  # 200 slots on 8 experts: 25 rows -> 2 blocks
+    assert gate_up.tiles == 8 * 2 * 2
+
+
+def test_latency_only_points_load_but_an_op_needs_one_metered_point(tmp_path):
+    table = model_table((ModelDims(),), ops=("ffn_gate",))
+    table["ops"]["ffn_gate"]["points"][1]["energy_j"] = None
+    write_json_atomic(tmp_path / "t.json", table)
+    assert KernelCostModel(table=tmp_path / "t.json").get_cost("ffn_gate", 16)["energy_joules"] > 0
+    for point in table["ops"]["ffn_gate"]["points"]:
+        point["energy_j"] = None
+    write_json_atomic(tmp_path / "t.json", table)
+    with pytest.raises(ValueError, match="no point with a measured energy_j"):
+        KernelCostModel(table=tmp_path / "t.json")
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("sm_count", 0, "'sm_count' must be a positive int"),
+    ("l2_cache_bytes", 1.5, "'l2_cache_bytes' must be a positive int"),
+    ("kernel_configs", {"matmul": {"entries": [{"config": {"block_m": -16}}]}}, r"\['block_m'\] must be a positive"),
+])
+def test_bad_device_facts_are_refused_naming_the_field(tmp_path, key, value, match):
+    write_json_atomic(tmp_path / "t.json", model_table((ModelDims(),), ops=("ffn_gate",)) | {key: value})
+    with pytest.raises(ValueError, match=match):
+        KernelCostModel(table=tmp_path / "t.json")
+
+
+def test_repeated_points_are_refused_per_shape(tmp_path):
+    table = model_table((ModelDims(), SHAPE_SWEEP[0]), ops=("ffn_gate",))
+    points = table["ops"]["ffn_gate"]["points"]
+    points.append(dict(points[-1]))  # the same (dims, batch) twice
+    write_json_atomic(tmp_path / "t.json", table)
+    with pytest.raises(ValueError, match="repeated batch_size"):
+        KernelCostModel(table=tmp_path / "t.json")
