@@ -46,6 +46,12 @@ class ModelDims:
         return self.d_model // self.n_heads
 
 
+def expected_experts(batch_size, num_experts, top_k):
+    """Distinct experts ``batch_size`` tokens touch when each picks ``top_k`` of ``num_experts``
+    uniformly: E (1 - (1 - K/E)^B); K at one token, E for many. ``batch_size`` may be a tensor."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch_size)
+
+
 def check_op(op):
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; the cost model knows {', '.join(OPS)}")
@@ -82,6 +88,6 @@ def work(op, batch_size, dims):
         return 4.0 * B * H, b * (2 * B * H + H)
     if op == "residual_add":
         return 1.0 * B * H, b * 3 * B * H
-    # fused_experts: each touched expert's weights are read once (B may be a tensor: the device table)
-    touched = min(E, B * K) if isinstance(B, (int, float)) else (B * K).clamp(max=E)
+    # fused_experts: each touched expert's weights are read once
+    touched = expected_experts(B, E, K)
     return 6.0 * B * K * H * I, b * (2 * B * H + touched * 3 * H * I + 2 * B * K * I)

@@ -9,12 +9,12 @@ that config makes, and the tensor-core FLOPs a tile runs *including padding* (a 
 
 A ``Launch`` is one kernel launch; ``op_launches(op, batch_size, dims, configs)`` lists an op's.
 Tiles are counted at the expected routing for ``fused_experts``: ``batch_size * top_k`` slots
-spread evenly over ``min(num_experts, batch_size * top_k)`` experts.
+spread evenly over the experts uniform routing touches (``costmodel.ops.expected_experts``).
 """
 import math
 from dataclasses import dataclass
 
-from costmodel.ops import BYTES_PER_ELEMENT, SEQUENCE_OPS, check_op, work
+from costmodel.ops import BYTES_PER_ELEMENT, SEQUENCE_OPS, check_op, expected_experts, work
 
 # the tile a table without kernel configs assumes (a prior, or a table older than the section)
 GENERIC_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 64}
@@ -62,7 +62,7 @@ def _fused_experts(configs, B, dims):
     rows padded to a multiple of its ``block_m``)."""
     H, I, E, K = dims.d_model, dims.d_ff, dims.num_experts, dims.top_k
     slots = B * K
-    touched = min(E, slots)
+    touched = expected_experts(B, E, K)
     shape = {"slots_per_expert": slots // E, "e": E, "i": I, "elem_bytes": BYTES_PER_ELEMENT}
     bm = pick_config(configs, "moe_gate_up", **shape)["block_m"]
     row_blocks = touched * math.ceil(slots / touched / bm)

@@ -148,8 +148,8 @@ def test_fused_experts_counts_padded_row_blocks_of_the_touched_experts():
                "moe_down": {"entries": [{"config": {"block_n": 32, "block_k": 32}}]}}
     gate_up, down = op_launches("fused_experts", 1, dims, configs)  # 2 slots: two experts, one row block each
     assert gate_up.tiles == 2 * math.ceil(128 / 64) and down.tiles == 2 * math.ceil(64 / 32)
-    gate_up, _ = op_launches("fused_experts", 100, dims, configs)  # 200 slots on 8 experts: 25 rows -> 2 blocks
-    assert gate_up.tiles == 8 * 2 * 2
+    gate_up, _ = op_launches("fused_experts", 100, dims, configs)  # 200 slots on ~8 experts: 25 rows -> 2 blocks
+    assert gate_up.tiles == pytest.approx(8 * 2 * 2)
 
 
 def test_latency_only_points_load_but_an_op_needs_one_metered_point(tmp_path):
