@@ -46,7 +46,8 @@ def parse_args(argv):
     for name, default in asdict(ModelDims()).items():
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--window_s", type=window_s, default=1.0, help="energy window (>= 1 s)")
-    parser.add_argument("--trials", type=positive_int, default=2, help="windows per point (median and spread)")
+    parser.add_argument("--trials", type=positive_int, default=1,
+                        help="energy windows per point at the table's dims (2 or more also give a spread; each adds ~1.2 s a point)")
     parser.add_argument("--ops", type=comma_list(choices=OPS), default=",".join(OPS),
                         help="comma-separated subset of the ops")
     parser.add_argument("--pressure_shares", type=comma_list(hbm_share, allow_empty=True), default="0.5,0.9",
