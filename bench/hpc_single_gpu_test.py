@@ -39,7 +39,7 @@ from bench.harness.policies import parse_keep
 from bench.harness.report import write_outputs
 from calibration.sweep import gpu_matches
 from costmodel.kernel_cost_model import KernelCostModel
-from router.energy_router import _check_objective_weights
+from router.options import check_objective_weights
 
 CPU_SIZES = {"d_model": 64, "num_layers": 2, "batch_size": 2, "seq_length": 64, "decode": "1,4", "eval_bytes": 2048}
 MODE_CHOICES = ("graph", "eager", "both")
@@ -65,7 +65,7 @@ def objective_weights(text):
     try:
         pairs = dict(item.split("=") for item in text.split(","))
         weights = {key.strip(): float(value) for key, value in pairs.items()}
-        return _check_objective_weights(weights)
+        return check_objective_weights(weights)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"must look like energy=1,latency=0,quality=10 (non-negative, finite, "
                                          f"quality > 0 with a cost weight), got {text!r}: {exc}") from None

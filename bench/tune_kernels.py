@@ -15,8 +15,8 @@ import triton.testing
 
 from bench.kernels import rel_error
 from calibration.results import provenance, write_json_atomic
-from kernels import _config
-from kernels.attention import _flash_attention
+from kernels import config as _config
+from kernels.attention import launch_flash_attention
 from kernels.matmul import launch_matmul
 
 # pointer kernel; TMA; persistent TMA; persistent TMA with warp-specialised loads
@@ -92,7 +92,7 @@ def _attention_bucket(shape, candidates, dtype, gen):
     q, k, v = (torch.randn(B, H, S, D, device="cuda", generator=gen).to(dtype) for _ in range(3))
     scale = D ** -0.5
     return time_candidates(
-        candidates, lambda cfg: _flash_attention(q, k, v, True, scale, cfg),
+        candidates, lambda cfg: launch_flash_attention(q, k, v, True, scale, cfg),
         lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 

@@ -15,7 +15,7 @@ import torch
 from bench import moe_cases
 from bench._cli import comma_list
 from bench.tune_kernels import time_candidates, write_tuned
-from kernels.fused_experts import _launch_expert_gemm, concatenated_weights
+from kernels.fused_experts import launch_expert_gemm, concatenated_weights
 from kernels.routing import group_by_expert
 
 DECODE = [(32, 128, 4, 4, 1), (64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (128, 128, 4, 3, 1), (32, 256, 4, 3, 1)]
@@ -73,11 +73,11 @@ def tune_point(shape, T, dtype, device="cuda"):
         blocks = group_by_expert(ids, shape.E, block_m)
 
         def run_gate_up(cfg):
-            _launch_expert_gemm(x, gate_up_view, h, blocks, None, shape.K, True, cfg, False)
+            launch_expert_gemm(x, gate_up_view, h, blocks, None, shape.K, True, cfg, False)
             return h
 
         def run_down(cfg):
-            _launch_expert_gemm(h_in, down_view, y, blocks, flat_w, shape.K, False, cfg, False)
+            launch_expert_gemm(h_in, down_view, y, blocks, flat_w, shape.K, False, cfg, False)
             return y
         results = {"gate_up": time_candidates([_cfg(t) for t in tiles], run_gate_up, lambda: h_ref),
                    "down": time_candidates([_cfg(t) for t in tiles], run_down, lambda: y_ref)}

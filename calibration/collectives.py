@@ -27,11 +27,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from calibration._validate import check_meter
+from calibration.validate import check_meter
 from calibration.energy import (check_idle_power_w, check_window_s, event_times_ms, measure_idle_power_w,
                                 wait_for_counter_update)
 from calibration.nvml_meter import meter_for_cuda_device
-from costmodel._validate import count
+from costmodel.validate import count
 from costmodel.ops import BYTES_PER_ELEMENT
 
 WARMUP_CALLS = 3

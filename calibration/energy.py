@@ -16,8 +16,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from calibration._validate import check_meter
-from costmodel._validate import MAX_BOARD_POWER_W, count, finite_number
+from calibration.validate import check_meter
+from costmodel.validate import MAX_BOARD_POWER_W, count, finite_number
 
 MIN_WINDOW_S = 1.0  # 10+ updates of the ~100 ms energy counter
 

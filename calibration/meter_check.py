@@ -24,9 +24,9 @@ import statistics
 import threading
 import time
 
-from calibration._validate import check_meter
+from calibration.validate import check_meter
 from calibration.energy import _counter_energy_j, check_idle_power_w, check_window_s, wait_for_counter_update
-from costmodel._validate import count
+from costmodel.validate import count
 
 METHODS = ("ours", "zeus", "zeus_aligned", "power_integral")
 AGREEMENT = 0.01  # the bound on |ours / zeus - 1|

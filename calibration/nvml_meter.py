@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from calibration._validate import check_meter
-from costmodel._validate import count, finite_number
+from calibration.validate import check_meter
+from costmodel.validate import count, finite_number
 
 MIN_SAMPLE_INTERVAL_S = 0.1  # NVML's energy counter and power average update about every 100 ms
 

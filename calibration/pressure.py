@@ -12,9 +12,9 @@ run). The hog's copies also occupy SMs, as any real neighbour's kernels would.
 import statistics
 import time
 
-from calibration._validate import check_meter
+from calibration.validate import check_meter
 from calibration.energy import median_event_ms
-from costmodel._validate import finite_number
+from costmodel.validate import finite_number
 
 HOG_BUFFER_BYTES = 256 * 2 ** 20  # far beyond L2, so every copy goes to HBM
 

@@ -62,7 +62,7 @@ def nvidia_driver_version():
 
 def provenance():
     """Where and with what a result was measured."""
-    from kernels._config import config_sources  # here, not at import: importing kernels fixes TRITON_INTERPRET
+    from kernels import config_sources  # here, not at import: importing kernels fixes TRITON_INTERPRET
     on_gpu = torch.cuda.is_available()
     return {
         "gpu": torch.cuda.get_device_name() if on_gpu else None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from costmodel._validate import ABSOLUTE_ZERO_C, MAX_GPU_TEMP_C, count, finite_number
+from costmodel.validate import ABSOLUTE_ZERO_C, MAX_GPU_TEMP_C, count, finite_number
 
 
 @dataclass(frozen=True)

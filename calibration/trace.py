@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict, fields
 from types import SimpleNamespace
 
-from calibration._validate import check_meter
+from calibration.validate import check_meter
 from calibration.nvml_meter import BackgroundSampler, GpuMeter, GpuReading
-from costmodel._validate import finite_number
+from costmodel.validate import finite_number
 
 # what every reading of a trace records (``missing``, the reasons, is optional)
 READING_FIELDS = tuple(f.name for f in fields(GpuReading) if f.name != "missing")

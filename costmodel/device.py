@@ -5,7 +5,7 @@ with torch ops only, so a prediction never syncs the host and a CUDA graph can c
 """
 import math
 
-from costmodel._validate import ABSOLUTE_ZERO_C
+from costmodel.validate import ABSOLUTE_ZERO_C
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import work
 

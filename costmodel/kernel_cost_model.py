@@ -21,7 +21,7 @@ import warnings
 
 from dataclasses import asdict, fields
 
-from costmodel._validate import ABSOLUTE_ZERO_C, count, finite_number, real
+from costmodel.validate import ABSOLUTE_ZERO_C, count, finite_number, real
 from costmodel.comm import comm_curves, interpolate_comm, piecewise_linear, secant_slope
 from costmodel.curves import ShapeModel
 from costmodel.ops import COMM_OPS, ModelDims, check_op, work

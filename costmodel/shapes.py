@@ -39,7 +39,7 @@ def _holds(bound_key, bound, shape):
 
 def pick_config(configs, config_op, **shape):
     """The block config our kernel picks for ``shape`` (the first entry whose ``when`` bounds hold,
-    as ``kernels._config.select_config`` reads the same entries); ``GENERIC_CONFIG`` without entries."""
+    as ``kernels.config.select_config`` reads the same entries); ``GENERIC_CONFIG`` without entries."""
     for entry in (configs or {}).get(config_op, {}).get("entries", ()):
         if all(_holds(key, bound, shape) for key, bound in entry.get("when", {}).items()):
             return entry["config"]

@@ -13,10 +13,21 @@ per-GPU JSON files in ``kernels/configs``. ``route``, ``policy_routing``, ``fuse
 around them. On a machine without CUDA the kernels run under Triton's interpreter
 (``TRITON_INTERPRET=1``), slowly.
 
+Each op's module follows one pattern (``kernels/matmul.py``, ``attention.py``, ``routing.py``,
+``policy_routing.py``, ``fused_experts.py``, ``gather_sum.py``, ...): the Triton kernel
+``_<op>_kernel`` with shape comments; its launcher ``launch_<op>`` on already-checked inputs,
+which reads its block config by key from ``kernels.config.lookup("<config key>", ...)``
+(``configs/<config key>/<GPU>.json``); the custom op (``kernels._library.kernel_op``: fake and
+reference autograd); the public function ``<op>``, which checks its arguments
+(``kernels.validate``) and calls the op; and ``<op>_reference``, the same in torch. Its tests are
+``tests/test_<module>.py`` (the plain GEMM under the SwiGLU kernels' ``tests/test_swiglu.py``)
+and its benchmarks in ``bench/bench_kernels.py`` / ``bench_moe.py``, by the op's name. The GEMM tile helpers are public in ``kernels.tiles``; ``TRITON_INTERPRET`` is set once,
+by ``tests/conftest.py`` and ``bench/__init__.py``.
+
 This package's import name, ``kernels``, is also Hugging Face's ``kernels`` package: the two
 cannot be installed side by side.
 """
-from kernels._config import config_entries
+from kernels.config import config_entries, config_sources
 from kernels._name_clash import warn_if_hub_kernels_installed
 from kernels.attention import attention_av, attention_qk, flash_attention
 from kernels.decode_attention import decode_attention
@@ -35,5 +46,5 @@ __all__ = [
     "attention_av", "attention_qk", "decode_attention", "flash_attention", "matmul",
     "ffn_down", "ffn_gate", "ffn_up", "swiglu_ffn", "swiglu_gate_up",
     "FusedMoE", "TopKRouter", "fused_experts", "patch_hf_model", "policy_routing", "register_hf_experts_implementation",
-    "config_entries", "route",
+    "config_entries", "config_sources", "route",
 ]

@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import _config
+from kernels import config as _config
 from kernels._autograd import apply_with_reference_grad
 from kernels._library import kernel_op
-from kernels._validate import (check_bool, check_dim, check_same_dtype_device, check_sm_scale, check_tensor,
+from kernels.validate import (check_bool, check_dim, check_same_dtype_device, check_sm_scale, check_tensor,
                                dot_precision, tma_compatible)
 
 HEAD_DIMS = (32, 64, 128)
@@ -218,7 +218,7 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _flash_attention(q, k, v, causal, sm_scale, cfg=None):
+def launch_flash_attention(q, k, v, causal, sm_scale, cfg=None):
     B, H, S_Q, D = q.shape
     H_KV, S_KV = k.shape[1], k.shape[2]
     strides = (*_strides(q), *_strides(k), *_strides(v))
@@ -272,7 +272,7 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
 
 _flash_attention_op = kernel_op(
     "flash_attention", "(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale) -> Tensor",
-    _flash_attention,
+    launch_flash_attention,
     fake=lambda q, k, v, causal, sm_scale: torch.empty_like(q), reference=flash_attention_reference)
 
 

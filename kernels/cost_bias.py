@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import FLOAT32_MAX, INDEX_DTYPES, check_float, check_tensor
+from kernels.validate import FLOAT32_MAX, INDEX_DTYPES, check_float, check_tensor
 from kernels.pinned_state import readable_in_place
 from kernels.routing_stats import expert_loads_reference
 

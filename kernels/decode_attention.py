@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels._autograd import apply_with_reference_grad
-from kernels._validate import INDEX_DTYPES, check_dim, check_same_dtype_device, check_sm_scale, check_tensor
+from kernels.validate import INDEX_DTYPES, check_dim, check_same_dtype_device, check_sm_scale, check_tensor
 
 HEAD_DIMS = (32, 64, 128)
 LOG2_E = 1.4426950408889634

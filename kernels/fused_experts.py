@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _config
+from kernels import config as _config
 from kernels._library import kernel_op
-from kernels._validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_dtype_device, check_tensor,
+from kernels.validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_dtype_device, check_tensor,
                                dot_precision)
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
@@ -140,7 +140,7 @@ class ExpertWeights:
     limit: float = 0.0
 
 
-def _launch_expert_gemm(a, weights, out, blocks, topk_weights, top_k, gather_tokens, cfg, persistent):
+def launch_expert_gemm(a, weights, out, blocks, topk_weights, top_k, gather_tokens, cfg, persistent):
     N, K = out.shape[1], a.shape[1]
     w, bias = weights.w, weights.bias
     n_row_blocks = blocks.block_experts.shape[0]
@@ -211,10 +211,10 @@ def run_experts(hidden_states, gate_up, down, topk_ids, topk_weights, configs=No
     cfg_gate_up, cfg_down = configs or expert_configs(hidden_states, E, intermediate_size, n_slots)
     blocks = group_by_expert(topk_ids, E, cfg_gate_up["block_m"])
     intermediate = torch.empty((n_slots, intermediate_size), dtype=hidden_states.dtype, device=hidden_states.device)
-    _launch_expert_gemm(hidden_states, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, persistent)
+    launch_expert_gemm(hidden_states, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, persistent)
     per_slot = torch.empty((n_slots, H), dtype=hidden_states.dtype, device=hidden_states.device)
     weights = topk_weights.contiguous().view(-1)  # the kernel indexes it by slot with unit stride
-    _launch_expert_gemm(intermediate, down, per_slot, blocks, weights, top_k, False, cfg_down, persistent)
+    launch_expert_gemm(intermediate, down, per_slot, blocks, weights, top_k, False, cfg_down, persistent)
     # fixed-order, deterministic sum over each token's slots; slots of out-of-range ids (dropped,
     # never written) are skipped: expert parallelism sends every rank ids outside its experts
     return launch_gather_sum(per_slot, topk_ids, out, num_experts=E)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels._library import kernel_op
-from kernels._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from kernels.validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 
 @triton.jit

@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import _config
+from kernels import config as _config
 from kernels._autograd import apply_with_reference_grad
-from kernels._validate import check_dim, check_same_dtype_device, check_tensor, dot_precision, tma_compatible
+from kernels.validate import check_dim, check_same_dtype_device, check_tensor, dot_precision, tma_compatible
 from kernels.tiles import tile_coords, tile_product
 
 

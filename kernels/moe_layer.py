@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels._validate import check_dim, check_int, check_same_dtype_device, check_tensor
+from kernels.validate import check_dim, check_int, check_same_dtype_device, check_tensor
 from kernels.expert_parallel import expert_parallel_experts
 from kernels.fused_experts import fused_experts, gpt_oss_experts
 from kernels.routing import check_selection_bias, route_checked

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels._library import kernel_op
-from kernels._validate import check_bool, check_float, check_int, check_tensor
+from kernels.validate import check_bool, check_float, check_int, check_tensor
 from kernels.cost_bias import _bias_from_loads, _check, _check_extra_cost, _constants, bias_from_loads_reference
 from kernels.routing import (UNSELECTABLE, _bias_vector, _pick, _probabilities, _renormalized, _selection, _top_k,
                              check_selection_bias, launch_config, route_reference)
@@ -236,11 +236,11 @@ def policy_routing(router_logits, top_k, *, fill, keep_top_k=None, keep_share=No
     cost_tensors, constants, flags = _cost_arguments(cost, E, router_logits)
     args = (router_logits, top_k, keep_top_k or 0, keep_share or 0.0, keep_share is not None, selection_bias,
             renormalize, fill == "cost", *cost_tensors, constants, *flags)
-    routing = _launch_policy(*args, config=config) if config is not None else _policy_routing_op(*args)
+    routing = launch_policy_routing(*args, config=config) if config is not None else _policy_routing_op(*args)
     return PolicyRouting(*routing)
 
 
-def _launch_policy(router_logits, top_k, keep_top_k, keep_share, keep_by_share, selection_bias, renormalize,
+def launch_policy_routing(router_logits, top_k, keep_top_k, keep_share, keep_by_share, selection_bias, renormalize,
                    fill_by_cost, packed, hardware_state, bias_offsets, extra_cost, constants, n_table, n_clock,
                    n_pressure, has_extra, config=None):
     """The one or two launches on validated, flattened arguments (what the custom op runs):
@@ -285,7 +285,7 @@ _policy_routing_op = kernel_op(
     "bool renormalize, bool fill_by_cost, Tensor packed, Tensor hardware_state, Tensor bias_offsets, "
     "Tensor extra_cost, float[] constants, int n_table, int n_clock, int n_pressure, bool has_extra) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _launch_policy, fake=_policy_fake)
+    launch_policy_routing, fake=_policy_fake)
 
 
 def _check_logits(router_logits):

@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _config
+from kernels import config as _config
 from kernels._library import kernel_op
-from kernels._validate import INDEX_DTYPES, check_bool, check_int, check_tensor
+from kernels.validate import INDEX_DTYPES, check_bool, check_int, check_tensor
 
 # the selection score of every unselectable expert: float32's lowest, below any selectable score,
 # and finite, so spare slots still pick K distinct experts (the lowest indices)
@@ -247,14 +247,14 @@ def _route_fake(router_logits, top_k, selection_bias, renormalize):
             router_logits.new_empty((T, top_k), dtype=torch.int32), router_logits.new_empty((1,), dtype=torch.int32))
 
 
-def _route_launch(router_logits, top_k, selection_bias, renormalize):
+def launch_route(router_logits, top_k, selection_bias, renormalize):
     routing = topk_routing(router_logits, top_k, selection_bias, renormalize)
     return routing.topk_weights, routing.topk_ids, routing.nan_tokens
 
 
 _route_op = kernel_op(
     "route", "(Tensor router_logits, int top_k, Tensor? selection_bias, bool renormalize) -> (Tensor, Tensor, Tensor)",
-    _route_launch, fake=_route_fake)
+    launch_route, fake=_route_fake)
 
 
 def route_checked(router_logits, top_k, selection_bias=None, renormalize=True):

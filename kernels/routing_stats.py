@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import INDEX_DTYPES, check_int, check_tensor
+from kernels.validate import INDEX_DTYPES, check_int, check_tensor
 
 STAT_FIELDS = ("calls", "tokens", "rerouted_tokens", "changed_slots", "distinct_experts", "plain_distinct_experts",
                "nan_tokens", "active_slots")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kernels._autograd import apply_with_reference_grad
 from kernels._library import kernel_op
-from kernels._validate import check_dim, check_same_dtype_device, check_tensor
+from kernels.validate import check_dim, check_same_dtype_device, check_tensor
 from kernels.matmul import _matmul_2d, as_rows, check_projection, launch_matmul, matmul_reference
 
 

@@ -27,9 +27,9 @@ from collections import deque
 
 import torch
 
-from calibration._validate import check_meter
+from calibration.validate import check_meter
 from calibration.nvml_meter import MIN_SAMPLE_INTERVAL_S, BackgroundSampler, GpuMeter, check_interval_s
-from costmodel._validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C, count
+from costmodel.validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C, count
 
 STATE_FIELDS = ("temperature_c", "power_w", "memory_bandwidth_util")
 METER_CALLS = ("available", "unavailable_reason", "temperature_thresholds_c")

@@ -16,7 +16,7 @@ same statistics ``EnergyAwareTTTRouter.stats()`` reports.
 """
 import torch
 
-from kernels._validate import check_bool, check_int
+from kernels.validate import check_bool, check_int
 from kernels.moe_layer import TopKRouter
 from kernels.policy_routing import policy_routing
 from kernels.routing_stats import STAT_FIELDS, routing_tallies, tally_summary

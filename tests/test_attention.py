@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.attention import _flash_attention, attention_av_reference, attention_qk_reference, flash_attention_reference
+from kernels.attention import launch_flash_attention, attention_av_reference, attention_qk_reference, flash_attention_reference
 from tests.conftest import DTYPES, assert_matches, randn
 
 # (B, H_q, H_kv, S_q, S_kv, D): what each exercises
@@ -64,7 +64,7 @@ VARIANTS = {
 def test_flash_attention_kernel_variants(B, Hq, Hkv, Sq, Skv, D, causal, dtype, variant):
     """Every kernel variant a config can pick, with tails that cross block and head boundaries."""
     q, k, v = qkv(B, Hq, Hkv, Sq, Skv, D, dtype)
-    out = _flash_attention(q, k, v, causal, D ** -0.5, cfg=VARIANTS[variant])
+    out = launch_flash_attention(q, k, v, causal, D ** -0.5, cfg=VARIANTS[variant])
     assert_matches(out, sdpa64(q, k, v, causal), dtype)
 
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from kernels import _config
+from kernels import config as _config
 from kernels.routing import launch_config
 
 ROUTING_OPS = ("topk_routing", "policy_routing")

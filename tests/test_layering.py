@@ -30,3 +30,24 @@ def test_a_lower_layer_imports_nothing_above_it(package):
     wrong = {str(path.relative_to(ROOT)): sorted(imported_packages(path) - MAY_IMPORT[package])
              for path in (ROOT / package).rglob("*.py")}
     assert {module: names for module, names in wrong.items() if names} == {}
+
+
+def private_imports(path, package):
+    """Modules of *another* of our packages that ``path`` imports by a private name (``x._y``, ``_f``)."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            top = node.module.split(".")[0]
+            if top in OURS and top != package:
+                private = [p for p in node.module.split(".")[1:] if p.startswith("_")]
+                private += [a.name for a in node.names if a.name.startswith("_")]
+                if private:
+                    found.append(f"{node.module}: {private}")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(OURS))
+def test_no_package_reaches_into_anothers_private_names(package):
+    wrong = {str(path.relative_to(ROOT)): private_imports(path, package) for path in (ROOT / package).rglob("*.py")}
+    assert {module: names for module, names in wrong.items() if names} == {}

@@ -140,7 +140,7 @@ def test_matmul_mixed_devices():
 
 
 def test_cpu_tensor_without_interpreter_is_rejected(monkeypatch):
-    monkeypatch.setattr(kernels._validate, "INTERPRETER_AT_IMPORT", False)  # as if imported without it
+    monkeypatch.setattr(kernels.validate, "INTERPRETER_AT_IMPORT", False)  # as if imported without it
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="x is on cpu; the Triton kernels need a CUDA tensor"):
         kernels.matmul(torch.randn(2, 4), torch.randn(3, 4))

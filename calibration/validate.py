@@ -1,4 +1,4 @@
-"""The meter check shared by calibration and the hardware monitor (numbers: ``costmodel._validate``)."""
+"""The meter check shared by calibration and the hardware monitor (numbers: ``costmodel.validate``)."""
 
 
 def check_meter(name, meter, *attributes):
