@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 from bench._cli import checked_output_file, positive_int, window_s
-from calibration.sweep import gpu_matches
 from calibration.collectives import measure_all_to_all
 from calibration.results import provenance, write_json_atomic
+from calibration.sweep import gpu_matches
 from costmodel.ops import BYTES_PER_ELEMENT
 from costmodel.table import find_table, load_table, user_table_dir
 

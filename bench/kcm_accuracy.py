@@ -20,8 +20,8 @@ import sys
 import torch
 
 from bench._cli import check_gpu, checked_output_file, positive_int
-from bench.harness.models import TransformerLM
 from bench.harness.accuracy import summarise
+from bench.harness.models import TransformerLM
 from calibration.energy import EagerRunner, GraphRunner, measure_energy
 from calibration.nvml_meter import GpuMeter
 from calibration.results import provenance, write_json_atomic

@@ -13,7 +13,6 @@ import kernels
 from kernels.fused_experts import fused_experts_reference
 
 
-
 @dataclass(frozen=True)
 class MoeShape:
     name: str

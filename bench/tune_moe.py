@@ -15,7 +15,7 @@ import torch
 from bench import moe_cases
 from bench._cli import comma_list
 from bench.tune_kernels import time_candidates, write_tuned
-from kernels.fused_experts import launch_expert_gemm, concatenated_weights
+from kernels.fused_experts import concatenated_weights, launch_expert_gemm
 from kernels.routing import group_by_expert
 
 DECODE = [(32, 128, 4, 4, 1), (64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (128, 128, 4, 3, 1), (32, 256, 4, 3, 1)]

@@ -27,12 +27,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from calibration.validate import check_meter
 from calibration.energy import (check_idle_power_w, check_window_s, event_times_ms, measure_idle_power_w,
                                 wait_for_counter_update)
 from calibration.nvml_meter import meter_for_cuda_device
-from costmodel.validate import count
+from calibration.validate import check_meter
 from costmodel.ops import BYTES_PER_ELEMENT
+from costmodel.validate import count
 
 WARMUP_CALLS = 3
 PROBE_S = 0.1  # back-to-back calls timed to size the energy windows

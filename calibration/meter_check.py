@@ -24,8 +24,8 @@ import statistics
 import threading
 import time
 
-from calibration.validate import check_meter
 from calibration.energy import _counter_energy_j, check_idle_power_w, check_window_s, wait_for_counter_update
+from calibration.validate import check_meter
 from costmodel.validate import count
 
 METHODS = ("ours", "zeus", "zeus_aligned", "power_integral")

@@ -12,8 +12,8 @@ run). The hog's copies also occupy SMs, as any real neighbour's kernels would.
 import statistics
 import time
 
-from calibration.validate import check_meter
 from calibration.energy import median_event_ms
+from calibration.validate import check_meter
 from costmodel.validate import finite_number
 
 HOG_BUFFER_BYTES = 256 * 2 ** 20  # far beyond L2, so every copy goes to HBM

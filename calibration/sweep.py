@@ -27,6 +27,7 @@ import torch
 
 from calibration.energy import GraphRunner, measure_energy, measure_gap_power_w, measure_idle_power_w, median_event_ms
 from calibration.nvml_meter import BackgroundSampler, GpuMeter
+from calibration.op_calls import op_callable
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
 from calibration.results import provenance, write_json_atomic
 from calibration.thermal import fit_thermal_model
@@ -50,65 +51,6 @@ MIN_THERMAL_SAMPLES = 30  # 3 s of the 10 Hz timeline: fewer cannot fit the ther
 def gpu_matches(requested, detected_name):
     """Does ``--gpu`` (e.g. "A100") name the detected GPU (e.g. "NVIDIA A100-SXM4-80GB")?"""
     return re.search(rf"(?<![A-Za-z0-9]){re.escape(requested)}(?![0-9])", detected_name, re.IGNORECASE) is not None
-
-
-def op_callable(op, batch_size, dims, device="cuda", dtype=torch.bfloat16, seed=0):
-    """A no-argument, graph-capturable call of our kernel for ``op`` at ``batch_size``, on random data."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
-    if op in SEQUENCE_OPS:
-        return _attention_call(op, randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim),
-                               *(randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim) for _ in range(2)))
-    if op in ("moe_router", "fused_experts"):
-        return _moe_call(op, randn(batch_size, dims.d_model), dims, randn)
-    return _dense_call(op, batch_size, dims, randn)
-
-
-def _attention_call(op, q, k, v):
-    import kernels
-    if op == "attention_qk":
-        return lambda: kernels.attention_qk(q, k)
-    if op == "attention_av":
-        scores = kernels.attention_qk(q, k)
-        return lambda: kernels.attention_av(scores, v, causal=True)
-    return lambda: kernels.flash_attention(q, k, v, causal=True)
-
-
-def _dense_call(op, batch_size, dims, randn):
-    import kernels
-    H, I = dims.d_model, dims.d_ff
-    if op == "ffn_down":
-        h, down = randn(batch_size, I), randn(H, I, scale=I ** -0.5)
-        return lambda: kernels.ffn_down(h, down)
-    x = randn(batch_size, H)
-    if op == "rms_norm":  # torch's kernel: the one the harness's models run
-        norm_weight = randn(H)
-        return lambda: torch.nn.functional.rms_norm(x, (H,), norm_weight)
-    if op == "residual_add":  # torch's elementwise add, as in the models' residual stream
-        y = randn(batch_size, H)
-        return lambda: x + y
-    projections = {"qkv_projection": (3 * H, H), "output_projection": (H, H), "lm_head": (dims.vocab_size, H)}
-    if op in projections:
-        weight = randn(*projections[op], scale=H ** -0.5)
-        return lambda: kernels.matmul(x, weight)
-    gate_up, down = randn(2 * I, H, scale=H ** -0.5), randn(H, I, scale=I ** -0.5)
-    return {"ffn_gate": lambda: kernels.ffn_gate(x, gate_up), "ffn_up": lambda: kernels.ffn_up(x, gate_up),
-            "swiglu_gate_up": lambda: kernels.swiglu_gate_up(x, gate_up),
-            "swiglu_ffn": lambda: kernels.swiglu_ffn(x, gate_up, down)}[op]
-
-
-def _moe_call(op, x, dims, randn):
-    import kernels
-    H, I, E = dims.d_model, dims.d_ff, dims.num_experts
-    router = kernels.TopKRouter(randn(E, H), dims.top_k)
-    if op == "moe_router":
-        return lambda: router(x)
-    gate_up, down = randn(E, 2 * I, H, scale=H ** -0.5), randn(E, H, I, scale=I ** -0.5)
-    with torch.no_grad():
-        _, weights, ids = router(x)
-    return lambda: kernels.fused_experts(x, gate_up, down, ids, weights, validate_ids=False)
 
 
 def measure_ceilings():

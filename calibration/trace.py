@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, fields
 from types import SimpleNamespace
 
-from calibration.validate import check_meter
 from calibration.nvml_meter import BackgroundSampler, GpuMeter, GpuReading
+from calibration.validate import check_meter
 from costmodel.validate import finite_number
 
 # what every reading of a trace records (``missing``, the reasons, is optional)

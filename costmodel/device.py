@@ -5,9 +5,9 @@ with torch ops only, so a prediction never syncs the host and a CUDA graph can c
 """
 import math
 
-from costmodel.validate import ABSOLUTE_ZERO_C
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import work
+from costmodel.validate import ABSOLUTE_ZERO_C
 
 __all__ = ["DeviceCostTable", "lerp_segments"]
 

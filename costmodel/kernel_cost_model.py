@@ -18,14 +18,13 @@ import math
 import os
 import re
 import warnings
-
 from dataclasses import asdict, fields
 
-from costmodel.validate import ABSOLUTE_ZERO_C, count, finite_number, real
 from costmodel.comm import comm_curves, interpolate_comm, piecewise_linear, secant_slope
 from costmodel.curves import ShapeModel
 from costmodel.ops import COMM_OPS, ModelDims, check_op, work
 from costmodel.table import TABLE_DIR, load_table
+from costmodel.validate import ABSOLUTE_ZERO_C, count, finite_number, real
 
 PRESSURE_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the roofline stretch's knots on a device
 

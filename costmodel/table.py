@@ -16,8 +16,8 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from costmodel.validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C
 from costmodel.ops import OPS, ModelDims
+from costmodel.validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C
 
 TABLE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "tables"  # the packaged tables
 TABLES_ENV = "ENERGY_MOE_TABLES"

@@ -40,11 +40,12 @@ import triton
 import triton.language as tl
 
 from kernels._library import kernel_op
-from kernels.validate import check_bool, check_float, check_int, check_tensor
-from kernels.cost_bias import _bias_from_loads, _check, _check_extra_cost, _constants, bias_from_loads_reference
+from kernels.cost_scoring import (bias_from_loads, bias_from_loads_reference, check_cost_inputs, check_extra_cost,
+                                  cost_constants)
 from kernels.routing import (UNSELECTABLE, _bias_vector, _pick, _probabilities, _renormalized, _selection, _top_k,
                              check_selection_bias, launch_config, route_reference)
 from kernels.routing_stats import expert_loads_reference
+from kernels.validate import check_bool, check_float, check_int, check_tensor
 
 FILL_MODES = ("cost", "active")
 COST_KNOBS = ("energy_weight", "latency_weight", "max_shift", "thermal_gain", "thermal_margin_c",
@@ -95,7 +96,7 @@ def _fill_bias(
     """The fill bias [LANES] (lane = expert) from the kept loads [LANES], which are the *other*
     tokens' loads: a token never fills with its own kept experts."""
     if FILL_BY_COST:
-        b_fill = _bias_from_loads(
+        b_fill = bias_from_loads(
             b_loads, p_curves, stride_row, p_state, p_offsets, p_extra, E,
             idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
             energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure,
@@ -319,13 +320,13 @@ def _cost_arguments(cost, num_experts, router_logits):
         raise ValueError(f"cost.knobs has unknown keys {sorted(unknown)}; expected some of {list(COST_KNOBS)}")
     knobs = _knobs_with_defaults(cost.knobs)
     extra_cost = knobs.pop("extra_cost")
-    extra = _check_extra_cost(extra_cost, cost.bias_offsets)
-    _check(cost.curves, cost.hardware_state, cost.bias_offsets, router_logits=router_logits, extra_cost=extra)
+    extra = check_extra_cost(extra_cost, cost.bias_offsets)
+    check_cost_inputs(cost.curves, cost.hardware_state, cost.bias_offsets, router_logits=router_logits, extra_cost=extra)
     if cost.bias_offsets.shape[0] != num_experts:
         raise ValueError(f"cost.bias_offsets has {cost.bias_offsets.shape[0]} experts; router_logits scores "
                          f"{num_experts}")
     curves = cost.curves
-    constants = [float(c) for c in _constants(curves, **knobs)]
+    constants = [float(c) for c in cost_constants(curves, **knobs)]
     return ((curves.packed, cost.hardware_state, cost.bias_offsets, extra), constants,
             (curves.n_table, curves.n_clock, curves.n_pressure, extra_cost is not None))
 

@@ -27,8 +27,8 @@ from collections import deque
 
 import torch
 
-from calibration.validate import check_meter
 from calibration.nvml_meter import MIN_SAMPLE_INTERVAL_S, BackgroundSampler, GpuMeter, check_interval_s
+from calibration.validate import check_meter
 from costmodel.validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C, count
 
 STATE_FIELDS = ("temperature_c", "power_w", "memory_bandwidth_util")

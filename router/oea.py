@@ -16,10 +16,10 @@ same statistics ``EnergyAwareTTTRouter.stats()`` reports.
 """
 import torch
 
-from kernels.validate import check_bool, check_int
 from kernels.moe_layer import TopKRouter
 from kernels.policy_routing import policy_routing
 from kernels.routing_stats import STAT_FIELDS, routing_tallies, tally_summary
+from kernels.validate import check_bool, check_int
 
 
 class OEARouter(TopKRouter):

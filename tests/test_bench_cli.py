@@ -101,8 +101,8 @@ def test_calibrate_gpu_names_a_table(gpu, message, capsys):
 
 
 def test_calibrate_keeps_the_old_table_when_the_new_one_fails_its_check(tmp_path):
-    from calibration.sweep import rejected_path, write_table
     from calibration.priors import prior_table
+    from calibration.sweep import rejected_path, write_table
     output = tmp_path / "H100.json"
     assert write_table(output, prior_table("H100")) is None
     before = output.read_text()
@@ -145,7 +145,7 @@ def test_gpu_tools_refuse_bad_arguments_first(module, argv, message, tmp_path, c
 @pytest.mark.parametrize("op", __import__("costmodel").OPS)
 def test_calibrate_runs_every_op_on_our_kernels(op):
     """Each op the sweep measures is a runnable call of our kernels (tiny shapes, on the test device)."""
-    from calibration.sweep import op_callable
+    from calibration.op_calls import op_callable
     from costmodel import ModelDims
     dims = ModelDims(d_model=64, d_ff=48, n_heads=2, seq_len=16, num_experts=4, top_k=2)
     out = op_callable(op, 3, dims, device=DEVICE, dtype=torch.float32)()

@@ -9,7 +9,7 @@ import torch
 from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w, measure_window
 from calibration.nvml_meter import BackgroundSampler, GpuMeter
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
-from calibration.sweep import op_callable
+from calibration.op_calls import op_callable
 from costmodel.ops import ModelDims
 from tests.conftest import requires_gpu
 

@@ -14,8 +14,8 @@ import torch
 
 from bench.harness.plots import save
 from bench.harness.policies import (OBJECTIVE_WEIGHTS, RECORDED_STEPS, DecodeStream, Policy, decode_quality,
-                                    decode_timing, measure_decode, measure_forward, merged_timings,
-                                    record_moe_inputs, stream_rows, ttt_update_energy)
+                                    decode_timing, measure_decode, measure_forward, merged_timings, record_moe_inputs,
+                                    stream_rows, ttt_update_energy)
 from calibration.nvml_meter import GpuMeter
 from calibration.trace import ReplayNvml, record
 from router.monitor import HardwareMonitor
