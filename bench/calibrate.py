@@ -2,8 +2,9 @@
 
 Sweeps each op the cost model knows (``costmodel.ops.OPS``, run on our kernels in bf16) over
 log-spaced batch sizes at the table's dims, then over a few at larger dims (``--shapes``), so the
-cost model's tile fit can carry the table to any shape; each point is CUDA-graph replays in energy windows of at least 1 s on the
-NVML counter (``calibration.energy``), with CUDA-event latency. It also measures idle power, the
+cost model's tile fit can carry the table to any shape; each point is CUDA-graph replays in
+energy windows of at least 1 s on the NVML counter (``calibration.energy``), with CUDA-event
+latency. It also measures idle power, the
 matmul and copy ceilings, and fits the first-order thermal model to the timeline the sweep itself
 heated, and each op's memory-pressure curve (its latency stretch beside a background stream that
 takes a set share of HBM bandwidth, ``calibration.pressure``). The table goes to the user's table
@@ -48,7 +49,8 @@ def parse_args(argv):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--window_s", type=window_s, default=1.0, help="energy window (>= 1 s)")
     parser.add_argument("--trials", type=positive_int, default=1,
-                        help="energy windows per point at the table's dims (2 or more also give a spread; each adds ~1.2 s a point)")
+                        help="energy windows per point at the table's dims (2 or more also give a spread; "
+                             "each adds ~1.2 s a point)")
     parser.add_argument("--ops", type=comma_list(choices=OPS), default=",".join(OPS),
                         help="comma-separated subset of the ops")
     parser.add_argument("--pressure_shares", type=comma_list(hbm_share, allow_empty=True), default="0.5,0.9",
@@ -76,7 +78,8 @@ def parse_args(argv):
     if args.trace:
         args.trace = checked_output_file(parser, args.trace, "--trace")
     args.settings = SweepSettings(args.gpu, args.dims, tuple(args.ops), args.output, args.window_s, args.trials,
-                                  tuple(args.pressure_shares), args.trace, SHAPE_SWEEP if args.shapes == "default" else ())
+                                  tuple(args.pressure_shares), args.trace,
+                                  SHAPE_SWEEP if args.shapes == "default" else ())
     args.state = resumed_state(parser, args.settings) if args.resume else new_state(args.settings)
     return parser, args
 

@@ -256,7 +256,8 @@ def device_facts():
 
 
 def build_table(args, state, meter, detected, sampler, duration_s):
-    points = {op: sorted(pts, key=lambda p: (bool(p.get("dims")), p["batch_size"])) for op, pts in state["points"].items()}
+    points = {op: sorted(pts, key=lambda p: (bool(p.get("dims")), p["batch_size"]))
+              for op, pts in state["points"].items()}
     curves = {op: tuple(entry) for op, entry in state["pressure_curves"].items()}
     background = background_of(state)
     table = {

@@ -184,7 +184,8 @@ def check_extra_cost(extra_cost, bias_offsets):
     return extra_cost
 
 
-def cost_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure):
+def cost_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
+                   max_memory_pressure):
     knobs = {"energy_weight": energy_weight, "latency_weight": latency_weight, "max_shift": max_shift,
              "thermal_gain": thermal_gain, "thermal_margin_c": thermal_margin_c,
              "max_memory_pressure": max_memory_pressure}

@@ -47,7 +47,8 @@ def _row(model, source_file, op, batch_size, dims, measured_latency_ms, measured
 def replay_rows(model, name, report):
     """The rows of one results file ``report`` (named ``name``), each measured beside predicted."""
     if "forward_rows" in report:  # a kcm_accuracy report
-        return [_row(model, name, r["op"], r["batch_size"], ModelDims(**r["dims"]) if r.get("dims") else model.table_dims,
+        return [_row(model, name, r["op"], r["batch_size"],
+                     ModelDims(**r["dims"]) if r.get("dims") else model.table_dims,
                      r["measured_latency_ms"], r["measured_energy_j"]) for r in report["rows"]]
     rows = []
     for r in report["rows"]:
