@@ -150,3 +150,18 @@ def check_gpu(parser, requested, meter):
         return detected_gpu(meter, requested)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def add_table_flags(parser):
+    """``--gpu`` and ``--table``: which cost table a command reads."""
+    parser.add_argument("--gpu", required=True)
+    parser.add_argument("--table", default=None, help="default: the GPU's table, yours before the packaged one")
+
+
+def cost_model_from(parser, args):
+    """The ``KernelCostModel`` of ``--gpu`` / ``--table``; a parser error naming the flag otherwise."""
+    from costmodel.kernel_cost_model import KernelCostModel
+    try:
+        return KernelCostModel(args.gpu, table=args.table)
+    except ValueError as exc:
+        parser.error(f"{'--table' if args.table else '--gpu'}: {exc}")

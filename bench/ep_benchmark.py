@@ -42,7 +42,8 @@ import kernels
 from bench._cli import checked_output_file, comma_list, positive_float, positive_int, window_s
 from bench.kernels import rel_error
 from bench.moe_cases import SHAPES, MoeShape
-from calibration.collectives import all_reduce_floats, calls_per_window, collective_energy
+from bench.harness.distributed import init_distributed, slowest, summed
+from calibration.collectives import calls_per_window, collective_energy
 from calibration.energy import measure_idle_power_w
 from calibration.nvml_meter import meter_for_cuda_device
 from calibration.priors import DATASHEETS, prior_table
@@ -116,20 +117,6 @@ def check_cost_tables(parser, args, world_size):
             parser.error(f"{'--cost_table' if args.cost_table else '--gpu'}: {exc}")
 
 
-def init_distributed(on_gpu):
-    """(rank, world size, device); torchrun's environment, or a group of one without it."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29531")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 # ---- the layers -----------------------------------------------------------------------------------
 
 def full_weights(shape, device, dtype, seed):
@@ -178,20 +165,6 @@ def energy_aware_router(args, sharded, rank, world_size, dtype, quality_weight):
 
 
 # ---- measurement ----------------------------------------------------------------------------------
-
-def _all_reduce(value, op):
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
-    return all_reduce_floats([float(value)], op, None, device)[0]
-
-
-def slowest(value):
-    """The maximum of ``value`` over the ranks."""
-    return _all_reduce(value, dist.ReduceOp.MAX)
-
-
-def summed(value):
-    return _all_reduce(value, dist.ReduceOp.SUM)
-
 
 def ms_per_call(fn, args):
     """Median over ``--repeats`` batches of back-to-back calls (barrier-aligned), slowest rank."""
@@ -395,7 +368,8 @@ def _fmt(value):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed(args.on_gpu)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if args.on_gpu else torch.device("cpu")
+    rank, world_size = init_distributed(device, always=True)
     try:
         results = run(args, rank, world_size, device)
         if rank == 0:

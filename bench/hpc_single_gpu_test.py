@@ -33,8 +33,8 @@ from bench._cli import (MOE_CPU_NEEDS_INTERPRETER, add_preset_flags, checked_out
                         moe_cpu_without_interpreter, positive_float, positive_int, resolve_preset)
 from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root
 from bench.harness.costs import NO_GPU, known_gpus, select_cost_model
-from bench.harness.measure import (DeviceEnv, ModelSpec, checkpoint_bits_per_byte, gather_to_rank0, init_distributed,
-                                   run_device)
+from bench.harness.distributed import gather_to_rank0, init_distributed
+from bench.harness.measure import DeviceEnv, ModelSpec, checkpoint_bits_per_byte, run_device
 from bench.harness.policies import parse_keep
 from bench.harness.report import write_outputs
 from calibration.sweep import gpu_matches

@@ -19,14 +19,13 @@ import sys
 
 import torch
 
-from bench._cli import check_gpu, checked_output_file, positive_int
+from bench._cli import add_table_flags, check_gpu, checked_output_file, cost_model_from, positive_int
 from bench.harness.accuracy import summarise
 from bench.harness.models import TransformerLM
 from calibration.energy import EagerRunner, GraphRunner, measure_energy
 from calibration.nvml_meter import GpuMeter
 from calibration.results import provenance, write_json_atomic
 from calibration.sweep import measure_constants, sweep_point
-from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import SEQUENCE_OPS, ModelDims
 
 HELD_OUT_TOKENS = (2, 12, 48, 192, 768, 3072)
@@ -108,18 +107,14 @@ def summaries(rows, forwards):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.kcm_accuracy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu", required=True)
-    parser.add_argument("--table", default=None, help="default: the GPU's table, yours before the packaged one")
+    add_table_flags(parser)
     parser.add_argument("--output", default="kcm_accuracy.json")
     parser.add_argument("--trials", type=positive_int, default=2, help="energy windows per held-out batch point")
     parser.add_argument("--shapes", choices=("held_out", "none"), default="held_out",
                         help="also measure HELD_OUT_SHAPES (one window a point), or not")
     args = parser.parse_args(argv)
     args.output = checked_output_file(parser, args.output)
-    try:
-        model = KernelCostModel(args.gpu, table=args.table)
-    except ValueError as exc:
-        parser.error(f"{'--table' if args.table else '--gpu'}: {exc}")
+    model = cost_model_from(parser, args)
     if model.is_prior:
         parser.error(f"the {args.gpu} table is a prior: calibrate first (python -m bench.calibrate --gpu {args.gpu})")
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)

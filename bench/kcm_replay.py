@@ -11,11 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from bench._cli import checked_output_file
+from bench._cli import add_table_flags, checked_output_file, cost_model_from
 from bench.harness.accuracy import summarise
 from bench.harness.replay import leave_one_out, replay_rows
 from calibration.results import provenance, write_json_atomic
-from costmodel.kernel_cost_model import KernelCostModel
 
 
 def summaries(rows):
@@ -32,16 +31,12 @@ def summaries(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.kcm_replay", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu", required=True)
-    parser.add_argument("--table", default=None, help="default: the GPU's table, yours before the packaged one")
+    add_table_flags(parser)
     parser.add_argument("results", nargs="+", help="committed results files (kcm_accuracy, dense kernels, fused MoE)")
     parser.add_argument("--output", default="kcm_replay.json")
     args = parser.parse_args(argv)
     args.output = checked_output_file(parser, args.output)
-    try:
-        model = KernelCostModel(args.gpu, table=args.table)
-    except ValueError as exc:
-        parser.error(f"{'--table' if args.table else '--gpu'}: {exc}")
+    model = cost_model_from(parser, args)
     reports = {}
     for path in map(Path, args.results):
         try:

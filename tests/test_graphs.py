@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from bench.harness import graphs
-from bench.harness.models import TransformerLM, TTTLanguageModel, model_dims, use_energy_aware_router
+from bench.harness.models import TransformerLM, model_dims, use_energy_aware_router
+from bench.harness.ttt_model import TTTLanguageModel
 from bench.harness.costs import prior_cost_model
 from tests.conftest import rel_error, requires_gpu
 

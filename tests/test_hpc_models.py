@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from bench.harness.models import (DECODE_PLAN_EXCLUDES, TransformerLM, TTTLanguageModel, model_dims, ttt_parameters,
-                          use_energy_aware_router)
+from bench.harness.models import DECODE_PLAN_EXCLUDES, TransformerLM, model_dims, use_energy_aware_router
+from bench.harness.ttt_model import TTTLanguageModel, ttt_parameters
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import OPS
 from router.energy_router import EnergyAwareTTTRouter

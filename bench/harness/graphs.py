@@ -13,7 +13,7 @@ replays, and the step says so (``update_mode``).
 """
 import torch
 
-from bench.harness.models import TTTLanguageModel
+from bench.harness.ttt_model import TTTLanguageModel
 from router.energy_router import EnergyAwareTTTRouter
 
 MODES = ("graph", "eager")

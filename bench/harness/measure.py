@@ -10,19 +10,19 @@ weight-read floor of a decode step, throughput, peak memory, test-time updates, 
 GPU the energy per token from the NVML energy counter over windows of at least 1 s
 (``calibration.energy``), board power, temperature and clock-event (throttle) bits.
 """
-import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from bench.harness import graphs
 from bench.harness.corpus import checkpoint_path, evaluate, load_checkpoint
 from bench.harness.costs import NO_GPU, predict
-from bench.harness.models import DECODE_PLAN_EXCLUDES, TransformerLM, TTTLanguageModel, use_energy_aware_router
+from bench.harness.floor import copy_bandwidth_bytes_per_s, weight_read_floor
+from bench.harness.models import DECODE_PLAN_EXCLUDES, TransformerLM, use_energy_aware_router
+from bench.harness.ttt_model import TTTLanguageModel
 from calibration.energy import EagerRunner, event_times_ms, measure_energy, measure_idle_power_w
 from calibration.nvml_meter import BackgroundSampler, meter_for_cuda_device
 from router.energy_router import EnergyAwareTTTRouter
@@ -46,7 +46,6 @@ PLAN_EXCLUDES = {
 SAMPLE_INTERVAL_S = 0.2
 CALLS_PER_TIMING = 10  # graph replays timed back to back between two events
 PROFILED_CALLS = 10
-COPY_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -294,55 +293,6 @@ def decode_phase(env, model, text, batch_size, args, cost, spec, mode):
     return entry
 
 
-def weight_read_floor(env, model, next_tokens, latency_ms):
-    """The decode step's floor: bytes of the weights it touches (experts counted from one routed
-    batch) over the copy bandwidth measured in this run, and the step's latency over it."""
-    if env.copy_bytes_per_s is None:
-        return {"floor_ms": None, "reason": f"the copy bandwidth needs a CUDA device ({env.energy_reason})"}
-    lm = model.lm if isinstance(model, TTTLanguageModel) else model
-    touched = touched_weight_bytes(lm, next_tokens)
-    floor_ms = touched / env.copy_bytes_per_s * 1e3
-    return {"weight_bytes_touched": touched, "copy_bytes_per_s": env.copy_bytes_per_s, "floor_ms": floor_ms,
-            "latency_over_floor": latency_ms / floor_ms}
-
-
-def touched_weight_bytes(lm, tokens):
-    """Bytes of every weight one step over ``tokens`` [B, 1] reads: all dense weights (the embedding's
-    rows for these tokens only) and, per MoE layer, the distinct experts its router picks (from one
-    eager forward of the same tokens, without their context: the same count, statistically)."""
-    def bytes_of(t):
-        return t.numel() * t.element_size()
-    skip = {id(lm.embed)} | {id(p) for b in lm.blocks if lm.moe
-                             for p in (b.moe.experts.gate_up_proj, b.moe.experts.down_proj)}
-    total = sum(bytes_of(p) for p in lm.parameters() if id(p) not in skip)
-    total += tokens.unique().numel() * lm.embed.shape[1] * lm.embed.element_size()
-    if not lm.moe:
-        return total
-    picked = []
-    hooks = [b.moe.gate.register_forward_hook(lambda _m, _i, out: picked.append(out[2])) for b in lm.blocks]
-    try:
-        with torch.no_grad():
-            lm(tokens)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for block, ids in zip(lm.blocks, picked):
-        experts = block.moe.experts
-        per_expert = (bytes_of(experts.gate_up_proj) + bytes_of(experts.down_proj)) // experts.gate_up_proj.shape[0]
-        total += ids.unique().numel() * per_expert
-    return total
-
-
-def copy_bandwidth_bytes_per_s(device):
-    """A 1 GiB device-to-device copy: bytes read plus written over its median CUDA-event time."""
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    ms = statistics.median(event_times_ms(lambda: dst.copy_(src), 20))
-    return 2 * COPY_BYTES / (ms * 1e-3)
-
-
 def measure_quality(model, checkpoint, streams, args):
     if not checkpoint["loaded"]:
         return {"bits_per_byte": None, "perplexity": None, "reason": checkpoint["reason"]}
@@ -419,27 +369,3 @@ def throttling(env):
     return {"observed": bool(reasons), "reasons": reasons, "samples": len(env.sampler.samples),
             "source": "NVML clock-event bits (thermal or power slowdown), sampled every "
                       f"{SAMPLE_INTERVAL_S} s over the whole run"}
-
-
-# ---- multi-GPU ------------------------------------------------------------------------------------
-
-def init_distributed(device):
-    """(rank, world size); under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
-def gather_to_rank0(entry, world):
-    """Every rank's ``entry`` as a list on rank 0 (in rank order), None on the others."""
-    if world == 1:
-        return [entry]
-    gathered = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(entry, gathered, dst=0)
-    return gathered
-
-
