@@ -2,6 +2,7 @@
 import argparse
 import math
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -165,3 +166,20 @@ def cost_model_from(parser, args):
         return KernelCostModel(args.gpu, table=args.table)
     except ValueError as exc:
         parser.error(f"{'--table' if args.table else '--gpu'}: {exc}")
+
+
+def resolve_device(parser, name, local_rank=0):
+    """``--device`` (auto, cpu, cuda or cuda:N) as a torch.device: "cuda" and "auto" on a GPU
+    machine take ``local_rank``'s GPU (torchrun's LOCAL_RANK); a parser error naming the flag for
+    anything else, a CUDA device on a machine without one, or a GPU index beyond those visible."""
+    if name not in ("auto", "cpu") and not re.fullmatch(r"cuda(:[0-9]+)?", name):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False)")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = int(name.partition(":")[2] or local_rank)
+    if index >= torch.cuda.device_count():
+        parser.error(f"--device {name}: GPU {index} is not visible ({torch.cuda.device_count()} are); "
+                     "lower --nproc_per_node or the index")
+    return torch.device("cuda", index)

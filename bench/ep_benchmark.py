@@ -42,6 +42,7 @@ import kernels
 from bench._cli import checked_output_file, comma_list, positive_float, positive_int, window_s
 from bench.kernels import rel_error
 from bench.moe_cases import SHAPES, MoeShape
+from bench.harness.costs import NO_GPU
 from bench.harness.distributed import init_distributed, slowest, summed
 from calibration.collectives import calls_per_window, collective_energy
 from calibration.energy import measure_idle_power_w
@@ -54,7 +55,6 @@ from kernels.expert_parallel import plan_dispatch
 from router.energy_router import EnergyAwareTTTRouter
 
 CPU_SHAPE = MoeShape("tiny", 8, 2, 32, 24, True)
-NO_GPU = "no NVIDIA GPU"
 BF16_REL_TOL = 1e-2  # the tests' bf16 tolerance (tests/conftest.py)
 MODES = ("exact", "fixed", "fixed_graph")
 NOT_EXACT = ("the energy-aware router runs on the exact exchange (--modes exact): the fixed-size one sends "

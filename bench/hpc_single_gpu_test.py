@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from bench._cli import (MOE_CPU_NEEDS_INTERPRETER, add_preset_flags, checked_output_dir, comma_list, eval_bytes,
-                        moe_cpu_without_interpreter, positive_float, positive_int, resolve_preset)
+                        moe_cpu_without_interpreter, positive_float, positive_int, resolve_device, resolve_preset)
 from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root
 from bench.harness.costs import NO_GPU, known_gpus, select_cost_model
 from bench.harness.distributed import gather_to_rank0, init_distributed
@@ -164,18 +164,6 @@ def check_checkpoint_dir(parser, path):
 def _given(argv, flag):
     argv = sys.argv[1:] if argv is None else argv
     return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
-def resolve_device(parser, name, local_rank):
-    if name not in ("auto", "cpu", "cuda"):
-        parser.error(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device cuda: {NO_GPU} (torch.cuda.is_available() is False)")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    if local_rank >= torch.cuda.device_count():
-        parser.error(f"rank {local_rank} has no GPU: {torch.cuda.device_count()} visible; lower --nproc_per_node")
-    return torch.device("cuda", local_rank)
 
 
 def resolve_gpu(parser, requested, detected_name):

@@ -15,7 +15,7 @@ import torch
 
 from bench._cli import (MOE_CPU_NEEDS_INTERPRETER, add_preset_flags, checked_float, checked_output_dir, comma_list,
                         eval_bytes, moe_cpu_without_interpreter, non_negative_float, positive_float, positive_int,
-                        resolve_preset)
+                        resolve_device, resolve_preset)
 from bench.harness.corpus import (checkpoint_path, corpus_files, corpus_summary, evaluate, heldout_streams, read_stream,
                                   save_checkpoint, split_by_file, stdlib_root)
 from bench.harness.training import TIMING_STEPS, TrainConfig, train_model
@@ -62,16 +62,6 @@ def parse_args(argv):
         args.time_budget_s = args.preset.train_seconds
     args.output_dir = checked_output_dir(parser, args.output_dir)
     return args
-
-
-def resolve_device(parser, name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False)")
-    return torch.device(name)
 
 
 def jobs(args):

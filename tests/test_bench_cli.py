@@ -314,3 +314,18 @@ def test_calibrate_main_writes_the_table_and_removes_the_partial(tmp_path, monke
     assert "resumed" not in table and "device_facts_missing_reason" in table  # no CUDA here: no SM count or configs
     assert not sweep_lib.partial_path(output).exists()
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, message", [("tpu", "--device must be auto, cpu, cuda or cuda:N"),
+                                           ("cuda:x", "--device must be auto, cpu, cuda or cuda:N"),
+                                           ("cuda:99", "GPU 99 is not visible" if torch.cuda.is_available()
+                                            else "no CUDA device here")])
+def test_resolve_device_refuses_bad_devices(name, message, capsys):
+    import argparse
+
+    from bench._cli import resolve_device
+    parser = argparse.ArgumentParser(prog="test")
+    with pytest.raises(SystemExit):
+        resolve_device(parser, name)
+    assert message in capsys.readouterr().err
+    assert resolve_device(parser, "cpu") == torch.device("cpu")
