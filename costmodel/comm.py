@@ -5,7 +5,7 @@ import bisect
 from costmodel.curves import log_log_at
 
 
-def piecewise_linear(points, x):
+def piecewise_linear(points: list, x: float) -> float:
     """y at ``x`` on the polyline through sorted (x, y) ``points``, extending its end segments."""
     i = min(max(next((n for n, (px, _) in enumerate(points) if px > x), len(points)) - 1, 0), len(points) - 2)
     (x0, y0), (x1, y1) = points[i], points[i + 1]
@@ -23,7 +23,7 @@ def _log_log(points, bytes_per_rank, key):
     return value, "interpolated" if xs[0] < bytes_per_rank < xs[-1] else "extrapolated"
 
 
-def interpolate_comm(points, bytes_per_rank, key):
+def interpolate_comm(points: list, bytes_per_rank: float, key: str) -> tuple:
     """``key`` of a collective at ``bytes_per_rank``; (value, where). Log-log between measured sizes;
     beyond them the end segment goes on linearly in bytes (latency + bytes / bandwidth), and below
     the smallest size no cheaper per byte than it (a fixed start-up cost only grows the share)."""
@@ -36,7 +36,7 @@ def interpolate_comm(points, bytes_per_rank, key):
     return value, "extrapolated"
 
 
-def secant_slope(points, bytes_per_rank, key):
+def secant_slope(points: list, bytes_per_rank: float, key: str) -> float:
     """d``key``/dbyte around ``bytes_per_rank``: the secant of the measured segment it lies in (at
     an inner measured size, of its two neighbours; beyond the range, of the end segment), >= 0."""
     xs = [p["bytes_per_rank"] for p in points]
@@ -50,7 +50,7 @@ def secant_slope(points, bytes_per_rank, key):
     return max(slope, 0.0)  # timing noise can make a segment fall; more bytes never cost less
 
 
-def comm_curves(table):
+def comm_curves(table: dict) -> dict:
     """{(op, world_size): curve with its points sorted by size} from a table's collectives section."""
     curves = {}
     for op, by_world_size in (table.get("collectives") or {}).items():

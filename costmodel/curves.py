@@ -13,9 +13,10 @@ interpolates these same knots, log-log.
 """
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from costmodel.fit import Ceilings, fit_op, launch_times, work_totals
+from costmodel.fit import Ceilings, OpFit, fit_op, launch_times, work_totals
 from costmodel.ops import SEQUENCE_OPS, ModelDims, work
 from costmodel.shapes import op_launches
 
@@ -38,18 +39,18 @@ class Curve:
     memory_gb: tuple
     measured_batches: tuple
 
-    def at(self, batch_size):
+    def at(self, batch_size: float) -> tuple:
         """(latency_ms, energy_j, memory_gb) at ``batch_size`` (> 0), log-log between the knots."""
         return tuple(log_log_at(self.batch_size, ys, batch_size) for ys in (self.latency_ms, self.energy_j,
                                                                             self.memory_gb))
 
 
-def point_dims(table, point):
+def point_dims(table: dict, point: dict) -> ModelDims:
     """The dims a table point was measured at: its own ``dims``, else the table's."""
     return ModelDims(**(point.get("dims") or table["dims"]))
 
 
-def log_log_at(xs, ys, x):
+def log_log_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """ys(x) on the polyline through the sorted knots (xs, ys) in log-log space, extending its end
     segments: how every path reads a curve between its knots."""
     i = min(max(next((n for n, v in enumerate(xs) if v > x), len(xs)) - 1, 0), len(xs) - 2)
@@ -71,7 +72,7 @@ def _lerp_flat(xs, ys, x):
 class ShapeModel:
     """The fitted tile model of a checked table (``costmodel.table.check_table``)."""
 
-    def __init__(self, table):
+    def __init__(self, table: dict):
         self.table = table
         self.configs = table.get("kernel_configs")
         self.ceilings = Ceilings(table["peak_flops"], table["hbm_bytes_per_s"], table.get("sm_count"),
@@ -82,7 +83,7 @@ class ShapeModel:
         launches = op_launches(op, batch_size, dims, self.configs)
         return [launch_times(l, self.ceilings) for l in launches], work_totals(launches)
 
-    def fit(self, op):
+    def fit(self, op: str) -> OpFit:
         """The op's ``OpFit`` (fitted on first use)."""
         if op not in self._fits:
             points = self.table["ops"][op]["points"]
@@ -96,7 +97,7 @@ class ShapeModel:
             self._fits[op] = _FITS[key]
         return self._fits[op]
 
-    def model_cost(self, op, batch_size, dims, latency_ms=None):
+    def model_cost(self, op: str, batch_size: float, dims: ModelDims, latency_ms: float = None) -> tuple:
         """(latency_ms, energy_j) of the bare model; energy at ``latency_ms`` when given."""
         fit = self.fit(op)
         times, (flops, nbytes) = self._times(op, batch_size, dims)
@@ -117,7 +118,7 @@ class ShapeModel:
                 energy.append((log_b, math.log(p["energy_j"] / model_j)))
         return latency, energy
 
-    def curve(self, op, dims):
+    def curve(self, op: str, dims: ModelDims) -> Curve:
         """The op's ``Curve`` at ``dims`` (cached)."""
         key = (op, dims)
         if key not in self._curves:
@@ -156,7 +157,7 @@ class ShapeModel:
                 steps.append((y_hi / y_lo, lo))
         return {b for _, lo in sorted(steps, reverse=True)[:MAX_STEPS] for b in (lo, lo + 1)}
 
-    def measured_shapes(self, op):
+    def measured_shapes(self, op: str) -> list:
         """The dims at which the table measured ``op``, as dicts."""
         shapes = {point_dims(self.table, p) for p in self.table["ops"][op]["points"]}
         return [asdict(d) for d in sorted(shapes, key=lambda d: tuple(asdict(d).values()))]

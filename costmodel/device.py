@@ -4,9 +4,14 @@ It interpolates the same knots as ``KernelCostModel.get_cost`` (``KernelCostMode
 with torch ops only, so a prediction never syncs the host and a CUDA graph can capture it.
 """
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import work
+
+if TYPE_CHECKING:  # torch is imported where a table goes to a device, not with the cost model
+    import torch
 from costmodel.validate import ABSOLUTE_ZERO_C
 
 __all__ = ["DeviceCostTable", "lerp_segments"]
@@ -22,7 +27,7 @@ class DeviceCostTable:
         device: where the tensors live.
     """
 
-    def __init__(self, model, ops, device):
+    def __init__(self, model: KernelCostModel, ops: Sequence[str], device):
         import torch
         if not isinstance(model, KernelCostModel):
             raise TypeError(f"model must be a KernelCostModel, got {type(model).__name__}")
@@ -42,7 +47,7 @@ class DeviceCostTable:
         clock = model.clock_curve()
         self._clocks = torch.tensor(clock, dtype=torch.float32, device=device).T if clock else None  # [2, n]
 
-    def predict(self, op, batch_sizes, temp_c=None, memory_pressure=None):
+    def predict(self, op: str, batch_sizes, temp_c=None, memory_pressure=None) -> tuple:
         """(energy_j, latency_ms) tensors shaped like ``batch_sizes`` (a float tensor, > 0).
 
         ``temp_c`` and ``memory_pressure`` are optional 0-d (or broadcastable) float tensors on
@@ -99,7 +104,7 @@ class DeviceCostTable:
         return compute_s.maximum(memory_s / free) / compute_s.maximum(memory_s)
 
 
-def lerp_segments(xs, ys, x):
+def lerp_segments(xs: "torch.Tensor", ys: "torch.Tensor", x: "torch.Tensor") -> "torch.Tensor":
     """Piecewise-linear ys(x) through sorted ``xs`` (device tensors), extending the end segments."""
     flat = x.reshape(-1)  # a 0-d index tensor would index like a Python int: a host sync
     hi = (xs.unsqueeze(0) <= flat.unsqueeze(1)).sum(-1).clamp(1, xs.numel() - 1)

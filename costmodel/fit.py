@@ -28,9 +28,12 @@ the latency step where the tile count crosses a multiple of the SM count, and th
 """
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from costmodel.shapes import Launch
 
 COMPUTE_EFF_GRID = tuple(0.05 * 20.0 ** (i / 19) for i in range(20))  # 0.05 .. 1 of the matmul ceiling
 MEMORY_EFF_GRID = tuple(0.05 * 80.0 ** (i / 19) for i in range(20))  # 0.05 .. 4 of the copy ceiling (L2: > 1)
@@ -51,7 +54,7 @@ class Ceilings:
     l2_bytes: int = None
 
 
-def launch_times(launch, ceilings):
+def launch_times(launch: Launch, ceilings: Ceilings) -> tuple:
     """(compute_s, waves, l2_s, hbm_s) of one launch at the ceilings (module docstring)."""
     if ceilings.sm_count:
         waves = math.ceil(launch.tiles / ceilings.sm_count)
@@ -63,7 +66,7 @@ def launch_times(launch, ceilings):
     return compute_s, waves, in_l2 / ceilings.hbm_bytes_per_s, (launch.nbytes - in_l2) / ceilings.hbm_bytes_per_s
 
 
-def work_totals(launches):
+def work_totals(launches: Sequence[Launch]) -> tuple:
     """(padded FLOPs, bytes) over an op's launches."""
     return sum(l.tiles * l.tile_flops for l in launches), sum(l.nbytes for l in launches)
 
@@ -83,11 +86,11 @@ class OpFit:
     latency_rms: float
     energy_rms: float  # None when no point has a measured energy
 
-    def latency_ms(self, times):
+    def latency_ms(self, times: Sequence[tuple]) -> float:
         """Predicted latency from each launch's ``launch_times``."""
         return self.fixed_ms + _span_ms(times, (self.compute_eff, self.tile_ms, self.l2_eff, self.hbm_eff))
 
-    def energy_j(self, latency_ms, flops, nbytes):
+    def energy_j(self, latency_ms: float, flops: float, nbytes: float) -> float:
         return self.power_w * latency_ms * 1e-3 + self.j_per_flop * flops + self.j_per_byte * nbytes
 
 
@@ -108,7 +111,7 @@ def _losses(latency_ms, times, params):
     return (((fixed_ms[:, None] + spans - latency_ms) ** 2) * weights).sum(-1), fixed_ms
 
 
-def fit_latency(rows):
+def fit_latency(rows: Sequence[tuple]) -> tuple:
     """(fixed_ms, compute_eff, tile_ms, l2_eff, hbm_eff, hbm_eff_source, relative RMS): a grid
     search, then a pattern search from its best (every constant scaled up, down or kept, by a
     factor that shrinks once no move helps)."""
@@ -158,7 +161,7 @@ def _solve(matrix, vector):
     return out
 
 
-def fit_energy(rows):
+def fit_energy(rows: Sequence[tuple]) -> tuple:
     """(power_w, j_per_flop, j_per_byte, relative RMS): non-negative least squares over rows of
     (energy_j, latency_s, flops, bytes), each row scaled by 1 / energy_j and each column by its
     RMS (the three differ by 15 decades). Every subset of the three terms is solved and the best
@@ -182,7 +185,7 @@ def fit_energy(rows):
     return (*(c / s for c, s in zip(coeffs, scale)), math.sqrt(loss / len(rows)))
 
 
-def fit_op(points):
+def fit_op(points: Sequence[tuple]) -> OpFit:
     """An ``OpFit`` from points of (latency_ms, energy_j or None, launch times, (flops, bytes))."""
     *latency_fit, latency_rms = fit_latency([(p[0], p[2]) for p in points])
     energy_rows = [(e, t * 1e-3, flops, nbytes) for t, e, _, (flops, nbytes) in points if e is not None]

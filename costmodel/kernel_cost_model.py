@@ -18,6 +18,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 
 from costmodel.comm import comm_curves, interpolate_comm, piecewise_linear, secant_slope
@@ -34,7 +35,7 @@ DEFAULT_GPU = "H100"  # the seed API's KernelCostModel()
 _NOT_GIVEN = object()
 
 
-def checked_dims(dims, default=None):
+def checked_dims(dims: "ModelDims | dict | None", default: ModelDims = None) -> ModelDims:
     """``dims`` as a ``ModelDims`` (from a ``ModelDims`` or a dict of its fields); None: ``default``."""
     if dims is None:
         return default
@@ -63,7 +64,8 @@ class KernelCostModel:
             cost; default: the table's. ``with_dims`` makes a copy at other dims.
     """
 
-    def __init__(self, gpu_type=_NOT_GIVEN, table=None, dims=None):
+    def __init__(self, gpu_type: "str | None" = _NOT_GIVEN, table: "str | os.PathLike | None" = None,
+                 dims: "ModelDims | dict | None" = None):
         if gpu_type is _NOT_GIVEN:
             gpu_type = None if table is not None else DEFAULT_GPU
         if gpu_type is None and table is None:
@@ -85,7 +87,7 @@ class KernelCostModel:
         self.shapes = ShapeModel(self.table)
         self._comm = comm_curves(self.table)
 
-    def with_dims(self, dims=None, **changes):
+    def with_dims(self, dims: "ModelDims | dict | None" = None, **changes: int) -> "KernelCostModel":
         """This model (same table and fit) costing ``dims`` by default, or its dims with ``changes``
         (e.g. ``with_dims(d_model=4096, d_ff=14336)``)."""
         dims = checked_dims(dims, self.dims)
@@ -96,10 +98,10 @@ class KernelCostModel:
         return copy
 
     @property
-    def ops(self):
+    def ops(self) -> tuple:
         return tuple(self.table["ops"])
 
-    def is_measured_shape(self, op, dims=None):
+    def is_measured_shape(self, op: str, dims: "ModelDims | dict | None" = None) -> bool:
         """Did the table measure ``op`` at ``dims`` (default: this model's)?"""
         return bool(self.shapes.curve(op, checked_dims(dims, self.dims)).measured_batches)
 
@@ -134,7 +136,7 @@ class KernelCostModel:
         curve = self.shapes.curve(op, dims)
         return (*curve.at(batch_size), "prior" if self.is_prior else _where(curve.measured_batches, batch_size))
 
-    def pressure_curve(self, op):
+    def pressure_curve(self, op: str) -> "list | None":
         """The measured (background utilisation, latency stretch) points of ``op``, or None. A stretch
         below 1 (timing noise: pressure never shortens a call) counts as 1."""
         section = self.table.get("memory_pressure")
@@ -145,7 +147,7 @@ class KernelCostModel:
                         if p["background_util"] is not None)
         return points if len(points) >= 2 else None
 
-    def device_curves(self, op, dims=None):
+    def device_curves(self, op: str, dims: "ModelDims | dict | None" = None) -> dict:
         """``op``'s curves at ``dims`` (default: this model's) as plain numbers: what every device
         path (``DeviceCostTable``, the router's bias kernels through ``kernels.cost_bias.cost_curves``)
         interpolates, the same knots ``get_cost`` interpolates.
@@ -167,7 +169,7 @@ class KernelCostModel:
                 "fixed_energy_j": fixed["energy_joules"], "fixed_latency_ms": fixed["latency_ms"],
                 "slowdown_temp_c": (self.table.get("thermal") or {}).get("slowdown_temp_c")}
 
-    def clock_curve(self):
+    def clock_curve(self) -> "list | None":
         """The calibrated (temp_c, sm_clock_mhz) points, coolest first, or None without a thermal model."""
         curve = (self.table.get("thermal") or {}).get("clock_vs_temp")
         return [(p["temp_c"], p["sm_clock_mhz"]) for p in curve] if curve else None
@@ -223,7 +225,8 @@ class KernelCostModel:
             if current_temp is None else current_temp
         return (steady - start) * (1.0 - math.exp(-latency_ms * 1e-3 / thermal["time_constant_s"]))
 
-    def get_cost(self, op, batch_size, current_temp=None, memory_pressure=None, dims=None):
+    def get_cost(self, op: str, batch_size: float, current_temp: float = None, memory_pressure: float = None,
+                 dims: "ModelDims | dict | None" = None) -> dict:
         """Predicted cost of one call of ``op`` at ``batch_size`` (tokens; sequences for attention ops;
         any positive number: a fractional one is a mean load, as the router uses) and ``dims`` (a
         ``ModelDims`` or a dict of its fields; default: this model's).
@@ -269,7 +272,7 @@ class KernelCostModel:
                              f"-m bench.calibrate_comm --gpu {self.gpu_type} measures it")
         return curve
 
-    def get_comm_cost(self, op, bytes_per_rank, world_size):
+    def get_comm_cost(self, op: str, bytes_per_rank: float, world_size: int) -> dict:
         """Predicted cost of one collective call in which each of ``world_size`` ranks sends
         ``bytes_per_rank``: ``energy_joules`` (summed over all participating GPUs), ``latency_ms``,
         ``source`` (the curve's: "measured") and ``interpolation`` (measured / interpolated /
@@ -280,13 +283,13 @@ class KernelCostModel:
         return {"energy_joules": energy_j, "latency_ms": latency_ms, "source": curve["source"],
                 "interpolation": where, "prediction": True, "gpu": self.gpu_type}
 
-    def comm_cost_per_byte(self, op, bytes_per_rank, world_size):
+    def comm_cost_per_byte(self, op: str, bytes_per_rank: float, world_size: int) -> tuple:
         """(energy_j_per_byte, latency_ms_per_byte): the marginal cost of one more byte per rank in a
         message of ``bytes_per_rank``, the secant slope of the measured curve around it (>= 0)."""
         points = self._comm_curve(op, bytes_per_rank, world_size)["points"]
         return secant_slope(points, bytes_per_rank, "energy_j"), secant_slope(points, bytes_per_rank, "latency_ms")
 
-    def get_plan_cost(self, plan, measured_latency_ms=None):
+    def get_plan_cost(self, plan: Sequence[tuple], measured_latency_ms: float = None) -> dict:
         """Predicted cost of a sequence of calls, ``plan`` = [(op, batch_size, calls), ...].
 
         With the sequence's ``measured_latency_ms`` (an eager call: host launch gaps the table does
@@ -314,7 +317,7 @@ class KernelCostModel:
         return {"energy_joules": energy_j + gap_power_w * gap_ms * 1e-3, "latency_ms": latency_ms + gap_ms,
                 "kernel_latency_ms": latency_ms, "gap_ms": gap_ms, "prediction": True, "gpu": self.gpu_type}
 
-    def get_cost_breakdown(self, op, batch_size, dims=None):
+    def get_cost_breakdown(self, op: str, batch_size: float, dims: "ModelDims | dict | None" = None) -> dict:
         """Static vs dynamic energy (idle power over the call's time vs the rest), and compute- vs
         memory-bound time (the roofline's split of the predicted latency)."""
         cost = self.get_cost(op, batch_size, dims=dims)
@@ -325,7 +328,7 @@ class KernelCostModel:
                        "compute_bound_ms": cost["latency_ms"] * compute_share,
                        "memory_bound_ms": cost["latency_ms"] * (1.0 - compute_share)}
 
-    def get_thermal_safe_batch_size(self, op, current_temp, max_temp_increase):
+    def get_thermal_safe_batch_size(self, op: str, current_temp: float, max_temp_increase: float) -> "int | None":
         """Largest batch size (powers of two up to the table's largest) whose predicted temperature
         rise from ``current_temp`` stays within ``max_temp_increase`` °C and keeps the card below
         the NVML slowdown threshold (when the table has it); 0 when no batch is safe (e.g. at or

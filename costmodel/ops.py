@@ -42,22 +42,22 @@ class ModelDims:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
 
     @property
-    def head_dim(self):
+    def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
 
-def expected_experts(batch_size, num_experts, top_k):
+def expected_experts(batch_size, num_experts: int, top_k: int):
     """Distinct experts ``batch_size`` tokens touch when each picks ``top_k`` of ``num_experts``
     uniformly: E (1 - (1 - K/E)^B); K at one token, E for many. ``batch_size`` may be a tensor."""
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch_size)
 
 
-def check_op(op):
+def check_op(op: str) -> None:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; the cost model knows {', '.join(OPS)}")
 
 
-def work(op, batch_size, dims):
+def work(op: str, batch_size, dims: ModelDims) -> tuple:
     """(flops, bytes) of one call of ``op`` at ``batch_size``: bf16 operands, each read once."""
     check_op(op)
     B, H, I, S, D = batch_size, dims.d_model, dims.d_ff, dims.seq_len, dims.head_dim

@@ -14,7 +14,7 @@ spread evenly over the experts uniform routing touches (``costmodel.ops.expected
 import math
 from dataclasses import dataclass
 
-from costmodel.ops import BYTES_PER_ELEMENT, SEQUENCE_OPS, check_op, expected_experts, work
+from costmodel.ops import BYTES_PER_ELEMENT, SEQUENCE_OPS, ModelDims, check_op, expected_experts, work
 
 # the tile a table without kernel configs assumes (a prior, or a table older than the section)
 GENERIC_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 64}
@@ -37,7 +37,7 @@ def _holds(bound_key, bound, shape):
     return value is None or (value <= bound if kind == "max" else value >= bound)
 
 
-def pick_config(configs, config_op, **shape):
+def pick_config(configs: "dict | None", config_op: str, **shape: float) -> dict:
     """The block config our kernel picks for ``shape`` (the first entry whose ``when`` bounds hold,
     as ``kernels.config.select_config`` reads the same entries); ``GENERIC_CONFIG`` without entries."""
     for entry in (configs or {}).get(config_op, {}).get("entries", ()):
@@ -46,7 +46,7 @@ def pick_config(configs, config_op, **shape):
     return GENERIC_CONFIG
 
 
-def gemm(configs, config_op, M, N, K, gated=False):
+def gemm(configs: "dict | None", config_op: str, M: float, N: int, K: int, gated: bool = False) -> Launch:
     """[M, K] x [K, N] (and a second [K, N] for a gated product) on the config's output tiles."""
     cfg = pick_config(configs, config_op, m=M, n=N, k=K, elem_bytes=BYTES_PER_ELEMENT)
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg.get("block_k", GENERIC_CONFIG["block_k"])
@@ -90,7 +90,7 @@ def _attention(op, configs, B, dims):
     return [Launch(rows, 2.0 * bm * visible * D * products, nbytes)]
 
 
-def op_launches(op, batch_size, dims, configs=None):
+def op_launches(op: str, batch_size: float, dims: ModelDims, configs: "dict | None" = None) -> list:
     """The launches of one call of ``op`` at ``batch_size`` (tokens; sequences for attention) and
     ``dims``, with the block configs in ``configs`` (a table's ``kernel_configs``)."""
     check_op(op)

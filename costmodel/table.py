@@ -23,7 +23,7 @@ TABLE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "tables"  #
 TABLES_ENV = "ENERGY_MOE_TABLES"
 
 
-def user_table_dir():
+def user_table_dir() -> Path:
     """Where ``python -m bench.calibrate`` writes a user's tables (searched before ``TABLE_DIR``)."""
     if os.environ.get(TABLES_ENV):
         return Path(os.environ[TABLES_ENV]).expanduser()
@@ -31,18 +31,18 @@ def user_table_dir():
     return Path(cache) / "energy-moe" / "tables"
 
 
-def table_dirs():
+def table_dirs() -> list:
     """The folders searched for a GPU's table, first match wins: the user's, then the package's."""
     return [user_table_dir(), TABLE_DIR]
 
 
-def table_names():
+def table_names() -> list:
     """The GPU names that have a table in any searched folder."""
     return sorted({path.stem for folder in table_dirs() if folder.is_dir() for path in folder.glob("*.json")
                    if not path.stem.endswith(".rejected")})
 
 
-def find_table(gpu_type):
+def find_table(gpu_type: str) -> Path:
     """The path of ``gpu_type``'s table, the user's before the package's; a ``ValueError`` that says
     which command makes one (and names a table that differs only in case) when there is none."""
     for folder in table_dirs():
@@ -219,7 +219,7 @@ def _check_collectives(check, section):
             check.points(f"{where}['points']", curve.get("points"), "bytes_per_rank", ("latency_ms", "energy_j"))
 
 
-def check_table(path, data):
+def check_table(path: "str | os.PathLike", data: dict) -> None:
     """Raise ``ValueError`` unless ``data`` is a schema-1 table the model can use throughout."""
     check = _TableChecker(path)
     if not isinstance(data, dict) or data.get("schema") != 1 or not isinstance(data.get("ops"), dict):
@@ -231,7 +231,7 @@ def check_table(path, data):
     _check_collectives(check, data.get("collectives"))
 
 
-def load_table(gpu_type=None, table=None):
+def load_table(gpu_type: "str | None" = None, table: "str | os.PathLike | None" = None) -> tuple:
     """Read and check a table: by GPU name (``find_table``), or from a path."""
     path = Path(table) if table is not None else find_table(gpu_type)
     if not path.exists():
