@@ -40,6 +40,7 @@ import warnings
 
 import torch
 
+from costmodel.kernel_cost_model import KernelCostModel
 from kernels.cost_bias import cost_curves, energy_weight_reference, expert_cost_bias, expert_cost_reference
 from kernels.pinned_state import readable_in_place
 
@@ -54,17 +55,17 @@ class CostSelection:
     ``bias_offsets`` / ``hardware_state`` buffers."""
 
     @property
-    def cost_weighted(self):
+    def cost_weighted(self) -> bool:
         """Does any cost weight move the selection (False: exactly plain top-k)?"""
         return self.objective_weights["energy"] > 0 or self.objective_weights["latency"] > 0
 
     @property
-    def max_shift(self):
+    def max_shift(self) -> float:
         """delta: the largest probability gap a re-route may cross (1 / quality)."""
         return 1.0 / self.objective_weights["quality"] if self.cost_weighted else 0.0
 
     @property
-    def monitoring(self):
+    def monitoring(self) -> bool:
         return self.monitor is not None and self.monitor.available
 
     def _device_tables(self):
@@ -79,12 +80,12 @@ class CostSelection:
         self._no_state = torch.full((3,), math.nan, device=device)  # no monitor: cost model alone
         self._reads_host_state = self.monitoring and readable_in_place(self.monitor.host_state, device)
 
-    def expert_cost(self, batch_sizes):
+    def expert_cost(self, batch_sizes: torch.Tensor) -> tuple:
         """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens (a float tensor) under the
         cached hardware state, as the bias kernels see it."""
         return expert_cost_reference(self._curves, self._state(), batch_sizes, self.max_memory_pressure)
 
-    def energy_weight(self):
+    def energy_weight(self) -> torch.Tensor:
         """w_energy * g(T) at the cached temperature, as the bias kernels apply it (a [1] device tensor)."""
         return energy_weight_reference(self._curves, self._state(), self.objective_weights["energy"],
                                        self.thermal_gain, self.thermal_margin_c)
@@ -95,7 +96,7 @@ class CostSelection:
             return self._no_state
         return self.monitor.host_state if self._reads_host_state else self.hardware_state
 
-    def cost_bias(self, plain_ids):
+    def cost_bias(self, plain_ids: torch.Tensor) -> torch.Tensor:
         """The [E] selection bias for a batch whose plain top-k chose ``plain_ids`` [T, K]: one
         launch of ``kernels.cost_bias.expert_cost_bias`` on the cached hardware state."""
         return expert_cost_bias(plain_ids, self._curves, self._state(), self.bias_offsets, **self._bias_knobs())
@@ -107,7 +108,7 @@ class CostSelection:
                 "extra_cost": self.extra_cost}
 
 
-def cost_model_at(model, d_model):
+def cost_model_at(model: KernelCostModel, d_model: int) -> KernelCostModel:
     """``model`` costing experts of ``d_model``: as given when its dims have that d_model, else
     at d_model with its d_ff scaled alike (the tile model carries the table there; a warning says
     how to give the experts' real d_ff)."""

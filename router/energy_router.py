@@ -57,6 +57,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from costmodel.kernel_cost_model import KernelCostModel
 from kernels.moe_layer import TopKRouter
 from kernels.policy_routing import FillCost, policy_routing
 from kernels.routing import check_selection_bias, topk_routing
@@ -104,11 +105,15 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
         device, dtype: of a new weight.
     """
 
-    def __init__(self, d_model, num_experts, top_k, kernel_cost_model, objective_weights=None,
-                 ttt_update_frequency=128, ttt_chunk_size=512, energy_aware_lr=1e-4, muon_enabled=False,
-                 monitor=None, *, weight=None, renormalize=True, weights_dtype=None, top_p=None, keep_top_k=None,
-                 keep_share=None, ttt_gate=False, adapt=True, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9, track_stats=True,
-                 expert_placement=None, expert_placement_bytes_per_rank=None, device=None, dtype=None):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, kernel_cost_model: KernelCostModel,
+                 objective_weights: "dict | None" = None, ttt_update_frequency: int = 128, ttt_chunk_size: int = 512,
+                 energy_aware_lr: float = 1e-4, muon_enabled: bool = False, monitor: "HardwareMonitor | None" = None,
+                 *, weight: "torch.Tensor | None" = None, renormalize: bool = True, weights_dtype=None,
+                 top_p: "float | None" = None, keep_top_k: "int | None" = None, keep_share: "float | None" = None,
+                 ttt_gate: bool = False, adapt: bool = True, thermal_gain: float = 1.0, thermal_margin_c: float = 15.0,
+                 max_memory_pressure: float = 0.9, track_stats: bool = True,
+                 expert_placement: "tuple | None" = None, expert_placement_bytes_per_rank: "int | None" = None,
+                 device=None, dtype: "torch.dtype | None" = None):
         d_model, num_experts, top_k, ttt_update_frequency, ttt_chunk_size = check_sizes(
             d_model=d_model, num_experts=num_experts, top_k=top_k, ttt_update_frequency=ttt_update_frequency,
             ttt_chunk_size=ttt_chunk_size)
@@ -144,7 +149,7 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
         self._reset_host_counters()
 
     @classmethod
-    def from_router(cls, router, kernel_cost_model, **kwargs):
+    def from_router(cls, router: TopKRouter, kernel_cost_model: KernelCostModel, **kwargs) -> "EnergyAwareTTTRouter":
         """Wrap a ``TopKRouter`` (e.g. a patched HF model's ``layer.gate``), sharing its gate weight."""
         num_experts, d_model = router.weight.shape
         return cls(d_model, num_experts, router.top_k, kernel_cost_model, weight=router.weight,
@@ -173,7 +178,7 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
         self._device_tables()
         return self
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states: torch.Tensor) -> tuple:
         check_tensor("hidden_states", hidden_states, ndim=2)
         check_dim("hidden_states", hidden_states, 1, self.d_model, "d_model")
         check_same_dtype_device(hidden_states=hidden_states, weight=self.weight)
@@ -201,7 +206,7 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
         return router_logits, weights, routing.topk_ids
 
     @property
-    def keeps(self):
+    def keeps(self) -> bool:
         """Does the baseline-preserving policy route (``keep_top_k`` or ``keep_share`` set)?"""
         return self.keep_top_k is not None or self.keep_share is not None
 
@@ -237,7 +242,7 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
             return kept
         return kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
-    def stats(self):
+    def stats(self) -> dict:
         """The accumulated statistics as Python numbers (one device sync)."""
         summary = tally_summary(self._stats, self.top_k)  # the sync: recorded update events are done
         self._settle_update_timings()
@@ -251,11 +256,11 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
             "hardware": {f: getattr(self.monitor, f) if self.monitor is not None else None for f in STATE_FIELDS},
         }
 
-    def reset_stats(self):
+    def reset_stats(self) -> None:
         self._stats.zero_()
         self._reset_ttt_accounting()
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"objective_weights={self.objective_weights}, max_shift={self.max_shift:.3g}, top_p={self.top_p}, "
                 f"keep_top_k={self.keep_top_k}, keep_share={self.keep_share}, "

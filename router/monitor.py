@@ -27,7 +27,7 @@ from collections import deque
 
 import torch
 
-from calibration.nvml_meter import MIN_SAMPLE_INTERVAL_S, BackgroundSampler, GpuMeter, check_interval_s
+from calibration.nvml_meter import MIN_SAMPLE_INTERVAL_S, BackgroundSampler, GpuMeter, GpuReading, check_interval_s
 from calibration.validate import check_meter
 from costmodel.validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C, count
 
@@ -62,7 +62,8 @@ class HardwareMonitor:
     Use ``with monitor:`` (or ``start``/``stop``); ``poll()`` takes one reading now.
     """
 
-    def __init__(self, meter=None, interval_s=MIN_SAMPLE_INTERVAL_S, device=None, history=600):
+    def __init__(self, meter: "GpuMeter | None" = None, interval_s: float = MIN_SAMPLE_INTERVAL_S, device=None,
+                 history: int = 600):
         if meter is not None and device is not None:
             raise ValueError("give meter or device, not both: device only picks the default meter's GPU")
         self.meter = check_meter("meter", meter, *METER_CALLS) if meter is not None else \
@@ -82,33 +83,35 @@ class HardwareMonitor:
             self.poll()
 
     @property
-    def available(self):
+    def available(self) -> bool:
         return self.meter.available
 
     @property
-    def unavailable_reason(self):
+    def unavailable_reason(self) -> "str | None":
         return self.meter.unavailable_reason
 
     @property
-    def samples(self):
+    def samples(self) -> list:
         return self._sampler.samples
 
-    def poll(self):
+    def poll(self) -> GpuReading:
         """Read the meter once now and cache the reading (what the sampler thread does)."""
         return _TappedMeter(self.meter, self._ingest).read()
 
-    def warn_unavailable(self):
+    def warn_unavailable(self) -> None:
         """Warn, once per monitor, that routing runs on the cost model alone (no NVML)."""
         if not self.available and not self._warned_unavailable:
             self._warned_unavailable = True
             warnings.warn(f"no GPU hardware state ({self.unavailable_reason}): the router runs on the "
                           "cost model alone (no temperature or memory-pressure terms)", RuntimeWarning, stacklevel=3)
 
-    def start(self):
+    def start(self) -> "HardwareMonitor":
+        """Start the sampler thread (also as a context manager)."""
         self._sampler.start()
         return self
 
-    def stop(self):
+    def stop(self) -> None:
+        """Stop the sampler thread."""
         self._sampler.stop()
 
     def __enter__(self):

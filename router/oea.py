@@ -41,11 +41,11 @@ class OEARouter(TopKRouter):
                              persistent=False)
 
     @classmethod
-    def from_router(cls, router, keep_top_k, track_stats=True):
+    def from_router(cls, router: TopKRouter, keep_top_k: int, track_stats: bool = True) -> "OEARouter":
         """Wrap a ``TopKRouter`` (e.g. a patched HF model's ``layer.gate``), sharing its gate weight."""
         return cls(router.weight, router.top_k, keep_top_k, router.renormalize, router.weights_dtype, track_stats)
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states: torch.Tensor) -> tuple:
         router_logits = self._router_logits(hidden_states)
         routing = policy_routing(router_logits, self.top_k, fill="active", keep_top_k=self.keep_top_k,
                                  selection_bias=self.selection_bias, renormalize=self.renormalize)
@@ -59,12 +59,12 @@ class OEARouter(TopKRouter):
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, routing.topk_ids
 
-    def stats(self):
+    def stats(self) -> dict:
         """The accumulated statistics as Python numbers (one device sync)."""
         return tally_summary(self._stats, self.top_k) | {"keep_top_k": self.keep_top_k}
 
-    def reset_stats(self):
+    def reset_stats(self) -> None:
         self._stats.zero_()
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, keep_top_k={self.keep_top_k}"

@@ -10,12 +10,13 @@ OBJECTIVE_KEYS = ("energy", "latency", "quality")
 DEFAULT_OBJECTIVE_WEIGHTS = {"energy": 1.0, "latency": 0.0, "quality": 1.0}
 
 
-def check_sizes(**sizes):
+def check_sizes(**sizes) -> list:
     """Each size as a Python int >= 1 (numpy integers too)."""
     return [check_int(name, value, 1) for name, value in sizes.items()]
 
 
-def finite_number(name, value, low, low_open=False, high=math.inf, high_open=True):
+def finite_number(name: str, value, low: float, low_open: bool = False, high: float = math.inf,
+                  high_open: bool = True) -> None:
     """ValueError naming ``name`` unless ``value`` is a finite number in the span."""
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
     if bad or value < low or (low_open and value == low) or value > high or (high_open and value == high):
@@ -23,7 +24,7 @@ def finite_number(name, value, low, low_open=False, high=math.inf, high_open=Tru
         raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
 
 
-def check_keep(keep_top_k, keep_share, top_k):
+def check_keep(keep_top_k, keep_share, top_k: int) -> tuple:
     """(keep_top_k, keep_share): at most one set; keep_top_k in [1, top_k], keep_share in (0, 1]."""
     if keep_top_k is not None and keep_share is not None:
         raise ValueError(f"keep_top_k and keep_share are two forms of one knob: give at most one, got "
@@ -36,7 +37,7 @@ def check_keep(keep_top_k, keep_share, top_k):
     return keep_top_k, keep_share
 
 
-def check_objective_weights(objective_weights):
+def check_objective_weights(objective_weights: "dict | None") -> dict:
     """{energy, latency, quality} as floats: the defaults updated by ``objective_weights``."""
     weights = dict(DEFAULT_OBJECTIVE_WEIGHTS)
     if objective_weights is not None:
@@ -52,7 +53,8 @@ def check_objective_weights(objective_weights):
     return {k: float(v) for k, v in weights.items()}
 
 
-def check_hyperparameters(energy_aware_lr, top_p, thermal_gain, thermal_margin_c, max_memory_pressure):
+def check_hyperparameters(energy_aware_lr: float, top_p: "float | None", thermal_gain: float, thermal_margin_c: float,
+                          max_memory_pressure: float) -> None:
     """The step size, dynamic k and the thermal and pressure knobs, each in its range."""
     finite_number("energy_aware_lr", energy_aware_lr, 0.0, low_open=True)
     if top_p is not None:
@@ -62,7 +64,7 @@ def check_hyperparameters(energy_aware_lr, top_p, thermal_gain, thermal_margin_c
     finite_number("max_memory_pressure", max_memory_pressure, 0.0, high=1.0)
 
 
-def gate_weight(weight, d_model, num_experts, device, dtype):
+def gate_weight(weight: "torch.Tensor | None", d_model: int, num_experts: int, device, dtype) -> torch.Tensor:
     """The [E, H] gate weight: ``weight`` checked (shared, not copied), or a new one with nn.Linear's init."""
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")

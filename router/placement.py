@@ -23,7 +23,7 @@ COMM_OP = "all_to_all"
 DEFAULT_MESSAGE_TOKENS = 8192  # tokens per rank in one all_to_all: the default message size's rows
 
 
-def check_placement(placement, num_experts):
+def check_placement(placement: "tuple | None", num_experts: int) -> "tuple | None":
     """(rank, world_size) with E split evenly over the ranks, or None."""
     if placement is None:
         return None
@@ -40,7 +40,8 @@ def check_placement(placement, num_experts):
     return rank, world_size
 
 
-def placement_extra_cost(model, placement, num_experts, d_model, bytes_per_rank):
+def placement_extra_cost(model, placement: "tuple | None", num_experts: int, d_model: int,
+                         bytes_per_rank: "int | None") -> "torch.Tensor | None":
     """[2, E] float32 on the host: energy_j and latency_ms per routed token that each expert adds
     beyond its compute (the all_to_all there and back for a remote one), or None without a placement."""
     if placement is None:

@@ -36,7 +36,7 @@ class RouterTTT:
     ``_window`` buffer."""
 
     @property
-    def adaptive(self):
+    def adaptive(self) -> bool:
         """Is there anything for test-time training to update?"""
         return self.cost_weighted or self.ttt_gate
 
@@ -66,7 +66,7 @@ class RouterTTT:
         self._ring_next.add_(n).remainder_(self.ttt_chunk_size)
         self._ring_filled.add_(n).clamp_(max=self.ttt_chunk_size)
 
-    def ttt_step(self):
+    def ttt_step(self) -> None:
         """One timed, counted test-time update from the batches routed since the last one (outside capture)."""
         if capturing(self.weight):
             raise RuntimeError("ttt_step() cannot run inside CUDA-graph capture: call it between replays")
@@ -75,7 +75,7 @@ class RouterTTT:
             self.ttt_update()
         self.note_update()
 
-    def ttt_update(self):
+    def ttt_update(self) -> None:
         """The update's device work (no host sync, capturable): the offsets' step and the gate's step."""
         with torch.inference_mode(False), torch.no_grad():
             if self.cost_weighted:
@@ -83,15 +83,15 @@ class RouterTTT:
             if self.ttt_gate:
                 self._gate_step()
 
-    def update_due(self):
+    def update_due(self) -> bool:
         """Have ``ttt_update_frequency`` tokens been routed since the last update (host count)?"""
         return self.adapt and self.adaptive and self._tokens_since_update >= self.ttt_update_frequency
 
-    def note_tokens(self, count):
+    def note_tokens(self, count: int) -> None:
         """Count routed tokens (a caller replaying a captured forward counts its replays here)."""
         self._tokens_since_update += check_int("count", count, 0)
 
-    def note_update(self):
+    def note_update(self) -> None:
         """Count an update (a caller replaying a captured ``ttt_update`` counts its replays here)."""
         self._tokens_since_update = 0
         self.ttt_updates += 1
@@ -140,5 +140,5 @@ class RouterTTT:
                 self._ttt_energy_j += power_w * seconds
 
 
-def capturing(tensor):
+def capturing(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
