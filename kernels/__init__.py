@@ -21,8 +21,9 @@ which reads its block config by key from ``kernels.config.lookup("<config key>",
 reference autograd); the public function ``<op>``, which checks its arguments
 (``kernels.validate``) and calls the op; and ``<op>_reference``, the same in torch. Its tests are
 ``tests/test_<module>.py`` (the plain GEMM under the SwiGLU kernels' ``tests/test_swiglu.py``)
-and its benchmarks in ``bench/bench_kernels.py`` / ``bench_moe.py``, by the op's name. The GEMM tile helpers are public in ``kernels.tiles``; ``TRITON_INTERPRET`` is set once,
-by ``tests/conftest.py`` and ``bench/__init__.py``.
+and its benchmarks in ``bench/bench_kernels.py`` / ``bench_moe.py``, by the op's name. The GEMM
+tile helpers are public in ``kernels.tiles``; ``TRITON_INTERPRET`` is set once, by
+``tests/conftest.py`` and ``bench/__init__.py``.
 
 This package's import name, ``kernels``, is also Hugging Face's ``kernels`` package: the two
 cannot be installed side by side.

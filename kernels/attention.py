@@ -218,7 +218,8 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def launch_flash_attention(q, k, v, causal, sm_scale, cfg=None):
+def launch_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float | None,
+                           cfg=None):
     B, H, S_Q, D = q.shape
     H_KV, S_KV = k.shape[1], k.shape[2]
     strides = (*_strides(q), *_strides(k), *_strides(v))
@@ -241,13 +242,15 @@ def launch_flash_attention(q, k, v, causal, sm_scale, cfg=None):
     return o
 
 
-def flash_attention_reference(q, k, v, causal=True, sm_scale=None):
+def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                              sm_scale: float | None = None):
     """Attention in torch, materialising the scores (same semantics as ``flash_attention``)."""
     scores = attention_qk_reference(q, k, sm_scale)
     return attention_av_reference(scores, v, causal)
 
 
-def flash_attention(q, k, v, causal=True, sm_scale=None):
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    sm_scale: float | None = None):
     """FlashAttention forward with the semantics of SDPA (``is_causal=causal``, ``scale=sm_scale``).
 
     Args:
@@ -276,14 +279,14 @@ _flash_attention_op = kernel_op(
     fake=lambda q, k, v, causal, sm_scale: torch.empty_like(q), reference=flash_attention_reference)
 
 
-def attention_qk_reference(q, k, sm_scale=None):
+def attention_qk_reference(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None):
     """Scaled scores ``q @ kᵀ * sm_scale`` in torch, with KV heads repeated for grouped queries."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return (q @ k.transpose(-1, -2)) * scale
 
 
-def attention_av_reference(scores, v, causal=False):
+def attention_av_reference(scores: torch.Tensor, v: torch.Tensor, causal: bool = False):
     """``softmax(scores) @ v`` in torch, with the top-left causal mask if ``causal``."""
     if causal:
         s_q, s_kv = scores.shape[-2:]
@@ -294,7 +297,7 @@ def attention_av_reference(scores, v, causal=False):
     return probs @ v
 
 
-def attention_qk(q, k, sm_scale=None):
+def attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None):
     """Scaled attention scores ``q @ kᵀ * sm_scale``, written to memory.
 
     Args:
@@ -333,7 +336,7 @@ def _attention_qk(q, k, sm_scale):
     return scores
 
 
-def attention_av(scores, v, causal=False):
+def attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool = False):
     """``softmax(scores) @ v`` with an online fp32 softmax over the stored score matrix.
 
     Args:

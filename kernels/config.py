@@ -43,13 +43,13 @@ def _cuda_identity(index):  # cached: the queries cost microseconds on every lau
     return torch.cuda.get_device_name(index), f"{major}.{minor}"
 
 
-def config_file_stem(name):
+def config_file_stem(name: str):
     """``"NVIDIA H100 80GB HBM3"`` -> ``"NVIDIA_H100_80GB_HBM3"``."""
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
 @functools.lru_cache(maxsize=None)
-def load_entries(op, gpu_name, compute_capability=None):
+def load_entries(op: str, gpu_name, compute_capability=None):
     """The config entries for ``op`` on ``gpu_name`` (of ``compute_capability``, "9.0"), and the
     path they came from: the GPU's own file, else a tuned file of the same capability, else the default."""
     path = CONFIG_DIR / op / f"{config_file_stem(gpu_name)}.json"
@@ -96,7 +96,7 @@ def select_config(entries, **dims):
     raise ValueError(f"no config entry matches {dims}; the file must end with an entry without 'when'")
 
 
-def lookup(op, device, **dims):
+def lookup(op: str, device, **dims):
     """The block config dict for ``op`` at ``dims`` on ``device`` (shared: never modify it)."""
     return _cached_lookup(op, *_device_identity(device), tuple(sorted(dims.items())))
 

@@ -151,7 +151,7 @@ def bias_from_loads(
     b_share = tl.where(b_score == float("inf"), 1.0, b_score / (1.0 + b_score))  # s / (1 + s) saturates at 1
     return clamp(b_offsets - max_shift * b_share, -max_shift, 0.0)
 
-def check_cost_inputs(curves, hardware_state, bias_offsets, **inputs):
+def check_cost_inputs(curves, hardware_state, bias_offsets: torch.Tensor, **inputs):
     check_tensor("hardware_state", hardware_state, ndim=1, dtypes=(torch.float32,), kernel_device=False)
     check_tensor("bias_offsets", bias_offsets, ndim=1, dtypes=(torch.float32,))
     if not isinstance(curves, CostCurves):
@@ -173,7 +173,7 @@ def check_cost_inputs(curves, hardware_state, bias_offsets, **inputs):
                          "(kernels.pinned_state.device_reads_pinned)")
 
 
-def check_extra_cost(extra_cost, bias_offsets):
+def check_extra_cost(extra_cost, bias_offsets: torch.Tensor):
     """The optional [2, E] contiguous float32 extra cost; the tensor the kernels read (or a stand-in)."""
     if extra_cost is None:
         return bias_offsets  # never read: HAS_EXTRA is off
@@ -198,11 +198,11 @@ def cost_constants(curves, energy_weight, latency_weight, max_shift, thermal_gai
             float(max_shift), float(thermal_gain), float(thermal_margin_c), float(max_memory_pressure))
 
 
-def check_knob(name, value, positive=False):
+def check_knob(name: str, value, positive=False):
     """A number the kernel takes as a float32 scalar: finite there (<= 3.4e38), and >= 0 (or > 0)."""
     check_float(name, value, low=0.0, high=FLOAT32_MAX, low_open=positive)
 
-def lerp_segments_reference(xs, ys, x):
+def lerp_segments_reference(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor):
     """``lerp`` in torch: piecewise-linear ys(x) through sorted ``xs``, extending the end segments."""
     flat = x.reshape(-1)  # a 0-d index tensor would index like a Python int: a host sync
     hi = (xs.unsqueeze(0) <= flat.unsqueeze(1)).sum(-1).clamp(1, xs.numel() - 1)
@@ -249,7 +249,7 @@ def score_reference(curves, energy_j, latency_ms, temp, energy_weight, latency_w
     return (score + latency_weight * latency_ms / curves.fixed_latency_ms).clamp_min(0.0)
 
 
-def expert_cost_reference(curves, hardware_state, batch_sizes, max_memory_pressure=0.9):
+def expert_cost_reference(curves, hardware_state, batch_sizes: torch.Tensor, max_memory_pressure=0.9):
     """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens under ``hardware_state``, as
     the kernels see it (torch; no host sync)."""
     _, stretch = hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
@@ -261,9 +261,9 @@ def energy_weight_reference(curves, hardware_state, energy_weight, thermal_gain=
     temp = state_on_table_device(curves, hardware_state)[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
     return energy_weight * thermal_rise_reference(curves, temp, thermal_gain, thermal_margin_c)
 
-def bias_from_loads_reference(loads, curves, hardware_state, bias_offsets, *, energy_weight, latency_weight,
-                              max_shift, thermal_gain, thermal_margin_c, max_memory_pressure, extra_cost,
-                              self_in_loads):
+def bias_from_loads_reference(loads: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *, energy_weight,
+                              latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure,
+                              extra_cost, self_in_loads):
     """The bias from the experts' loads [E] float32 (``bias_from_loads`` in torch)."""
     temp, stretch = hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
     others = (loads - 1.0).clamp_min(0.0) if self_in_loads else loads

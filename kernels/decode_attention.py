@@ -84,7 +84,8 @@ def _check(q, k_cache, v_cache, kv_lengths):
         raise ValueError(f"kv_lengths must have 1 or B = {q.shape[0]} entries, got {kv_lengths.shape[0]}")
 
 
-def decode_attention_reference(q, k_cache, v_cache, kv_lengths, sm_scale=None):
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor,
+                               sm_scale: float | None = None):
     """The same in torch: full-capacity scores, positions at or past each length masked out."""
     B, H, _, D = q.shape
     group = H // k_cache.shape[1]
@@ -100,7 +101,8 @@ def decode_attention_reference(q, k_cache, v_cache, kv_lengths, sm_scale=None):
     return (probs @ v).to(q.dtype)
 
 
-def decode_attention(q, k_cache, v_cache, kv_lengths, sm_scale=None):
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor,
+                     sm_scale: float | None = None):
     """Attention of one query per sequence to its static cache, with no host sync.
 
     Args:

@@ -69,7 +69,7 @@ class DispatchPlan:
     meta: torch.Tensor
 
 
-def plan_dispatch(topk_ids, topk_weights, experts_per_rank, world_size):
+def plan_dispatch(topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts_per_rank, world_size):
     """The ``DispatchPlan`` of a routed batch (device ops only, no host sync)."""
     T, K = topk_ids.shape
     device = topk_ids.device
@@ -110,7 +110,8 @@ def _unpack(received, hidden_size, top_k):
     return received[:, :hidden_size], meta[:, :top_k], meta[:, top_k:].view(torch.float32)
 
 
-def receiver_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights, world_size):
+def receiver_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                     topk_ids: torch.Tensor, topk_weights: torch.Tensor, world_size):
     """The fused experts on the rows a rank received. Configs are picked for the expected load per
     local expert (the slots over all E = E/W * W experts: most slots are other ranks' and dropped)."""
     local_experts, two_i, _ = gate_up_proj.shape
@@ -121,8 +122,9 @@ def receiver_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weig
                                 persistent=True)
 
 
-def expert_parallel_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, group,
-                            experts_fn=None, chunks=1, capacity=None):
+def expert_parallel_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                            gate_up_proj: torch.Tensor, down_proj: torch.Tensor, group, experts_fn=None, chunks=1,
+                            capacity=None):
     """This rank's share of an expert-parallel MoE forward.
 
     Args:
@@ -143,7 +145,7 @@ def expert_parallel_experts(hidden_states, topk_ids, topk_weights, gate_up_proj,
     """
     world_size = dist.get_world_size(group)
     if experts_fn is None:
-        def experts_fn(x, gate_up, down, ids, weights):
+        def experts_fn(x: torch.Tensor, gate_up, down, ids: torch.Tensor, weights):
             return receiver_experts(x, gate_up, down, ids, weights, world_size)
     if capacity is not None:
         return _fixed_size_exchange(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, group,

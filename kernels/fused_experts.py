@@ -140,7 +140,8 @@ class ExpertWeights:
     limit: float = 0.0
 
 
-def launch_expert_gemm(a, weights, out, blocks, topk_weights, top_k, gather_tokens, cfg, persistent):
+def launch_expert_gemm(a, weights, out: torch.Tensor, blocks, topk_weights: torch.Tensor, top_k: int,
+                       gather_tokens: bool, cfg, persistent: bool):
     N, K = out.shape[1], a.shape[1]
     w, bias = weights.w, weights.bias
     n_row_blocks = blocks.block_experts.shape[0]
@@ -160,7 +161,7 @@ def launch_expert_gemm(a, weights, out, blocks, topk_weights, top_k, gather_toke
     )
 
 
-def expert_configs(hidden_states, num_experts, intermediate, n_slots):
+def expert_configs(hidden_states: torch.Tensor, num_experts: int, intermediate: int, n_slots: int):
     """(gate_up config, down config) for this shape on this device, from the per-GPU JSON files."""
     dims = dict(slots_per_expert=n_slots // num_experts, e=num_experts, i=intermediate,
                 elem_bytes=hidden_states.element_size())
@@ -168,7 +169,7 @@ def expert_configs(hidden_states, num_experts, intermediate, n_slots):
             _config.lookup("moe_down", hidden_states.device, **dims))
 
 
-def concatenated_weights(gate_up_proj, down_proj):
+def concatenated_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
     """The kernel's view of transformers' default layout: ``gate_up_proj`` [E, 2I, H] (I gate rows,
     then I up rows), ``down_proj`` [E, H, I]; SiLU."""
     I = gate_up_proj.shape[1] // 2
@@ -176,7 +177,8 @@ def concatenated_weights(gate_up_proj, down_proj):
             ExpertWeights(down_proj))
 
 
-def gpt_oss_weights(gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, alpha, limit):
+def gpt_oss_weights(gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor, down_proj: torch.Tensor,
+                    down_proj_bias: torch.Tensor, alpha, limit):
     """The kernel's view of gpt-oss's layout: ``gate_up_proj`` [E, H, 2I] (x @ w; gate and up
     columns interleaved: gate j at 2j, up j at 2j + 1) with its [E, 2I] bias, ``down_proj``
     [E, I, H] with its [E, H] bias; the clamped GLU."""
@@ -186,8 +188,8 @@ def gpt_oss_weights(gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, 
             ExpertWeights(down_proj.transpose(1, 2), bias=down_proj_bias))
 
 
-def launch_fused_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights, configs=None,
-                         persistent=False):
+def launch_fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                         topk_ids: torch.Tensor, topk_weights: torch.Tensor, configs=None, persistent: bool = False):
     """Run the fused experts (transformers' default layout) on validated inputs (no host sync);
     ``configs`` overrides the files.
 
@@ -197,7 +199,8 @@ def launch_fused_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_
                        configs, persistent)
 
 
-def run_experts(hidden_states, gate_up, down, topk_ids, topk_weights, configs=None, persistent=False):
+def run_experts(hidden_states: torch.Tensor, gate_up, down, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                configs=None, persistent: bool = False):
     """The two expert GEMMs and the sum over each token's slots, for ``ExpertWeights`` of any layout."""
     T, H = hidden_states.shape
     E, intermediate_size, _ = gate_up.w.shape
@@ -220,7 +223,8 @@ def run_experts(hidden_states, gate_up, down, topk_ids, topk_weights, configs=No
     return launch_gather_sum(per_slot, topk_ids, out, num_experts=E)
 
 
-def fused_experts_reference(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights):
+def fused_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                            top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     """The per-expert loop in torch, as transformers' eager ``MixtralExperts.forward`` computes it."""
     out = torch.zeros_like(hidden_states)
     for expert in range(gate_up_proj.shape[0]):
@@ -231,7 +235,8 @@ def fused_experts_reference(hidden_states, gate_up_proj, down_proj, top_k_index,
     return out
 
 
-def check_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, validate_ids=True):
+def check_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor, validate_ids: bool = True):
     """Validate the ``fused_experts`` arguments; ``validate_ids`` range-checks ids (one device sync)."""
     check_tensor("hidden_states", hidden_states, ndim=2)
     check_tensor("gate_up_proj", gate_up_proj, ndim=3)
@@ -265,7 +270,8 @@ def _check_routing(hidden_states, num_experts, top_k_index, top_k_weights, valid
             raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
 
 
-def fused_experts(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, validate_ids=True):
+def fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor, validate_ids: bool = True):
     """MoE experts with transformers 5.x ``MixtralExperts.forward`` semantics, on our Triton kernels.
 
     Args:
@@ -290,8 +296,9 @@ _fused_experts_op = kernel_op(
     fake=lambda x, gate_up, down, ids, weights: torch.empty_like(x), reference=fused_experts_reference)
 
 
-def gpt_oss_experts_reference(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k_index,
-                              top_k_weights, alpha, limit):
+def gpt_oss_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
+                              down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor, alpha, limit):
     """transformers' ``GptOssExperts.forward`` in torch: per-expert loop, interleaved gate/up, clamped GLU."""
     out = torch.zeros_like(hidden_states)
     for expert in range(gate_up_proj.shape[0]):
@@ -303,8 +310,9 @@ def gpt_oss_experts_reference(hidden_states, gate_up_proj, gate_up_proj_bias, do
     return out
 
 
-def check_gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k_index,
-                          top_k_weights, alpha, limit, validate_ids=True):
+def check_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
+                          down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor, alpha, limit, validate_ids: bool = True):
     """Validate the ``gpt_oss_experts`` arguments; (alpha, limit) as floats."""
     check_tensor("hidden_states", hidden_states, ndim=2)
     for name, t, ndim in (("gate_up_proj", gate_up_proj, 3), ("gate_up_proj_bias", gate_up_proj_bias, 2),
@@ -327,8 +335,9 @@ def check_gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_p
     return check_float("alpha", alpha, 0.0, FLOAT32_MAX), check_float("limit", limit, 0.0, FLOAT32_MAX, low_open=True)
 
 
-def gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k_index,
-                    top_k_weights, alpha, limit, validate_ids=True):
+def gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
+                    down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, alpha, limit, validate_ids: bool = True):
     """MoE experts with transformers' ``GptOssExperts.forward`` semantics, on our Triton kernels.
 
     Args:
@@ -347,8 +356,9 @@ def gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, d
                                top_k_weights, alpha, limit)
 
 
-def launch_gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, topk_ids,
-                           topk_weights, alpha, limit):
+def launch_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
+                           down_proj: torch.Tensor, down_proj_bias: torch.Tensor, topk_ids: torch.Tensor,
+                           topk_weights: torch.Tensor, alpha, limit):
     """``gpt_oss_experts`` on validated inputs (no host sync)."""
     return run_experts(hidden_states, *gpt_oss_weights(gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                                                        alpha, limit), topk_ids, topk_weights)

@@ -90,7 +90,7 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_matmul(x, weight, fuse_swiglu=False, cfg=None):
+def launch_matmul(x: torch.Tensor, weight: torch.Tensor, fuse_swiglu: bool = False, cfg=None):
     """Launch on validated 2-D inputs: ``x`` [M, K], ``weight`` [N, K] ([2N, K] fused); ``cfg`` overrides the file."""
     M, K = x.shape
     N = weight.shape[0] // 2 if fuse_swiglu else weight.shape[0]
@@ -127,7 +127,7 @@ def _launch_tma(x, weight, y, fuse_swiglu, cfg, n_tiles):
     )
 
 
-def check_projection(x_name, x, w_name, weight):
+def check_projection(x_name, x: torch.Tensor, w_name, weight: torch.Tensor):
     """Validate ``x`` [..., K] against a projection ``weight`` [N, K]."""
     check_tensor(x_name, x)
     check_tensor(w_name, weight, ndim=2)
@@ -137,12 +137,12 @@ def check_projection(x_name, x, w_name, weight):
     check_dim(w_name, weight, 1, x.shape[-1], f"the last dim of {x_name}")
 
 
-def matmul_reference(x, weight):
+def matmul_reference(x: torch.Tensor, weight: torch.Tensor):
     """``x @ weight.T`` in torch."""
     return x @ weight.T
 
 
-def matmul(x, weight):
+def matmul(x: torch.Tensor, weight: torch.Tensor):
     """``x @ weight.T`` with the Triton GEMM.
 
     Args:
@@ -155,7 +155,7 @@ def matmul(x, weight):
     return apply_with_reference_grad(_matmul_2d, matmul_reference, x, weight)
 
 
-def as_rows(x):
+def as_rows(x: torch.Tensor):
     """[..., K] -> [prod(...), K] (a view when strides allow; well-defined when K is 0)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 

@@ -60,7 +60,7 @@ class TopKRouter(nn.Module):
         self.selection_bias = self.selection_bias.float()
         return self
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states: torch.Tensor):
         router_logits = self._router_logits(hidden_states)
         routing = route_checked(router_logits, self.top_k, self.selection_bias, self.renormalize)
         weights = routing.topk_weights
@@ -101,7 +101,7 @@ class Experts(nn.Module):
         self.gate_up_proj = gate_up_proj if isinstance(gate_up_proj, nn.Parameter) else nn.Parameter(gate_up_proj)
         self.down_proj = down_proj if isinstance(down_proj, nn.Parameter) else nn.Parameter(down_proj)
 
-    def forward(self, hidden_states, topk_ids, topk_weights):
+    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, topk_ids, topk_weights,
                              validate_ids=False)
 
@@ -177,7 +177,7 @@ class FusedMoE(nn.Module):
             gate_up, down = (_local_experts(w, process_group) for w in (gate_up, down))
         return cls(router, gate_up, down, process_group, ep_chunks, ep_capacity)
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states: torch.Tensor):
         check_tensor("hidden_states", hidden_states, ndim=None)
         hidden_size = self.experts.gate_up_proj.shape[2]
         if hidden_states.dim() == 0 or hidden_states.shape[-1] != hidden_size:

@@ -208,8 +208,9 @@ def _policy_routing_kernel(
         tl.store(p_weights + o_tk, b_weights, mask=m_out)
 
 
-def policy_routing(router_logits, top_k, *, fill, keep_top_k=None, keep_share=None, selection_bias=None,
-                   renormalize=True, cost=None, config=None):
+def policy_routing(router_logits: torch.Tensor, top_k: int, *, fill: str, keep_top_k: int | None = None,
+                   keep_share: float | None = None, selection_bias: torch.Tensor | None = None,
+                   renormalize: bool = True, cost=None, config=None):
     """Baseline-preserving top-k routing (module docstring).
 
     Args:
@@ -241,9 +242,10 @@ def policy_routing(router_logits, top_k, *, fill, keep_top_k=None, keep_share=No
     return PolicyRouting(*routing)
 
 
-def launch_policy_routing(router_logits, top_k, keep_top_k, keep_share, keep_by_share, selection_bias, renormalize,
-                   fill_by_cost, packed, hardware_state, bias_offsets, extra_cost, constants, n_table, n_clock,
-                   n_pressure, has_extra, config=None):
+def launch_policy_routing(router_logits: torch.Tensor, top_k: int, keep_top_k: int | None, keep_share: float | None,
+                          keep_by_share, selection_bias: torch.Tensor | None, renormalize: bool, fill_by_cost, packed,
+                          hardware_state, bias_offsets: torch.Tensor, extra_cost, constants, n_table, n_clock,
+                          n_pressure, has_extra, config=None):
     """The one or two launches on validated, flattened arguments (what the custom op runs):
     (weights, ids, plain ids, kept, fill bias, NaN tokens)."""
     T, E = router_logits.shape
@@ -321,7 +323,8 @@ def _cost_arguments(cost, num_experts, router_logits):
     knobs = _knobs_with_defaults(cost.knobs)
     extra_cost = knobs.pop("extra_cost")
     extra = check_extra_cost(extra_cost, cost.bias_offsets)
-    check_cost_inputs(cost.curves, cost.hardware_state, cost.bias_offsets, router_logits=router_logits, extra_cost=extra)
+    check_cost_inputs(cost.curves, cost.hardware_state, cost.bias_offsets, router_logits=router_logits,
+                      extra_cost=extra)
     if cost.bias_offsets.shape[0] != num_experts:
         raise ValueError(f"cost.bias_offsets has {cost.bias_offsets.shape[0]} experts; router_logits scores "
                          f"{num_experts}")
@@ -331,8 +334,9 @@ def _cost_arguments(cost, num_experts, router_logits):
             (curves.n_table, curves.n_clock, curves.n_pressure, extra_cost is not None))
 
 
-def policy_routing_reference(router_logits, top_k, *, fill, keep_top_k=None, keep_share=None, selection_bias=None,
-                             renormalize=True, cost=None, fill_bias=None):
+def policy_routing_reference(router_logits: torch.Tensor, top_k: int, *, fill: str, keep_top_k: int | None = None,
+                             keep_share: float | None = None, selection_bias: torch.Tensor | None = None,
+                             renormalize: bool = True, cost=None, fill_bias=None):
     """``policy_routing`` in torch: (weights [T, K] float32, ids [T, K] int64, kept [T], fill bias [E]).
     ``fill_bias`` given (e.g. the kernel's) replaces the computed one: the selection is then
     compared exactly, apart from the bias's last-ulp differences in exp and log."""

@@ -70,7 +70,8 @@ def _routing_tally_kernel(
         tl.store(p_batches, tl.load(p_batches, mask=m_e, other=0.0) + b_ran.to(tl.float32), mask=m_e)
 
 
-def routing_tallies(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats=None, window=None):
+def routing_tallies(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights, nan_tokens, num_experts: int, stats=None,
+                    window: torch.Tensor = None):
     """Add one routing call's tallies to ``stats`` [8] int64 and/or ``window`` [2, E] float32 in
     place (either may be None); see the module docstring. One launch, no host sync."""
     num_experts = _check(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats, window)
@@ -86,7 +87,7 @@ def routing_tallies(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats
     )
 
 
-def tally_summary(stats, top_k):
+def tally_summary(stats, top_k: int):
     """The ``stats`` [8] tallies as Python numbers (one device sync), with their per-token and
     per-call fractions."""
     values = dict(zip(STAT_FIELDS, stats.tolist()))
@@ -100,7 +101,7 @@ def tally_summary(stats, top_k):
     }
 
 
-def routing_tallies_reference(plain_ids, topk_ids, weights, nan_tokens, num_experts):
+def routing_tallies_reference(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights, nan_tokens, num_experts: int):
     """(stats increments [8] int64, window increments [2, E] float32) in torch."""
     loads, plain_loads = expert_loads_reference(topk_ids, num_experts), expert_loads_reference(plain_ids, num_experts)
     valid, plain_valid = ((ids >= 0) & (ids < num_experts) for ids in (topk_ids, plain_ids))
@@ -112,7 +113,7 @@ def routing_tallies_reference(plain_ids, topk_ids, weights, nan_tokens, num_expe
     return stats, torch.stack((loads, (loads > 0).float()))
 
 
-def expert_loads_reference(ids, num_experts):
+def expert_loads_reference(ids: torch.Tensor, num_experts: int):
     """Tokens routed to each expert, [E] float32; ids outside [0, E) count for no expert."""
     ids = ids.reshape(-1).long()
     ids = ids[(ids >= 0) & (ids < num_experts)]
