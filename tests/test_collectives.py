@@ -23,7 +23,8 @@ from calibration.results import write_json_atomic
 from costmodel.kernel_cost_model import KernelCostModel
 from tests.conftest import usage_error
 from tests.fake_nvml import FakeNvml
-from tests.test_cost_model import synthetic_collectives, synthetic_table
+from tests.test_cost_comm import synthetic_collectives
+from tests.test_cost_model import synthetic_table
 
 WORLD_SIZE = 2
 FAKE_POWER_W = 150.0

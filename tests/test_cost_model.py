@@ -1,4 +1,5 @@
-"""KernelCostModel: table loading, log-log interpolation, factors, bad input, device form.
+"""KernelCostModel: table loading, interpolation, factors, bad input (the device form: test_cost_device.py;
+collectives: test_cost_comm.py; shapes: test_shape_model.py).
 
 The measured-style table here is synthetic test data built in this file (a power law with
 known exponents), never a committed or reported measurement."""
@@ -16,7 +17,7 @@ from costmodel.device import DeviceCostTable
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import OPS, ModelDims
 from costmodel.table import TABLE_DIR, TABLES_ENV, table_names, user_table_dir
-from tests.conftest import DEVICE, ON_GPU
+from tests.conftest import DEVICE
 
 BATCHES = (1, 4, 16, 64, 256)
 
@@ -209,29 +210,6 @@ def test_pressure_never_shortens_a_call(tmp_path):
     assert latency.item() == pytest.approx(base, rel=1e-5)
 
 
-def test_device_table_gives_nan_outside_the_domain_and_checks_kinds(table_path, tmp_path):
-    device = DeviceCostTable(KernelCostModel("TESTGPU", table=table_path), ["ffn_gate"], DEVICE)
-    batches = torch.tensor([-4.0, 0.0, 16.0], device=DEVICE)
-    energy, latency = device.predict("ffn_gate", batches)
-    assert energy[:2].isnan().all() and latency[:2].isnan().all() and torch.isfinite(energy[2])
-    for kwargs in (dict(temp_c=torch.tensor(-300.0, device=DEVICE)), dict(memory_pressure=torch.tensor(1.5)),
-                   dict(memory_pressure=torch.tensor(-0.1))):
-        kwargs = {k: v.to(DEVICE) for k, v in kwargs.items()}
-        assert device.predict("ffn_gate", batches[2:], **kwargs)[1].isnan().all(), kwargs
-    prior = DeviceCostTable(KernelCostModel("A100"), ["ffn_gate"], DEVICE)  # no pressure curve: the roofline
-    assert prior.predict("ffn_gate", batches[2:], memory_pressure=torch.tensor(1.0, device=DEVICE))[1].isnan().all()
-    with pytest.raises(ValueError, match="op 'ffn_up' is not carried"):
-        device.predict("ffn_up", batches)
-    with pytest.raises(TypeError, match="batch_sizes must be a float tensor"):
-        device.predict("ffn_gate", 4.0)
-    with pytest.raises(TypeError, match="temp_c must be a float tensor"):
-        device.predict("ffn_gate", batches, temp_c=60.0)
-    with pytest.raises(TypeError, match="ops must be a list of op names"):
-        DeviceCostTable(KernelCostModel("TESTGPU", table=table_path), "ffn_gate", DEVICE)
-    with pytest.raises(TypeError, match="model must be a KernelCostModel"):
-        DeviceCostTable("H100", ["ffn_gate"], DEVICE)
-
-
 def test_plan_entries_are_checked(table_path):
     model = KernelCostModel("TESTGPU", table=table_path)
     with pytest.raises(ValueError, match=r"plan entries must be \(op, batch_size, calls\)"):
@@ -324,53 +302,6 @@ def test_corrupt_tables_are_refused_at_load(tmp_path, keys, value, match):
         KernelCostModel(table=path, gpu_type=None)
 
 
-def test_device_table_matches_host(table_path):
-    model = KernelCostModel("TESTGPU", table=table_path)
-    device_table = DeviceCostTable(model, ["fused_experts", "moe_router"], DEVICE)
-    batches = torch.tensor([1.0, 3.0, 16.0, 100.0, 2000.0], device=DEVICE)
-    energy, latency = device_table.predict("fused_experts", batches)
-    for b, e, lat in zip(batches.tolist(), energy.tolist(), latency.tolist()):
-        host = model.get_cost("fused_experts", b)
-        assert e == pytest.approx(host["energy_joules"], rel=1e-5) and lat == pytest.approx(host["latency_ms"], rel=1e-5)
-
-
-@pytest.mark.parametrize("temp_c, pressure", [(35.0, 0.0), (65.0, 0.3), (92.0, 0.6), (50.0, 0.9)])
-def test_device_table_applies_temperature_and_pressure_like_the_host(tmp_path, temp_c, pressure):
-    write_json_atomic(tmp_path / "t.json", with_pressure_curve(synthetic_table()))
-    model = KernelCostModel("TESTGPU", table=tmp_path / "t.json")
-    ops = ["ffn_down", "fused_experts"]  # a measured curve, and the roofline fallback
-    device_table = DeviceCostTable(model, ops, DEVICE)
-    batches = torch.tensor([1.0, 7.0, 64.0, 3000.0], device=DEVICE)
-    temp, pressure_t = torch.tensor(temp_c, device=DEVICE), torch.tensor(pressure, device=DEVICE)
-    for op in ops:
-        energy, latency = device_table.predict(op, batches, temp_c=temp, memory_pressure=pressure_t)
-        for b, e, lat in zip(batches.tolist(), energy.tolist(), latency.tolist()):
-            host = model.get_cost(op, b, current_temp=temp_c, memory_pressure=pressure)
-            assert lat == pytest.approx(host["latency_ms"], rel=1e-5), (op, b)
-            assert e == pytest.approx(host["energy_joules"], rel=1e-5), (op, b)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="CUDA-graph capture needs a CUDA device (none found)")
-def test_device_table_is_graph_capturable(table_path):
-    model = KernelCostModel("TESTGPU", table=table_path)
-    device_table = DeviceCostTable(model, ["fused_experts"], "cuda")
-    batches = torch.tensor([2.0, 50.0], device="cuda")
-    temp, pressure = torch.tensor(80.0, device="cuda"), torch.tensor(0.5, device="cuda")
-    device_table.predict("fused_experts", batches, temp_c=temp, memory_pressure=pressure)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        energy, _ = device_table.predict("fused_experts", batches)
-        hot_energy, hot_latency = device_table.predict("fused_experts", batches, temp_c=temp, memory_pressure=pressure)
-    batches.copy_(torch.tensor([16.0, 64.0], device="cuda"))
-    temp.fill_(40.0)
-    pressure.fill_(0.0)
-    graph.replay()
-    assert energy.tolist() == pytest.approx([0.002 * 16 ** 0.8, 0.002 * 64 ** 0.8], rel=1e-5)
-    cool = [model.get_cost("fused_experts", b, current_temp=40.0, memory_pressure=0.0)["latency_ms"] for b in (16, 64)]
-    assert hot_latency.tolist() == pytest.approx(cool, rel=1e-5) and hot_energy.tolist() == pytest.approx(
-        energy.tolist(), rel=1e-5)
-
-
 def test_plan_cost_sums_calls_and_charges_gaps(tmp_path):
     write_json_atomic(tmp_path / "t.json", synthetic_table() | {"gap_power_w": 120.0})
     model = KernelCostModel("TESTGPU", table=tmp_path / "t.json")
@@ -390,104 +321,6 @@ def test_plan_cost_sums_calls_and_charges_gaps(tmp_path):
 
 
 # ---- collectives ---------------------------------------------------------------------------------
-
-COMM_SIZES = (2 ** 16, 2 ** 18, 2 ** 20, 2 ** 22)
-
-
-def synthetic_collectives(world_sizes=(2,)):
-    """all_to_all: latency_ms = 0.01 * (b / 64 KiB)^0.5, energy_j = 1e-3 * (b / 64 KiB)^0.9, per world size
-    scaled by it (test data, not a measurement)."""
-    def curve(world_size):
-        return {"source": "measured", "points": [
-            {"bytes_per_rank": b, "world_size": world_size, "latency_ms": 0.01 * world_size * (b / 2 ** 16) ** 0.5,
-             "energy_j": 1e-3 * world_size * (b / 2 ** 16) ** 0.9} for b in reversed(COMM_SIZES)]}  # unsorted on disk
-    return {"all_to_all": {str(w): curve(w) for w in world_sizes}}
-
-
-@pytest.fixture
-def comm_model(tmp_path):
-    write_json_atomic(tmp_path / "comm.json", synthetic_table() | {"collectives": synthetic_collectives((2, 4))})
-    return KernelCostModel("TESTGPU", table=tmp_path / "comm.json")
-
-
-def test_comm_cost_interpolates_log_log_and_extends_linearly(comm_model):
-    exact = comm_model.get_comm_cost("all_to_all", 2 ** 18, 2)
-    assert exact["interpolation"] == "measured" and exact["source"] == "measured" and exact["prediction"] is True
-    assert exact["latency_ms"] == pytest.approx(0.02 * 2) and exact["energy_joules"] == pytest.approx(2e-3 * 4 ** 0.9)
-    mid = comm_model.get_comm_cost("all_to_all", 2 ** 19, 4)  # a power law: log-log interpolation is exact
-    assert mid["interpolation"] == "interpolated"
-    assert mid["latency_ms"] == pytest.approx(0.04 * 8 ** 0.5)
-    assert mid["energy_joules"] == pytest.approx(4e-3 * 8 ** 0.9)
-    above = comm_model.get_comm_cost("all_to_all", 2 ** 24, 2)  # the last segment, linear in bytes
-    (x0, l0, e0), (x1, l1, e1) = [(b, 0.02 * (b / 2 ** 16) ** 0.5, 2e-3 * (b / 2 ** 16) ** 0.9) for b in COMM_SIZES[2:]]
-    assert above["interpolation"] == "extrapolated"
-    assert above["latency_ms"] == pytest.approx(l1 + (l1 - l0) / (x1 - x0) * (2 ** 24 - x1))
-    assert above["energy_joules"] == pytest.approx(e1 + (e1 - e0) / (x1 - x0) * (2 ** 24 - x1))
-    below = comm_model.get_comm_cost("all_to_all", 2 ** 12, 2)
-    assert below["interpolation"] == "extrapolated"
-    assert below["latency_ms"] == pytest.approx(0.02 - 0.02 * (2 - 1) / (2 ** 18 - 2 ** 16) * (2 ** 16 - 2 ** 12))
-    assert below["energy_joules"] >= 2e-3 * 2 ** 12 / 2 ** 16, "never cheaper per byte than the smallest size"
-
-
-def test_comm_cost_per_byte_is_the_secant_around_the_size(comm_model):
-    def cost(b, w=2):
-        return 1e-3 * w * (b / 2 ** 16) ** 0.9, 0.01 * w * (b / 2 ** 16) ** 0.5
-
-    def secant(lo, hi, w=2):
-        return tuple((c1 - c0) / (hi - lo) for c0, c1 in zip(cost(lo, w), cost(hi, w)))
-    assert comm_model.comm_cost_per_byte("all_to_all", 3 * 2 ** 16, 2) == pytest.approx(secant(2 ** 16, 2 ** 18))
-    assert comm_model.comm_cost_per_byte("all_to_all", 2 ** 18, 4) == pytest.approx(secant(2 ** 16, 2 ** 20, 4)), \
-        "at an inner measured size: its two neighbours"
-    assert comm_model.comm_cost_per_byte("all_to_all", 2 ** 30, 2) == pytest.approx(secant(2 ** 20, 2 ** 22))
-    assert comm_model.comm_cost_per_byte("all_to_all", 1, 2) == pytest.approx(secant(2 ** 16, 2 ** 18))
-    energy_per_byte, latency_per_byte = comm_model.comm_cost_per_byte("all_to_all", 2 ** 20, 2)
-    assert energy_per_byte > 0 and latency_per_byte > 0
-
-
-def test_noisy_first_segment_keeps_costs_positive(tmp_path):
-    collectives = synthetic_collectives()
-    smallest, second = collectives["all_to_all"]["2"]["points"][-1], collectives["all_to_all"]["2"]["points"][-2]
-    smallest["latency_ms"] = second["latency_ms"] * 2  # timed slower than the next size (noise)
-    second["energy_j"] = smallest["energy_j"] * 10  # superlinear: its line would go negative below the range
-    write_json_atomic(tmp_path / "t.json", synthetic_table() | {"collectives": collectives})
-    model = KernelCostModel("TESTGPU", table=tmp_path / "t.json")
-    assert model.comm_cost_per_byte("all_to_all", 2 ** 17, 2)[1] == 0.0, "more bytes never cost less"
-    tiny = model.get_comm_cost("all_to_all", 2 ** 12, 2)
-    assert tiny["energy_joules"] == pytest.approx(smallest["energy_j"] / 16), "the smallest size's cost per byte"
-
-
-BAD_COMM = [
-    ("unknown collective op 'all_reduce'", lambda m: m.get_comm_cost("all_reduce", 2 ** 20, 2), ValueError),
-    ("bytes_per_rank", lambda m: m.get_comm_cost("all_to_all", 0, 2), ValueError),
-    ("bytes_per_rank", lambda m: m.comm_cost_per_byte("all_to_all", -5, 2), ValueError),
-    ("bytes_per_rank", lambda m: m.get_comm_cost("all_to_all", True, 2), TypeError),
-    ("bytes_per_rank", lambda m: m.get_comm_cost("all_to_all", float("inf"), 2), ValueError),
-    ("world_size", lambda m: m.get_comm_cost("all_to_all", 2 ** 20, 2.0), TypeError),
-    ("world_size", lambda m: m.get_comm_cost("all_to_all", 2 ** 20, True), TypeError),
-    ("world_size", lambda m: m.get_comm_cost("all_to_all", 2 ** 20, 0), ValueError),
-    (r"world_size 8 has no all_to_all curve .*measured world sizes: \[2, 4\]",
-     lambda m: m.comm_cost_per_byte("all_to_all", 2 ** 20, 8), ValueError),
-]
-
-
-@pytest.mark.parametrize("match, call, error", BAD_COMM,
-                         ids=[f"{m[:16]}-{i}" for i, (m, _, _) in enumerate(BAD_COMM)])
-def test_comm_bad_input(comm_model, match, call, error):
-    with pytest.raises(error, match=match):
-        call(comm_model)
-
-
-def test_comm_needs_a_collectives_section(table_path, tmp_path):
-    with pytest.raises(ValueError, match="no collectives section: .*bench.calibrate_comm"):
-        KernelCostModel("TESTGPU", table=table_path).get_comm_cost("all_to_all", 2 ** 20, 2)
-    bad = synthetic_collectives()
-    bad["all_to_all"]["2"]["points"][0]["energy_j"] = None  # an unmeasured energy is no cost
-    write_json_atomic(tmp_path / "bad.json", synthetic_table() | {"collectives": bad})
-    with pytest.raises(ValueError, match=r"corrupt: collectives\['all_to_all'\]"):
-        KernelCostModel("TESTGPU", table=tmp_path / "bad.json")
-
-
-# ---- where tables are found ------------------------------------------------------------------------
 
 def test_a_user_table_is_found_before_the_packaged_one(monkeypatch, tmp_path):
     """A calibration written to $ENERGY_MOE_TABLES is what KernelCostModel("H100") reads; without
