@@ -48,9 +48,8 @@ from kernels.fused_experts import expert_configs, launch_fused_experts
 from kernels.gather_sum import launch_gather_sum
 
 # A rank's own tokens run apart (while the collectives travel) from 4 ranks up: apart, the local
-# experts' weights are read three times instead of once, which on 2 H100s (half the model per GPU)
-# cost more than the hidden transfers (Qwen3 layer, 8192 tokens per GPU, graph replays: 2.42 ms
-# apart vs 1.97 ms in one pass; on 4 H100s 2.15 ms apart vs 2.29 ms).
+# experts' weights are read three times instead of once, which on 2 GPUs costs more than the
+# hidden transfers (measured: README, "Expert parallelism").
 OWN_APART_MIN_RANKS = 4
 # share of a chunk's own tokens computed during the dispatch (the rest during the return): the
 # fastest of 0, 0.25, 0.5 and 1 on 4 H100s
