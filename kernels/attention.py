@@ -311,7 +311,7 @@ def attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None
     sm_scale = check_sm_scale(sm_scale, q.shape[-1])
 
     def kernel(q_, k_):
-        return _attention_qk(q_, k_, sm_scale)
+        return launch_attention_qk(q_, k_, sm_scale)
 
     def reference(q_, k_):
         return attention_qk_reference(q_, k_, sm_scale)
@@ -319,7 +319,7 @@ def attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None
     return apply_with_reference_grad(kernel, reference, q, k)
 
 
-def _attention_qk(q, k, sm_scale):
+def launch_attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None):
     B, H, S_Q, D = q.shape
     S_KV = k.shape[2]
     scores = torch.empty((B, H, S_Q, S_KV), dtype=q.dtype, device=q.device)
@@ -356,7 +356,7 @@ def attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool = False):
         raise ValueError("scores and v have S_kv = 0; each query needs at least one key")
 
     def kernel(s_, v_):
-        return _attention_av(s_, v_, causal)
+        return launch_attention_av(s_, v_, causal)
 
     def reference(s_, v_):
         return attention_av_reference(s_, v_, causal)
@@ -364,7 +364,7 @@ def attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool = False):
     return apply_with_reference_grad(kernel, reference, scores, v)
 
 
-def _attention_av(scores, v, causal):
+def launch_attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool):
     B, H, S_Q, S_KV = scores.shape
     D = v.shape[-1]
     o = torch.empty((B, H, S_Q, D), dtype=scores.dtype, device=scores.device)

@@ -120,7 +120,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = check_sm_scale(sm_scale, q.shape[-1])
 
     def kernel(q_, k_, v_):
-        return _decode_attention(q_, k_, v_, kv_lengths, scale)
+        return launch_decode_attention(q_, k_, v_, kv_lengths, scale)
 
     def reference(q_, k_, v_):
         return decode_attention_reference(q_, k_, v_, kv_lengths, scale)
@@ -128,7 +128,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return apply_with_reference_grad(kernel, reference, q, k_cache, v_cache)
 
 
-def _decode_attention(q, k_cache, v_cache, kv_lengths, scale):
+def launch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            kv_lengths: torch.Tensor, scale):
     B, H, _, D = q.shape
     o = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     if o.numel() == 0:
