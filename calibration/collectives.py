@@ -23,6 +23,8 @@ import numbers
 import random
 import statistics
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -34,11 +36,14 @@ from calibration.validate import check_meter
 from costmodel.ops import BYTES_PER_ELEMENT
 from costmodel.validate import count
 
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from calibration.nvml_meter import GpuMeter
+
 WARMUP_CALLS = 3
 PROBE_S = 0.1  # back-to-back calls timed to size the energy windows
 
 
-def check_sizes(sizes_bytes, world_size):
+def check_sizes(sizes_bytes: "Sequence[int]", world_size: int):
     """The sizes as ints, each a positive number of bytes that splits evenly over ``world_size`` ranks
     in bf16 elements: TypeError for a size that is not an int, ValueError for one that does not split."""
     world_size = count("world_size", world_size)
@@ -60,7 +65,7 @@ def _check_knobs(window_s, trials, repeats):
     return check_window_s(window_s), count("trials", trials), count("repeats", repeats)
 
 
-def all_to_all_call(bytes_per_rank, group, device, seed=0):
+def all_to_all_call(bytes_per_rank, group, device, seed: int = 0):
     """A no-argument call of ``all_to_all_single`` that sends ``bytes_per_rank`` of bf16 random data."""
     gen = torch.Generator(device=device).manual_seed(seed + dist.get_rank(group))
     send = torch.randn(bytes_per_rank // BYTES_PER_ELEMENT, generator=gen, device=device, dtype=torch.bfloat16)
@@ -73,7 +78,7 @@ def _sync(on_gpu):
         torch.cuda.synchronize()
 
 
-def all_reduce_floats(values, op, group, device):
+def all_reduce_floats(values: "Sequence[float]", op: str, group, device):
     """``values`` (floats) reduced over the group with ``op``, as floats (``device``: where the
     backend reduces, a CUDA device for NCCL)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -107,7 +112,7 @@ def _run_calls(call, calls, on_gpu):
     _sync(on_gpu)
 
 
-def calls_per_window(call, latency_ms, window_s, group, device, on_gpu):
+def calls_per_window(call, latency_ms, window_s: float, group, device, on_gpu: bool):
     """Calls of ``call`` (a collective, or work containing one) that fill ``window_s`` back to back
     (faster than the barrier-separated latency), the same on every rank (MAX)."""
     probe = max(1, math.ceil(PROBE_S * 1e3 / latency_ms))
@@ -130,7 +135,8 @@ def _window(call, calls, meter, idle_power_w, group, on_gpu):
     return (end.energy_mj - start.energy_mj) / 1000.0 - idle_power_w * idle_s, t_end - t_ready
 
 
-def collective_energy(call, calls, meter, idle_power_w, window_s, group, device, on_gpu, trials, rng):
+def collective_energy(call, calls, meter: "GpuMeter", idle_power_w: float, window_s: float, group, device, on_gpu: bool,
+                      trials: int, rng):
     """Energy per call of ``call`` run on every rank at once, over all the ranks' GPUs (median, min,
     max over trials), the GPUs' summed power, and the calls per window. A window shorter than ``window_s``
     on any rank (the probe overrated the pace) makes every trial start again with more calls. A window
@@ -169,8 +175,8 @@ def _energy_missing_reason(meter, group, device):
     return None
 
 
-def measure_all_to_all(sizes_bytes, group=None, *, window_s=1.0, trials=2, repeats=20, meter=None,
-                       idle_power_w=None, seed=0):
+def measure_all_to_all(sizes_bytes: "Sequence[int]", group=None, *, window_s: float = 1.0, trials: int = 2,
+                       repeats: int = 20, meter: "GpuMeter" = None, idle_power_w: float = None, seed: int = 0):
     """The all_to_all curve over ``group`` (default: the world); every rank calls it alike.
 
     Args:

@@ -14,10 +14,15 @@ import numbers
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from calibration.validate import check_meter
 from costmodel.validate import MAX_BOARD_POWER_W, count, finite_number
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from calibration.nvml_meter import GpuMeter
 
 MIN_WINDOW_S = 1.0  # 10+ updates of the ~100 ms energy counter
 
@@ -31,12 +36,12 @@ class WindowResult:
     end: object
 
 
-def check_window_s(window_s):
+def check_window_s(window_s: float):
     """``window_s`` as a float: a finite number of seconds >= ``MIN_WINDOW_S``."""
     return finite_number("window_s", window_s, low=MIN_WINDOW_S, why=" s (10+ updates of the ~100 ms energy counter)")
 
 
-def check_idle_power_w(idle_power_w):
+def check_idle_power_w(idle_power_w: float):
     """``idle_power_w`` as a float: a finite board power in [0, ``MAX_BOARD_POWER_W``] W."""
     return finite_number("idle_power_w", idle_power_w, low=0.0, high=MAX_BOARD_POWER_W, why=" W")
 
@@ -46,7 +51,7 @@ def _check_run_for(run_for):
         raise TypeError(f"run_for must be a callable run_for(seconds) -> calls, got {type(run_for).__name__}")
 
 
-def wait_for_counter_update(meter, timeout_s=1.0):
+def wait_for_counter_update(meter: "GpuMeter", timeout_s: float = 1.0):
     """Poll until the energy counter changes; the reading just after the change. RuntimeError when
     there is no counter, it stops reading, or it does not change within ``timeout_s`` (> 0)."""
     check_meter("meter", meter)
@@ -75,7 +80,7 @@ def _counter_energy_j(start, end):
     return (end.energy_mj - start.energy_mj) / 1000.0
 
 
-def measure_idle_power_w(meter, seconds=2.0):
+def measure_idle_power_w(meter: "GpuMeter", seconds: float = 2.0):
     """Idle (static) board power: counter energy over ``seconds`` (>= 0) of doing nothing, edge to edge.
     RuntimeError when the counter does not advance or gives a power no board draws."""
     check_meter("meter", meter)
@@ -90,7 +95,7 @@ def measure_idle_power_w(meter, seconds=2.0):
     return power_w
 
 
-def measure_window(meter, run_for, window_s, idle_power_w):
+def measure_window(meter: "GpuMeter", run_for: "Callable[[float], int]", window_s: float, idle_power_w: float):
     """One window: ``run_for(seconds) -> calls`` does the work (at least one call, for at least
     ``seconds``, and waits for the device). RuntimeError when the counter does not advance or the
     work's energy, once the idle tail is removed, is not positive (``idle_power_w`` too high)."""
@@ -116,7 +121,8 @@ def measure_window(meter, run_for, window_s, idle_power_w):
     return WindowResult(int(calls), t_end - t0, energy_j, start, end)
 
 
-def measure_energy(meter, run_for, idle_power_w, window_s=MIN_WINDOW_S, trials=3, seed=0):
+def measure_energy(meter: "GpuMeter", run_for: "Callable[[float], int]", idle_power_w: float,
+                   window_s: float = MIN_WINDOW_S, trials: int = 3, seed: int = 0):
     """Median and spread of energy per call over ``trials`` (>= 1) windows of at least ``window_s``
     (>= 1 s) with randomised starts; ``measure_window``'s errors for a window that measured nothing."""
     check_meter("meter", meter)
@@ -137,7 +143,7 @@ def measure_energy(meter, run_for, idle_power_w, window_s=MIN_WINDOW_S, trials=3
     }
 
 
-def measure_gap_power_w(meter, idle_power_w, launch_every_s=2e-4):
+def measure_gap_power_w(meter: "GpuMeter", idle_power_w: float, launch_every_s: float = 2e-4):
     """Board power while the host launches a tiny kernel every ``launch_every_s``: the GPU awake but
     mostly waiting, as in the gaps between an eager forward's kernels (deep idle draws less)."""
     launch_every_s = finite_number("launch_every_s", launch_every_s, low=0.0, low_open=True, why=" s")
@@ -185,7 +191,7 @@ class GraphRunner:
         torch.cuda.synchronize()
         self.latency_ms = median_event_ms(self.graph.replay, 10) / self.calls_per_replay  # as the windows run it
 
-    def run_for(self, seconds):
+    def run_for(self, seconds: float):
         return repeat_for(self.graph.replay, seconds) * self.calls_per_replay
 
 
@@ -202,7 +208,7 @@ class EagerRunner:
                 fn()
             self.latency_ms = median_event_ms(fn, 20)
 
-    def run_for(self, seconds):
+    def run_for(self, seconds: float):
         with self.torch.no_grad():
             return repeat_for(self.fn, seconds)
 
@@ -215,7 +221,7 @@ class DeferredTimer:
         self._records = []
 
     @contextlib.contextmanager
-    def time(self, on_gpu, tag=None):
+    def time(self, on_gpu: bool, tag=None):
         if on_gpu:
             import torch
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -242,7 +248,7 @@ def _check_fn(fn):
         raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
 
 
-def repeat_for(fn, seconds):
+def repeat_for(fn: "Callable[[], object]", seconds: float):
     """Call ``fn`` back to back for ``seconds`` (finite, >= 0) and wait for the device; the number of calls.
     The host stays at most 8 calls ahead of the device, so the time is the device's."""
     _check_fn(fn)
@@ -258,7 +264,7 @@ def repeat_for(fn, seconds):
     return calls
 
 
-def event_times_ms(fn, repeats):
+def event_times_ms(fn: "Callable[[], object]", repeats: int):
     """CUDA-event times of ``repeats`` (>= 1) calls of ``fn()``, each waited for (ms)."""
     _check_fn(fn)
     repeats = count("repeats", repeats)
@@ -274,6 +280,6 @@ def event_times_ms(fn, repeats):
     return times
 
 
-def median_event_ms(fn, repeats):
+def median_event_ms(fn: "Callable[[], object]", repeats: int):
     """Median CUDA-event time of ``fn()`` over ``repeats`` calls, each waited for (ms)."""
     return statistics.median(event_times_ms(fn, repeats))

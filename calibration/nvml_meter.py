@@ -159,7 +159,7 @@ class GpuMeter:
                 if bits & getattr(self.nvml, const, 0)]
 
 
-def check_interval_s(interval_s):
+def check_interval_s(interval_s: float):
     """``interval_s`` as a float: a finite sampling period >= ``MIN_SAMPLE_INTERVAL_S``."""
     return finite_number("interval_s", interval_s, low=MIN_SAMPLE_INTERVAL_S,
                          why=" s (NVML updates about every 100 ms)")

@@ -1,10 +1,10 @@
 """Each cost-model op as a no-argument call of our kernel on random data, for the sweep's graphs."""
 import torch
 
-from costmodel.ops import SEQUENCE_OPS
+from costmodel.ops import SEQUENCE_OPS, ModelDims
 
 
-def op_callable(op, batch_size, dims, device="cuda", dtype=torch.bfloat16, seed=0):
+def op_callable(op: str, batch_size: int, dims: "ModelDims", device="cuda", dtype=torch.bfloat16, seed: int = 0):
     """A no-argument, graph-capturable call of our kernel for ``op`` at ``batch_size``, on random data."""
     gen = torch.Generator(device=device).manual_seed(seed)
 

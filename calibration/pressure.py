@@ -11,10 +11,14 @@ run). The hog's copies also occupy SMs, as any real neighbour's kernels would.
 """
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 from calibration.energy import median_event_ms
 from calibration.validate import check_meter
 from costmodel.validate import finite_number
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from calibration.nvml_meter import GpuMeter
 
 HOG_BUFFER_BYTES = 256 * 2 ** 20  # far beyond L2, so every copy goes to HBM
 
@@ -43,7 +47,7 @@ class BandwidthHog:
         self.period_ms = pairs * copy_ms / share
         self._buffers = (src, dst)  # the graph reads and writes them
 
-    def start(self, seconds):
+    def start(self, seconds: float):
         """Queue ``seconds`` (finite, >= 0) of background traffic on the hog's stream (returns at once)."""
         seconds = finite_number("seconds", seconds, low=0.0, why=" s")
         with self.torch.cuda.stream(self.stream):  # a replay runs on the current stream
@@ -83,7 +87,7 @@ def _check_window_s(window_s):
     return finite_number("window_s", window_s, low=0.0, low_open=True, why=" s")
 
 
-def background_utilisation(meter, hogs, window_s=0.5):
+def background_utilisation(meter: "GpuMeter", hogs: list, window_s: float = 0.5):
     """NVML memory utilisation (0..1, None where NVML gives none) each hog produces running alone over
     ``window_s`` (> 0): the pressure coordinate."""
     check_meter("meter", meter)
@@ -97,7 +101,7 @@ def background_utilisation(meter, hogs, window_s=0.5):
     return utilisation
 
 
-def measure_pressure_curve(meter, runner, hogs, background, window_s=0.5):
+def measure_pressure_curve(meter: "GpuMeter", runner, hogs: list, background: dict, window_s: float = 0.5):
     """Points of (background utilisation, pair utilisation, latency stretch) for one op.
 
     ``runner`` is the op's ``calibration.energy.GraphRunner``; ``background`` is

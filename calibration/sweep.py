@@ -20,6 +20,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ PRESSURE_BATCH = {"tokens": 64, "sequences": 4}  # where each op's memory-pressu
 MIN_THERMAL_SAMPLES = 30  # 3 s of the 10 Hz timeline: fewer cannot fit the thermal model
 
 
-def gpu_matches(requested, detected_name):
+def gpu_matches(requested: str, detected_name: str):
     """Does ``--gpu`` (e.g. "A100") name the detected GPU (e.g. "NVIDIA A100-SXM4-80GB")?"""
     return re.search(rf"(?<![A-Za-z0-9]){re.escape(requested)}(?![0-9])", detected_name, re.IGNORECASE) is not None
 
@@ -74,7 +75,7 @@ def _warmed(*fns, calls=5):
 POWER_CAP_REASONS = 0x4 | 0x80  # nvmlClocksEventReasonSwPowerCap | HwPowerBrakeSlowdown
 
 
-def thermal_section(samples, thresholds):
+def thermal_section(samples: list, thresholds: dict):
     """Fit the thermal model to the sweep's timeline; clock-vs-temperature points; what is extrapolated.
 
     The fit uses instant power (the die temperature follows it within a sample). Clock-vs-temperature
@@ -100,7 +101,8 @@ def thermal_section(samples, thresholds):
     }
 
 
-def sweep_point(op, batch_size, dims, meter, idle_power_w, window_s, trials, pressure=None):
+def sweep_point(op: str, batch_size: int, dims: "ModelDims", meter: "GpuMeter", idle_power_w: float, window_s: float,
+                trials: int, pressure=None):
     """One table point; with ``pressure`` (hogs, background utilisation) also the op's pressure
     curve; ``trials=0`` times the point without metering it (``energy_j`` None)."""
     runner = GraphRunner(op_callable(op, batch_size, dims))
@@ -112,7 +114,7 @@ def sweep_point(op, batch_size, dims, meter, idle_power_w, window_s, trials, pre
     return point, measure_pressure_curve(meter, runner, *pressure) if pressure else None
 
 
-def sweep_plan(settings):
+def sweep_plan(settings: "SweepSettings"):
     """[(op, dims, batch_size, energy trials)]: the table's dims at every batch size (``trials``
     windows each), then each of ``settings.shapes`` at its batch sizes (one window at the
     smallest and largest, latency alone between)."""
@@ -129,7 +131,7 @@ def _point_key(op, dims, batch_size, table_dims):
     return op, None if dims == table_dims else tuple(sorted(asdict(dims).items())), batch_size
 
 
-def progress(n, total, label, elapsed_s, stream=sys.stderr, skipped=0):
+def progress(n: int, total: int, label: str, elapsed_s: float, stream=sys.stderr, skipped: int = 0):
     """A one-line progress bar (redrawn in place on a terminal, one line per step in a log); the
     time left is paced by the ``n - skipped`` points this run measured."""
     filled = round(24 * n / total)
@@ -139,7 +141,7 @@ def progress(n, total, label, elapsed_s, stream=sys.stderr, skipped=0):
     print(line, end=end, file=stream, flush=True)
 
 
-def pressure_section(shares, background, curves):
+def pressure_section(shares: "Sequence[float]", background: dict, curves):
     return {"coordinate": "NVML memory-bandwidth utilisation (0..1) the background produces alone",
             "method": "BandwidthHog: a copy loop on its own stream, duty-cycled with GPU sleeps to a share of time; "
                       "latency stretch = CUDA-event median of the op's graph replays beside it / alone",
@@ -177,7 +179,7 @@ def rejected_path(output):
     return output.with_suffix(".rejected.json")
 
 
-def write_table(output, table):
+def write_table(output, table: dict):
     """Write ``table`` to ``output`` if it passes ``check_table`` (None); else to ``rejected_path(output)``,
     leaving the table at ``output`` as it was, and return why."""
     try:
@@ -189,7 +191,7 @@ def write_table(output, table):
     return None
 
 
-def sweep(args, meter, state, save):
+def sweep(args, meter: "GpuMeter", state: dict, save):
     """Measure the points ``state`` lacks (every (op, batch), and each op's pressure curve at its
     PRESSURE_BATCH), calling ``save(state)`` after each; the sampler of this run's timeline."""
     hogs = [BandwidthHog(share) for share in args.pressure_shares]
@@ -224,12 +226,12 @@ def sweep(args, meter, state, save):
     return sampler
 
 
-def background_of(state):
+def background_of(state: dict):
     """{HBM share: the NVML utilisation its hog produced alone}, from the JSON-plain pairs ``state`` keeps."""
     return {share: util for share, util in state["background_util"] or []}
 
 
-def measure_constants(meter):
+def measure_constants(meter: "GpuMeter"):
     """Idle and gap power and the matmul and copy ceilings. Idle power is measured twice: settled
     (``idle_power_cold_w``), and right after the ceilings' load, the state the card stays in for
     minutes after work (an H200: 80 W cold, 123-127 W after load). The sweep's windows subtract
@@ -255,7 +257,7 @@ def device_facts():
             "kernel_configs": config_entries("cuda")}
 
 
-def build_table(args, state, meter, detected, sampler, duration_s):
+def build_table(args, state: dict, meter: "GpuMeter", detected: str, sampler: "BackgroundSampler", duration_s: float):
     points = {op: sorted(pts, key=lambda p: (bool(p.get("dims")), p["batch_size"]))
               for op, pts in state["points"].items()}
     curves = {op: tuple(entry) for op, entry in state["pressure_curves"].items()}
@@ -302,7 +304,7 @@ class SweepSettings:
     shapes: tuple = SHAPE_SWEEP  # extra dims measured for the tile fit (module docstring); () for none
 
 
-def detected_gpu(meter, requested):
+def detected_gpu(meter: "GpuMeter", requested: str):
     """The GPU's NVML name; ValueError unless a CUDA GPU whose energy NVML reads is ``requested``."""
     if not torch.cuda.is_available():
         raise ValueError("no NVIDIA GPU detected (torch.cuda.is_available() is False): calibration measures a GPU")
@@ -314,7 +316,7 @@ def detected_gpu(meter, requested):
     return detected
 
 
-def run_sweep(settings, state, meter, detected):
+def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detected: str):
     """Measure what ``state`` lacks and write the table: (table, None), or (table, why it was
     rejected) with the table at ``settings.output`` left as it was and the partial sweep kept."""
     started, partial = time.monotonic(), partial_path(settings.output)
@@ -333,7 +335,7 @@ def run_sweep(settings, state, meter, detected):
     return table, rejected
 
 
-def calibrate_ops(gpu, ops, dims, output):
+def calibrate_ops(gpu: str, ops, dims: "ModelDims", output):
     """A fresh table of ``ops`` at ``dims`` on this GPU at ``output`` (the default settings): the table."""
     meter = GpuMeter(torch.cuda.current_device())
     settings = SweepSettings(gpu, dims, tuple(ops), Path(output), shapes=())

@@ -10,6 +10,7 @@ RMS error of that simulation against the readings.
 Nothing here changes a GPU setting: the data is whatever heat the sweep generated.
 """
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +35,11 @@ class ThermalModel:
         finite_number("fit_rmse_c", self.fit_rmse_c, low=0.0, why=" °C")
         count("n_samples", self.n_samples, low=0)
 
-    def steady_state_c(self, power_w):
+    def steady_state_c(self, power_w: float):
         """The temperature the card settles at under ``power_w`` (finite, >= 0)."""
         return self.ambient_c + self.resistance_c_per_w * finite_number("power_w", power_w, low=0.0, why=" W")
 
-    def simulate(self, times_s, powers_w, start_c):
+    def simulate(self, times_s: "Sequence[float]", powers_w: "Sequence[float]", start_c: float):
         """Temperatures at ``times_s`` (1-D, at least one, strictly increasing) from ``start_c``, with
         power ``powers_w[i]`` (one per time, >= 0 W) held over each step."""
         times_s, powers_w = _series("times_s", times_s), _series("powers_w", powers_w)
@@ -56,7 +57,7 @@ class ThermalModel:
             temps[i + 1] = targets[i] + (temps[i] - targets[i]) * a
         return temps
 
-    def rise_c(self, power_w, duration_s, start_c):
+    def rise_c(self, power_w: float, duration_s: float, start_c: float):
         """Predicted temperature change after ``duration_s`` (>= 0) at ``power_w`` (>= 0) from ``start_c``."""
         target = self.steady_state_c(power_w)
         duration_s = finite_number("duration_s", duration_s, low=0.0, why=" s")
@@ -124,7 +125,8 @@ def _solve_at(tau, times_s, powers_w, temps_c):
     return coef, float(np.mean((basis @ coef - temps_c) ** 2))
 
 
-def fit_thermal_model(times_s, powers_w, temps_c, min_tau_s=0.5, max_tau_s=2000.0):
+def fit_thermal_model(times_s: "Sequence[float]", powers_w: "Sequence[float]", temps_c: "Sequence[float]",
+                      min_tau_s: float = 0.5, max_tau_s=2000.0):
     """Fit ``ThermalModel`` to readings: times (s, increasing), board power (W, >= 0), temperature (°C,
     above absolute zero), scanning tau over [min_tau_s, max_tau_s] (finite, 0 < min < max).
 

@@ -27,7 +27,7 @@ class ReplayedNVMLError(Exception):
     """A query the recorded GPU could not answer; the message is the recorded reason."""
 
 
-def record(meter, seconds, interval_s=0.1):
+def record(meter: "GpuMeter", seconds: float, interval_s: float = 0.1):
     """A trace dict: ``readings`` over ``seconds`` (finite, > 0; time relative to the first) plus
     what the meter knows of the GPU."""
     check_meter("meter", meter, "available", "unavailable_reason")
@@ -39,7 +39,7 @@ def record(meter, seconds, interval_s=0.1):
     return trace_of(meter, sampler)
 
 
-def trace_of(meter, sampler):
+def trace_of(meter: "GpuMeter", sampler: "BackgroundSampler"):
     """The trace dict of a finished ``BackgroundSampler``'s timeline (RuntimeError if it has none)."""
     if not sampler.samples:
         raise RuntimeError("the sampler recorded no readings: record for longer")

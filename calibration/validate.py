@@ -1,7 +1,11 @@
 """The meter check shared by calibration and the hardware monitor (numbers: ``costmodel.validate``)."""
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from calibration.nvml_meter import GpuMeter
 
 
-def check_meter(name, meter, *attributes):
+def check_meter(name: str, meter: "GpuMeter", *attributes):
     """``meter`` has ``read()`` and ``attributes`` (a ``GpuMeter``, or a stand-in with the same calls)."""
     missing = [a for a in ("read", *attributes) if not hasattr(meter, a)]
     if missing or not callable(meter.read):
