@@ -26,36 +26,36 @@ EXCLUDED_DIRS = frozenset(("site-packages", "dist-packages"))  # installed packa
 LOG_EVERY = 50
 
 
-def stdlib_root():
+def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def corpus_files(root):
+def corpus_files(root: Path) -> list:
     """The corpus: relative POSIX paths of the ``.py`` files under ``root``, sorted."""
     root = Path(root)
     paths = (p.relative_to(root) for p in root.rglob("*.py") if p.is_file())
     return sorted(p.as_posix() for p in paths if not EXCLUDED_DIRS & set(p.parts))
 
 
-def is_heldout(relative_path):
+def is_heldout(relative_path: str) -> bool:
     """Deterministic by-file split: the path's SHA-256, as a number, in the lowest HELDOUT_PERCENT."""
     digest = hashlib.sha256(relative_path.encode()).digest()
     return int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT
 
 
-def split_by_file(relative_paths):
+def split_by_file(relative_paths: list) -> tuple:
     """(train, held-out) lists of relative paths."""
     heldout = [p for p in relative_paths if is_heldout(p)]
     return [p for p in relative_paths if not is_heldout(p)], heldout
 
 
-def read_stream(root, relative_paths):
+def read_stream(root: Path, relative_paths: list) -> torch.Tensor:
     """The files' bytes, concatenated, as a uint8 tensor."""
     data = b"".join((Path(root) / p).read_bytes() for p in relative_paths)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def heldout_streams(root, heldout, budget_bytes, min_bytes=2):
+def heldout_streams(root: Path, heldout: list, budget_bytes: int, min_bytes: int = 2) -> list:
     """The longest ``heldout`` files (each a uint8 tensor), front parts kept, up to ``budget_bytes`` in all."""
     streams = []
     for path in sorted(heldout, key=lambda p: (-(Path(root) / p).stat().st_size, p)):
@@ -68,14 +68,14 @@ def heldout_streams(root, heldout, budget_bytes, min_bytes=2):
     return streams
 
 
-def corpus_summary(root, train, heldout):
+def corpus_summary(root: Path, train: list, heldout: list) -> dict:
     listing = hashlib.sha256("\n".join(train + ["--"] + heldout).encode()).hexdigest()[:16]
     return {"root": str(root), "python": sys.version.split()[0], "train_files": len(train),
             "heldout_files": len(heldout), "heldout_percent": HELDOUT_PERCENT, "file_list_sha256_16": listing}
 
 
 @torch.no_grad()
-def evaluate(model, streams, seq_length, device):
+def evaluate(model: torch.nn.Module, streams: list, seq_length: int, device: torch.device) -> dict:
     """Held-out bits per byte and perplexity: each stream front to back in windows of
     ``seq_length`` predictions, one window per forward (in order, so test-time training is causal)."""
     nats, predicted = 0.0, 0
@@ -93,7 +93,8 @@ def evaluate(model, streams, seq_length, device):
     return {"bits_per_byte": bits, "perplexity": 2.0 ** bits, "bytes": predicted, "files": len(streams)}
 
 
-def checkpoint_path(directory, moe, d_model, num_layers, num_experts, top_k, d_ff=None):
+def checkpoint_path(directory: Path, moe: bool, d_model: int, num_layers: int, num_experts: int, top_k: int,
+                    d_ff: int | None = None) -> Path:
     """``dense_d256_L4.pt`` / ``moe_d256_L4_E4k2.pt``; a d_ff other than 4 d_model is named (``_f1024``)."""
     name = f"moe_d{d_model}_L{num_layers}_E{num_experts}k{top_k}" if moe else f"dense_d{d_model}_L{num_layers}"
     if d_ff is not None and d_ff != 4 * d_model:
@@ -101,7 +102,7 @@ def checkpoint_path(directory, moe, d_model, num_layers, num_experts, top_k, d_f
     return Path(directory) / f"{name}.pt"
 
 
-def save_checkpoint(path, model, meta):
+def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict) -> None:
     """``torch.save`` through a temp file and rename: a crash leaves the old checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,7 @@ def save_checkpoint(path, model, meta):
         raise
 
 
-def load_checkpoint(path, model):
+def load_checkpoint(path: Path, model: torch.nn.Module):
     """Load ``path``'s weights into ``model`` (its dims must match); the checkpoint's meta."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     model.load_state_dict(checkpoint["state_dict"])

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from calibration.collectives import all_reduce_floats
 
 
-def init_distributed(device, always=False):
+def init_distributed(device: torch.device, always: bool = False) -> tuple:
     """(rank, world size). Under torchrun (WORLD_SIZE > 1), or with ``always`` (a group of one
     without torchrun), joins the process group on ``device``: NCCL on a GPU, gloo on a CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -22,7 +22,7 @@ def init_distributed(device, always=False):
     return dist.get_rank(), dist.get_world_size()
 
 
-def gather_to_rank0(entry, world):
+def gather_to_rank0(entry: object, world: int) -> list | None:
     """Every rank's ``entry`` as a list on rank 0 (in rank order), None on the others."""
     if world == 1:
         return [entry]
@@ -36,11 +36,11 @@ def _all_reduce(value, op):
     return all_reduce_floats([float(value)], op, None, device)[0]
 
 
-def slowest(value):
+def slowest(value: float) -> float:
     """The maximum of ``value`` over the ranks."""
     return _all_reduce(value, dist.ReduceOp.MAX)
 
 
-def summed(value):
+def summed(value: float) -> float:
     """The sum of ``value`` over the ranks."""
     return _all_reduce(value, dist.ReduceOp.SUM)

@@ -9,7 +9,7 @@ from calibration.energy import event_times_ms
 COPY_BYTES = 1 << 30
 
 
-def weight_read_floor(env, model, next_tokens, latency_ms):
+def weight_read_floor(env, model: torch.nn.Module, next_tokens: torch.Tensor, latency_ms: float) -> dict:
     """The decode step's floor: bytes of the weights it touches (experts counted from one routed
     batch) over the copy bandwidth measured in this run, and the step's latency over it."""
     if env.copy_bytes_per_s is None:
@@ -21,7 +21,7 @@ def weight_read_floor(env, model, next_tokens, latency_ms):
             "latency_over_floor": latency_ms / floor_ms}
 
 
-def touched_weight_bytes(lm, tokens):
+def touched_weight_bytes(lm: torch.nn.Module, tokens: torch.Tensor) -> int:
     """Bytes of every weight one step over ``tokens`` [B, 1] reads: all dense weights (the embedding's
     rows for these tokens only) and, per MoE layer, the distinct experts its router picks (from one
     eager forward of the same tokens, without their context: the same count, statistically)."""
@@ -48,7 +48,7 @@ def touched_weight_bytes(lm, tokens):
     return total
 
 
-def copy_bandwidth_bytes_per_s(device):
+def copy_bandwidth_bytes_per_s(device: torch.device) -> float:
     """A 1 GiB device-to-device copy: bytes read plus written over its median CUDA-event time."""
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)

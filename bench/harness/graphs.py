@@ -40,7 +40,7 @@ class CapturedCall:
         return self.output
 
 
-def adapting_modules(model):
+def adapting_modules(model: torch.nn.Module) -> list:
     """The modules whose test-time updates a graph step replays between forwards."""
     if isinstance(model, TTTLanguageModel):
         return [model] if model.adapt else []
@@ -88,7 +88,7 @@ def _remembering(model, tokens):
         model.remember(tokens)
 
 
-def forward_step(model, tokens, mode):
+def forward_step(model: torch.nn.Module, tokens: torch.Tensor, mode: str):
     """The call the benchmark times for one forward over ``tokens`` [B, S]."""
     _check_mode(mode)
     if mode == "eager":
@@ -102,7 +102,7 @@ def forward_step(model, tokens, mode):
     return GraphStep(body, adapting_modules(model), tokens.numel())
 
 
-def decode_step(model, prompt, next_tokens, mode):
+def decode_step(model: torch.nn.Module, prompt: torch.Tensor, next_tokens: torch.Tensor, mode: str):
     """The call the benchmark times for one decode step: the cache holds ``prompt`` [B, C] and every
     call decodes ``next_tokens`` [B, 1] at position C (the cache is rewound to C first)."""
     _check_mode(mode)
@@ -125,7 +125,7 @@ def decode_step(model, prompt, next_tokens, mode):
     return GraphStep(body, adapting_modules(model), next_tokens.numel())
 
 
-def update_mode(step):
+def update_mode(step) -> str:
     """How a step's test-time updates run (None: the model has none)."""
     if isinstance(step, GraphStep):
         return step.update_mode

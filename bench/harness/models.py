@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import ModelDims
 from kernels.decode_attention import decode_attention, decode_attention_reference
 from kernels.matmul import matmul_reference
@@ -42,7 +43,8 @@ DECODE_PLAN_EXCLUDES = ("decode attention (one query against the KV cache): not 
                         "the KV-cache writes")
 
 
-def model_dims(d_model, seq_length, num_experts=4, top_k=2, d_ff=None):
+def model_dims(d_model: int, seq_length: int, num_experts: int = 4, top_k: int = 2,
+               d_ff: int | None = None) -> ModelDims:
     """The harness's ``ModelDims`` for a width: d_ff (the dense FFN's, or each expert's) defaults to
     4 d_model; heads of 64 (of 32 when d_model is not a multiple of 64; the attention kernels take
     head dims 32/64/128). At d_model 256 these are the calibrated table's dims (4 heads, d_ff 1024)."""
@@ -81,7 +83,8 @@ def _grouped_mm_moe(layer, hidden_states):
     return out.view_as(hidden_states)
 
 
-def grouped_mm_experts(hidden_states, gate_up_proj, down_proj, topk_ids, topk_weights):
+def grouped_mm_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                       topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """The fused experts' function on ``torch._grouped_mm``, differentiable in every input but the ids.
 
     hidden_states [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I], topk_ids/topk_weights [T, K]:
@@ -124,7 +127,8 @@ class Block(nn.Module):
             self.gate_up_proj = _param(2 * I, H, scale=H ** -0.5, **init)
             self.down_proj = _param(H, I, scale=I ** -0.5, **init)
 
-    def attention(self, x, cache=None, layer=0):  # x: [B, S, H]
+    def attention(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+        # x: [B, S, H]
         B, S, H = x.shape
         heads = self.dims.n_heads
         qkv = self.ops.matmul(F.rms_norm(x, (H,), self.attn_norm), self.qkv_proj)  # [B, S, 3H]
@@ -138,13 +142,13 @@ class Block(nn.Module):
             o = self.ops.attention(q, k, v, causal=True)  # [B, heads, S, D]
         return self.ops.matmul(o.transpose(1, 2).reshape(B, S, H), self.out_proj)
 
-    def ffn(self, x):  # x: [B, S, H]
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, S, H]
         h = F.rms_norm(x, (x.shape[-1],), self.ffn_norm)
         if hasattr(self, "moe"):
             return self.ops.moe(self.moe, h)
         return self.ops.swiglu_ffn(h, self.gate_up_proj, self.down_proj)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attention(x, cache, layer)
         return x + self.ffn(x)
 
@@ -168,7 +172,7 @@ class TransformerLM(nn.Module):
         self.lm_head = _param(dims.vocab_size, dims.d_model, scale=dims.d_model ** -0.5, **init)
         self.ops = ops
 
-    def forward(self, tokens, cache=None):
+    def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
         """tokens: [B, S] int64 byte values → logits [B, S, vocab_size]. With a ``KVCache``: an empty
         cache takes a prompt (any S), a filled one one position per sequence (S = 1, decode)."""
         if tokens.dim() != 2 or tokens.dtype != torch.long:
@@ -185,12 +189,12 @@ class TransformerLM(nn.Module):
         x = F.rms_norm(x, (x.shape[-1],), self.final_norm)
         return self.ops.matmul(x, self.lm_head)
 
-    def new_cache(self, batch_size, capacity=None):
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> "KVCache":
         """An empty ``KVCache`` for ``batch_size`` sequences of up to ``capacity`` (default: seq_len) positions."""
         return KVCache(len(self.blocks), batch_size, self.dims.n_heads, capacity or self.dims.seq_len,
                        self.dims.head_dim, self.embed.device, self.embed.dtype)
 
-    def parameter_counts(self):
+    def parameter_counts(self) -> dict:
         """Total parameters, and those one token uses (an MoE token runs top_k of num_experts experts)."""
         total = sum(p.numel() for p in self.parameters())
         if not self.moe:
@@ -200,12 +204,12 @@ class TransformerLM(nn.Module):
         idle = len(self.blocks) * (self.dims.num_experts - self.dims.top_k) * per_expert
         return {"total": total, "active_per_token": total - idle}
 
-    def cost_plan(self, batch_size):
+    def cost_plan(self, batch_size: int) -> list:
         """One forward over [batch_size, dims.seq_len] as (op, op batch size, calls) for the cost model."""
         ops = self._token_ops(batch_size * self.dims.seq_len)
         return ops[:2] + [("flash_attention", batch_size, len(self.blocks))] + ops[2:]
 
-    def decode_cost_plan(self, batch_size):
+    def decode_cost_plan(self, batch_size: int) -> list:
         """One decode step of ``batch_size`` sequences (one token each) as table ops, without its
         attention (``DECODE_PLAN_EXCLUDES``): a partial prediction."""
         return self._token_ops(batch_size)
@@ -238,10 +242,10 @@ class KVCache:
         self.filled = 0
 
     @property
-    def capacity(self):
+    def capacity(self) -> int:
         return self.keys.shape[3]
 
-    def begin(self, token_shape):
+    def begin(self, token_shape: tuple):
         """Check a call's [B, S] against the cache; a decode step computes its device-side indices."""
         B, S = token_shape
         if B != self.keys.shape[1]:
@@ -255,29 +259,29 @@ class KVCache:
             self._write_index.copy_(self.length)
             torch.add(self.length, 1, out=self.step_lengths)
 
-    def end(self, positions):
+    def end(self, positions: int) -> None:
         if self.filled:
             self.length.add_(positions)
         else:
             self.length.fill_(positions)
         self.filled += positions
 
-    def write_prompt(self, layer, k, v):
+    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """A prefill's [B, heads, S, D] keys and values into positions [0, S)."""
         self.keys[layer, :, :, :k.shape[2]] = k
         self.values[layer, :, :, :v.shape[2]] = v
 
-    def write_step(self, layer, k, v):
+    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """A decode step's [B, heads, 1, D] keys and values at the device-side length."""
         self.keys[layer].index_copy_(2, self._write_index, k)
         self.values[layer].index_copy_(2, self._write_index, v)
 
-    def clear(self):
+    def clear(self) -> None:
         """Empty again, for a new prompt (the buffers stay: a captured step still reads them)."""
         self.length.zero_()
         self.filled = 0
 
-    def rewind(self, positions):
+    def rewind(self, positions: int) -> None:
         """Back to ``positions`` filled positions (a device fill: capturable in a CUDA graph)."""
         if isinstance(positions, bool) or not isinstance(positions, int) or not 1 <= positions <= self.filled:
             raise ValueError(f"positions must be an int in [1, {self.filled}] (the filled positions), "
@@ -286,7 +290,7 @@ class KVCache:
         self.filled = positions
 
 
-def use_energy_aware_router(lm, cost_model, **router_kwargs):
+def use_energy_aware_router(lm: TransformerLM, cost_model: KernelCostModel, **router_kwargs) -> TransformerLM:
     """Replace every block's router of an MoE ``TransformerLM`` with an ``EnergyAwareTTTRouter``
     sharing its gate weight (``router_kwargs`` go to ``EnergyAwareTTTRouter.from_router``)."""
     if not lm.moe:

@@ -18,6 +18,7 @@ reaches the MoE's held-out bits/byte is chosen after training) and the training 
 from dataclasses import asdict, dataclass
 
 from bench.harness.models import model_dims
+from costmodel.ops import ModelDims
 
 L2_MULTIPLE_TARGET = 10  # a deployment-scale layer's experts: at least this many L2s
 
@@ -40,13 +41,13 @@ class Preset:
     train_seconds: float  # per model
     lr: float
 
-    def dense_dims(self, d_model=None):
+    def dense_dims(self, d_model: int | None = None) -> ModelDims:
         return model_dims(d_model or self.d_model, self.seq_length)
 
-    def moe_dims(self):
+    def moe_dims(self) -> ModelDims:
         return model_dims(self.d_model, self.seq_length, self.num_experts, self.top_k, self.expert_d_ff)
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
@@ -59,11 +60,11 @@ DEPLOYMENT = Preset("deployment", d_model=2048, num_layers=4, num_experts=64, to
 PRESETS = {p.name: p for p in (SEED, DEPLOYMENT)}
 
 
-def expert_bytes_per_layer(preset, bytes_per_value=2):
+def expert_bytes_per_layer(preset: Preset, bytes_per_value: int = 2) -> int:
     return preset.num_experts * 3 * preset.d_model * preset.expert_d_ff * bytes_per_value
 
 
-def l2_check(preset, l2_bytes):
+def l2_check(preset: Preset, l2_bytes: int | None) -> dict:
     """How many L2s one layer's experts fill (None without a device to read the L2 from)."""
     if not l2_bytes:
         return {"expert_bytes_per_layer": expert_bytes_per_layer(preset), "l2_bytes": None, "l2_multiple": None,

@@ -17,6 +17,7 @@ Three kinds of file are read:
 import copy
 
 from costmodel.curves import ShapeModel, log_log_at, point_dims
+from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import ModelDims
 
 
@@ -44,7 +45,7 @@ def _row(model, source_file, op, batch_size, dims, measured_latency_ms, measured
     return row
 
 
-def replay_rows(model, name, report):
+def replay_rows(model: KernelCostModel, name: str, report: dict) -> list:
     """The rows of one results file ``report`` (named ``name``), each measured beside predicted."""
     if "forward_rows" in report:  # a kcm_accuracy report
         return [_row(model, name, r["op"], r["batch_size"],
@@ -62,7 +63,7 @@ def replay_rows(model, name, report):
     return rows
 
 
-def leave_one_out(table):
+def leave_one_out(table: dict) -> list:
     """Rows of (op, batch_size, measured and predicted energy and latency) for every inner point
     of every measured shape of ``table``, by "tile_model" and by "log_log" interpolation."""
     rows = []

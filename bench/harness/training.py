@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness.models import TransformerLM
+from costmodel.ops import ModelDims
 
 LOG_EVERY = 50
 TIMING_STEPS = 5  # steps timed (after the first, which compiles and allocates) to size the schedule
@@ -31,7 +32,7 @@ class TrainConfig:
     seed: int = 0
 
 
-def balance_loss_hooks(lm, losses):
+def balance_loss_hooks(lm: TransformerLM, losses: list) -> list:
     """Forward hooks on every router that append a switch-style load-balancing loss to ``losses``:
     E * sum_e (share of routed slots on e) * (mean router probability of e); 1 when balanced."""
     def hook(router, inputs, output):
@@ -43,7 +44,7 @@ def balance_loss_hooks(lm, losses):
     return [block.moe.gate.register_forward_hook(hook) for block in lm.blocks]
 
 
-def learning_rate(step, steps, peak_lr):
+def learning_rate(step: int, steps: int, peak_lr: float) -> float:
     """Linear warmup over the first 5% of steps, then cosine decay to 10% of the peak."""
     warmup = max(1, steps // 20)
     if step < warmup:
@@ -52,20 +53,22 @@ def learning_rate(step, steps, peak_lr):
     return peak_lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
 
 
-def random_batch(stream, batch_size, seq_length, generator, device):
+def random_batch(stream: torch.Tensor, batch_size: int, seq_length: int, generator: torch.Generator,
+                 device: torch.device) -> tuple:
     starts = torch.randint(0, len(stream) - seq_length - 1, (batch_size,), generator=generator)
     rows = torch.stack([stream[s:s + seq_length + 1] for s in starts.tolist()]).to(device, torch.long)
     return rows[:, :-1], rows[:, 1:]
 
 
-def budgeted_steps(config, step_s):
+def budgeted_steps(config: TrainConfig, step_s: float) -> int:
     """The steps that fit the time budget at ``step_s`` per step (at most ``max_steps``)."""
     if config.time_budget_s is None:
         return config.max_steps
     return max(TIMING_STEPS + 2, min(config.max_steps, int(config.time_budget_s / max(step_s, 1e-6))))
 
 
-def train_model(dims, num_layers, moe, config, train_stream, device, name):
+def train_model(dims: ModelDims, num_layers: int, moe: bool, config: TrainConfig, train_stream: torch.Tensor,
+                device: torch.device, name: str) -> tuple:
     """Train one model; (model, meta)."""
     model = TransformerLM(dims, num_layers, moe=moe, use_kernels=False, device=device, seed=config.seed)
     fused = device.type == "cuda"

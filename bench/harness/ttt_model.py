@@ -9,7 +9,7 @@ from bench.harness.models import TransformerLM
 from calibration.energy import DeferredTimer
 
 
-def ttt_parameters(lm):
+def ttt_parameters(lm: TransformerLM) -> dict:
     """The parameters test-time training updates: the final norm and the last block's FFN (its
     norm and both SwiGLU weights). Nearest the loss, so an update's backward stops at the last
     block's FFN input instead of running through attention or the earlier blocks."""
@@ -83,21 +83,21 @@ class TTTLanguageModel(nn.Module):
     def optimizer_name(self):
         return "muon (2-D) + adam (norms)" if self.muon_enabled else "adam"
 
-    def forward(self, tokens, cache=None):
+    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
         if self.update_due():
             self.ttt_step()  # before this call's tokens are seen: the update is causal
         logits = self.lm(tokens, cache)
         self.remember(tokens)
         return logits
 
-    def update_due(self):
+    def update_due(self) -> bool:
         """Has ``ttt_update_frequency`` tokens' worth of calls passed since the last update (host count)?"""
         return self.adapt and self._history is not None and self._tokens_since_update >= self.ttt_update_frequency
 
-    def window_length(self, batch_size):
+    def window_length(self, batch_size: int) -> int:
         return min(max(2, self.ttt_chunk_size // batch_size), self.dims.seq_len + 1)  # seq_len inputs + 1 target
 
-    def remember(self, tokens):
+    def remember(self, tokens: torch.Tensor) -> None:
         """Shift a call's [B, S] tokens into the window (device work only; a new B starts new streams)."""
         self.note_tokens(tokens.numel())
         B, S = tokens.shape
@@ -111,7 +111,7 @@ class TTTLanguageModel(nn.Module):
             self._history.copy_(torch.cat((self._history[:, S:], tokens), dim=1))
         self._seen.add_(S).clamp_(max=keep)
 
-    def ttt_step(self):
+    def ttt_step(self) -> None:
         """One timed, counted update on the remembered tokens (``ttt_update`` does the work)."""
         if self._history is None:
             raise RuntimeError("test-time training needs seen tokens: call the model first")
@@ -119,16 +119,16 @@ class TTTLanguageModel(nn.Module):
             self.ttt_update()
         self.note_update()
 
-    def note_tokens(self, count):
+    def note_tokens(self, count: int) -> None:
         """Count tokens seen (a caller replaying a captured forward counts its replays here)."""
         self._tokens_since_update += count
 
-    def note_update(self):
+    def note_update(self) -> None:
         """Count an update (a caller replaying a captured ``ttt_update`` counts its replays here)."""
         self._tokens_since_update = 0
         self.ttt_updates += 1
 
-    def ttt_update(self):
+    def ttt_update(self) -> None:
         """The update's device work, no host sync: the next-token loss over the window's filled
         positions, its gradient for ``ttt_parameters``, the optimiser step on the masters, and the
         masters copied into the model's weights."""
@@ -150,25 +150,25 @@ class TTTLanguageModel(nn.Module):
                 for p, master in zip(params, self._masters):
                     p.copy_(master)
 
-    def stats(self):
+    def stats(self) -> dict:
         """Updates since ``reset_stats`` and their total time (waits for the last update on a GPU)."""
         self._ttt_time_s += sum(seconds for seconds, _ in self._timer.settle())
         return {"ttt_updates": self.ttt_updates, "ttt_time_s": self._ttt_time_s, "optimizer": self.optimizer_name,
                 "ttt_parameters": list(self.ttt_params),
                 "ttt_parameter_count": sum(p.numel() for p in self.ttt_params.values())}
 
-    def reset_stats(self):
+    def reset_stats(self) -> None:
         self.ttt_updates, self._ttt_time_s = 0, 0.0
         self._timer = DeferredTimer()
 
-    def new_cache(self, batch_size, capacity=None):
+    def new_cache(self, batch_size: int, capacity: int | None = None):
         return self.lm.new_cache(batch_size, capacity)
 
-    def parameter_counts(self):
+    def parameter_counts(self) -> dict:
         return self.lm.parameter_counts()
 
-    def cost_plan(self, batch_size):
+    def cost_plan(self, batch_size: int) -> list:
         return self.lm.cost_plan(batch_size)
 
-    def decode_cost_plan(self, batch_size):
+    def decode_cost_plan(self, batch_size: int) -> list:
         return self.lm.decode_cost_plan(batch_size)
