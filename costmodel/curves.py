@@ -26,6 +26,7 @@ STEP_SCAN = {"tokens": tuple(range(1, 257)) + tuple(range(272, 4097, 16)) + tupl
              "sequences": tuple(range(1, 257))}  # where steps are looked for; bisected down to one integer
 MIN_STEP = 0.02  # a rise of more than 2% from one batch size to the next is a step
 MAX_STEPS = 12  # the largest steps get knots (two each): the device kernels walk every knot
+THIN_TOLERANCE = 0.005  # a knot is dropped when the log-log chord around it stays within 0.5% of every dropped knot
 _FITS = {}  # (op, its points, ceilings, configs) -> OpFit: a table loaded again is not fitted again
 
 
@@ -136,6 +137,7 @@ class ShapeModel:
             latency_ms = model_ms * math.exp(_correction(latency_res, b))
             _, model_j = self.model_cost(op, b, dims, latency_ms=latency_ms)
             rows.append((b, latency_ms, model_j * math.exp(_correction(energy_res, b)), work(op, b, dims)[1] / 1e9))
+        rows = _thinned(rows, keep=set(measured))
         return Curve(*(tuple(col) for col in zip(*rows)), measured_batches=tuple(sorted(measured)))
 
     def _step_knots(self, op, dims):
@@ -161,6 +163,31 @@ class ShapeModel:
         """The dims at which the table measured ``op``, as dicts."""
         shapes = {point_dims(self.table, p) for p in self.table["ops"][op]["points"]}
         return [asdict(d) for d in sorted(shapes, key=lambda d: tuple(asdict(d).values()))]
+
+
+def _within(rows, i, j):
+    """Do the log-log chords from knot i to knot j pass within ``THIN_TOLERANCE`` of every knot between?"""
+    xs = [rows[i][0], rows[j][0]]
+    for k in range(i + 1, j):
+        for col in (1, 2):  # latency and energy: what the devices read (memory is linear in b)
+            if abs(log_log_at(xs, [rows[i][col], rows[j][col]], rows[k][0]) / rows[k][col] - 1) > THIN_TOLERANCE:
+                return False
+    return True
+
+
+def _thinned(rows, keep):
+    """The knots ``rows`` (sorted (b, latency, energy, memory)) with every one dropped that the
+    chord of its neighbours predicts within ``THIN_TOLERANCE`` (greedy, from the smallest batch),
+    never the first, the last or those at the batch sizes ``keep``: the device kernels walk every
+    knot, so a smooth stretch costs one segment, not eight."""
+    kept, i = [0], 0
+    while i < len(rows) - 1:
+        j = i + 1
+        while j + 1 < len(rows) and rows[j][0] not in keep and _within(rows, i, j + 1):
+            j += 1
+        kept.append(j)
+        i = j
+    return [rows[k] for k in kept]
 
 
 def _correction(residuals, batch_size):

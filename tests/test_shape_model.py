@@ -182,3 +182,20 @@ def test_repeated_points_are_refused_per_shape(tmp_path):
     write_json_atomic(tmp_path / "t.json", table)
     with pytest.raises(ValueError, match="repeated batch_size"):
         KernelCostModel(table=tmp_path / "t.json")
+
+
+def test_thinned_curves_keep_measured_points_and_stay_within_tolerance(swept_model):
+    """Thinning drops knots the chord of their neighbours predicts within THIN_TOLERANCE; the
+    measured batch sizes stay knots (on this synthetic table the measured/model ratio is 1)."""
+    from costmodel.curves import THIN_TOLERANCE, TOKEN_KNOTS
+    dims = SHAPE_SWEEP[0]
+    curve = swept_model.shapes.curve("ffn_gate", dims)
+    assert set(TOKEN_BATCHES) <= set(curve.batch_size) and len(curve.batch_size) < len(TOKEN_KNOTS)
+    dropped = [b for b in TOKEN_KNOTS if b not in curve.batch_size]
+    assert dropped
+    for b in dropped:
+        latency_ms, energy_j, _ = curve.at(b)
+        exact_ms, exact_j = swept_model.shapes.model_cost("ffn_gate", b, dims)
+        exact_j = swept_model.shapes.model_cost("ffn_gate", b, dims, latency_ms=exact_ms)[1]
+        assert latency_ms == pytest.approx(exact_ms, rel=THIN_TOLERANCE * 1.001), b
+        assert energy_j == pytest.approx(exact_j, rel=THIN_TOLERANCE * 1.001), b
