@@ -7,17 +7,18 @@ from pathlib import Path
 from calibration.priors import DATASHEETS, prior_table
 from calibration.results import provenance, write_json_atomic
 from costmodel.kernel_cost_model import KernelCostModel
+from costmodel.ops import ModelDims
 from costmodel.table import find_table, table_names
 
 NO_GPU = "no NVIDIA GPU"
 PRIOR_PROXY_GPU = "H200"  # the stand-in datasheet for a GPU calibration.priors does not know
 
 
-def known_gpus():
+def known_gpus() -> list:
     return sorted(set(table_names()) | set(DATASHEETS))
 
 
-def select_cost_model(gpu, dims, table_path=None):
+def select_cost_model(gpu: str, dims: ModelDims, table_path: str | None = None) -> tuple:
     """(KernelCostModel, info). ``--cost_table`` if given, else ``gpu``'s table (the user's, else
     the packaged one: ``costmodel.table.find_table``), at the model's dims: "measured" when the
     table was measured there, "modelled" when it was measured at other dims (the tile model fitted
@@ -52,7 +53,7 @@ def _at_dims(model, gpu, table, why, dims):
     return model.with_dims(dims), info | {"source": "modelled", "table_dims": asdict(model.dims)}
 
 
-def prior_cost_model(gpu, dims):
+def prior_cost_model(gpu: str, dims: ModelDims) -> tuple:
     """(KernelCostModel of an analytic prior at ``dims``, the GPU whose datasheet it uses)."""
     sheet = gpu if gpu in DATASHEETS else PRIOR_PROXY_GPU
     with tempfile.TemporaryDirectory() as tmp:  # KernelCostModel reads a file; the prior lives only in this run
@@ -68,7 +69,7 @@ def _cost_info(model, gpu, table, why):
             "has_memory_pressure_curves": bool(model.table.get("memory_pressure"))}
 
 
-def predict(cost_model, info, plan, excludes, entry):
+def predict(cost_model: KernelCostModel, info: dict, plan: list, excludes: list, entry: dict) -> dict:
     """The cost model's prediction for one call, beside the measurement (errors where measured).
 
     ``energy_per_call_j`` is the plan's kernels alone; ``..._with_gaps`` also charges the table's
@@ -102,7 +103,7 @@ FACTOR_OP, FACTOR_BATCH = "swiglu_ffn", 64
 ASSUMED_TEMP_C = 40.0
 
 
-def cost_model_report(cost_model, info, devices, current_temp_c):
+def cost_model_report(cost_model: KernelCostModel, info: dict, devices: list, current_temp_c: float | None) -> dict:
     """kernel_cost_model_test_results.json: op costs, thermal and memory-pressure factors, thermal-safe
     batch sizes, and every prediction beside its measurement. All cost figures are predictions."""
     return {"schema": 1, "provenance": provenance(), "cost_model": info,
@@ -114,11 +115,11 @@ def cost_model_report(cost_model, info, devices, current_temp_c):
             "predicted_vs_measured": prediction_rows(devices)}
 
 
-def op_batches(op):
+def op_batches(op: str) -> tuple:
     return SEQUENCE_BATCHES if op in ("attention_qk", "attention_av", "flash_attention") else TOKEN_BATCHES
 
 
-def measured_vs_prior(cost_model, info):
+def measured_vs_prior(cost_model: KernelCostModel, info: dict) -> dict:
     """A measured table's op costs against the analytic prior at the same dims (measured / prior)."""
     if cost_model.is_prior:
         return {"ops": None, "reason": "the table in use is itself a prior: nothing measured at these dims"}
@@ -130,7 +131,7 @@ def measured_vs_prior(cost_model, info):
     return {"prior_datasheet": sheet, "ratio": "measured-table prediction / prior prediction", "ops": ops}
 
 
-def op_cost(cost_model, op, batch_size):
+def op_cost(cost_model: KernelCostModel, op: str, batch_size: int) -> dict:
     cost = cost_model.get_cost_breakdown(op, batch_size)
     return {"batch_size": batch_size, "energy_j": cost["energy_joules"], "latency_ms": cost["latency_ms"],
             "power_w": cost["power_w"], "static_energy_j": cost["static_energy_joules"],
@@ -138,7 +139,7 @@ def op_cost(cost_model, op, batch_size):
             "memory_bound_ms": cost["memory_bound_ms"], "source": cost["source"]}
 
 
-def thermal_factors(cost_model):
+def thermal_factors(cost_model: KernelCostModel) -> dict:
     thermal = cost_model.table.get("thermal")
     if not thermal or not thermal.get("clock_vs_temp"):
         return {"points": None, "reason": "the table has no thermal model (priors carry none)"}
@@ -154,7 +155,7 @@ def thermal_factors(cost_model):
     return {"op": FACTOR_OP, "batch_size": FACTOR_BATCH, "points": points}
 
 
-def pressure_factors(cost_model):
+def pressure_factors(cost_model: KernelCostModel) -> dict:
     base = cost_model.get_cost(FACTOR_OP, FACTOR_BATCH)
     points = []
     for pressure in (0.0, 0.25, 0.5, 0.75, 0.9):
@@ -165,7 +166,7 @@ def pressure_factors(cost_model):
     return {"op": FACTOR_OP, "batch_size": FACTOR_BATCH, "basis": curve, "points": points}
 
 
-def thermal_safe(cost_model, current_temp_c):
+def thermal_safe(cost_model: KernelCostModel, current_temp_c: float | None) -> dict:
     temp, temp_source = (current_temp_c, "NVML at the start of the run") if current_temp_c is not None \
         else (ASSUMED_TEMP_C, f"assumed ({NO_GPU} reading)")
     sizes = {op: {str(rise): cost_model.get_thermal_safe_batch_size(op, temp, rise) for rise in (0.1, 1.0, 5.0)}
@@ -175,7 +176,7 @@ def thermal_safe(cost_model, current_temp_c):
     return {"current_temp_c": temp, "temp_source": temp_source, "max_temp_increase_c": [0.1, 1.0, 5.0], "ops": sizes}
 
 
-def prediction_rows(devices):
+def prediction_rows(devices: list) -> list:
     rows = []
     for device in devices:
         for name, entry in device["models"].items():

@@ -17,7 +17,7 @@ FLOOR_RATIO_TARGET = 1.5
 CPU_TIMINGS = "CPU timings (torch references, Triton's interpreter) say nothing about a GPU"
 
 
-def change(new, base, better, worse, lower_is_better=True):
+def change(new: float | None, base: float | None, better: str, worse: str, lower_is_better: bool = True) -> str | None:
     """'12.3% less energy per token (better)': the sign in words, never a bare +/-."""
     if new is None or base is None:
         return None
@@ -29,11 +29,11 @@ def change(new, base, better, worse, lower_is_better=True):
     return f"{size}% {better if improved else worse} ({'better' if improved else 'worse'})"
 
 
-def energy_per_token(phase):
+def energy_per_token(phase: dict) -> float | None:
     return (phase["measured"] or {}).get("energy_per_token_j")
 
 
-def headline(entry):
+def headline(entry: dict) -> dict:
     """The forward figures of one model entry that comparisons use."""
     forward = entry["forward"]
     return {"energy_per_token_j": energy_per_token(forward), "latency_ms": forward["latency_ms_median"],
@@ -41,13 +41,13 @@ def headline(entry):
             "bits_per_byte": entry["quality"]["bits_per_byte"]}
 
 
-def iso_reference(models):
+def iso_reference(models: dict) -> str | None:
     """The iso-quality dense model's name: ``dense_iso`` if it was run, else the baseline (the
     ladder's smallest width already reached the MoE's quality, or no ladder was trained)."""
     return ISO_BASELINE if ISO_BASELINE in models else BASELINE
 
 
-def comparison_pairs(models):
+def comparison_pairs(models: dict) -> list:
     """(model, reference): every model against the baseline, the MoEs against the iso-quality dense
     model, and the router against plain top-k (its own effect)."""
     pairs = [(name, BASELINE) for name in models if name != BASELINE]
@@ -56,7 +56,7 @@ def comparison_pairs(models):
     return pairs + ([("moe_energy_aware", "moe_topk")] if {"moe_energy_aware", "moe_topk"} <= set(models) else [])
 
 
-def compare_phase(new, base):
+def compare_phase(new: dict, base: dict) -> dict:
     return {"energy_per_token": change(energy_per_token(new), energy_per_token(base), "less energy per token",
                                        "more energy per token"),
             "latency": change(new["latency_ms_median"], base["latency_ms_median"], "faster", "slower"),
@@ -64,7 +64,7 @@ def compare_phase(new, base):
                                  "higher throughput", "lower throughput", lower_is_better=False)}
 
 
-def comparisons(models):
+def comparisons(models: dict) -> dict:
     out = {}
     for name, ref in comparison_pairs(models):
         new, base = models[name], models[ref]
@@ -76,7 +76,7 @@ def comparisons(models):
     return out
 
 
-def ttt_on_vs_off(models):
+def ttt_on_vs_off(models: dict) -> dict | None:
     """Held-out quality of the same checkpoint with test-time training on (transformer_ttt) and off."""
     if "transformer_ttt" not in models:
         return None
@@ -88,15 +88,15 @@ def ttt_on_vs_off(models):
             "change": change(on["bits_per_byte"], off["bits_per_byte"], "lower bits/byte", "higher bits/byte")}
 
 
-def candidate_name(models):
+def candidate_name(models: dict) -> str:
     return CANDIDATE if CANDIDATE in models else "transformer_ttt"
 
 
-def criterion(text, status, value=None, detail=None):
+def criterion(text: str, status: str, value: float | None = None, detail: str | None = None) -> dict:
     return {"criterion": text, "status": status, "value": value, "detail": detail}
 
 
-def success_criteria(device, on_gpu):
+def success_criteria(device: dict, on_gpu: bool) -> list:
     models = device["models"]
     candidate = candidate_name(models)
     out = [energy_criterion(models, candidate, ref, device) for ref in dict.fromkeys((iso_reference(models),
@@ -106,7 +106,7 @@ def success_criteria(device, on_gpu):
     return out + deployment_criteria(models, on_gpu)
 
 
-def energy_criterion(models, candidate, reference, device):
+def energy_criterion(models: dict, candidate: str, reference: str, device: dict) -> dict:
     kind = "iso-quality dense" if reference == ISO_BASELINE else "dense at the preset's width"
     text = (f"energy per token reduced > {ENERGY_REDUCTION_TARGET_PCT:.0f}% vs {reference} ({kind}; {candidate}, "
             f"forward, {models[candidate]['mode']} mode)")
@@ -121,7 +121,7 @@ def energy_criterion(models, candidate, reference, device):
     return criterion(text, "met" if reduction > ENERGY_REDUCTION_TARGET_PCT else "not met", reduction, detail)
 
 
-def prediction_criterion(models, device):
+def prediction_criterion(models: dict, device: dict) -> dict:
     """Kernel-sum predictions (no measured latency in them) against the meter, for every phase of
     every model whose plan covers all its work and whose table was measured at its dims."""
     text = (f"energy prediction error < {PREDICTION_ERROR_TARGET_PCT:.0f}% (sum of kernel costs, no measured "
@@ -147,7 +147,7 @@ def prediction_criterion(models, device):
                      ", ".join(f"{k} {v:+.1f}%" for k, v in errors.items()))
 
 
-def throttle_criterion(device):
+def throttle_criterion(device: dict) -> dict:
     text = "no thermal throttling observed (NVML thermal/power slowdown bits)"
     record = device["throttling"]
     if record["observed"] is None:
@@ -155,7 +155,7 @@ def throttle_criterion(device):
     return criterion(text, "not met" if record["observed"] else "met", record["reasons"])
 
 
-def memory_criterion(models, device):
+def memory_criterion(models: dict, device: dict) -> dict:
     text = f"memory utilisation < {MEMORY_TARGET_PCT:.0f}% (peak allocated / device memory)"
     peaks = [p["memory_utilisation_pct"] for e in models.values() for p in [e["forward"], *e["decode"]]
              if p["memory_utilisation_pct"] is not None]
@@ -164,7 +164,7 @@ def memory_criterion(models, device):
     return criterion(text, "met" if max(peaks) < MEMORY_TARGET_PCT else "not met", max(peaks))
 
 
-def throughput_criterion(models, candidate, on_gpu):
+def throughput_criterion(models: dict, candidate: str, on_gpu: bool) -> dict:
     text = f"throughput maintained ({candidate} >= {THROUGHPUT_KEPT_FRACTION:.0%} of {BASELINE}'s tokens/s, forward)"
     ratio = headline(models[candidate])["throughput_tokens_per_s"] / headline(models[BASELINE])[
         "throughput_tokens_per_s"]
@@ -173,13 +173,13 @@ def throughput_criterion(models, candidate, on_gpu):
     return criterion(text, "met" if ratio >= THROUGHPUT_KEPT_FRACTION else "not met", ratio, f"{ratio:.2f}x")
 
 
-def deployment_criteria(models, on_gpu):
+def deployment_criteria(models: dict, on_gpu: bool) -> list:
     """The graph-mode targets: host overhead, graph vs eager decode, and the MoE decode's floor."""
     return [host_overhead_criterion(models, on_gpu), graph_speedup_criterion(models, on_gpu),
             floor_criterion(models, on_gpu)]
 
 
-def host_overhead_criterion(models, on_gpu):
+def host_overhead_criterion(models: dict, on_gpu: bool) -> dict:
     text = (f"graph mode: host overhead <= {HOST_OVERHEAD_TARGET:.0%} of the step (1 - kernel GPU time / step "
             "time), every model, forward and decode B=1")
     if not on_gpu:
@@ -198,7 +198,7 @@ def host_overhead_criterion(models, on_gpu):
                      ", ".join(f"{k} {v:.1%}" for k, v in fractions.items()))
 
 
-def graph_speedup_criterion(models, on_gpu):
+def graph_speedup_criterion(models: dict, on_gpu: bool) -> dict:
     text = f"graph-mode decode step of {BASELINE} at B=1 >= {GRAPH_DECODE_SPEEDUP_TARGET:.0f}x faster than eager"
     entry = models[BASELINE]
     eager = entry.get("eager_comparison")
@@ -213,7 +213,7 @@ def graph_speedup_criterion(models, on_gpu):
                      f"{speedup:.1f}x")
 
 
-def floor_criterion(models, on_gpu):
+def floor_criterion(models: dict, on_gpu: bool) -> dict:
     text = f"moe_topk decode step at B=1 within {FLOOR_RATIO_TARGET}x of its weight-read floor"
     if "moe_topk" not in models:
         return criterion(text, "not measured", detail="no MoE in this run")
