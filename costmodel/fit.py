@@ -143,24 +143,6 @@ def fit_latency(rows: Sequence[tuple]) -> tuple:
     return (fixed_ms, *map(float, best), "fitted" if streams else "prior", math.sqrt(loss / len(rows)))
 
 
-def _solve(matrix, vector):
-    """Gaussian elimination with partial pivoting; None when singular."""
-    n = len(vector)
-    a = [row[:] + [v] for row, v in zip(matrix, vector)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
-        if abs(a[pivot][col]) < 1e-12 * max(1.0, max(abs(x) for row in a for x in row[:n])):
-            return None
-        a[col], a[pivot] = a[pivot], a[col]
-        for r in range(col + 1, n):
-            f = a[r][col] / a[col][col]
-            a[r] = [x - f * y for x, y in zip(a[r], a[col])]
-    out = [0.0] * n
-    for r in reversed(range(n)):
-        out[r] = (a[r][n] - sum(a[r][c] * out[c] for c in range(r + 1, n))) / a[r][r]
-    return out
-
-
 def fit_energy(rows: Sequence[tuple]) -> tuple:
     """(power_w, j_per_flop, j_per_byte, relative RMS): non-negative least squares over rows of
     (energy_j, latency_s, flops, bytes), each row scaled by 1 / energy_j and each column by its
@@ -172,13 +154,13 @@ def fit_energy(rows: Sequence[tuple]) -> tuple:
     best = (math.inf, (0.0, 0.0, 0.0))
     for size in (1, 2, 3):
         for subset in itertools.combinations(range(3), size):
-            gram = [[sum(x[i] * x[j] for x in scaled) for j in subset] for i in subset]
-            solution = _solve(gram, [sum(x[i] for x in scaled) for i in subset])
-            if solution is None or min(solution) < 0:
+            columns = np.array([[x[i] for i in subset] for x in scaled])  # [rows, terms]
+            solution, _, rank, _ = np.linalg.lstsq(columns, np.ones(len(scaled)), rcond=None)
+            if rank < len(subset) or solution.min() < 0:  # collinear terms, or a negative one
                 continue
             coeffs = [0.0, 0.0, 0.0]
             for i, value in zip(subset, solution):
-                coeffs[i] = value
+                coeffs[i] = float(value)
             loss = sum((sum(c * v for c, v in zip(coeffs, x)) - 1.0) ** 2 for x in scaled)
             best = min(best, (loss, tuple(coeffs)))
     loss, coeffs = best
