@@ -10,10 +10,13 @@ weight-read floor of a decode step, throughput, peak memory, test-time updates, 
 GPU the energy per token from the NVML energy counter over windows of at least 1 s
 (``calibration.energy``), board power, temperature and clock-event (throttle) bits.
 """
+import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,7 +27,8 @@ from bench.harness.floor import copy_bandwidth_bytes_per_s, weight_read_floor
 from bench.harness.models import DECODE_PLAN_EXCLUDES, TransformerLM, use_energy_aware_router
 from bench.harness.ttt_model import TTTLanguageModel
 from calibration.energy import EagerRunner, event_times_ms, measure_energy, measure_idle_power_w
-from calibration.nvml_meter import BackgroundSampler, meter_for_cuda_device
+from calibration.nvml_meter import BackgroundSampler, GpuMeter, meter_for_cuda_device
+from costmodel.kernel_cost_model import KernelCostModel
 from router.energy_router import EnergyAwareTTTRouter
 from router.monitor import HardwareMonitor
 
@@ -56,13 +60,14 @@ class ModelSpec:
     num_layers: int
 
     @property
-    def moe(self):
+    def moe(self) -> bool:
         return self.name.startswith("moe")
 
 
 # ---- models ---------------------------------------------------------------------------------------
 
-def build_model(spec, args, cost_model, monitor):
+def build_model(spec: ModelSpec, args: argparse.Namespace, cost_model: KernelCostModel,
+                monitor: HardwareMonitor | None) -> tuple:
     """(model, checkpoint info): a fresh model, with the trained weights where a checkpoint exists."""
     on_gpu = args.device.type == "cuda"
     lm = TransformerLM(spec.dims, spec.num_layers, moe=spec.moe, use_kernels=on_gpu, device=args.device,
@@ -79,12 +84,12 @@ def build_model(spec, args, cost_model, monitor):
     return lm.eval(), checkpoint
 
 
-def spec_checkpoint(spec, checkpoint_dir):
+def spec_checkpoint(spec: ModelSpec, checkpoint_dir: Path) -> Path:
     d = spec.dims
     return checkpoint_path(checkpoint_dir, spec.moe, d.d_model, spec.num_layers, d.num_experts, d.top_k, d.d_ff)
 
 
-def load_weights(lm, spec, checkpoint_dir):
+def load_weights(lm: TransformerLM, spec: ModelSpec, checkpoint_dir: Path) -> dict:
     path = spec_checkpoint(spec, checkpoint_dir)
     if not path.exists():
         return {"path": str(path), "loaded": False, "reason": f"{NO_CHECKPOINT} (python -m bench.train writes {path})"}
@@ -96,26 +101,26 @@ def load_weights(lm, spec, checkpoint_dir):
             "train_heldout": meta["heldout"], "train_seconds": meta.get("train_seconds")}
 
 
-def checkpoint_bits_per_byte(spec, checkpoint_dir):
+def checkpoint_bits_per_byte(spec: ModelSpec, checkpoint_dir: Path) -> float | None:
     """The held-out bits/byte ``bench.train`` recorded in a checkpoint (None without one)."""
     path = spec_checkpoint(spec, checkpoint_dir)
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"]["heldout"]["bits_per_byte"]
 
-def energy_aware_routers(model):
+def energy_aware_routers(model: torch.nn.Module) -> list:
     lm = model.lm if isinstance(model, TTTLanguageModel) else model
     return [b.moe.gate for b in lm.blocks if lm.moe and isinstance(b.moe.gate, EnergyAwareTTTRouter)]
 
 
-def reset_ttt_stats(model):
+def reset_ttt_stats(model: torch.nn.Module) -> None:
     if isinstance(model, TTTLanguageModel):
         model.reset_stats()
     for router in energy_aware_routers(model):
         router.reset_stats()
 
 
-def ttt_summary(model):
+def ttt_summary(model: torch.nn.Module) -> dict | None:
     """Test-time updates since the last reset, and their time (None for models without test-time training)."""
     if isinstance(model, TTTLanguageModel):
         stats = model.stats()
@@ -135,7 +140,7 @@ def ttt_summary(model):
 class DeviceEnv:
     """This rank's device, its NVML meter (None on a CPU) and the run's NVML timeline."""
 
-    def __init__(self, device, rank):
+    def __init__(self, device: torch.device, rank: int):
         self.device, self.rank = device, rank
         self.on_gpu = device.type == "cuda"
         self.meter = self.sampler = self.idle_power_w = self.copy_bytes_per_s = None
@@ -146,23 +151,23 @@ class DeviceEnv:
             self.copy_bytes_per_s = copy_bandwidth_bytes_per_s(device)
 
     @property
-    def metered(self):
+    def metered(self) -> bool:
         return self.meter is not None and self.meter.available
 
-    def start(self):
+    def start(self) -> None:
         if self.metered:
             self.idle_power_w = measure_idle_power_w(self.meter)
             self.sampler = BackgroundSampler(self.meter, SAMPLE_INTERVAL_S).start()
 
-    def stop(self):
+    def stop(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
 
-    def samples_between(self, t0, t1):
+    def samples_between(self, t0: float, t1: float) -> list:
         return [s for s in (self.sampler.samples if self.sampler else []) if t0 <= s.time_s <= t1]
 
 
-def time_calls_ms(fn, runs, on_gpu, back_to_back):
+def time_calls_ms(fn: Callable[[], object], runs: int, on_gpu: bool, back_to_back: bool) -> list:
     """Per-call latency over ``runs`` timings: CUDA events around ``CALLS_PER_TIMING`` back-to-back
     calls (graph replays: the device's time per step), each call waited for (eager: what a caller
     waits), or ``perf_counter`` on a CPU."""
@@ -182,7 +187,7 @@ def time_calls_ms(fn, runs, on_gpu, back_to_back):
     return [t / CALLS_PER_TIMING for t in event_times_ms(calls, runs)]
 
 
-def kernel_time_ms(fn, on_gpu):
+def kernel_time_ms(fn: Callable[[], object], on_gpu: bool) -> tuple:
     """(GPU time of the kernels and copies one call launches, by the profiler; why not)."""
     if not on_gpu:
         return None, "the profiler's kernel times need a CUDA device"
@@ -199,7 +204,8 @@ def kernel_time_ms(fn, on_gpu):
     return device_us / PROFILED_CALLS / 1e3, None
 
 
-def measure_phase(env, model, step, tokens_per_call, args, mode):
+def measure_phase(env: DeviceEnv, model: torch.nn.Module, step: Callable[[], object], tokens_per_call: int,
+                  args: argparse.Namespace, mode: str) -> dict:
     """Latency, kernel time, throughput, memory, TTT updates and (on a metered GPU) energy of ``step``."""
     if env.on_gpu:
         torch.cuda.reset_peak_memory_stats(env.device)
@@ -227,7 +233,8 @@ def measure_phase(env, model, step, tokens_per_call, args, mode):
     return entry | memory_entry(env)
 
 
-def measure_energy_phase(env, fn, tokens_per_call, trials, mode):
+def measure_energy_phase(env: DeviceEnv, fn: Callable[[], object], tokens_per_call: int, trials: int,
+                         mode: str) -> tuple:
     """(energy, power and temperature from NVML, None) or (None, why not)."""
     if not env.metered:
         return None, env.energy_reason
@@ -245,7 +252,7 @@ def measure_energy_phase(env, fn, tokens_per_call, trials, mode):
             "method": f"NVML energy counter over >= 1 s windows of back-to-back {mode} calls, idle tail removed"}, None
 
 
-def slowdown_reasons(meter, samples):
+def slowdown_reasons(meter: GpuMeter, samples: list) -> list | None:
     """Thermal/power slowdown reasons seen in any sample (None when NVML gives no clock-event bits)."""
     bits = [s.clock_event_reasons for s in samples if s.clock_event_reasons is not None]
     if not bits:
@@ -253,7 +260,7 @@ def slowdown_reasons(meter, samples):
     return sorted({name for b in bits for name in meter.slowdown_reasons(b)})
 
 
-def memory_entry(env):
+def memory_entry(env: DeviceEnv) -> dict:
     if not env.on_gpu:
         return {"peak_memory_gb": None, "memory_utilisation_pct": None,
                 "peak_memory_reason": f"torch.cuda.max_memory_allocated needs a CUDA device ({env.energy_reason})"}
@@ -262,7 +269,7 @@ def memory_entry(env):
     return {"peak_memory_gb": peak / 1e9, "memory_utilisation_pct": 100.0 * peak / total}
 
 
-def text_rows(text, rows, length, device):
+def text_rows(text: torch.Tensor, rows: int, length: int, device: torch.device) -> torch.Tensor:
     """[rows, length] int64 windows of held-out ``text`` (uint8), consecutive, wrapping around."""
     if len(text) <= length:
         text = text.repeat(length // max(1, len(text)) + 2)
@@ -270,7 +277,8 @@ def text_rows(text, rows, length, device):
     return torch.stack([text[s:s + length] for s in starts]).to(device, torch.long)
 
 
-def forward_phase(env, model, text, args, cost, spec, mode):
+def forward_phase(env: DeviceEnv, model: torch.nn.Module, text: torch.Tensor, args: argparse.Namespace, cost: tuple,
+                  spec: ModelSpec, mode: str) -> dict:
     tokens = text_rows(text, args.batch_size, args.seq_length, env.device)
     entry = {"batch_size": args.batch_size, "seq_length": args.seq_length}
     step = graphs.forward_step(model, tokens, mode)
@@ -279,7 +287,8 @@ def forward_phase(env, model, text, args, cost, spec, mode):
     return entry
 
 
-def decode_phase(env, model, text, batch_size, args, cost, spec, mode):
+def decode_phase(env: DeviceEnv, model: torch.nn.Module, text: torch.Tensor, batch_size: int,
+                 args: argparse.Namespace, cost: tuple, spec: ModelSpec, mode: str) -> dict:
     """Decode steps at ``batch_size``: the cache holds seq_length // 2 prompt positions and every
     step is rewound to re-decode the next one, so each step attends to the same context length."""
     context = args.seq_length // 2
@@ -293,7 +302,7 @@ def decode_phase(env, model, text, batch_size, args, cost, spec, mode):
     return entry
 
 
-def measure_quality(model, checkpoint, streams, args):
+def measure_quality(model: torch.nn.Module, checkpoint: dict, streams: list, args: argparse.Namespace) -> dict:
     if not checkpoint["loaded"]:
         return {"bits_per_byte": None, "perplexity": None, "reason": checkpoint["reason"]}
     reset_ttt_stats(model)
@@ -302,7 +311,8 @@ def measure_quality(model, checkpoint, streams, args):
                       "windows of seq_length (each its own context), one window per eager forward"}
 
 
-def measure_mode(env, spec, args, cost, text, monitor, mode):
+def measure_mode(env: DeviceEnv, spec: ModelSpec, args: argparse.Namespace, cost: tuple, text: torch.Tensor,
+                 monitor: HardwareMonitor | None, mode: str) -> dict:
     """A fresh model's forward and decode phases in one mode."""
     model, _ = build_model(spec, args, cost[0], monitor)
     _progress(env, f"{spec.name}: forward ({mode})")
@@ -316,7 +326,8 @@ def measure_mode(env, spec, args, cost, text, monitor, mode):
     return out
 
 
-def benchmark_model(spec, env, args, cost, text, streams, monitor):
+def benchmark_model(spec: ModelSpec, env: DeviceEnv, args: argparse.Namespace, cost: tuple, text: torch.Tensor,
+                    streams: list, monitor: HardwareMonitor | None) -> dict:
     _progress(env, f"{spec.name}: quality")
     model, checkpoint = build_model(spec, args, cost[0], monitor)
     entry = {"description": DESCRIPTIONS[spec.name], "dims": spec.dims.__dict__ | {"num_layers": spec.num_layers},
@@ -334,7 +345,8 @@ def _progress(env, what):
     print(f"[rank {env.rank}] {what}", file=sys.stderr, flush=True)
 
 
-def run_device(env, args, specs, costs, text, streams):
+def run_device(env: DeviceEnv, args: argparse.Namespace, specs: list, costs: dict, text: torch.Tensor,
+               streams: list) -> dict:
     """This rank's entry: every model on its device, and the NVML throttle record of the whole run."""
     env.start()
     uses_router = any(s.name == "moe_energy_aware" for s in specs)
@@ -348,7 +360,7 @@ def run_device(env, args, specs, costs, text, streams):
     return device_header(env) | {"models": models, "throttling": throttling(env)}
 
 
-def device_header(env):
+def device_header(env: DeviceEnv) -> dict:
     header = {"rank": env.rank, "device": str(env.device), "energy_measured": env.metered,
               "energy_reason": env.energy_reason, "idle_power_w": env.idle_power_w}
     if env.on_gpu:
@@ -360,7 +372,7 @@ def device_header(env):
     return header
 
 
-def throttling(env):
+def throttling(env: DeviceEnv) -> dict:
     if not env.metered:
         return {"observed": None, "reason": env.energy_reason}
     reasons = slowdown_reasons(env.meter, env.sampler.samples)
