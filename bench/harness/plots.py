@@ -6,7 +6,7 @@ from pathlib import Path
 PARETO_DECODE_BATCHES = (16, 64)
 
 
-def write_plots(devices, output_dir):
+def write_plots(devices: list, output_dir: str | Path) -> dict:
     """PNG plots; {name: path} or {name: why skipped}."""
     try:
         import matplotlib
@@ -23,7 +23,7 @@ def write_plots(devices, output_dir):
     return out
 
 
-def plot_energy(plt, pairs, label, output_dir):
+def plot_energy(plt, pairs: list, label: str, output_dir: str | Path) -> str:
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(pairs)), 4))
     xs = range(len(pairs))
     measured = [(e["forward"]["measured"] or {}).get("energy_per_token_j") for _, _, e in pairs]
@@ -40,7 +40,7 @@ def plot_energy(plt, pairs, label, output_dir):
     return save(fig, plt, Path(output_dir) / "energy_per_token.png")
 
 
-def plot_latency(plt, pairs, label, output_dir):
+def plot_latency(plt, pairs: list, label: str, output_dir: str | Path) -> str:
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(12, 3 * len(pairs)), 4.5))
     xs = range(len(pairs))
     left.bar(list(xs), [e["forward"]["latency_ms_median"] for _, _, e in pairs])
@@ -59,7 +59,7 @@ def plot_latency(plt, pairs, label, output_dir):
     return save(fig, plt, Path(output_dir) / "latency.png")
 
 
-def plot_predicted_vs_measured(plt, pairs, output_dir):
+def plot_predicted_vs_measured(plt, pairs: list, output_dir: str | Path) -> str:
     points = [(p["prediction"]["energy_per_call_j"], p["measured"]["energy_per_call_j"], name)
               for _, name, e in pairs for p in [e["forward"], *e["decode"]] if p["measured"] is not None]
     if not points:
@@ -77,7 +77,7 @@ def plot_predicted_vs_measured(plt, pairs, output_dir):
     return save(fig, plt, Path(output_dir) / "predicted_vs_measured_energy.png")
 
 
-def plot_energy_vs_quality(plt, pairs, output_dir):
+def plot_energy_vs_quality(plt, pairs: list, output_dir: str | Path) -> str:
     """Measured J/token against held-out bits/byte, one point per model, at decode B=16 and B=64."""
     points = {b: [] for b in PARETO_DECODE_BATCHES}
     for _, name, e in pairs:
@@ -100,7 +100,7 @@ def plot_energy_vs_quality(plt, pairs, output_dir):
     return save(fig, plt, Path(output_dir) / "energy_vs_quality.png")
 
 
-def save(fig, plt, path):
+def save(fig, plt, path: Path) -> str:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the JSON files
     fig.savefig(tmp, dpi=120)

@@ -20,8 +20,10 @@ hidden states recorded from plain top-k's decode of that round for the MoE-layer
 layers' routers and experts; identical inputs for every policy). The forward (batch_size x
 seq_length, one graph) gives its own J/token, and ``evaluate`` the full-context bits/byte.
 """
+import argparse
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +31,13 @@ import torch.nn.functional as F
 
 from bench.harness import graphs
 from bench.harness.corpus import evaluate
-from bench.harness.measure import text_rows, time_calls_ms
+from bench.harness.measure import DeviceEnv, text_rows, time_calls_ms
+from bench.harness.models import TransformerLM
 from calibration.energy import EagerRunner, measure_energy
+from costmodel.kernel_cost_model import KernelCostModel
+from kernels.moe_layer import TopKRouter
 from router.energy_router import EnergyAwareTTTRouter
+from router.monitor import HardwareMonitor
 from router.oea import OEARouter
 
 OBJECTIVE_WEIGHTS = {"energy": 1.0, "latency": 0.0, "quality": 1.0}  # the router's defaults: max_shift 1
@@ -49,7 +55,7 @@ class Policy:
     keep_share: float = None
     adapt: bool = False
 
-    def describe(self):
+    def describe(self) -> dict:
         keep = f"keep_top_k={self.keep_top_k}" if self.keep_top_k is not None else f"keep_share={self.keep_share}"
         return {"topk": "plain top-k (kernels.TopKRouter)",
                 "oea": f"router.OEARouter, {keep} (Opportunistic Expert Activation)",
@@ -57,7 +63,7 @@ class Policy:
                         + ("test-time training on (offsets + gate)" if self.adapt else "frozen")}[self.kind]
 
 
-def parse_keep(text):
+def parse_keep(text: str) -> tuple:
     """'k2' -> (2, None); 'p0.6' -> (None, 0.6)."""
     if len(text) > 1 and text[0] == "k" and text[1:].isdigit():
         return int(text[1:]), None
@@ -71,7 +77,7 @@ def parse_keep(text):
     raise ValueError(f"a keep setting is k<experts> or p<share in (0, 1]>, e.g. k2 or p0.6, got {text!r}")
 
 
-def default_keeps(top_k):
+def default_keeps(top_k: int) -> tuple:
     """(OEA's k0 settings, ours): a quarter, half and three quarters of K for OEA; K/4, K/2 and two
     weight shares for ours (duplicates and K itself, which is plain top-k, dropped)."""
     quarters = sorted({max(1, top_k * q // 4) for q in (1, 2, 3)} - {top_k}) or [max(1, top_k - 1)]
@@ -79,7 +85,7 @@ def default_keeps(top_k):
     return [f"k{k}" for k in quarters], ours
 
 
-def policy_grid(oea_keeps, our_keeps, ttt_keeps):
+def policy_grid(oea_keeps: list, our_keeps: list, ttt_keeps: list) -> list:
     policies = [Policy("topk", "topk")]
     for text in oea_keeps:
         k0, share = parse_keep(text)
@@ -99,20 +105,21 @@ class PolicyModel:
         self.lm, self.cost_model, self.ttt = lm, cost_model, ttt
         self.plain_gates = [block.moe.gate for block in lm.blocks]
 
-    def install(self, policy, monitor, track_stats):
+    def install(self, policy: Policy, monitor: HardwareMonitor | None, track_stats: bool) -> TransformerLM:
         for block, plain in zip(self.lm.blocks, self.plain_gates):
             block.moe.gate = policy_router(policy, plain, self.cost_model, monitor, track_stats, self.ttt)
         return self.lm
 
-    def routers(self):
+    def routers(self) -> list:
         return [block.moe.gate for block in self.lm.blocks]
 
-    def restore(self):
+    def restore(self) -> None:
         for block, plain in zip(self.lm.blocks, self.plain_gates):
             block.moe.gate = plain
 
 
-def policy_router(policy, plain, cost_model, monitor, track_stats, ttt=None):
+def policy_router(policy: Policy, plain: TopKRouter, cost_model: KernelCostModel, monitor: HardwareMonitor | None,
+                  track_stats: bool, ttt: dict | None = None) -> TopKRouter:
     """The router ``policy`` puts in place of a plain ``TopKRouter`` (sharing its gate weight, or a
     copy when test-time training steps it; ``ttt`` holds the update's settings)."""
     if policy.kind == "topk":  # OEA keeping all K experts is plain top-k, with statistics
@@ -132,7 +139,7 @@ def policy_router(policy, plain, cost_model, monitor, track_stats, ttt=None):
         **ttt_settings)
 
 
-def router_stats(routers):
+def router_stats(routers: list) -> dict | None:
     """The routers' statistics, averaged over the layers (None for plain top-k's TopKRouter)."""
     if not all(hasattr(r, "stats") for r in routers):
         return None
@@ -144,13 +151,13 @@ def router_stats(routers):
     return out
 
 
-def reset_router_stats(routers):
+def reset_router_stats(routers: list) -> None:
     for r in routers:
         if hasattr(r, "reset_stats"):
             r.reset_stats()
 
 
-def set_tracking(routers, on):
+def set_tracking(routers: list, on: bool) -> None:
     """Statistics on or off for eager calls (a captured step keeps what it captured)."""
     for r in routers:
         if hasattr(r, "track_stats"):
@@ -177,7 +184,7 @@ class DecodeStream:
     def _body(self):
         return self.lm(self.inputs, self.cache)
 
-    def prefill(self, round_index):
+    def prefill(self, round_index: int) -> None:
         """Fill the cache with round ``round_index``'s first ``context`` bytes (eager, statistics off)."""
         routers = [b.moe.gate for b in self.lm.blocks]
         set_tracking(routers, False)
@@ -187,7 +194,7 @@ class DecodeStream:
         set_tracking(routers, True)
         self.position = 0
 
-    def step(self, round_index=-1):
+    def step(self, round_index: int = -1):
         """One decode step at the next position of round ``round_index`` (rewound at its end)."""
         if self.position == self.steps:
             self.cache.rewind(self.context)
@@ -197,7 +204,7 @@ class DecodeStream:
         self.position += 1
         return self.call()
 
-    def bits_per_byte(self):
+    def bits_per_byte(self) -> tuple:
         """Held-out bits/byte of every decode step's prediction, over all rounds (one sync at the end)."""
         nats = torch.zeros((), dtype=torch.float64, device=self.rows.device)
         with torch.no_grad():
@@ -212,7 +219,8 @@ class DecodeStream:
         return nats.item() / predicted / math.log(2), predicted
 
 
-def stream_rows(text, batch_size, context, steps, budget_bytes, device):
+def stream_rows(text: torch.Tensor, batch_size: int, context: int, steps: int, budget_bytes: int,
+                device: torch.device) -> torch.Tensor:
     """[rounds, B, context + steps + 1] windows of held-out text: enough rounds for ``budget_bytes``
     predictions (at least one), consecutive windows of the text."""
     rounds = max(1, math.ceil(budget_bytes / (batch_size * steps)))
@@ -220,7 +228,7 @@ def stream_rows(text, batch_size, context, steps, budget_bytes, device):
     return rows.view(rounds, batch_size, context + steps + 1)
 
 
-def record_moe_inputs(lm, stream, steps):
+def record_moe_inputs(lm: TransformerLM, stream, steps: int) -> torch.Tensor:
     """[layers, steps, B, H]: each MoE layer's input over ``steps`` eager decode steps of the stream's
     last round (plain top-k's hidden states: every policy's MoE layers then replay the same inputs)."""
     stream.prefill(stream.rows.shape[0] - 1)
@@ -259,7 +267,7 @@ class MoELayersStep:
         return self.call()
 
 
-def timed_energy(env, fn, tokens_per_call, trials, on_gpu):
+def timed_energy(env: DeviceEnv, fn: Callable[[], object], tokens_per_call: int, trials: int, on_gpu: bool) -> dict:
     """Latency (back-to-back calls, CUDA events) and, on a metered GPU, NVML energy per token."""
     with torch.no_grad():
         for _ in range(graphs.WARMUP_CALLS):
@@ -276,13 +284,15 @@ def timed_energy(env, fn, tokens_per_call, trials, on_gpu):
                     "method": "NVML energy counter over >= 1 s windows of back-to-back calls, idle tail removed"}
 
 
-def measure_decode(env, model, policy, monitor, rows, context, recorded, args):
+def measure_decode(env: DeviceEnv, model: PolicyModel, policy: Policy, monitor: HardwareMonitor | None,
+                   rows: torch.Tensor, context: int, recorded, args: argparse.Namespace) -> dict:
     """One policy at one decode batch: ``decode_quality`` then ``decode_timing``."""
     return decode_quality(model, policy, monitor, rows, context, env.on_gpu) | \
         decode_timing(env, model, policy, monitor, rows, context, recorded, args.energy_trials)
 
 
-def decode_quality(model, policy, monitor, rows, context, on_gpu):
+def decode_quality(model: PolicyModel, policy: Policy, monitor: HardwareMonitor | None, rows: torch.Tensor,
+                   context: int, on_gpu: bool) -> dict:
     """Held-out bits/byte and the routers' statistics from the teacher-forced stream."""
     lm = model.install(policy, monitor, track_stats=True)
     stream = DecodeStream(lm, rows, context, graph=on_gpu)
@@ -292,7 +302,8 @@ def decode_quality(model, policy, monitor, rows, context, on_gpu):
             "router": router_stats(model.routers())}
 
 
-def decode_timing(env, model, policy, monitor, rows, context, recorded, trials):
+def decode_timing(env: DeviceEnv, model: PolicyModel, policy: Policy, monitor: HardwareMonitor | None,
+                  rows: torch.Tensor, context: int, recorded, trials: int) -> dict:
     """Latency and energy of the step and (``recorded`` given) of the MoE layers alone, statistics off
     as deployed."""
     on_gpu = env.on_gpu
@@ -305,7 +316,7 @@ def decode_timing(env, model, policy, monitor, rows, context, recorded, trials):
     return entry
 
 
-def merged_timings(passes):
+def merged_timings(passes: list) -> dict:
     """One ``timed_energy`` entry from passes of one window each: median latency over every run,
     energy the mean of the windows (min and max across them)."""
     first = passes[0]
@@ -321,7 +332,8 @@ def merged_timings(passes):
                      "window_s": [w for p in passes for w in p["window_s"]], "method": first["method"]}
 
 
-def measure_forward(env, model, policy, monitor, text, streams, args):
+def measure_forward(env: DeviceEnv, model: PolicyModel, policy: Policy, monitor: HardwareMonitor | None,
+                    text: torch.Tensor, streams: list, args: argparse.Namespace) -> dict:
     """Full-context bits/byte (``evaluate``: eager windows of seq_length) and the forward's J/token."""
     lm = model.install(policy, monitor, track_stats=True)
     reset_router_stats(model.routers())
@@ -337,7 +349,8 @@ def measure_forward(env, model, policy, monitor, text, streams, args):
     return entry
 
 
-def ttt_update_energy(env, model, policy, monitor, rows, context):
+def ttt_update_energy(env: DeviceEnv, model: PolicyModel, policy: Policy, monitor: HardwareMonitor | None,
+                      rows: torch.Tensor, context: int) -> dict:
     """The test-time update alone: its graph (every layer's update) replayed back to back."""
     lm = model.install(policy, monitor, track_stats=False)
     DecodeStream(lm, rows, context, graph=env.on_gpu)  # its prefill fills the routers' windows and rings

@@ -6,16 +6,19 @@ states each target of the comparison as measured ratios against plain top-k (met
 much); ``plot_energy_vs_quality`` draws J/token against held-out bits/byte at each decode batch,
 every policy a point.
 """
+import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench.harness.measure import DeviceEnv
 from bench.harness.plots import save
-from bench.harness.policies import (OBJECTIVE_WEIGHTS, RECORDED_STEPS, DecodeStream, Policy, decode_quality,
-                                    decode_timing, measure_decode, measure_forward, merged_timings, record_moe_inputs,
-                                    stream_rows, ttt_update_energy)
+from bench.harness.policies import (OBJECTIVE_WEIGHTS, RECORDED_STEPS, DecodeStream, Policy, PolicyModel,
+                                    decode_quality, decode_timing, measure_decode, measure_forward, merged_timings,
+                                    record_moe_inputs, stream_rows, ttt_update_energy)
 from calibration.nvml_meter import GpuMeter
 from calibration.trace import ReplayNvml, record
 from router.monitor import HardwareMonitor
@@ -33,13 +36,15 @@ def _progress(what):
     print(f"[router_policies] {time.perf_counter() - _STARTED_S:6.0f} s  {what}", flush=True)
 
 
-def decode_rows(args, text, batch_size):
+def decode_rows(args: argparse.Namespace, text: torch.Tensor, batch_size: int) -> torch.Tensor:
     steps = args.decode_steps
     budget = args.decode_bytes if batch_size > 1 else args.decode_bytes // 4  # B=1 steps cost a whole step per byte
     return stream_rows(text, batch_size, args.context, steps, budget, args.device)
 
 
-def run_policies(env, model, policies, monitor, text, forward_streams, args, save_partial=None):
+def run_policies(env: DeviceEnv, model: PolicyModel, policies: list, monitor: HardwareMonitor | None,
+                 text: torch.Tensor, forward_streams: list, args: argparse.Namespace,
+                 save_partial: Callable[[dict], None] | None = None) -> dict:
     """{policy name: {"forward": ..., "decode": [...]}}; ``save_partial(results)`` after each decode
     batch (a run cut short keeps what it measured)."""
     out = {p.name: {"description": p.describe(), "keep_top_k": p.keep_top_k, "keep_share": p.keep_share,
@@ -70,7 +75,8 @@ def run_policies(env, model, policies, monitor, text, forward_streams, args, sav
     return out
 
 
-def alternating_timings(env, model, policies, monitor, rows, recorded, args):
+def alternating_timings(env: DeviceEnv, model: PolicyModel, policies: list, monitor: HardwareMonitor | None,
+                        rows: torch.Tensor, recorded, args: argparse.Namespace) -> dict:
     """{policy: timing}: ``args.energy_trials`` passes of one energy window each, the policy order
     reversed on every other pass, so a card's drift (warming, power-cap clock events) over the
     sweep weighs on every policy alike instead of favouring the ones measured first."""
@@ -85,7 +91,7 @@ def alternating_timings(env, model, policies, monitor, rows, recorded, args):
 
 # ---- the hot-state check -------------------------------------------------------------------------
 
-def hot_monitor(env):
+def hot_monitor(env: DeviceEnv) -> tuple:
     """(a HardwareMonitor replaying 1 s of this card's NVML timeline with its temperature set to
     HOT_BELOW_SLOWDOWN_C under the slowdown threshold, what was injected), or (None, why not)."""
     if not env.metered:
@@ -106,7 +112,8 @@ def hot_monitor(env):
     return HardwareMonitor(meter=GpuMeter(nvml=ReplayNvml(trace))), injected
 
 
-def hot_check(env, model, policy, cool_monitor, text, args):
+def hot_check(env: DeviceEnv, model: PolicyModel, policy: Policy, cool_monitor: HardwareMonitor | None,
+              text: torch.Tensor, args: argparse.Namespace) -> dict:
     """The policy at decode B=16 under an injected hot state: the energy weight the routers read
     (against the documented g(T)) and the measured J/token, beside the same at the live state."""
     monitor, injected = hot_monitor(env)
@@ -137,17 +144,17 @@ def _energy(decode, part):
     return None if decode is None else decode.get(part, {}).get("energy_per_token_j")
 
 
-def ratio(a, b):
+def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, or None when either is unmeasured (or b is 0)."""
     return None if a is None or b is None or b == 0 else a / b
 
 
-def format_or_dash(value, spec):
+def format_or_dash(value: float | None, spec: str) -> str:
     """``format(value, spec)``, or a dash as wide when the value is unmeasured."""
     return format("-", spec.split(".")[0]) if value is None else format(value, spec)
 
 
-def comparison_rows(results):
+def comparison_rows(results: dict) -> list:
     """Per policy and decode batch: bits/byte and energies against plain top-k's."""
     base = results["topk"]
     rows = []
@@ -169,7 +176,7 @@ def comparison_rows(results):
     return rows
 
 
-def summarize(results, hot, num_layers):
+def summarize(results: dict, hot: dict, num_layers: int) -> dict:
     rows = comparison_rows(results)
     return {"rows": rows, "targets": {
         "b16_energy_at_kept_quality": _b16_target(rows),
@@ -298,7 +305,7 @@ def _ttt_verdict(results):
 
 # ---- the plot ------------------------------------------------------------------------------------
 
-def plot_energy_vs_quality(results, path):
+def plot_energy_vs_quality(results: dict, path: str | Path) -> dict:
     """J/token (MoE layers, top row; whole step, bottom) against held-out bits/byte per decode batch."""
     rows = comparison_rows(results)
     if all(r["step_j_per_token"] is None for r in rows):
@@ -326,7 +333,7 @@ def plot_energy_vs_quality(results, path):
     return {"path": save(fig, plt, Path(path))}
 
 
-def table_lines(rows):
+def table_lines(rows: list) -> list:
     """A short text table (printed last by the CLI)."""
     lines = [f"{'policy':<16}{'B':>4}{'bpb':>8}{'d bpb':>8}{'MoE J/tok':>11}{'x topk':>7}{'step J/tok':>11}"
              f"{'x topk':>7}{'experts':>8}"]
@@ -338,7 +345,8 @@ def table_lines(rows):
     return lines
 
 
-def sync_free_routers(model, policies, monitor, device):
+def sync_free_routers(model: PolicyModel, policies: list, monitor: HardwareMonitor | None,
+                      device: torch.device) -> dict:
     """Each router kind called eagerly under ``torch.cuda.set_sync_debug_mode("error")`` (a host
     sync raises); None on a CPU."""
     if device.type != "cuda":

@@ -1,4 +1,5 @@
 """The HPC comparison's outputs: the three JSON files (atomic writes), the plots, and the printed table."""
+import argparse
 import os
 from pathlib import Path
 
@@ -11,11 +12,11 @@ from bench.harness.plots import write_plots
 from calibration.results import provenance, write_json_atomic
 
 
-def fmt(value, spec, suffix=""):
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "—" if value is None else format(value, spec) + suffix
 
 
-def phase_rows(entry):
+def phase_rows(entry: dict) -> list:
     rows = [("forward", entry["forward"])] + [(f"decode B{p['batch_size']}", p) for p in entry["decode"]]
     eager = entry.get("eager_comparison")
     if eager:
@@ -23,7 +24,7 @@ def phase_rows(entry):
     return rows
 
 
-def print_device_report(device, compared, criteria):
+def print_device_report(device: dict, compared: dict, criteria: list) -> None:
     print(f"\n== {device['device']} ({device.get('gpu_name', 'CPU')}), rank {device['rank']} ==")
     print(f"{'model':17} {'params total/active':>21} {'phase':>15} {'median ms':>10} {'tokens/s':>11} "
           f"{'host':>6} {'J/token measured':>17} {'J/token predicted':>18} {'error':>7} {'bits/byte':>9}")
@@ -56,7 +57,7 @@ def print_device_report(device, compared, criteria):
         print(f"  [{c['status']}] {c['criterion']}" + (f": {c['detail']}" if c["detail"] else ""))
 
 
-def parameters(args):
+def parameters(args: argparse.Namespace) -> dict:
     def plain(v):
         if isinstance(v, (torch.device, Path)):
             return str(v)
@@ -64,7 +65,7 @@ def parameters(args):
     return {k: plain(v) for k, v in vars(args).items()}
 
 
-def sizes_note(args):
+def sizes_note(args: argparse.Namespace) -> str | None:
     if not args.cpu_sizes:
         return None
     return (f"{NO_GPU if not torch.cuda.is_available() else 'CPU run'}: small CPU sizes for "
@@ -72,7 +73,8 @@ def sizes_note(args):
             "routing kernel under Triton's interpreter), not a GPU's")
 
 
-def write_outputs(args, devices, costs, current_temp_c, selection):
+def write_outputs(args: argparse.Namespace, devices: list, costs: dict, current_temp_c: float | None,
+                  selection: dict) -> None:
     out = Path(args.output_dir)
     on_gpu = args.device.type == "cuda"
     compared = {d["rank"]: comparisons(d["models"]) for d in devices}
@@ -106,7 +108,7 @@ def write_outputs(args, devices, costs, current_temp_c, selection):
     print("plots: " + "; ".join(f"{k}: {v}" for k, v in plots.items()))
 
 
-def device_hardware(device):
+def device_hardware(device: dict) -> dict:
     keys = ("rank", "device", "gpu_name", "gpu_uuid", "driver", "memory_total_gb", "l2_cache_bytes",
             "copy_bytes_per_s", "nvml_index", "energy_measured", "energy_reason", "idle_power_w")
     return {k: device.get(k) for k in keys} | {"cpu_count": os.cpu_count()}
