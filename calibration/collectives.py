@@ -23,7 +23,7 @@ import numbers
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,6 +37,8 @@ from costmodel.ops import BYTES_PER_ELEMENT
 from costmodel.validate import count
 
 if TYPE_CHECKING:  # annotations only: no import at run time
+    from torch.distributed import ProcessGroup
+
     from calibration.nvml_meter import GpuMeter
 
 WARMUP_CALLS = 3
@@ -65,7 +67,7 @@ def _check_knobs(window_s, trials, repeats):
     return check_window_s(window_s), count("trials", trials), count("repeats", repeats)
 
 
-def all_to_all_call(bytes_per_rank, group, device, seed: int = 0):
+def all_to_all_call(bytes_per_rank: int, group: "ProcessGroup | None", device: torch.device, seed: int = 0):
     """A no-argument call of ``all_to_all_single`` that sends ``bytes_per_rank`` of bf16 random data."""
     gen = torch.Generator(device=device).manual_seed(seed + dist.get_rank(group))
     send = torch.randn(bytes_per_rank // BYTES_PER_ELEMENT, generator=gen, device=device, dtype=torch.bfloat16)
@@ -78,7 +80,7 @@ def _sync(on_gpu):
         torch.cuda.synchronize()
 
 
-def all_reduce_floats(values: "Sequence[float]", op: str, group, device):
+def all_reduce_floats(values: "Sequence[float]", op, group: "ProcessGroup | None", device: "torch.device | str"):
     """``values`` (floats) reduced over the group with ``op``, as floats (``device``: where the
     backend reduces, a CUDA device for NCCL)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -112,7 +114,8 @@ def _run_calls(call, calls, on_gpu):
     _sync(on_gpu)
 
 
-def calls_per_window(call, latency_ms, window_s: float, group, device, on_gpu: bool):
+def calls_per_window(call: "Callable[[], object]", latency_ms: float, window_s: float, group: "ProcessGroup | None",
+                     device: torch.device, on_gpu: bool):
     """Calls of ``call`` (a collective, or work containing one) that fill ``window_s`` back to back
     (faster than the barrier-separated latency), the same on every rank (MAX)."""
     probe = max(1, math.ceil(PROBE_S * 1e3 / latency_ms))
@@ -135,8 +138,9 @@ def _window(call, calls, meter, idle_power_w, group, on_gpu):
     return (end.energy_mj - start.energy_mj) / 1000.0 - idle_power_w * idle_s, t_end - t_ready
 
 
-def collective_energy(call, calls, meter: "GpuMeter", idle_power_w: float, window_s: float, group, device, on_gpu: bool,
-                      trials: int, rng):
+def collective_energy(call: "Callable[[], object]", calls: int, meter: "GpuMeter", idle_power_w: float, window_s: float,
+                      group: "ProcessGroup | None", device: torch.device, on_gpu: bool, trials: int,
+                      rng: random.Random):
     """Energy per call of ``call`` run on every rank at once, over all the ranks' GPUs (median, min,
     max over trials), the GPUs' summed power, and the calls per window. A window shorter than ``window_s``
     on any rank (the probe overrated the pace) makes every trial start again with more calls. A window
@@ -175,8 +179,9 @@ def _energy_missing_reason(meter, group, device):
     return None
 
 
-def measure_all_to_all(sizes_bytes: "Sequence[int]", group=None, *, window_s: float = 1.0, trials: int = 2,
-                       repeats: int = 20, meter: "GpuMeter" = None, idle_power_w: float = None, seed: int = 0):
+def measure_all_to_all(sizes_bytes: "Sequence[int]", group: "ProcessGroup | None" = None, *, window_s: float = 1.0,
+                       trials: int = 2, repeats: int = 20, meter: "GpuMeter" = None, idle_power_w: float = None,
+                       seed: int = 0):
     """The all_to_all curve over ``group`` (default: the world); every rank calls it alike.
 
     Args:

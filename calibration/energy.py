@@ -221,7 +221,7 @@ class DeferredTimer:
         self._records = []
 
     @contextlib.contextmanager
-    def time(self, on_gpu: bool, tag=None):
+    def time(self, on_gpu: bool, tag: object = None):
         if on_gpu:
             import torch
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

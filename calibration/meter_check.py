@@ -24,6 +24,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from calibration.energy import _counter_energy_j, check_idle_power_w, check_window_s, wait_for_counter_update
@@ -61,7 +62,7 @@ class PowerSampler:
         self._thread.join()
 
 
-def integral_j(samples: list, t0, t1):
+def integral_j(samples: list, t0: float, t1: float) -> float:
     """Trapezoid integral of (time s, W) samples over [t0, t1] (each end held at its nearest sample);
     None with fewer than two samples inside."""
     inside = [(t, w) for t, w in samples if t0 <= t <= t1]
@@ -71,8 +72,8 @@ def integral_j(samples: list, t0, t1):
     return sum((b[0] - a[0]) * (a[1] + b[1]) / 2.0 for a, b in zip(inside, inside[1:]))
 
 
-def check_window(meter: "GpuMeter", zeus, gpu_index: int, run_for: "Callable[[float], int]", window_s: float,
-                 idle_power_w: float, rng, sample_every_s=0.01):
+def check_window(meter: "GpuMeter", zeus: "ModuleType", gpu_index: int, run_for: "Callable[[float], int]",
+                 window_s: float, idle_power_w: float, rng: random.Random, sample_every_s: float = 0.01):
     """One window of ``run_for(seconds) -> calls`` measured by every method: {method: J of the
     work}, plus ``calls`` and ``work_s``. ``zeus`` is a ``zeus.monitor.ZeusMonitor`` (or any object
     with its ``begin_window``/``end_window``) watching ``gpu_index``."""
@@ -95,8 +96,8 @@ def check_window(meter: "GpuMeter", zeus, gpu_index: int, run_for: "Callable[[fl
             "power_integral": integral_j(sampler.samples, t0, t_end), "calls": int(calls), "work_s": t_end - t0}
 
 
-def check_workload(meter: "GpuMeter", zeus, gpu_index: int, run_for: "Callable[[float], int]", idle_power_w: float,
-                   window_s: float = 3.0, trials: int = 5, seed: int = 0):
+def check_workload(meter: "GpuMeter", zeus: "ModuleType", gpu_index: int, run_for: "Callable[[float], int]",
+                   idle_power_w: float, window_s: float = 3.0, trials: int = 5, seed: int = 0):
     """``trials`` (>= 1) windows of one workload: each method's J per window, and the medians of
     every method's ratio to ``ours``."""
     count("trials", trials)

@@ -149,7 +149,7 @@ class GpuMeter:
                 out.append(value.value.uiVal / 1000.0)
         return tuple(out)
 
-    def slowdown_reasons(self, bits):
+    def slowdown_reasons(self, bits: int | None):
         """Names of the thermal/power slowdown reasons set in ``bits`` (clock-event reason bits, an int), or None."""
         if bits is None:
             return None
@@ -209,7 +209,7 @@ class BackgroundSampler:
 
 
 
-def meter_for_cuda_device(cuda_index=None):
+def meter_for_cuda_device(cuda_index: int | None = None):
     """The ``GpuMeter`` of a CUDA device (default: the current one), found by UUID: CUDA numbers
     only the visible GPUs (CUDA_VISIBLE_DEVICES, by index or UUID), NVML numbers them all."""
     import torch

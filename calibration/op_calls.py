@@ -4,7 +4,8 @@ import torch
 from costmodel.ops import SEQUENCE_OPS, ModelDims
 
 
-def op_callable(op: str, batch_size: int, dims: "ModelDims", device="cuda", dtype=torch.bfloat16, seed: int = 0):
+def op_callable(op: str, batch_size: int, dims: "ModelDims", device: "torch.device | str" = "cuda",
+                dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """A no-argument, graph-capturable call of our kernel for ``op`` at ``batch_size``, on random data."""
     gen = torch.Generator(device=device).manual_seed(seed)
 

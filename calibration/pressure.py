@@ -13,7 +13,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING
 
-from calibration.energy import median_event_ms
+from calibration.energy import GraphRunner, median_event_ms
 from calibration.validate import check_meter
 from costmodel.validate import finite_number
 
@@ -101,7 +101,8 @@ def background_utilisation(meter: "GpuMeter", hogs: list, window_s: float = 0.5)
     return utilisation
 
 
-def measure_pressure_curve(meter: "GpuMeter", runner, hogs: list, background: dict, window_s: float = 0.5):
+def measure_pressure_curve(meter: "GpuMeter", runner: "GraphRunner", hogs: list, background: dict,
+                           window_s: float = 0.5):
     """Points of (background utilisation, pair utilisation, latency stretch) for one op.
 
     ``runner`` is the op's ``calibration.energy.GraphRunner``; ``background`` is

@@ -27,7 +27,7 @@ IDLE_FRACTION_OF_TDP = 73.0 / 700.0
 PRIOR_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def prior_point(op: str, batch_size: int, dims: "ModelDims", sheet):
+def prior_point(op: str, batch_size: int, dims: "ModelDims", sheet: dict):
     flops, nbytes = work(op, batch_size, dims)
     compute_s = flops / (sheet["peak_tflops"] * 1e12)
     memory_s = nbytes / (sheet["hbm_tb_s"] * 1e12)
@@ -63,7 +63,7 @@ def prior_table(gpu: str, dims: "ModelDims" = ModelDims()):
     }
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     from calibration.results import write_json_atomic
     from costmodel.kernel_cost_model import TABLE_DIR
     for gpu in PRIOR_TABLES:

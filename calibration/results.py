@@ -11,7 +11,7 @@ import torch
 import triton
 
 
-def write_json_atomic(path, data):
+def write_json_atomic(path: "str | os.PathLike", data: object) -> None:
     """Write ``data`` as JSON to ``path`` through a temp file and rename: a crash leaves the old file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,10 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -131,7 +132,7 @@ def _point_key(op, dims, batch_size, table_dims):
     return op, None if dims == table_dims else tuple(sorted(asdict(dims).items())), batch_size
 
 
-def progress(n: int, total: int, label: str, elapsed_s: float, stream=sys.stderr, skipped: int = 0):
+def progress(n: int, total: int, label: str, elapsed_s: float, stream: TextIO = sys.stderr, skipped: int = 0):
     """A one-line progress bar (redrawn in place on a terminal, one line per step in a log); the
     time left is paced by the ``n - skipped`` points this run measured."""
     filled = round(24 * n / total)
@@ -141,7 +142,7 @@ def progress(n: int, total: int, label: str, elapsed_s: float, stream=sys.stderr
     print(line, end=end, file=stream, flush=True)
 
 
-def pressure_section(shares: "Sequence[float]", background: dict, curves):
+def pressure_section(shares: "Sequence[float]", background: dict, curves: dict):
     return {"coordinate": "NVML memory-bandwidth utilisation (0..1) the background produces alone",
             "method": "BandwidthHog: a copy loop on its own stream, duty-cycled with GPU sleeps to a share of time; "
                       "latency stretch = CUDA-event median of the op's graph replays beside it / alone",
@@ -149,7 +150,7 @@ def pressure_section(shares: "Sequence[float]", background: dict, curves):
             "ops": {op: {"batch_size": b, "points": pts} for op, (b, pts) in curves.items()}}
 
 
-def kept_collectives(path):
+def kept_collectives(path: Path):
     """The collective curves of the table at ``path`` (measured apart, by ``bench.calibrate_comm``),
     which a new sweep keeps; None without a readable table there."""
     try:
@@ -158,28 +159,28 @@ def kept_collectives(path):
         return None
 
 
-def partial_path(output):
+def partial_path(output: Path) -> Path:
     return output.with_suffix(".partial.json")
 
 
-def sweep_settings(args):
+def sweep_settings(args: "SweepSettings") -> dict:
     """What must match for ``--resume`` to add points to an earlier sweep (JSON-plain)."""
     return {"gpu": args.gpu, "dims": asdict(args.dims), "ops": list(args.ops), "window_s": args.window_s,
             "trials": args.trials, "pressure_shares": list(args.pressure_shares),
             "shapes": [asdict(dims) for dims in args.shapes]}
 
 
-def new_state(args):
+def new_state(args: "SweepSettings") -> dict:
     """A sweep with nothing measured yet (what ``<gpu>.partial.json`` holds as it goes)."""
     return {"schema": 1, "settings": sweep_settings(args), "constants": None, "background_util": None,
             "points": {op: [] for op in args.ops}, "pressure_curves": {}, "measured_s": 0.0, "runs": 0}
 
 
-def rejected_path(output):
+def rejected_path(output: Path) -> Path:
     return output.with_suffix(".rejected.json")
 
 
-def write_table(output, table: dict):
+def write_table(output: Path, table: dict):
     """Write ``table`` to ``output`` if it passes ``check_table`` (None); else to ``rejected_path(output)``,
     leaving the table at ``output`` as it was, and return why."""
     try:
@@ -191,7 +192,7 @@ def write_table(output, table: dict):
     return None
 
 
-def sweep(args, meter: "GpuMeter", state: dict, save):
+def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict, save: "Callable[[dict], None]"):
     """Measure the points ``state`` lacks (every (op, batch), and each op's pressure curve at its
     PRESSURE_BATCH), calling ``save(state)`` after each; the sampler of this run's timeline."""
     hogs = [BandwidthHog(share) for share in args.pressure_shares]
@@ -257,7 +258,8 @@ def device_facts():
             "kernel_configs": config_entries("cuda")}
 
 
-def build_table(args, state: dict, meter: "GpuMeter", detected: str, sampler: "BackgroundSampler", duration_s: float):
+def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected: str, sampler: "BackgroundSampler",
+                duration_s: float):
     points = {op: sorted(pts, key=lambda p: (bool(p.get("dims")), p["batch_size"]))
               for op, pts in state["points"].items()}
     curves = {op: tuple(entry) for op, entry in state["pressure_curves"].items()}
@@ -335,7 +337,7 @@ def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detecte
     return table, rejected
 
 
-def calibrate_ops(gpu: str, ops, dims: "ModelDims", output):
+def calibrate_ops(gpu: str, ops: "Sequence[str]", dims: "ModelDims", output: "str | Path"):
     """A fresh table of ``ops`` at ``dims`` on this GPU at ``output`` (the default settings): the table."""
     meter = GpuMeter(torch.cuda.current_device())
     settings = SweepSettings(gpu, dims, tuple(ops), Path(output), shapes=())

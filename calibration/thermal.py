@@ -126,7 +126,7 @@ def _solve_at(tau, times_s, powers_w, temps_c):
 
 
 def fit_thermal_model(times_s: "Sequence[float]", powers_w: "Sequence[float]", temps_c: "Sequence[float]",
-                      min_tau_s: float = 0.5, max_tau_s=2000.0):
+                      min_tau_s: float = 0.5, max_tau_s: float = 2000.0):
     """Fit ``ThermalModel`` to readings: times (s, increasing), board power (W, >= 0), temperature (°C,
     above absolute zero), scanning tau over [min_tau_s, max_tau_s] (finite, 0 < min < max).
 

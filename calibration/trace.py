@@ -163,7 +163,7 @@ def _check_trace(trace):
         last_s = time_s
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     from calibration.results import provenance, write_json_atomic
     parser = argparse.ArgumentParser(prog="python -m calibration.trace", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
