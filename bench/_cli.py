@@ -3,14 +3,20 @@ import argparse
 import math
 import os
 import re
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from bench.harness.presets import PRESETS, SEED
+from bench.harness.presets import PRESETS, SEED, Preset
 from calibration.energy import MIN_WINDOW_S
+from calibration.nvml_meter import GpuMeter
 from calibration.sweep import detected_gpu
+
+if TYPE_CHECKING:  # annotations only: cost_model_from imports it when called
+    from costmodel.kernel_cost_model import KernelCostModel
 
 MIN_EVAL_BYTES = 2  # evaluation predicts each held-out byte from the ones before it: 2 bytes, one prediction
 DIM_FLAGS = ("d_model", "num_layers", "num_experts", "top_k", "expert_d_ff", "seq_length")
@@ -18,7 +24,7 @@ MOE_CPU_NEEDS_INTERPRETER = ("an MoE on --device cpu needs TRITON_INTERPRET=1 on
                              "kernel takes CPU tensors only under Triton's interpreter")
 
 
-def positive_int(text):
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -28,7 +34,7 @@ def positive_int(text):
     return value
 
 
-def eval_bytes(text):
+def eval_bytes(text: str) -> int:
     """Held-out bytes to evaluate: at least ``MIN_EVAL_BYTES``, or no byte is predicted and there is no score."""
     value = positive_int(text)
     if value < MIN_EVAL_BYTES:
@@ -38,7 +44,7 @@ def eval_bytes(text):
     return value
 
 
-def checked_float(text, ok, rule):
+def checked_float(text: str, ok: Callable[[float], bool], rule: str) -> float:
     """``text`` as a finite float for which ``ok(value)`` holds, else an argparse error saying ``rule``."""
     try:
         value = float(text)
@@ -49,21 +55,22 @@ def checked_float(text, ok, rule):
     return value
 
 
-def positive_float(text):
+def positive_float(text: str) -> float:
     return checked_float(text, lambda v: v > 0, "a positive finite number")
 
 
-def non_negative_float(text):
+def non_negative_float(text: str) -> float:
     return checked_float(text, lambda v: v >= 0, "a finite number >= 0")
 
 
-def window_s(text):
+def window_s(text: str) -> float:
     """An energy window: finite and at least ``MIN_WINDOW_S``."""
     return checked_float(text, lambda v: v >= MIN_WINDOW_S, f"a finite number of seconds >= {MIN_WINDOW_S:g} "
                          "(an energy window spans 10+ updates of the ~100 ms NVML energy counter)")
 
 
-def comma_list(item=str, choices=None, allow_empty=False):
+def comma_list(item: Callable[[str], object] = str, choices: Collection[str] | None = None,
+               allow_empty: bool = False) -> Callable[[str], list]:
     """An argparse type: comma-separated values, each through ``item`` (and among ``choices``), none empty,
     none repeated; '' is the empty list with ``allow_empty``."""
     def parse(text):
@@ -83,12 +90,12 @@ def comma_list(item=str, choices=None, allow_empty=False):
     return parse
 
 
-def moe_cpu_without_interpreter(device):
+def moe_cpu_without_interpreter(device: torch.device) -> bool:
     """Would an MoE on ``device`` launch the routing kernel on CPU tensors without the interpreter?"""
     return device.type == "cpu" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def add_preset_flags(parser):
+def add_preset_flags(parser: argparse.ArgumentParser) -> None:
     """``--preset`` and the dim flags that refine the seed preset (``resolve_preset`` reads them)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="model sizes (default: seed); the dim flags refine the seed preset only")
@@ -97,7 +104,7 @@ def add_preset_flags(parser):
                             help="each expert's d_ff (seed: 4 d_model)" if flag == "expert_d_ff" else None)
 
 
-def resolve_preset(parser, args):
+def resolve_preset(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Preset:
     """The ``Preset`` the flags ask for: ``--preset`` as it is (a dim flag beside it is refused), or the
     seed preset refined by the dim flags (a new width scales the dense ladder with it)."""
     given = [f for f in DIM_FLAGS if getattr(args, f, None) is not None]
@@ -121,7 +128,7 @@ def resolve_preset(parser, args):
     return preset
 
 
-def checked_output_dir(parser, path, flag="--output_dir"):
+def checked_output_dir(parser: argparse.ArgumentParser, path: str | Path, flag: str = "--output_dir") -> Path:
     """``path`` as a directory that exists and takes files, made if missing: checked before any work."""
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -135,7 +142,7 @@ def checked_output_dir(parser, path, flag="--output_dir"):
     return path
 
 
-def checked_output_file(parser, path, flag="--output"):
+def checked_output_file(parser: argparse.ArgumentParser, path: str | Path, flag: str = "--output") -> Path:
     """``path`` as a file to write: not a directory, in a directory that takes files (made if missing);
     checked before any work."""
     path = Path(path)
@@ -145,7 +152,7 @@ def checked_output_file(parser, path, flag="--output"):
     return path
 
 
-def check_gpu(parser, requested, meter):
+def check_gpu(parser: argparse.ArgumentParser, requested: str, meter: GpuMeter) -> str:
     """The detected GPU's NVML name, or a usage error when ``--gpu`` is not this measurable GPU."""
     try:
         return detected_gpu(meter, requested)
@@ -153,13 +160,13 @@ def check_gpu(parser, requested, meter):
         parser.error(str(exc))
 
 
-def add_table_flags(parser):
+def add_table_flags(parser: argparse.ArgumentParser) -> None:
     """``--gpu`` and ``--table``: which cost table a command reads."""
     parser.add_argument("--gpu", required=True)
     parser.add_argument("--table", default=None, help="default: the GPU's table, yours before the packaged one")
 
 
-def cost_model_from(parser, args):
+def cost_model_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> "KernelCostModel":
     """The ``KernelCostModel`` of ``--gpu`` / ``--table``; a parser error naming the flag otherwise."""
     from costmodel.kernel_cost_model import KernelCostModel
     try:
@@ -168,7 +175,7 @@ def cost_model_from(parser, args):
         parser.error(f"{'--table' if args.table else '--gpu'}: {exc}")
 
 
-def resolve_device(parser, name, local_rank=0):
+def resolve_device(parser: argparse.ArgumentParser, name: str, local_rank: int = 0) -> torch.device:
     """``--device`` (auto, cpu, cuda or cuda:N) as a torch.device: "cuda" and "auto" on a GPU
     machine take ``local_rank``'s GPU (torchrun's LOCAL_RANK); a parser error naming the flag for
     anything else, a CUDA device on a machine without one, or a GPU index beyond those visible."""

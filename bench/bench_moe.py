@@ -8,7 +8,7 @@ from bench import moe_cases
 from bench.kernels import rel_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA device (none found)")
-CASES = [("mixtral", 1), ("mixtral", 16), ("mixtral", 4096), ("qwen3", 1), ("qwen3", 8192)]
+CASES = [("mixtral", 1), ("mixtral", 16), ("mixtral", 1024), ("mixtral", 4096), ("qwen3", 1), ("qwen3", 8192)]
 IMPLS = {"ours": moe_cases.ours, "grouped_mm": moe_cases.grouped_mm}
 
 

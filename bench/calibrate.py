@@ -38,11 +38,11 @@ from costmodel.ops import OPS, ModelDims
 from costmodel.table import table_names, user_table_dir
 
 
-def hbm_share(text):
+def hbm_share(text: str) -> float:
     return checked_float(text, lambda v: 0 < v <= 1, "a share of HBM bandwidth in (0, 1]")
 
 
-def parse_args(argv):
+def parse_args(argv: list | None) -> tuple:
     parser = argparse.ArgumentParser(prog="python -m bench.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", required=True, help="the GPU this table is for, e.g. H100 or A100")
     for name, default in asdict(ModelDims()).items():
@@ -84,7 +84,7 @@ def parse_args(argv):
     return parser, args
 
 
-def resumed_state(parser, settings):
+def resumed_state(parser: argparse.ArgumentParser, settings: SweepSettings) -> dict:
     """The interrupted sweep ``--resume`` continues: refused, naming why, when there is none, it is
     unreadable, or it ran with other settings."""
     path = partial_path(settings.output)
@@ -106,7 +106,7 @@ def resumed_state(parser, settings):
     return state
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser, args = parse_args(argv)
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     detected = check_gpu(parser, args.gpu, meter)

@@ -13,6 +13,8 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
@@ -33,7 +35,7 @@ METHOD = ("torch.distributed.all_to_all_single, even splits, bf16 random data. L
           "the GPUs, per call.")
 
 
-def parse_size(text):
+def parse_size(text: str) -> int:
     """Bytes from '65536', '64K', '1M' or '2G' (binary units)."""
     match = re.fullmatch(r"(\d+)([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
     if not match or int(match[1]) == 0:
@@ -42,7 +44,7 @@ def parse_size(text):
     return int(match[1]) * UNITS[match[2].upper()]
 
 
-def parse_args(argv):
+def parse_args(argv: list | None) -> tuple:
     parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m bench.calibrate_comm",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", required=True, help="the cost table to extend, e.g. H100")
@@ -61,13 +63,13 @@ def parse_args(argv):
     return parser, args
 
 
-def world_size_from_torchrun(parser):
+def world_size_from_torchrun(parser: argparse.ArgumentParser) -> int:
     if "WORLD_SIZE" not in os.environ or "LOCAL_RANK" not in os.environ:
         parser.error("run under torchrun, one process per GPU: torchrun --nproc_per_node N -m bench.calibrate_comm ...")
     return int(os.environ["WORLD_SIZE"])
 
 
-def even_sizes(parser, sizes, world_size):
+def even_sizes(parser: argparse.ArgumentParser, sizes: list, world_size: int) -> list:
     step = BYTES_PER_ELEMENT * world_size
     even = sorted({size - size % step for size in sizes})
     if even[0] == 0:
@@ -76,13 +78,13 @@ def even_sizes(parser, sizes, world_size):
     return even
 
 
-def check_gpu(parser, requested):
+def check_gpu(parser: argparse.ArgumentParser, requested: str) -> None:
     detected = torch.cuda.get_device_name()
     if not gpu_matches(requested, detected):
         parser.error(f"--gpu {requested} does not match the detected GPU {detected!r}")
 
 
-def init_process_group():
+def init_process_group() -> None:
     """NCCL with this rank's GPU (torchrun's LOCAL_RANK); gloo without CUDA."""
     if not torch.cuda.is_available():
         dist.init_process_group("gloo")
@@ -92,7 +94,7 @@ def init_process_group():
     dist.init_process_group("nccl", device_id=device)
 
 
-def curve_entry(curve, args):
+def curve_entry(curve: dict, args: argparse.Namespace) -> dict:
     """The table entry of one world size's measured curve, with its provenance."""
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if curve["backend"] == "nccl" else None
     return {"points": curve["points"], "source": "measured", "provenance": provenance() | {"nccl": nccl},
@@ -100,7 +102,7 @@ def curve_entry(curve, args):
             "trials": args.trials, "repeats": args.repeats, "idle_power_w": curve["idle_power_w"]}
 
 
-def merge_curve(source, output, world_size, entry, op="all_to_all"):
+def merge_curve(source: str | Path, output: str | Path, world_size: int, entry: dict, op: str = "all_to_all") -> None:
     """The cost table at ``source`` with ``table["collectives"][op][str(world_size)] = entry``,
     written atomically to ``output`` (the same path or a new one), every other key and world size kept."""
     table, _ = load_table(table=source)
@@ -108,7 +110,7 @@ def merge_curve(source, output, world_size, entry, op="all_to_all"):
     write_json_atomic(output, table)
 
 
-def format_bytes(n):
+def format_bytes(n: int) -> str:
     for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if n >= scale:
             return f"{n / scale:g} {unit}"
@@ -119,7 +121,7 @@ def _cell(value, width, spec):
     return f"{'-' if value is None else format(value, spec):>{width}}"
 
 
-def print_curve(curve, stream=None):
+def print_curve(curve: dict, stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout  # looked up now: redirect_stdout replaces it
     print(f"all_to_all over {curve['world_size']} ranks ({curve['backend']}); energy and power summed over the GPUs",
           file=stream)
@@ -131,7 +133,7 @@ def print_curve(curve, stream=None):
               f"{_cell(p['power_w'], 8, '.0f')} {_cell(p['calls_per_window'], 12, 'd')}", file=stream)
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser, args = parse_args(argv)
     world_size = world_size_from_torchrun(parser)
     output = args.output

@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,7 +62,7 @@ NOT_EXACT = ("the energy-aware router runs on the exact exchange (--modes exact)
              "the same bytes whatever the routing")
 
 
-def parse_args(argv=None):
+def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m bench.ep_benchmark",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="qwen3", choices=sorted(SHAPES) + ["tiny"])
@@ -103,7 +104,7 @@ def parse_args(argv=None):
     return args
 
 
-def check_cost_tables(parser, args, world_size):
+def check_cost_tables(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size: int) -> None:
     """Load now what the energy-aware run reads: ``--cost_table`` whenever given, and with more than
     one GPU and the exact exchange (the run then charges remote experts) the ``--gpu`` table and datasheet."""
     needed = world_size > 1 and "exact" in args.modes
@@ -119,7 +120,7 @@ def check_cost_tables(parser, args, world_size):
 
 # ---- the layers -----------------------------------------------------------------------------------
 
-def full_weights(shape, device, dtype, seed):
+def full_weights(shape: MoeShape, device: torch.device, dtype: torch.dtype, seed: int) -> tuple:
     """Router [E, H], gate_up [E, 2I, H], down [E, H, I]: the same on every rank (same seed)."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -131,7 +132,7 @@ def full_weights(shape, device, dtype, seed):
             randn(shape.E, shape.H, shape.I, scale=shape.I ** -0.5))
 
 
-def layers(args, rank, world_size, device, dtype):
+def layers(args: argparse.Namespace, rank: int, world_size: int, device: torch.device, dtype: torch.dtype) -> tuple:
     """(single-GPU layer with all experts, expert-parallel layer with this rank's, its local slice)."""
     router_weight, gate_up, down = full_weights(args.shape, device, dtype, args.seed)
     per_rank = args.shape.E // world_size
@@ -142,7 +143,8 @@ def layers(args, rank, world_size, device, dtype):
     return whole, sharded
 
 
-def energy_aware_router(args, sharded, rank, world_size, dtype, quality_weight):
+def energy_aware_router(args: argparse.Namespace, sharded: kernels.FusedMoE, rank: int, world_size: int,
+                        dtype: torch.dtype, quality_weight: float) -> tuple:
     """The energy-aware router over the same gate weight, charging remote experts the all_to_all cost.
 
     Its compute costs are the analytic prior at this layer's dims (labelled so in the results);
@@ -166,7 +168,7 @@ def energy_aware_router(args, sharded, rank, world_size, dtype, quality_weight):
 
 # ---- measurement ----------------------------------------------------------------------------------
 
-def ms_per_call(fn, args):
+def ms_per_call(fn: Callable[[], object], args: argparse.Namespace) -> float:
     """Median over ``--repeats`` batches of back-to-back calls (barrier-aligned), slowest rank."""
     fn()
     times_ms = []
@@ -187,7 +189,7 @@ def ms_per_call(fn, args):
     return slowest(statistics.median(times_ms))
 
 
-def energy_per_call(env, fn, latency_ms, args):
+def energy_per_call(env: dict, fn: Callable[[], object], latency_ms: float, args: argparse.Namespace) -> tuple:
     """(every GPU's energy for one call of ``fn`` on every rank, summed, with its spread; None), or
     (None, why not)."""
     if env["meter"] is None:
@@ -198,7 +200,8 @@ def energy_per_call(env, fn, latency_ms, args):
                              args.trials, rng), None
 
 
-def traffic_bytes_per_token(layer, x, rank, world_size, dtype):
+def traffic_bytes_per_token(layer: kernels.FusedMoE, x: torch.Tensor, rank: int, world_size: int,
+                            dtype: torch.dtype) -> dict:
     """Bytes this rank's tokens send to other GPUs per token: dispatch (row + ids/weights) and combine.
     The exact exchange sends each token once per other rank it needs; the fixed-size one sends all
     ``ep_capacity`` rows to every other rank."""
@@ -216,7 +219,7 @@ def traffic_bytes_per_token(layer, x, rank, world_size, dtype):
             "combine": remote_rows * row_bytes / tokens, "ranks_per_token": ranks_per_token}
 
 
-def measure_layer(env, fn, tokens_total, args):
+def measure_layer(env: dict, fn: Callable[[], object], tokens_total: int, args: argparse.Namespace) -> dict:
     latency_ms = ms_per_call(fn, args)
     energy, reason = energy_per_call(env, fn, latency_ms, args)
     return {"latency_ms": latency_ms, "tokens_per_s": tokens_total / (latency_ms * 1e-3),
@@ -224,7 +227,7 @@ def measure_layer(env, fn, tokens_total, args):
             "energy_all_gpus_per_call": energy, "energy_reason": reason}
 
 
-def run(args, rank, world_size, device):
+def run(args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> dict:
     dtype = torch.bfloat16 if args.on_gpu else torch.float32
     env = meter_env(args, device)
     whole, sharded = layers(args, rank, world_size, device, dtype)
@@ -266,7 +269,7 @@ def run(args, rank, world_size, device):
     return results
 
 
-def weak_scaling(results, measured):
+def weak_scaling(results: dict, measured: list) -> dict:
     """Efficiency = EP tokens/s / (N x single-GPU tokens/s): the fastest EP configuration against the
     fastest single-GPU one, and per execution mode (eager against eager, graphs against graphs)."""
     def best(names):
@@ -283,7 +286,8 @@ def weak_scaling(results, measured):
             "graph_efficiency": efficiency(best(graphed), best(["single_gpu_graph"]))}
 
 
-def measure_graphed(env, fn, reference, tokens_total, args):
+def measure_graphed(env: dict, fn: Callable[[], object], reference: torch.Tensor, tokens_total: int,
+                    args: argparse.Namespace) -> dict:
     """``measure_layer`` of ``fn`` replayed from a CUDA graph (captured after a warm-up on a side
     stream), with its output checked against ``reference``; skipped without a GPU."""
     if not args.on_gpu:
@@ -302,7 +306,9 @@ def measure_graphed(env, fn, reference, tokens_total, args):
     return entry | {"rel_l2_error_vs_single_gpu": slowest(rel_error(out, reference)), "cuda_graph": True}
 
 
-def energy_aware_run(args, env, sharded, x, plain_out, rank, world_size, dtype, quality_weight):
+def energy_aware_run(args: argparse.Namespace, env: dict, sharded: kernels.FusedMoE, x: torch.Tensor,
+                     plain_out: torch.Tensor, rank: int, world_size: int, dtype: torch.dtype,
+                     quality_weight: float) -> dict:
     plain_router = sharded.gate
     try:
         router, costs = energy_aware_router(args, sharded, rank, world_size, dtype, quality_weight)
@@ -329,7 +335,7 @@ def _mean_over_ranks(values):
     return {k: _mean(v) for k, v in values.items()}
 
 
-def meter_env(args, device):
+def meter_env(args: argparse.Namespace, device: torch.device) -> dict:
     if not args.on_gpu:
         return {"meter": None, "energy_reason": NO_GPU if not torch.cuda.is_available() else "--device cpu"}
     meter = meter_for_cuda_device(device.index)
@@ -340,7 +346,7 @@ def meter_env(args, device):
 
 # ---- report -----------------------------------------------------------------------------------------
 
-def report(args, world_size, results):
+def report(args: argparse.Namespace, world_size: int, results: dict) -> None:
     print(f"expert-parallel FusedMoE, {args.shape.name} (E {args.shape.E}, K {args.shape.K}, H {args.shape.H}, "
           f"I {args.shape.I}), {args.tokens_per_gpu} tokens per GPU, {world_size} GPU(s)")
     print(f"correctness: max rel L2 error vs the single-GPU layer {results['correctness']['rel_l2_error_max_over_ranks']:.2e} "
@@ -366,7 +372,7 @@ def _fmt(value):
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if args.on_gpu else torch.device("cpu")
     rank, world_size = init_distributed(device, always=True)

@@ -2,7 +2,7 @@
 # The GPU work of a session in one call, step by step; full logs go to $OUT (default ./out),
 # tuned configs as one tarball, and short tables are printed last.
 #   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe tune-routing kernels moe trace calibrate
-#                                     accuracy meter router overhead tests benchmark ep
+#                                     accuracy meter router overhead compile tests benchmark ep
 #   (meter needs Zeus: carry its wheels and put them on PYTHONPATH first)
 #   (ep: the all_to_all curve and the expert-parallel benchmark on NGPUS GPUs, default 2)
 #   (GPU=H100 names the cost table that calibrate writes and accuracy reads)
@@ -28,6 +28,7 @@ for step in "$@"; do
         meter) python -m bench.meter_check --output "$OUT/meter_check.json" > "$OUT/meter.txt" 2>&1 ;;
         router) python -m bench.router_energy --output "$OUT/router.json" > "$OUT/router.txt" 2>&1 ;;
         overhead) python -m bench.router_overhead --output "$OUT/router_overhead.json" > "$OUT/overhead.txt" 2>&1 ;;
+        compile) python -m bench.compile_decode --output "$OUT/compile_decode.json" > "$OUT/compile.txt" 2>&1 ;;
         tests) python -m pytest -q -p no:cacheprovider tests ${TESTS_K:-} > "$OUT/pytest.txt" 2>&1 ;;
         benchmark) eval python -m pytest -q -p no:cacheprovider bench --benchmark-only "${BENCH_K:-}" \
             --benchmark-columns=median,iqr,rounds > "$OUT/benchmark.txt" 2>&1 ;;
@@ -40,7 +41,7 @@ for step in "$@"; do
     echo "== $step done (rc $?)"
 done
 case " $* " in *" tune-"*) tar -cf "$OUT/configs.tar" kernels/configs ;; esac
-for f in tune_dense tune_moe tune_routing calibrate accuracy meter router overhead benchmark pytest kernels moe ep; do
+for f in tune_dense tune_moe tune_routing calibrate accuracy meter router overhead compile benchmark pytest kernels moe ep; do
     [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -v "^\s*$" "$OUT/$f.txt" | grep -v "^ " | tail -n 30 | cut -c1-240; }
 done
 exit 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from transformers import Qwen3MoeConfig
 
 from bench._cli import checked_output_dir, comma_list, positive_int
 from bench.harness import hf_policies
@@ -31,7 +32,7 @@ GPU_DEFAULTS = {"shape": "qwen3_30b_a3b", "num_layers": 4, "decode": [1, 16, 64]
 CPU_DEFAULTS = {"shape": "tiny", "num_layers": 2, "decode": [1, 4], "context": 8, "stat_steps": 2}
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.hf_router_policies", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(hf_policies.SHAPES), default=None,
                         help="model shape (qwen3_30b_a3b on a GPU, tiny on a CPU)")
@@ -54,13 +55,13 @@ def build_parser():
     return parser
 
 
-def default_keeps(top_k):
+def default_keeps(top_k: int) -> tuple:
     """(OEA's k0 settings K/4 and K/2, ours K/4 and share 0.5); K itself (plain top-k) left out."""
     quarter, half = max(1, top_k // 4), max(1, top_k // 2)
     return [f"k{k}" for k in dict.fromkeys((quarter, half)) if k < top_k], [f"k{quarter}", "p0.5"]
 
 
-def parse_args(argv=None):
+def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,14 +87,14 @@ def parse_args(argv=None):
     return args
 
 
-def expert_dims(config, context):
+def expert_dims(config: Qwen3MoeConfig, context: int) -> ModelDims:
     """The cost table's dims: one expert's SwiGLU FFN at the model's hidden and MoE intermediate sizes."""
     return ModelDims(d_model=config.hidden_size, d_ff=config.moe_intermediate_size, n_heads=config.num_attention_heads,
                      seq_len=context + 1, num_experts=config.num_experts, top_k=config.num_experts_per_tok,
                      vocab_size=config.vocab_size)
 
 
-def model_entry(args, config, dtype, patched):
+def model_entry(args: argparse.Namespace, config: Qwen3MoeConfig, dtype: torch.dtype, patched: int) -> dict:
     return {"class": "transformers.Qwen3MoeForCausalLM (random init)", "shape": args.shape,
             "note": hf_policies.SHAPE_NOTES[args.shape], "config": hf_policies.SHAPES[args.shape],
             "num_hidden_layers": config.num_hidden_layers, "dtype": str(dtype).removeprefix("torch."),
@@ -101,7 +102,7 @@ def model_entry(args, config, dtype, patched):
             "patched_with": "kernels.patch_hf_model (FusedMoE, gate = kernels.TopKRouter sharing the HF weights)"}
 
 
-def decode_entry(args, env):
+def decode_entry(args: argparse.Namespace, env: DeviceEnv) -> dict:
     mode = "cuda_graph" if env.on_gpu else "eager"
     return {"mode": mode, "mode_note": "one CUDA graph per policy and batch, replayed" if env.on_gpu else
             "eager calls: no CUDA device, and CUDA graphs need one", "context": args.context,
@@ -113,7 +114,7 @@ def decode_entry(args, env):
                 "router statistics from extra eager steps with track_stats routers")}
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     on_gpu = args.device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32

@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,7 @@ from bench.harness.policies import parse_keep
 from bench.harness.report import write_outputs
 from calibration.sweep import gpu_matches
 from costmodel.kernel_cost_model import KernelCostModel
+from costmodel.ops import ModelDims
 from router.options import check_objective_weights
 
 CPU_SIZES = {"d_model": 64, "num_layers": 2, "batch_size": 2, "seq_length": 64, "decode": "1,4", "eval_bytes": 2048}
@@ -50,7 +52,7 @@ MODE_CHOICES = ("graph", "eager", "both")
 batch_sizes = comma_list(positive_int, allow_empty=True)
 
 
-def router_keep(text):
+def router_keep(text: str) -> dict:
     """'k2' / 'p0.5' -> {"keep_top_k": .., "keep_share": ..}; 'none' -> {} (every slot re-routable)."""
     if text == "none":
         return {}
@@ -61,7 +63,7 @@ def router_keep(text):
     return {"keep_top_k": keep_top_k, "keep_share": keep_share}
 
 
-def objective_weights(text):
+def objective_weights(text: str) -> dict:
     try:
         pairs = dict(item.split("=") for item in text.split(","))
         weights = {key.strip(): float(value) for key, value in pairs.items()}
@@ -71,7 +73,7 @@ def objective_weights(text):
                                          f"quality > 0 with a cost weight), got {text!r}: {exc}") from None
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.hpc_single_gpu_test", description=__doc__.split("\n\n")[0])
     add_preset_flags(parser)
     parser.add_argument("--batch_size", type=positive_int, help="forward sequences (preset's; 2 on a CPU)")
@@ -107,7 +109,7 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None, local_rank=0):
+def parse_args(argv: list | None = None, local_rank: int = 0) -> tuple:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.device = resolve_device(parser, args.device, local_rank)
@@ -152,7 +154,7 @@ def parse_args(argv=None, local_rank=0):
     return parser, args
 
 
-def check_checkpoint_dir(parser, path):
+def check_checkpoint_dir(parser: argparse.ArgumentParser, path: str) -> None:
     """A directory, or missing only as the default (a fresh machine runs on random weights)."""
     if Path(path).exists() and not Path(path).is_dir():
         parser.error(f"--checkpoint_dir {path} is not a directory")
@@ -166,7 +168,7 @@ def _given(argv, flag):
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def resolve_gpu(parser, requested, detected_name):
+def resolve_gpu(parser: argparse.ArgumentParser, requested: str, detected_name: str | None) -> str:
     """The table name predictions use: the detected GPU's, or --gpu (which must be the detected one on a GPU)."""
     known = known_gpus()
     if requested not in ("detected", *known):
@@ -186,7 +188,7 @@ def resolve_gpu(parser, requested, detected_name):
 
 # ---- which models, which tables -------------------------------------------------------------------
 
-def model_specs(args):
+def model_specs(args: argparse.Namespace) -> tuple:
     """(specs, iso-quality selection): the compared models, with the iso-quality dense model chosen
     from the preset's ladder by the held-out bits/byte its checkpoints recorded."""
     p = args.preset
@@ -202,7 +204,7 @@ def model_specs(args):
     return specs, selection
 
 
-def iso_quality_choice(args, moe_dims):
+def iso_quality_choice(args: argparse.Namespace, moe_dims: ModelDims) -> dict:
     p = args.preset
     target = checkpoint_bits_per_byte(ModelSpec("moe_topk", moe_dims, p.num_layers), args.checkpoint_dir)
     ladder = {w: checkpoint_bits_per_byte(ModelSpec("transformer", p.dense_dims(w), p.num_layers), args.checkpoint_dir)
@@ -225,7 +227,7 @@ def iso_quality_choice(args, moe_dims):
                              f"{chosen} ({trained[chosen]:.3f}), stands in"}
 
 
-def model_costs(args, specs, parser):
+def model_costs(args: argparse.Namespace, specs: list, parser: argparse.ArgumentParser) -> dict:
     """{model name: (KernelCostModel, info)}, one table choice per distinct dims."""
     given_dims = KernelCostModel(None, table=args.cost_table).dims if args.cost_table else None
     if given_dims is not None and all(s.dims != given_dims for s in specs):
@@ -240,7 +242,7 @@ def model_costs(args, specs, parser):
 
 # ---- main -----------------------------------------------------------------------------------------
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser, args = parse_args(argv, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = init_distributed(args.device)
     specs, selection = model_specs(args)
@@ -261,7 +263,7 @@ def main(argv=None):
     return 0
 
 
-def exit_without_finalizing(code):
+def exit_without_finalizing(code: int) -> NoReturn:
     """Leave a finished torchrun rank at once: in interpreter finalization gloo's worker threads can
     still release tensors and abort the process (SIGABRT) after every output is written, which
     torchrun then reports as a failed run (pytorch/pytorch PR 179291 describes the race)."""

@@ -16,6 +16,7 @@ relative to this card's meter.
 """
 import argparse
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -26,6 +27,7 @@ from calibration.energy import EagerRunner, GraphRunner, measure_energy
 from calibration.nvml_meter import GpuMeter
 from calibration.results import provenance, write_json_atomic
 from calibration.sweep import measure_constants, sweep_point
+from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import SEQUENCE_OPS, ModelDims
 
 HELD_OUT_TOKENS = (2, 12, 48, 192, 768, 3072)
@@ -45,7 +47,8 @@ MEASURED_NOISE_NOTE = ("relative to this card's NVML energy counter, whose board
                        "±5% (Yang et al., SC'24)")
 
 
-def kernel_rows(model, meter, idle_power_w, trials, shapes=HELD_OUT_SHAPES):
+def kernel_rows(model: KernelCostModel, meter: GpuMeter, idle_power_w: float, trials: int,
+                shapes: Sequence[ModelDims] = HELD_OUT_SHAPES) -> list:
     """Held-out points: batch sizes off the grid at the table's dims ("batch"), then ``shapes``
     ("shape", one window each), each measured and predicted."""
     plan = [("batch", model.dims, op, b, trials) for op in model.ops
@@ -65,14 +68,15 @@ def kernel_rows(model, meter, idle_power_w, trials, shapes=HELD_OUT_SHAPES):
     return rows
 
 
-def predict_forward(model, lm, batch_size, measured_latency_ms=None):
+def predict_forward(model: KernelCostModel, lm: TransformerLM, batch_size: int,
+                    measured_latency_ms: float | None = None) -> tuple:
     """(energy_j, kernel latency_ms) of one forward: its ops' costs, plus the table's gap power over
     (measured latency - predicted kernel time) when the forward's measured latency is given (eager)."""
     cost = model.get_plan_cost(lm.cost_plan(batch_size), measured_latency_ms)
     return cost["energy_joules"], cost["kernel_latency_ms"]
 
 
-def forward_rows(model, meter, idle_power_w, trials):
+def forward_rows(model: KernelCostModel, meter: GpuMeter, idle_power_w: float, trials: int) -> list:
     rows = []
     for moe in (False, True):
         lm = TransformerLM(model.dims, FORWARD_LAYERS, moe=moe, device="cuda", dtype=torch.bfloat16)
@@ -91,7 +95,7 @@ def forward_rows(model, meter, idle_power_w, trials):
     return rows
 
 
-def summaries(rows, forwards):
+def summaries(rows: list, forwards: list) -> dict:
     """The report's error summaries: all held-out kernel points, then held-out batch sizes and
     held-out shapes apart. Forward latency is summarised for graph replays only: an eager
     forward's time is mostly host launch overhead, which the table does not model."""
@@ -105,7 +109,7 @@ def summaries(rows, forwards):
                             "kernel time); graph rows are pure predictions; forward_latency covers graph rows only"}
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kcm_accuracy", description=__doc__.split("\n\n")[0])
     add_table_flags(parser)
     parser.add_argument("--output", default="kcm_accuracy.json")

@@ -17,7 +17,7 @@ from bench.harness.replay import leave_one_out, replay_rows
 from calibration.results import provenance, write_json_atomic
 
 
-def summaries(rows):
+def summaries(rows: list) -> dict:
     """{group_quantity: summary} for the rows at the table's dims and at other dims."""
     out = {}
     for group in ("at_table_dims", "other_dims"):
@@ -29,7 +29,7 @@ def summaries(rows):
     return out
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kcm_replay", description=__doc__.split("\n\n")[0])
     add_table_flags(parser)
     parser.add_argument("results", nargs="+", help="committed results files (kcm_accuracy, dense kernels, fused MoE)")

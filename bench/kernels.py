@@ -11,6 +11,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import triton.testing
@@ -23,28 +24,28 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_GPU = "no CUDA device: kernels ran under the Triton interpreter, so times would be meaningless"
 
 
-def rel_error(out, ref):
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def median_ms(fn):
+def median_ms(fn: Callable[[], object]) -> float:
     """Per-call time as an eager caller sees it: host launch overhead shows when it exceeds GPU time."""
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def copy_bytes_per_s():
+def copy_bytes_per_s() -> float:
     """Device-to-device copy bandwidth now, bytes read plus written (1 GiB copied)."""
     src = torch.randn(2 ** 28, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() * src.element_size() / (median_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
-def graph_median_ms(fn):
+def graph_median_ms(fn: Callable[[], object]) -> float:
     """GPU time alone: the call captured in a CUDA graph and replayed (no host overhead)."""
     return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")
 
 
-def host_us(fn, calls=200):
+def host_us(fn: Callable[[], object], calls: int = 200) -> float:
     """Median host time to enqueue one call (the Python + launch overhead a caller pays)."""
     fn()
     torch.cuda.synchronize()
@@ -57,7 +58,8 @@ def host_us(fn, calls=200):
     return statistics.median(times) * 1e6
 
 
-def run_case(case, device, dtype, seed, timed):
+def run_case(case: dense_cases.DenseCase, device: torch.device | str, dtype: torch.dtype, seed: int,
+             timed: bool) -> dict:
     gen = torch.Generator(device=device).manual_seed(seed)
     inputs = case.make_inputs(device, dtype, gen)
     row = {"case": case.name, "shape": case.shape, "dtype": str(dtype).removeprefix("torch."), "peer": case.peer_name,
@@ -91,7 +93,7 @@ def _verdict(row, key):
     return {True: "met", False: "NOT met", None: "not timed"}[row.get(key)]
 
 
-def print_table(rows):
+def print_table(rows: list) -> None:
     print(f"{'case':52} {'err':>8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} {'graph':>6} "
           f"{'host us':>11} {'TF/s':>6}  target (eager / graph)")
     for r in rows:
@@ -108,7 +110,7 @@ def print_table(rows):
               "above 1 we are faster, below 1 the peer is faster. host us = ours/peer enqueue time per call.")
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on a GPU, fp32 on a CPU")
     parser.add_argument("--output", default=None, help="write the results JSON (atomically) to this path")

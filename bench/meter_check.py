@@ -11,6 +11,7 @@ the report says why and holds no figure. Writes ``--output`` atomically and prin
 """
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from calibration.results import provenance, write_json_atomic
 WORKLOADS = ("gemm", "swiglu_ffn", "copy", "add")
 
 
-def workload_call(name, device, seed=0):
+def workload_call(name: str, device: torch.device | str, seed: int = 0) -> Callable[[], torch.Tensor]:
     """A no-argument, graph-capturable call of one workload on random bf16 data."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -46,7 +47,7 @@ def workload_call(name, device, seed=0):
     return lambda: torch.add(x, y)
 
 
-def unavailable_reason():
+def unavailable_reason() -> str | None:
     """Why no check can run here, or None."""
     if not torch.cuda.is_available():
         return "no CUDA device: the meters read an NVIDIA GPU's energy counter"
@@ -59,7 +60,7 @@ def unavailable_reason():
     return None
 
 
-def run(args):
+def run(args: argparse.Namespace) -> tuple:
     from zeus.monitor import ZeusMonitor
     index = torch.cuda.current_device()
     meter = GpuMeter(index)
@@ -77,7 +78,7 @@ def run(args):
     return idle_power_w, workloads
 
 
-def table_lines(workloads):
+def table_lines(workloads: dict) -> list:
     lines = [f"{'workload':<12}{'ours W':>9}{'zeus/ours':>11}{'zeus on our edges/ours':>24}{'power integral/ours':>21}"]
     for name, w in workloads.items():
         ratios = [w["vs_ours"][m] for m in ("zeus", "zeus_aligned", "power_integral")]
@@ -86,7 +87,7 @@ def table_lines(workloads):
     return lines
 
 
-def parse_args(argv=None):
+def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.meter_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", type=comma_list(choices=WORKLOADS), default=",".join(WORKLOADS))
     parser.add_argument("--window_s", type=window_s, default=3.0, help="seconds of work per window (>= 1)")
@@ -97,7 +98,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     report = {"provenance": provenance(), "method": "calibration.meter_check (module docstring)",
               "window_s": args.window_s, "trials": args.trials}

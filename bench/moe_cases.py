@@ -35,7 +35,7 @@ CPU_SHAPES = {"tiny-E8-K2": MoeShape("tiny-E8-K2", 8, 2, 48, 40, True),
 CPU_TOKENS = (1, 37)
 
 
-def make_inputs(shape, T, device, dtype, seed=0):
+def make_inputs(shape: MoeShape, T: int, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> tuple:
     """(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights) with random data."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -49,16 +49,19 @@ def make_inputs(shape, T, device, dtype, seed=0):
     return x, gate_up, down, routing.topk_ids, routing.topk_weights
 
 
-def ours(x, gate_up, down, ids, weights):
+def ours(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+         weights: torch.Tensor) -> torch.Tensor:
     return kernels.fused_experts(x, gate_up, down, ids, weights, validate_ids=False)
 
 
-def hf_loop(x, gate_up, down, ids, weights):
+def hf_loop(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+            weights: torch.Tensor) -> torch.Tensor:
     """transformers' eager per-expert loop (``experts_implementation="eager"``)."""
     return fused_experts_reference(x, gate_up, down, ids, weights)
 
 
-def grouped_mm(x, gate_up, down, ids, weights):
+def grouped_mm(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+               weights: torch.Tensor) -> torch.Tensor:
     """Sort slots by expert, two ``torch._grouped_mm`` calls, weight, scatter-add: no host sync."""
     T, K = ids.shape
     flat = ids.reshape(-1).long()
@@ -73,11 +76,11 @@ def grouped_mm(x, gate_up, down, ids, weights):
     return torch.zeros_like(x).index_add_(0, tokens, y)
 
 
-def flops(shape, T):
+def flops(shape: MoeShape, T: int) -> float:
     return 6.0 * T * shape.K * shape.H * shape.I
 
 
-def floor_ms(shape, ids, dtype, bytes_per_s):
+def floor_ms(shape: MoeShape, ids: torch.Tensor, dtype: torch.dtype, bytes_per_s: float) -> tuple:
     """Bytes of the touched experts' weights over the measured copy bandwidth (the decode floor)."""
     distinct = torch.unique(ids).numel()
     return distinct * 3 * shape.H * shape.I * torch.finfo(dtype).bits / 8 / bytes_per_s * 1e3, distinct

@@ -12,7 +12,7 @@ from bench import moe_cases
 from bench._cli import positive_int
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_moe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(moe_cases.SHAPES), default="qwen3")
     parser.add_argument("--tokens", type=positive_int, default=1)

@@ -27,6 +27,7 @@ import math
 import re
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ TARGETS = {"energy_drop_qwen3_T16": "measured energy per token >= 40% below plai
            "overhead_us": "router overhead <= 5 us per call against the plain routing"}
 
 
-def short_gpu_name(device_name):
+def short_gpu_name(device_name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'H100' (the name bench.calibrate checks against the card)."""
     match = re.search(r"(?<![A-Za-z0-9])([A-Z]+\d{2,4})(?![0-9])", device_name)
     if match is None:
@@ -65,11 +66,11 @@ def short_gpu_name(device_name):
     return match.group(1)
 
 
-def expert_dims(shape):
+def expert_dims(shape: moe_cases.MoeShape) -> ModelDims:
     return ModelDims(d_model=shape.H, d_ff=shape.I, n_heads=4, num_experts=shape.E, top_k=shape.K)
 
 
-def cost_model_for(shape, workdir, timed):
+def cost_model_for(shape: moe_cases.MoeShape, workdir: str | Path, timed: bool) -> KernelCostModel:
     """A table with one expert's swiglu_ffn: measured here on a GPU, the analytic prior otherwise."""
     if not timed:
         path = Path(workdir) / f"prior_{shape.name}.json"
@@ -81,7 +82,7 @@ def cost_model_for(shape, workdir, timed):
     return KernelCostModel(gpu, table=path)
 
 
-def layer_weights(shape, device, dtype, seed=0):
+def layer_weights(shape: moe_cases.MoeShape, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> tuple:
     """(gate [E, H], gate_up [E, 2I, H], down [E, H, I]): random, logits ~ N(0, 1) on N(0, 1) inputs."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -91,18 +92,22 @@ def layer_weights(shape, device, dtype, seed=0):
             randn(shape.E, shape.H, shape.I, scale=shape.I ** -0.5))
 
 
-def hidden_states(shape, T, device, dtype, seed):
+def hidden_states(shape: moe_cases.MoeShape, T: int, device: torch.device | str, dtype: torch.dtype,
+                  seed: int) -> torch.Tensor:
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(T, shape.H, generator=gen, device=device).to(dtype)
 
 
-def energy_router(plain, cost_model, quality, monitor, **kwargs):
+def energy_router(plain: kernels.TopKRouter, cost_model: KernelCostModel, quality: float,
+                  monitor: HardwareMonitor | None, **kwargs) -> EnergyAwareTTTRouter:
     return EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights={"energy": 1.0, "quality": quality},
                                             monitor=monitor, ttt_update_frequency=TTT_UPDATE_FREQUENCY, **kwargs)
 
 
 @torch.no_grad()
-def bounded_quality(plain, cost_model, monitor, shape, T, device, dtype, held_out):
+def bounded_quality(plain: kernels.TopKRouter, cost_model: KernelCostModel, monitor: HardwareMonitor | None,
+                    shape: moe_cases.MoeShape, T: int, device: torch.device | str, dtype: torch.dtype,
+                    held_out: int) -> float:
     """The smallest quality on the grid whose re-routed fraction over ``held_out`` batches is <= 10%."""
     xs = [hidden_states(shape, T, device, dtype, seed=1000 + n) for n in range(held_out)]
     for quality in QUALITY_GRID:
@@ -115,7 +120,8 @@ def bounded_quality(plain, cost_model, monitor, shape, T, device, dtype, held_ou
 
 
 @torch.no_grad()
-def routing_row(plain, router, layer, plain_layer, x):
+def routing_row(plain: kernels.TopKRouter, router: EnergyAwareTTTRouter, layer: kernels.FusedMoE,
+                plain_layer: kernels.FusedMoE, x: torch.Tensor) -> dict:
     """Distinct experts, re-routed fraction, output deviation and routing KL of one batch."""
     router.reset_stats()
     logits, _, ids = router(x)
@@ -132,7 +138,7 @@ def routing_row(plain, router, layer, plain_layer, x):
             "kl_increase": kl_ours - kl_plain}
 
 
-def sync_free(fn):
+def sync_free(fn: Callable[[], object]) -> tuple:
     """(True, None) if ``fn()`` runs eagerly without a host sync, else (False, the error)."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -146,7 +152,8 @@ def sync_free(fn):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def measured_layer(layer, x, meter, idle_power_w, args):
+def measured_layer(layer: kernels.FusedMoE, x: torch.Tensor, meter: GpuMeter, idle_power_w: float,
+                   args: argparse.Namespace) -> dict:
     """Graph-replay latency and measured energy per token of ``layer(x)``; the capture proves no sync."""
     runner = GraphRunner(lambda: layer(x))
     energy = measure_energy(meter, runner.run_for, idle_power_w, window_s=args.window_s, trials=args.trials)
@@ -155,7 +162,7 @@ def measured_layer(layer, x, meter, idle_power_w, args):
             "power_w": energy["power_w"], "graph_captured": True}
 
 
-def overhead_us(router, plain, x):
+def overhead_us(router: EnergyAwareTTTRouter, plain: kernels.TopKRouter, x: torch.Tensor) -> float:
     """Router forward minus TopKRouter forward, both as CUDA-graph replays (us per call)."""
     with torch.no_grad():
         return (graph_median_ms(lambda: router(x)) - graph_median_ms(lambda: plain(x))) * 1e3
@@ -173,7 +180,9 @@ class _StepRunner:
         return steps
 
 
-def ttt_cost(plain, cost_model, monitor, shape, device, dtype, meter, idle_power_w, args):
+def ttt_cost(plain: kernels.TopKRouter, cost_model: KernelCostModel, monitor: HardwareMonitor | None,
+             shape: moe_cases.MoeShape, device: torch.device | str, dtype: torch.dtype, meter: GpuMeter,
+             idle_power_w: float, args: argparse.Namespace) -> dict:
     """Measured energy and time of one test-time update (offsets' sign step), amortised per token."""
     router = energy_router(plain, cost_model, AGGRESSIVE_QUALITY, monitor)
     with torch.no_grad():
@@ -187,7 +196,9 @@ def ttt_cost(plain, cost_model, monitor, shape, device, dtype, meter, idle_power
             "ttt_update_frequency": TTT_UPDATE_FREQUENCY}
 
 
-def run_shape(shape, batches, device, dtype, timed, workdir, monitor, meter, idle_power_w, args):
+def run_shape(shape: moe_cases.MoeShape, batches: Sequence[int], device: torch.device | str, dtype: torch.dtype,
+              timed: bool, workdir: str | Path, monitor: HardwareMonitor | None, meter: GpuMeter | None,
+              idle_power_w: float | None, args: argparse.Namespace) -> tuple:
     cost_model = cost_model_for(shape, workdir, timed)
     gate, gate_up, down = layer_weights(shape, device, dtype)
     plain = kernels.TopKRouter(gate, shape.K, renormalize=shape.renormalize).requires_grad_(False)
@@ -245,7 +256,7 @@ def _progress(row):
           file=sys.stderr, flush=True)
 
 
-def print_table(rows, timed):
+def print_table(rows: list, timed: bool) -> None:
     print(f"{'shape':10} {'T':>4} {'router':10} {'quality':>8} {'rerouted':>8} {'experts':>8} {'relL2':>8} "
           f"{'dKL':>7}" + (f" {'ms':>7} {'mJ/tok':>8} {'d energy':>8} {'ovh us':>7} {'no sync':>7}" if timed else ""))
     for r in rows:
@@ -270,7 +281,7 @@ def print_table(rows, timed):
               "d energy: drop vs plain top-k; ovh: router - TopKRouter forward, graph replays")
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.router_energy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=None, help="write the results JSON (atomically) to this path")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, prior table, no timing (any device)")

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 import kernels
 from bench._cli import checked_output_file, comma_list, positive_int
 from bench.kernels import graph_median_ms
-from bench.moe_cases import SHAPES
+from bench.moe_cases import SHAPES, MoeShape
 from bench.router_energy import cost_model_for, hidden_states
 from calibration.results import provenance, write_json_atomic
+from costmodel.kernel_cost_model import KernelCostModel
 from kernels.pinned_state import readable_in_place
 from kernels.policy_routing import FillCost, policy_routing
 from router import EnergyAwareTTTRouter, HardwareMonitor, OEARouter
@@ -48,7 +49,8 @@ DERIVED = {"ours_minus_oea_us": ("ours_router", "oea_router"),
 TARGET_US = 5.0
 
 
-def pieces(shape, T, cost_model, monitor, device, dtype):
+def pieces(shape: MoeShape, T: int, cost_model: KernelCostModel, monitor: HardwareMonitor | None,
+           device: torch.device | str, dtype: torch.dtype) -> dict:
     """{piece: a no-argument call} for one shape and token count."""
     gen = torch.Generator(device=device).manual_seed(0)
     gate = (torch.randn(shape.E, shape.H, generator=gen, device=device) * shape.H ** -0.5).to(dtype)  # logits ~ N(0, 1)
@@ -77,7 +79,7 @@ def pieces(shape, T, cost_model, monitor, device, dtype):
 
 
 @torch.no_grad()
-def measure(calls, timed):
+def measure(calls: dict, timed: bool) -> dict:
     """{piece: us per call (graph replays), or None untimed}; every call runs at least once."""
     out = {}
     for name, call in calls.items():
@@ -86,18 +88,19 @@ def measure(calls, timed):
     return out
 
 
-def derived(us):
+def derived(us: dict) -> dict:
     return {name: None if us[a] is None else us[a] - us[b] for name, (a, b) in DERIVED.items()}
 
 
-def monitor_state(monitor, device):
+def monitor_state(monitor: HardwareMonitor | None, device: torch.device | str) -> str | None:
     """How ``ours_router`` gets the monitor's state: "read in place", "copied" or None (no monitor)."""
     if monitor is None:
         return None
     return "read in place" if readable_in_place(monitor.host_state, torch.device(device)) else "copied"
 
 
-def run(args, timed, device, dtype, workdir, monitor):
+def run(args: argparse.Namespace, timed: bool, device: torch.device | str, dtype: torch.dtype, workdir: str | Path,
+        monitor: HardwareMonitor | None) -> list:
     rows = []
     for name in args.shapes:
         shape = SHAPES[name]
@@ -112,7 +115,7 @@ def run(args, timed, device, dtype, workdir, monitor):
     return rows
 
 
-def table_lines(rows):
+def table_lines(rows: list) -> list:
     """Pieces down, (shape, T) across, us per call."""
     names = list(rows[0]["us_per_call"]) + list(DERIVED)
     lines = [f"{'us per call':<24}" + "".join(f"{r['shape'] + ' T=' + str(r['T']):>13}" for r in rows)]
@@ -122,7 +125,7 @@ def table_lines(rows):
     return lines
 
 
-def parse_args(argv=None):
+def parse_args(argv: list | None = None) -> tuple:
     parser = argparse.ArgumentParser(prog="python -m bench.router_overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=comma_list(choices=("olmoe", "qwen3")), default="olmoe,qwen3")
     parser.add_argument("--tokens", type=comma_list(positive_int), default=None,
@@ -134,7 +137,7 @@ def parse_args(argv=None):
     return parser, args
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     _, args = parse_args(argv)
     timed = torch.cuda.is_available()
     device = "cuda" if timed else "cpu"

@@ -19,6 +19,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -34,6 +35,7 @@ from calibration.priors import prior_table
 from calibration.results import provenance, write_json_atomic
 from calibration.sweep import calibrate_ops
 from costmodel.kernel_cost_model import KernelCostModel
+from costmodel.ops import ModelDims
 from router.monitor import HardwareMonitor
 
 CPU_SIZES = {"d_model": 64, "num_layers": 2, "num_experts": 8, "top_k": 4, "expert_d_ff": 64, "seq_length": 32}
@@ -41,7 +43,7 @@ RESULTS = "router_policies.json"
 PARTIAL = "router_policies.partial.json"  # the decode batches measured so far; removed once RESULTS is written
 
 
-def keep_list(text):
+def keep_list(text: str) -> list:
     items = comma_list(allow_empty=True)(text)
     for item in items:
         try:
@@ -51,7 +53,7 @@ def keep_list(text):
     return items
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.router_policies", description=__doc__.split("\n\n")[0])
     add_preset_flags(parser)
     parser.add_argument("--checkpoint_dir", default="checkpoints", help="where python -m bench.train wrote the MoE")
@@ -82,7 +84,7 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv: list | None = None) -> tuple:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +122,7 @@ def parse_args(argv=None):
     return parser, args
 
 
-def cost_model(args, dims):
+def cost_model(args: argparse.Namespace | SimpleNamespace, dims: ModelDims) -> tuple:
     """(KernelCostModel with swiglu_ffn at the expert dims, where it came from)."""
     if args.cost_table:
         return KernelCostModel(None, table=args.cost_table), {"source": args.cost_table}
@@ -136,7 +138,7 @@ def cost_model(args, dims):
                                               "path": str(path)}
 
 
-def build_lm(args):
+def build_lm(args: argparse.Namespace) -> tuple:
     p = args.preset
     on_gpu = args.device.type == "cuda"
     lm = TransformerLM(p.moe_dims(), p.num_layers, moe=True, use_kernels=on_gpu, device=args.device,
@@ -144,7 +146,7 @@ def build_lm(args):
     return lm, load_weights(lm, ModelSpec("moe_topk", p.moe_dims(), p.num_layers), args.checkpoint_dir)
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser, args = parse_args(argv)
     p = args.preset
     root = stdlib_root()
@@ -185,7 +187,7 @@ def main(argv=None):
     return 0
 
 
-def verdict_lines(targets):
+def verdict_lines(targets: dict) -> list:
     """One line per target (met or not), and per test-time-training setting whether it pays."""
     lines = [f"{name}: met={verdict['met']}" for name, verdict in targets.items() if "met" in verdict]
     ttt = targets.get("test_time_training", {})

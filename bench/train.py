@@ -24,11 +24,11 @@ from calibration.results import provenance
 MODEL_KINDS = ("dense", "moe", "iso")
 
 
-def adamw_lr(text):
+def adamw_lr(text: str) -> float:
     return checked_float(text, lambda v: 0 < v <= 1, "a finite AdamW learning rate in (0, 1]")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     add_preset_flags(parser)
     parser.add_argument("--steps", type=positive_int, default=None, help="at most this many steps (preset's)")
@@ -48,7 +48,7 @@ def build_parser():
     return parser
 
 
-def parse_args(argv):
+def parse_args(argv: list | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.preset = resolve_preset(parser, args)
@@ -64,7 +64,7 @@ def parse_args(argv):
     return args
 
 
-def jobs(args):
+def jobs(args: argparse.Namespace) -> list:
     """(name, dims, moe) for every model to train."""
     p = args.preset
     out = []
@@ -77,7 +77,7 @@ def jobs(args):
     return out
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     p = args.preset
     root = stdlib_root()

@@ -9,6 +9,8 @@ CUDA device. Runtime lookups then read the file; nothing autotunes at call time.
 import argparse
 import math
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import triton.testing
@@ -28,7 +30,7 @@ PREFILL_GEMMS = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 3
                  (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
 
 
-def gemm_candidates(tiles, variants):
+def gemm_candidates(tiles: list, variants: list) -> list:
     return [dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=s) | v
             for bm, bn, bk, w, s in tiles for v in variants]
 
@@ -55,7 +57,8 @@ ATTENTION_BUCKETS = [  # shapes are (B, H, S, D), causal
 ]
 
 
-def time_candidates(candidates, run, reference):
+def time_candidates(candidates: list, run: Callable[[dict], torch.Tensor],
+                    reference: Callable[[], torch.Tensor]) -> list:
     """[(median_ms or None, error text or None, cfg)] for each candidate; wrong results count as failures."""
     expected = reference()
     results = []
@@ -109,7 +112,7 @@ def _entries(buckets, timed):
     return entries, measured
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tune_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     args = parser.parse_args(argv)
@@ -130,12 +133,12 @@ def main(argv=None):
     return 0
 
 
-def tuned_path(op, gpu):
+def tuned_path(op: str, gpu: str) -> Path:
     """``op``'s config file for the GPU named ``gpu``."""
     return _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
 
 
-def write_tuned(op, gpu, entries, measured, dtype_name):
+def write_tuned(op: str, gpu: str, entries: list, measured: list, dtype_name: str) -> None:
     """Write ``op``'s config file for ``gpu``: tuned entries first, then the default entries (fp32 fallback)."""
     path = tuned_path(op, gpu)
     fallback, _ = _config.load_entries(op, "default")

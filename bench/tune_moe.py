@@ -24,7 +24,7 @@ PREFILL = [(128, 64, 8, 3, 8), (128, 128, 8, 3, 8), (64, 128, 4, 4, 8)]
 TOKENS = {"mixtral": (1, 16, 128, 1024, 4096), "qwen3": (1, 16, 128, 1024, 8192), "olmoe": (1, 16, 128, 1024, 8192)}
 
 
-def tiles_for(slots_per_expert):
+def tiles_for(slots_per_expert: int) -> list:
     """(block_m, tile candidates) to try for this many slots per expert."""
     if slots_per_expert <= 16:
         return [(16, DECODE)]
@@ -40,7 +40,8 @@ def _cfg(tile):
     return dict(block_n=bn, block_k=bk, group_m=group, num_warps=warps, num_stages=stages)
 
 
-def slot_reference(a, w, ids, gather_tokens, fuse_swiglu, weights=None):
+def slot_reference(a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, gather_tokens: bool, fuse_swiglu: bool,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """What the expert GEMM writes for each slot, in fp32 torch (per-expert loop)."""
     flat = ids.reshape(-1).long()
     rows = torch.arange(flat.numel(), device=a.device)
@@ -57,7 +58,7 @@ def slot_reference(a, w, ids, gather_tokens, fuse_swiglu, weights=None):
     return out
 
 
-def tune_point(shape, T, dtype, device="cuda"):
+def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: torch.device | str = "cuda") -> tuple:
     """Best (total ms, block_m, gate_up cfg, down cfg) at T tokens, and every candidate's time."""
     x, gate_up, down, ids, weights = moe_cases.make_inputs(shape, T, device, dtype)
     n_slots = ids.numel()
@@ -93,7 +94,7 @@ def tune_point(shape, T, dtype, device="cuda"):
     return best, measured
 
 
-def entries_for(shape, points):
+def entries_for(shape: moe_cases.MoeShape, points: list) -> tuple:
     """Config entries pinned to the shape's E and I, one per token count, bounded halfway (geometric)
     between neighbouring counts' slots per expert; the largest count's entry has no upper bound."""
     gate_up, down = [], []
@@ -107,7 +108,7 @@ def entries_for(shape, points):
     return gate_up, down
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tune_moe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=comma_list(choices=TOKENS), default=",".join(TOKENS),
                         help="comma-separated subset of " + ",".join(TOKENS))

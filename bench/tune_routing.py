@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ from bench.moe_cases import MoeShape
 from bench.router_energy import cost_model_for
 from bench.tune_kernels import tuned_path, write_tuned
 from calibration.results import provenance, write_json_atomic
-from kernels.policy_routing import FillCost, policy_routing
-from kernels.routing import row_block, topk_routing
+from kernels.policy_routing import FillCost, PolicyRouting, policy_routing
+from kernels.routing import RoutingResult, row_block, topk_routing
 from router import EnergyAwareTTTRouter
 
 EXPERTS = ((8, 2), (64, 8), (128, 8), (256, 8))  # (E, K)
@@ -38,23 +39,23 @@ LADDERS = {"topk_routing": ((1, 2, 4, 8, 16, 32, 64), (1, 2, 4, 8)),
 REPLAY_MS = 10  # do_bench_cudagraph replays this window 10 times: ~0.1 s per candidate
 
 
-def candidates(op, T, E):
+def candidates(op: str, T: int, E: int) -> list:
     """The distinct launch configs of ``op`` at T tokens and E experts (tokens per program as ``row_block`` caps them)."""
     blocks, warps = LADDERS[op]
     return [{"block_t": b, "num_warps": w} for b in sorted({row_block(T, E, b) for b in blocks}) for w in warps]
 
 
-def default_config(T, E):
+def default_config(T: int, E: int) -> dict:
     """What ``configs/<op>/default.json`` launches at this point."""
     return {"block_t": row_block(T, E, 64), "num_warps": 4}
 
 
-def logits(T, E, seed):
+def logits(T: int, E: int, seed: int) -> torch.Tensor:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     return (torch.randn(T, E, generator=gen, device="cuda") * 2.0).to(torch.bfloat16)
 
 
-def fill_cost(E, K, workdir):
+def fill_cost(E: int, K: int, workdir: str | Path) -> FillCost:
     """The cost fill's inputs, from an energy-aware router at these dims (prior table: values do not matter)."""
     shape = MoeShape(f"tune_e{E}", E=E, K=K, H=256, I=512, renormalize=True)
     model = cost_model_for(shape, workdir, timed=False)
@@ -63,7 +64,7 @@ def fill_cost(E, K, workdir):
     return FillCost(router._curves, router._state(), router.bias_offsets, router._bias_knobs())
 
 
-def calls(op, x, K, cost):
+def calls(op: str, x: torch.Tensor, K: int, cost: FillCost | None) -> dict:
     """{variant: call(config)}: the op's outputs at a launch config (two fills for the policy kernel)."""
     if op == "topk_routing":
         return {"plain": lambda cfg: topk_routing(x, K, config=cfg)}
@@ -72,11 +73,11 @@ def calls(op, x, K, cost):
             "cost": lambda cfg: policy_routing(x, K, fill="cost", keep_top_k=keep, cost=cost, config=cfg)}
 
 
-def same_routing(a, b):
+def same_routing(a: RoutingResult | PolicyRouting, b: RoutingResult | PolicyRouting) -> bool:
     return torch.equal(a.topk_ids, b.topk_ids) and torch.allclose(a.topk_weights, b.topk_weights, atol=1e-6, rtol=0)
 
 
-def time_point(op, T, E, K, cost):
+def time_point(op: str, T: int, E: int, K: int, cost: FillCost | None) -> list:
     """[{config, us (slowest variant) or None, error}] for every candidate at one point."""
     x = logits(T, E, seed=T * 1000 + E)
     variants = calls(op, x, K, cost)
@@ -95,7 +96,7 @@ def time_point(op, T, E, K, cost):
     return rows
 
 
-def tune(op, experts, workdir, save):
+def tune(op: str, experts: list, workdir: str | Path, save: Callable[[list, list], None]) -> tuple:
     """(config entries, measured points) for ``op`` over ``experts`` ((E, K) pairs) x ``TOKENS``;
     ``save(entries, measured)`` after each expert count, so a run cut short keeps what it measured."""
     entries, measured = [], []
@@ -116,12 +117,12 @@ def tune(op, experts, workdir, save):
     return entries, measured
 
 
-def summary(point):
+def summary(point: dict) -> dict:
     """A measured point without its candidates (those stay in ``--output``), for the config file."""
     return {key: value for key, value in point.items() if key != "candidates"}
 
 
-def merged_with_file(path, entries, buckets, tuned_experts):
+def merged_with_file(path: Path, entries: list, buckets: list, tuned_experts: set) -> tuple:
     """This run's entries and buckets, plus those of ``path`` (this GPU's file, if any) for the
     expert counts this run did not tune, each old bucket keeping its own run's provenance;
     entries ordered by expert count, then tokens (the first match wins)."""
@@ -134,7 +135,7 @@ def merged_with_file(path, entries, buckets, tuned_experts):
     return order, sorted(kept_buckets + buckets, key=lambda b: (b["E"], b["T"]))
 
 
-def table_lines(op, measured):
+def table_lines(op: str, measured: list) -> list:
     lines = [f"{op}: best launch config per point (us per call, graph replays; default: 64 tokens, 4 warps)",
              f"{'E':>4} {'T':>5} {'block_t':>8} {'warps':>6} {'best_us':>8} {'default_us':>11}"]
     for m in measured:
@@ -144,7 +145,7 @@ def table_lines(op, measured):
     return lines
 
 
-def parse_args(argv=None):
+def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.tune_routing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", default="topk_routing,policy_routing")
     parser.add_argument("--experts", type=comma_list(positive_int), default=",".join(str(e) for e, _ in EXPERTS),
@@ -164,7 +165,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.tune_routing times CUDA kernels: no CUDA device here", file=sys.stderr)

@@ -21,7 +21,7 @@ class _KernelForwardReferenceBackward(torch.autograd.Function):
                                                  grad_out))
 
 
-def reference_gradients(reference_fn, inputs, needs_grad, grad_out):
+def reference_gradients(reference_fn, inputs, needs_grad, grad_out) -> tuple:
     """The gradients of ``reference_fn(*inputs)`` against ``grad_out`` for each tensor input whose
     ``needs_grad`` is set (None for the others and for non-tensor inputs): the backward of every
     kernel op here and in ``kernels._library``."""
@@ -34,7 +34,7 @@ def reference_gradients(reference_fn, inputs, needs_grad, grad_out):
     return tuple(next(grads) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
 
 
-def apply_with_reference_grad(kernel_fn, reference_fn, *inputs):
+def apply_with_reference_grad(kernel_fn, reference_fn, *inputs) -> torch.Tensor:
     """Run ``kernel_fn(*inputs)``; if any input needs a gradient, backpropagate via ``reference_fn``."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _KernelForwardReferenceBackward.apply(kernel_fn, reference_fn, *inputs)

@@ -13,7 +13,7 @@ from kernels._autograd import reference_gradients
 NAMESPACE = "energy_moe"
 
 
-def kernel_op(name: str, schema, launcher, fake, reference=None):
+def kernel_op(name: str, schema, launcher, fake, reference=None) -> torch.library.CustomOpDef:
     """Register ``launcher`` as ``energy_moe::<name>`` with ``schema`` ("(Tensor x, ...) -> Tensor"),
     ``fake`` for tracing and, with a ``reference``, autograd through it; the op's callable."""
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", launcher, mutates_args=(), schema=schema)

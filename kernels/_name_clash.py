@@ -11,7 +11,7 @@ import warnings
 HUB_DISTRIBUTION = "kernels"  # ours is distributed as energy-moe
 
 
-def warn_if_hub_kernels_installed():
+def warn_if_hub_kernels_installed() -> None:
     try:
         hub_version = importlib.metadata.version(HUB_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:

@@ -219,7 +219,7 @@ def _strides(t):
 
 
 def launch_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float | None,
-                           cfg=None):
+                           cfg=None) -> torch.Tensor:
     B, H, S_Q, D = q.shape
     H_KV, S_KV = k.shape[1], k.shape[2]
     strides = (*_strides(q), *_strides(k), *_strides(v))
@@ -243,14 +243,14 @@ def launch_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
 
 def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                              sm_scale: float | None = None):
+                              sm_scale: float | None = None) -> torch.Tensor:
     """Attention in torch, materialising the scores (same semantics as ``flash_attention``)."""
     scores = attention_qk_reference(q, k, sm_scale)
     return attention_av_reference(scores, v, causal)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    sm_scale: float | None = None):
+                    sm_scale: float | None = None) -> torch.Tensor:
     """FlashAttention forward with the semantics of SDPA (``is_causal=causal``, ``scale=sm_scale``).
 
     Args:
@@ -279,14 +279,14 @@ _flash_attention_op = kernel_op(
     fake=lambda q, k, v, causal, sm_scale: torch.empty_like(q), reference=flash_attention_reference)
 
 
-def attention_qk_reference(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None):
+def attention_qk_reference(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
     """Scaled scores ``q @ kᵀ * sm_scale`` in torch, with KV heads repeated for grouped queries."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return (q @ k.transpose(-1, -2)) * scale
 
 
-def attention_av_reference(scores: torch.Tensor, v: torch.Tensor, causal: bool = False):
+def attention_av_reference(scores: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """``softmax(scores) @ v`` in torch, with the top-left causal mask if ``causal``."""
     if causal:
         s_q, s_kv = scores.shape[-2:]
@@ -297,7 +297,7 @@ def attention_av_reference(scores: torch.Tensor, v: torch.Tensor, causal: bool =
     return probs @ v
 
 
-def attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None):
+def attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
     """Scaled attention scores ``q @ kᵀ * sm_scale``, written to memory.
 
     Args:
@@ -319,7 +319,7 @@ def attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None
     return apply_with_reference_grad(kernel, reference, q, k)
 
 
-def launch_attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None):
+def launch_attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None) -> torch.Tensor:
     B, H, S_Q, D = q.shape
     S_KV = k.shape[2]
     scores = torch.empty((B, H, S_Q, S_KV), dtype=q.dtype, device=q.device)
@@ -336,7 +336,7 @@ def launch_attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None
     return scores
 
 
-def attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool = False):
+def attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """``softmax(scores) @ v`` with an online fp32 softmax over the stored score matrix.
 
     Args:
@@ -364,7 +364,7 @@ def attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool = False):
     return apply_with_reference_grad(kernel, reference, scores, v)
 
 
-def launch_attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool):
+def launch_attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     B, H, S_Q, S_KV = scores.shape
     D = v.shape[-1]
     o = torch.empty((B, H, S_Q, D), dtype=scores.dtype, device=scores.device)

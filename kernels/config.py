@@ -24,7 +24,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 LOG = logging.getLogger("kernels")
 
 
-def device_name(device):
+def device_name(device) -> str:
     """NVML-style GPU name for a CUDA device, or ``"cpu"``."""
     return _device_identity(device)[0]
 
@@ -43,13 +43,13 @@ def _cuda_identity(index):  # cached: the queries cost microseconds on every lau
     return torch.cuda.get_device_name(index), f"{major}.{minor}"
 
 
-def config_file_stem(name: str):
+def config_file_stem(name: str) -> str:
     """``"NVIDIA H100 80GB HBM3"`` -> ``"NVIDIA_H100_80GB_HBM3"``."""
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
 @functools.lru_cache(maxsize=None)
-def load_entries(op: str, gpu_name, compute_capability=None):
+def load_entries(op: str, gpu_name, compute_capability=None) -> tuple:
     """The config entries for ``op`` on ``gpu_name`` (of ``compute_capability``, "9.0"), and the
     path they came from: the GPU's own file, else a tuned file of the same capability, else the default."""
     path = CONFIG_DIR / op / f"{config_file_stem(gpu_name)}.json"
@@ -68,13 +68,13 @@ def _same_architecture(op, compute_capability):
     return None
 
 
-def config_sources(device):
+def config_sources(device) -> dict:
     """{op: the config file it uses on ``device``}, for results files."""
     return {path.name: load_entries(path.name, *_device_identity(device))[1].name
             for path in sorted(CONFIG_DIR.iterdir()) if path.is_dir()}
 
 
-def config_entries(device):
+def config_entries(device) -> dict:
     """{op: {"file": the config file it uses on ``device``, "entries": its entries}}: what a cost
     table carries so the cost model knows the tiles our kernels pick (``costmodel.shapes``)."""
     identity = _device_identity(device)
@@ -88,7 +88,7 @@ def _holds(key, bound, dims):
     return dims[dim] <= bound if kind == "max" else dims[dim] >= bound
 
 
-def select_config(entries, **dims):
+def select_config(entries, **dims) -> dict:
     """The ``config`` of the first entry whose ``max_<dim>``/``min_<dim>`` bounds all hold for ``dims``."""
     for entry in entries:
         if all(_holds(key, bound, dims) for key, bound in entry.get("when", {}).items()):
@@ -96,7 +96,7 @@ def select_config(entries, **dims):
     raise ValueError(f"no config entry matches {dims}; the file must end with an entry without 'when'")
 
 
-def lookup(op: str, device, **dims):
+def lookup(op: str, device, **dims) -> dict:
     """The block config dict for ``op`` at ``dims`` on ``device`` (shared: never modify it)."""
     return _cached_lookup(op, *_device_identity(device), tuple(sorted(dims.items())))
 

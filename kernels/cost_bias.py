@@ -104,7 +104,7 @@ def _offset_step_kernel(
 
 def expert_cost_bias(topk_ids: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *, energy_weight,
                      latency_weight, max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9,
-                     extra_cost=None):
+                     extra_cost=None) -> torch.Tensor:
     """The [E] float32 selection bias (E = ``bias_offsets``' length) for a batch whose plain top-k
     chose ``topk_ids`` [T, K]; ``extra_cost`` [2, E] (or None) adds each expert's per-token cost
     beyond its compute; see the module docstring. No host sync."""
@@ -127,7 +127,7 @@ def expert_cost_bias(topk_ids: torch.Tensor, curves, hardware_state, bias_offset
 
 def ttt_offset_step(window: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *, lr, energy_weight,
                     latency_weight, max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9,
-                    extra_cost=None):
+                    extra_cost=None) -> None:
     """One test-time step of ``bias_offsets`` [E] in place, from ``window`` [2, E] float32 (tokens each
     expert ran since the last step, and in how many batches), which it then zeroes; one launch.
 
@@ -158,7 +158,7 @@ def _check_window(window, bias_offsets):
 
 def expert_cost_bias_reference(topk_ids: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *,
                                energy_weight, latency_weight, max_shift, thermal_gain=1.0, thermal_margin_c=15.0,
-                               max_memory_pressure=0.9, extra_cost=None):
+                               max_memory_pressure=0.9, extra_cost=None) -> torch.Tensor:
     """``expert_cost_bias`` in torch."""
     return bias_from_loads_reference(expert_loads_reference(topk_ids, bias_offsets.shape[0]), curves, hardware_state,
                                      bias_offsets, energy_weight=energy_weight, latency_weight=latency_weight,
@@ -169,7 +169,7 @@ def expert_cost_bias_reference(topk_ids: torch.Tensor, curves, hardware_state, b
 
 def ttt_offset_step_reference(window: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *, lr,
                               energy_weight, latency_weight, max_shift, thermal_gain=1.0, thermal_margin_c=15.0,
-                              max_memory_pressure=0.9, extra_cost=None):
+                              max_memory_pressure=0.9, extra_cost=None) -> None:
     """``ttt_offset_step`` in torch (also in place)."""
     tokens, batches = window
     temp, stretch = hardware_stretch_reference(curves, hardware_state, max_memory_pressure)

@@ -85,7 +85,7 @@ def _check(q, k_cache, v_cache, kv_lengths):
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor,
-                               sm_scale: float | None = None):
+                               sm_scale: float | None = None) -> torch.Tensor:
     """The same in torch: full-capacity scores, positions at or past each length masked out."""
     B, H, _, D = q.shape
     group = H // k_cache.shape[1]
@@ -102,7 +102,7 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor,
-                     sm_scale: float | None = None):
+                     sm_scale: float | None = None) -> torch.Tensor:
     """Attention of one query per sequence to its static cache, with no host sync.
 
     Args:
@@ -129,7 +129,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def launch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            kv_lengths: torch.Tensor, scale):
+                            kv_lengths: torch.Tensor, scale) -> torch.Tensor:
     B, H, _, D = q.shape
     o = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     if o.numel() == 0:

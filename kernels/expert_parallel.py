@@ -68,7 +68,7 @@ class DispatchPlan:
     meta: torch.Tensor
 
 
-def plan_dispatch(topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts_per_rank, world_size):
+def plan_dispatch(topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts_per_rank, world_size) -> DispatchPlan:
     """The ``DispatchPlan`` of a routed batch (device ops only, no host sync)."""
     T, K = topk_ids.shape
     device = topk_ids.device
@@ -86,7 +86,7 @@ def plan_dispatch(topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts_pe
     return DispatchPlan(send_order, needed.sum(0), combine_index, meta)
 
 
-def exchange_counts(send_counts, group):
+def exchange_counts(send_counts, group) -> tuple:
     """Receive counts for ``send_counts`` [W, C] (rows this rank sends to each rank in each chunk):
     (send splits, receive splits) as Python lists [C][W]; one all-to-all, one host sync."""
     world_size, chunks = send_counts.shape
@@ -110,7 +110,7 @@ def _unpack(received, hidden_size, top_k):
 
 
 def receiver_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                     topk_ids: torch.Tensor, topk_weights: torch.Tensor, world_size):
+                     topk_ids: torch.Tensor, topk_weights: torch.Tensor, world_size) -> torch.Tensor:
     """The fused experts on the rows a rank received. Configs are picked for the expected load per
     local expert (the slots over all E = E/W * W experts: most slots are other ranks' and dropped)."""
     local_experts, two_i, _ = gate_up_proj.shape
@@ -123,7 +123,7 @@ def receiver_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, do
 
 def expert_parallel_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                             gate_up_proj: torch.Tensor, down_proj: torch.Tensor, group, experts_fn=None, chunks=1,
-                            capacity=None):
+                            capacity=None) -> torch.Tensor:
     """This rank's share of an expert-parallel MoE forward.
 
     Args:

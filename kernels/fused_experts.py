@@ -141,7 +141,7 @@ class ExpertWeights:
 
 
 def launch_expert_gemm(a, weights, out: torch.Tensor, blocks, topk_weights: torch.Tensor, top_k: int,
-                       gather_tokens: bool, cfg, persistent: bool):
+                       gather_tokens: bool, cfg, persistent: bool) -> None:
     N, K = out.shape[1], a.shape[1]
     w, bias = weights.w, weights.bias
     n_row_blocks = blocks.block_experts.shape[0]
@@ -161,7 +161,7 @@ def launch_expert_gemm(a, weights, out: torch.Tensor, blocks, topk_weights: torc
     )
 
 
-def expert_configs(hidden_states: torch.Tensor, num_experts: int, intermediate: int, n_slots: int):
+def expert_configs(hidden_states: torch.Tensor, num_experts: int, intermediate: int, n_slots: int) -> tuple:
     """(gate_up config, down config) for this shape on this device, from the per-GPU JSON files."""
     dims = dict(slots_per_expert=n_slots // num_experts, e=num_experts, i=intermediate,
                 elem_bytes=hidden_states.element_size())
@@ -169,7 +169,7 @@ def expert_configs(hidden_states: torch.Tensor, num_experts: int, intermediate: 
             _config.lookup("moe_down", hidden_states.device, **dims))
 
 
-def concatenated_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
+def concatenated_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> tuple:
     """The kernel's view of transformers' default layout: ``gate_up_proj`` [E, 2I, H] (I gate rows,
     then I up rows), ``down_proj`` [E, H, I]; SiLU."""
     I = gate_up_proj.shape[1] // 2
@@ -178,7 +178,7 @@ def concatenated_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
 
 
 def gpt_oss_weights(gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor, down_proj: torch.Tensor,
-                    down_proj_bias: torch.Tensor, alpha, limit):
+                    down_proj_bias: torch.Tensor, alpha, limit) -> tuple:
     """The kernel's view of gpt-oss's layout: ``gate_up_proj`` [E, H, 2I] (x @ w; gate and up
     columns interleaved: gate j at 2j, up j at 2j + 1) with its [E, 2I] bias, ``down_proj``
     [E, I, H] with its [E, H] bias; the clamped GLU."""
@@ -189,7 +189,8 @@ def gpt_oss_weights(gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
 
 
 def launch_fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                         topk_ids: torch.Tensor, topk_weights: torch.Tensor, configs=None, persistent: bool = False):
+                         topk_ids: torch.Tensor, topk_weights: torch.Tensor, configs=None,
+                         persistent: bool = False) -> torch.Tensor:
     """Run the fused experts (transformers' default layout) on validated inputs (no host sync);
     ``configs`` overrides the files.
 
@@ -200,7 +201,7 @@ def launch_fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor
 
 
 def run_experts(hidden_states: torch.Tensor, gate_up, down, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                configs=None, persistent: bool = False):
+                configs=None, persistent: bool = False) -> torch.Tensor:
     """The two expert GEMMs and the sum over each token's slots, for ``ExpertWeights`` of any layout."""
     T, H = hidden_states.shape
     E, intermediate_size, _ = gate_up.w.shape
@@ -224,7 +225,7 @@ def run_experts(hidden_states: torch.Tensor, gate_up, down, topk_ids: torch.Tens
 
 
 def fused_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                            top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+                            top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """The per-expert loop in torch, as transformers' eager ``MixtralExperts.forward`` computes it."""
     out = torch.zeros_like(hidden_states)
     for expert in range(gate_up_proj.shape[0]):
@@ -236,7 +237,7 @@ def fused_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Ten
 
 
 def check_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor, validate_ids: bool = True):
+                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor, validate_ids: bool = True) -> None:
     """Validate the ``fused_experts`` arguments; ``validate_ids`` range-checks ids (one device sync)."""
     check_tensor("hidden_states", hidden_states, ndim=2)
     check_tensor("gate_up_proj", gate_up_proj, ndim=3)
@@ -271,7 +272,7 @@ def _check_routing(hidden_states, num_experts, top_k_index, top_k_weights, valid
 
 
 def fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor, validate_ids: bool = True):
+                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor, validate_ids: bool = True) -> torch.Tensor:
     """MoE experts with transformers 5.x ``MixtralExperts.forward`` semantics, on our Triton kernels.
 
     Args:
@@ -298,7 +299,7 @@ _fused_experts_op = kernel_op(
 
 def gpt_oss_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
                               down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
-                              top_k_weights: torch.Tensor, alpha, limit):
+                              top_k_weights: torch.Tensor, alpha, limit) -> torch.Tensor:
     """transformers' ``GptOssExperts.forward`` in torch: per-expert loop, interleaved gate/up, clamped GLU."""
     out = torch.zeros_like(hidden_states)
     for expert in range(gate_up_proj.shape[0]):
@@ -312,7 +313,7 @@ def gpt_oss_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.T
 
 def check_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
                           down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
-                          top_k_weights: torch.Tensor, alpha, limit, validate_ids: bool = True):
+                          top_k_weights: torch.Tensor, alpha, limit, validate_ids: bool = True) -> tuple:
     """Validate the ``gpt_oss_experts`` arguments; (alpha, limit) as floats."""
     check_tensor("hidden_states", hidden_states, ndim=2)
     for name, t, ndim in (("gate_up_proj", gate_up_proj, 3), ("gate_up_proj_bias", gate_up_proj_bias, 2),
@@ -337,7 +338,7 @@ def check_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tenso
 
 def gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
                     down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor, alpha, limit, validate_ids: bool = True):
+                    top_k_weights: torch.Tensor, alpha, limit, validate_ids: bool = True) -> torch.Tensor:
     """MoE experts with transformers' ``GptOssExperts.forward`` semantics, on our Triton kernels.
 
     Args:
@@ -358,7 +359,7 @@ def gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gat
 
 def launch_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
                            down_proj: torch.Tensor, down_proj_bias: torch.Tensor, topk_ids: torch.Tensor,
-                           topk_weights: torch.Tensor, alpha, limit):
+                           topk_weights: torch.Tensor, alpha, limit) -> torch.Tensor:
     """``gpt_oss_experts`` on validated inputs (no host sync)."""
     return run_experts(hidden_states, *gpt_oss_weights(gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                                                        alpha, limit), topk_ids, topk_weights)

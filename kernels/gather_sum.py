@@ -33,7 +33,8 @@ def _gather_sum_kernel(p_rows, p_index, p_out, T, H, E, stride_row, stride_out,
              mask=m_t[:, None] & m_h[None, :])
 
 
-def launch_gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor = None, num_experts: int = None):
+def launch_gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor = None,
+                      num_experts: int = None) -> torch.Tensor:
     """``gather_sum`` on validated inputs; ``out`` [T, H] may be given. No host sync.
 
     With ``num_experts``, ``index`` is the [T, K] expert ids of per-slot rows [T*K, H] instead:
@@ -54,7 +55,7 @@ def launch_gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor
     return out
 
 
-def gather_sum(rows: torch.Tensor, index: torch.Tensor):
+def gather_sum(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Args:
         rows: [N, H] float32/float16/bfloat16, unit stride along H.
         index: [T, J] int32/int64 row numbers; -1 (any negative) skips the entry. Entries >= N
@@ -73,7 +74,7 @@ def gather_sum(rows: torch.Tensor, index: torch.Tensor):
     return _gather_sum_op(rows, index)
 
 
-def gather_sum_reference(rows: torch.Tensor, index: torch.Tensor):
+def gather_sum_reference(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``gather_sum`` in torch (float32 accumulation)."""
     padded = torch.cat((rows.float(), rows.new_zeros(1, rows.shape[1], dtype=torch.float32)))  # row N: zeros
     return padded[torch.where(index >= 0, index, rows.shape[0]).long()].sum(1).to(rows.dtype)

@@ -78,7 +78,7 @@ def _matmul_tma_kernel(
         d_y.store([off_m, off_n], b_acc.to(d_y.dtype))
 
 
-def processor_count(device):
+def processor_count(device) -> int | None:
     """Streaming multiprocessors on a GPU; CPU cores under the interpreter (it runs programs serially)."""
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -90,7 +90,7 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_matmul(x: torch.Tensor, weight: torch.Tensor, fuse_swiglu: bool = False, cfg=None):
+def launch_matmul(x: torch.Tensor, weight: torch.Tensor, fuse_swiglu: bool = False, cfg=None) -> torch.Tensor:
     """Launch on validated 2-D inputs: ``x`` [M, K], ``weight`` [N, K] ([2N, K] fused); ``cfg`` overrides the file."""
     M, K = x.shape
     N = weight.shape[0] // 2 if fuse_swiglu else weight.shape[0]
@@ -127,7 +127,7 @@ def _launch_tma(x, weight, y, fuse_swiglu, cfg, n_tiles):
     )
 
 
-def check_projection(x_name, x: torch.Tensor, w_name, weight: torch.Tensor):
+def check_projection(x_name, x: torch.Tensor, w_name, weight: torch.Tensor) -> None:
     """Validate ``x`` [..., K] against a projection ``weight`` [N, K]."""
     check_tensor(x_name, x)
     check_tensor(w_name, weight, ndim=2)
@@ -137,12 +137,12 @@ def check_projection(x_name, x: torch.Tensor, w_name, weight: torch.Tensor):
     check_dim(w_name, weight, 1, x.shape[-1], f"the last dim of {x_name}")
 
 
-def matmul_reference(x: torch.Tensor, weight: torch.Tensor):
+def matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` in torch."""
     return x @ weight.T
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor):
+def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` with the Triton GEMM.
 
     Args:
@@ -155,7 +155,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor):
     return apply_with_reference_grad(_matmul_2d, matmul_reference, x, weight)
 
 
-def as_rows(x: torch.Tensor):
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., K] -> [prod(...), K] (a view when strides allow; well-defined when K is 0)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 

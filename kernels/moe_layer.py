@@ -51,7 +51,7 @@ class TopKRouter(nn.Module):
                              persistent=False)
 
     @property
-    def num_experts(self):
+    def num_experts(self) -> int:
         return self.weight.shape[0]
 
     def _apply(self, fn, *args, **kwargs):
@@ -60,7 +60,7 @@ class TopKRouter(nn.Module):
         self.selection_bias = self.selection_bias.float()
         return self
 
-    def forward(self, hidden_states: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor) -> tuple:
         router_logits = self._router_logits(hidden_states)
         routing = route_checked(router_logits, self.top_k, self.selection_bias, self.renormalize)
         weights = routing.topk_weights
@@ -101,7 +101,7 @@ class Experts(nn.Module):
         self.gate_up_proj = gate_up_proj if isinstance(gate_up_proj, nn.Parameter) else nn.Parameter(gate_up_proj)
         self.down_proj = down_proj if isinstance(down_proj, nn.Parameter) else nn.Parameter(down_proj)
 
-    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, topk_ids, topk_weights,
                              validate_ids=False)
 
@@ -151,12 +151,12 @@ class FusedMoE(nn.Module):
             _check_expert_shard(router.num_experts, gate_up_proj.shape[0], process_group)
 
     @property
-    def router(self):
+    def router(self) -> nn.Module:
         """The router (read-only alias; replace it with ``layer.gate = new_router``)."""
         return self.gate
 
     @classmethod
-    def from_hf(cls, block, process_group=None, ep_chunks=EP_CHUNKS, ep_capacity=None):
+    def from_hf(cls, block, process_group=None, ep_chunks=EP_CHUNKS, ep_capacity=None) -> "FusedMoE":
         """Build from a transformers 5.x Mixtral / Qwen3-MoE / OLMoE sparse-MoE block, sharing its
         weights; with a ``process_group``, this rank keeps a copy of its E/W experts only (so the
         block's full weights can be freed) and the router stays whole."""
@@ -177,7 +177,7 @@ class FusedMoE(nn.Module):
             gate_up, down = (_local_experts(w, process_group) for w in (gate_up, down))
         return cls(router, gate_up, down, process_group, ep_chunks, ep_capacity)
 
-    def forward(self, hidden_states: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         check_tensor("hidden_states", hidden_states, ndim=None)
         hidden_size = self.experts.gate_up_proj.shape[2]
         if hidden_states.dim() == 0 or hidden_states.shape[-1] != hidden_size:
@@ -252,7 +252,7 @@ def _local_experts(weight, process_group):
     return nn.Parameter(weight.detach()[first:first + per_rank].clone(), requires_grad=weight.requires_grad)
 
 
-def patch_hf_model(model):
+def patch_hf_model(model) -> int:
     """Replace every supported sparse-MoE block in ``model`` with a weight-sharing ``FusedMoE``.
 
     Returns the number of blocks replaced."""
@@ -269,7 +269,7 @@ def patch_hf_model(model):
 HF_EXPERTS_IMPLEMENTATION = "energy_moe"
 
 
-def register_hf_experts_implementation():
+def register_hf_experts_implementation() -> str:
     """Register our fused experts with transformers' experts-implementation mechanism.
 
     Afterwards ``from_pretrained(..., experts_implementation="energy_moe")`` or

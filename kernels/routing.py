@@ -199,13 +199,13 @@ def _next_pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def row_block(T: int, E: int, most):
+def row_block(T: int, E: int, most) -> int:
     """Tokens per program of the routing kernels: at most ``most`` (the launch config's), 4096 //
     BLOCK_E (the [BT, BE] tiles stay in registers) and T's next power of two (no idle rows)."""
     return max(1, min(most, 4096 // _next_pow2(E), _next_pow2(T)))
 
 
-def launch_config(op: str, T: int, E: int, device, override=None):
+def launch_config(op: str, T: int, E: int, device, override=None) -> tuple:
     """(tokens per program, num_warps) for a routing kernel ``op`` ("topk_routing" or
     "policy_routing") at T tokens and E experts: ``kernels/configs/<op>/<GPU>.json`` (``python -m
     bench.tune_routing`` writes it), or ``override`` (a {"block_t", "num_warps"} dict: the tuner's candidate)."""
@@ -223,7 +223,7 @@ def _checked_launch_config(config):
 
 
 def topk_routing(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None,
-                 renormalize: bool = True, *, config=None):
+                 renormalize: bool = True, *, config=None) -> RoutingResult:
     """Launch the routing kernel on validated inputs; see ``route``. ``config`` overrides the
     launch config (``launch_config``)."""
     T, E = router_logits.shape
@@ -248,7 +248,8 @@ def _route_fake(router_logits, top_k, selection_bias, renormalize):
             router_logits.new_empty((T, top_k), dtype=torch.int32), router_logits.new_empty((1,), dtype=torch.int32))
 
 
-def launch_route(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None, renormalize: bool):
+def launch_route(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None,
+                 renormalize: bool) -> tuple:
     routing = topk_routing(router_logits, top_k, selection_bias, renormalize)
     return routing.topk_weights, routing.topk_ids, routing.nan_tokens
 
@@ -259,13 +260,13 @@ _route_op = kernel_op(
 
 
 def route_checked(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None,
-                  renormalize: bool = True):
+                  renormalize: bool = True) -> RoutingResult:
     """``topk_routing`` on validated inputs as the ``energy_moe::route`` custom op, which
     ``torch.compile`` traces around (``TopKRouter`` and ``route`` call it)."""
     return RoutingResult(*_route_op(router_logits, top_k, selection_bias, renormalize))
 
 
-def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
     """Build the ``ExpertBlocks`` layout for ``topk_ids`` [T, K] (any integer dtype, ids in [0, E))."""
     n_slots = topk_ids.numel()
     device = topk_ids.device
@@ -288,7 +289,7 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 def route_reference(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None,
-                    renormalize: bool = True):
+                    renormalize: bool = True) -> tuple:
     """The routing in torch: (weights [T, K] float32, ids [T, K] int64), with the module's NaN and
     masked-expert rules; ties go to the lowest index (a stable sort), as in the kernel."""
     logits = router_logits.float().nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
@@ -305,7 +306,7 @@ def route_reference(router_logits: torch.Tensor, top_k: int, selection_bias: tor
 
 
 def route(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None, renormalize: bool = True,
-          nan_policy: str = "mask"):
+          nan_policy: str = "mask") -> RoutingResult:
     """Top-k routing of router logits.
 
     Args:
@@ -334,7 +335,7 @@ def route(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor 
     return route_checked(router_logits, top_k, selection_bias, renormalize)
 
 
-def check_selection_bias(selection_bias: torch.Tensor | None, num_experts: int, device):
+def check_selection_bias(selection_bias: torch.Tensor | None, num_experts: int, device) -> None:
     """None, or a float32 [E] tensor on ``device`` (any stride: the kernel reads it with its own)."""
     if selection_bias is None:
         return
@@ -344,7 +345,7 @@ def check_selection_bias(selection_bias: torch.Tensor | None, num_experts: int, 
                          f"{tuple(selection_bias.shape)} on {selection_bias.device}")
 
 
-def check_topk_ids(name: str, topk_ids: torch.Tensor, num_experts: int):
+def check_topk_ids(name: str, topk_ids: torch.Tensor, num_experts: int) -> None:
     """Validate integer top-k ids [T, K] against E experts (host check: one device sync)."""
     check_tensor(name, topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     if topk_ids.shape[1] > num_experts:

@@ -71,7 +71,7 @@ def _routing_tally_kernel(
 
 
 def routing_tallies(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights, nan_tokens, num_experts: int, stats=None,
-                    window: torch.Tensor = None):
+                    window: torch.Tensor = None) -> None:
     """Add one routing call's tallies to ``stats`` [8] int64 and/or ``window`` [2, E] float32 in
     place (either may be None); see the module docstring. One launch, no host sync."""
     num_experts = _check(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats, window)
@@ -87,7 +87,7 @@ def routing_tallies(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights, na
     )
 
 
-def tally_summary(stats, top_k: int):
+def tally_summary(stats, top_k: int) -> dict:
     """The ``stats`` [8] tallies as Python numbers (one device sync), with their per-token and
     per-call fractions."""
     values = dict(zip(STAT_FIELDS, stats.tolist()))
@@ -101,7 +101,8 @@ def tally_summary(stats, top_k: int):
     }
 
 
-def routing_tallies_reference(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights, nan_tokens, num_experts: int):
+def routing_tallies_reference(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights, nan_tokens,
+                              num_experts: int) -> tuple:
     """(stats increments [8] int64, window increments [2, E] float32) in torch."""
     loads, plain_loads = expert_loads_reference(topk_ids, num_experts), expert_loads_reference(plain_ids, num_experts)
     valid, plain_valid = ((ids >= 0) & (ids < num_experts) for ids in (topk_ids, plain_ids))
@@ -113,7 +114,7 @@ def routing_tallies_reference(plain_ids: torch.Tensor, topk_ids: torch.Tensor, w
     return stats, torch.stack((loads, (loads > 0).float()))
 
 
-def expert_loads_reference(ids: torch.Tensor, num_experts: int):
+def expert_loads_reference(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens routed to each expert, [E] float32; ids outside [0, E) count for no expert."""
     ids = ids.reshape(-1).long()
     ids = ids[(ids >= 0) & (ids < num_experts)]

@@ -29,12 +29,12 @@ def _up_rows(gate_up_proj):
     return gate_up_proj[gate_up_proj.shape[0] // 2:]
 
 
-def swiglu_gate_up_reference(x: torch.Tensor, gate_up_proj: torch.Tensor):
+def swiglu_gate_up_reference(x: torch.Tensor, gate_up_proj: torch.Tensor) -> torch.Tensor:
     """``silu(x @ W_gate.T) * (x @ W_up.T)`` in torch."""
     return F.silu(x @ _gate_rows(gate_up_proj).T) * (x @ _up_rows(gate_up_proj).T)
 
 
-def swiglu_ffn_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
+def swiglu_ffn_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
     """The whole SwiGLU FFN in torch."""
     return swiglu_gate_up_reference(x, gate_up_proj) @ down_proj.T
 
@@ -53,7 +53,7 @@ _swiglu_ffn_op = kernel_op("swiglu_ffn", "(Tensor x, Tensor gate_up_proj, Tensor
                            reference=swiglu_ffn_reference)
 
 
-def swiglu_gate_up(x: torch.Tensor, gate_up_proj: torch.Tensor):
+def swiglu_gate_up(x: torch.Tensor, gate_up_proj: torch.Tensor) -> torch.Tensor:
     """Fused gate+up projection with SiLU(gate)·up in the GEMM epilogue.
 
     Args:
@@ -66,7 +66,7 @@ def swiglu_gate_up(x: torch.Tensor, gate_up_proj: torch.Tensor):
     return apply_with_reference_grad(_swiglu_gate_up_2d, swiglu_gate_up_reference, x, gate_up_proj)
 
 
-def swiglu_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
+def swiglu_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
     """SwiGLU FFN: fused gate+up+SiLU·up, then the down projection.
 
     Args:
@@ -84,19 +84,19 @@ def swiglu_ffn(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Ten
     return _swiglu_ffn_op(x, gate_up_proj, down_proj)
 
 
-def ffn_gate(x: torch.Tensor, gate_up_proj: torch.Tensor):
+def ffn_gate(x: torch.Tensor, gate_up_proj: torch.Tensor) -> torch.Tensor:
     """The gate projection alone: ``x @ gate_up_proj[:I].T``, ``x`` [..., H] -> [..., I]."""
     _check_gate_up(x, gate_up_proj)
     return apply_with_reference_grad(_matmul_2d, matmul_reference, x, _gate_rows(gate_up_proj))
 
 
-def ffn_up(x: torch.Tensor, gate_up_proj: torch.Tensor):
+def ffn_up(x: torch.Tensor, gate_up_proj: torch.Tensor) -> torch.Tensor:
     """The up projection alone: ``x @ gate_up_proj[I:].T``, ``x`` [..., H] -> [..., I]."""
     _check_gate_up(x, gate_up_proj)
     return apply_with_reference_grad(_matmul_2d, matmul_reference, x, _up_rows(gate_up_proj))
 
 
-def ffn_down(h: torch.Tensor, down_proj: torch.Tensor):
+def ffn_down(h: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
     """The down projection alone: ``h @ down_proj.T``, ``h`` [..., I], ``down_proj`` [H, I] -> [..., H]."""
     check_projection("h", h, "down_proj", down_proj)
     return apply_with_reference_grad(_matmul_2d, matmul_reference, h, down_proj)

@@ -13,6 +13,7 @@ On a GPU the step is one CUDA graph; on a CPU, eager calls. Per policy and B: la
 per token (``bench.harness.policies.timed_energy``), and the routers' statistics from an extra
 eager pass with ``track_stats`` routers. Random weights: energy and routing only, no quality.
 """
+import argparse
 import inspect
 
 import torch
@@ -20,9 +21,12 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, StaticCache
 
 import kernels
 from bench.harness.graphs import CapturedCall
-from bench.harness.policies import policy_router, router_stats, timed_energy
+from bench.harness.measure import DeviceEnv
+from bench.harness.policies import Policy, policy_router, router_stats, timed_energy
 from bench.harness.policy_report import format_or_dash, ratio
+from costmodel.kernel_cost_model import KernelCostModel
 from kernels.moe_layer import FusedMoE
+from router.monitor import HardwareMonitor
 
 SHAPES = {
     # Qwen3-30B-A3B's layer shape; vocab 32000, not its 151936 (smaller embedding and LM head)
@@ -41,12 +45,12 @@ NO_QUALITY = ("not measured: random weights (HF architecture, random init), so t
               "energy, latency and routing statistics only")
 
 
-def qwen3_config(shape, num_layers):
+def qwen3_config(shape: str, num_layers: int) -> Qwen3MoeConfig:
     return Qwen3MoeConfig(**SHAPES[shape], num_hidden_layers=num_layers, use_sliding_window=False,
                           attn_implementation="sdpa")
 
 
-def build_model(config, device, dtype, seed):
+def build_model(config: Qwen3MoeConfig, device: torch.device | str, dtype: torch.dtype, seed: int) -> tuple:
     """(a randomly initialised Qwen3MoeForCausalLM on ``device`` in ``dtype``, eval, patched; blocks patched)."""
     torch.manual_seed(seed)
     with torch.device(device):
@@ -55,7 +59,7 @@ def build_model(config, device, dtype, seed):
     return model, kernels.patch_hf_model(model)
 
 
-def hf_compat():
+def hf_compat() -> dict:
     """What transformers sees beside our ``kernels`` package (the two share the import name)."""
     import transformers.integrations.hub_kernels  # noqa: F401 (it probes the name 'kernels')
     from transformers.utils import is_kernels_available
@@ -67,7 +71,8 @@ def hf_compat():
 
 # ---- the static cache and the decode step --------------------------------------------------------
 
-def static_cache(config, batch_size, max_cache_len, device, dtype):
+def static_cache(config: Qwen3MoeConfig, batch_size: int, max_cache_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> StaticCache:
     """A transformers ``StaticCache``; its constructor changed across versions (4.x took the batch size,
     device and dtype; 5.x takes the config and length and sizes itself at the first update)."""
     offered = {"config": config, "max_cache_len": max_cache_len, "max_batch_size": batch_size,
@@ -76,7 +81,7 @@ def static_cache(config, batch_size, max_cache_len, device, dtype):
     return StaticCache(**{name: value for name, value in offered.items() if name in accepted})
 
 
-def rewind(cache, length):
+def rewind(cache: StaticCache, length: int) -> None:
     """Set each cache layer's write position to ``length`` (transformers 5.x keeps it in a device
     counter: ``fill_`` is captured in the graph, no host sync). Caches written at the model's
     ``cache_position`` (older versions) have no counter: the static position does it."""
@@ -86,7 +91,7 @@ def rewind(cache, length):
             counter.fill_(length)
 
 
-def cache_kwargs(model, cache, positions):
+def cache_kwargs(model: torch.nn.Module, cache: StaticCache, positions: torch.Tensor) -> dict:
     """The forward's cache and position arguments for tokens at ``positions`` [S], under the names this
     transformers version takes (``cache`` or ``past_key_values``; ``cache_position`` where accepted)."""
     accepted = inspect.signature(model.forward).parameters
@@ -97,7 +102,7 @@ def cache_kwargs(model, cache, positions):
     return kwargs
 
 
-def prefill(model, cache, prompt):
+def prefill(model: torch.nn.Module, cache: StaticCache, prompt: torch.Tensor) -> None:
     """The [B, C] prompt into the cache, eagerly."""
     positions = torch.arange(prompt.shape[1], device=prompt.device)
     with torch.no_grad():
@@ -107,9 +112,11 @@ def prefill(model, cache, prompt):
 class DecodeStep:
     """One decode step at position ``context`` of a prefilled static cache: each call copies the next
     [B, 1] ids of ``id_pool`` [N, B, 1] into the static input and decodes that slot again (the cache
-    is rewound to ``context`` inside the step). ``graph``: the step is one CUDA graph, replayed."""
+    is rewound to ``context`` inside the step). ``graph``: the step is one CUDA graph, replayed;
+    ``compile_options``: the step is ``torch.compile(step, **compile_options)`` instead."""
 
-    def __init__(self, model, cache, context, id_pool, graph):
+    def __init__(self, model: torch.nn.Module, cache: StaticCache, context: int, id_pool: torch.Tensor, graph: bool,
+                 compile_options: dict | None = None) -> None:
         self.model, self.cache, self.context, self.id_pool = model, cache, context, id_pool
         self.ids = id_pool[0].clone()
         batch_size, device = id_pool.shape[1], id_pool.device
@@ -117,14 +124,17 @@ class DecodeStep:
         # every slot 0..context is filled: a static 4-D mask, which transformers uses as given
         self.kwargs["attention_mask"] = torch.ones(batch_size, 1, 1, context + 1, dtype=torch.bool, device=device)
         self.calls = 0
+        if compile_options is not None:
+            self.call = torch.compile(self._body, **compile_options)
+            return
         with torch.no_grad():  # the capture's warm-up calls too
             self.call = CapturedCall(self._body) if graph else self._body
 
-    def _body(self):
+    def _body(self) -> torch.Tensor:
         rewind(self.cache, self.context)
         return self.model(input_ids=self.ids, **self.kwargs).logits
 
-    def __call__(self):
+    def __call__(self) -> torch.Tensor:
         self.ids.copy_(self.id_pool[self.calls % self.id_pool.shape[0]])
         self.calls += 1
         with torch.no_grad():
@@ -136,23 +146,24 @@ class DecodeStep:
 class HFGates:
     """A patched model's ``FusedMoE`` layers with their plain gates kept; one policy's routers at a time."""
 
-    def __init__(self, model, cost_model):
+    def __init__(self, model: torch.nn.Module, cost_model: KernelCostModel | None) -> None:
         self.model, self.cost_model = model, cost_model
         self.layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
         self.plain = [layer.gate for layer in self.layers]
 
-    def install(self, policy, monitor, track_stats):
+    def install(self, policy: Policy, monitor: HardwareMonitor | None, track_stats: bool) -> list:
         """The policy's routers in every layer (returned); plain top-k with statistics is OEA keeping K."""
         for layer, plain in zip(self.layers, self.plain):
             layer.gate = policy_router(policy, plain, self.cost_model, monitor, track_stats)
         return [layer.gate for layer in self.layers]
 
-    def restore(self):
+    def restore(self) -> None:
         for layer, plain in zip(self.layers, self.plain):
             layer.gate = plain
 
 
-def measure_policy(env, gates, policy, monitor, cache, context, id_pool, args):
+def measure_policy(env: DeviceEnv, gates: HFGates, policy: Policy, monitor: HardwareMonitor | None, cache: StaticCache,
+                   context: int, id_pool: torch.Tensor, args: argparse.Namespace) -> dict:
     """One policy at one decode batch: the step's latency and energy (statistics off, graph on a GPU),
     then ``args.stat_steps`` eager steps with statistics on; the plain gates restored after."""
     batch_size = id_pool.shape[1]
@@ -172,7 +183,8 @@ def measure_policy(env, gates, policy, monitor, cache, context, id_pool, args):
     return entry
 
 
-def run_policies(env, gates, policies, monitor, args):
+def run_policies(env: DeviceEnv, gates: HFGates, policies: list, monitor: HardwareMonitor | None,
+                 args: argparse.Namespace) -> dict:
     """{policy name: {description, keep, "decode": [one entry per batch]}}; one cache per batch, its
     prompt prefilled once with plain top-k, shared by every policy."""
     out = {p.name: {"description": p.describe(), "keep_top_k": p.keep_top_k, "keep_share": p.keep_share,
@@ -197,7 +209,7 @@ def run_policies(env, gates, policies, monitor, args):
 
 # ---- ratios and the table ------------------------------------------------------------------------
 
-def summary_rows(results):
+def summary_rows(results: dict) -> list:
     """Per policy and batch: J/token, latency and distinct experts, each also as a ratio to plain top-k's."""
     base = {d["batch_size"]: d for d in results["topk"]["decode"]}
     rows = []
@@ -219,7 +231,7 @@ def summary_rows(results):
     return rows
 
 
-def table_lines(rows):
+def table_lines(rows: list) -> list:
     fmt = format_or_dash
     lines = [f"{'policy':<12}{'B':>4}{'step ms':>9}{'x topk':>7}{'J/token':>11}{'x topk':>7}{'experts':>8}"
              f"{'x topk':>7}{'moved':>7}"]
