@@ -15,8 +15,9 @@ from calibration.energy import MIN_WINDOW_S
 from calibration.nvml_meter import GpuMeter
 from calibration.sweep import detected_gpu
 
-if TYPE_CHECKING:  # annotations only: cost_model_from imports it when called
+if TYPE_CHECKING:  # annotations only: cost_model_from and model_dims import them when called
     from costmodel.kernel_cost_model import KernelCostModel
+    from costmodel.ops import ModelDims
 
 MIN_EVAL_BYTES = 2  # evaluation predicts each held-out byte from the ones before it: 2 bytes, one prediction
 DIM_FLAGS = ("d_model", "num_layers", "num_experts", "top_k", "expert_d_ff", "seq_length")
@@ -67,6 +68,28 @@ def window_s(text: str) -> float:
     """An energy window: finite and at least ``MIN_WINDOW_S``."""
     return checked_float(text, lambda v: v >= MIN_WINDOW_S, f"a finite number of seconds >= {MIN_WINDOW_S:g} "
                          "(an energy window spans 10+ updates of the ~100 ms NVML energy counter)")
+
+
+def model_dims(text: str) -> "ModelDims":
+    """An argparse type: ``name=value`` pairs of ``costmodel.ops.ModelDims`` fields, comma-separated
+    (fields not given keep their defaults), e.g. ``d_model=3072,d_ff=8192,n_heads=24``."""
+    from costmodel.ops import ModelDims
+    fields = {}
+    for part in text.split(","):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or not re.fullmatch(r"[0-9]+", value):
+            raise argparse.ArgumentTypeError(f"must be name=integer pairs, comma-separated, got {part!r} in {text!r}")
+        if name in fields:
+            raise argparse.ArgumentTypeError(f"gives {name} twice in {text!r}")
+        fields[name] = int(value)
+    unknown = sorted(set(fields) - set(ModelDims.__dataclass_fields__))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown fields {', '.join(unknown)}; "
+                                         f"ModelDims has {', '.join(ModelDims.__dataclass_fields__)}")
+    try:
+        return ModelDims(**fields)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def comma_list(item: Callable[[str], object] = str, choices: Collection[str] | None = None,

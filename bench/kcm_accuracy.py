@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bench._cli import add_table_flags, check_gpu, checked_output_file, cost_model_from, positive_int
+from bench._cli import add_table_flags, check_gpu, checked_output_file, cost_model_from, model_dims, positive_int
 from bench.harness.accuracy import summarise
 from bench.harness.models import TransformerLM
 from calibration.energy import EagerRunner, GraphRunner, measure_energy
@@ -28,6 +28,7 @@ from calibration.nvml_meter import GpuMeter
 from calibration.results import provenance, write_json_atomic
 from calibration.sweep import measure_constants, sweep_point
 from costmodel.kernel_cost_model import KernelCostModel
+from costmodel.curves import point_dims
 from costmodel.ops import SEQUENCE_OPS, ModelDims
 
 HELD_OUT_TOKENS = (2, 12, 48, 192, 768, 3072)
@@ -48,10 +49,10 @@ MEASURED_NOISE_NOTE = ("relative to this card's NVML energy counter, whose board
 
 
 def kernel_rows(model: KernelCostModel, meter: GpuMeter, idle_power_w: float, trials: int,
-                shapes: Sequence[ModelDims] = HELD_OUT_SHAPES) -> list:
-    """Held-out points: batch sizes off the grid at the table's dims ("batch"), then ``shapes``
-    ("shape", one window each), each measured and predicted."""
-    plan = [("batch", model.dims, op, b, trials) for op in model.ops
+                shapes: Sequence[ModelDims] = HELD_OUT_SHAPES, batches: bool = True) -> list:
+    """Held-out points: batch sizes off the grid at the table's dims ("batch", unless not
+    ``batches``), then ``shapes`` ("shape", one window each), each measured and predicted."""
+    plan = [("batch", model.dims, op, b, trials) for op in (model.ops if batches else ())
             for b in (HELD_OUT_SEQUENCES if op in SEQUENCE_OPS else HELD_OUT_TOKENS)]
     plan += [("shape", dims, op, b, 1) for dims in shapes for op in model.ops
              for b in (SHAPE_SEQUENCES if op in SEQUENCE_OPS else SHAPE_TOKENS)]
@@ -97,16 +98,32 @@ def forward_rows(model: KernelCostModel, meter: GpuMeter, idle_power_w: float, t
 
 def summaries(rows: list, forwards: list) -> dict:
     """The report's error summaries: all held-out kernel points, then held-out batch sizes and
-    held-out shapes apart. Forward latency is summarised for graph replays only: an eager
+    held-out shapes apart, and the held-out shape points the model alone predicts (``shape_modelled``). Forward latency is summarised for graph replays only: an eager
     forward's time is mostly host launch overhead, which the table does not model."""
     graphs = [r for r in forwards if r["mode"] == "graph"]
-    parts = {f"{kind}_{key}": summarise(group, f"{key}_{unit}") for kind in ("batch", "shape")
-             for group in [[r for r in rows if r.get("held_out", "batch") == kind]] if group
+    groups = {kind: [r for r in rows if r.get("held_out", "batch") == kind] for kind in ("batch", "shape")}
+    groups["shape_modelled"] = [r for r in groups["shape"] if r["source"] == "modelled"]
+    parts = {f"{kind}_{key}": summarise(group, f"{key}_{unit}") for kind, group in groups.items() if group
              for key, unit in (("energy", "j"), ("latency", "ms"))}
     return {"energy": summarise(rows, "energy_j"), "latency": summarise(rows, "latency_ms"), **parts,
             "forward_energy": summarise(forwards, "energy_j"), "forward_latency": summarise(graphs, "latency_ms"),
             "forward_note": "eager rows charge the table's gap power over (measured forward latency - predicted "
                             "kernel time); graph rows are pure predictions; forward_latency covers graph rows only"}
+
+
+def held_out_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace, model: KernelCostModel) -> tuple:
+    """The shapes to measure: ``--shape``'s, else ``HELD_OUT_SHAPES`` (none with ``--shapes none``);
+    dims the table measured are refused, since they would not be held out. (Ops that read only
+    dims a measured shape shares, such as ``rms_norm`` at a swept d_model, are costed from that
+    shape's points: their rows say so in ``source``, and ``shape_modelled_*`` leaves them out.)"""
+    if args.shape and args.shapes == "none":
+        parser.error("--shape and --shapes none contradict each other: give one")
+    shapes = tuple(args.shape or (HELD_OUT_SHAPES if args.shapes == "held_out" else ()))
+    for dims in shapes:
+        if dims == model.dims or any(point_dims(model.table, p) == dims for op in model.ops
+                                     for p in model.table["ops"][op]["points"]):
+            parser.error(f"--shape {dims}: the table measured ops at this shape, so it is not held out")
+    return shapes
 
 
 def main(argv: list | None = None) -> int:
@@ -116,15 +133,23 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--trials", type=positive_int, default=2, help="energy windows per held-out batch point")
     parser.add_argument("--shapes", choices=("held_out", "none"), default="held_out",
                         help="also measure HELD_OUT_SHAPES (one window a point), or not")
+    parser.add_argument("--batches", choices=("held_out", "none"), default="held_out",
+                        help="measure the held-out batch sizes at the table's dims, or not (shapes only)")
+    parser.add_argument("--shape", type=model_dims, action="append", default=None,
+                        help="measure these dims instead of HELD_OUT_SHAPES (repeatable), e.g. "
+                             "d_model=3072,d_ff=8192,n_heads=24,seq_len=1024,num_experts=16,top_k=2,vocab_size=32000")
     args = parser.parse_args(argv)
     args.output = checked_output_file(parser, args.output)
     model = cost_model_from(parser, args)
+    shapes = held_out_shapes(parser, args, model)
+    if args.batches == "none" and not shapes:
+        parser.error("--batches none with no shapes measures nothing")
     if model.is_prior:
         parser.error(f"the {args.gpu} table is a prior: calibrate first (python -m bench.calibrate --gpu {args.gpu})")
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     check_gpu(parser, args.gpu, meter)
     idle_power_w = measure_constants(meter)["idle_power_w"]  # after load, as the sweep charges window tails
-    rows = kernel_rows(model, meter, idle_power_w, args.trials, HELD_OUT_SHAPES if args.shapes == "held_out" else ())
+    rows = kernel_rows(model, meter, idle_power_w, args.trials, shapes, args.batches == "held_out")
     forwards = forward_rows(model, meter, idle_power_w, args.trials)
     uuid = meter.uuid()
     report = {"provenance": provenance() | {"driver": meter.driver_version(), "gpu_name": meter.name(),
@@ -136,7 +161,7 @@ def main(argv: list | None = None) -> int:
               **summaries(rows, forwards), "rows": rows, "forward_rows": forwards}
     write_json_atomic(args.output, report)
     for key in ("energy", "latency", "batch_energy", "batch_latency", "shape_energy", "shape_latency",
-                "forward_energy", "forward_latency"):
+                "shape_modelled_energy", "shape_modelled_latency", "forward_energy", "forward_latency"):
         if key in report:
             print(f"{key}: median APE {report[key]['median_ape_pct']:.1f}%, p90 {report[key]['p90_ape_pct']:.1f}%, "
                   f"max {report[key]['max_ape_pct']:.1f}%, median signed {report[key]['median_signed_pct']:+.1f}% "

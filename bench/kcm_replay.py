@@ -1,8 +1,9 @@
 """``python -m bench.kcm_replay --gpu H100 bench/results/<file>.json ...``: the cost model against
 measurements already committed, on any machine (``bench.harness.replay`` says which files it reads).
 
-Rows at the table's own shape test held-out batch sizes; rows at other dims test the shape-general
-model. The report groups them so (``at_table_dims`` / ``other_dims``), with each input file's
+Rows at a shape the table measured (the dims the op reads, ``costmodel.ops.OP_DIMS``) test
+held-out batch sizes; rows at other shapes test the shape-general model alone. The report groups
+them so (``at_measured_shapes`` / ``modelled_shapes``), with each input file's
 provenance, adds the table's own leave-one-out test (``leave_one_out``: the tile model against
 log-log interpolation between neighbouring points), and is written atomically.
 """
@@ -18,10 +19,10 @@ from calibration.results import provenance, write_json_atomic
 
 
 def summaries(rows: list) -> dict:
-    """{group_quantity: summary} for the rows at the table's dims and at other dims."""
+    """{group_quantity: summary} for the rows at measured shapes and at modelled ones."""
     out = {}
-    for group in ("at_table_dims", "other_dims"):
-        members = [r for r in rows if (r["source"] != "modelled") == (group == "at_table_dims")]
+    for group in ("at_measured_shapes", "modelled_shapes"):
+        members = [r for r in rows if (r["source"] != "modelled") == (group == "at_measured_shapes")]
         for key in ("latency_ms", "energy_j"):
             measured = [r for r in members if f"measured_{key}" in r]
             if measured:

@@ -4,7 +4,8 @@
 every shape the sweep ran. ``curve(op, dims)`` then gives the op's costs at knot batch sizes:
 the measured batch sizes, every quarter power of two, and both sides of each step in the model:
 where a tile count crosses a multiple of the SM count (one more wave) or the kernel switches
-config (``_step_knots``), so a step is not smoothed over. At a shape the table measured, each knot's model
+config (``_step_knots``), so a step is not smoothed over. At a shape the table measured (any dims
+that agree on the dims the op reads, ``costmodel.ops.OP_DIMS``: ``rms_norm`` reads only d_model), each knot's model
 cost is multiplied by the measured/model ratio interpolated in log batch size between that
 shape's points (held at the end ratio beyond them), so the curve passes through every measured
 point and the model only carries the shape between them; at other shapes the model stands alone.
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from costmodel.fit import Ceilings, OpFit, fit_op, launch_times, work_totals
-from costmodel.ops import SEQUENCE_OPS, ModelDims, work
+from costmodel.ops import SEQUENCE_OPS, ModelDims, op_shape, work
 from costmodel.shapes import op_launches
 
 TOKEN_KNOTS = tuple(sorted({round(2 ** (k / 4)) for k in range(0, 57)}))  # 1 .. 16384 tokens, 4 a doubling
@@ -101,23 +102,27 @@ class ShapeModel:
     def model_cost(self, op: str, batch_size: float, dims: ModelDims, latency_ms: float = None) -> tuple:
         """(latency_ms, energy_j) of the bare model; energy at ``latency_ms`` when given."""
         fit = self.fit(op)
-        times, (flops, nbytes) = self._times(op, batch_size, dims)
+        times, totals = self._times(op, batch_size, dims)
         latency_ms = fit.latency_ms(times) if latency_ms is None else latency_ms
-        return latency_ms, fit.energy_j(latency_ms, flops, nbytes)
+        return latency_ms, fit.energy_j(latency_ms, *totals)
+
+    def _same_shape_points(self, op, dims):
+        """The op's points measured at ``dims`` or at dims that agree on every dim the op reads."""
+        shape = op_shape(op, dims)
+        return [p for p in self.table["ops"][op]["points"] if op_shape(op, point_dims(self.table, p)) == shape]
 
     def _residuals(self, op, dims):
-        """(log b, log latency ratio) and (log b, log energy ratio) of the points measured at ``dims``."""
-        latency, energy = [], []
-        for p in sorted(self.table["ops"][op]["points"], key=lambda p: p["batch_size"]):
-            if point_dims(self.table, p) != dims:
-                continue
+        """(log b, log latency ratio) and (log b, log energy ratio) of the points at ``dims``'s op
+        shape, ratios at one batch size measured more than once averaged."""
+        latency, energy = {}, {}
+        for p in self._same_shape_points(op, dims):
             log_b = math.log(p["batch_size"])
             model_ms, _ = self.model_cost(op, p["batch_size"], dims)
-            latency.append((log_b, math.log(p["latency_ms"] / model_ms)))
+            latency.setdefault(log_b, []).append(math.log(p["latency_ms"] / model_ms))
             if p.get("energy_j") is not None:
                 _, model_j = self.model_cost(op, p["batch_size"], dims, latency_ms=p["latency_ms"])
-                energy.append((log_b, math.log(p["energy_j"] / model_j)))
-        return latency, energy
+                energy.setdefault(log_b, []).append(math.log(p["energy_j"] / model_j))
+        return ([(x, sum(ys) / len(ys)) for x, ys in sorted(ratios.items())] for ratios in (latency, energy))
 
     def curve(self, op: str, dims: ModelDims) -> Curve:
         """The op's ``Curve`` at ``dims`` (cached)."""
@@ -128,7 +133,7 @@ class ShapeModel:
 
     def _build_curve(self, op, dims):
         latency_res, energy_res = self._residuals(op, dims)
-        measured = tuple(p["batch_size"] for p in self.table["ops"][op]["points"] if point_dims(self.table, p) == dims)
+        measured = tuple(sorted({p["batch_size"] for p in self._same_shape_points(op, dims)}))
         knots = set(SEQUENCE_KNOTS if op in SEQUENCE_OPS else TOKEN_KNOTS)
         knots = sorted(knots | set(measured) | self._step_knots(op, dims))
         rows = []
@@ -138,7 +143,7 @@ class ShapeModel:
             _, model_j = self.model_cost(op, b, dims, latency_ms=latency_ms)
             rows.append((b, latency_ms, model_j * math.exp(_correction(energy_res, b)), work(op, b, dims)[1] / 1e9))
         rows = _thinned(rows, keep=set(measured))
-        return Curve(*(tuple(col) for col in zip(*rows)), measured_batches=tuple(sorted(measured)))
+        return Curve(*(tuple(col) for col in zip(*rows)), measured_batches=measured)
 
     def _step_knots(self, op, dims):
         """{b, b + 1} for the ``MAX_STEPS`` largest steps of the model's latency between

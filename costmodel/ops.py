@@ -52,6 +52,22 @@ def expected_experts(batch_size, num_experts: int, top_k: int):
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch_size)
 
 
+# the dims each op's kernels read: points measured at other dims that agree on these are the same op shape
+OP_DIMS = {"ffn_gate": ("d_model", "d_ff"), "ffn_up": ("d_model", "d_ff"), "ffn_down": ("d_model", "d_ff"),
+           "swiglu_gate_up": ("d_model", "d_ff"), "swiglu_ffn": ("d_model", "d_ff"),
+           "attention_qk": ("d_model", "n_heads", "seq_len"), "attention_av": ("d_model", "n_heads", "seq_len"),
+           "flash_attention": ("d_model", "n_heads", "seq_len"), "moe_router": ("d_model", "num_experts", "top_k"),
+           "fused_experts": ("d_model", "d_ff", "num_experts", "top_k"), "qkv_projection": ("d_model",),
+           "output_projection": ("d_model",), "lm_head": ("d_model", "vocab_size"), "rms_norm": ("d_model",),
+           "residual_add": ("d_model",)}
+
+
+def op_shape(op: str, dims: ModelDims) -> tuple:
+    """The values of the dims ``op`` reads (``OP_DIMS``): two dims with the same op shape cost the same."""
+    check_op(op)
+    return tuple(getattr(dims, name) for name in OP_DIMS[op])
+
+
 def check_op(op: str) -> None:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; the cost model knows {', '.join(OPS)}")

@@ -25,10 +25,15 @@ CONFIG_OPS = ("matmul", "swiglu_gate_up", "moe_gate_up", "moe_down", "attention"
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: ``tiles`` programs of ``tile_flops`` (padded) FLOPs each, moving at least
-    ``nbytes`` through HBM."""
+    ``nbytes`` through HBM; one program loads and stores ``tile_bytes`` (default: an even share)."""
     tiles: int
     tile_flops: float
     nbytes: float
+    tile_bytes: float = None
+
+    def __post_init__(self):
+        if self.tile_bytes is None:
+            object.__setattr__(self, "tile_bytes", self.nbytes / max(self.tiles, 1))
 
 
 def _holds(bound_key, bound, shape):
@@ -52,9 +57,15 @@ def gemm(configs: "dict | None", config_op: str, M: float, N: int, K: int, gated
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg.get("block_k", GENERIC_CONFIG["block_k"])
     products = 2 if gated else 1
     tiles = math.ceil(M / bm) * math.ceil(N / bn)
-    tile_flops = 2.0 * bm * bn * math.ceil(K / bk) * bk * products
+    k_padded = math.ceil(K / bk) * bk
+    tile_flops = 2.0 * bm * bn * k_padded * products
     nbytes = BYTES_PER_ELEMENT * (M * K + products * N * K + M * N)
-    return Launch(tiles, tile_flops, nbytes)
+    return Launch(tiles, tile_flops, nbytes, _gemm_tile_bytes(bm, bn, k_padded, products))
+
+
+def _gemm_tile_bytes(bm, bn, k_padded, products):
+    """One output tile's loads (its rows of A, its columns of each B, all of K) and its store."""
+    return BYTES_PER_ELEMENT * ((bm + products * bn) * k_padded + bm * bn)
 
 
 def _fused_experts(configs, B, dims):
@@ -70,9 +81,11 @@ def _fused_experts(configs, B, dims):
     for config_op, N, K_in, gated in (("moe_gate_up", I, H, True), ("moe_down", H, I, False)):
         cfg = pick_config(configs, config_op, **shape)
         bn, bk = cfg["block_n"], cfg.get("block_k", GENERIC_CONFIG["block_k"])
-        tile_flops = 2.0 * bm * bn * math.ceil(K_in / bk) * bk * (2 if gated else 1)
-        nbytes = BYTES_PER_ELEMENT * (touched * (2 if gated else 1) * N * K_in + slots * (N + K_in))
-        launches.append(Launch(row_blocks * math.ceil(N / bn), tile_flops, nbytes))
+        products, k_padded = 2 if gated else 1, math.ceil(K_in / bk) * bk
+        tile_flops = 2.0 * bm * bn * k_padded * products
+        nbytes = BYTES_PER_ELEMENT * (touched * products * N * K_in + slots * (N + K_in))
+        launches.append(Launch(row_blocks * math.ceil(N / bn), tile_flops, nbytes,
+                               _gemm_tile_bytes(bm, bn, k_padded, products)))
     return launches
 
 
@@ -82,12 +95,15 @@ def _attention(op, configs, B, dims):
     bm, bn = cfg["block_m"], cfg["block_n"]
     _, nbytes = work(op, B, dims)
     rows = math.ceil(S / bm) * B * heads
-    if op == "attention_qk":
-        return [Launch(rows * math.ceil(S / bn), 2.0 * bm * bn * D, nbytes)]
+    b = BYTES_PER_ELEMENT
+    if op == "attention_qk":  # a [bm, D] query block against a [bn, D] key block, storing [bm, bn] scores
+        return [Launch(rows * math.ceil(S / bn), 2.0 * bm * bn * D, nbytes, b * ((bm + bn) * D + bm * bn))]
     # causal: a row block sees (i + 1) column blocks of bn; on average half the sequence plus one block
     visible = min(S, (S + bm) / 2)
-    products = 2 if op == "flash_attention" else 1  # scores and values, or values alone
-    return [Launch(rows, 2.0 * bm * visible * D * products, nbytes)]
+    if op == "flash_attention":  # scores and values: the query block, the visible keys and values, the output
+        return [Launch(rows, 4.0 * bm * visible * D, nbytes, b * (2 * bm * D + 2 * visible * D))]
+    # values alone: the visible scores, the visible values, the output block
+    return [Launch(rows, 2.0 * bm * visible * D, nbytes, b * (bm * visible + visible * D + bm * D))]
 
 
 def op_launches(op: str, batch_size: float, dims: ModelDims, configs: "dict | None" = None) -> list:
@@ -99,7 +115,10 @@ def op_launches(op: str, batch_size: float, dims: ModelDims, configs: "dict | No
         return _attention(op, configs, B, dims)
     if op == "fused_experts":
         return _fused_experts(configs, B, dims)
-    if op in ("moe_router", "rms_norm", "residual_add"):  # no tensor-core tiles: memory and launch bound
+    if op == "rms_norm":  # torch's kernel reduces one row per program
+        flops, nbytes = work(op, B, dims)
+        return [Launch(math.ceil(B), flops / math.ceil(B), nbytes, BYTES_PER_ELEMENT * 2 * H)]
+    if op in ("moe_router", "residual_add"):  # no tensor-core tiles: memory and launch bound
         flops, nbytes = work(op, B, dims)
         tiles = math.ceil(B * H / ELEMENTWISE_BLOCK)
         return [Launch(tiles, flops / tiles, nbytes)]

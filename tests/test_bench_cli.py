@@ -120,8 +120,17 @@ def test_calibrate_keeps_the_old_table_when_the_new_one_fails_its_check(tmp_path
     (["--table", "{file}"], "--table: cost table {file} is corrupt"),
     (["--table", "{dir}/none.json"], "--table: no cost table"),
     (["--gpu", "Z100"], "--gpu: no cost table"), (["--gpu", "A100"], "is a prior"),
+    (["--shape", "d_model=30x"], "--shape: must be name=integer pairs"),
+    (["--shape", "d_model=512,width=3"], "--shape: unknown fields width"),
+    (["--shape", "d_model=512,d_model=1024"], "--shape: gives d_model twice"),
+    (["--shape", "d_model=250,n_heads=4"], "--shape: d_model (250) must be a multiple of n_heads"),
+    (["--shape", "d_model=4096,d_ff=14336,n_heads=32,seq_len=1024,num_experts=8,top_k=2,vocab_size=32000"],
+     "the table measured ops at this shape"),
+    (["--shape", "d_model=512", "--shapes", "none"], "--shape and --shapes none contradict"),
+    (["--batches", "none", "--shapes", "none"], "--batches none with no shapes measures nothing"),
 ], ids=["trials", "output-dir", "output-in-file", "table-dir", "table-corrupt", "table-missing", "gpu-no-table",
-        "prior"])
+        "prior", "shape-not-int", "shape-unknown-field", "shape-repeated-field", "shape-bad-dims", "shape-swept",
+        "shape-and-none", "nothing"])
 def test_kcm_accuracy_bad_arguments(argv, message, tmp_path, capsys):
     from bench import kcm_accuracy
     argv = fill_paths(["--gpu", "H100", *argv] if "--gpu" not in argv else argv, tmp_path)
@@ -160,13 +169,18 @@ def test_kcm_accuracy_summary_maths():
     summary = summarise(rows, "energy_j")
     assert summary["median_ape_pct"] == pytest.approx(2.0) and summary["p90_ape_pct"] == pytest.approx(10.0)
     assert summary["median_signed_pct"] == pytest.approx(1.0) and summary["n"] == 5
-    kernel = [{"held_out": kind, "predicted_energy_j": p, "measured_energy_j": 1.0, "predicted_latency_ms": 1.0,
-               "measured_latency_ms": 1.0} for kind, p in (("batch", 1.1), ("batch", 1.1), ("shape", 0.8))]
+    kernel = [{"held_out": kind, "source": source, "predicted_energy_j": p, "measured_energy_j": 1.0,
+               "predicted_latency_ms": 1.0, "measured_latency_ms": 1.0}
+              for kind, source, p in (("batch", "interpolated", 1.1), ("batch", "interpolated", 1.1),
+                                      ("shape", "modelled", 0.8), ("shape", "interpolated", 1.0))]
     forward = [{"mode": "graph", "predicted_energy_j": 1.0, "measured_energy_j": 1.0, "predicted_latency_ms": 1.0,
                 "measured_latency_ms": 1.0}]
     report = summaries(kernel, forward)
     assert report["batch_energy"]["median_signed_pct"] == pytest.approx(10.0) and report["batch_energy"]["n"] == 2
-    assert report["shape_energy"]["median_signed_pct"] == pytest.approx(-20.0) and report["energy"]["n"] == 3
+    assert report["shape_energy"]["n"] == 2 and report["energy"]["n"] == 4
+    # a held-out shape's op costed from a measured shape's points (same d_model) is not the model alone
+    assert report["shape_modelled_energy"]["median_signed_pct"] == pytest.approx(-20.0)
+    assert report["shape_modelled_energy"]["n"] == 1
 
 
 def test_calibrate_writes_to_the_user_table_folder_by_default(tmp_path, monkeypatch):

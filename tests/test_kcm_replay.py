@@ -4,8 +4,9 @@ import json
 import pytest
 
 from bench import kcm_replay
-from bench.harness.replay import leave_one_out
+from bench.harness.replay import leave_one_out, op_shape, point_dims
 from costmodel.kernel_cost_model import KernelCostModel
+from costmodel.ops import ModelDims
 
 RESULTS = ["bench/results/kcm_accuracy_NVIDIA_H100_80GB_HBM3.json",
            "bench/results/dense_kernels_NVIDIA_H100_80GB_HBM3.json",
@@ -18,8 +19,14 @@ def test_replay_reads_every_kind_of_results_file(tmp_path, capsys):
     assert set(report["inputs"]) == set(RESULTS) and report["provenance"]["commit"]
     files = {row["file"] for row in report["rows"]}
     assert files == set(RESULTS), "each file gives rows"
-    assert report["at_table_dims_energy"]["n"] == 87  # the accuracy report's held-out kernel points
-    assert {r["source"] for r in report["rows"] if r["file"] == RESULTS[2]} == {"modelled"}
+    accuracy = json.loads(open(RESULTS[0]).read())["rows"]
+    model = KernelCostModel("H100")
+    at_measured = [r for r in accuracy if r["held_out"] == "batch"
+                   or model.is_measured_shape(r["op"], ModelDims(**r["dims"]))]
+    assert len(at_measured) > 87  # the held-out batch sizes, and held-out shapes' ops at a swept op shape
+    assert report["at_measured_shapes_energy"]["n"] == len(at_measured)
+    # the fused-MoE file's model shapes: some the sweep ran (Mixtral's experts), some it never did
+    assert {"modelled", "measured"} <= {r["source"] for r in report["rows"] if r["file"] == RESULTS[2]}
     for row in report["rows"]:
         assert row["predicted_latency_ms"] > 0 and row["measured_latency_ms"] > 0
     assert "leave_one_out tile_model_energy" in capsys.readouterr().out
@@ -29,7 +36,13 @@ def test_leave_one_out_never_sees_the_point_it_predicts():
     table = KernelCostModel("H100").table
     rows = leave_one_out(table)
     assert {r["method"] for r in rows} == {"tile_model", "log_log"}
-    inner = sum(len(e["points"]) - 2 for e in table["ops"].values())  # one measured shape per op
+    per_shape = {}
+    for op, entry in table["ops"].items():
+        for p in (p for p in entry["points"] if p.get("energy_j")):  # latency-only points are not held out
+            key = op, op_shape(op, point_dims(table, p))
+            per_shape[key] = per_shape.get(key, 0) + 1
+    inner = sum(max(n - 2, 0) for n in per_shape.values())  # each measured shape keeps its two ends
+    assert len(per_shape) > len(table["ops"]), "the table holds more than one shape per op"
     assert len(rows) == 2 * inner
     # had the fit seen the point, the curve would pass through it exactly
     assert all(r["predicted_energy_j"] != pytest.approx(r["measured_energy_j"], rel=1e-9) for r in rows

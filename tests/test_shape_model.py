@@ -18,8 +18,9 @@ CEILINGS = Ceilings(peak_flops=8.0e14, hbm_bytes_per_s=3.0e12, sm_count=132, l2_
 CONFIGS = {"matmul": {"entries": [{"when": {"max_m": 64}, "config": {"block_m": 16, "block_n": 64, "block_k": 64}},
                                   {"config": {"block_m": 128, "block_n": 128, "block_k": 64}}]}}
 # the constants the synthetic measurements are generated with: what the fit must recover
-TRUE_FIT = OpFit(fixed_ms=0.003, compute_eff=0.7, tile_ms=0.0005, l2_eff=1.5, hbm_eff=0.85, hbm_eff_source="fitted",
-                 power_w=250.0, j_per_flop=0.4e-12, j_per_byte=60e-12, latency_rms=0.0, energy_rms=0.0)
+TRUE_FIT = OpFit(fixed_ms=0.003, compute_eff=0.7, tile_ms=0.0005, l2_eff=1.5, hbm_eff=0.85, stream_eff=6.0,
+                 l2_share=0.5, hbm_eff_source="fitted", power_w=250.0, j_per_flop=0.4e-12, j_per_byte=60e-12,
+                 j_per_tile_byte=4e-12, latency_rms=0.0, energy_rms=0.0)
 TOKEN_BATCHES = (1, 16, 256, 4096)
 
 
@@ -111,14 +112,19 @@ def test_with_dims_keeps_the_table_and_changes_the_default_shape(swept_model):
 
 
 def test_the_packaged_table_costs_a_real_models_shape():
-    """The issue's case: the H100 table, measured at the harness's dims, costs a Mixtral expert."""
+    """The issue's case: the H100 table costs real models' experts. Its sweep measured Mixtral's
+    expert shape; DeepSeek-V3's (7168 x 2048, 256 experts, top 8) it never ran."""
     model = KernelCostModel("H100")
-    mixtral = ModelDims(d_model=4096, d_ff=14336, n_heads=32, num_experts=8, top_k=2)
-    cost = model.get_cost("fused_experts", 1, dims=mixtral)
-    assert cost["source"] == "modelled"
-    # decode reads two experts' weights from HBM: never faster than the copy ceiling allows
-    weight_bytes = 2 * 3 * 4096 * 14336 * 2
-    assert cost["latency_ms"] * 1e-3 >= weight_bytes / model.table["hbm_bytes_per_s"]
+    mixtral = ModelDims(d_model=4096, d_ff=14336, n_heads=32, num_experts=8, top_k=2, vocab_size=32000)
+    deepseek = ModelDims(d_model=7168, d_ff=2048, n_heads=128, num_experts=256, top_k=8, vocab_size=32000)
+    for dims, source, experts_read in ((mixtral, "measured", 2), (deepseek, "modelled", 8)):
+        cost = model.get_cost("fused_experts", 1, dims=dims)
+        assert cost["source"] == source
+        # decode reads top_k experts' weights from HBM: never faster than the copy ceiling allows
+        weight_bytes = experts_read * 3 * dims.d_model * dims.d_ff * 2
+        assert cost["latency_ms"] * 1e-3 >= weight_bytes / model.table["hbm_bytes_per_s"]
+    # rms_norm reads only d_model: a shape that shares the swept one's is measured, whatever its d_ff
+    assert model.get_cost("rms_norm", 1, dims=ModelDims(d_model=4096, d_ff=1024, n_heads=32))["source"] == "measured"
 
 
 @pytest.mark.parametrize("dims, error, match", [

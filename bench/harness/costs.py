@@ -49,7 +49,8 @@ def _at_dims(model, gpu, table, why, dims):
     if model.dims == dims:
         return model, _cost_info(model, gpu, table, why + " is at the model's dims")
     info = _cost_info(model.with_dims(dims), gpu, table, why + f" was measured at other dims {asdict(model.dims)}: "
-                      "the tile model fitted to it predicts at the model's dims (modelled, not measured there)")
+                      "the tile model fitted to it predicts at the model's dims (modelled, not measured there; "
+                      "an op whose own shape the sweep ran is costed from those points, as each cost's source says)")
     return model.with_dims(dims), info | {"source": "modelled", "table_dims": asdict(model.dims)}
 
 

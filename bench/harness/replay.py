@@ -18,7 +18,7 @@ import copy
 
 from costmodel.curves import ShapeModel, log_log_at, point_dims
 from costmodel.kernel_cost_model import KernelCostModel
-from costmodel.ops import ModelDims
+from costmodel.ops import ModelDims, op_shape
 
 
 def _dense_case(row):
@@ -68,9 +68,10 @@ def leave_one_out(table: dict) -> list:
     of every measured shape of ``table``, by "tile_model" and by "log_log" interpolation."""
     rows = []
     for op, entry in table["ops"].items():
-        for dims in {point_dims(table, p) for p in entry["points"]}:
-            points = sorted((p for p in entry["points"] if point_dims(table, p) == dims and p.get("energy_j")),
-                            key=lambda p: p["batch_size"])
+        shapes = {op_shape(op, point_dims(table, p)): point_dims(table, p) for p in entry["points"]}
+        for shape, dims in shapes.items():
+            points = sorted((p for p in entry["points"] if op_shape(op, point_dims(table, p)) == shape
+                             and p.get("energy_j")), key=lambda p: p["batch_size"])
             for held in points[1:-1]:
                 rest = [p for p in points if p is not held]
                 without = copy.deepcopy(table)
