@@ -27,7 +27,7 @@ at ``stream_eff`` times its fair share of the copy ceiling, however idle the oth
 less than all of it). ``l2_eff`` may exceed 1 (L2 outruns HBM); where no point's working set
 exceeds L2 the table cannot tell ``hbm_eff``, which then takes the prior ``HBM_EFF_PRIOR``
 (``OpFit.hbm_eff_source`` says which). ``power_w`` is the board's power while the kernel runs
-(static power and clocks held up), the two ``j_per_*`` the dynamic energy of the work. Both
+(static power and clocks held up), the ``j_per_*`` terms the dynamic energy of the work. Both
 fits minimise squared *relative* error, since costs span four decades: latency by a grid search
 over the efficiencies (``fixed_ms`` in closed form), energy by non-negative least squares at each
 point's measured latency. Waves make the latency step where the tile count crosses a multiple of

@@ -205,3 +205,27 @@ def test_thinned_curves_keep_measured_points_and_stay_within_tolerance(swept_mod
         exact_j = swept_model.shapes.model_cost("ffn_gate", b, dims, latency_ms=exact_ms)[1]
         assert latency_ms == pytest.approx(exact_ms, rel=THIN_TOLERANCE * 1.001), b
         assert energy_j == pytest.approx(exact_j, rel=THIN_TOLERANCE * 1.001), b
+
+
+def test_a_decode_gemm_is_bound_by_each_tiles_own_stream():
+    """12 tiles of a 2048-long K loop fill 12 of 132 SMs: the launch takes at least one SM's share
+    of the copy ceiling for each tile's bytes, far more than all its bytes at the whole ceiling."""
+    launch = gemm(CONFIGS, "matmul", 3, 768, 2048)
+    assert launch.tiles == 1 * 12
+    assert launch.tile_bytes == 2 * ((16 + 64) * 2048 + 16 * 64)  # its A rows, B columns, all of K; its output
+    compute_s, waves, bytes_s, l2_bytes_s, stream_s = launch_times(launch, CEILINGS)
+    assert waves == 1 and stream_s == pytest.approx(launch.tile_bytes * 132 / CEILINGS.hbm_bytes_per_s)
+    assert stream_s > 5 * bytes_s
+    assert l2_bytes_s == pytest.approx(CEILINGS.l2_bytes / CEILINGS.hbm_bytes_per_s)
+    no_sms = launch_times(launch, Ceilings(CEILINGS.peak_flops, CEILINGS.hbm_bytes_per_s))
+    assert no_sms[4] == 0.0 and no_sms[3] == 0.0  # no SM count: no per-SM bound; no L2: all streams
+
+
+def test_op_shapes_are_the_dims_each_op_reads():
+    from costmodel.ops import op_shape
+    narrow, wide = ModelDims(d_model=512, d_ff=1024, n_heads=8), ModelDims(d_model=512, d_ff=4096, n_heads=8)
+    assert op_shape("rms_norm", narrow) == op_shape("rms_norm", wide) == (512,)
+    assert op_shape("ffn_gate", narrow) != op_shape("ffn_gate", wide)
+    assert op_shape("flash_attention", narrow) == (512, 8, 512)
+    with pytest.raises(ValueError, match="unknown op 'ffn'"):
+        op_shape("ffn", narrow)
