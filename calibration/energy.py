@@ -4,14 +4,14 @@ The H100's counter moves only about every 100 ms, so one call is invisible to it
 therefore repeats the kernel back to back (CUDA-graph replays, so launch gaps do not dilute it)
 for at least ``window_s`` (1 s = 10 or more counter updates). Each window starts on a counter
 update and ends on the next update after the work: the idle tail between the work's end and that
-update is charged at the measured idle power and subtracted. Several trials start after a random
-delay (so windows sample different counter phases); the median and the spread are reported.
+update is charged at the measured idle power and subtracted. Since every window opens on an update,
+no delay before it would change its phase against the counter; trials follow each other at once,
+and their median and spread are reported.
 Latency is the median CUDA-event time of a graph replay over its calls (the same launches the
 windows run). GPU state is recorded at each window's start and end.
 """
 import contextlib
 import numbers
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -122,17 +122,13 @@ def measure_window(meter: "GpuMeter", run_for: "Callable[[float], int]", window_
 
 
 def measure_energy(meter: "GpuMeter", run_for: "Callable[[float], int]", idle_power_w: float,
-                   window_s: float = MIN_WINDOW_S, trials: int = 3, seed: int = 0):
+                   window_s: float = MIN_WINDOW_S, trials: int = 3):
     """Median and spread of energy per call over ``trials`` (>= 1) windows of at least ``window_s``
-    (>= 1 s) with randomised starts; ``measure_window``'s errors for a window that measured nothing."""
+    (>= 1 s); ``measure_window``'s errors for a window that measured nothing."""
     check_meter("meter", meter)
     _check_run_for(run_for)
     idle_power_w, window_s, trials = check_idle_power_w(idle_power_w), check_window_s(window_s), count("trials", trials)
-    rng = random.Random(seed)
-    windows = []
-    for _ in range(trials):
-        time.sleep(rng.uniform(0.0, 0.1))  # a random phase against the counter's update period
-        windows.append(measure_window(meter, run_for, window_s, idle_power_w))
+    windows = [measure_window(meter, run_for, window_s, idle_power_w) for _ in range(trials)]
     per_call = [w.energy_j / w.calls for w in windows]
     power = [w.energy_j / w.duration_s for w in windows]
     return {
