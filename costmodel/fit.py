@@ -8,7 +8,8 @@ ceilings (``peak_flops``, ``hbm_bytes_per_s``) and the card's SM count and L2 si
     bytes_s   = nbytes / hbm_bytes_per_s                     (all the launch's bytes at the copy ceiling)
     l2_s      = min(nbytes, l2_share * l2_bytes) / hbm_bytes_per_s   (what a repeated call finds in L2)
     hbm_s     = bytes_s - l2_s                               (what streams from HBM)
-    stream_s  = waves * tile_bytes / (hbm_bytes_per_s / sm_count)     (one SM's fair share, per tile)
+    stream_s  = ceil(tiles / (sm_count * resident)) * tile_bytes / (hbm_bytes_per_s / sm_count)
+                                                             (one SM's fair share, per tile in turn)
 
 and predicts, with constants fitted per op,
 
@@ -22,7 +23,8 @@ and predicts, with constants fitted per op,
 epilogue (which short K loops cannot hide: why small GEMMs reach a small share of the ceiling);
 the efficiencies are the share of the ceilings our tiles reach. ``stream_s`` bounds a launch of
 few, long tiles (decode GEMMs: 12 tiles of a 2048-long K loop): each SM moves its own tile's bytes
-at ``stream_eff`` times its fair share of the copy ceiling, however idle the other SMs are.
+at ``stream_eff`` times its fair share of the copy ceiling, however idle the other SMs are; an SM
+that holds ``resident`` programs at once (a norm's rows) streams them side by side.
 ``l2_share`` is the part of L2 a repeated call's working set keeps (H100's L2 is two halves, so
 less than all of it). ``l2_eff`` may exceed 1 (L2 outruns HBM); where no point's working set
 exceeds L2 the table cannot tell ``hbm_eff``, which then takes the prior ``HBM_EFF_PRIOR``
@@ -73,7 +75,8 @@ def launch_times(launch: Launch, ceilings: Ceilings) -> tuple:
     if ceilings.sm_count:
         waves = math.ceil(launch.tiles / ceilings.sm_count)
         compute_s = waves * launch.tile_flops * ceilings.sm_count / ceilings.peak_flops
-        stream_s = waves * launch.tile_bytes * ceilings.sm_count / ceilings.hbm_bytes_per_s
+        stream_waves = math.ceil(launch.tiles / (ceilings.sm_count * launch.resident))
+        stream_s = stream_waves * launch.tile_bytes * ceilings.sm_count / ceilings.hbm_bytes_per_s
     else:  # no SM count: tiles are not quantised, and no tile is bound to one SM
         waves, stream_s = launch.tiles, 0.0
         compute_s = launch.tiles * launch.tile_flops / ceilings.peak_flops
