@@ -3,11 +3,16 @@
 Run with ``pytest --benchmark-only``; ``python -m bench.kernels`` prints the same cases as a
 table of ratios. Each case checks correctness against its peer before timing.
 """
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 
 from bench import dense_cases
 from bench.kernels import rel_error
+
+if TYPE_CHECKING:
+    from pytest_benchmark.fixture import BenchmarkFixture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA device (none found)")
 CASES = dense_cases.gpu_cases() if torch.cuda.is_available() else []
@@ -18,7 +23,7 @@ def _inputs(case):
 
 
 def _bench(benchmark, fn, inputs):
-    def run():
+    def run() -> None:
         fn(*inputs)
         torch.cuda.synchronize()
     run()  # compile and warm up outside the timed rounds
@@ -26,7 +31,7 @@ def _bench(benchmark, fn, inputs):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_ours(benchmark, case):
+def test_ours(benchmark: "BenchmarkFixture", case: dense_cases.DenseCase) -> None:
     inputs = _inputs(case)
     out, ref = case.ours(*inputs), case.peer(*inputs)
     assert rel_error(out, ref) < 2e-2
@@ -35,6 +40,6 @@ def test_ours(benchmark, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_peer(benchmark, case):
+def test_peer(benchmark: "BenchmarkFixture", case: dense_cases.DenseCase) -> None:
     benchmark.group = case.name
     _bench(benchmark, case.peer, _inputs(case))

@@ -27,7 +27,7 @@ GPU_DEFAULTS = {"shape": "qwen3_30b_a3b", "num_layers": 4, "context": 256, "dtyp
 CPU_DEFAULTS = {"shape": "tiny", "num_layers": 2, "context": 8, "dtype": torch.float32}
 
 
-def compile_options(way, on_gpu):
+def compile_options(way: str, on_gpu: bool) -> dict | None:
     """``torch.compile`` keywords for a way (None: not compiled)."""
     if not way.startswith("compile"):
         return None
@@ -36,8 +36,10 @@ def compile_options(way, on_gpu):
     return {"fullgraph": True} | ({"mode": "reduce-overhead"} if way == "compile_reduce_overhead" else {})
 
 
-def decode_ways(model, batch_size, args, on_gpu, generator):
-    """{way: {"rel_error_vs_eager", "ms"}} for one decode batch, every way over the same cache and ids."""
+def decode_ways(model: torch.nn.Module, batch_size: int, args: argparse.Namespace, on_gpu: bool,
+                generator: torch.Generator) -> dict[str, dict]:
+    """{way: {"rel_error_vs_eager", "ms" (median ms a step, or None)}} for one decode batch, every way
+    over the same cache and ids."""
     config, device = model.config, next(model.parameters()).device
     cache = hf_policies.static_cache(config, batch_size, args.context + 1, device, args.dtype)
     hf_policies.prefill(model, cache, torch.randint(config.vocab_size, (batch_size, args.context),
@@ -57,7 +59,7 @@ def decode_ways(model, batch_size, args, on_gpu, generator):
     return rows
 
 
-def summary(rows):
+def summary(rows: dict[int, dict[str, dict]]) -> dict[int, dict]:
     """compile / graph ratios and the target verdict per batch (None without times)."""
     out = {}
     for batch_size, ways in rows.items():
@@ -68,7 +70,7 @@ def summary(rows):
     return out
 
 
-def print_table(rows, verdicts):
+def print_table(rows: dict[int, dict[str, dict]], verdicts: dict[int, dict]) -> None:
     print(f"{'B':>4} {'way':26} {'err vs eager':>12} {'ms':>9} {'x graph':>8}")
     for batch_size, ways in rows.items():
         ratios = verdicts[batch_size]["ratio_to_graph"] or {}
@@ -81,7 +83,7 @@ def print_table(rows, verdicts):
               + {True: "met", False: "NOT met", None: f"not timed ({NO_GPU})"}[met])
 
 
-def parse_args(argv):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--decode", type=comma_list(positive_int), default="1,16", help="decode batch sizes")
     parser.add_argument("--num_layers", type=positive_int, default=None, help="decoder layers (4 on a GPU, 2 on a CPU)")
@@ -97,7 +99,7 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")

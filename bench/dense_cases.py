@@ -3,8 +3,9 @@
 Shared by ``python -m bench.kernels`` (a printed table and a results file) and the
 pytest-benchmark file ``bench/bench_kernels.py``.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,27 +30,27 @@ def _randn(generator, device, dtype, *shape, scale=1.0):
     return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
 
 
-def swiglu_eager(x, gate_up_proj, down_proj):
+def swiglu_eager(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
     """The eager peer, as transformers runs it: one cuBLAS gate_up matmul, SiLU·up, the down matmul."""
     gate, up = (x @ gate_up_proj.T).chunk(2, dim=-1)
     return (F.silu(gate) * up) @ down_proj.T
 
 
-def sdpa_flash(q, k, v):
+def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def sdpa_default(q, k, v):
+def sdpa_default(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SDPA with torch's own backend choice: the strongest SDPA peer."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def attention_qk_av(q, k, v):
+def attention_qk_av(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return kernels.attention_av(kernels.attention_qk(q, k), v, causal=True)
 
 
-def matmul_softmax_matmul(q, k, v):
+def matmul_softmax_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The materialised peer of attention_qk + attention_av: cuBLAS QKᵀ, fp32 softmax, cuBLAS ·V."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
@@ -57,25 +58,26 @@ def matmul_softmax_matmul(q, k, v):
     return probs.to(v.dtype) @ v
 
 
-def swiglu_case(T, H, I, target_ratio=None):
-    def make(device, dtype, gen):
+def swiglu_case(T: int, H: int, I: int, target_ratio: float | None = None) -> DenseCase:
+    def make(device: torch.device | str, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         return (_randn(gen, device, dtype, T, H), _randn(gen, device, dtype, 2 * I, H, scale=H ** -0.5),
                 _randn(gen, device, dtype, H, I, scale=I ** -0.5))
     return DenseCase(f"swiglu_ffn T{T} H{H} I{I}", "eager torch (cuBLAS + SiLU·mul)", dict(T=T, H=H, I=I),
                      6.0 * T * H * I, make, kernels.swiglu_ffn, swiglu_eager, target_ratio)
 
 
-def projection_case(name, T, K, N):
-    def make(device, dtype, gen):
+def projection_case(name: str, T: int, K: int, N: int) -> DenseCase:
+    def make(device: torch.device | str, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         return _randn(gen, device, dtype, T, K), _randn(gen, device, dtype, N, K, scale=K ** -0.5)
     return DenseCase(f"{name} T{T} K{K} N{N}", "torch matmul (cuBLAS)", dict(T=T, K=K, N=N), 2.0 * T * K * N,
                      make, kernels.matmul, lambda x, w: x @ w.T)
 
 
-def attention_case(B, H, S, D, target_ratio=None, split=False, H_kv=None, peer="default"):
+def attention_case(B: int, H: int, S: int, D: int, target_ratio: float | None = None, split: bool = False,
+                   H_kv: int | None = None, peer: str = "default") -> DenseCase:
     H_kv = H_kv or H
 
-    def make(device, dtype, gen):
+    def make(device: torch.device | str, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         return (_randn(gen, device, dtype, B, H, S, D), _randn(gen, device, dtype, B, H_kv, S, D),
                 _randn(gen, device, dtype, B, H_kv, S, D))
     flops = 4.0 * B * H * S * S * D / 2  # causal: half the score matrix
@@ -90,7 +92,7 @@ def attention_case(B, H, S, D, target_ratio=None, split=False, H_kv=None, peer="
                      target_ratio)
 
 
-def gpu_cases():
+def gpu_cases() -> list[DenseCase]:
     """The benchmark shapes, with the issues' targets as ratios (issue 17: flash attention >= 0.95x SDPA's
     default backend at B8 H32 S2048 D128, SwiGLU >= 1.0x eager at every shape)."""
     return [
@@ -109,7 +111,7 @@ def gpu_cases():
     ]
 
 
-def cpu_cases():
+def cpu_cases() -> list[DenseCase]:
     """Small shapes for the interpreter: correctness only."""
     return [
         attention_case(1, 2, 67, 64),

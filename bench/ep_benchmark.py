@@ -124,7 +124,7 @@ def full_weights(shape: MoeShape, device: torch.device, dtype: torch.dtype, seed
     """Router [E, H], gate_up [E, 2I, H], down [E, H, I]: the same on every rank (same seed)."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def randn(*size, scale):
+    def randn(*size: int, scale: float) -> torch.Tensor:
         return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
     # router logits ~ N(0, 1) as from a trained router's scale (unscaled, they would be ~sqrt(H) and the
     # gates one-hot, hiding what re-routing changes)
@@ -190,7 +190,7 @@ def ms_per_call(fn: Callable[[], object], args: argparse.Namespace) -> float:
 
 
 def energy_per_call(env: dict, fn: Callable[[], object], latency_ms: float, args: argparse.Namespace) -> tuple:
-    """(every GPU's energy for one call of ``fn`` on every rank, summed, with its spread; None), or
+    """(every GPU's energy (J) for one call of ``fn`` on every rank, summed, with its spread; None), or
     (None, why not)."""
     if env["meter"] is None:
         return None, env["energy_reason"]
@@ -272,11 +272,11 @@ def run(args: argparse.Namespace, rank: int, world_size: int, device: torch.devi
 def weak_scaling(results: dict, measured: list) -> dict:
     """Efficiency = EP tokens/s / (N x single-GPU tokens/s): the fastest EP configuration against the
     fastest single-GPU one, and per execution mode (eager against eager, graphs against graphs)."""
-    def best(names):
+    def best(names: list[str]) -> str | None:
         names = [name for name in names if "latency_ms" in results[name]]
         return max(names, key=lambda name: results[name]["tokens_per_s"]) if names else None
 
-    def efficiency(ep, single):
+    def efficiency(ep: str | None, single: str | None) -> float | None:
         return None if ep is None or single is None else results[ep]["tokens_per_s"] / results[single]["tokens_per_s"]
     graphed = [name for name in measured if results[name]["exchange"] == "fixed_graph"]
     eager = [name for name in measured if name not in graphed]

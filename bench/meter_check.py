@@ -29,7 +29,7 @@ def workload_call(name: str, device: torch.device | str, seed: int = 0) -> Calla
     """A no-argument, graph-capturable call of one workload on random bf16 data."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def randn(*shape, scale=1.0):
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device) * scale).to(torch.bfloat16)
     if name == "gemm":
         a, b = randn(8192, 8192), randn(8192, 8192, scale=8192 ** -0.5)

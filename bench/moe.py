@@ -28,7 +28,8 @@ TARGETS = {  # (shape, T) -> [(what, predicate on the row)], issue 17's H200 tar
                       (">= 1.15x grouped_mm", lambda r: r["ratio_grouped_mm"] >= 1.15)] for T in (4096, 16384)}
 
 
-def run_case(shape, T, device, dtype, timed, bytes_per_s=None):
+def run_case(shape: moe_cases.MoeShape, T: int, device: torch.device | str, dtype: torch.dtype, timed: bool,
+             bytes_per_s: float | None = None) -> dict:
     inputs = moe_cases.make_inputs(shape, T, device, dtype)
     out = moe_cases.ours(*inputs)
     row = {"shape": shape.name, "T": T, "E": shape.E, "K": shape.K, "H": shape.H, "I": shape.I,
@@ -51,7 +52,7 @@ def run_case(shape, T, device, dtype, timed, bytes_per_s=None):
     return row
 
 
-def print_table(rows):
+def print_table(rows: list[dict]) -> None:
     if rows[0]["ours_ms"] is None:
         for r in rows:
             print(f"{r['shape']:12} T={r['T']:<6} rel. error vs HF loop {r['rel_error_vs_hf_loop']:.2e}")
@@ -68,7 +69,7 @@ def print_table(rows):
           "above 1 we are faster. floor = touched experts' weight bytes / measured copy bandwidth.")
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.moe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=comma_list(), default=None,
                         help="comma-separated subset of " + ",".join(moe_cases.SHAPES))

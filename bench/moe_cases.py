@@ -39,7 +39,7 @@ def make_inputs(shape: MoeShape, T: int, device: torch.device | str, dtype: torc
     """(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights) with random data."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def randn(*size, scale=1.0):
+    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
     x = randn(T, shape.H)
     gate_up = randn(shape.E, 2 * shape.I, shape.H, scale=shape.H ** -0.5)

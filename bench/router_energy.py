@@ -29,6 +29,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,7 +87,7 @@ def layer_weights(shape: moe_cases.MoeShape, device: torch.device | str, dtype: 
     """(gate [E, H], gate_up [E, 2I, H], down [E, H, I]): random, logits ~ N(0, 1) on N(0, 1) inputs."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def randn(*size, scale=1.0):
+    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
     return (randn(shape.E, shape.H, scale=shape.H ** -0.5), randn(shape.E, 2 * shape.I, shape.H, scale=shape.H ** -0.5),
             randn(shape.E, shape.H, shape.I, scale=shape.I ** -0.5))
@@ -99,7 +100,7 @@ def hidden_states(shape: moe_cases.MoeShape, T: int, device: torch.device | str,
 
 
 def energy_router(plain: kernels.TopKRouter, cost_model: KernelCostModel, quality: float,
-                  monitor: HardwareMonitor | None, **kwargs) -> EnergyAwareTTTRouter:
+                  monitor: HardwareMonitor | None, **kwargs: Any) -> EnergyAwareTTTRouter:
     return EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights={"energy": 1.0, "quality": quality},
                                             monitor=monitor, ttt_update_frequency=TTT_UPDATE_FREQUENCY, **kwargs)
 
@@ -129,7 +130,7 @@ def routing_row(plain: kernels.TopKRouter, router: EnergyAwareTTTRouter, layer: 
     plain_ids = plain(x)[2]
     probs = torch.softmax(logits.float(), dim=-1)
 
-    def kl(chosen):  # KL(q_S || p) = -log p(S), token mean
+    def kl(chosen: torch.Tensor) -> float:  # KL(q_S || p) = -log p(S), token mean
         return (-probs.gather(1, chosen.long()).sum(1).clamp_min(1e-30).log()).mean().item()
     kl_plain, kl_ours = kl(plain_ids), kl(ids)
     return {"distinct_experts": torch.unique(ids).numel(), "plain_distinct_experts": torch.unique(plain_ids).numel(),
@@ -154,7 +155,7 @@ def sync_free(fn: Callable[[], object]) -> tuple:
 
 def measured_layer(layer: kernels.FusedMoE, x: torch.Tensor, meter: GpuMeter, idle_power_w: float,
                    args: argparse.Namespace) -> dict:
-    """Graph-replay latency and measured energy per token of ``layer(x)``; the capture proves no sync."""
+    """Graph-replay latency (ms) and measured energy per token (J) of ``layer(x)``; the capture proves no sync."""
     runner = GraphRunner(lambda: layer(x))
     energy = measure_energy(meter, runner.run_for, idle_power_w, window_s=args.window_s, trials=args.trials)
     return {"latency_ms": runner.latency_ms, "layer_energy_j_per_token": energy["energy_j"] / x.shape[0],
@@ -174,7 +175,7 @@ class _StepRunner:
     def __init__(self, router):
         self.router = router
 
-    def run_for(self, seconds):
+    def run_for(self, seconds: float) -> int:
         steps = repeat_for(self.router.ttt_step, seconds)
         self.router.reset_stats()  # drop the recorded events
         return steps
@@ -183,7 +184,7 @@ class _StepRunner:
 def ttt_cost(plain: kernels.TopKRouter, cost_model: KernelCostModel, monitor: HardwareMonitor | None,
              shape: moe_cases.MoeShape, device: torch.device | str, dtype: torch.dtype, meter: GpuMeter,
              idle_power_w: float, args: argparse.Namespace) -> dict:
-    """Measured energy and time of one test-time update (offsets' sign step), amortised per token."""
+    """Measured energy (J) and time (ms) of one test-time update (offsets' sign step), amortised per token."""
     router = energy_router(plain, cost_model, AGGRESSIVE_QUALITY, monitor)
     with torch.no_grad():
         for n in range(4):

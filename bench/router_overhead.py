@@ -57,7 +57,7 @@ def pieces(shape: MoeShape, T: int, cost_model: KernelCostModel, monitor: Hardwa
     x = hidden_states(shape, T, device, dtype, seed=T)
     keep = max(1, shape.K // 2)
     plain = kernels.TopKRouter(gate, shape.K, renormalize=shape.renormalize)
-    def ours_router(mon):
+    def ours_router(mon: HardwareMonitor | None) -> EnergyAwareTTTRouter:
         return EnergyAwareTTTRouter.from_router(plain, cost_model, objective_weights={"energy": 1.0, "quality": 1.0},
                                                 monitor=mon, keep_top_k=keep, adapt=False, track_stats=False)
     ours, ours_no_monitor = ours_router(monitor), ours_router(None)

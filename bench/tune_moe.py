@@ -59,7 +59,7 @@ def slot_reference(a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, gather_t
 
 
 def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: torch.device | str = "cuda") -> tuple:
-    """Best (total ms, block_m, gate_up cfg, down cfg) at T tokens, and every candidate's time."""
+    """Best (total ms, block_m, gate_up cfg, down cfg) at T tokens, and every candidate's time (ms)."""
     x, gate_up, down, ids, weights = moe_cases.make_inputs(shape, T, device, dtype)
     n_slots = ids.numel()
     h = torch.empty((n_slots, shape.I), dtype=dtype, device=device)
@@ -73,11 +73,11 @@ def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: to
     for block_m, tiles in tiles_for(n_slots // shape.E):
         blocks = group_by_expert(ids, shape.E, block_m)
 
-        def run_gate_up(cfg):
+        def run_gate_up(cfg: dict) -> torch.Tensor:
             launch_expert_gemm(x, gate_up_view, h, blocks, None, shape.K, True, cfg, False)
             return h
 
-        def run_down(cfg):
+        def run_down(cfg: dict) -> torch.Tensor:
             launch_expert_gemm(h_in, down_view, y, blocks, flat_w, shape.K, False, cfg, False)
             return y
         results = {"gate_up": time_candidates([_cfg(t) for t in tiles], run_gate_up, lambda: h_ref),

@@ -176,7 +176,7 @@ def main(argv: list | None = None) -> int:
     lines = []
     with tempfile.TemporaryDirectory() as workdir:
         for op in args.ops:
-            def save(entries, measured, op=op):
+            def save(entries: list, measured: list, op: str = op) -> None:
                 report["ops"][op] = {"entries": entries, "measured": measured}
                 write_json_atomic(Path(args.output), report)
                 if args.write:

@@ -45,7 +45,7 @@ WARMUP_CALLS = 3
 PROBE_S = 0.1  # back-to-back calls timed to size the energy windows
 
 
-def check_sizes(sizes_bytes: "Sequence[int]", world_size: int):
+def check_sizes(sizes_bytes: "Sequence[int]", world_size: int) -> "list[int]":
     """The sizes as ints, each a positive number of bytes that splits evenly over ``world_size`` ranks
     in bf16 elements: TypeError for a size that is not an int, ValueError for one that does not split."""
     world_size = count("world_size", world_size)
@@ -67,7 +67,8 @@ def _check_knobs(window_s, trials, repeats):
     return check_window_s(window_s), count("trials", trials), count("repeats", repeats)
 
 
-def all_to_all_call(bytes_per_rank: int, group: "ProcessGroup | None", device: torch.device, seed: int = 0):
+def all_to_all_call(bytes_per_rank: int, group: "ProcessGroup | None", device: torch.device,
+                    seed: int = 0) -> "Callable[[], object]":
     """A no-argument call of ``all_to_all_single`` that sends ``bytes_per_rank`` of bf16 random data."""
     gen = torch.Generator(device=device).manual_seed(seed + dist.get_rank(group))
     send = torch.randn(bytes_per_rank // BYTES_PER_ELEMENT, generator=gen, device=device, dtype=torch.bfloat16)
@@ -80,7 +81,8 @@ def _sync(on_gpu):
         torch.cuda.synchronize()
 
 
-def all_reduce_floats(values: "Sequence[float]", op, group: "ProcessGroup | None", device: "torch.device | str"):
+def all_reduce_floats(values: "Sequence[float]", op: "dist.ReduceOp", group: "ProcessGroup | None",
+                      device: "torch.device | str") -> "list[float]":
     """``values`` (floats) reduced over the group with ``op``, as floats (``device``: where the
     backend reduces, a CUDA device for NCCL)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -115,7 +117,7 @@ def _run_calls(call, calls, on_gpu):
 
 
 def calls_per_window(call: "Callable[[], object]", latency_ms: float, window_s: float, group: "ProcessGroup | None",
-                     device: torch.device, on_gpu: bool):
+                     device: torch.device, on_gpu: bool) -> int:
     """Calls of ``call`` (a collective, or work containing one) that fill ``window_s`` back to back
     (faster than the barrier-separated latency), the same on every rank (MAX)."""
     probe = max(1, math.ceil(PROBE_S * 1e3 / latency_ms))
@@ -140,9 +142,9 @@ def _window(call, calls, meter, idle_power_w, group, on_gpu):
 
 def collective_energy(call: "Callable[[], object]", calls: int, meter: "GpuMeter", idle_power_w: float, window_s: float,
                       group: "ProcessGroup | None", device: torch.device, on_gpu: bool, trials: int,
-                      rng: random.Random):
-    """Energy per call of ``call`` run on every rank at once, over all the ranks' GPUs (median, min,
-    max over trials), the GPUs' summed power, and the calls per window. A window shorter than ``window_s``
+                      rng: random.Random) -> dict:
+    """Energy per call (J) of ``call`` run on every rank at once, over all the ranks' GPUs (median, min,
+    max over trials), the GPUs' summed power (W), and the calls per window. A window shorter than ``window_s``
     on any rank (the probe overrated the pace) makes every trial start again with more calls. A window
     whose energy is not positive on any rank (its counter ran backwards, or its idle power is too high)
     is a RuntimeError on every rank alike."""
@@ -180,8 +182,8 @@ def _energy_missing_reason(meter, group, device):
 
 
 def measure_all_to_all(sizes_bytes: "Sequence[int]", group: "ProcessGroup | None" = None, *, window_s: float = 1.0,
-                       trials: int = 2, repeats: int = 20, meter: "GpuMeter" = None, idle_power_w: float = None,
-                       seed: int = 0):
+                       trials: int = 2, repeats: int = 20, meter: "GpuMeter | None" = None,
+                       idle_power_w: "float | None" = None, seed: int = 0) -> dict:
     """The all_to_all curve over ``group`` (default: the world); every rank calls it alike.
 
     Args:
@@ -189,7 +191,7 @@ def measure_all_to_all(sizes_bytes: "Sequence[int]", group: "ProcessGroup | None
         window_s, trials: energy windows (>= 1 s) per size, and how many (median and spread).
         repeats: timed calls per size for the latency.
         meter: this rank's ``GpuMeter`` (default on NCCL: its own GPU's; on gloo: none, no energy).
-        idle_power_w: this rank's GPU's idle power (default: measured, all ranks idle together).
+        idle_power_w: this rank's GPU's idle power, W (default: measured, all ranks idle together).
     Returns:
         {"points": [{bytes_per_rank, world_size, latency_ms, energy_j, energy_j_min, energy_j_max,
         power_w, calls_per_window}, ...], "idle_power_w", "energy_missing_reason", "backend",

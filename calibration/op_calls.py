@@ -1,15 +1,17 @@
 """Each cost-model op as a no-argument call of our kernel on random data, for the sweep's graphs."""
+from collections.abc import Callable
+
 import torch
 
 from costmodel.ops import SEQUENCE_OPS, ModelDims
 
 
 def op_callable(op: str, batch_size: int, dims: "ModelDims", device: "torch.device | str" = "cuda",
-                dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+                dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Callable[[], object]:
     """A no-argument, graph-capturable call of our kernel for ``op`` at ``batch_size``, on random data."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def randn(*shape, scale=1.0):
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
     if op in SEQUENCE_OPS:
         return _attention_call(op, randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim),

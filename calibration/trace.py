@@ -27,7 +27,7 @@ class ReplayedNVMLError(Exception):
     """A query the recorded GPU could not answer; the message is the recorded reason."""
 
 
-def record(meter: "GpuMeter", seconds: float, interval_s: float = 0.1):
+def record(meter: "GpuMeter", seconds: float, interval_s: float = 0.1) -> dict:
     """A trace dict: ``readings`` over ``seconds`` (finite, > 0; time relative to the first) plus
     what the meter knows of the GPU."""
     check_meter("meter", meter, "available", "unavailable_reason")
@@ -39,7 +39,7 @@ def record(meter: "GpuMeter", seconds: float, interval_s: float = 0.1):
     return trace_of(meter, sampler)
 
 
-def trace_of(meter: "GpuMeter", sampler: "BackgroundSampler"):
+def trace_of(meter: "GpuMeter", sampler: "BackgroundSampler") -> dict:
     """The trace dict of a finished ``BackgroundSampler``'s timeline (RuntimeError if it has none)."""
     if not sampler.samples:
         raise RuntimeError("the sampler recorded no readings: record for longer")
@@ -85,52 +85,52 @@ class ReplayNvml(PynvmlConstants):
             raise ReplayedNVMLError(reading.get("missing", {}).get(name, "not recorded"))
         return reading[name]
 
-    def nvmlInit(self):
+    def nvmlInit(self) -> None:
         self._start = time.monotonic()
 
-    def nvmlDeviceGetHandleByIndex(self, index):
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
         return index
 
-    def nvmlDeviceGetName(self, handle):
+    def nvmlDeviceGetName(self, handle: int) -> str:
         return self.trace["gpu_name"]
 
-    def nvmlDeviceGetUUID(self, handle):
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
         if not self.trace.get("gpu_uuid"):
             raise ReplayedNVMLError("not recorded")
         return self.trace["gpu_uuid"]
 
-    def nvmlSystemGetDriverVersion(self):
+    def nvmlSystemGetDriverVersion(self) -> str:
         return self.trace["driver"]
 
-    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: int) -> int:  # mJ
         return self._field("energy_mj")
 
-    def nvmlDeviceGetFieldValues(self, handle, field_ids):
+    def nvmlDeviceGetFieldValues(self, handle: int, field_ids: "list[int]") -> "list[SimpleNamespace]":  # power in mW
         names = {185: "power_average_w", 186: "power_instant_w"}
         reading = self._now()
         return [SimpleNamespace(nvmlReturn=0 if reading[names[f]] is not None else 3,
                                 value=SimpleNamespace(uiVal=round((reading[names[f]] or 0) * 1000)))
                 for f in field_ids]
 
-    def nvmlDeviceGetTemperature(self, handle, sensor):
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> float:  # °C
         return self._field("temperature_c")
 
-    def nvmlDeviceGetTemperatureThreshold(self, handle, kind):
+    def nvmlDeviceGetTemperatureThreshold(self, handle: int, kind: int) -> float:  # °C
         value = self.trace["thresholds_c"]["slowdown" if kind == 1 else "shutdown"]
         if value is None:
             raise ReplayedNVMLError("threshold not recorded")
         return value
 
-    def nvmlDeviceGetClockInfo(self, handle, clock):
+    def nvmlDeviceGetClockInfo(self, handle: int, clock: int) -> int:  # MHz
         return self._field("sm_clock_mhz" if clock == 1 else "mem_clock_mhz")
 
-    def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: int) -> int:
         return self._field("clock_event_reasons")
 
-    def nvmlDeviceGetMemoryInfo(self, handle):
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:  # .used: bytes
         return SimpleNamespace(used=self._field("memory_used_bytes"))
 
-    def nvmlDeviceGetUtilizationRates(self, handle):
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:  # .memory: percent
         return SimpleNamespace(memory=self._field("memory_bandwidth_util_pct"))
 
 

@@ -47,11 +47,12 @@ class DeviceCostTable:
         clock = model.clock_curve()
         self._clocks = torch.tensor(clock, dtype=torch.float32, device=device).T if clock else None  # [2, n]
 
-    def predict(self, op: str, batch_sizes, temp_c=None, memory_pressure=None) -> tuple:
+    def predict(self, op: str, batch_sizes: "torch.Tensor", temp_c: "torch.Tensor | None" = None,
+                memory_pressure: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor]":
         """(energy_j, latency_ms) tensors shaped like ``batch_sizes`` (a float tensor, > 0).
 
         ``temp_c`` and ``memory_pressure`` are optional 0-d (or broadcastable) float tensors on
-        the device: the card's temperature and NVML memory utilisation (0..1), as in ``get_cost``.
+        the device: the card's temperature (°C) and NVML memory utilisation (0..1), as in ``get_cost``.
         Their values are not checked on the host (that would sync): a batch size <= 0, a
         temperature at or below absolute zero and a pressure outside [0, 1] give NaN, as does a
         pressure of 1 on the roofline fallback (no bandwidth left: no finite time)."""

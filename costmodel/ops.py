@@ -11,6 +11,10 @@ memory-bound split of ``get_cost_breakdown``; the measured tables time the real 
 from curves that ``calibration.collectives`` measures; they have no roofline work here.
 """
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # batch sizes may be tensors (costmodel.device); the cost model itself never imports torch
+    import torch
 
 BYTES_PER_ELEMENT = 2  # bf16
 
@@ -46,7 +50,7 @@ class ModelDims:
         return self.d_model // self.n_heads
 
 
-def expected_experts(batch_size, num_experts: int, top_k: int):
+def expected_experts(batch_size: "float | torch.Tensor", num_experts: int, top_k: int) -> "float | torch.Tensor":
     """Distinct experts ``batch_size`` tokens touch when each picks ``top_k`` of ``num_experts``
     uniformly: E (1 - (1 - K/E)^B); K at one token, E for many. ``batch_size`` may be a tensor."""
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch_size)
@@ -73,7 +77,7 @@ def check_op(op: str) -> None:
         raise ValueError(f"unknown op {op!r}; the cost model knows {', '.join(OPS)}")
 
 
-def work(op: str, batch_size, dims: ModelDims) -> tuple:
+def work(op: str, batch_size: "float | torch.Tensor", dims: ModelDims) -> tuple:
     """(flops, bytes) of one call of ``op`` at ``batch_size``: bf16 operands, each read once."""
     check_op(op)
     B, H, I, S, D = batch_size, dims.d_model, dims.d_ff, dims.seq_len, dims.head_dim

@@ -13,8 +13,10 @@ naming the file and the field.
 import json
 import math
 import os
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import NoReturn
 
 from costmodel.ops import OPS, ModelDims
 from costmodel.validate import ABSOLUTE_ZERO_C, MAX_BOARD_POWER_W, MAX_GPU_TEMP_C
@@ -61,15 +63,16 @@ class _TableChecker:
     def __init__(self, path):
         self.path = path
 
-    def fail(self, where, rule):
+    def fail(self, where: str, rule: str) -> NoReturn:
         raise ValueError(f"cost table {self.path} is corrupt: {where} {rule}")
 
-    def section(self, where, value, kind=dict):
+    def section(self, where: str, value: object, kind: type = dict) -> dict | list:
         if not isinstance(value, kind):
             self.fail(where, f"must be a {'mapping' if kind is dict else 'list'}, got {type(value).__name__}")
         return value
 
-    def number(self, where, value, low=0.0, low_open=True, high=math.inf):
+    def number(self, where: str, value: object, low: float = 0.0, low_open: bool = True,
+               high: float = math.inf) -> float:
         """A finite number (never a bool) in (low, high] or [low, high]."""
         try:
             finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -82,12 +85,13 @@ class _TableChecker:
             self.fail(where, f"must be in {span}, got {value!r}")
         return value
 
-    def field(self, where, mapping, key, **bounds):
+    def field(self, where: str, mapping: dict, key: str, **bounds: float | bool) -> float:
         if key not in mapping:
             self.fail(where, f"has no {key!r} field")
         return self.number(f"{where}[{key!r}]", mapping[key], **bounds)
 
-    def points(self, where, points, x_key, y_keys, x_bounds=None, group=None):
+    def points(self, where: str, points: object, x_key: str, y_keys: Sequence[str], x_bounds: dict | None = None,
+               group: Callable[[dict], Hashable] | None = None) -> None:
         """A non-empty list of points with distinct ``x_key`` values (within each ``group(point)``)
         and positive ``y_keys``."""
         self.section(where, points, list)

@@ -11,7 +11,7 @@ MAX_GPU_TEMP_C = 200.0  # far above any shutdown threshold: a hotter reading is 
 MAX_BOARD_POWER_W = 10_000.0  # far above any board's limit (a wrapped NVML milliwatt counter reads ~4.3 MW)
 
 
-def real(name: str, value) -> float:
+def real(name: str, value: object) -> float:
     """``value`` as a float: Python and numpy reals, never a bool or a str."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -21,7 +21,7 @@ def real(name: str, value) -> float:
         raise ValueError(f"{name} must be a finite number, got an int too large for a float") from None
 
 
-def finite_number(name: str, value, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+def finite_number(name: str, value: object, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
                   why: str = "") -> float:
     """``value`` as a finite float in [low, high] ((low, high] with ``low_open``); ``why`` explains the rule."""
     number = real(name, value)
@@ -36,7 +36,7 @@ def finite_number(name: str, value, low: float = -math.inf, high: float = math.i
     return number
 
 
-def count(name: str, value, low: int = 1) -> int:
+def count(name: str, value: object, low: int = 1) -> int:
     """``value`` as an int >= ``low``: Python and numpy integers, never a bool."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -5,23 +5,28 @@ differentiates it. This is correct but not fused: attention's backward materiali
 [S_q, S_kv] score matrix. It exists so that training and test-time training get true gradients
 instead of a silently detached output.
 """
+from collections.abc import Callable, Sequence
+
 import torch
+from torch.autograd.function import FunctionCtx
 
 
 class _KernelForwardReferenceBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel_fn, reference_fn, *inputs):
+    def forward(ctx: FunctionCtx, kernel_fn: Callable[..., torch.Tensor], reference_fn: Callable[..., torch.Tensor],
+                *inputs: torch.Tensor) -> torch.Tensor:
         ctx.reference_fn = reference_fn
         ctx.save_for_backward(*inputs)
         return kernel_fn(*inputs)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return (None, None, *reference_gradients(ctx.reference_fn, ctx.saved_tensors, ctx.needs_input_grad[2:],
                                                  grad_out))
 
 
-def reference_gradients(reference_fn, inputs, needs_grad, grad_out) -> tuple:
+def reference_gradients(reference_fn: Callable[..., torch.Tensor], inputs: Sequence[object], needs_grad: Sequence[bool],
+                        grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """The gradients of ``reference_fn(*inputs)`` against ``grad_out`` for each tensor input whose
     ``needs_grad`` is set (None for the others and for non-tensor inputs): the backward of every
     kernel op here and in ``kernels._library``."""
@@ -34,7 +39,8 @@ def reference_gradients(reference_fn, inputs, needs_grad, grad_out) -> tuple:
     return tuple(next(grads) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args)
 
 
-def apply_with_reference_grad(kernel_fn, reference_fn, *inputs) -> torch.Tensor:
+def apply_with_reference_grad(kernel_fn: Callable[..., torch.Tensor], reference_fn: Callable[..., torch.Tensor],
+                              *inputs: torch.Tensor) -> torch.Tensor:
     """Run ``kernel_fn(*inputs)``; if any input needs a gradient, backpropagate via ``reference_fn``."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _KernelForwardReferenceBackward.apply(kernel_fn, reference_fn, *inputs)

@@ -6,14 +6,19 @@ op has it, differentiates the op's torch reference (as ``kernels._autograd`` doe
 correct, not fused. ``torch.ops.energy_moe.<name>`` is each op; the public functions validate
 their arguments and then call it.
 """
+from collections.abc import Callable
+
 import torch
+from torch.autograd.function import FunctionCtx
 
 from kernels._autograd import reference_gradients
 
 NAMESPACE = "energy_moe"
 
 
-def kernel_op(name: str, schema, launcher, fake, reference=None) -> torch.library.CustomOpDef:
+def kernel_op(name: str, schema: str, launcher: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+              fake: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+              reference: Callable[..., torch.Tensor] | None = None) -> torch.library.CustomOpDef:
     """Register ``launcher`` as ``energy_moe::<name>`` with ``schema`` ("(Tensor x, ...) -> Tensor"),
     ``fake`` for tracing and, with a ``reference``, autograd through it; the op's callable."""
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", launcher, mutates_args=(), schema=schema)
@@ -30,7 +35,7 @@ def _save_inputs(ctx, inputs, output):
 
 
 def _reference_backward(reference):
-    def backward(ctx, grad_out):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         inputs = list(ctx.constants)
         for i, saved in zip(ctx.tensor_at, ctx.saved_tensors):
             inputs[i] = saved

@@ -218,8 +218,8 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def launch_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float | None,
-                           cfg=None) -> torch.Tensor:
+def launch_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
+                           cfg: dict | None = None) -> torch.Tensor:
     B, H, S_Q, D = q.shape
     H_KV, S_KV = k.shape[1], k.shape[2]
     strides = (*_strides(q), *_strides(k), *_strides(v))
@@ -310,10 +310,10 @@ def attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None
     _check_kv("q", q, "k", k)
     sm_scale = check_sm_scale(sm_scale, q.shape[-1])
 
-    def kernel(q_, k_):
+    def kernel(q_: torch.Tensor, k_: torch.Tensor) -> torch.Tensor:
         return launch_attention_qk(q_, k_, sm_scale)
 
-    def reference(q_, k_):
+    def reference(q_: torch.Tensor, k_: torch.Tensor) -> torch.Tensor:
         return attention_qk_reference(q_, k_, sm_scale)
 
     return apply_with_reference_grad(kernel, reference, q, k)
@@ -355,10 +355,10 @@ def attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool = False) ->
     if v.shape[2] == 0 and scores.shape[2] > 0:
         raise ValueError("scores and v have S_kv = 0; each query needs at least one key")
 
-    def kernel(s_, v_):
+    def kernel(s_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
         return launch_attention_av(s_, v_, causal)
 
-    def reference(s_, v_):
+    def reference(s_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
         return attention_av_reference(s_, v_, causal)
 
     return apply_with_reference_grad(kernel, reference, scores, v)

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 LOG = logging.getLogger("kernels")
 
 
-def device_name(device) -> str:
+def device_name(device: torch.device | str) -> str:
     """NVML-style GPU name for a CUDA device, or ``"cpu"``."""
     return _device_identity(device)[0]
 
@@ -49,7 +50,7 @@ def config_file_stem(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_entries(op: str, gpu_name, compute_capability=None) -> tuple:
+def load_entries(op: str, gpu_name: str, compute_capability: str | None = None) -> tuple[tuple[dict, ...], Path]:
     """The config entries for ``op`` on ``gpu_name`` (of ``compute_capability``, "9.0"), and the
     path they came from: the GPU's own file, else a tuned file of the same capability, else the default."""
     path = CONFIG_DIR / op / f"{config_file_stem(gpu_name)}.json"
@@ -68,13 +69,13 @@ def _same_architecture(op, compute_capability):
     return None
 
 
-def config_sources(device) -> dict:
+def config_sources(device: torch.device | str) -> dict[str, str]:
     """{op: the config file it uses on ``device``}, for results files."""
     return {path.name: load_entries(path.name, *_device_identity(device))[1].name
             for path in sorted(CONFIG_DIR.iterdir()) if path.is_dir()}
 
 
-def config_entries(device) -> dict:
+def config_entries(device: torch.device | str) -> dict[str, dict]:
     """{op: {"file": the config file it uses on ``device``, "entries": its entries}}: what a cost
     table carries so the cost model knows the tiles our kernels pick (``costmodel.shapes``)."""
     identity = _device_identity(device)
@@ -88,7 +89,7 @@ def _holds(key, bound, dims):
     return dims[dim] <= bound if kind == "max" else dims[dim] >= bound
 
 
-def select_config(entries, **dims) -> dict:
+def select_config(entries: Iterable[dict], **dims: int) -> dict:
     """The ``config`` of the first entry whose ``max_<dim>``/``min_<dim>`` bounds all hold for ``dims``."""
     for entry in entries:
         if all(_holds(key, bound, dims) for key, bound in entry.get("when", {}).items()):
@@ -96,7 +97,7 @@ def select_config(entries, **dims) -> dict:
     raise ValueError(f"no config entry matches {dims}; the file must end with an entry without 'when'")
 
 
-def lookup(op: str, device, **dims) -> dict:
+def lookup(op: str, device: torch.device | str, **dims: int) -> dict:
     """The block config dict for ``op`` at ``dims`` on ``device`` (shared: never modify it)."""
     return _cached_lookup(op, *_device_identity(device), tuple(sorted(dims.items())))
 

@@ -102,9 +102,10 @@ def _offset_step_kernel(
     tl.store(p_window + E + o_e, tl.zeros((BINS,), dtype=tl.float32), mask=m_e)
 
 
-def expert_cost_bias(topk_ids: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *, energy_weight,
-                     latency_weight, max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9,
-                     extra_cost=None) -> torch.Tensor:
+def expert_cost_bias(topk_ids: torch.Tensor, curves: CostCurves, hardware_state: torch.Tensor,
+                     bias_offsets: torch.Tensor, *, energy_weight: float, latency_weight: float, max_shift: float,
+                     thermal_gain: float = 1.0, thermal_margin_c: float = 15.0, max_memory_pressure: float = 0.9,
+                     extra_cost: torch.Tensor | None = None) -> torch.Tensor:
     """The [E] float32 selection bias (E = ``bias_offsets``' length) for a batch whose plain top-k
     chose ``topk_ids`` [T, K]; ``extra_cost`` [2, E] (or None) adds each expert's per-token cost
     beyond its compute; see the module docstring. No host sync."""
@@ -125,9 +126,10 @@ def expert_cost_bias(topk_ids: torch.Tensor, curves, hardware_state, bias_offset
     return bias
 
 
-def ttt_offset_step(window: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *, lr, energy_weight,
-                    latency_weight, max_shift, thermal_gain=1.0, thermal_margin_c=15.0, max_memory_pressure=0.9,
-                    extra_cost=None) -> None:
+def ttt_offset_step(window: torch.Tensor, curves: CostCurves, hardware_state: torch.Tensor,
+                    bias_offsets: torch.Tensor, *, lr: float, energy_weight: float, latency_weight: float,
+                    max_shift: float, thermal_gain: float = 1.0, thermal_margin_c: float = 15.0,
+                    max_memory_pressure: float = 0.9, extra_cost: torch.Tensor | None = None) -> None:
     """One test-time step of ``bias_offsets`` [E] in place, from ``window`` [2, E] float32 (tokens each
     expert ran since the last step, and in how many batches), which it then zeroes; one launch.
 
@@ -156,9 +158,11 @@ def _check_window(window, bias_offsets):
                          f"{tuple(window.shape)}")
 
 
-def expert_cost_bias_reference(topk_ids: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *,
-                               energy_weight, latency_weight, max_shift, thermal_gain=1.0, thermal_margin_c=15.0,
-                               max_memory_pressure=0.9, extra_cost=None) -> torch.Tensor:
+def expert_cost_bias_reference(topk_ids: torch.Tensor, curves: CostCurves, hardware_state: torch.Tensor,
+                               bias_offsets: torch.Tensor, *, energy_weight: float, latency_weight: float,
+                               max_shift: float, thermal_gain: float = 1.0, thermal_margin_c: float = 15.0,
+                               max_memory_pressure: float = 0.9,
+                               extra_cost: torch.Tensor | None = None) -> torch.Tensor:
     """``expert_cost_bias`` in torch."""
     return bias_from_loads_reference(expert_loads_reference(topk_ids, bias_offsets.shape[0]), curves, hardware_state,
                                      bias_offsets, energy_weight=energy_weight, latency_weight=latency_weight,
@@ -167,9 +171,10 @@ def expert_cost_bias_reference(topk_ids: torch.Tensor, curves, hardware_state, b
                                      extra_cost=extra_cost, self_in_loads=True)
 
 
-def ttt_offset_step_reference(window: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *, lr,
-                              energy_weight, latency_weight, max_shift, thermal_gain=1.0, thermal_margin_c=15.0,
-                              max_memory_pressure=0.9, extra_cost=None) -> None:
+def ttt_offset_step_reference(window: torch.Tensor, curves: CostCurves, hardware_state: torch.Tensor,
+                              bias_offsets: torch.Tensor, *, lr: float, energy_weight: float, latency_weight: float,
+                              max_shift: float, thermal_gain: float = 1.0, thermal_margin_c: float = 15.0,
+                              max_memory_pressure: float = 0.9, extra_cost: torch.Tensor | None = None) -> None:
     """``ttt_offset_step`` in torch (also in place)."""
     tokens, batches = window
     temp, stretch = hardware_stretch_reference(curves, hardware_state, max_memory_pressure)

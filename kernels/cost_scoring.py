@@ -35,7 +35,7 @@ class CostCurves:
     fastest_clock_mhz: float
 
 
-def cost_curves(curves, device) -> CostCurves:
+def cost_curves(curves: dict, device: torch.device | str) -> CostCurves:
     """Pack one op's curves (``costmodel.KernelCostModel.device_curves(op)``: plain numbers) for the
     kernels, on ``device``."""
     missing = sorted(set(CURVE_KEYS) - set(curves)) if isinstance(curves, dict) else None
@@ -151,7 +151,8 @@ def bias_from_loads(
     b_share = tl.where(b_score == float("inf"), 1.0, b_score / (1.0 + b_score))  # s / (1 + s) saturates at 1
     return clamp(b_offsets - max_shift * b_share, -max_shift, 0.0)
 
-def check_cost_inputs(curves, hardware_state, bias_offsets: torch.Tensor, **inputs) -> None:
+def check_cost_inputs(curves: CostCurves, hardware_state: torch.Tensor, bias_offsets: torch.Tensor,
+                      **inputs: torch.Tensor) -> None:
     check_tensor("hardware_state", hardware_state, ndim=1, dtypes=(torch.float32,), kernel_device=False)
     check_tensor("bias_offsets", bias_offsets, ndim=1, dtypes=(torch.float32,))
     if not isinstance(curves, CostCurves):
@@ -173,8 +174,9 @@ def check_cost_inputs(curves, hardware_state, bias_offsets: torch.Tensor, **inpu
                          "(kernels.pinned_state.device_reads_pinned)")
 
 
-def check_extra_cost(extra_cost, bias_offsets: torch.Tensor) -> torch.Tensor:
-    """The optional [2, E] contiguous float32 extra cost; the tensor the kernels read (or a stand-in)."""
+def check_extra_cost(extra_cost: torch.Tensor | None, bias_offsets: torch.Tensor) -> torch.Tensor:
+    """The optional [2, E] contiguous float32 extra cost (energy J, latency ms per routed token); the
+    tensor the kernels read (or a stand-in)."""
     if extra_cost is None:
         return bias_offsets  # never read: HAS_EXTRA is off
     check_tensor("extra_cost", extra_cost, ndim=2, dtypes=(torch.float32,))
@@ -184,8 +186,8 @@ def check_extra_cost(extra_cost, bias_offsets: torch.Tensor) -> torch.Tensor:
     return extra_cost
 
 
-def cost_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
-                   max_memory_pressure) -> tuple:
+def cost_constants(curves: CostCurves, energy_weight: float, latency_weight: float, max_shift: float,
+                   thermal_gain: float, thermal_margin_c: float, max_memory_pressure: float) -> tuple[float, ...]:
     knobs = {"energy_weight": energy_weight, "latency_weight": latency_weight, "max_shift": max_shift,
              "thermal_gain": thermal_gain, "thermal_margin_c": thermal_margin_c,
              "max_memory_pressure": max_memory_pressure}
@@ -198,7 +200,7 @@ def cost_constants(curves, energy_weight, latency_weight, max_shift, thermal_gai
             float(max_shift), float(thermal_gain), float(thermal_margin_c), float(max_memory_pressure))
 
 
-def check_knob(name: str, value, positive=False) -> None:
+def check_knob(name: str, value: object, positive: bool = False) -> None:
     """A number the kernel takes as a float32 scalar: finite there (<= 3.4e38), and >= 0 (or > 0)."""
     check_float(name, value, low=0.0, high=FLOAT32_MAX, low_open=positive)
 
@@ -210,12 +212,13 @@ def lerp_segments_reference(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor)
     return (ys[hi - 1] + t * (ys[hi] - ys[hi - 1])).reshape(x.shape)
 
 
-def state_on_table_device(curves, hardware_state) -> torch.Tensor:
+def state_on_table_device(curves: CostCurves, hardware_state: torch.Tensor) -> torch.Tensor:
     """The state where the references compute: a pinned host state (read in place by the kernels) is copied."""
     return hardware_state.to(curves.packed.device, non_blocking=True)
 
 
-def hardware_stretch_reference(curves, hardware_state, max_memory_pressure) -> tuple:
+def hardware_stretch_reference(curves: CostCurves, hardware_state: torch.Tensor,
+                               max_memory_pressure: float) -> tuple[torch.Tensor, torch.Tensor]:
     rows = dict(zip(ROWS, curves.packed))
     hardware_state = state_on_table_device(curves, hardware_state)
     temp = hardware_state[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
@@ -228,7 +231,7 @@ def hardware_stretch_reference(curves, hardware_state, max_memory_pressure) -> t
     return temp, stretch
 
 
-def cost_reference(curves, batch, stretch) -> tuple:
+def cost_reference(curves: CostCurves, batch: torch.Tensor, stretch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = {k: v[:curves.n_table] for k, v in zip(ROWS, curves.packed)}
     log_b = batch.log()
     energy = lerp_segments_reference(rows["log_batch"], rows["log_energy"], log_b).exp()
@@ -236,35 +239,40 @@ def cost_reference(curves, batch, stretch) -> tuple:
     return energy + curves.idle_power_w * latency * 1e-3 * (stretch - 1.0), latency * stretch
 
 
-def thermal_rise_reference(curves, temp, thermal_gain, thermal_margin_c) -> torch.Tensor:
+def thermal_rise_reference(curves: CostCurves, temp: torch.Tensor, thermal_gain: float,
+                           thermal_margin_c: float) -> torch.Tensor:
     """g(T), the energy weight's factor (1 without a known slowdown threshold)."""
     ramp = ((temp - curves.slowdown_temp_c) / thermal_margin_c + 1.0).clamp(0.0, 1.0).nan_to_num(nan=0.0)
     return 1.0 + thermal_gain * ramp
 
 
-def score_reference(curves, energy_j, latency_ms, temp, energy_weight, latency_weight, thermal_gain,
-                     thermal_margin_c) -> torch.Tensor:
+def score_reference(curves: CostCurves, energy_j: torch.Tensor, latency_ms: torch.Tensor, temp: torch.Tensor,
+                    energy_weight: float, latency_weight: float, thermal_gain: float,
+                    thermal_margin_c: float) -> torch.Tensor:
     score = energy_weight * thermal_rise_reference(curves, temp, thermal_gain, thermal_margin_c) * energy_j
     score = score / curves.fixed_energy_j
     return (score + latency_weight * latency_ms / curves.fixed_latency_ms).clamp_min(0.0)
 
 
-def expert_cost_reference(curves, hardware_state, batch_sizes: torch.Tensor, max_memory_pressure=0.9) -> tuple:
+def expert_cost_reference(curves: CostCurves, hardware_state: torch.Tensor, batch_sizes: torch.Tensor,
+                          max_memory_pressure: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
     """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens under ``hardware_state``, as
     the kernels see it (torch; no host sync)."""
     _, stretch = hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
     return cost_reference(curves, batch_sizes.float(), stretch)
 
 
-def energy_weight_reference(curves, hardware_state, energy_weight, thermal_gain=1.0,
-                            thermal_margin_c=15.0) -> torch.Tensor:
+def energy_weight_reference(curves: CostCurves, hardware_state: torch.Tensor, energy_weight: float,
+                            thermal_gain: float = 1.0, thermal_margin_c: float = 15.0) -> torch.Tensor:
     """w_energy * g(T) at ``hardware_state``'s temperature, as the kernels apply it: a [1] tensor."""
     temp = state_on_table_device(curves, hardware_state)[0].nan_to_num(nan=curves.cool_temp_c).reshape(1)
     return energy_weight * thermal_rise_reference(curves, temp, thermal_gain, thermal_margin_c)
 
-def bias_from_loads_reference(loads: torch.Tensor, curves, hardware_state, bias_offsets: torch.Tensor, *, energy_weight,
-                              latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure,
-                              extra_cost, self_in_loads) -> torch.Tensor:
+def bias_from_loads_reference(loads: torch.Tensor, curves: CostCurves, hardware_state: torch.Tensor,
+                              bias_offsets: torch.Tensor, *, energy_weight: float, latency_weight: float,
+                              max_shift: float, thermal_gain: float, thermal_margin_c: float,
+                              max_memory_pressure: float, extra_cost: torch.Tensor | None,
+                              self_in_loads: bool) -> torch.Tensor:
     """The bias from the experts' loads [E] float32 (``bias_from_loads`` in torch)."""
     temp, stretch = hardware_stretch_reference(curves, hardware_state, max_memory_pressure)
     others = (loads - 1.0).clamp_min(0.0) if self_in_loads else loads

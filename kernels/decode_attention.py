@@ -119,17 +119,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check(q, k_cache, v_cache, kv_lengths)
     scale = check_sm_scale(sm_scale, q.shape[-1])
 
-    def kernel(q_, k_, v_):
+    def kernel(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
         return launch_decode_attention(q_, k_, v_, kv_lengths, scale)
 
-    def reference(q_, k_, v_):
+    def reference(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
         return decode_attention_reference(q_, k_, v_, kv_lengths, scale)
 
     return apply_with_reference_grad(kernel, reference, q, k_cache, v_cache)
 
 
 def launch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            kv_lengths: torch.Tensor, scale) -> torch.Tensor:
+                            kv_lengths: torch.Tensor, scale: float) -> torch.Tensor:
     B, H, _, D = q.shape
     o = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     if o.numel() == 0:

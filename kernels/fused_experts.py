@@ -30,7 +30,7 @@ from kernels.validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float,
                                dot_precision)
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
-from kernels.routing import check_topk_ids, group_by_expert
+from kernels.routing import ExpertBlocks, check_topk_ids, group_by_expert
 from kernels.tiles import tile_coords, tile_products
 
 PERSISTENT_PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs to hide each one's loads
@@ -133,15 +133,16 @@ class ExpertWeights:
     "silu", or "clamped" with ``alpha`` and ``limit``)."""
     w: torch.Tensor
     up_offset: int = 0
-    bias: torch.Tensor = None
+    bias: torch.Tensor | None = None
     bias_up_offset: int = 0
-    glu: str = None
+    glu: str | None = None
     alpha: float = 1.0
     limit: float = 0.0
 
 
-def launch_expert_gemm(a, weights, out: torch.Tensor, blocks, topk_weights: torch.Tensor, top_k: int,
-                       gather_tokens: bool, cfg, persistent: bool) -> None:
+def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tensor, blocks: ExpertBlocks,
+                       topk_weights: torch.Tensor | None, top_k: int, gather_tokens: bool, cfg: dict,
+                       persistent: bool) -> None:
     N, K = out.shape[1], a.shape[1]
     w, bias = weights.w, weights.bias
     n_row_blocks = blocks.block_experts.shape[0]
@@ -178,7 +179,7 @@ def concatenated_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) ->
 
 
 def gpt_oss_weights(gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor, down_proj: torch.Tensor,
-                    down_proj_bias: torch.Tensor, alpha, limit) -> tuple:
+                    down_proj_bias: torch.Tensor, alpha: float, limit: float) -> tuple[ExpertWeights, ExpertWeights]:
     """The kernel's view of gpt-oss's layout: ``gate_up_proj`` [E, H, 2I] (x @ w; gate and up
     columns interleaved: gate j at 2j, up j at 2j + 1) with its [E, 2I] bias, ``down_proj``
     [E, I, H] with its [E, H] bias; the clamped GLU."""
@@ -189,7 +190,7 @@ def gpt_oss_weights(gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
 
 
 def launch_fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                         topk_ids: torch.Tensor, topk_weights: torch.Tensor, configs=None,
+                         topk_ids: torch.Tensor, topk_weights: torch.Tensor, configs: tuple[dict, dict] | None = None,
                          persistent: bool = False) -> torch.Tensor:
     """Run the fused experts (transformers' default layout) on validated inputs (no host sync);
     ``configs`` overrides the files.
@@ -200,8 +201,9 @@ def launch_fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor
                        configs, persistent)
 
 
-def run_experts(hidden_states: torch.Tensor, gate_up, down, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                configs=None, persistent: bool = False) -> torch.Tensor:
+def run_experts(hidden_states: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, configs: tuple[dict, dict] | None = None,
+                persistent: bool = False) -> torch.Tensor:
     """The two expert GEMMs and the sum over each token's slots, for ``ExpertWeights`` of any layout."""
     T, H = hidden_states.shape
     E, intermediate_size, _ = gate_up.w.shape
@@ -299,7 +301,7 @@ _fused_experts_op = kernel_op(
 
 def gpt_oss_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
                               down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
-                              top_k_weights: torch.Tensor, alpha, limit) -> torch.Tensor:
+                              top_k_weights: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """transformers' ``GptOssExperts.forward`` in torch: per-expert loop, interleaved gate/up, clamped GLU."""
     out = torch.zeros_like(hidden_states)
     for expert in range(gate_up_proj.shape[0]):
@@ -313,7 +315,8 @@ def gpt_oss_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.T
 
 def check_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
                           down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
-                          top_k_weights: torch.Tensor, alpha, limit, validate_ids: bool = True) -> tuple:
+                          top_k_weights: torch.Tensor, alpha: float, limit: float,
+                          validate_ids: bool = True) -> tuple[float, float]:
     """Validate the ``gpt_oss_experts`` arguments; (alpha, limit) as floats."""
     check_tensor("hidden_states", hidden_states, ndim=2)
     for name, t, ndim in (("gate_up_proj", gate_up_proj, 3), ("gate_up_proj_bias", gate_up_proj_bias, 2),
@@ -338,7 +341,7 @@ def check_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tenso
 
 def gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
                     down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor, alpha, limit, validate_ids: bool = True) -> torch.Tensor:
+                    top_k_weights: torch.Tensor, alpha: float, limit: float, validate_ids: bool = True) -> torch.Tensor:
     """MoE experts with transformers' ``GptOssExperts.forward`` semantics, on our Triton kernels.
 
     Args:
@@ -359,7 +362,7 @@ def gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gat
 
 def launch_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
                            down_proj: torch.Tensor, down_proj_bias: torch.Tensor, topk_ids: torch.Tensor,
-                           topk_weights: torch.Tensor, alpha, limit) -> torch.Tensor:
+                           topk_weights: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """``gpt_oss_experts`` on validated inputs (no host sync)."""
     return run_experts(hidden_states, *gpt_oss_weights(gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                                                        alpha, limit), topk_ids, topk_weights)

@@ -78,7 +78,7 @@ def _matmul_tma_kernel(
         d_y.store([off_m, off_n], b_acc.to(d_y.dtype))
 
 
-def processor_count(device) -> int | None:
+def processor_count(device: torch.device) -> int | None:
     """Streaming multiprocessors on a GPU; CPU cores under the interpreter (it runs programs serially)."""
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -90,7 +90,8 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_matmul(x: torch.Tensor, weight: torch.Tensor, fuse_swiglu: bool = False, cfg=None) -> torch.Tensor:
+def launch_matmul(x: torch.Tensor, weight: torch.Tensor, fuse_swiglu: bool = False,
+                  cfg: dict | None = None) -> torch.Tensor:
     """Launch on validated 2-D inputs: ``x`` [M, K], ``weight`` [N, K] ([2N, K] fused); ``cfg`` overrides the file."""
     M, K = x.shape
     N = weight.shape[0] // 2 if fuse_swiglu else weight.shape[0]
@@ -127,7 +128,7 @@ def _launch_tma(x, weight, y, fuse_swiglu, cfg, n_tiles):
     )
 
 
-def check_projection(x_name, x: torch.Tensor, w_name, weight: torch.Tensor) -> None:
+def check_projection(x_name: str, x: torch.Tensor, w_name: str, weight: torch.Tensor) -> None:
     """Validate ``x`` [..., K] against a projection ``weight`` [N, K]."""
     check_tensor(x_name, x)
     check_tensor(w_name, weight, ndim=2)

@@ -11,6 +11,7 @@ Not carried over from the HF blocks: Mixtral's training-time jitter noise, and t
 logits that transformers records from its own router classes for ``output_router_logits``.
 """
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,9 @@ from kernels.validate import check_dim, check_int, check_same_dtype_device, chec
 from kernels.expert_parallel import expert_parallel_experts
 from kernels.fused_experts import fused_experts, gpt_oss_experts
 from kernels.routing import check_selection_bias, route_checked
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
 EP_CHUNKS = 1
@@ -156,7 +160,8 @@ class FusedMoE(nn.Module):
         return self.gate
 
     @classmethod
-    def from_hf(cls, block, process_group=None, ep_chunks=EP_CHUNKS, ep_capacity=None) -> "FusedMoE":
+    def from_hf(cls, block: nn.Module, process_group: "ProcessGroup | None" = None, ep_chunks: int = EP_CHUNKS,
+                ep_capacity: int | None = None) -> "FusedMoE":
         """Build from a transformers 5.x Mixtral / Qwen3-MoE / OLMoE sparse-MoE block, sharing its
         weights; with a ``process_group``, this rank keeps a copy of its E/W experts only (so the
         block's full weights can be freed) and the router stays whole."""
@@ -252,7 +257,7 @@ def _local_experts(weight, process_group):
     return nn.Parameter(weight.detach()[first:first + per_rank].clone(), requires_grad=weight.requires_grad)
 
 
-def patch_hf_model(model) -> int:
+def patch_hf_model(model: nn.Module) -> int:
     """Replace every supported sparse-MoE block in ``model`` with a weight-sharing ``FusedMoE``.
 
     Returns the number of blocks replaced."""

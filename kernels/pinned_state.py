@@ -20,7 +20,7 @@ def _copy_kernel(p_src, p_dst, N: tl.constexpr):
     tl.store(p_dst + o, tl.load(p_src + o))
 
 
-def device_reads_pinned(device) -> bool:
+def device_reads_pinned(device: torch.device | str) -> bool:
     """Can a Triton kernel on ``device`` load a pinned host tensor in place? True on a CPU device
     (the interpreter reads host memory anyway); on CUDA, probed once per device (a kernel launch
     and a sync). During a graph capture the probe cannot run: an unprobed device answers False."""
@@ -48,7 +48,7 @@ def _probe(index):
     return torch.equal(target.cpu(), source)
 
 
-def readable_in_place(state, device) -> bool:
+def readable_in_place(state: torch.Tensor, device: torch.device | str) -> bool:
     """Does a kernel on ``device`` read ``state`` where it lies (on ``device``, or pinned host
     memory this device's kernels can load)?"""
     device = torch.device(device)

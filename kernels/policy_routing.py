@@ -210,7 +210,7 @@ def _policy_routing_kernel(
 
 def policy_routing(router_logits: torch.Tensor, top_k: int, *, fill: str, keep_top_k: int | None = None,
                    keep_share: float | None = None, selection_bias: torch.Tensor | None = None,
-                   renormalize: bool = True, cost=None, config=None) -> PolicyRouting:
+                   renormalize: bool = True, cost: FillCost | None = None, config: dict | None = None) -> PolicyRouting:
     """Baseline-preserving top-k routing (module docstring).
 
     Args:
@@ -242,10 +242,12 @@ def policy_routing(router_logits: torch.Tensor, top_k: int, *, fill: str, keep_t
     return PolicyRouting(*routing)
 
 
-def launch_policy_routing(router_logits: torch.Tensor, top_k: int, keep_top_k: int | None, keep_share: float | None,
-                          keep_by_share, selection_bias: torch.Tensor | None, renormalize: bool, fill_by_cost, packed,
-                          hardware_state, bias_offsets: torch.Tensor, extra_cost, constants, n_table, n_clock,
-                          n_pressure, has_extra, config=None) -> tuple:
+def launch_policy_routing(router_logits: torch.Tensor, top_k: int, keep_top_k: int, keep_share: float,
+                          keep_by_share: bool, selection_bias: torch.Tensor | None, renormalize: bool,
+                          fill_by_cost: bool, packed: torch.Tensor, hardware_state: torch.Tensor,
+                          bias_offsets: torch.Tensor, extra_cost: torch.Tensor, constants: list[float], n_table: int,
+                          n_clock: int, n_pressure: int, has_extra: bool,
+                          config: dict | None = None) -> tuple[torch.Tensor, ...]:
     """The one or two launches on validated, flattened arguments (what the custom op runs):
     (weights, ids, plain ids, kept, fill bias, NaN tokens)."""
     T, E = router_logits.shape
@@ -336,7 +338,8 @@ def _cost_arguments(cost, num_experts, router_logits):
 
 def policy_routing_reference(router_logits: torch.Tensor, top_k: int, *, fill: str, keep_top_k: int | None = None,
                              keep_share: float | None = None, selection_bias: torch.Tensor | None = None,
-                             renormalize: bool = True, cost=None, fill_bias=None) -> tuple:
+                             renormalize: bool = True, cost: FillCost | None = None,
+                             fill_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``policy_routing`` in torch: (weights [T, K] float32, ids [T, K] int64, kept [T], fill bias [E]).
     ``fill_bias`` given (e.g. the kernel's) replaces the computed one: the selection is then
     compared exactly, apart from the bias's last-ulp differences in exp and log."""

@@ -199,13 +199,13 @@ def _next_pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def row_block(T: int, E: int, most) -> int:
+def row_block(T: int, E: int, most: int) -> int:
     """Tokens per program of the routing kernels: at most ``most`` (the launch config's), 4096 //
     BLOCK_E (the [BT, BE] tiles stay in registers) and T's next power of two (no idle rows)."""
     return max(1, min(most, 4096 // _next_pow2(E), _next_pow2(T)))
 
 
-def launch_config(op: str, T: int, E: int, device, override=None) -> tuple:
+def launch_config(op: str, T: int, E: int, device: torch.device | str, override: dict | None = None) -> tuple[int, int]:
     """(tokens per program, num_warps) for a routing kernel ``op`` ("topk_routing" or
     "policy_routing") at T tokens and E experts: ``kernels/configs/<op>/<GPU>.json`` (``python -m
     bench.tune_routing`` writes it), or ``override`` (a {"block_t", "num_warps"} dict: the tuner's candidate)."""
@@ -223,7 +223,7 @@ def _checked_launch_config(config):
 
 
 def topk_routing(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None,
-                 renormalize: bool = True, *, config=None) -> RoutingResult:
+                 renormalize: bool = True, *, config: dict | None = None) -> RoutingResult:
     """Launch the routing kernel on validated inputs; see ``route``. ``config`` overrides the
     launch config (``launch_config``)."""
     T, E = router_logits.shape
@@ -335,7 +335,7 @@ def route(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor 
     return route_checked(router_logits, top_k, selection_bias, renormalize)
 
 
-def check_selection_bias(selection_bias: torch.Tensor | None, num_experts: int, device) -> None:
+def check_selection_bias(selection_bias: torch.Tensor | None, num_experts: int, device: torch.device) -> None:
     """None, or a float32 [E] tensor on ``device`` (any stride: the kernel reads it with its own)."""
     if selection_bias is None:
         return

@@ -70,8 +70,8 @@ def _routing_tally_kernel(
         tl.store(p_batches, tl.load(p_batches, mask=m_e, other=0.0) + b_ran.to(tl.float32), mask=m_e)
 
 
-def routing_tallies(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights, nan_tokens, num_experts: int, stats=None,
-                    window: torch.Tensor = None) -> None:
+def routing_tallies(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, nan_tokens: torch.Tensor,
+                    num_experts: int, stats: torch.Tensor | None = None, window: torch.Tensor | None = None) -> None:
     """Add one routing call's tallies to ``stats`` [8] int64 and/or ``window`` [2, E] float32 in
     place (either may be None); see the module docstring. One launch, no host sync."""
     num_experts = _check(plain_ids, topk_ids, weights, nan_tokens, num_experts, stats, window)
@@ -87,7 +87,7 @@ def routing_tallies(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights, na
     )
 
 
-def tally_summary(stats, top_k: int) -> dict:
+def tally_summary(stats: torch.Tensor, top_k: int) -> dict[str, int | float]:
     """The ``stats`` [8] tallies as Python numbers (one device sync), with their per-token and
     per-call fractions."""
     values = dict(zip(STAT_FIELDS, stats.tolist()))
@@ -101,8 +101,8 @@ def tally_summary(stats, top_k: int) -> dict:
     }
 
 
-def routing_tallies_reference(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights, nan_tokens,
-                              num_experts: int) -> tuple:
+def routing_tallies_reference(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor,
+                              nan_tokens: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(stats increments [8] int64, window increments [2, E] float32) in torch."""
     loads, plain_loads = expert_loads_reference(topk_ids, num_experts), expert_loads_reference(plain_ids, num_experts)
     valid, plain_valid = ((ids >= 0) & (ids < num_experts) for ids in (topk_ids, plain_ids))

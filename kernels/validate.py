@@ -18,7 +18,8 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # a float kernel argument's
 INTERPRETER_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def check_tensor(name: str, value, ndim=None, dtypes=FLOAT_DTYPES, kernel_device=True) -> None:
+def check_tensor(name: str, value: object, ndim: int | tuple[int, ...] | None = None,
+                 dtypes: tuple[torch.dtype, ...] | None = FLOAT_DTYPES, kernel_device: bool = True) -> None:
     """Check that ``value`` is a tensor of one of ``dtypes`` with ``ndim`` dimensions, and (with
     ``kernel_device``, for a kernel's input; constructors may take weights still to be moved) on a
     device the Triton kernels can run on."""
@@ -47,7 +48,7 @@ def _check_interpretable(name, value):
                         "wrongly, so bfloat16 needs a CUDA GPU; use float32 or float16 on the CPU")
 
 
-def check_int(name: str, value, low=None, high=None) -> int:
+def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
     """``value`` as a Python int (numpy and torch integer scalars too, never bool), in [low, high]."""
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() > 0):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -61,7 +62,7 @@ def check_int(name: str, value, low=None, high=None) -> int:
     return value
 
 
-def check_float(name: str, value, low, high, low_open=False) -> float:
+def check_float(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
     """``value`` as a Python float (numpy reals too, never bool or str), finite, in [low, high]
     ((low, high] with ``low_open``): a scalar the kernels take as a float32 argument."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -76,7 +77,7 @@ def check_float(name: str, value, low, high, low_open=False) -> float:
     return number
 
 
-def check_same_dtype_device(**tensors) -> None:
+def check_same_dtype_device(**tensors: torch.Tensor) -> None:
     """Check that all named tensors share the first one's dtype and device."""
     (first_name, first), *rest = tensors.items()
     for name, value in rest:
@@ -86,25 +87,25 @@ def check_same_dtype_device(**tensors) -> None:
             raise ValueError(f"{name} is on {value.device} but {first_name} is on {first.device}")
 
 
-def check_dim(name: str, value, dim, expected, what) -> None:
+def check_dim(name: str, value: torch.Tensor, dim: int, expected: int, what: str) -> None:
     """Check ``value.shape[dim] == expected``; ``what`` says where ``expected`` comes from."""
     if value.shape[dim] != expected:
         raise ValueError(f"{name} has size {value.shape[dim]} in dim {dim}; expected {expected} ({what}), "
                          f"got shape {tuple(value.shape)}")
 
 
-def dot_precision(dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 products; Triton's default would silently use tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def tma_compatible(*tensors) -> bool:
+def tma_compatible(*tensors: torch.Tensor) -> bool:
     """Tensor descriptors need a unit last stride and 16-byte aligned base and row strides."""
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
-def check_sm_scale(sm_scale: float | None, head_dim) -> float:
+def check_sm_scale(sm_scale: float | None, head_dim: int) -> float:
     """The attention score scale as a float: ``None`` means 1/sqrt(head_dim)."""
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -115,7 +116,7 @@ def check_sm_scale(sm_scale: float | None, head_dim) -> float:
     return float(sm_scale)
 
 
-def check_bool(name: str, value) -> bool:
+def check_bool(name: str, value: object) -> bool:
     """``value`` as a bool (numpy bools too; never an int or a string, which would mean something else)."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -53,6 +53,7 @@ the statistics). The bias itself is one kernel launch
 (``kernels.cost_bias``), the re-selection a second routing launch.
 """
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,8 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
         self._reset_host_counters()
 
     @classmethod
-    def from_router(cls, router: TopKRouter, kernel_cost_model: KernelCostModel, **kwargs) -> "EnergyAwareTTTRouter":
+    def from_router(cls, router: TopKRouter, kernel_cost_model: KernelCostModel,
+                    **kwargs: Any) -> "EnergyAwareTTTRouter":
         """Wrap a ``TopKRouter`` (e.g. a patched HF model's ``layer.gate``), sharing its gate weight."""
         num_experts, d_model = router.weight.shape
         return cls(d_model, num_experts, router.top_k, kernel_cost_model, weight=router.weight,

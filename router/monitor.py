@@ -41,7 +41,7 @@ class _TappedMeter:
     def __init__(self, meter, ingest):
         self.meter, self.ingest = meter, ingest
 
-    def read(self):
+    def read(self) -> GpuReading:
         reading = self.meter.read()
         self.ingest(reading)
         return reading

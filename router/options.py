@@ -10,12 +10,12 @@ OBJECTIVE_KEYS = ("energy", "latency", "quality")
 DEFAULT_OBJECTIVE_WEIGHTS = {"energy": 1.0, "latency": 0.0, "quality": 1.0}
 
 
-def check_sizes(**sizes) -> list:
+def check_sizes(**sizes: object) -> list[int]:
     """Each size as a Python int >= 1 (numpy integers too)."""
     return [check_int(name, value, 1) for name, value in sizes.items()]
 
 
-def finite_number(name: str, value, low: float, low_open: bool = False, high: float = math.inf,
+def finite_number(name: str, value: object, low: float, low_open: bool = False, high: float = math.inf,
                   high_open: bool = True) -> None:
     """ValueError naming ``name`` unless ``value`` is a finite number in the span."""
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
@@ -24,7 +24,7 @@ def finite_number(name: str, value, low: float, low_open: bool = False, high: fl
         raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
 
 
-def check_keep(keep_top_k, keep_share, top_k: int) -> tuple:
+def check_keep(keep_top_k: "int | None", keep_share: "float | None", top_k: int) -> "tuple[int | None, float | None]":
     """(keep_top_k, keep_share): at most one set; keep_top_k in [1, top_k], keep_share in (0, 1]."""
     if keep_top_k is not None and keep_share is not None:
         raise ValueError(f"keep_top_k and keep_share are two forms of one knob: give at most one, got "
@@ -64,7 +64,8 @@ def check_hyperparameters(energy_aware_lr: float, top_p: "float | None", thermal
     finite_number("max_memory_pressure", max_memory_pressure, 0.0, high=1.0)
 
 
-def gate_weight(weight: "torch.Tensor | None", d_model: int, num_experts: int, device, dtype) -> torch.Tensor:
+def gate_weight(weight: "torch.Tensor | None", d_model: int, num_experts: int, device: "torch.device | str | None",
+                dtype: "torch.dtype | None") -> torch.Tensor:
     """The [E, H] gate weight: ``weight`` checked (shared, not copied), or a new one with nn.Linear's init."""
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")

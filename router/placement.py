@@ -14,10 +14,15 @@ batch's mean expert load (``kernels.cost_bias``), so it weighs as a per-token co
 per-expert upper bound of the marginal cost: a token already sent to a rank for another expert
 costs nothing more to send there again.
 """
+from typing import TYPE_CHECKING
+
 import torch
 
 from costmodel.ops import BYTES_PER_ELEMENT
 from kernels.validate import check_int
+
+if TYPE_CHECKING:
+    from costmodel.kernel_cost_model import KernelCostModel
 
 COMM_OP = "all_to_all"
 DEFAULT_MESSAGE_TOKENS = 8192  # tokens per rank in one all_to_all: the default message size's rows
@@ -40,7 +45,7 @@ def check_placement(placement: "tuple | None", num_experts: int) -> "tuple | Non
     return rank, world_size
 
 
-def placement_extra_cost(model, placement: "tuple | None", num_experts: int, d_model: int,
+def placement_extra_cost(model: "KernelCostModel", placement: "tuple | None", num_experts: int, d_model: int,
                          bytes_per_rank: "int | None") -> "torch.Tensor | None":
     """[2, E] float32 on the host: energy_j and latency_ms per routed token that each expert adds
     beyond its compute (the all_to_all there and back for a remote one), or None without a placement."""

@@ -1,15 +1,19 @@
 """The decode step's weight-read floor: the bytes one step must read over the measured copy bandwidth."""
 import statistics
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench.harness.ttt_model import TTTLanguageModel
 from calibration.energy import event_times_ms
 
+if TYPE_CHECKING:  # measure imports this module
+    from bench.harness.measure import DeviceEnv
+
 COPY_BYTES = 1 << 30
 
 
-def weight_read_floor(env, model: torch.nn.Module, next_tokens: torch.Tensor, latency_ms: float) -> dict:
+def weight_read_floor(env: "DeviceEnv", model: torch.nn.Module, next_tokens: torch.Tensor, latency_ms: float) -> dict:
     """The decode step's floor: bytes of the weights it touches (experts counted from one routed
     batch) over the copy bandwidth measured in this run, and the step's latency over it."""
     if env.copy_bytes_per_s is None:
@@ -25,7 +29,7 @@ def touched_weight_bytes(lm: torch.nn.Module, tokens: torch.Tensor) -> int:
     """Bytes of every weight one step over ``tokens`` [B, 1] reads: all dense weights (the embedding's
     rows for these tokens only) and, per MoE layer, the distinct experts its router picks (from one
     eager forward of the same tokens, without their context: the same count, statistically)."""
-    def bytes_of(t):
+    def bytes_of(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
     skip = {id(lm.embed)} | {id(p) for b in lm.blocks if lm.moe
                              for p in (b.moe.experts.gate_up_proj, b.moe.experts.down_proj)}

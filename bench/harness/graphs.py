@@ -11,6 +11,8 @@ module's token count (kept on the host, from shapes) says one is due. Nothing in
 syncs the host. Where the update cannot be captured, it runs as eager device work between
 replays, and the step says so (``update_mode``).
 """
+from collections.abc import Callable
+
 import torch
 
 from bench.harness.ttt_model import TTTLanguageModel
@@ -88,21 +90,22 @@ def _remembering(model, tokens):
         model.remember(tokens)
 
 
-def forward_step(model: torch.nn.Module, tokens: torch.Tensor, mode: str):
+def forward_step(model: torch.nn.Module, tokens: torch.Tensor, mode: str) -> Callable[[], torch.Tensor]:
     """The call the benchmark times for one forward over ``tokens`` [B, S]."""
     _check_mode(mode)
     if mode == "eager":
         return lambda: model(tokens)
     lm = _body_model(model)
 
-    def body():
+    def body() -> torch.Tensor:
         logits = lm(tokens)
         _remembering(model, tokens)
         return logits
     return GraphStep(body, adapting_modules(model), tokens.numel())
 
 
-def decode_step(model: torch.nn.Module, prompt: torch.Tensor, next_tokens: torch.Tensor, mode: str):
+def decode_step(model: torch.nn.Module, prompt: torch.Tensor, next_tokens: torch.Tensor,
+                mode: str) -> Callable[[], torch.Tensor]:
     """The call the benchmark times for one decode step: the cache holds ``prompt`` [B, C] and every
     call decodes ``next_tokens`` [B, 1] at position C (the cache is rewound to C first)."""
     _check_mode(mode)
@@ -111,13 +114,13 @@ def decode_step(model: torch.nn.Module, prompt: torch.Tensor, next_tokens: torch
     with torch.no_grad():
         model(prompt, cache)
     if mode == "eager":
-        def step():
+        def step() -> torch.Tensor:
             cache.rewind(context)
             return model(next_tokens, cache)
         return step
     lm = _body_model(model)
 
-    def body():
+    def body() -> torch.Tensor:
         cache.rewind(context)
         logits = lm(next_tokens, cache)
         _remembering(model, next_tokens)
@@ -125,7 +128,7 @@ def decode_step(model: torch.nn.Module, prompt: torch.Tensor, next_tokens: torch
     return GraphStep(body, adapting_modules(model), next_tokens.numel())
 
 
-def update_mode(step) -> str:
+def update_mode(step: Callable[[], torch.Tensor]) -> str | None:
     """How a step's test-time updates run (None: the model has none)."""
     if isinstance(step, GraphStep):
         return step.update_mode

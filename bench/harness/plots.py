@@ -1,7 +1,13 @@
 """The HPC comparison's PNG plots (atomic writes): energy per token, latency, predicted vs measured
 energy, and J/token against held-out bits/byte at decode."""
 import os
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib is optional: imported where the plots are drawn
+    from matplotlib.figure import Figure
 
 PARETO_DECODE_BATCHES = (16, 64)
 
@@ -23,7 +29,7 @@ def write_plots(devices: list, output_dir: str | Path) -> dict:
     return out
 
 
-def plot_energy(plt, pairs: list, label: str, output_dir: str | Path) -> str:
+def plot_energy(plt: ModuleType, pairs: list, label: Callable[[dict, str], str], output_dir: str | Path) -> str:
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(pairs)), 4))
     xs = range(len(pairs))
     measured = [(e["forward"]["measured"] or {}).get("energy_per_token_j") for _, _, e in pairs]
@@ -40,7 +46,7 @@ def plot_energy(plt, pairs: list, label: str, output_dir: str | Path) -> str:
     return save(fig, plt, Path(output_dir) / "energy_per_token.png")
 
 
-def plot_latency(plt, pairs: list, label: str, output_dir: str | Path) -> str:
+def plot_latency(plt: ModuleType, pairs: list, label: Callable[[dict, str], str], output_dir: str | Path) -> str:
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(12, 3 * len(pairs)), 4.5))
     xs = range(len(pairs))
     left.bar(list(xs), [e["forward"]["latency_ms_median"] for _, _, e in pairs])
@@ -59,7 +65,7 @@ def plot_latency(plt, pairs: list, label: str, output_dir: str | Path) -> str:
     return save(fig, plt, Path(output_dir) / "latency.png")
 
 
-def plot_predicted_vs_measured(plt, pairs: list, output_dir: str | Path) -> str:
+def plot_predicted_vs_measured(plt: ModuleType, pairs: list, output_dir: str | Path) -> str:
     points = [(p["prediction"]["energy_per_call_j"], p["measured"]["energy_per_call_j"], name)
               for _, name, e in pairs for p in [e["forward"], *e["decode"]] if p["measured"] is not None]
     if not points:
@@ -77,7 +83,7 @@ def plot_predicted_vs_measured(plt, pairs: list, output_dir: str | Path) -> str:
     return save(fig, plt, Path(output_dir) / "predicted_vs_measured_energy.png")
 
 
-def plot_energy_vs_quality(plt, pairs: list, output_dir: str | Path) -> str:
+def plot_energy_vs_quality(plt: ModuleType, pairs: list, output_dir: str | Path) -> str:
     """Measured J/token against held-out bits/byte, one point per model, at decode B=16 and B=64."""
     points = {b: [] for b in PARETO_DECODE_BATCHES}
     for _, name, e in pairs:
@@ -100,7 +106,7 @@ def plot_energy_vs_quality(plt, pairs: list, output_dir: str | Path) -> str:
     return save(fig, plt, Path(output_dir) / "energy_vs_quality.png")
 
 
-def save(fig, plt, path: Path) -> str:
+def save(fig: "Figure", plt: ModuleType, path: Path) -> str:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the JSON files
     fig.savefig(tmp, dpi=120)

@@ -194,7 +194,7 @@ class DecodeStream:
         set_tracking(routers, True)
         self.position = 0
 
-    def step(self, round_index: int = -1):
+    def step(self, round_index: int = -1) -> torch.Tensor:
         """One decode step at the next position of round ``round_index`` (rewound at its end)."""
         if self.position == self.steps:
             self.cache.rewind(self.context)
@@ -228,7 +228,7 @@ def stream_rows(text: torch.Tensor, batch_size: int, context: int, steps: int, b
     return rows.view(rounds, batch_size, context + steps + 1)
 
 
-def record_moe_inputs(lm: TransformerLM, stream, steps: int) -> torch.Tensor:
+def record_moe_inputs(lm: TransformerLM, stream: DecodeStream, steps: int) -> torch.Tensor:
     """[layers, steps, B, H]: each MoE layer's input over ``steps`` eager decode steps of the stream's
     last round (plain top-k's hidden states: every policy's MoE layers then replay the same inputs)."""
     stream.prefill(stream.rows.shape[0] - 1)
@@ -268,7 +268,7 @@ class MoELayersStep:
 
 
 def timed_energy(env: DeviceEnv, fn: Callable[[], object], tokens_per_call: int, trials: int, on_gpu: bool) -> dict:
-    """Latency (back-to-back calls, CUDA events) and, on a metered GPU, NVML energy per token."""
+    """Latency (ms; back-to-back calls, CUDA events) and, on a metered GPU, NVML energy per token (J)."""
     with torch.no_grad():
         for _ in range(graphs.WARMUP_CALLS):
             fn()
@@ -285,7 +285,7 @@ def timed_energy(env: DeviceEnv, fn: Callable[[], object], tokens_per_call: int,
 
 
 def measure_decode(env: DeviceEnv, model: PolicyModel, policy: Policy, monitor: HardwareMonitor | None,
-                   rows: torch.Tensor, context: int, recorded, args: argparse.Namespace) -> dict:
+                   rows: torch.Tensor, context: int, recorded: torch.Tensor | None, args: argparse.Namespace) -> dict:
     """One policy at one decode batch: ``decode_quality`` then ``decode_timing``."""
     return decode_quality(model, policy, monitor, rows, context, env.on_gpu) | \
         decode_timing(env, model, policy, monitor, rows, context, recorded, args.energy_trials)
@@ -303,9 +303,9 @@ def decode_quality(model: PolicyModel, policy: Policy, monitor: HardwareMonitor 
 
 
 def decode_timing(env: DeviceEnv, model: PolicyModel, policy: Policy, monitor: HardwareMonitor | None,
-                  rows: torch.Tensor, context: int, recorded, trials: int) -> dict:
-    """Latency and energy of the step and (``recorded`` given) of the MoE layers alone, statistics off
-    as deployed."""
+                  rows: torch.Tensor, context: int, recorded: torch.Tensor | None, trials: int) -> dict:
+    """Latency (ms) and energy (J per token) of the step and (``recorded`` given) of the MoE layers
+    alone, statistics off as deployed."""
     on_gpu = env.on_gpu
     lm = model.install(policy, monitor, track_stats=False)
     stream = DecodeStream(lm, rows, context, graph=on_gpu)
@@ -317,8 +317,8 @@ def decode_timing(env: DeviceEnv, model: PolicyModel, policy: Policy, monitor: H
 
 
 def merged_timings(passes: list) -> dict:
-    """One ``timed_energy`` entry from passes of one window each: median latency over every run,
-    energy the mean of the windows (min and max across them)."""
+    """One ``timed_energy`` entry from passes of one window each: median latency (ms) over every run,
+    energy (J per token) the mean of the windows (min and max across them)."""
     first = passes[0]
     merged = {"latency_ms_median": statistics.median(p["latency_ms_median"] for p in passes),
               "latency_runs": sum(p["latency_runs"] for p in passes), "passes": len(passes)}

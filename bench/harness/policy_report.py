@@ -76,7 +76,7 @@ def run_policies(env: DeviceEnv, model: PolicyModel, policies: list, monitor: Ha
 
 
 def alternating_timings(env: DeviceEnv, model: PolicyModel, policies: list, monitor: HardwareMonitor | None,
-                        rows: torch.Tensor, recorded, args: argparse.Namespace) -> dict:
+                        rows: torch.Tensor, recorded: torch.Tensor | None, args: argparse.Namespace) -> dict:
     """{policy: timing}: ``args.energy_trials`` passes of one energy window each, the policy order
     reversed on every other pass, so a card's drift (warming, power-cap clock events) over the
     sweep weighs on every policy alike instead of favouring the ones measured first."""

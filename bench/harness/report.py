@@ -58,7 +58,7 @@ def print_device_report(device: dict, compared: dict, criteria: list) -> None:
 
 
 def parameters(args: argparse.Namespace) -> dict:
-    def plain(v):
+    def plain(v: object) -> object:
         if isinstance(v, (torch.device, Path)):
             return str(v)
         return v.as_dict() if hasattr(v, "as_dict") else v

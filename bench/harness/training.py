@@ -35,7 +35,7 @@ class TrainConfig:
 def balance_loss_hooks(lm: TransformerLM, losses: list) -> list:
     """Forward hooks on every router that append a switch-style load-balancing loss to ``losses``:
     E * sum_e (share of routed slots on e) * (mean router probability of e); 1 when balanced."""
-    def hook(router, inputs, output):
+    def hook(router: torch.nn.Module, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         logits, _, ids = output
         E = logits.shape[-1]
         ones = torch.ones(ids.numel(), device=ids.device)

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.harness.models import TransformerLM
+from bench.harness.models import KVCache, TransformerLM
 from calibration.energy import DeferredTimer
+from costmodel.ops import ModelDims
 
 
 def ttt_parameters(lm: TransformerLM) -> dict:
@@ -76,14 +77,14 @@ class TTTLanguageModel(nn.Module):
                                  capturable=on_gpu)]
 
     @property
-    def dims(self):
+    def dims(self) -> ModelDims:
         return self.lm.dims
 
     @property
-    def optimizer_name(self):
+    def optimizer_name(self) -> str:
         return "muon (2-D) + adam (norms)" if self.muon_enabled else "adam"
 
-    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if self.update_due():
             self.ttt_step()  # before this call's tokens are seen: the update is causal
         logits = self.lm(tokens, cache)
@@ -151,7 +152,7 @@ class TTTLanguageModel(nn.Module):
                     p.copy_(master)
 
     def stats(self) -> dict:
-        """Updates since ``reset_stats`` and their total time (waits for the last update on a GPU)."""
+        """Updates since ``reset_stats`` and their total time in s (waits for the last update on a GPU)."""
         self._ttt_time_s += sum(seconds for seconds, _ in self._timer.settle())
         return {"ttt_updates": self.ttt_updates, "ttt_time_s": self._ttt_time_s, "optimizer": self.optimizer_name,
                 "ttt_parameters": list(self.ttt_params),
@@ -161,7 +162,7 @@ class TTTLanguageModel(nn.Module):
         self.ttt_updates, self._ttt_time_s = 0, 0.0
         self._timer = DeferredTimer()
 
-    def new_cache(self, batch_size: int, capacity: int | None = None):
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
         return self.lm.new_cache(batch_size, capacity)
 
     def parameter_counts(self) -> dict:
