@@ -96,7 +96,7 @@ def comma_list(item: Callable[[str], object] = str, choices: Collection[str] | N
                allow_empty: bool = False) -> Callable[[str], list]:
     """An argparse type: comma-separated values, each through ``item`` (and among ``choices``), none empty,
     none repeated; '' is the empty list with ``allow_empty``."""
-    def parse(text):
+    def parse(text: str) -> list:
         if allow_empty and not text.strip():
             return []
         parts = [part.strip() for part in text.split(",")]

@@ -29,24 +29,24 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def median_ms(fn: Callable[[], object]) -> float:
-    """Per-call time as an eager caller sees it: host launch overhead shows when it exceeds GPU time."""
+    """Per-call time (ms) as an eager caller sees it: host launch overhead shows when it exceeds GPU time."""
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
 def copy_bytes_per_s() -> float:
-    """Device-to-device copy bandwidth now, bytes read plus written (1 GiB copied)."""
+    """Device-to-device copy bandwidth now (bytes/s), bytes read plus written (1 GiB copied)."""
     src = torch.randn(2 ** 28, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() * src.element_size() / (median_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
 def graph_median_ms(fn: Callable[[], object]) -> float:
-    """GPU time alone: the call captured in a CUDA graph and replayed (no host overhead)."""
+    """GPU time alone (ms): the call captured in a CUDA graph and replayed (no host overhead)."""
     return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")
 
 
 def host_us(fn: Callable[[], object], calls: int = 200) -> float:
-    """Median host time to enqueue one call (the Python + launch overhead a caller pays)."""
+    """Median host time (µs) to enqueue one call (the Python + launch overhead a caller pays)."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -66,10 +66,10 @@ def run_case(case: dense_cases.DenseCase, device: torch.device | str, dtype: tor
            "rel_error_vs_peer": rel_error(case.ours(*inputs), case.peer(*inputs)), "target_ratio": case.target_ratio}
     if not timed:
         return row | {"ours_ms": None, "peer_ms": None, "ratio": None, "graph_ratio": None, "time_null_reason": NO_GPU}
-    def ours():
+    def ours() -> torch.Tensor:
         return case.ours(*inputs)
 
-    def peer():
+    def peer() -> torch.Tensor:
         return case.peer(*inputs)
     ours_ms, peer_ms = median_ms(ours), median_ms(peer)
     ours_graph_ms, peer_graph_ms = graph_median_ms(ours), graph_median_ms(peer)

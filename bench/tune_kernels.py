@@ -82,7 +82,7 @@ def _gemm_bucket(op, shape, candidates, dtype, gen):
     w = (torch.randn(rows, K, device="cuda", generator=gen) / math.sqrt(K)).to(dtype)
     fuse = op == "swiglu_gate_up"
 
-    def reference():
+    def reference() -> torch.Tensor:
         if fuse:
             gate, up = (x @ w.T).chunk(2, dim=-1)
             return torch.nn.functional.silu(gate.float()) * up.float()

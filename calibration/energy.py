@@ -14,7 +14,7 @@ import contextlib
 import numbers
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ from calibration.validate import check_meter
 from costmodel.validate import MAX_BOARD_POWER_W, count, finite_number
 
 if TYPE_CHECKING:  # annotations only: no import at run time
-    from calibration.nvml_meter import GpuMeter
+    from calibration.nvml_meter import GpuMeter, GpuReading
 
 MIN_WINDOW_S = 1.0  # 10+ updates of the ~100 ms energy counter
 
@@ -36,12 +36,12 @@ class WindowResult:
     end: object
 
 
-def check_window_s(window_s: float):
+def check_window_s(window_s: object) -> float:
     """``window_s`` as a float: a finite number of seconds >= ``MIN_WINDOW_S``."""
     return finite_number("window_s", window_s, low=MIN_WINDOW_S, why=" s (10+ updates of the ~100 ms energy counter)")
 
 
-def check_idle_power_w(idle_power_w: float):
+def check_idle_power_w(idle_power_w: object) -> float:
     """``idle_power_w`` as a float: a finite board power in [0, ``MAX_BOARD_POWER_W``] W."""
     return finite_number("idle_power_w", idle_power_w, low=0.0, high=MAX_BOARD_POWER_W, why=" W")
 
@@ -51,9 +51,9 @@ def _check_run_for(run_for):
         raise TypeError(f"run_for must be a callable run_for(seconds) -> calls, got {type(run_for).__name__}")
 
 
-def wait_for_counter_update(meter: "GpuMeter", timeout_s: float = 1.0):
+def wait_for_counter_update(meter: "GpuMeter", timeout_s: float = 1.0) -> "GpuReading":
     """Poll until the energy counter changes; the reading just after the change. RuntimeError when
-    there is no counter, it stops reading, or it does not change within ``timeout_s`` (> 0)."""
+    there is no counter, it stops reading, or it does not change within ``timeout_s`` (s, > 0)."""
     check_meter("meter", meter)
     timeout_s = finite_number("timeout_s", timeout_s, low=0.0, low_open=True, why=" s")
     first = meter.read()
@@ -80,8 +80,8 @@ def _counter_energy_j(start, end):
     return (end.energy_mj - start.energy_mj) / 1000.0
 
 
-def measure_idle_power_w(meter: "GpuMeter", seconds: float = 2.0):
-    """Idle (static) board power: counter energy over ``seconds`` (>= 0) of doing nothing, edge to edge.
+def measure_idle_power_w(meter: "GpuMeter", seconds: float = 2.0) -> float:
+    """Idle (static) board power (W): counter energy over ``seconds`` (>= 0) of doing nothing, edge to edge.
     RuntimeError when the counter does not advance or gives a power no board draws."""
     check_meter("meter", meter)
     seconds = finite_number("seconds", seconds, low=0.0, why=" s")
@@ -95,7 +95,8 @@ def measure_idle_power_w(meter: "GpuMeter", seconds: float = 2.0):
     return power_w
 
 
-def measure_window(meter: "GpuMeter", run_for: "Callable[[float], int]", window_s: float, idle_power_w: float):
+def measure_window(meter: "GpuMeter", run_for: "Callable[[float], int]", window_s: float,
+                   idle_power_w: float) -> WindowResult:
     """One window: ``run_for(seconds) -> calls`` does the work (at least one call, for at least
     ``seconds``, and waits for the device). RuntimeError when the counter does not advance or the
     work's energy, once the idle tail is removed, is not positive (``idle_power_w`` too high)."""
@@ -122,8 +123,8 @@ def measure_window(meter: "GpuMeter", run_for: "Callable[[float], int]", window_
 
 
 def measure_energy(meter: "GpuMeter", run_for: "Callable[[float], int]", idle_power_w: float,
-                   window_s: float = MIN_WINDOW_S, trials: int = 3):
-    """Median and spread of energy per call over ``trials`` (>= 1) windows of at least ``window_s``
+                   window_s: float = MIN_WINDOW_S, trials: int = 3) -> dict:
+    """Median and spread of energy per call (J) over ``trials`` (>= 1) windows of at least ``window_s``
     (>= 1 s); ``measure_window``'s errors for a window that measured nothing."""
     check_meter("meter", meter)
     _check_run_for(run_for)
@@ -139,15 +140,15 @@ def measure_energy(meter: "GpuMeter", run_for: "Callable[[float], int]", idle_po
     }
 
 
-def measure_gap_power_w(meter: "GpuMeter", idle_power_w: float, launch_every_s: float = 2e-4):
-    """Board power while the host launches a tiny kernel every ``launch_every_s``: the GPU awake but
+def measure_gap_power_w(meter: "GpuMeter", idle_power_w: float, launch_every_s: float = 2e-4) -> float:
+    """Board power (W) while the host launches a tiny kernel every ``launch_every_s`` (s): the GPU awake but
     mostly waiting, as in the gaps between an eager forward's kernels (deep idle draws less)."""
     launch_every_s = finite_number("launch_every_s", launch_every_s, low=0.0, low_open=True, why=" s")
     check_idle_power_w(idle_power_w)
     import torch
     scratch = torch.zeros(1, device="cuda")
 
-    def launch_then_wait():
+    def launch_then_wait() -> None:
         scratch.add_(1.0)
         time.sleep(launch_every_s)
     return measure_energy(meter, lambda seconds: repeat_for(launch_then_wait, seconds), idle_power_w,
@@ -187,7 +188,7 @@ class GraphRunner:
         torch.cuda.synchronize()
         self.latency_ms = median_event_ms(self.graph.replay, 10) / self.calls_per_replay  # as the windows run it
 
-    def run_for(self, seconds: float):
+    def run_for(self, seconds: float) -> int:
         return repeat_for(self.graph.replay, seconds) * self.calls_per_replay
 
 
@@ -204,7 +205,7 @@ class EagerRunner:
                 fn()
             self.latency_ms = median_event_ms(fn, 20)
 
-    def run_for(self, seconds: float):
+    def run_for(self, seconds: float) -> int:
         with self.torch.no_grad():
             return repeat_for(self.fn, seconds)
 
@@ -217,7 +218,7 @@ class DeferredTimer:
         self._records = []
 
     @contextlib.contextmanager
-    def time(self, on_gpu: bool, tag: object = None):
+    def time(self, on_gpu: bool, tag: object = None) -> "Iterator[None]":
         if on_gpu:
             import torch
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -230,7 +231,7 @@ class DeferredTimer:
             end = time.perf_counter()
         self._records.append((start, end, tag))
 
-    def settle(self):
+    def settle(self) -> "list[tuple[float, object]]":
         if self._records and not isinstance(self._records[-1][1], float):
             self._records[-1][1].synchronize()  # elapsed_time needs completed events
         done = [((end - start) if isinstance(start, float) else start.elapsed_time(end) * 1e-3, tag)
@@ -244,7 +245,7 @@ def _check_fn(fn):
         raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
 
 
-def repeat_for(fn: "Callable[[], object]", seconds: float):
+def repeat_for(fn: "Callable[[], object]", seconds: float) -> int:
     """Call ``fn`` back to back for ``seconds`` (finite, >= 0) and wait for the device; the number of calls.
     The host stays at most 8 calls ahead of the device, so the time is the device's."""
     _check_fn(fn)
@@ -260,7 +261,7 @@ def repeat_for(fn: "Callable[[], object]", seconds: float):
     return calls
 
 
-def event_times_ms(fn: "Callable[[], object]", repeats: int):
+def event_times_ms(fn: "Callable[[], object]", repeats: int) -> "list[float]":
     """CUDA-event times of ``repeats`` (>= 1) calls of ``fn()``, each waited for (ms)."""
     _check_fn(fn)
     repeats = count("repeats", repeats)
@@ -276,6 +277,6 @@ def event_times_ms(fn: "Callable[[], object]", repeats: int):
     return times
 
 
-def median_event_ms(fn: "Callable[[], object]", repeats: int):
+def median_event_ms(fn: "Callable[[], object]", repeats: int) -> float:
     """Median CUDA-event time of ``fn()`` over ``repeats`` calls, each waited for (ms)."""
     return statistics.median(event_times_ms(fn, repeats))

@@ -24,7 +24,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from calibration.energy import _counter_energy_j, check_idle_power_w, check_window_s, wait_for_counter_update
@@ -32,6 +31,8 @@ from calibration.validate import check_meter
 from costmodel.validate import count
 
 if TYPE_CHECKING:  # annotations only: no import at run time
+    from zeus.monitor import ZeusMonitor
+
     from calibration.nvml_meter import GpuMeter
 
 METHODS = ("ours", "zeus", "zeus_aligned", "power_integral")
@@ -62,8 +63,8 @@ class PowerSampler:
         self._thread.join()
 
 
-def integral_j(samples: list, t0: float, t1: float) -> float:
-    """Trapezoid integral of (time s, W) samples over [t0, t1] (each end held at its nearest sample);
+def integral_j(samples: "list[tuple[float, float]]", t0: float, t1: float) -> "float | None":
+    """Trapezoid integral (J) of (time s, W) samples over [t0, t1] s (each end held at its nearest sample);
     None with fewer than two samples inside."""
     inside = [(t, w) for t, w in samples if t0 <= t <= t1]
     if len(inside) < 2:
@@ -72,8 +73,8 @@ def integral_j(samples: list, t0: float, t1: float) -> float:
     return sum((b[0] - a[0]) * (a[1] + b[1]) / 2.0 for a, b in zip(inside, inside[1:]))
 
 
-def check_window(meter: "GpuMeter", zeus: "ModuleType", gpu_index: int, run_for: "Callable[[float], int]",
-                 window_s: float, idle_power_w: float, rng: random.Random, sample_every_s: float = 0.01):
+def check_window(meter: "GpuMeter", zeus: "ZeusMonitor", gpu_index: int, run_for: "Callable[[float], int]",
+                 window_s: float, idle_power_w: float, rng: random.Random, sample_every_s: float = 0.01) -> dict:
     """One window of ``run_for(seconds) -> calls`` measured by every method: {method: J of the
     work}, plus ``calls`` and ``work_s``. ``zeus`` is a ``zeus.monitor.ZeusMonitor`` (or any object
     with its ``begin_window``/``end_window``) watching ``gpu_index``."""
@@ -96,8 +97,8 @@ def check_window(meter: "GpuMeter", zeus: "ModuleType", gpu_index: int, run_for:
             "power_integral": integral_j(sampler.samples, t0, t_end), "calls": int(calls), "work_s": t_end - t0}
 
 
-def check_workload(meter: "GpuMeter", zeus: "ModuleType", gpu_index: int, run_for: "Callable[[float], int]",
-                   idle_power_w: float, window_s: float = 3.0, trials: int = 5, seed: int = 0):
+def check_workload(meter: "GpuMeter", zeus: "ZeusMonitor", gpu_index: int, run_for: "Callable[[float], int]",
+                   idle_power_w: float, window_s: float = 3.0, trials: int = 5, seed: int = 0) -> dict:
     """``trials`` (>= 1) windows of one workload: each method's J per window, and the medians of
     every method's ratio to ``ours``."""
     count("trials", trials)
@@ -113,7 +114,7 @@ def _median_ratio(windows, method):
     return statistics.median(ratios) if ratios else None
 
 
-def verdict(workloads: list):
+def verdict(workloads: dict) -> dict:
     """Do ours and Zeus agree within ``AGREEMENT`` on every workload, and which is nearer the power integral?"""
     gaps = {name: None if w["vs_ours"]["zeus"] is None else w["vs_ours"]["zeus"] - 1.0 for name, w in workloads.items()}
     nearer = {}

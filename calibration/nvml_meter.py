@@ -67,7 +67,7 @@ class GpuMeter:
             self.unavailable_reason = f"NVML unavailable: {exc.__class__.__name__}: {exc}"
 
     @property
-    def available(self):
+    def available(self) -> bool:
         return self._handle is not None
 
     def _query(self, missing, name, fn, *args):
@@ -77,27 +77,27 @@ class GpuMeter:
             missing[name] = f"{fn.__name__}: {exc.__class__.__name__}: {exc}"
             return None
 
-    def name(self):
+    def name(self) -> "str | None":
         """The GPU name NVML reports, or None."""
         if not self.available:
             return None
         value = self._query({}, "name", self.nvml.nvmlDeviceGetName)
         return value.decode() if isinstance(value, bytes) else value
 
-    def uuid(self):
+    def uuid(self) -> "str | None":
         """The board's NVML UUID (tells one card from another of the same model), or None."""
         if not self.available:
             return None
         value = self._query({}, "uuid", self.nvml.nvmlDeviceGetUUID)
         return value.decode() if isinstance(value, bytes) else value
 
-    def driver_version(self):
+    def driver_version(self) -> "str | None":
         if not self.available:
             return None
         value = self.nvml.nvmlSystemGetDriverVersion()
         return value.decode() if isinstance(value, bytes) else value
 
-    def temperature_thresholds_c(self):
+    def temperature_thresholds_c(self) -> dict:
         """{"slowdown": °C, "shutdown": °C, "missing": reasons} as NVML reports them."""
         kinds = {"slowdown": "NVML_TEMPERATURE_THRESHOLD_SLOWDOWN", "shutdown": "NVML_TEMPERATURE_THRESHOLD_SHUTDOWN"}
         if not self.available:
@@ -107,7 +107,7 @@ class GpuMeter:
                for kind, const in kinds.items()}
         return out | {"missing": missing}
 
-    def read(self):
+    def read(self) -> GpuReading:
         """One ``GpuReading`` now."""
         if not self.available:
             names = [n for n in GpuReading.__dataclass_fields__ if n not in ("time_s", "missing")]
@@ -149,7 +149,7 @@ class GpuMeter:
                 out.append(value.value.uiVal / 1000.0)
         return tuple(out)
 
-    def slowdown_reasons(self, bits: int | None):
+    def slowdown_reasons(self, bits: int | None) -> "list[str] | None":
         """Names of the thermal/power slowdown reasons set in ``bits`` (clock-event reason bits, an int), or None."""
         if bits is None:
             return None
@@ -159,8 +159,8 @@ class GpuMeter:
                 if bits & getattr(self.nvml, const, 0)]
 
 
-def check_interval_s(interval_s: float):
-    """``interval_s`` as a float: a finite sampling period >= ``MIN_SAMPLE_INTERVAL_S``."""
+def check_interval_s(interval_s: object) -> float:
+    """``interval_s`` as a float: a finite sampling period (s) >= ``MIN_SAMPLE_INTERVAL_S``."""
     return finite_number("interval_s", interval_s, low=MIN_SAMPLE_INTERVAL_S,
                          why=" s (NVML updates about every 100 ms)")
 
@@ -178,17 +178,17 @@ class BackgroundSampler:
         self._thread = None
 
     @property
-    def latest(self):
+    def latest(self) -> "GpuReading | None":
         return self.samples[-1] if self.samples else None
 
-    def start(self):
+    def start(self) -> "BackgroundSampler":
         if self._thread is not None:
             raise RuntimeError("sampler already started")
         self._thread = threading.Thread(target=self._run, name="gpu-meter-sampler", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self):
+    def stop(self) -> "list[GpuReading]":
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -209,7 +209,7 @@ class BackgroundSampler:
 
 
 
-def meter_for_cuda_device(cuda_index: int | None = None):
+def meter_for_cuda_device(cuda_index: int | None = None) -> GpuMeter:
     """The ``GpuMeter`` of a CUDA device (default: the current one), found by UUID: CUDA numbers
     only the visible GPUs (CUDA_VISIBLE_DEVICES, by index or UUID), NVML numbers them all."""
     import torch

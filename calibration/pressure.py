@@ -47,14 +47,14 @@ class BandwidthHog:
         self.period_ms = pairs * copy_ms / share
         self._buffers = (src, dst)  # the graph reads and writes them
 
-    def start(self, seconds: float):
+    def start(self, seconds: float) -> None:
         """Queue ``seconds`` (finite, >= 0) of background traffic on the hog's stream (returns at once)."""
         seconds = finite_number("seconds", seconds, low=0.0, why=" s")
         with self.torch.cuda.stream(self.stream):  # a replay runs on the current stream
             for _ in range(max(1, int(seconds * 1e3 / self.period_ms) + 1)):
                 self.graph.replay()
 
-    def wait(self):
+    def wait(self) -> None:
         self.stream.synchronize()
 
 
@@ -87,9 +87,10 @@ def _check_window_s(window_s):
     return finite_number("window_s", window_s, low=0.0, low_open=True, why=" s")
 
 
-def background_utilisation(meter: "GpuMeter", hogs: list, window_s: float = 0.5):
+def background_utilisation(meter: "GpuMeter", hogs: "list[BandwidthHog]",
+                           window_s: float = 0.5) -> "dict[float, float | None]":
     """NVML memory utilisation (0..1, None where NVML gives none) each hog produces running alone over
-    ``window_s`` (> 0): the pressure coordinate."""
+    ``window_s`` (s, > 0): the pressure coordinate."""
     check_meter("meter", meter)
     window_s = _check_window_s(window_s)
     utilisation = {}
@@ -101,13 +102,13 @@ def background_utilisation(meter: "GpuMeter", hogs: list, window_s: float = 0.5)
     return utilisation
 
 
-def measure_pressure_curve(meter: "GpuMeter", runner: "GraphRunner", hogs: list, background: dict,
-                           window_s: float = 0.5):
+def measure_pressure_curve(meter: "GpuMeter", runner: "GraphRunner", hogs: "list[BandwidthHog]", background: dict,
+                           window_s: float = 0.5) -> "list[dict]":
     """Points of (background utilisation, pair utilisation, latency stretch) for one op.
 
     ``runner`` is the op's ``calibration.energy.GraphRunner``; ``background`` is
     ``background_utilisation(meter, hogs)``. The first point is the op alone (stretch 1); each window
-    lasts ``window_s`` (> 0)."""
+    lasts ``window_s`` (s, > 0)."""
     check_meter("meter", meter)
     window_s = _check_window_s(window_s)
     unknown = [hog.share for hog in hogs if hog.share not in background]

@@ -27,7 +27,7 @@ IDLE_FRACTION_OF_TDP = 73.0 / 700.0
 PRIOR_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def prior_point(op: str, batch_size: int, dims: "ModelDims", sheet: dict):
+def prior_point(op: str, batch_size: int, dims: "ModelDims", sheet: dict) -> dict:
     flops, nbytes = work(op, batch_size, dims)
     compute_s = flops / (sheet["peak_tflops"] * 1e12)
     memory_s = nbytes / (sheet["hbm_tb_s"] * 1e12)
@@ -36,7 +36,7 @@ def prior_point(op: str, batch_size: int, dims: "ModelDims", sheet: dict):
             "power_w": sheet["tdp_w"], "flops": flops, "bytes": nbytes, "memory_gb": nbytes / 1e9}
 
 
-def prior_table(gpu: str, dims: "ModelDims" = ModelDims()):
+def prior_table(gpu: str, dims: "ModelDims" = ModelDims()) -> dict:
     """The prior table of ``gpu`` (a key of ``DATASHEETS``) at ``dims`` (a ``ModelDims``)."""
     if not isinstance(gpu, str):
         raise TypeError(f"gpu must be a GPU name (str), got {type(gpu).__name__}")

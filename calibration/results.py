@@ -31,7 +31,7 @@ def write_json_atomic(path: "str | os.PathLike", data: object) -> None:
         raise
 
 
-def git_commit():
+def git_commit() -> "str | None":
     """The repo's HEAD commit (``-dirty`` with uncommitted changes); outside git, $GIT_COMMIT or None.
 
     Copies of the tree without ``.git`` (e.g. sent to a GPU machine) pass the commit in $GIT_COMMIT."""
@@ -47,7 +47,7 @@ def git_commit():
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def nvidia_driver_version():
+def nvidia_driver_version() -> "str | None":
     """The NVIDIA driver version from NVML, or None (with no NVML or no GPU)."""
     try:
         import pynvml
@@ -60,7 +60,7 @@ def nvidia_driver_version():
         return None
 
 
-def provenance():
+def provenance() -> dict:
     """Where and with what a result was measured."""
     from kernels import config_sources  # here, not at import: importing kernels fixes TRITON_INTERPRET
     on_gpu = torch.cuda.is_available()

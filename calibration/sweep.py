@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -36,6 +36,9 @@ from calibration.thermal import fit_thermal_model
 from calibration.trace import trace_of
 from costmodel.ops import SEQUENCE_OPS, ModelDims, work
 from costmodel.table import check_table, load_table
+
+if TYPE_CHECKING:  # annotations only: no import at run time
+    from calibration.nvml_meter import GpuReading
 
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 SEQUENCE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -53,12 +56,12 @@ PRESSURE_BATCH = {"tokens": 64, "sequences": 4}  # where each op's memory-pressu
 MIN_THERMAL_SAMPLES = 30  # 3 s of the 10 Hz timeline: fewer cannot fit the thermal model
 
 
-def gpu_matches(requested: str, detected_name: str):
+def gpu_matches(requested: str, detected_name: str) -> bool:
     """Does ``--gpu`` (e.g. "A100") name the detected GPU (e.g. "NVIDIA A100-SXM4-80GB")?"""
     return re.search(rf"(?<![A-Za-z0-9]){re.escape(requested)}(?![0-9])", detected_name, re.IGNORECASE) is not None
 
 
-def measure_ceilings():
+def measure_ceilings() -> "tuple[float, float]":
     """Measured bf16 matmul FLOP/s and device copy bytes/s (read + write; 1 GiB copied), for the
     roofline split: CUDA-event medians after a warm-up."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -79,7 +82,7 @@ def _warmed(*fns, calls=5):
 POWER_CAP_REASONS = 0x4 | 0x80  # nvmlClocksEventReasonSwPowerCap | HwPowerBrakeSlowdown
 
 
-def thermal_section(samples: list, thresholds: dict):
+def thermal_section(samples: "list[GpuReading]", thresholds: dict) -> dict:
     """Fit the thermal model to the sweep's timeline; clock-vs-temperature points; what is extrapolated.
 
     The fit uses instant power (the die temperature follows it within a sample). Clock-vs-temperature
@@ -106,7 +109,8 @@ def thermal_section(samples: list, thresholds: dict):
 
 
 def sweep_point(op: str, batch_size: int, dims: "ModelDims", meter: "GpuMeter", idle_power_w: float, window_s: float,
-                trials: int, pressure=None):
+                trials: int,
+                pressure: "tuple[list[BandwidthHog], dict] | None" = None) -> "tuple[dict, list[dict] | None]":
     """One table point; with ``pressure`` (hogs, background utilisation) also the op's pressure
     curve; ``trials=0`` times the point without metering it (``energy_j`` None)."""
     runner = GraphRunner(op_callable(op, batch_size, dims))
@@ -118,7 +122,7 @@ def sweep_point(op: str, batch_size: int, dims: "ModelDims", meter: "GpuMeter", 
     return point, measure_pressure_curve(meter, runner, *pressure) if pressure else None
 
 
-def sweep_plan(settings: "SweepSettings"):
+def sweep_plan(settings: "SweepSettings") -> "list[tuple[str, ModelDims, int, int]]":
     """[(op, dims, batch_size, energy trials)]: the table's dims at every batch size (``trials``
     windows each), then each of ``settings.shapes`` at its batch sizes (one window at the
     smallest and largest, latency alone between)."""
@@ -135,7 +139,8 @@ def _point_key(op, dims, batch_size, table_dims):
     return op, None if dims == table_dims else tuple(sorted(asdict(dims).items())), batch_size
 
 
-def progress(n: int, total: int, label: str, elapsed_s: float, stream: TextIO = sys.stderr, skipped: int = 0):
+def progress(n: int, total: int, label: str, elapsed_s: float, stream: TextIO = sys.stderr,
+             skipped: int = 0) -> None:
     """A one-line progress bar (redrawn in place on a terminal, one line per step in a log); the
     time left is paced by the ``n - skipped`` points this run measured."""
     filled = round(24 * n / total)
@@ -145,7 +150,7 @@ def progress(n: int, total: int, label: str, elapsed_s: float, stream: TextIO = 
     print(line, end=end, file=stream, flush=True)
 
 
-def pressure_section(shares: "Sequence[float]", background: dict, curves: dict):
+def pressure_section(shares: "Sequence[float]", background: dict, curves: dict) -> dict:
     return {"coordinate": "NVML memory-bandwidth utilisation (0..1) the background produces alone",
             "method": "BandwidthHog: a copy loop on its own stream, duty-cycled with GPU sleeps to a share of time; "
                       "latency stretch = CUDA-event median of the op's graph replays beside it / alone",
@@ -153,7 +158,7 @@ def pressure_section(shares: "Sequence[float]", background: dict, curves: dict):
             "ops": {op: {"batch_size": b, "points": pts} for op, (b, pts) in curves.items()}}
 
 
-def kept_collectives(path: Path):
+def kept_collectives(path: Path) -> "dict | None":
     """The collective curves of the table at ``path`` (measured apart, by ``bench.calibrate_comm``),
     which a new sweep keeps; None without a readable table there."""
     try:
@@ -183,7 +188,7 @@ def rejected_path(output: Path) -> Path:
     return output.with_suffix(".rejected.json")
 
 
-def write_table(output: Path, table: dict):
+def write_table(output: Path, table: dict) -> "str | None":
     """Write ``table`` to ``output`` if it passes ``check_table`` (None); else to ``rejected_path(output)``,
     leaving the table at ``output`` as it was, and return why."""
     try:
@@ -195,7 +200,8 @@ def write_table(output: Path, table: dict):
     return None
 
 
-def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict, save: "Callable[[dict], None]"):
+def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict,
+          save: "Callable[[dict], None]") -> BackgroundSampler:
     """Measure the points ``state`` lacks (every (op, batch), and each op's pressure curve at its
     PRESSURE_BATCH), calling ``save(state)`` after each; the sampler of this run's timeline."""
     hogs = [BandwidthHog(share) for share in args.pressure_shares]
@@ -230,13 +236,13 @@ def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict, save: "Callable
     return sampler
 
 
-def background_of(state: dict):
+def background_of(state: dict) -> "dict[float, float | None]":
     """{HBM share: the NVML utilisation its hog produced alone}, from the JSON-plain pairs ``state`` keeps."""
     return {share: util for share, util in state["background_util"] or []}
 
 
-def measure_constants(meter: "GpuMeter"):
-    """Idle and gap power and the matmul and copy ceilings. Idle power is measured twice: settled
+def measure_constants(meter: "GpuMeter") -> "dict[str, float]":
+    """Idle and gap power (W) and the matmul and copy ceilings (FLOP/s, bytes/s). Idle power is measured twice: settled
     (``idle_power_cold_w``), and right after the ceilings' load, the state the card stays in for
     minutes after work (an H200: 80 W cold, 123-127 W after load). The sweep's windows subtract
     their idle tails at the after-load figure, ``idle_power_w``, since that is the state their
@@ -250,7 +256,7 @@ def measure_constants(meter: "GpuMeter"):
             "peak_flops": peak_flops, "hbm_bytes_per_s": copy_bytes_per_s}
 
 
-def device_facts():
+def device_facts() -> dict:
     """What the cost model's tile fit needs of this card and build: SM count, L2 bytes, and the
     block configs our kernels read here (``kernels.config_entries``); without CUDA, why not."""
     if not torch.cuda.is_available():
@@ -262,7 +268,7 @@ def device_facts():
 
 
 def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected: str, sampler: "BackgroundSampler",
-                duration_s: float):
+                duration_s: float) -> dict:
     points = {op: sorted(pts, key=lambda p: (bool(p.get("dims")), p["batch_size"]))
               for op, pts in state["points"].items()}
     curves = {op: tuple(entry) for op, entry in state["pressure_curves"].items()}
@@ -305,11 +311,11 @@ class SweepSettings:
     window_s: float = 1.0
     trials: int = 2
     pressure_shares: tuple = (0.5, 0.9)
-    trace: Path = None
+    trace: Path | None = None
     shapes: tuple = SHAPE_SWEEP  # extra dims measured for the tile fit (module docstring); () for none
 
 
-def detected_gpu(meter: "GpuMeter", requested: str):
+def detected_gpu(meter: "GpuMeter", requested: str) -> str:
     """The GPU's NVML name; ValueError unless a CUDA GPU whose energy NVML reads is ``requested``."""
     if not torch.cuda.is_available():
         raise ValueError("no NVIDIA GPU detected (torch.cuda.is_available() is False): calibration measures a GPU")
@@ -321,7 +327,7 @@ def detected_gpu(meter: "GpuMeter", requested: str):
     return detected
 
 
-def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detected: str):
+def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detected: str) -> "tuple[dict, str | None]":
     """Measure what ``state`` lacks and write the table: (table, None), or (table, why it was
     rejected) with the table at ``settings.output`` left as it was and the partial sweep kept."""
     started, partial = time.monotonic(), partial_path(settings.output)
@@ -340,7 +346,7 @@ def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detecte
     return table, rejected
 
 
-def calibrate_ops(gpu: str, ops: "Sequence[str]", dims: "ModelDims", output: "str | Path"):
+def calibrate_ops(gpu: str, ops: "Sequence[str]", dims: "ModelDims", output: "str | Path") -> dict:
     """A fresh table of ``ops`` at ``dims`` on this GPU at ``output`` (the default settings): the table."""
     meter = GpuMeter(torch.cuda.current_device())
     settings = SweepSettings(gpu, dims, tuple(ops), Path(output), shapes=())

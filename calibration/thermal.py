@@ -35,13 +35,14 @@ class ThermalModel:
         finite_number("fit_rmse_c", self.fit_rmse_c, low=0.0, why=" °C")
         count("n_samples", self.n_samples, low=0)
 
-    def steady_state_c(self, power_w: float):
-        """The temperature the card settles at under ``power_w`` (finite, >= 0)."""
+    def steady_state_c(self, power_w: float) -> float:
+        """The temperature (°C) the card settles at under ``power_w`` (W, finite, >= 0)."""
         return self.ambient_c + self.resistance_c_per_w * finite_number("power_w", power_w, low=0.0, why=" W")
 
-    def simulate(self, times_s: "Sequence[float]", powers_w: "Sequence[float]", start_c: float):
-        """Temperatures at ``times_s`` (1-D, at least one, strictly increasing) from ``start_c``, with
-        power ``powers_w[i]`` (one per time, >= 0 W) held over each step."""
+    def simulate(self, times_s: "Sequence[float] | np.ndarray", powers_w: "Sequence[float] | np.ndarray",
+                 start_c: float) -> np.ndarray:
+        """Temperatures (°C) at ``times_s`` (s; 1-D, at least one, strictly increasing) from ``start_c`` (°C),
+        with power ``powers_w[i]`` (one per time, >= 0 W) held over each step."""
         times_s, powers_w = _series("times_s", times_s), _series("powers_w", powers_w)
         if not len(times_s):
             raise ValueError("simulate needs at least one time in times_s, got none")
@@ -57,8 +58,9 @@ class ThermalModel:
             temps[i + 1] = targets[i] + (temps[i] - targets[i]) * a
         return temps
 
-    def rise_c(self, power_w: float, duration_s: float, start_c: float):
-        """Predicted temperature change after ``duration_s`` (>= 0) at ``power_w`` (>= 0) from ``start_c``."""
+    def rise_c(self, power_w: float, duration_s: float, start_c: float) -> float:
+        """Predicted temperature change (°C) after ``duration_s`` (s, >= 0) at ``power_w`` (W, >= 0) from
+        ``start_c`` (°C)."""
         target = self.steady_state_c(power_w)
         duration_s = finite_number("duration_s", duration_s, low=0.0, why=" s")
         return (target - _temp_c("start_c", start_c)) * (1.0 - math.exp(-duration_s / self.time_constant_s))
@@ -125,10 +127,11 @@ def _solve_at(tau, times_s, powers_w, temps_c):
     return coef, float(np.mean((basis @ coef - temps_c) ** 2))
 
 
-def fit_thermal_model(times_s: "Sequence[float]", powers_w: "Sequence[float]", temps_c: "Sequence[float]",
-                      min_tau_s: float = 0.5, max_tau_s: float = 2000.0):
+def fit_thermal_model(times_s: "Sequence[float] | np.ndarray", powers_w: "Sequence[float] | np.ndarray",
+                      temps_c: "Sequence[float] | np.ndarray", min_tau_s: float = 0.5,
+                      max_tau_s: float = 2000.0) -> ThermalModel:
     """Fit ``ThermalModel`` to readings: times (s, increasing), board power (W, >= 0), temperature (°C,
-    above absolute zero), scanning tau over [min_tau_s, max_tau_s] (finite, 0 < min < max).
+    above absolute zero), scanning tau over [min_tau_s, max_tau_s] (s, finite, 0 < min < max).
 
     A fit that is not a physical model (temperature not rising with power: resistance <= 0; or an
     ambient at or below absolute zero) is a ValueError saying so: it is never returned."""

@@ -5,7 +5,7 @@ if TYPE_CHECKING:  # annotations only: no import at run time
     from calibration.nvml_meter import GpuMeter
 
 
-def check_meter(name: str, meter: "GpuMeter", *attributes):
+def check_meter(name: str, meter: object, *attributes: str) -> "GpuMeter":
     """``meter`` has ``read()`` and ``attributes`` (a ``GpuMeter``, or a stand-in with the same calls)."""
     missing = [a for a in ("read", *attributes) if not hasattr(meter, a)]
     if missing or not callable(meter.read):

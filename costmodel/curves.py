@@ -99,8 +99,8 @@ class ShapeModel:
             self._fits[op] = _FITS[key]
         return self._fits[op]
 
-    def model_cost(self, op: str, batch_size: float, dims: ModelDims, latency_ms: float = None) -> tuple:
-        """(latency_ms, energy_j) of the bare model; energy at ``latency_ms`` when given."""
+    def model_cost(self, op: str, batch_size: float, dims: ModelDims, latency_ms: "float | None" = None) -> tuple:
+        """(latency_ms, energy_j) of the bare model; energy at ``latency_ms`` (ms) when given."""
         fit = self.fit(op)
         times, totals = self._times(op, batch_size, dims)
         latency_ms = fit.latency_ms(times) if latency_ms is None else latency_ms
@@ -148,7 +148,7 @@ class ShapeModel:
     def _step_knots(self, op, dims):
         """{b, b + 1} for the ``MAX_STEPS`` largest steps of the model's latency between
         neighbouring batch sizes (a rise over ``MIN_STEP``), found on ``STEP_SCAN`` and bisected."""
-        def latency(b):
+        def latency(b: int) -> float:
             return self.model_cost(op, b, dims)[0]
         scan = STEP_SCAN["sequences" if op in SEQUENCE_OPS else "tokens"]
         values = [latency(b) for b in scan]

@@ -118,7 +118,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict) -> None:
         raise
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module):
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
     """Load ``path``'s weights into ``model`` (its dims must match); the checkpoint's meta."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     model.load_state_dict(checkpoint["state_dict"])

@@ -181,7 +181,7 @@ def time_calls_ms(fn: Callable[[], object], runs: int, on_gpu: bool, back_to_bac
     if not back_to_back:
         return event_times_ms(fn, runs)
 
-    def calls():
+    def calls() -> None:
         for _ in range(CALLS_PER_TIMING):
             fn()
     return [t / CALLS_PER_TIMING for t in event_times_ms(calls, runs)]

@@ -245,7 +245,7 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys.shape[3]
 
-    def begin(self, token_shape: tuple):
+    def begin(self, token_shape: tuple) -> None:
         """Check a call's [B, S] against the cache; a decode step computes its device-side indices."""
         B, S = token_shape
         if B != self.keys.shape[1]:
@@ -266,12 +266,12 @@ class KVCache:
             self.length.fill_(positions)
         self.filled += positions
 
-    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """A prefill's [B, heads, S, D] keys and values into positions [0, S)."""
         self.keys[layer, :, :, :k.shape[2]] = k
         self.values[layer, :, :, :v.shape[2]] = v
 
-    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """A decode step's [B, heads, 1, D] keys and values at the device-side length."""
         self.keys[layer].index_copy_(2, self._write_index, k)
         self.values[layer].index_copy_(2, self._write_index, v)
