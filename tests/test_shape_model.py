@@ -229,3 +229,16 @@ def test_op_shapes_are_the_dims_each_op_reads():
     assert op_shape("flash_attention", narrow) == (512, 8, 512)
     with pytest.raises(ValueError, match="unknown op 'ffn'"):
         op_shape("ffn", narrow)
+
+
+def test_norm_rows_share_an_sm_in_the_stream_bound():
+    """One row of torch's rms_norm streams alone (its latency-bound loop sets small-batch time);
+    up to NORM_ROWS_PER_SM rows an SM stream side by side before a second turn."""
+    from costmodel.shapes import NORM_ROWS_PER_SM
+    dims = ModelDims(d_model=4096, d_ff=1024, n_heads=32)
+    row_s = 2 * 2 * 4096 * 132 / CEILINGS.hbm_bytes_per_s  # one row's loads and stores at an SM's fair share
+    stream_s = {b: launch_times(op_launches("rms_norm", b, dims)[0], CEILINGS)[4]
+                for b in (1, 132 * NORM_ROWS_PER_SM, 132 * NORM_ROWS_PER_SM + 1)}
+    assert stream_s == pytest.approx({1: row_s, 132 * NORM_ROWS_PER_SM: row_s, 132 * NORM_ROWS_PER_SM + 1: 2 * row_s})
+    assert launch_times(gemm(CONFIGS, "matmul", 16, 64 * 133, 2048), CEILINGS)[4] == pytest.approx(
+        2 * launch_times(gemm(CONFIGS, "matmul", 16, 64, 2048), CEILINGS)[4])  # GEMM tiles: one an SM
