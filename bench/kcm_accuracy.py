@@ -16,7 +16,7 @@ relative to this card's meter.
 """
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -49,9 +49,11 @@ MEASURED_NOISE_NOTE = ("relative to this card's NVML energy counter, whose board
 
 
 def kernel_rows(model: KernelCostModel, meter: GpuMeter, idle_power_w: float, trials: int,
-                shapes: Sequence[ModelDims] = HELD_OUT_SHAPES, batches: bool = True) -> list:
+                shapes: Sequence[ModelDims] = HELD_OUT_SHAPES, batches: bool = True,
+                save: Callable[[list], None] | None = None) -> list:
     """Held-out points: batch sizes off the grid at the table's dims ("batch", unless not
-    ``batches``), then ``shapes`` ("shape", one window each), each measured and predicted."""
+    ``batches``), then ``shapes`` ("shape", one window each), each measured and predicted;
+    ``save(rows)`` after each, so an interrupted run keeps what it measured."""
     plan = [("batch", model.dims, op, b, trials) for op in (model.ops if batches else ())
             for b in (HELD_OUT_SEQUENCES if op in SEQUENCE_OPS else HELD_OUT_TOKENS)]
     plan += [("shape", dims, op, b, 1) for dims in shapes for op in model.ops
@@ -66,6 +68,8 @@ def kernel_rows(model: KernelCostModel, meter: GpuMeter, idle_power_w: float, tr
                      "predicted_latency_ms": predicted["latency_ms"]})
         print(f"{op:17} {batch_size:5d} d_model {dims.d_model:5d}: energy {rows[-1]['predicted_energy_j']:.3e} "
               f"predicted vs {rows[-1]['measured_energy_j']:.3e} J measured", file=sys.stderr, flush=True)
+        if save:
+            save(rows)
     return rows
 
 
@@ -101,13 +105,14 @@ def summaries(rows: list, forwards: list) -> dict:
     held-out shapes apart, and the held-out shape points the model alone predicts (``shape_modelled``). Forward latency is summarised for graph replays only: an eager
     forward's time is mostly host launch overhead, which the table does not model."""
     graphs = [r for r in forwards if r["mode"] == "graph"]
+    forward_parts = {"forward_energy": summarise(forwards, "energy_j"),
+                     "forward_latency": summarise(graphs, "latency_ms")} if forwards else {}
     groups = {kind: [r for r in rows if r.get("held_out", "batch") == kind] for kind in ("batch", "shape")}
     groups["shape_modelled"] = [r for r in groups["shape"] if r["source"] == "modelled"]
     parts = {f"{kind}_{key}": summarise(group, f"{key}_{unit}") for kind, group in groups.items() if group
              for key, unit in (("energy", "j"), ("latency", "ms"))}
     return {"energy": summarise(rows, "energy_j"), "latency": summarise(rows, "latency_ms"), **parts,
-            "forward_energy": summarise(forwards, "energy_j"), "forward_latency": summarise(graphs, "latency_ms"),
-            "forward_note": "eager rows charge the table's gap power over (measured forward latency - predicted "
+            **forward_parts, "forward_note": "eager rows charge the table's gap power over (measured forward latency - predicted "
                             "kernel time); graph rows are pure predictions; forward_latency covers graph rows only"}
 
 
@@ -138,6 +143,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--shape", type=model_dims, action="append", default=None,
                         help="measure these dims instead of HELD_OUT_SHAPES (repeatable), e.g. "
                              "d_model=3072,d_ff=8192,n_heads=24,seq_len=1024,num_experts=16,top_k=2,vocab_size=32000")
+    parser.add_argument("--forwards", choices=("measure", "none"), default="measure",
+                        help="also measure whole-model forwards (graph and eager), or not (kernels only)")
     args = parser.parse_args(argv)
     args.output = checked_output_file(parser, args.output)
     model = cost_model_from(parser, args)
@@ -149,17 +156,20 @@ def main(argv: list | None = None) -> int:
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     check_gpu(parser, args.gpu, meter)
     idle_power_w = measure_constants(meter)["idle_power_w"]  # after load, as the sweep charges window tails
-    rows = kernel_rows(model, meter, idle_power_w, args.trials, shapes, args.batches == "held_out")
-    forwards = forward_rows(model, meter, idle_power_w, args.trials)
     uuid = meter.uuid()
-    report = {"provenance": provenance() | {"driver": meter.driver_version(), "gpu_name": meter.name(),
-                                            "gpu_uuid": uuid},
+    stamp = provenance() | {"driver": meter.driver_version(), "gpu_name": meter.name(), "gpu_uuid": uuid}
+    partial = args.output.with_suffix(".partial.json")
+    rows = kernel_rows(model, meter, idle_power_w, args.trials, shapes, args.batches == "held_out",
+                       lambda done: write_json_atomic(partial, {"provenance": stamp, "rows": done}))
+    forwards = forward_rows(model, meter, idle_power_w, args.trials) if args.forwards == "measure" else []
+    report = {"provenance": stamp,
               "same_board_as_table": uuid == (model.table.get("provenance") or {}).get("gpu_uuid"),
               "table": str(model.path), "table_provenance": model.table.get("provenance"),
               "note": MEASURED_NOISE_NOTE, "idle_power_w": idle_power_w,
               "targets": TARGETS,
               **summaries(rows, forwards), "rows": rows, "forward_rows": forwards}
     write_json_atomic(args.output, report)
+    partial.unlink(missing_ok=True)
     for key in ("energy", "latency", "batch_energy", "batch_latency", "shape_energy", "shape_latency",
                 "shape_modelled_energy", "shape_modelled_latency", "forward_energy", "forward_latency"):
         if key in report:

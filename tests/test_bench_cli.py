@@ -181,6 +181,9 @@ def test_kcm_accuracy_summary_maths():
     # a held-out shape's op costed from a measured shape's points (same d_model) is not the model alone
     assert report["shape_modelled_energy"]["median_signed_pct"] == pytest.approx(-20.0)
     assert report["shape_modelled_energy"]["n"] == 1
+    assert report["forward_energy"]["n"] == 1
+    kernels_only = summaries(kernel, [])  # --forwards none: no forward summary, rather than a crash
+    assert "forward_energy" not in kernels_only and kernels_only["energy"] == report["energy"]
 
 
 def test_calibrate_writes_to_the_user_table_folder_by_default(tmp_path, monkeypatch):
