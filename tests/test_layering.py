@@ -1,6 +1,7 @@
 """Imports run one way. ``kernels`` and ``costmodel`` stand on nothing of ours; ``calibration``
 measures kernels and writes tables (it may use both); ``router`` builds on all three; ``bench``
-sits on top. A module that imports a package above its own fails here."""
+sits on top. A module that imports a package above its own fails here, and so does a public
+function without type hints."""
 import ast
 from pathlib import Path
 
@@ -51,3 +52,28 @@ def private_imports(path, package):
 def test_no_package_reaches_into_anothers_private_names(package):
     wrong = {str(path.relative_to(ROOT)): private_imports(path, package) for path in (ROOT / package).rglob("*.py")}
     assert {module: names for module, names in wrong.items() if names} == {}
+
+
+TRITON_DECORATORS = {"jit", "autotune", "heuristics"}  # Triton kernels: constexpr annotations only
+
+
+def _is_triton_kernel(node):
+    return any((d.func if isinstance(d, ast.Call) else d).attr in TRITON_DECORATORS
+               for d in node.decorator_list if isinstance(d.func if isinstance(d, ast.Call) else d, ast.Attribute))
+
+
+def unannotated_public_functions(path):
+    """Public functions and methods of a module that lack a parameter's or the return's type hint."""
+    missing = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or _is_triton_kernel(node):
+            continue
+        params = [a for a in node.args.args + node.args.kwonlyargs if a.arg not in ("self", "cls")]
+        if node.returns is None or any(a.annotation is None for a in params):
+            missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    return missing
+
+
+@pytest.mark.parametrize("package", sorted(OURS))
+def test_every_public_function_has_type_hints(package):
+    assert [name for path in sorted((ROOT / package).rglob("*.py")) for name in unannotated_public_functions(path)] == []
