@@ -7,6 +7,8 @@
 #   (ep: the all_to_all curve and the expert-parallel benchmark on NGPUS GPUs, default 2)
 #   (GPU=H100 names the cost table that calibrate writes and accuracy reads)
 #   BENCH_K='-k "H256 or mixtral"' selects the pytest-benchmark subset (default: all of them).
+#   ACCURACY_FLAGS / METER_FLAGS add flags to those steps, e.g. ACCURACY_FLAGS="--trials 1 --forwards none"
+#   (one >= 1 s energy window per held-out point, no forwards) and METER_FLAGS="--trials 2 --window_s 2".
 # Pass GIT_COMMIT=<sha> when the tree was copied without .git, so results name their commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +26,9 @@ for step in "$@"; do
         trace) python -m calibration.trace --seconds 10 --output "$OUT/trace_${GPU:-H100}.json" > "$OUT/trace.txt" 2>&1 ;;
         calibrate) python -m bench.calibrate --gpu "${GPU:-H100}" --output "$OUT/${GPU:-H100}.json" \
             --trace "$OUT/trace_calibrate_${GPU:-H100}.json" > "$OUT/calibrate.txt" 2>&1 ;;
-        accuracy) python -m bench.kcm_accuracy --gpu "${GPU:-H100}" --table "$OUT/${GPU:-H100}.json" --output "$OUT/kcm_accuracy.json" > "$OUT/accuracy.txt" 2>&1 ;;
-        meter) python -m bench.meter_check --output "$OUT/meter_check.json" > "$OUT/meter.txt" 2>&1 ;;
+        accuracy) python -m bench.kcm_accuracy --gpu "${GPU:-H100}" --table "$OUT/${GPU:-H100}.json" --output "$OUT/kcm_accuracy.json" \
+            ${ACCURACY_FLAGS:-} > "$OUT/accuracy.txt" 2>&1 ;;
+        meter) python -m bench.meter_check --output "$OUT/meter_check.json" ${METER_FLAGS:-} > "$OUT/meter.txt" 2>&1 ;;
         router) python -m bench.router_energy --output "$OUT/router.json" > "$OUT/router.txt" 2>&1 ;;
         overhead) python -m bench.router_overhead --output "$OUT/router_overhead.json" > "$OUT/overhead.txt" 2>&1 ;;
         compile) python -m bench.compile_decode --output "$OUT/compile_decode.json" > "$OUT/compile.txt" 2>&1 ;;
