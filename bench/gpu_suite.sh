@@ -26,8 +26,8 @@ for step in "$@"; do
         trace) python -m calibration.trace --seconds 10 --output "$OUT/trace_${GPU:-H100}.json" > "$OUT/trace.txt" 2>&1 ;;
         calibrate) python -m bench.calibrate --gpu "${GPU:-H100}" --output "$OUT/${GPU:-H100}.json" \
             --trace "$OUT/trace_calibrate_${GPU:-H100}.json" > "$OUT/calibrate.txt" 2>&1 ;;
-        accuracy) python -m bench.kcm_accuracy --gpu "${GPU:-H100}" --table "$OUT/${GPU:-H100}.json" --output "$OUT/kcm_accuracy.json" \
-            ${ACCURACY_FLAGS:-} > "$OUT/accuracy.txt" 2>&1 ;;
+        accuracy) python -m bench.kcm_accuracy --gpu "${GPU:-H100}" --table "$OUT/${GPU:-H100}.json" \
+            --output "$OUT/kcm_accuracy.json" ${ACCURACY_FLAGS:-} > "$OUT/accuracy.txt" 2>&1 ;;
         meter) python -m bench.meter_check --output "$OUT/meter_check.json" ${METER_FLAGS:-} > "$OUT/meter.txt" 2>&1 ;;
         router) python -m bench.router_energy --output "$OUT/router.json" > "$OUT/router.txt" 2>&1 ;;
         overhead) python -m bench.router_overhead --output "$OUT/router_overhead.json" > "$OUT/overhead.txt" 2>&1 ;;

@@ -112,7 +112,8 @@ def summaries(rows: list, forwards: list) -> dict:
     parts = {f"{kind}_{key}": summarise(group, f"{key}_{unit}") for kind, group in groups.items() if group
              for key, unit in (("energy", "j"), ("latency", "ms"))}
     return {"energy": summarise(rows, "energy_j"), "latency": summarise(rows, "latency_ms"), **parts,
-            **forward_parts, "forward_note": "eager rows charge the table's gap power over (measured forward latency - predicted "
+            **forward_parts,
+            "forward_note": "eager rows charge the table's gap power over (measured forward latency - predicted "
                             "kernel time); graph rows are pure predictions; forward_latency covers graph rows only"}
 
 

@@ -76,4 +76,5 @@ def unannotated_public_functions(path):
 
 @pytest.mark.parametrize("package", sorted(OURS))
 def test_every_public_function_has_type_hints(package):
-    assert [name for path in sorted((ROOT / package).rglob("*.py")) for name in unannotated_public_functions(path)] == []
+    paths = sorted((ROOT / package).rglob("*.py"))
+    assert [name for path in paths for name in unannotated_public_functions(path)] == []
