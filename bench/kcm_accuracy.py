@@ -26,7 +26,7 @@ from bench.harness.models import TransformerLM
 from calibration.energy import EagerRunner, GraphRunner, measure_energy
 from calibration.nvml_meter import GpuMeter
 from calibration.results import provenance, write_json_atomic
-from calibration.sweep import measure_constants, sweep_point
+from calibration.sweep import measure_constants, partial_path, sweep_point
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.curves import point_dims
 from costmodel.ops import SEQUENCE_OPS, ModelDims
@@ -159,7 +159,7 @@ def main(argv: list | None = None) -> int:
     idle_power_w = measure_constants(meter)["idle_power_w"]  # after load, as the sweep charges window tails
     uuid = meter.uuid()
     stamp = provenance() | {"driver": meter.driver_version(), "gpu_name": meter.name(), "gpu_uuid": uuid}
-    partial = args.output.with_suffix(".partial.json")
+    partial = partial_path(args.output)
     rows = kernel_rows(model, meter, idle_power_w, args.trials, shapes, args.batches == "held_out",
                        lambda done: write_json_atomic(partial, {"provenance": stamp, "rows": done}))
     forwards = forward_rows(model, meter, idle_power_w, args.trials) if args.forwards == "measure" else []

@@ -20,8 +20,8 @@ from costmodel.ops import BYTES_PER_ELEMENT, SEQUENCE_OPS, ModelDims, check_op, 
 GENERIC_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 64}
 ELEMENTWISE_BLOCK = 1024  # elements per program of torch's elementwise and norm kernels (rms_norm, residual_add)
 # rows of torch's rms_norm one SM reduces at once: each row's loop is a serial, latency-bound stream
-# (measured on an H100 at 1 token: 1.8 µs at d_model 256, 4.4 µs at 4096), while thousands of rows
-# share the SMs; of 1, 4, 8 and 16 rows, 8 gave the H100 table's rms_norm points the smallest fit error
+# (a single token's time grows with d_model), while thousands of rows share the SMs; of 1, 4, 8 and 16
+# rows, 8 fitted the measured H100 table best (the README gives the figures)
 NORM_ROWS_PER_SM = 8
 CONFIG_OPS = ("matmul", "swiglu_gate_up", "moe_gate_up", "moe_down", "attention", "topk_routing")
 

@@ -58,8 +58,8 @@ TRITON_DECORATORS = {"jit", "autotune", "heuristics"}  # Triton kernels: constex
 
 
 def _is_triton_kernel(node):
-    return any((d.func if isinstance(d, ast.Call) else d).attr in TRITON_DECORATORS
-               for d in node.decorator_list if isinstance(d.func if isinstance(d, ast.Call) else d, ast.Attribute))
+    targets = (d.func if isinstance(d, ast.Call) else d for d in node.decorator_list)  # @triton.jit(...) too
+    return any(isinstance(t, ast.Attribute) and t.attr in TRITON_DECORATORS for t in targets)
 
 
 def unannotated_public_functions(path):
