@@ -3,7 +3,8 @@
 MoE ops: top-k routing with a selection-bias hook (``route``), baseline-preserving re-routing
 (``policy_routing``: keep each token's best experts, fill its other slots by cost or from the
 batch's active set), the fused experts (``fused_experts``, transformers' ``MixtralExperts``
-semantics; ``fused_experts.gpt_oss_experts``, gpt-oss's) and the drop-in ``FusedMoE`` layer with
+semantics; ``fused_experts.gpt_oss_experts``, gpt-oss's; ``fp8_experts`` with FP8 weights, and
+``quantize_fp8``, per-row FP8 quantization) and the drop-in ``FusedMoE`` layer with
 ``patch_hf_model``. Dense ops: the SwiGLU FFN (fused gate+up with SiLU·up in the epilogue, and the single
 projections ``ffn_gate``/``ffn_up``/``ffn_down`` the cost model calibrates), a plain GEMM, and
 attention (FlashAttention forward plus standalone QKᵀ and softmax·V). Block sizes come from the
@@ -32,10 +33,12 @@ from kernels.config import config_entries, config_sources
 from kernels._name_clash import warn_if_hub_kernels_installed
 from kernels.attention import attention_av, attention_qk, flash_attention
 from kernels.decode_attention import decode_attention
+from kernels.fp8_experts import fp8_experts, quantize_fp8_weights
 from kernels.fused_experts import fused_experts
 from kernels.matmul import matmul
 from kernels.moe_layer import FusedMoE, TopKRouter, patch_hf_model, register_hf_experts_implementation
 from kernels.policy_routing import policy_routing
+from kernels.quantize import quantize_fp8
 from kernels.routing import route
 from kernels.swiglu import ffn_down, ffn_gate, ffn_up, swiglu_ffn, swiglu_gate_up
 
@@ -46,6 +49,6 @@ warn_if_hub_kernels_installed()
 __all__ = [
     "attention_av", "attention_qk", "decode_attention", "flash_attention", "matmul",
     "ffn_down", "ffn_gate", "ffn_up", "swiglu_ffn", "swiglu_gate_up",
-    "FusedMoE", "TopKRouter", "fused_experts", "patch_hf_model", "policy_routing", "register_hf_experts_implementation",
+    "FusedMoE", "TopKRouter", "fp8_experts", "fused_experts", "quantize_fp8", "quantize_fp8_weights", "patch_hf_model", "policy_routing", "register_hf_experts_implementation",
     "config_entries", "config_sources", "route",
 ]

@@ -48,19 +48,22 @@ def _glu(b_gate, b_up, CLAMPED: tl.constexpr, alpha, limit):
 
 @triton.jit
 def _expert_tile(
-    i_m, i_n, p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K, n_slots,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
-    stride_om, stride_on, alpha, limit,
+    i_m, i_n, p_a, p_a_scale, p_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights,
+    N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_se, scale_up_offset,
+    stride_be, stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr, CLAMPED_GLU: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr, W_SCALED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """out[slot] = f(a[row(slot)] @ w[expert].T + bias[expert]) for the BLOCK_M slots of row block
     ``i_m``, columns block ``i_n``.
 
     row(slot) is slot // TOP_K (its token) when GATHER_TOKENS, else slot. With FUSE_GLU, f is the
     gated activation (``_glu``) of the gate columns w[e, n] and the up columns ``up_offset``
-    elements further on (their biases ``bias_up_offset`` on); with MUL_WEIGHTS, f scales by the slot's weight."""
+    elements further on (their biases ``bias_up_offset`` on); with MUL_WEIGHTS, f scales by the slot's weight.
+    FP8 operands carry scales that factor out of the K sum: W_SCALED multiplies column n by
+    w_scale[e, n] (the up columns' ``scale_up_offset`` on), A_SCALED row r by a_scale[r]."""
     i_e = tl.load(p_block_experts + i_m).to(tl.int64)
     b_slots = tl.load(p_sorted_slots + i_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
     m_rows = b_slots < n_slots  # padding rows carry the sentinel n_slots
@@ -75,6 +78,16 @@ def _expert_tile(
     p_wb = p_w + i_e * stride_we + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
     b_acc, b_acc_up = tile_products(p_ab, p_wb, K, stride_ak, stride_wk, up_offset,
                                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION)  # [BM, BN] x2
+    if W_SCALED:  # per-output-channel weight scales: [BN] of expert i_e
+        p_sb = p_w_scale + i_e * stride_se + o_n
+        b_acc *= tl.load(p_sb)[None, :]
+        if FUSE_GLU:
+            b_acc_up *= tl.load(p_sb + scale_up_offset)[None, :]
+    if A_SCALED:  # per-row activation scales: [BM]
+        b_a_scale = tl.load(p_a_scale + o_rows)[:, None]
+        b_acc *= b_a_scale
+        if FUSE_GLU:
+            b_acc_up *= b_a_scale
     if HAS_BIAS:
         p_bb = p_bias + i_e * stride_be + o_n * stride_bn  # [BN]
         b_acc += tl.load(p_bb).to(tl.float32)[None, :]
@@ -92,14 +105,14 @@ def _expert_tile(
 
 @triton.jit
 def _expert_gemm_kernel(
-    p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_num_padded, p_topk_weights,
+    p_a, p_a_scale, p_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts, p_num_padded, p_topk_weights,
     N, K, n_slots, n_row_blocks,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_be, stride_bn, bias_up_offset,
-    stride_om, stride_on, alpha, limit,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_se, scale_up_offset,
+    stride_be, stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr,
-    CLAMPED_GLU: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    CLAMPED_GLU: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr,
+    W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """The grouped GEMM over the ``ExpertBlocks`` layout: one tile per program, or with PERSISTENT
     a grid of a few programs per SM that loops over the routed tiles only (for inputs whose
@@ -109,20 +122,20 @@ def _expert_gemm_kernel(
         n_tiles = tl.cdiv(n_routed, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for i_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             i_m, i_n = tile_coords(i_tile, n_routed, N, BLOCK_M, BLOCK_N, GROUP_M)
-            _expert_tile(i_m, i_n, p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K,
-                         n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_be,
-                         stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
-                         TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU, CLAMPED_GLU, HAS_BIAS,
-                         MUL_WEIGHTS, DOT_PRECISION)
+            _expert_tile(i_m, i_n, p_a, p_a_scale, p_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts,
+                         p_topk_weights, N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                         up_offset, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om,
+                         stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU,
+                         CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION)
     else:
         i_m, i_n = tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if i_m * BLOCK_M >= tl.load(p_num_padded):
             return  # rows past the last expert's padded run: nothing routed here
-        _expert_tile(i_m, i_n, p_a, p_w, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights, N, K,
-                     n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_be,
-                     stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
-                     TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU, CLAMPED_GLU, HAS_BIAS,
-                     MUL_WEIGHTS, DOT_PRECISION)
+        _expert_tile(i_m, i_n, p_a, p_a_scale, p_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts,
+                     p_topk_weights, N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                     up_offset, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om,
+                     stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU,
+                     CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION)
 
 
 @dataclass(frozen=True)
@@ -130,9 +143,12 @@ class ExpertWeights:
     """One projection's weights as the kernel reads them: ``w`` [E, N, K] (any strides: gate
     columns for a gated projection, whose up columns sit ``up_offset`` elements on), an optional
     ``bias`` [E, N] (up biases ``bias_up_offset`` on), and the gated activation (``glu``: None,
-    "silu", or "clamped" with ``alpha`` and ``limit``)."""
+    "silu", or "clamped" with ``alpha`` and ``limit``). FP8 weights carry ``scale`` [E, N] float32
+    with unit stride along N (the up columns' scales ``scale_up_offset`` on)."""
     w: torch.Tensor
     up_offset: int = 0
+    scale: torch.Tensor | None = None
+    scale_up_offset: int = 0
     bias: torch.Tensor | None = None
     bias_up_offset: int = 0
     glu: str | None = None
@@ -142,22 +158,25 @@ class ExpertWeights:
 
 def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tensor, blocks: ExpertBlocks,
                        topk_weights: torch.Tensor | None, top_k: int, gather_tokens: bool, cfg: dict,
-                       persistent: bool) -> None:
+                       persistent: bool, a_scale: torch.Tensor | None = None) -> None:
+    """One expert GEMM over ``blocks``; ``a_scale`` [rows of a] float32 scales FP8 activations ``a``."""
     N, K = out.shape[1], a.shape[1]
-    w, bias = weights.w, weights.bias
+    w, bias, w_scale = weights.w, weights.bias, weights.scale
     n_row_blocks = blocks.block_experts.shape[0]
     n_tiles = n_row_blocks * triton.cdiv(N, cfg["block_n"])
     grid = (min(n_tiles, PERSISTENT_PROGRAMS_PER_SM * processor_count(a.device)) if persistent else n_tiles,)
     _expert_gemm_kernel[grid](
-        a, w, bias, out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded, topk_weights,
-        N, K, blocks.n_slots, n_row_blocks,
+        a, a_scale, w, w_scale, bias, out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded,
+        topk_weights, N, K, blocks.n_slots, n_row_blocks,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), weights.up_offset,
+        w_scale.stride(0) if w_scale is not None else 0, weights.scale_up_offset,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, weights.bias_up_offset,
         out.stride(0), out.stride(1), float(weights.alpha), float(weights.limit),
         TOP_K=top_k, BLOCK_M=blocks.block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
         GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, GATHER_TOKENS=gather_tokens,
         FUSE_GLU=weights.glu is not None, CLAMPED_GLU=weights.glu == "clamped", HAS_BIAS=bias is not None,
-        MUL_WEIGHTS=topk_weights is not None, DOT_PRECISION=dot_precision(a.dtype),
+        MUL_WEIGHTS=topk_weights is not None, A_SCALED=a_scale is not None, W_SCALED=w_scale is not None,
+        DOT_PRECISION=dot_precision(a.dtype),
         PERSISTENT=persistent, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -254,10 +273,11 @@ def check_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_
     check_dim("down_proj", down_proj, 0, E, "the experts of gate_up_proj")
     check_dim("down_proj", down_proj, 1, H, "the hidden size of hidden_states")
     check_dim("down_proj", down_proj, 2, two_i // 2, "half of dim 1 of gate_up_proj")
-    _check_routing(hidden_states, E, top_k_index, top_k_weights, validate_ids)
+    check_routing(hidden_states, E, top_k_index, top_k_weights, validate_ids)
 
 
-def _check_routing(hidden_states, num_experts, top_k_index, top_k_weights, validate_ids):
+def check_routing(hidden_states: torch.Tensor, num_experts: int, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor, validate_ids: bool) -> None:
     """The [T, K] ids and weights beside [T, H] hidden states (ids range-checked with ``validate_ids``)."""
     if validate_ids:
         check_topk_ids("top_k_index", top_k_index, num_experts)
@@ -335,7 +355,7 @@ def check_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tenso
         if tuple(t.shape) != dims:
             raise ValueError(f"{name} must have shape {dims} (from gate_up_proj and hidden_states), "
                              f"got {tuple(t.shape)}")
-    _check_routing(hidden_states, E, top_k_index, top_k_weights, validate_ids)
+    check_routing(hidden_states, E, top_k_index, top_k_weights, validate_ids)
     return check_float("alpha", alpha, 0.0, FLOAT32_MAX), check_float("limit", limit, 0.0, FLOAT32_MAX, low_open=True)
 
 

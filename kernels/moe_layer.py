@@ -20,13 +20,16 @@ from torch import nn
 
 from kernels.validate import check_dim, check_int, check_same_dtype_device, check_tensor
 from kernels.expert_parallel import expert_parallel_experts
+from kernels.fp8_experts import fp8_experts, quantize_fp8_weights
 from kernels.fused_experts import fused_experts, gpt_oss_experts
+from kernels.quantize import FP8_DTYPE
 from kernels.routing import check_selection_bias, route_checked
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
+WEIGHT_DTYPES = (None, "fp8")  # None: the block's own dtype
 EP_CHUNKS = 1
 
 
@@ -110,6 +113,42 @@ class Experts(nn.Module):
                              validate_ids=False)
 
 
+class Fp8Experts(nn.Module):
+    """The experts' weights in FP8 (``kernels.fp8_experts``): ``gate_up_proj`` [E, 2I, H] and
+    ``down_proj`` [E, H, I] float8_e4m3fn, with float32 per-output-channel scales
+    ``gate_up_proj_scale`` [E, 2I] and ``down_proj_scale`` [E, H], all buffers (inference only).
+
+    Built from 16-bit weights, which it quantizes once. Its ``state_dict`` holds those four tensors
+    (the FP8 weights and their scales); ``load_state_dict`` takes either that or a 16-bit
+    checkpoint's weights without scales (transformers' keys), which it quantizes as it loads.
+    ``.to(dtype)`` and ``.half()`` leave it as it is (FP8 weights, float32 scales); devices move it."""
+
+    def __init__(self, gate_up_proj, down_proj):
+        super().__init__()
+        for name, weight in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            q, scale = quantize_fp8_weights(weight.detach())
+            self.register_buffer(name, q)
+            self.register_buffer(f"{name}_scale", scale)
+
+    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return fp8_experts(hidden_states, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
+                           self.down_proj_scale, topk_ids, topk_weights, validate_ids=False)
+
+    def _apply(self, fn, recurse=True):
+        """Moves only: a dtype cast would widen the FP8 weights and round their scales."""
+        device = fn(torch.empty(0, device=self.gate_up_proj.device)).device
+        for name, buffer in self._buffers.items():
+            self._buffers[name] = buffer.to(device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("gate_up_proj", "down_proj"):
+            weight = state_dict.get(prefix + name)
+            if isinstance(weight, torch.Tensor) and weight.dtype != FP8_DTYPE and prefix + name + "_scale" not in state_dict:
+                state_dict[prefix + name], state_dict[prefix + name + "_scale"] = quantize_fp8_weights(weight)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class FusedMoE(nn.Module):
     """Sparse MoE layer: the router picks K of E experts per token, our fused kernels run them.
 
@@ -159,12 +198,27 @@ class FusedMoE(nn.Module):
         """The router (read-only alias; replace it with ``layer.gate = new_router``)."""
         return self.gate
 
+    def quantize_fp8(self) -> "FusedMoE":
+        """Convert the experts' weights to FP8 (``Fp8Experts``) in place, once, and return the layer;
+        the 16-bit expert weights it replaces are freed unless something else holds them (an HF
+        block this layer was built from). Inference only, and not with expert parallelism."""
+        if isinstance(self.experts, Fp8Experts):
+            return self
+        if self.process_group is not None:
+            raise ValueError("quantize_fp8 does not support an expert-parallel FusedMoE (process_group is set)")
+        self.experts = Fp8Experts(self.experts.gate_up_proj, self.experts.down_proj)
+        return self
+
     @classmethod
     def from_hf(cls, block: nn.Module, process_group: "ProcessGroup | None" = None, ep_chunks: int = EP_CHUNKS,
-                ep_capacity: int | None = None) -> "FusedMoE":
+                ep_capacity: int | None = None, weight_dtype: str | None = None) -> "FusedMoE":
         """Build from a transformers 5.x Mixtral / Qwen3-MoE / OLMoE sparse-MoE block, sharing its
         weights; with a ``process_group``, this rank keeps a copy of its E/W experts only (so the
-        block's full weights can be freed) and the router stays whole."""
+        block's full weights can be freed) and the router stays whole. ``weight_dtype="fp8"``
+        converts the experts (``quantize_fp8``): the block's 16-bit weights are then no longer
+        shared, and are freed with the block."""
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
         kind = type(block).__name__
         if kind not in SUPPORTED_BLOCKS:
             raise TypeError(f"block must be one of {', '.join(SUPPORTED_BLOCKS)}, got {kind}")
@@ -180,7 +234,8 @@ class FusedMoE(nn.Module):
         if process_group is not None:
             _check_expert_shard(router.num_experts, None, process_group)
             gate_up, down = (_local_experts(w, process_group) for w in (gate_up, down))
-        return cls(router, gate_up, down, process_group, ep_chunks, ep_capacity)
+        layer = cls(router, gate_up, down, process_group, ep_chunks, ep_capacity)
+        return layer.quantize_fp8() if weight_dtype == "fp8" else layer
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         check_tensor("hidden_states", hidden_states, ndim=None)
@@ -257,17 +312,22 @@ def _local_experts(weight, process_group):
     return nn.Parameter(weight.detach()[first:first + per_rank].clone(), requires_grad=weight.requires_grad)
 
 
-def patch_hf_model(model: nn.Module) -> int:
-    """Replace every supported sparse-MoE block in ``model`` with a weight-sharing ``FusedMoE``.
+def patch_hf_model(model: nn.Module, weight_dtype: str | None = None) -> int:
+    """Replace every supported sparse-MoE block in ``model`` with a weight-sharing ``FusedMoE``;
+    with ``weight_dtype="fp8"``, one with FP8 experts (each block's 16-bit expert weights are freed
+    as it is replaced, so the peak is one layer's conversion).
 
     Returns the number of blocks replaced."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    targets = [(name, module) for name, module in model.named_modules() if type(module).__name__ in SUPPORTED_BLOCKS]
-    for name, block in targets:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    # names, not modules: each block is dropped (and its weights freed) as soon as it is replaced
+    targets = [name for name, module in model.named_modules() if type(module).__name__ in SUPPORTED_BLOCKS]
+    for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FusedMoE.from_hf(block))
+        setattr(parent, child, FusedMoE.from_hf(getattr(parent, child), weight_dtype=weight_dtype))
     return len(targets)
 
 

@@ -23,7 +23,8 @@ def tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
                    EVEN_K: tl.constexpr, WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """([BM, BN] fp32 sum over K of x tiles ``p_xb`` [BM, BK] times weight tiles ``p_wb`` [BK, BN],
     and with WITH_UP the same for the "up" weight tiles ``up_offset`` elements further on; zeros
-    without): the two halves of a gated projection, before its activation."""
+    without): the two halves of a gated projection, before its activation. Weights of another
+    dtype than x (FP8 weights under 16-bit activations) are widened to x's dtype in registers."""
     o_k = tl.arange(0, BLOCK_K)
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -35,13 +36,13 @@ def tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
             m_k = o_k < K - k0
             b_x = tl.load(p_xb, mask=m_k[None, :], other=0.0)
             b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
-        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+        b_acc = tl.dot(b_x, b_w.to(b_x.dtype), b_acc, input_precision=DOT_PRECISION)
         if WITH_UP:
             if EVEN_K:
                 b_w_up = tl.load(p_wb + up_offset)
             else:
                 b_w_up = tl.load(p_wb + up_offset, mask=m_k[:, None], other=0.0)
-            b_acc_up = tl.dot(b_x, b_w_up, b_acc_up, input_precision=DOT_PRECISION)
+            b_acc_up = tl.dot(b_x, b_w_up.to(b_x.dtype), b_acc_up, input_precision=DOT_PRECISION)
         p_xb += BLOCK_K * stride_xk
         p_wb += BLOCK_K * stride_wk
     return b_acc, b_acc_up

@@ -48,6 +48,20 @@ def _check_interpretable(name, value):
                         "wrongly, so bfloat16 needs a CUDA GPU; use float32 or float16 on the CPU")
 
 
+FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada and Hopper on
+
+
+def check_fp8_device(name: str, value: torch.Tensor) -> None:
+    """FP8 kernels need a CUDA GPU of compute capability >= 8.9; Triton's CPU interpreter has no FP8."""
+    if value.device.type != "cuda":
+        raise ValueError(f"{name} is on {value.device}; the FP8 kernels need a CUDA GPU with FP8 (compute capability "
+                         ">= 8.9): Triton's CPU interpreter has no FP8 (use the bf16 path, or the torch reference)")
+    capability = torch.cuda.get_device_capability(value.device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise ValueError(f"{name} is on {torch.cuda.get_device_name(value.device)} (compute capability "
+                         f"{capability[0]}.{capability[1]}), which has no FP8; the FP8 kernels need 8.9 or newer")
+
+
 def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
     """``value`` as a Python int (numpy and torch integer scalars too, never bool), in [low, high]."""
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() > 0):
