@@ -53,15 +53,15 @@ def fp8_expert_configs(hidden_states: torch.Tensor, num_experts: int, intermedia
 
 def launch_fp8_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
                        down_proj: torch.Tensor, down_scale: torch.Tensor, topk_ids: torch.Tensor,
-                       topk_weights: torch.Tensor) -> torch.Tensor:
-    """``fp8_experts`` on validated inputs (no host sync)."""
+                       topk_weights: torch.Tensor, configs: tuple[dict, dict] | None = None) -> torch.Tensor:
+    """``fp8_experts`` on validated inputs (no host sync); ``configs`` overrides the files."""
     T, H = hidden_states.shape
     E, two_i, _ = gate_up_proj.shape
     I, top_k, n_slots = two_i // 2, topk_ids.shape[1], T * topk_ids.shape[1]
     out = torch.empty((T, H), dtype=hidden_states.dtype, device=hidden_states.device)
     if T == 0:
         return out
-    cfg_gate_up, cfg_down = fp8_expert_configs(hidden_states, E, I, n_slots)
+    cfg_gate_up, cfg_down = configs or fp8_expert_configs(hidden_states, E, I, n_slots)
     gate_up = ExpertWeights(gate_up_proj[:, :I], up_offset=I * gate_up_proj.stride(1), glu="silu",
                             scale=gate_up_scale, scale_up_offset=I)
     down = ExpertWeights(down_proj, scale=down_scale)
@@ -102,12 +102,11 @@ def check_fp8_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, g
                       down_proj: torch.Tensor, down_scale: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor, validate_ids: bool = True) -> None:
     """Validate the ``fp8_experts`` arguments (``validate_ids`` range-checks ids: one device sync)."""
-    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=ACTIVATION_DTYPES)
-    check_fp8_device("hidden_states", hidden_states)
+    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=ACTIVATION_DTYPES, kernel_device=False)
     for name, weight in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-        check_tensor(name, weight, ndim=3, dtypes=(FP8_DTYPE,))
+        check_tensor(name, weight, ndim=3, dtypes=(FP8_DTYPE,), kernel_device=False)
     for name, scale in (("gate_up_scale", gate_up_scale), ("down_scale", down_scale)):
-        check_tensor(name, scale, ndim=2, dtypes=(torch.float32,))
+        check_tensor(name, scale, ndim=2, dtypes=(torch.float32,), kernel_device=False)
     for name, t in (("gate_up_proj", gate_up_proj), ("gate_up_scale", gate_up_scale), ("down_proj", down_proj),
                     ("down_scale", down_scale)):
         if t.device != hidden_states.device:
@@ -126,6 +125,7 @@ def check_fp8_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, g
                              f"got {tuple(scale.shape)}")
         if scale.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride along dim 1, got strides {scale.stride()}")
+    check_fp8_device("hidden_states", hidden_states)  # last: shapes are checked on any device
     check_routing(hidden_states, E, top_k_index, top_k_weights, validate_ids)
 
 
