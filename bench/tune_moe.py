@@ -4,7 +4,9 @@ For the Mixtral, Qwen3-30B-A3B and OLMoE expert shapes and a ladder of token cou
 (row block, gate_up config, down config) candidate is timed kernel by kernel (median of
 CUDA-event timings) after a correctness check; the fastest pair becomes an entry of
 ``kernels/configs/moe_gate_up/<GPU>.json`` and ``moe_down/<GPU>.json``, pinned to that shape's
-E and I and bounded by slots per expert (T*K/E). Needs a CUDA device.
+E and I and bounded by slots per expert (T*K/E). ``--weights fp8`` tunes the FP8 experts' W8A8
+GEMMs instead (``moe_gate_up_fp8`` / ``moe_down_fp8``: FP8 tokens and intermediate, larger K
+blocks among the candidates). Needs a CUDA device.
 """
 import argparse
 import math
@@ -15,24 +17,33 @@ import torch
 from bench import moe_cases
 from bench._cli import comma_list
 from bench.tune_kernels import time_candidates, write_tuned
-from kernels.fused_experts import concatenated_weights, launch_expert_gemm
+from kernels.fp8_experts import quantize_fp8_weights
+from kernels.fused_experts import ExpertWeights, concatenated_weights, launch_expert_gemm
+from kernels.quantize import dequantize_fp8, quantize_fp8
 from kernels.routing import group_by_expert
 
 DECODE = [(32, 128, 4, 4, 1), (64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (128, 128, 4, 3, 1), (32, 256, 4, 3, 1)]
 MID = [(64, 64, 4, 4, 8), (128, 64, 4, 3, 8), (128, 64, 8, 3, 8), (64, 128, 4, 3, 8)]
 PREFILL = [(128, 64, 8, 3, 8), (128, 128, 8, 3, 8), (64, 128, 4, 4, 8)]
+# FP8 operands take half the bytes per K step: deeper K blocks for the same shared memory
+FP8_TILES = {"decode": [(64, 256, 4, 4, 1), (128, 256, 4, 3, 1), (64, 512, 4, 3, 1), (32, 512, 4, 3, 1),
+                        (128, 128, 4, 4, 1)],
+             "mid": [(64, 128, 4, 4, 8), (128, 128, 4, 3, 8), (128, 128, 8, 3, 8), (64, 256, 4, 3, 8)],
+             "prefill": [(128, 128, 8, 3, 8), (128, 256, 8, 3, 8), (256, 128, 8, 3, 8), (128, 128, 4, 4, 8)]}
+BF16_TILES = {"decode": DECODE, "mid": MID, "prefill": PREFILL}
 TOKENS = {"mixtral": (1, 16, 128, 1024, 4096), "qwen3": (1, 16, 128, 1024, 8192), "olmoe": (1, 16, 128, 1024, 8192)}
 
 
-def tiles_for(slots_per_expert: int) -> list:
-    """(block_m, tile candidates) to try for this many slots per expert."""
+def tiles_for(slots_per_expert: int, tiles: dict = BF16_TILES) -> list:
+    """(block_m, tile candidates) to try for this many slots per expert (``tiles``: BF16_TILES or FP8_TILES)."""
+    decode, mid, prefill = tiles["decode"], tiles["mid"], tiles["prefill"]
     if slots_per_expert <= 16:
-        return [(16, DECODE)]
+        return [(16, decode)]
     if slots_per_expert <= 64:
-        return [(16, DECODE), (32, MID), (64, MID)]
+        return [(16, decode), (32, mid), (64, mid)]
     if slots_per_expert <= 512:
-        return [(64, MID), (128, PREFILL)]
-    return [(128, PREFILL), (64, MID)]
+        return [(64, mid), (128, prefill)]
+    return [(128, prefill), (64, mid)]
 
 
 def _cfg(tile):
@@ -58,27 +69,46 @@ def slot_reference(a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, gather_t
     return out
 
 
-def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: torch.device | str = "cuda") -> tuple:
-    """Best (total ms, block_m, gate_up cfg, down cfg) at T tokens, and every candidate's time (ms)."""
+def _fp8_operands(x, gate_up, down):
+    """W8A8's operands: (x, its row scales, gate_up view, down view) in FP8, and the dequantized
+    x, gate_up and down the references multiply."""
+    (q_x, s_x), (q_gu, s_gu), (q_down, s_down) = quantize_fp8(x), quantize_fp8_weights(gate_up), \
+        quantize_fp8_weights(down)
+    I = gate_up.shape[1] // 2
+    views = (ExpertWeights(q_gu[:, :I], up_offset=I * q_gu.stride(1), glu="silu", scale=s_gu, scale_up_offset=I),
+             ExpertWeights(q_down, scale=s_down))
+    return (q_x, s_x, *views), tuple(dequantize_fp8(q, s) for q, s in ((q_x, s_x), (q_gu, s_gu), (q_down, s_down)))
+
+
+def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: torch.device | str = "cuda",
+               fp8: bool = False) -> tuple:
+    """Best (total ms, block_m, gate_up cfg, down cfg) at T tokens, and every candidate's time (ms);
+    with ``fp8``, of the W8A8 GEMMs."""
     x, gate_up, down, ids, weights = moe_cases.make_inputs(shape, T, device, dtype)
     n_slots = ids.numel()
     h = torch.empty((n_slots, shape.I), dtype=dtype, device=device)
     y = torch.empty((n_slots, shape.H), dtype=dtype, device=device)
-    h_ref = slot_reference(x, gate_up, ids, True, True)
+    x_scale = h_scale = None
+    if fp8:
+        (x, x_scale, gate_up_view, down_view), (x_ref, gate_up, down) = _fp8_operands(x, gate_up, down)
+    else:
+        x_ref, (gate_up_view, down_view) = x, concatenated_weights(gate_up, down)
+    h_ref = slot_reference(x_ref, gate_up, ids, True, True)
     h_in = h_ref.to(dtype)
-    y_ref = slot_reference(h_in, down, ids, False, False, weights)
+    if fp8:
+        h_in, h_scale = quantize_fp8(h_in)
+    y_ref = slot_reference(dequantize_fp8(h_in, h_scale) if fp8 else h_in, down, ids, False, False, weights)
     flat_w = weights.reshape(-1)
-    gate_up_view, down_view = concatenated_weights(gate_up, down)
     best, measured = None, []
-    for block_m, tiles in tiles_for(n_slots // shape.E):
+    for block_m, tiles in tiles_for(n_slots // shape.E, FP8_TILES if fp8 else BF16_TILES):
         blocks = group_by_expert(ids, shape.E, block_m)
 
         def run_gate_up(cfg: dict) -> torch.Tensor:
-            launch_expert_gemm(x, gate_up_view, h, blocks, None, shape.K, True, cfg, False)
+            launch_expert_gemm(x, gate_up_view, h, blocks, None, shape.K, True, cfg, False, x_scale)
             return h
 
         def run_down(cfg: dict) -> torch.Tensor:
-            launch_expert_gemm(h_in, down_view, y, blocks, flat_w, shape.K, False, cfg, False)
+            launch_expert_gemm(h_in, down_view, y, blocks, flat_w, shape.K, False, cfg, False, h_scale)
             return y
         results = {"gate_up": time_candidates([_cfg(t) for t in tiles], run_gate_up, lambda: h_ref),
                    "down": time_candidates([_cfg(t) for t in tiles], run_down, lambda: y_ref)}
@@ -94,16 +124,19 @@ def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: to
     return best, measured
 
 
-def entries_for(shape: moe_cases.MoeShape, points: list) -> tuple:
+def entries_for(shape: moe_cases.MoeShape, points: list, fp8: bool = False) -> tuple:
     """Config entries pinned to the shape's E and I, one per token count, bounded halfway (geometric)
-    between neighbouring counts' slots per expert; the largest count's entry has no upper bound."""
+    between neighbouring counts' slots per expert; the largest count's entry has no upper bound.
+    FP8 entries choose W8A8 (the GEMMs tuned)."""
     gate_up, down = [], []
     spe = [T * shape.K / shape.E for T, _ in points]
+    mode = {"quantize_activations": True} if fp8 else {}
     for n, (T, (_, block_m, cfg_gu, cfg_down)) in enumerate(points):
-        when = {"min_e": shape.E, "max_e": shape.E, "min_i": shape.I, "max_i": shape.I, "max_elem_bytes": 2}
+        when = {"min_e": shape.E, "max_e": shape.E, "min_i": shape.I, "max_i": shape.I}
+        when |= {} if fp8 else {"max_elem_bytes": 2}
         if n + 1 < len(points):
             when["max_slots_per_expert"] = int(math.sqrt(max(spe[n], 0.5) * spe[n + 1]))
-        gate_up.append({"when": when, "config": {"block_m": block_m} | cfg_gu})
+        gate_up.append({"when": when, "config": {"block_m": block_m} | cfg_gu | mode})
         down.append({"when": when, "config": cfg_down})
     return gate_up, down
 
@@ -112,25 +145,29 @@ def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tune_moe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=comma_list(choices=TOKENS), default=",".join(TOKENS),
                         help="comma-separated subset of " + ",".join(TOKENS))
+    parser.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
+                        help="tune the bf16 experts, or the FP8 experts' W8A8 GEMMs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("tuning needs a CUDA device; none was found")
     gpu = torch.cuda.get_device_name()
-    entries = {"moe_gate_up": [], "moe_down": []}
+    fp8 = args.weights == "fp8"
+    suffix = "_fp8" if fp8 else ""
+    entries = {f"moe_gate_up{suffix}": [], f"moe_down{suffix}": []}
     measured = []
     for name in args.shapes:
         shape = moe_cases.SHAPES[name]
         points = []
         for T in TOKENS[name]:
-            best, timed = tune_point(shape, T, torch.bfloat16)
+            best, timed = tune_point(shape, T, torch.bfloat16, fp8=fp8)
             points.append((T, best))
             measured += timed
             print(f"{name} T={T}: {best[0]:.4f} ms block_m={best[1]} gate_up={best[2]} down={best[3]}", flush=True)
-        gate_up, down = entries_for(shape, points)
-        entries["moe_gate_up"] += gate_up
-        entries["moe_down"] += down
+        gate_up, down = entries_for(shape, points, fp8)
+        entries[f"moe_gate_up{suffix}"] += gate_up
+        entries[f"moe_down{suffix}"] += down
     for op, op_entries in entries.items():
-        write_tuned(op, gpu, op_entries, measured, "bf16")
+        write_tuned(op, gpu, op_entries, measured, "fp8 W8A8" if fp8 else "bf16")
     return 0
 
 

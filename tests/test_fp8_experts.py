@@ -24,9 +24,10 @@ ACTIVATION_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch
 # e4m3 keeps 3 mantissa bits: a value rounds by at most 2^-4 of itself (half an ulp), so a row
 # scaled to its largest magnitude dequantizes within 2^-4 relative of each normal element
 E4M3_HALF_ULP = 2.0 ** -4
-# FP8 weights against the unquantized bf16 experts: the relative error the rounding alone gives
-# (about 2-3% for random weights); a wrong scale or layout gives errors of order 1
-FP8_VS_BF16_REL_ERROR = 0.06
+# FP8 against the unquantized experts: each e4m3-rounded operand adds about 3% RMS relative error
+# (measured 4.5-4.8% with the two weights rounded, 6.2-7.1% with the tokens and intermediate too, on
+# an H100); a wrong scale or layout gives errors of order 1
+FP8_VS_BF16_REL_ERROR = {"w8a16": 0.06, "w8a8": 0.09}
 # W8A8 rounds the intermediate to FP8 from the kernel's bf16 intermediate, the reference from its
 # own: a few elements may round to the neighbouring e4m3 value (2^-3 apart), hence bf16's tolerance twice
 W8A8_REL_TOL = 2e-2
@@ -213,7 +214,7 @@ def test_fp8_experts_match_reference(T, H, I, E, K, dtype, mode):
     else:
         assert torch.isfinite(out).all() and rel_error(out, ref) <= W8A8_REL_TOL
     unquantized = fused_experts_reference(x.float(), gate_up_16, down_16, ids, weights)
-    assert rel_error(out, unquantized) <= FP8_VS_BF16_REL_ERROR
+    assert rel_error(out, unquantized) <= FP8_VS_BF16_REL_ERROR[mode]
 
 
 @requires_fp8_gpu
