@@ -11,7 +11,8 @@ takes a set share of HBM bandwidth, ``calibration.pressure``). The table goes to
 folder (``costmodel.table.user_table_dir()``: ``$ENERGY_MOE_TABLES``, else
 ``~/.cache/energy-moe/tables``), ``<gpu>.json``, which the cost model searches before the packaged
 tables, atomically, with its provenance, keeping the collective curves (``bench.calibrate_comm``)
-of the table it replaces; a table that fails ``costmodel.table.check_table``
+of the table it replaces, and the ops it did not measure (``--ops``) where that table is of the same
+GPU and dims (``kept_ops`` names them and their sweep's provenance); a table that fails ``costmodel.table.check_table``
 goes to ``<gpu>.rejected.json`` instead, the old table kept, and the run exits non-zero. No GPU
 setting is changed.
 
@@ -34,8 +35,9 @@ from bench._cli import check_gpu, checked_float, checked_output_file, comma_list
 from calibration.nvml_meter import GpuMeter
 from calibration.sweep import (SHAPE_SWEEP, SweepSettings, new_state, partial_path, rejected_path, run_sweep,
                                sweep_settings)
-from costmodel.ops import OPS, ModelDims
+from costmodel.ops import FP8_OPS, OPS, ModelDims
 from costmodel.table import table_names, user_table_dir
+from kernels.validate import FP8_MIN_CAPABILITY
 
 
 def hbm_share(text: str) -> float:
@@ -51,8 +53,9 @@ def parse_args(argv: list | None) -> tuple:
     parser.add_argument("--trials", type=positive_int, default=1,
                         help="energy windows per point at the table's dims (2 or more also give a spread; "
                              "each adds ~1.2 s a point)")
-    parser.add_argument("--ops", type=comma_list(choices=OPS), default=",".join(OPS),
-                        help="comma-separated subset of the ops")
+    parser.add_argument("--ops", type=comma_list(choices=OPS), default=None,
+                        help="comma-separated subset of the ops (default: all; the FP8 ops only on a GPU with FP8); "
+                             "the ops of the table at --output that this sweep does not measure are kept")
     parser.add_argument("--pressure_shares", type=comma_list(hbm_share, allow_empty=True), default="0.5,0.9",
                         help="background HBM shares for the memory-pressure curves ('' to skip them)")
     parser.add_argument("--output", default=None, help="default: <gpu>.json in $ENERGY_MOE_TABLES, else "
@@ -70,6 +73,7 @@ def parse_args(argv: list | None) -> tuple:
     if known != args.gpu:
         parser.error(f"--gpu {args.gpu}: the existing table is {known}.json and tables are read by exact "
                      f"name; use --gpu {known}")
+    args.ops = checked_ops(parser, args.ops)
     try:
         args.dims = ModelDims(**{k: getattr(args, k) for k in asdict(ModelDims())})
     except ValueError as exc:
@@ -82,6 +86,17 @@ def parse_args(argv: list | None) -> tuple:
                                   SHAPE_SWEEP if args.shapes == "default" else ())
     args.state = resumed_state(parser, args.settings) if args.resume else new_state(args.settings)
     return parser, args
+
+
+def checked_ops(parser: argparse.ArgumentParser, ops: list | None) -> list:
+    """``--ops`` (default: every op this GPU runs); FP8 ops asked of a GPU without FP8 are refused."""
+    has_fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= FP8_MIN_CAPABILITY
+    if ops is None:
+        return [op for op in OPS if has_fp8 or op not in FP8_OPS]
+    asked_fp8 = [op for op in ops if op in FP8_OPS]
+    if asked_fp8 and torch.cuda.is_available() and not has_fp8:
+        parser.error(f"--ops {','.join(asked_fp8)}: this GPU has no FP8 (compute capability below 8.9)")
+    return ops
 
 
 def resumed_state(parser: argparse.ArgumentParser, settings: SweepSettings) -> dict:

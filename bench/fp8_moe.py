@@ -10,6 +10,7 @@ NVML counter, one window of at least ``--window_s`` each) of bf16 and FP8. Ratio
 """
 import argparse
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -48,7 +49,7 @@ def fp8_calls(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     cfg_gate_up, cfg_down = fp8_expert_configs(x, gate_up.shape[0], down.shape[2], ids.numel())
     args = (x, q_gate_up, s_gate_up, q_down, s_down, ids, weights)
 
-    def forced(w8a8):
+    def forced(w8a8: bool) -> Callable[[], torch.Tensor]:
         return lambda: launch_fp8_experts(*args, configs=({**cfg_gate_up, "quantize_activations": w8a8}, cfg_down))
     return {"fp8": lambda: kernels.fp8_experts(*args, validate_ids=False), "w8a16": forced(False), "w8a8": forced(True),
             "mode": "w8a8" if cfg_gate_up.get("quantize_activations") else "w8a16"}

@@ -1,4 +1,5 @@
 """Each cost-model op as a no-argument call of our kernel on random data, for the sweep's graphs."""
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -16,8 +17,15 @@ def op_callable(op: str, batch_size: int, dims: "ModelDims", device: "torch.devi
     if op in SEQUENCE_OPS:
         return _attention_call(op, randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim),
                                *(randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim) for _ in range(2)))
-    if op in ("moe_router", "fused_experts"):
+    if op in ("moe_router", "fused_experts", "fused_experts_fp8"):
         return _moe_call(op, randn(batch_size, dims.d_model), dims, randn)
+    if op == "expert_ffn_fp8":  # one expert, every token routed to it
+        return _moe_call("fused_experts_fp8", randn(batch_size, dims.d_model),
+                         dataclasses.replace(dims, num_experts=1, top_k=1), randn)
+    if op == "quantize_fp8":
+        import kernels
+        x = randn(batch_size, dims.d_model)
+        return lambda: kernels.quantize_fp8(x)
     return _dense_call(op, batch_size, dims, randn)
 
 
@@ -63,4 +71,8 @@ def _moe_call(op, x, dims, randn):
     gate_up, down = randn(E, 2 * I, H, scale=H ** -0.5), randn(E, H, I, scale=I ** -0.5)
     with torch.no_grad():
         _, weights, ids = router(x)
+    if op == "fused_experts_fp8":
+        fp8_weights = (*kernels.quantize_fp8_weights(gate_up), *kernels.quantize_fp8_weights(down))
+        del gate_up, down  # the bf16 copies are not needed while the FP8 ones are timed
+        return lambda: kernels.fp8_experts(x, *fp8_weights, ids, weights, validate_ids=False)
     return lambda: kernels.fused_experts(x, gate_up, down, ids, weights, validate_ids=False)

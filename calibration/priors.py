@@ -9,14 +9,16 @@ the binding unit runs flat out, so this is an upper bound on power). Every prior
 import sys
 from dataclasses import asdict
 
-from costmodel.ops import OPS, ModelDims, work
+from costmodel.ops import FP8_OPS, OPS, ModelDims, work
 
 # NVIDIA datasheets (SXM parts): peak dense tensor TFLOP/s, HBM TB/s, TDP W
+# (and dense FP8 TFLOP/s where the GPU has FP8; the others get no FP8 ops)
 DATASHEETS = {
     "A100": dict(name="NVIDIA A100-SXM4-80GB", peak_tflops=312.0, hbm_tb_s=2.039, tdp_w=400.0),
     "V100": dict(name="NVIDIA V100-SXM2-32GB", peak_tflops=125.0, hbm_tb_s=0.900, tdp_w=300.0),  # fp16 (no bf16)
-    "H200": dict(name="NVIDIA H200 SXM 141GB", peak_tflops=989.0, hbm_tb_s=4.8, tdp_w=700.0),
-    "H100": dict(name="NVIDIA H100 80GB HBM3", peak_tflops=989.0, hbm_tb_s=3.35, tdp_w=700.0),
+    "H200": dict(name="NVIDIA H200 SXM 141GB", peak_tflops=989.0, fp8_peak_tflops=1979.0, hbm_tb_s=4.8, tdp_w=700.0),
+    "H100": dict(name="NVIDIA H100 80GB HBM3", peak_tflops=989.0, fp8_peak_tflops=1979.0, hbm_tb_s=3.35,
+                 tdp_w=700.0),
 }
 # the committed prior tables: GPUs we have no measured table for (H100's datasheet serves
 # in-process priors at other dims, e.g. the benchmark's; its committed table is measured)
@@ -29,7 +31,7 @@ PRIOR_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 def prior_point(op: str, batch_size: int, dims: "ModelDims", sheet: dict) -> dict:
     flops, nbytes = work(op, batch_size, dims)
-    compute_s = flops / (sheet["peak_tflops"] * 1e12)
+    compute_s = flops / (sheet["fp8_peak_tflops" if op in FP8_OPS else "peak_tflops"] * 1e12)
     memory_s = nbytes / (sheet["hbm_tb_s"] * 1e12)
     latency_s = max(compute_s, memory_s)
     return {"batch_size": batch_size, "latency_ms": latency_s * 1e3, "energy_j": sheet["tdp_w"] * latency_s,
@@ -59,8 +61,9 @@ def prior_table(gpu: str, dims: "ModelDims" = ModelDims()) -> dict:
         "hbm_bytes_per_s": sheet["hbm_tb_s"] * 1e12,
         "thermal": None,
         "thermal_missing_reason": "priors carry no thermal model: calibrate on the GPU to fit one",
-        "ops": {op: {"points": [prior_point(op, b, dims, sheet) for b in PRIOR_BATCH_SIZES]} for op in OPS},
-    }
+        "ops": {op: {"points": [prior_point(op, b, dims, sheet) for b in PRIOR_BATCH_SIZES]}
+                for op in OPS if op not in FP8_OPS or "fp8_peak_tflops" in sheet},
+    } | ({} if "fp8_peak_tflops" in sheet else {"fp8_ops_missing_reason": f"the {gpu} has no FP8"})
 
 
 def main(argv: list | None = None) -> int:

@@ -36,6 +36,7 @@ from calibration.thermal import fit_thermal_model
 from calibration.trace import trace_of
 from costmodel.ops import SEQUENCE_OPS, ModelDims, work
 from costmodel.table import check_table, load_table
+from kernels.validate import FP8_MIN_CAPABILITY
 
 if TYPE_CHECKING:  # annotations only: no import at run time
     from calibration.nvml_meter import GpuReading
@@ -297,6 +298,30 @@ def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected:
     collectives = kept_collectives(args.output)
     if collectives:
         table["collectives"] = collectives
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+        table["fp8_ops_missing_reason"] = f"the {detected} has no FP8 (compute capability below 8.9)"
+    return keep_other_ops(table, args)
+
+
+def keep_other_ops(table: dict, args: "SweepSettings") -> dict:
+    """``table`` with the ops of the table at ``args.output`` that this sweep did not measure, where
+    that table is a measurement of the same GPU at the same dims (their pressure curves too, where
+    the background shares match); ``kept_ops`` records which and where they came from."""
+    try:
+        old = load_table(table=args.output)[0]
+    except ValueError:  # no table yet, or a corrupt one
+        return table
+    if old.get("source") != "measured" or old.get("gpu_name") != table["gpu_name"] or old["dims"] != table["dims"]:
+        return table
+    kept = [op for op in old["ops"] if op not in table["ops"]]
+    if not kept:
+        return table
+    table["ops"] |= {op: old["ops"][op] for op in kept}
+    old_pressure, pressure = old.get("memory_pressure"), table.get("memory_pressure")
+    if old_pressure and pressure and old_pressure.get("shares") == pressure["shares"]:
+        pressure["ops"] |= {op: curve for op, curve in old_pressure["ops"].items() if op in kept}
+    table["kept_ops"] = {"ops": kept, "provenance": old.get("provenance"),
+                         "note": "measured by an earlier sweep of this GPU and dims; this sweep measured the others"}
     return table
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, fields
 
 from costmodel.comm import comm_curves, interpolate_comm, piecewise_linear, secant_slope
 from costmodel.curves import ShapeModel
-from costmodel.ops import COMM_OPS, ModelDims, check_op, work
+from costmodel.ops import COMM_OPS, FP8_OPS, ModelDims, check_op, work
 from costmodel.table import TABLE_DIR, load_table
 from costmodel.validate import ABSOLUTE_ZERO_C, count, finite_number, real
 
@@ -109,7 +109,10 @@ class KernelCostModel:
         """The arguments as Python floats (numpy scalars in, plain numbers out), or an error naming one."""
         check_op(op)
         if op not in self.table["ops"]:
-            raise ValueError(f"op {op!r} is not in the {self.gpu_type} table ({self.path})")
+            why = self.table.get("fp8_ops_missing_reason", "") if op in FP8_OPS else ""
+            raise ValueError(f"op {op!r} is not in the {self.gpu_type} table ({self.path})"
+                             + (f": {why}" if why else f"; `python -m bench.calibrate --gpu {self.gpu_type} --ops {op}` "
+                                "measures it and keeps the table's other ops"))
         batch_size = finite_number("batch_size", batch_size, low=0.0, low_open=True)
         if current_temp is not None:
             current_temp = self._check_temp(current_temp)

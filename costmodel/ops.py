@@ -20,7 +20,11 @@ BYTES_PER_ELEMENT = 2  # bf16
 
 OPS = ("ffn_gate", "ffn_up", "ffn_down", "swiglu_gate_up", "swiglu_ffn", "attention_qk", "attention_av",
        "flash_attention", "moe_router", "fused_experts", "qkv_projection", "output_projection", "lm_head", "rms_norm",
-       "residual_add")
+       "residual_add", "fused_experts_fp8", "expert_ffn_fp8", "quantize_fp8")
+# the FP8 ops (``kernels.fp8_experts``, ``kernels.quantize``) run only on GPUs with FP8 (compute capability >= 8.9)
+FP8_OPS = ("fused_experts_fp8", "expert_ffn_fp8", "quantize_fp8")
+FP8_BYTES = 1
+SCALE_BYTES = 4  # float32 scales: one per output channel of the weights, one per row of the activations
 SEQUENCE_OPS = ("attention_qk", "attention_av", "flash_attention")
 COMM_OPS = ("all_to_all",)  # torch.distributed.all_to_all_single with even splits: expert parallelism's exchange
 
@@ -63,7 +67,8 @@ OP_DIMS = {"ffn_gate": ("d_model", "d_ff"), "ffn_up": ("d_model", "d_ff"), "ffn_
            "flash_attention": ("d_model", "n_heads", "seq_len"), "moe_router": ("d_model", "num_experts", "top_k"),
            "fused_experts": ("d_model", "d_ff", "num_experts", "top_k"), "qkv_projection": ("d_model",),
            "output_projection": ("d_model",), "lm_head": ("d_model", "vocab_size"), "rms_norm": ("d_model",),
-           "residual_add": ("d_model",)}
+           "residual_add": ("d_model",), "fused_experts_fp8": ("d_model", "d_ff", "num_experts", "top_k"),
+           "expert_ffn_fp8": ("d_model", "d_ff"), "quantize_fp8": ("d_model",)}
 
 
 def op_shape(op: str, dims: ModelDims) -> tuple:
@@ -78,7 +83,8 @@ def check_op(op: str) -> None:
 
 
 def work(op: str, batch_size: "float | torch.Tensor", dims: ModelDims) -> tuple:
-    """(flops, bytes) of one call of ``op`` at ``batch_size``: bf16 operands, each read once."""
+    """(flops, bytes) of one call of ``op`` at ``batch_size``: bf16 operands (the FP8 ops' FP8 copies
+    and scales besides), each read once."""
     check_op(op)
     B, H, I, S, D = batch_size, dims.d_model, dims.d_ff, dims.seq_len, dims.head_dim
     heads, E, K, b = dims.n_heads, dims.num_experts, dims.top_k, BYTES_PER_ELEMENT
@@ -108,6 +114,14 @@ def work(op: str, batch_size: "float | torch.Tensor", dims: ModelDims) -> tuple:
         return 4.0 * B * H, b * (2 * B * H + H)
     if op == "residual_add":
         return 1.0 * B * H, b * 3 * B * H
-    # fused_experts: each touched expert's weights are read once
-    touched = expected_experts(B, E, K)
-    return 6.0 * B * K * H * I, b * (2 * B * H + touched * 3 * H * I + 2 * B * K * I)
+    if op == "quantize_fp8":  # one read of each row (the second pass hits L2), the FP8 copy and its scale
+        return 3.0 * B * H, b * B * H + FP8_BYTES * B * H + SCALE_BYTES * B
+    if op == "expert_ffn_fp8":  # fused_experts_fp8 with one expert, every token routed to it
+        E, K = 1, 1
+    touched = expected_experts(B, E, K)  # each touched expert's weights are read once
+    if op == "fused_experts":
+        return 6.0 * B * K * H * I, b * (2 * B * H + touched * 3 * H * I + 2 * B * K * I)
+    # FP8 (W8A8): FP8 weights and their scales; the tokens and the intermediate also pass through FP8 copies
+    weights = touched * (FP8_BYTES * 3 * H * I + SCALE_BYTES * (2 * I + H))
+    activations = (b + 2 * FP8_BYTES) * (B * H + B * K * I) + b * (B * H + B * K * I)
+    return 6.0 * B * K * H * I, weights + activations

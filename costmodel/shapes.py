@@ -12,9 +12,10 @@ Tiles are counted at the expected routing for ``fused_experts``: ``batch_size * 
 spread evenly over the experts uniform routing touches (``costmodel.ops.expected_experts``).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from costmodel.ops import BYTES_PER_ELEMENT, SEQUENCE_OPS, ModelDims, check_op, expected_experts, work
+from costmodel.ops import (BYTES_PER_ELEMENT, FP8_BYTES, SCALE_BYTES, SEQUENCE_OPS, ModelDims, check_op,
+                           expected_experts, work)
 
 # the tile a table without kernel configs assumes (a prior, or a table older than the section)
 GENERIC_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 64}
@@ -23,7 +24,9 @@ ELEMENTWISE_BLOCK = 1024  # elements per program of torch's elementwise and norm
 # (a single token's time grows with d_model), while thousands of rows share the SMs; of 1, 4, 8 and 16
 # rows, 8 fitted the measured H100 table best (the README gives the figures)
 NORM_ROWS_PER_SM = 8
-CONFIG_OPS = ("matmul", "swiglu_gate_up", "moe_gate_up", "moe_down", "attention", "topk_routing")
+CONFIG_OPS = ("matmul", "swiglu_gate_up", "moe_gate_up", "moe_down", "moe_gate_up_fp8", "moe_down_fp8", "attention",
+              "topk_routing")
+QUANTIZE_ROWS_PER_PROGRAM = 4  # kernels.quantize.ROWS_PER_PROGRAM (the cost model never imports the kernels)
 
 
 @dataclass(frozen=True)
@@ -69,30 +72,41 @@ def gemm(configs: "dict | None", config_op: str, M: float, N: int, K: int, gated
     return Launch(tiles, tile_flops, nbytes, _gemm_tile_bytes(bm, bn, k_padded, products))
 
 
-def _gemm_tile_bytes(bm, bn, k_padded, products):
-    """One output tile's loads (its rows of A, its columns of each B, all of K) and its store."""
-    return BYTES_PER_ELEMENT * ((bm + products * bn) * k_padded + bm * bn)
+def _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes=BYTES_PER_ELEMENT):
+    """One output tile's loads (its rows of A, its columns of each B, all of K) and its (16-bit) store."""
+    return operand_bytes * (bm + products * bn) * k_padded + BYTES_PER_ELEMENT * bm * bn
 
 
-def _fused_experts(configs, B, dims):
+def _fused_experts(configs, B, dims, fp8=False):
     """The gate-up and down launches; both run on the gate-up config's row blocks (each expert's
-    rows padded to a multiple of its ``block_m``)."""
+    rows padded to a multiple of its ``block_m``). ``fp8``: the FP8 experts' W8A8 GEMMs (FP8
+    operands, their own configs), each after the quantization of its input rows."""
     H, I, E, K = dims.d_model, dims.d_ff, dims.num_experts, dims.top_k
     slots = B * K
     touched = expected_experts(B, E, K)
+    suffix, operand_bytes = ("_fp8", FP8_BYTES) if fp8 else ("", BYTES_PER_ELEMENT)
     shape = {"slots_per_expert": slots // E, "e": E, "i": I, "elem_bytes": BYTES_PER_ELEMENT}
-    bm = pick_config(configs, "moe_gate_up", **shape)["block_m"]
+    bm = pick_config(configs, "moe_gate_up" + suffix, **shape)["block_m"]
     row_blocks = touched * math.ceil(slots / touched / bm)
     launches = []
-    for config_op, N, K_in, gated in (("moe_gate_up", I, H, True), ("moe_down", H, I, False)):
-        cfg = pick_config(configs, config_op, **shape)
+    for config_op, N, K_in, gated, rows_in in (("moe_gate_up", I, H, True, B), ("moe_down", H, I, False, slots)):
+        if fp8:  # the input rows' quantization: the tokens, then each slot's intermediate
+            launches.append(_quantize(rows_in, K_in))
+        cfg = pick_config(configs, config_op + suffix, **shape)
         bn, bk = cfg["block_n"], cfg.get("block_k", GENERIC_CONFIG["block_k"])
         products, k_padded = 2 if gated else 1, math.ceil(K_in / bk) * bk
         tile_flops = 2.0 * bm * bn * k_padded * products
-        nbytes = BYTES_PER_ELEMENT * (touched * products * N * K_in + slots * (N + K_in))
+        nbytes = operand_bytes * (touched * products * N * K_in + slots * K_in) + BYTES_PER_ELEMENT * slots * N
         launches.append(Launch(row_blocks * math.ceil(N / bn), tile_flops, nbytes,
-                               _gemm_tile_bytes(bm, bn, k_padded, products)))
+                               _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes)))
     return launches
+
+
+def _quantize(rows, width):
+    """``kernels.quantize``: a few rows per program, each read twice (the second time from L2)."""
+    tiles = math.ceil(rows / QUANTIZE_ROWS_PER_PROGRAM)
+    nbytes = (BYTES_PER_ELEMENT + FP8_BYTES) * rows * width + SCALE_BYTES * rows
+    return Launch(tiles, 3.0 * rows * width / max(tiles, 1), nbytes)
 
 
 def _attention(op, configs, B, dims):
@@ -119,8 +133,12 @@ def op_launches(op: str, batch_size: float, dims: ModelDims, configs: "dict | No
     B, H, I = batch_size, dims.d_model, dims.d_ff
     if op in SEQUENCE_OPS:
         return _attention(op, configs, B, dims)
-    if op == "fused_experts":
-        return _fused_experts(configs, B, dims)
+    if op in ("fused_experts", "fused_experts_fp8"):
+        return _fused_experts(configs, B, dims, fp8=op == "fused_experts_fp8")
+    if op == "expert_ffn_fp8":
+        return _fused_experts(configs, B, replace(dims, num_experts=1, top_k=1), fp8=True)
+    if op == "quantize_fp8":
+        return [_quantize(B, H)]
     if op == "rms_norm":  # torch's kernel reduces one row per program
         flops, nbytes = work(op, B, dims)
         return [Launch(math.ceil(B), flops / math.ceil(B), nbytes, BYTES_PER_ELEMENT * 2 * H, NORM_ROWS_PER_SM)]

@@ -45,6 +45,8 @@ from kernels.cost_bias import cost_curves, energy_weight_reference, expert_cost_
 from kernels.pinned_state import readable_in_place
 
 COST_OP = "swiglu_ffn"
+# the table op that costs one expert, by the experts' weight dtype (``FusedMoE.quantize_fp8`` makes FP8 ones)
+EXPERT_COST_OPS = {"bf16": COST_OP, "fp8": "expert_ffn_fp8"}
 
 
 class CostSelection:
@@ -71,7 +73,7 @@ class CostSelection:
     def _device_tables(self):
         """The bias kernels' cost curves and the placement's extra cost, on the weight's device."""
         device = self.weight.device
-        curves = cost_curves(self.kernel_cost_model.device_curves(COST_OP), device)
+        curves = cost_curves(self.kernel_cost_model.device_curves(self.cost_op), device)
         if self.slowdown_temp_c is not None:  # the table's, else the monitor's (NVML) threshold
             curves = dataclasses.replace(curves, slowdown_temp_c=float(self.slowdown_temp_c))
         self._curves = curves
@@ -108,13 +110,14 @@ class CostSelection:
                 "extra_cost": self.extra_cost}
 
 
-def cost_model_at(model: KernelCostModel, d_model: int) -> KernelCostModel:
-    """``model`` costing experts of ``d_model``: as given when its dims have that d_model, else
-    at d_model with its d_ff scaled alike (the tile model carries the table there; a warning says
-    how to give the experts' real d_ff)."""
-    if COST_OP not in getattr(model, "ops", ()):
-        raise ValueError(f"kernel_cost_model has no {COST_OP!r} op (one expert's SwiGLU FFN), which the router's "
-                         f"cost bias reads; its table has {list(getattr(model, 'ops', ()))}")
+def cost_model_at(model: KernelCostModel, d_model: int, cost_op: str = COST_OP) -> KernelCostModel:
+    """``model`` costing experts of ``d_model`` with ``cost_op``: as given when its dims have that
+    d_model, else at d_model with its d_ff scaled alike (the tile model carries the table there; a
+    warning says how to give the experts' real d_ff)."""
+    if cost_op not in getattr(model, "ops", ()):
+        raise ValueError(f"kernel_cost_model has no {cost_op!r} op (one expert's FFN), which the router's "
+                         f"cost bias reads; its table has {list(getattr(model, 'ops', ()))}"
+                         + ("; `python -m bench.calibrate --ops expert_ffn_fp8` adds it" if cost_op != COST_OP else ""))
     if model.dims.d_model == d_model:
         return model
     d_ff = max(1, round(model.dims.d_ff * d_model / model.dims.d_model))

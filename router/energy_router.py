@@ -64,7 +64,7 @@ from kernels.policy_routing import FillCost, policy_routing
 from kernels.routing import check_selection_bias, topk_routing
 from kernels.routing_stats import STAT_FIELDS, routing_tallies, tally_summary
 from kernels.validate import check_dim, check_same_dtype_device, check_tensor
-from router.cost import COST_OP, CostSelection, cost_model_at
+from router.cost import COST_OP, EXPERT_COST_OPS, CostSelection, cost_model_at
 from router.monitor import STATE_FIELDS, HardwareMonitor
 from router.options import check_hyperparameters, check_keep, check_objective_weights, check_sizes, gate_weight
 from router.placement import check_placement, placement_extra_cost
@@ -103,6 +103,8 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
             world_size, and the cost model needs an all_to_all curve for world_size (> 1).
         expert_placement_bytes_per_rank: the all_to_all message size (bytes each rank sends) at
             which the curve's slope is read; default 8192 tokens' rows, 8192 * d_model * 2.
+        expert_weights: "bf16", or "fp8" for FP8 experts (``FusedMoE.quantize_fp8``): which table op
+            costs an expert (``swiglu_ffn``, or ``expert_ffn_fp8``, which the table must have).
         device, dtype: of a new weight.
     """
 
@@ -114,13 +116,16 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
                  ttt_gate: bool = False, adapt: bool = True, thermal_gain: float = 1.0, thermal_margin_c: float = 15.0,
                  max_memory_pressure: float = 0.9, track_stats: bool = True,
                  expert_placement: "tuple | None" = None, expert_placement_bytes_per_rank: "int | None" = None,
-                 device=None, dtype: "torch.dtype | None" = None):
+                 expert_weights: str = "bf16", device=None, dtype: "torch.dtype | None" = None):
         d_model, num_experts, top_k, ttt_update_frequency, ttt_chunk_size = check_sizes(
             d_model=d_model, num_experts=num_experts, top_k=top_k, ttt_update_frequency=ttt_update_frequency,
             ttt_chunk_size=ttt_chunk_size)
         super().__init__(gate_weight(weight, d_model, num_experts, device, dtype), top_k, renormalize, weights_dtype)
         self.objective_weights = check_objective_weights(objective_weights)
-        kernel_cost_model = cost_model_at(kernel_cost_model, d_model)
+        if expert_weights not in EXPERT_COST_OPS:
+            raise ValueError(f"expert_weights must be one of {sorted(EXPERT_COST_OPS)}, got {expert_weights!r}")
+        self.cost_op = EXPERT_COST_OPS[expert_weights]
+        kernel_cost_model = cost_model_at(kernel_cost_model, d_model, self.cost_op)
         check_hyperparameters(energy_aware_lr, top_p, thermal_gain, thermal_margin_c, max_memory_pressure)
         if muon_enabled and not ttt_gate:
             raise ValueError("muon_enabled updates the gate weight: it needs ttt_gate=True")

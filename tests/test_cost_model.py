@@ -15,7 +15,7 @@ from calibration.priors import PRIOR_TABLES, prior_table
 from calibration.results import write_json_atomic
 from costmodel.device import DeviceCostTable
 from costmodel.kernel_cost_model import KernelCostModel
-from costmodel.ops import OPS, ModelDims
+from costmodel.ops import FP8_OPS, OPS, ModelDims
 from costmodel.table import TABLE_DIR, TABLES_ENV, table_names, user_table_dir
 from tests.conftest import DEVICE
 
@@ -120,7 +120,12 @@ def test_breakdown_sums(table_path):
 def test_committed_priors_are_labelled_priors(gpu):
     model = KernelCostModel(gpu)
     assert model.table["source"] == "prior" and "not a measurement" in model.table["note"]
+    fp8 = "fp8_peak_tflops" in model.table["datasheet"]
     for op in OPS:
+        if op in FP8_OPS and not fp8:
+            with pytest.raises(ValueError, match=f"{gpu} has no FP8"):
+                model.get_cost(op, 37)
+            continue
         cost = model.get_cost(op, 37, current_temp=50.0, memory_pressure=0.3)
         assert cost["source"] == "prior" and cost["temp_impact"] is None
         assert all(math.isfinite(cost[k]) and cost[k] > 0 for k in ("energy_joules", "latency_ms", "power_w"))

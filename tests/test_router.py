@@ -364,3 +364,24 @@ def test_dtype_casts_keep_the_router_state_float32(cost_model):
     for x in batches([4, 4], dtype=torch.float16):
         router(x)
     assert router.ttt_updates == 1
+
+
+def test_fp8_experts_are_costed_by_their_own_op(cost_model, tmp_path):
+    """expert_weights="fp8" reads ``expert_ffn_fp8`` (half the fixed cost here) in place of ``swiglu_ffn``."""
+    table = decode_table()
+    del table["ops"]["expert_ffn_fp8"]
+    write_json_atomic(tmp_path / "no_fp8.json", table)
+    with pytest.raises(ValueError, match="no 'expert_ffn_fp8' op"):
+        EnergyAwareTTTRouter(H, E, K, KernelCostModel("TESTGPU", table=tmp_path / "no_fp8.json"), expert_weights="fp8")
+    with pytest.raises(ValueError, match="expert_weights must be one of"):
+        EnergyAwareTTTRouter(H, E, K, cost_model, expert_weights="int4")
+    table["ops"]["expert_ffn_fp8"] = {"points": [
+        {"batch_size": b, "latency_ms": 0.5 + 0.01 * b, "energy_j": 0.5 + 0.02 * b, "memory_gb": 5e-4 * b}
+        for b in (1, 4, 16, 64, 256)]}
+    write_json_atomic(tmp_path / "fp8.json", table)
+    fp8_model = KernelCostModel("TESTGPU", table=tmp_path / "fp8.json")
+    fp8, bf16 = (EnergyAwareTTTRouter(H, E, K, fp8_model, expert_weights=w) for w in ("fp8", "bf16"))
+    assert (fp8.cost_op, bf16.cost_op) == ("expert_ffn_fp8", "swiglu_ffn")
+    fixed_energy = [float(router.kernel_cost_model.get_cost(router.cost_op, 1)["energy_joules"])
+                    for router in (fp8, bf16)]
+    assert fixed_energy == pytest.approx([0.52, 1.02], rel=1e-6)
