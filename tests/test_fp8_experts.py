@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.fp8_experts import WEIGHT_CHUNK_ELEMENTS, fp8_experts_reference, launch_fp8_experts
+from kernels.fp8_experts import WEIGHT_CHUNK_ELEMENTS, fp8_expert_configs, fp8_experts_reference, launch_fp8_experts
 from kernels.fused_experts import fused_experts_reference
 from kernels.moe_layer import Fp8Experts
 from kernels.quantize import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8_reference
@@ -221,7 +221,8 @@ def test_fp8_experts_match_reference(T, H, I, E, K, dtype, mode):
 def test_fp8_experts_files_configs_empty_and_poisoned_tokens():
     args = _fp8_args(T=50, H=64, I=48, E=8)
     out = kernels.fp8_experts(**args)
-    ref = fp8_experts_reference(*args.values(), quantize_activations=False)
+    w8a8 = fp8_expert_configs(args["hidden_states"], 8, 48, args["top_k_index"].numel())[0]["quantize_activations"]
+    ref = fp8_experts_reference(*args.values(), quantize_activations=w8a8)
     assert rel_error(out, ref) <= W8A8_REL_TOL
     args["hidden_states"][7, 3] = float("nan")
     poisoned = kernels.fp8_experts(**args)
