@@ -350,3 +350,38 @@ def test_resolve_device_refuses_bad_devices(name, message, capsys):
         resolve_device(parser, name)
     assert message in capsys.readouterr().err
     assert resolve_device(parser, "cpu") == torch.device("cpu")
+
+
+def test_calibrate_sweeps_fp8_ops_only_where_the_gpu_has_fp8(monkeypatch, capsys):
+    from bench import calibrate
+    from costmodel.ops import FP8_OPS, OPS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (8, 0))  # an A100
+    _, args = calibrate.parse_args(["--gpu", "A100"])
+    assert args.settings.ops == tuple(op for op in OPS if op not in FP8_OPS)
+    assert "this GPU has no FP8" in refused(calibrate.main, ["--gpu", "A100", "--ops", "ffn_gate,quantize_fp8"],
+                                            capsys)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (9, 0))
+    _, args = calibrate.parse_args(["--gpu", "H100"])
+    assert args.settings.ops == OPS
+
+
+def test_a_sweep_of_some_ops_keeps_the_others_of_the_same_gpu_and_dims(tmp_path):
+    """``--ops`` re-measures those ops; the table it replaces keeps the rest when it measured the same card and dims."""
+    from calibration.priors import prior_table
+    from calibration.results import write_json_atomic
+    output = tmp_path / "H100.json"
+    old = prior_table("H100") | {"source": "measured", "gpu_name": "NVIDIA H100 80GB HBM3",
+                                 "provenance": {"commit": "old"}}
+    write_json_atomic(output, old)
+    settings = sweep_lib.SweepSettings("H100", sweep_lib.ModelDims(), ("quantize_fp8",), output)
+    new = {"gpu_name": old["gpu_name"], "dims": old["dims"], "memory_pressure": None,
+           "ops": {"quantize_fp8": {"points": []}}}
+    merged = sweep_lib.keep_other_ops(json.loads(json.dumps(new)), settings)
+    assert set(merged["ops"]) == set(old["ops"]) and merged["ops"]["quantize_fp8"] == {"points": []}
+    assert merged["ops"]["ffn_gate"] == old["ops"]["ffn_gate"]
+    assert merged["kept_ops"]["provenance"] == {"commit": "old"} and "quantize_fp8" not in merged["kept_ops"]["ops"]
+    for change in ({"gpu_name": "NVIDIA H200"}, {"dims": {**old["dims"], "d_model": 512}}):
+        assert "kept_ops" not in sweep_lib.keep_other_ops(json.loads(json.dumps(new | change)), settings)
+    write_json_atomic(output, old | {"source": "prior"})
+    assert "kept_ops" not in sweep_lib.keep_other_ops(json.loads(json.dumps(new)), settings), "priors are not kept"

@@ -242,3 +242,20 @@ def test_norm_rows_share_an_sm_in_the_stream_bound():
     assert stream_s == pytest.approx({1: row_s, 132 * NORM_ROWS_PER_SM: row_s, 132 * NORM_ROWS_PER_SM + 1: 2 * row_s})
     assert launch_times(gemm(CONFIGS, "matmul", 16, 64 * 133, 2048), CEILINGS)[4] == pytest.approx(
         2 * launch_times(gemm(CONFIGS, "matmul", 16, 64, 2048), CEILINGS)[4])  # GEMM tiles: one an SM
+
+
+def test_fp8_experts_launch_the_quantizations_and_read_fp8_tiles():
+    """fused_experts_fp8: quantize the tokens, gate-up, quantize each slot, down, on the FP8 configs;
+    expert_ffn_fp8 is the same for one expert every token picks; the weights' bytes halve."""
+    dims = ModelDims(d_model=4096, d_ff=14336, num_experts=8, top_k=2, n_heads=32)
+    fp8_configs = {"moe_gate_up_fp8": {"entries": [{"config": {"block_m": 16, "block_n": 64, "block_k": 512}}]},
+                   "moe_down_fp8": {"entries": [{"config": {"block_n": 128, "block_k": 256}}]}}
+    quantize_x, gate_up, quantize_h, down = op_launches("fused_experts_fp8", 16, dims, fp8_configs)
+    assert quantize_x.tiles == math.ceil(16 / 4) and quantize_h.tiles == math.ceil(16 * 2 / 4)
+    assert gate_up.tile_flops == 2.0 * 16 * 64 * 4096 * 2 and down.tile_flops == 2.0 * 16 * 128 * 14336
+    bf16_gate_up, _ = op_launches("fused_experts", 16, dims)
+    assert gate_up.nbytes / bf16_gate_up.nbytes == pytest.approx(0.5, rel=0.01), "FP8 weights: half the bytes"
+    one_expert = op_launches("expert_ffn_fp8", 16, dims, fp8_configs)
+    assert one_expert[1].tiles == math.ceil(16 / 16) * math.ceil(14336 / 64)
+    (quantize,) = op_launches("quantize_fp8", 10, dims)
+    assert quantize.tiles == 3 and quantize.nbytes == (2 + 1) * 10 * 4096 + 4 * 10
