@@ -305,8 +305,7 @@ def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected:
 
 def keep_other_ops(table: dict, args: "SweepSettings") -> dict:
     """``table`` with the ops of the table at ``args.output`` that this sweep did not measure, where
-    that table is a measurement of the same GPU at the same dims (their pressure curves too, where
-    the background shares match); ``kept_ops`` records which and where they came from."""
+    that table is a measurement of the same GPU at the same dims (``merge_ops``, as ``kept_ops``)."""
     try:
         old = load_table(table=args.output)[0]
     except ValueError:  # no table yet, or a corrupt one
@@ -314,14 +313,20 @@ def keep_other_ops(table: dict, args: "SweepSettings") -> dict:
     if old.get("source") != "measured" or old.get("gpu_name") != table["gpu_name"] or old["dims"] != table["dims"]:
         return table
     kept = [op for op in old["ops"] if op not in table["ops"]]
-    if not kept:
-        return table
-    table["ops"] |= {op: old["ops"][op] for op in kept}
-    old_pressure, pressure = old.get("memory_pressure"), table.get("memory_pressure")
-    if old_pressure and pressure and old_pressure.get("shares") == pressure["shares"]:
-        pressure["ops"] |= {op: curve for op, curve in old_pressure["ops"].items() if op in kept}
-    table["kept_ops"] = {"ops": kept, "provenance": old.get("provenance"),
-                         "note": "measured by an earlier sweep of this GPU and dims; this sweep measured the others"}
+    return merge_ops(table, old, kept, "kept_ops") if kept else table
+
+
+def merge_ops(table: dict, source: dict, ops: "Sequence[str]", record: str) -> dict:
+    """``table`` with ``ops`` taken from the measured table ``source`` (their pressure curves too, where
+    the background shares match), and ``table[record]`` naming them with ``source``'s provenance and
+    idle power: each op's points stay as its own sweep measured them."""
+    table["ops"] |= {op: source["ops"][op] for op in ops}
+    source_pressure, pressure = source.get("memory_pressure"), table.get("memory_pressure")
+    if source_pressure and pressure and source_pressure.get("shares") == pressure["shares"]:
+        pressure["ops"] |= {op: curve for op, curve in source_pressure["ops"].items() if op in ops}
+    table[record] = {"ops": list(ops), "provenance": source.get("provenance"), "idle_power_w": source["idle_power_w"],
+                     "note": "measured by another sweep of this GPU model at the same dims (its provenance here); "
+                             "the table's constants, thermal fit and trace are its own sweep's"}
     return table
 
 
