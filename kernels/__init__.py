@@ -9,7 +9,7 @@ semantics; ``fused_experts.gpt_oss_experts``, gpt-oss's; ``fp8_experts`` with FP
 projections ``ffn_gate``/``ffn_up``/``ffn_down`` the cost model calibrates), a plain GEMM, and
 attention (FlashAttention forward plus standalone QKᵀ and softmax·V). Block sizes come from the
 per-GPU JSON files in ``kernels/configs``. ``route``, ``policy_routing``, ``fused_experts``,
-``gpt_oss_experts``, ``swiglu_ffn``, ``flash_attention`` and ``gather_sum`` run as
+``gpt_oss_experts``, ``fp8_experts``, ``quantize_fp8``, ``swiglu_ffn``, ``flash_attention`` and ``gather_sum`` run as
 ``torch.library`` custom ops (``kernels._library``), so ``torch.compile(fullgraph=True)`` traces
 around them. On a machine without CUDA the kernels run under Triton's interpreter
 (``TRITON_INTERPRET=1``), slowly.

@@ -256,3 +256,16 @@ def test_fp8_layer_captures_in_a_cuda_graph():
         x.copy_(torch.randn(16, 64, device="cuda", dtype=torch.bfloat16))
         graph.replay()
         assert torch.equal(captured, layer(x))
+
+
+@requires_fp8_gpu
+def test_fp8_ops_pass_opcheck_and_compile_with_fullgraph():
+    args = _fp8_args(T=5, H=32, I=24, E=4)
+    torch.library.opcheck(torch.ops.energy_moe.fp8_experts.default, tuple(args.values()))
+    torch.library.opcheck(torch.ops.energy_moe.quantize_fp8.default, (args["hidden_states"],))
+    torch._dynamo.reset()
+    layer = _layer(E=4, H=32, I=24, dtype=torch.bfloat16).cuda().quantize_fp8()
+    x = torch.randn(3, 5, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer(x)
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), eager)
