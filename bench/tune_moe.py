@@ -17,8 +17,8 @@ import torch
 from bench import moe_cases
 from bench._cli import comma_list
 from bench.tune_kernels import time_candidates, write_tuned
-from kernels.fp8_experts import quantize_fp8_weights
-from kernels.fused_experts import ExpertWeights, concatenated_weights, launch_expert_gemm
+from kernels.fp8_experts import fp8_weights, quantize_fp8_weights
+from kernels.fused_experts import concatenated_weights, launch_expert_gemm
 from kernels.quantize import dequantize_fp8, quantize_fp8
 from kernels.routing import group_by_expert
 
@@ -74,10 +74,7 @@ def _fp8_operands(x, gate_up, down):
     x, gate_up and down the references multiply."""
     (q_x, s_x), (q_gu, s_gu), (q_down, s_down) = quantize_fp8(x), quantize_fp8_weights(gate_up), \
         quantize_fp8_weights(down)
-    I = gate_up.shape[1] // 2
-    views = (ExpertWeights(q_gu[:, :I], up_offset=I * q_gu.stride(1), glu="silu", scale=s_gu, scale_up_offset=I),
-             ExpertWeights(q_down, scale=s_down))
-    return (q_x, s_x, *views), tuple(dequantize_fp8(q, s) for q, s in ((q_x, s_x), (q_gu, s_gu), (q_down, s_down)))
+    return (q_x, s_x, *fp8_weights(q_gu, s_gu, q_down, s_down)), tuple(dequantize_fp8(q, s) for q, s in ((q_x, s_x), (q_gu, s_gu), (q_down, s_down)))
 
 
 def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: torch.device | str = "cuda",

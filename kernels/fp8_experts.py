@@ -19,10 +19,8 @@ import torch
 
 from kernels import config as _config
 from kernels._library import kernel_op
-from kernels.fused_experts import ExpertWeights, check_routing, launch_expert_gemm, fused_experts_reference
-from kernels.gather_sum import launch_gather_sum
-from kernels.quantize import FP8_DTYPE, dequantize_fp8, launch_quantize_fp8, quantize_fp8_reference
-from kernels.routing import group_by_expert
+from kernels.fused_experts import ExpertWeights, check_routing, fused_experts_reference, run_experts
+from kernels.quantize import FP8_DTYPE, dequantize_fp8, quantize_fp8_reference
 from kernels.validate import check_dim, check_fp8_device, check_tensor
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
@@ -52,30 +50,23 @@ def fp8_expert_configs(hidden_states: torch.Tensor, num_experts: int, intermedia
             _config.lookup("moe_down_fp8", hidden_states.device, **dims))
 
 
+def fp8_weights(gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor, down_proj: torch.Tensor,
+                down_scale: torch.Tensor) -> tuple[ExpertWeights, ExpertWeights]:
+    """The kernel's view of FP8 experts in transformers' layout (``concatenated_weights`` with scales)."""
+    I = gate_up_proj.shape[1] // 2
+    return (ExpertWeights(gate_up_proj[:, :I], up_offset=I * gate_up_proj.stride(1), glu="silu", scale=gate_up_scale,
+                          scale_up_offset=I),
+            ExpertWeights(down_proj, scale=down_scale))
+
+
 def launch_fp8_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
                        down_proj: torch.Tensor, down_scale: torch.Tensor, topk_ids: torch.Tensor,
                        topk_weights: torch.Tensor, configs: tuple[dict, dict] | None = None) -> torch.Tensor:
     """``fp8_experts`` on validated inputs (no host sync); ``configs`` overrides the files."""
-    T, H = hidden_states.shape
     E, two_i, _ = gate_up_proj.shape
-    I, top_k, n_slots = two_i // 2, topk_ids.shape[1], T * topk_ids.shape[1]
-    out = torch.empty((T, H), dtype=hidden_states.dtype, device=hidden_states.device)
-    if T == 0:
-        return out
-    cfg_gate_up, cfg_down = configs or fp8_expert_configs(hidden_states, E, I, n_slots)
-    gate_up = ExpertWeights(gate_up_proj[:, :I], up_offset=I * gate_up_proj.stride(1), glu="silu",
-                            scale=gate_up_scale, scale_up_offset=I)
-    down = ExpertWeights(down_proj, scale=down_scale)
-    blocks = group_by_expert(topk_ids, E, cfg_gate_up["block_m"])
-    w8a8 = cfg_gate_up.get("quantize_activations", False)
-    a, a_scale = launch_quantize_fp8(hidden_states) if w8a8 else (hidden_states, None)
-    intermediate = torch.empty((n_slots, I), dtype=hidden_states.dtype, device=hidden_states.device)
-    launch_expert_gemm(a, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, False, a_scale)
-    a, a_scale = launch_quantize_fp8(intermediate) if w8a8 else (intermediate, None)
-    per_slot = torch.empty((n_slots, H), dtype=hidden_states.dtype, device=hidden_states.device)
-    weights = topk_weights.contiguous().view(-1)
-    launch_expert_gemm(a, down, per_slot, blocks, weights, top_k, False, cfg_down, False, a_scale)
-    return launch_gather_sum(per_slot, topk_ids, out, num_experts=E)
+    configs = configs or fp8_expert_configs(hidden_states, E, two_i // 2, topk_ids.numel())
+    return run_experts(hidden_states, *fp8_weights(gate_up_proj, gate_up_scale, down_proj, down_scale), topk_ids,
+                       topk_weights, configs, quantize_activations=configs[0].get("quantize_activations", False))
 
 
 def fp8_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,

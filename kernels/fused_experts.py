@@ -30,6 +30,7 @@ from kernels.validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float,
                                dot_precision)
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
+from kernels.quantize import launch_quantize_fp8
 from kernels.routing import ExpertBlocks, check_topk_ids, group_by_expert
 from kernels.tiles import tile_coords, tile_products
 
@@ -222,8 +223,9 @@ def launch_fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor
 
 def run_experts(hidden_states: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor, configs: tuple[dict, dict] | None = None,
-                persistent: bool = False) -> torch.Tensor:
-    """The two expert GEMMs and the sum over each token's slots, for ``ExpertWeights`` of any layout."""
+                persistent: bool = False, quantize_activations: bool = False) -> torch.Tensor:
+    """The two expert GEMMs and the sum over each token's slots, for ``ExpertWeights`` of any layout;
+    ``quantize_activations`` feeds each GEMM its input rows in FP8 (``kernels.quantize``: W8A8)."""
     T, H = hidden_states.shape
     E, intermediate_size, _ = gate_up.w.shape
     top_k = topk_ids.shape[1]
@@ -236,10 +238,12 @@ def run_experts(hidden_states: torch.Tensor, gate_up: ExpertWeights, down: Exper
     cfg_gate_up, cfg_down = configs or expert_configs(hidden_states, E, intermediate_size, n_slots)
     blocks = group_by_expert(topk_ids, E, cfg_gate_up["block_m"])
     intermediate = torch.empty((n_slots, intermediate_size), dtype=hidden_states.dtype, device=hidden_states.device)
-    launch_expert_gemm(hidden_states, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, persistent)
+    a, a_scale = launch_quantize_fp8(hidden_states) if quantize_activations else (hidden_states, None)
+    launch_expert_gemm(a, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, persistent, a_scale)
     per_slot = torch.empty((n_slots, H), dtype=hidden_states.dtype, device=hidden_states.device)
     weights = topk_weights.contiguous().view(-1)  # the kernel indexes it by slot with unit stride
-    launch_expert_gemm(intermediate, down, per_slot, blocks, weights, top_k, False, cfg_down, persistent)
+    a, a_scale = launch_quantize_fp8(intermediate) if quantize_activations else (intermediate, None)
+    launch_expert_gemm(a, down, per_slot, blocks, weights, top_k, False, cfg_down, persistent, a_scale)
     # fixed-order, deterministic sum over each token's slots; slots of out-of-range ids (dropped,
     # never written) are skipped: expert parallelism sends every rank ids outside its experts
     return launch_gather_sum(per_slot, topk_ids, out, num_experts=E)
