@@ -21,7 +21,7 @@ from kernels import config as _config
 from kernels._library import kernel_op
 from kernels.fused_experts import ExpertWeights, check_routing, fused_experts_reference, run_experts
 from kernels.quantize import FP8_DTYPE, dequantize_fp8, quantize_fp8_reference
-from kernels.validate import check_dim, check_fp8_device, check_tensor
+from kernels.validate import check_dim, check_fp8_capability, check_fp8_device, check_tensor
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 WEIGHT_CHUNK_ELEMENTS = 1 << 26  # quantize_fp8_weights converts this many weights at a time (bounds its float32 copy)
@@ -62,7 +62,9 @@ def fp8_weights(gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor, down_pr
 def launch_fp8_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
                        down_proj: torch.Tensor, down_scale: torch.Tensor, topk_ids: torch.Tensor,
                        topk_weights: torch.Tensor, configs: tuple[dict, dict] | None = None) -> torch.Tensor:
-    """``fp8_experts`` on validated inputs (no host sync); ``configs`` overrides the files."""
+    """``fp8_experts`` on validated inputs (no host sync); ``configs`` overrides the files. Refuses a
+    GPU without FP8 (a cached check: the op's launcher is where compiled code meets it)."""
+    check_fp8_capability("hidden_states", hidden_states)
     E, two_i, _ = gate_up_proj.shape
     configs = configs or fp8_expert_configs(hidden_states, E, two_i // 2, topk_ids.numel())
     return run_experts(hidden_states, *fp8_weights(gate_up_proj, gate_up_scale, down_proj, down_scale), topk_ids,

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels._library import kernel_op
-from kernels.validate import check_tensor, check_fp8_device
+from kernels.validate import check_fp8_capability, check_fp8_device, check_tensor
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -91,5 +91,9 @@ def _quantize_fake(x):
     return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty(x.shape[:1], dtype=torch.float32)
 
 
-_quantize_fp8_op = kernel_op("quantize_fp8", "(Tensor x) -> (Tensor, Tensor)", launch_quantize_fp8,
-                             fake=_quantize_fake)
+def _checked_launch(x):
+    check_fp8_capability("x", x)
+    return launch_quantize_fp8(x)
+
+
+_quantize_fp8_op = kernel_op("quantize_fp8", "(Tensor x) -> (Tensor, Tensor)", _checked_launch, fake=_quantize_fake)

@@ -3,6 +3,7 @@
 Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device or
 value) whose message names the offending argument, so bad input never reaches Triton.
 """
+import functools
 import math
 import numbers
 import operator
@@ -52,14 +53,29 @@ FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada and Hopper
 
 
 def check_fp8_device(name: str, value: torch.Tensor) -> None:
-    """FP8 kernels need a CUDA GPU of compute capability >= 8.9; Triton's CPU interpreter has no FP8."""
+    """FP8 kernels need a CUDA tensor: Triton's CPU interpreter has no FP8 (a check ``torch.compile`` traces)."""
     if value.device.type != "cuda":
         raise ValueError(f"{name} is on {value.device}; the FP8 kernels need a CUDA GPU with FP8 (compute capability "
                          ">= 8.9): Triton's CPU interpreter has no FP8 (use the bf16 path, or the torch reference)")
-    capability = torch.cuda.get_device_capability(value.device)
-    if capability < FP8_MIN_CAPABILITY:
-        raise ValueError(f"{name} is on {torch.cuda.get_device_name(value.device)} (compute capability "
-                         f"{capability[0]}.{capability[1]}), which has no FP8; the FP8 kernels need 8.9 or newer")
+
+
+def check_fp8_capability(name: str, value: torch.Tensor) -> None:
+    """``check_fp8_device``, and the GPU's compute capability >= 8.9 (read once per device). The FP8
+    launchers call it on every call, inside their custom ops, where ``torch.compile`` does not trace."""
+    check_fp8_device(name, value)
+    name_and_capability = _fp8_capability(value.device.index if value.device.index is not None
+                                          else torch.cuda.current_device())
+    if name_and_capability is not None:
+        gpu, (major, minor) = name_and_capability
+        raise ValueError(f"{name} is on {gpu} (compute capability {major}.{minor}), which has no FP8; the FP8 "
+                         "kernels need 8.9 or newer")
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_capability(index):
+    """None where device ``index`` has FP8, else (its name, its capability)."""
+    capability = torch.cuda.get_device_capability(index)
+    return None if capability >= FP8_MIN_CAPABILITY else (torch.cuda.get_device_name(index), capability)
 
 
 def check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:

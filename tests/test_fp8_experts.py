@@ -132,6 +132,20 @@ def test_fp8_kernels_refuse_a_device_without_fp8():
         kernels.quantize_fp8(args["hidden_states"])
 
 
+def test_a_gpu_without_fp8_is_refused_naming_it(monkeypatch):
+    """The launchers' check (the CPU has no GPU below 8.9 to try, so a stand-in tensor on "cuda:0")."""
+    from kernels import validate
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA A100-SXM4-80GB")
+    validate._fp8_capability.cache_clear()
+    on_a100 = type("OnCuda", (), {"device": torch.device("cuda", 0)})()
+    try:
+        with pytest.raises(ValueError, match=r"x is on NVIDIA A100-SXM4-80GB \(compute capability 8.0\), which has no FP8"):
+            validate.check_fp8_capability("x", on_a100)
+    finally:
+        validate._fp8_capability.cache_clear()
+
+
 # ---- the layer: conversion, state dicts, moves ----
 
 def _layer(E=4, H=32, I=16, dtype=torch.float16):
