@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU work of a session in one call, step by step; full logs go to $OUT (default ./out),
 # tuned configs as one tarball, and short tables are printed last.
-#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe tune-routing kernels moe trace calibrate
-#                                     accuracy meter router overhead compile tests benchmark ep
+#   bash bench/gpu_suite.sh STEP...   with STEP in: tune-dense tune-moe tune-moe-fp8 tune-routing kernels moe fp8
+#                                     fp8-quality trace calibrate accuracy meter router overhead compile tests
+#                                     benchmark ep
+#   (fp8-quality trains the deployment MoE first, about 2 minutes)
 #   (meter needs Zeus: carry its wheels and put them on PYTHONPATH first)
 #   (ep: the all_to_all curve and the expert-parallel benchmark on NGPUS GPUs, default 2)
 #   (GPU=H100 names the cost table that calibrate writes and accuracy reads)
@@ -20,6 +22,12 @@ for step in "$@"; do
     case $step in
         tune-dense) python -m bench.tune_kernels > "$OUT/tune_dense.txt" 2>&1 ;;
         tune-moe) python -m bench.tune_moe > "$OUT/tune_moe.txt" 2>&1 ;;
+        tune-moe-fp8) python -m bench.tune_moe --weights fp8 --shapes mixtral,qwen3 > "$OUT/tune_moe_fp8.txt" 2>&1 ;;
+        fp8) python -m bench.fp8_moe --output "$OUT/fp8_moe.json" > "$OUT/fp8.txt" 2>&1 ;;
+        fp8-quality) python -m bench.train --preset deployment --models moe --output_dir "$OUT/checkpoints" \
+                > "$OUT/fp8_quality.txt" 2>&1 &&
+            python -m bench.fp8_quality --preset deployment --checkpoint_dir "$OUT/checkpoints" \
+                --output "$OUT/fp8_quality.json" >> "$OUT/fp8_quality.txt" 2>&1 ;;
         tune-routing) python -m bench.tune_routing --write --output "$OUT/tune_routing.json" > "$OUT/tune_routing.txt" 2>&1 ;;
         kernels) python -m bench.kernels --output "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
         moe) python -m bench.moe --output "$OUT/moe.json" > "$OUT/moe.txt" 2>&1 ;;
@@ -44,7 +52,7 @@ for step in "$@"; do
     echo "== $step done (rc $?)"
 done
 case " $* " in *" tune-"*) tar -cf "$OUT/configs.tar" kernels/configs ;; esac
-for f in tune_dense tune_moe tune_routing calibrate accuracy meter router overhead compile benchmark pytest kernels moe ep; do
+for f in tune_dense tune_moe tune_moe_fp8 tune_routing fp8 fp8_quality calibrate accuracy meter router overhead compile benchmark pytest kernels moe ep; do
     [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -v "^\s*$" "$OUT/$f.txt" | grep -v "^ " | tail -n 30 | cut -c1-240; }
 done
 exit 0
