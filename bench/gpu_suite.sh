@@ -52,7 +52,8 @@ for step in "$@"; do
     echo "== $step done (rc $?)"
 done
 case " $* " in *" tune-"*) tar -cf "$OUT/configs.tar" kernels/configs ;; esac
-for f in tune_dense tune_moe tune_moe_fp8 tune_routing fp8 fp8_quality calibrate accuracy meter router overhead compile benchmark pytest kernels moe ep; do
+for f in tune_dense tune_moe tune_moe_fp8 tune_routing fp8 fp8_quality calibrate accuracy meter router overhead \
+         compile benchmark pytest kernels moe ep; do
     [ -f "$OUT/$f.txt" ] && { echo "== $f"; grep -v "^\s*$" "$OUT/$f.txt" | grep -v "^ " | tail -n 30 | cut -c1-240; }
 done
 exit 0

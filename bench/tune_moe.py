@@ -74,7 +74,8 @@ def _fp8_operands(x, gate_up, down):
     x, gate_up and down the references multiply."""
     (q_x, s_x), (q_gu, s_gu), (q_down, s_down) = quantize_fp8(x), quantize_fp8_weights(gate_up), \
         quantize_fp8_weights(down)
-    return (q_x, s_x, *fp8_weights(q_gu, s_gu, q_down, s_down)), tuple(dequantize_fp8(q, s) for q, s in ((q_x, s_x), (q_gu, s_gu), (q_down, s_down)))
+    dequantized = tuple(dequantize_fp8(q, s) for q, s in ((q_x, s_x), (q_gu, s_gu), (q_down, s_down)))
+    return (q_x, s_x, *fp8_weights(q_gu, s_gu, q_down, s_down)), dequantized
 
 
 def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: torch.device | str = "cuda",

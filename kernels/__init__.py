@@ -49,6 +49,7 @@ warn_if_hub_kernels_installed()
 __all__ = [
     "attention_av", "attention_qk", "decode_attention", "flash_attention", "matmul",
     "ffn_down", "ffn_gate", "ffn_up", "swiglu_ffn", "swiglu_gate_up",
-    "FusedMoE", "TopKRouter", "fp8_experts", "fused_experts", "quantize_fp8", "quantize_fp8_weights", "patch_hf_model", "policy_routing", "register_hf_experts_implementation",
+    "FusedMoE", "TopKRouter", "fp8_experts", "fused_experts", "quantize_fp8", "quantize_fp8_weights", "patch_hf_model",
+    "policy_routing", "register_hf_experts_implementation",
     "config_entries", "config_sources", "route",
 ]

@@ -144,7 +144,8 @@ class Fp8Experts(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("gate_up_proj", "down_proj"):
             weight = state_dict.get(prefix + name)
-            if isinstance(weight, torch.Tensor) and weight.dtype != FP8_DTYPE and prefix + name + "_scale" not in state_dict:
+            unscaled = prefix + name + "_scale" not in state_dict
+            if isinstance(weight, torch.Tensor) and weight.dtype != FP8_DTYPE and unscaled:
                 state_dict[prefix + name], state_dict[prefix + name + "_scale"] = quantize_fp8_weights(weight)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
