@@ -13,6 +13,7 @@ import torch
 from bench.harness.presets import PRESETS, SEED, Preset
 from calibration.energy import MIN_WINDOW_S
 from calibration.nvml_meter import GpuMeter
+from calibration.results import write_json_atomic
 from calibration.sweep import detected_gpu
 
 if TYPE_CHECKING:  # annotations only: cost_model_from and model_dims import them when called
@@ -213,3 +214,10 @@ def resolve_device(parser: argparse.ArgumentParser, name: str, local_rank: int =
         parser.error(f"--device {name}: GPU {index} is not visible ({torch.cuda.device_count()} are); "
                      "lower --nproc_per_node or the index")
     return torch.device("cuda", index)
+
+
+def write_report(output: Path | None, report: dict) -> None:
+    """Write ``report`` atomically to ``output`` (a checked ``--output``) and say so; nothing without one."""
+    if output:
+        write_json_atomic(output, report)
+        print(f"wrote {output}")

@@ -37,7 +37,7 @@ from calibration.sweep import (SHAPE_SWEEP, SweepSettings, new_state, partial_pa
                                sweep_settings)
 from costmodel.ops import FP8_OPS, OPS, ModelDims
 from costmodel.table import table_names, user_table_dir
-from kernels.validate import FP8_MIN_CAPABILITY
+from kernels.validate import gpu_has_fp8
 
 
 def hbm_share(text: str) -> float:
@@ -90,7 +90,7 @@ def parse_args(argv: list | None) -> tuple:
 
 def checked_ops(parser: argparse.ArgumentParser, ops: list | None) -> list:
     """``--ops`` (default: every op this GPU runs); FP8 ops asked of a GPU without FP8 are refused."""
-    has_fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= FP8_MIN_CAPABILITY
+    has_fp8 = gpu_has_fp8()
     if ops is None:
         return [op for op in OPS if has_fp8 or op not in FP8_OPS]
     asked_fp8 = [op for op in ops if op in FP8_OPS]

@@ -15,13 +15,14 @@ from collections.abc import Callable
 import torch
 
 from bench import moe_cases
-from bench._cli import checked_output_file, comma_list
+from bench._cli import checked_output_file, comma_list, write_report
 from bench.kernels import copy_bytes_per_s, graph_median_ms, rel_error
 from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w
 from calibration.nvml_meter import GpuMeter
-from calibration.results import provenance, write_json_atomic
+from calibration.results import provenance
 from kernels.fp8_experts import fp8_expert_configs, launch_fp8_experts
-from kernels.validate import FP8_MIN_CAPABILITY
+from kernels.quantize import FP8_DTYPE
+from kernels.validate import gpu_has_fp8
 
 TOKENS = (1, 4, 16, 1024, 8192)
 ENERGY_TOKENS = (1, 16)
@@ -33,12 +34,6 @@ TARGETS = {  # issue 19's H200 targets: (what, predicate on the row)
                 and r["fp8_energy_j"] <= 0.6 * r["bf16_energy_j"])],
     ("qwen3", 8192): [(">= 1.3x bf16", lambda r: r["bf16_graph_ms"] >= 1.3 * r["fp8_graph_ms"])],
 }
-
-
-def fp8_floor_ms(shape: moe_cases.MoeShape, ids: torch.Tensor, bytes_per_s: float) -> float:
-    """The touched experts' FP8 weights (1 byte each) and float32 scales over the copy bandwidth."""
-    distinct = torch.unique(ids).numel()
-    return distinct * (3 * shape.H * shape.I + 4 * (2 * shape.I + shape.H)) / bytes_per_s * 1e3
 
 
 def fp8_calls(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
@@ -62,7 +57,7 @@ def run_case(shape: moe_cases.MoeShape, T: int, bytes_per_s: float, meter: GpuMe
     bf16 = moe_cases.ours(*inputs)
     row = {"shape": shape.name, "T": T, "E": shape.E, "K": shape.K, "H": shape.H, "I": shape.I, "mode": calls["mode"],
            "rel_error_vs_bf16": {m: rel_error(calls[m](), bf16) for m in ("fp8", "w8a16", "w8a8")},
-           "fp8_floor_ms": fp8_floor_ms(shape, inputs[3], bytes_per_s),
+           "fp8_floor_ms": moe_cases.floor_ms(shape, inputs[3], FP8_DTYPE, bytes_per_s, scale_bytes=4)[0],
            "bf16_graph_ms": graph_median_ms(lambda: moe_cases.ours(*inputs)),
            "grouped_mm_graph_ms": graph_median_ms(lambda: moe_cases.grouped_mm(*inputs))}
     for mode in ("fp8", "w8a16", "w8a8"):
@@ -106,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.shapes) - set(SHAPES)
     if unknown:
         parser.error(f"--shapes: unknown shapes {sorted(unknown)}; choose from {', '.join(SHAPES)}")
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+    if not gpu_has_fp8():
         print("nothing timed: the FP8 experts need a CUDA GPU of compute capability >= 8.9")
         return 0
     meter = GpuMeter(torch.cuda.current_device()) if args.energy == "measure" else None
@@ -117,10 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.shapes for T in args.tokens]
     print_table(rows)
     print(f"measured copy bandwidth: {bytes_per_s / 1e12:.2f} TB/s; idle power {idle_power_w} W")
-    if args.output:
-        write_json_atomic(args.output, {"provenance": provenance(), "copy_bytes_per_s": bytes_per_s,
-                                        "idle_power_w": idle_power_w, "rows": rows})
-        print(f"wrote {args.output}")
+    write_report(args.output, {"provenance": provenance(), "copy_bytes_per_s": bytes_per_s,
+                               "idle_power_w": idle_power_w, "rows": rows})
     return 0
 
 

@@ -13,16 +13,18 @@ Without an FP8 GPU, or without the checkpoint, that part is null with the reason
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 import kernels
-from bench._cli import add_preset_flags, checked_output_file, eval_bytes, resolve_preset
+from bench._cli import add_preset_flags, checked_output_file, eval_bytes, resolve_preset, write_report
 from bench.harness.corpus import corpus_files, evaluate, heldout_streams, split_by_file, stdlib_root
 from bench.harness.measure import ModelSpec, load_weights
 from bench.harness.models import TransformerLM
-from calibration.results import provenance, write_json_atomic
-from kernels.validate import FP8_MIN_CAPABILITY
+from bench.harness.presets import Preset
+from calibration.results import provenance
+from kernels.validate import gpu_has_fp8
 
 MAX_BITS_PER_BYTE_CHANGE = 0.005  # issue 19: held-out bits/byte within 0.5% of bf16
 HF_CONFIG = dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_experts=32,
@@ -30,17 +32,16 @@ HF_CONFIG = dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size
                  head_dim=128, vocab_size=8192)
 
 
-def harness_quality(args: argparse.Namespace) -> dict:
-    """Held-out bits/byte of the trained MoE in bf16 and with FP8 experts."""
-    preset = resolve_preset(args.parser, args)
+def harness_quality(preset: Preset, checkpoint_dir: str, eval_bytes: int | None) -> dict:
+    """Held-out bits/byte of the trained MoE of ``preset`` in bf16 and with FP8 experts."""
     spec = ModelSpec("moe", preset.moe_dims(), preset.num_layers)
     lm = TransformerLM(spec.dims, spec.num_layers, moe=True, use_kernels=True, device="cuda", dtype=torch.bfloat16)
-    checkpoint = load_weights(lm, spec, args.checkpoint_dir)
+    checkpoint = load_weights(lm, spec, Path(checkpoint_dir))
     if not checkpoint["loaded"]:
         return {"bf16_bits_per_byte": None, "fp8_bits_per_byte": None, "reason": checkpoint["reason"]}
     root = stdlib_root()
     _, heldout = split_by_file(corpus_files(root))
-    streams = heldout_streams(root, heldout, args.eval_bytes or preset.eval_bytes)
+    streams = heldout_streams(root, heldout, eval_bytes or preset.eval_bytes)
     with torch.no_grad():
         bf16 = evaluate(lm.eval(), streams, preset.seq_length, torch.device("cuda"))
         layers = [m.quantize_fp8() for m in lm.modules() if isinstance(m, kernels.FusedMoE)]
@@ -77,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval_bytes", type=eval_bytes, default=None, help="held-out bytes (preset's)")
     parser.add_argument("--output", default=None, help="write the results JSON (atomically) to this path")
     args = parser.parse_args(argv)
-    args.parser = parser
-    resolve_preset(parser, args)
+    preset = resolve_preset(parser, args)
     if args.output:
         args.output = checked_output_file(parser, args.output)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+    if not gpu_has_fp8():
         print("nothing measured: FP8 experts need a CUDA GPU of compute capability >= 8.9")
         return 0
-    report = {"provenance": provenance(), "harness": harness_quality(args), "hf": hf_logits()}
+    report = {"provenance": provenance(), "harness": harness_quality(preset, args.checkpoint_dir, args.eval_bytes),
+              "hf": hf_logits()}
     harness, hf = report["harness"], report["hf"]
     if harness["bf16_bits_per_byte"] is None:
         print(f"harness MoE: not measured ({harness['reason']})")
@@ -95,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'met' if harness['target_met'] else 'NOT met'})")
     print(f"HF Qwen3-MoE (random init): FP8 logits vs bf16 rel. error {hf['logits_rel_error']:.3e}, "
           f"top-1 agreement {hf['top1_agreement']:.3%}")
-    if args.output:
-        write_json_atomic(args.output, report)
-        print(f"wrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 

@@ -17,8 +17,8 @@ import torch
 import triton.testing
 
 from bench import dense_cases
-from bench._cli import checked_output_file
-from calibration.results import provenance, write_json_atomic
+from bench._cli import checked_output_file, write_report
+from calibration.results import provenance
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_GPU = "no CUDA device: kernels ran under the Triton interpreter, so times would be meaningless"
@@ -128,9 +128,7 @@ def main(argv: list | None = None) -> int:
     cases = [c for c in cases if args.only is None or args.only in c.name]
     rows = [run_case(c, device, dtype, args.seed, timed=on_gpu) for c in cases]
     print_table(rows)
-    if args.output:
-        write_json_atomic(args.output, {"provenance": provenance(), "rows": rows})
-        print(f"wrote {args.output}")
+    write_report(args.output, {"provenance": provenance(), "rows": rows})
     return 0
 
 

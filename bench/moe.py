@@ -13,9 +13,9 @@ import sys
 import torch
 
 from bench import moe_cases
-from bench._cli import checked_output_file, comma_list
+from bench._cli import checked_output_file, comma_list, write_report
 from bench.kernels import NO_GPU, copy_bytes_per_s, graph_median_ms, median_ms, rel_error
-from calibration.results import provenance, write_json_atomic
+from calibration.results import provenance
 
 PEERS = {"grouped_mm": moe_cases.grouped_mm, "hf_loop": moe_cases.hf_loop}
 TARGETS = {  # (shape, T) -> [(what, predicate on the row)], issue 17's H200 targets
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     if bytes_per_s:
         print(f"measured copy bandwidth: {bytes_per_s / 1e12:.2f} TB/s")
-    if args.output:
-        write_json_atomic(args.output, {"provenance": provenance(), "copy_bytes_per_s": bytes_per_s, "rows": rows})
-        print(f"wrote {args.output}")
+    write_report(args.output, {"provenance": provenance(), "copy_bytes_per_s": bytes_per_s, "rows": rows})
     return 0
 
 

@@ -80,7 +80,10 @@ def flops(shape: MoeShape, T: int) -> float:
     return 6.0 * T * shape.K * shape.H * shape.I
 
 
-def floor_ms(shape: MoeShape, ids: torch.Tensor, dtype: torch.dtype, bytes_per_s: float) -> tuple:
-    """Bytes of the touched experts' weights over the measured copy bandwidth (the decode floor)."""
+def floor_ms(shape: MoeShape, ids: torch.Tensor, dtype: torch.dtype, bytes_per_s: float,
+             scale_bytes: int = 0) -> tuple:
+    """Bytes of the touched experts' weights in ``dtype`` (with ``scale_bytes`` per output channel:
+    FP8's float32 scales) over the measured copy bandwidth (the decode floor), and how many experts."""
     distinct = torch.unique(ids).numel()
-    return distinct * 3 * shape.H * shape.I * torch.finfo(dtype).bits / 8 / bytes_per_s * 1e3, distinct
+    per_expert = 3 * shape.H * shape.I * torch.finfo(dtype).bits / 8 + scale_bytes * (2 * shape.I + shape.H)
+    return distinct * per_expert / bytes_per_s * 1e3, distinct

@@ -35,7 +35,7 @@ import torch
 
 import kernels
 from bench import moe_cases
-from bench._cli import checked_output_file, comma_list, positive_int, window_s
+from bench._cli import checked_output_file, comma_list, positive_int, window_s, write_report
 from bench.kernels import graph_median_ms, rel_error
 from calibration.energy import (GraphRunner, measure_energy, measure_idle_power_w, median_event_ms,  # noqa: E501
                                 repeat_for)
@@ -329,9 +329,7 @@ def main(argv: list | None = None) -> int:
                          "monitor_samples": len(monitor.samples) if monitor else 0},
               "swiglu_ffn_tables": cost_tables, "rows": rows}
     print_table(rows, timed)
-    if args.output:
-        write_json_atomic(args.output, report)
-        print(f"wrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 

@@ -36,7 +36,7 @@ from calibration.thermal import fit_thermal_model
 from calibration.trace import trace_of
 from costmodel.ops import SEQUENCE_OPS, ModelDims, work
 from costmodel.table import check_table, load_table
-from kernels.validate import FP8_MIN_CAPABILITY
+from kernels.validate import gpu_has_fp8
 
 if TYPE_CHECKING:  # annotations only: no import at run time
     from calibration.nvml_meter import GpuReading
@@ -298,7 +298,7 @@ def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected:
     collectives = kept_collectives(args.output)
     if collectives:
         table["collectives"] = collectives
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+    if not gpu_has_fp8():
         table["fp8_ops_missing_reason"] = f"the {detected} has no FP8 (compute capability below 8.9)"
     return keep_other_ops(table, args)
 

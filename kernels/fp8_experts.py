@@ -78,18 +78,14 @@ def fp8_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tenso
     ``quantize_activations`` the tokens and each slot's intermediate round-trip through FP8 per row,
     as the W8A8 kernels compute (fp32 throughout, rounded to ``hidden_states``' dtype at the end)."""
     x = hidden_states.float()
-    if quantize_activations:
-        x = dequantize_fp8(*quantize_fp8_reference(x))
     gate_up, down = dequantize_fp8(gate_up_proj, gate_up_scale), dequantize_fp8(down_proj, down_scale)
     if not quantize_activations:
         return fused_experts_reference(x, gate_up, down, top_k_index, top_k_weights).to(hidden_states.dtype)
-    out = torch.zeros_like(x)
-    for expert in range(gate_up.shape[0]):
-        token, k = torch.where(top_k_index == expert)
-        g, u = (x[token] @ gate_up[expert].T).chunk(2, dim=-1)
-        h = dequantize_fp8(*quantize_fp8_reference((torch.nn.functional.silu(g) * u).to(hidden_states.dtype)))
-        out = out.index_add(0, token, (h @ down[expert].T) * top_k_weights[token, k, None].float())
-    return out.to(hidden_states.dtype)
+
+    def round_trip(rows: torch.Tensor) -> torch.Tensor:  # rows in the kernel's dtype, then through FP8
+        return dequantize_fp8(*quantize_fp8_reference(rows.to(hidden_states.dtype)))
+    return fused_experts_reference(round_trip(x), gate_up, down, top_k_index, top_k_weights.float(),
+                                   round_trip).to(hidden_states.dtype)
 
 
 def check_fp8_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,

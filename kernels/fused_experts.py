@@ -18,6 +18,7 @@ too: ``gpt_oss_experts`` is transformers' ``GptOssExperts.forward`` ([E, H, 2I] 
 ``x @ w`` with gate and up columns interleaved, biases added in the epilogues, and the clamped GLU
 ``(up + 1) * gate * sigmoid(alpha * gate)``, gate <= limit, |up| <= limit).
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -250,13 +251,17 @@ def run_experts(hidden_states: torch.Tensor, gate_up: ExpertWeights, down: Exper
 
 
 def fused_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                            top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The per-expert loop in torch, as transformers' eager ``MixtralExperts.forward`` computes it."""
+                            top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                            intermediate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The per-expert loop in torch, as transformers' eager ``MixtralExperts.forward`` computes it;
+    ``intermediate`` maps each expert's silu(gate) * up before the down projection (the FP8
+    reference's rounding)."""
     out = torch.zeros_like(hidden_states)
     for expert in range(gate_up_proj.shape[0]):
         token, k = torch.where(top_k_index == expert)  # may be empty: no branch on it, so compile can trace
         gate, up = (hidden_states[token] @ gate_up_proj[expert].T).chunk(2, dim=-1)
-        y = (torch.nn.functional.silu(gate) * up) @ down_proj[expert].T
+        h = torch.nn.functional.silu(gate) * up
+        y = (h if intermediate is None else intermediate(h)) @ down_proj[expert].T
         out = out.index_add(0, token, (y * top_k_weights[token, k, None]).to(out.dtype))
     return out
 

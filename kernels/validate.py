@@ -52,6 +52,11 @@ def _check_interpretable(name, value):
 FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada and Hopper on
 
 
+def gpu_has_fp8(index: int | None = None) -> bool:
+    """Is there a CUDA GPU (``index``, default the current one) with FP8 (compute capability >= 8.9)?"""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(index) >= FP8_MIN_CAPABILITY
+
+
 def check_fp8_device(name: str, value: torch.Tensor) -> None:
     """FP8 kernels need a CUDA tensor: Triton's CPU interpreter has no FP8 (a check ``torch.compile`` traces)."""
     if value.device.type != "cuda":

@@ -15,10 +15,11 @@ from kernels.fp8_experts import WEIGHT_CHUNK_ELEMENTS, fp8_expert_configs, fp8_e
 from kernels.fused_experts import fused_experts_reference
 from kernels.moe_layer import Fp8Experts
 from kernels.quantize import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8_reference
+from kernels.validate import gpu_has_fp8
 from tests.conftest import DEVICE, ON_GPU, assert_matches, randn, rel_error
 from tests.test_fused_experts import random_topk
 
-FP8_GPU = ON_GPU and torch.cuda.get_device_capability() >= (8, 9)
+FP8_GPU = gpu_has_fp8()
 requires_fp8_gpu = pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with FP8 (compute capability >= 8.9)")
 ACTIVATION_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 # e4m3 keeps 3 mantissa bits: a value rounds by at most 2^-4 of itself (half an ulp), so a row
