@@ -17,10 +17,10 @@ import torch
 from bench import moe_cases
 from bench._cli import comma_list
 from bench.tune_kernels import time_candidates, write_tuned
+from kernels.expert_blocks import group_by_expert
 from kernels.fp8_experts import fp8_weights, quantize_fp8_weights
 from kernels.fused_experts import concatenated_weights, launch_expert_gemm
 from kernels.quantize import dequantize_fp8, quantize_fp8
-from kernels.routing import group_by_expert
 
 DECODE = [(32, 128, 4, 4, 1), (64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (128, 128, 4, 3, 1), (32, 256, 4, 3, 1)]
 MID = [(64, 64, 4, 4, 8), (128, 64, 4, 3, 8), (128, 64, 8, 3, 8), (64, 128, 4, 3, 8)]

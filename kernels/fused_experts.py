@@ -29,10 +29,11 @@ from kernels import config as _config
 from kernels._library import kernel_op
 from kernels.validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_dtype_device, check_tensor,
                                dot_precision)
+from kernels.expert_blocks import ExpertBlocks, group_by_expert
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
 from kernels.quantize import launch_quantize_fp8
-from kernels.routing import ExpertBlocks, check_topk_ids, group_by_expert
+from kernels.routing import check_topk_ids
 from kernels.tiles import tile_coords, tile_products
 
 PERSISTENT_PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs to hide each one's loads

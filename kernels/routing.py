@@ -1,5 +1,5 @@
-"""MoE routing: router logits -> fp32 softmax -> (+ selection bias) -> top-k -> (renormalise),
-and the expert-grouped token layout the fused expert kernel consumes.
+"""MoE routing: router logits -> fp32 softmax -> (+ selection bias) -> top-k -> (renormalise)
+(the expert-grouped layout the fused experts read from the ids is ``kernels.expert_blocks``).
 
 The selection bias [E] only changes *which* experts are chosen: the gate weights always come
 from the unbiased probabilities (as DeepSeek-V3 does it), so a zero bias is exactly plain
@@ -41,21 +41,6 @@ class RoutingResult:
     topk_weights: torch.Tensor  # [T, K] float32, from the unbiased probabilities
     topk_ids: torch.Tensor  # [T, K] int32
     nan_tokens: torch.Tensor  # [1] int32: tokens whose logits held a NaN
-
-
-@dataclass(frozen=True)
-class ExpertBlocks:
-    """Token slots (slot = token * K + k) grouped by expert, each expert's run padded to ``block_m``.
-
-    ``sorted_slots[r]`` is the slot in padded row r (``n_slots`` marks padding); ``block_experts[b]``
-    is the expert of rows [b * block_m, (b + 1) * block_m) (``E`` past ``num_padded``); the arrays
-    have static worst-case sizes so nothing depends on the data on the host."""
-    sorted_slots: torch.Tensor  # [n_slots + E * (block_m - 1)] int32
-    block_experts: torch.Tensor  # [cdiv(len(sorted_slots), block_m)] int32
-    num_padded: torch.Tensor  # [1] int32: rows in use
-    expert_counts: torch.Tensor  # [E] int32: slots routed to each expert
-    block_m: int
-    n_slots: int
 
 
 @triton.jit
@@ -151,50 +136,6 @@ def _topk_routing_kernel(
     tl.store(p_weights + o_t[:, None] * TOP_K + o_k[None, :], b_weights, mask=m_out)
 
 
-@triton.jit
-def _count_experts_kernel(p_ids, p_counts, n_slots, E, BLOCK: tl.constexpr, BINS: tl.constexpr):
-    o_s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    b_ids = tl.load(p_ids + o_s, mask=o_s < n_slots, other=0)
-    b_ids = tl.where((o_s < n_slots) & (b_ids >= 0) & (b_ids < E), b_ids, E).to(tl.int32)  # bad ids -> spare bin E
-    b_hist = tl.histogram(b_ids, BINS)
-    o_bins = tl.arange(0, BINS)
-    tl.atomic_add(p_counts + o_bins, b_hist, mask=(o_bins < E) & (b_hist > 0))
-
-
-@triton.jit
-def _expert_runs_kernel(
-    p_counts, p_starts, p_block_experts, p_num_padded, E, n_blocks,
-    E_P2: tl.constexpr, BLOCK_M: tl.constexpr, LABEL_BLOCK: tl.constexpr,
-):
-    """One program: each expert's first padded row, the rows in use, and every row block's expert."""
-    o_e = tl.arange(0, E_P2)
-    m_e = o_e < E
-    b_counts = tl.load(p_counts + o_e, mask=m_e, other=0)
-    b_padded = tl.cdiv(b_counts, BLOCK_M) * BLOCK_M
-    b_end = tl.cumsum(b_padded, 0)
-    tl.store(p_starts + o_e, b_end - b_padded, mask=m_e)
-    tl.store(p_num_padded, tl.sum(b_padded, 0))
-    # expert of block b = how many experts' padded runs end at or before its first row; small
-    # [LABEL_BLOCK, E_P2] chunks keep the comparison in registers (a 512 x 128 block spills them)
-    for b0 in range(0, n_blocks, LABEL_BLOCK):
-        o_b = b0 + tl.arange(0, LABEL_BLOCK)
-        m_ended = (b_end[None, :] <= (o_b * BLOCK_M)[:, None]) & m_e[None, :]
-        tl.store(p_block_experts + o_b, tl.sum(m_ended.to(tl.int32), 1), mask=o_b < n_blocks)
-
-
-@triton.jit
-def _scatter_slots_kernel(p_ids, p_starts, p_cursor, p_sorted, n_slots, E, BLOCK: tl.constexpr):
-    """Place every slot in its expert's padded run."""
-    o_s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    b_ids = tl.load(p_ids + o_s, mask=o_s < n_slots, other=0)
-    m_s = (o_s < n_slots) & (b_ids >= 0) & (b_ids < E)  # out-of-range ids are dropped (callers validate)
-    b_ids = tl.where(m_s, b_ids, 0).to(tl.int32)
-    # order inside an expert's run comes from atomics; results do not depend on it (rows are independent)
-    b_rank = tl.atomic_add(p_cursor + b_ids, 1, mask=m_s)
-    b_first = tl.load(p_starts + b_ids, mask=m_s, other=0)
-    tl.store(p_sorted + b_first + b_rank, o_s, mask=m_s)
-
-
 def _next_pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -264,28 +205,6 @@ def route_checked(router_logits: torch.Tensor, top_k: int, selection_bias: torch
     """``topk_routing`` on validated inputs as the ``energy_moe::route`` custom op, which
     ``torch.compile`` traces around (``TopKRouter`` and ``route`` call it)."""
     return RoutingResult(*_route_op(router_logits, top_k, selection_bias, renormalize))
-
-
-def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
-    """Build the ``ExpertBlocks`` layout for ``topk_ids`` [T, K] (any integer dtype, ids in [0, E))."""
-    n_slots = topk_ids.numel()
-    device = topk_ids.device
-    max_rows = n_slots + num_experts * (block_m - 1)
-    n_blocks = triton.cdiv(max_rows, block_m)
-    counts_cursor_starts = torch.zeros((3, num_experts), dtype=torch.int32, device=device)
-    counts, cursor, starts = counts_cursor_starts
-    sorted_slots = torch.full((max_rows,), n_slots, dtype=torch.int32, device=device)
-    block_experts = torch.empty((n_blocks,), dtype=torch.int32, device=device)
-    num_padded = torch.empty((1,), dtype=torch.int32, device=device)
-    ids = topk_ids.contiguous().view(-1)  # the kernels index it with unit stride
-    block = 512
-    e_p2 = _next_pow2(num_experts)
-    grid = (max(1, triton.cdiv(n_slots, block)),)
-    _count_experts_kernel[grid](ids, counts, n_slots, num_experts, BLOCK=block, BINS=_next_pow2(num_experts + 1))
-    _expert_runs_kernel[(1,)](counts, starts, block_experts, num_padded, num_experts, n_blocks,
-                              E_P2=e_p2, BLOCK_M=block_m, LABEL_BLOCK=max(16, 4096 // e_p2))
-    _scatter_slots_kernel[grid](ids, starts, cursor, sorted_slots, n_slots, num_experts, BLOCK=block)
-    return ExpertBlocks(sorted_slots, block_experts, num_padded, counts, block_m, n_slots)
 
 
 def route_reference(router_logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None,
