@@ -32,7 +32,9 @@ def _quantize_rows_kernel(p_x, p_q, p_scale, M, K, stride_xm, stride_qm,
     for k0 in range(0, K, BLOCK_K):  # pass 1: each row's largest magnitude
         o_k = k0 + tl.arange(0, BLOCK_K)
         b_x = tl.load(p_rows + o_k[None, :], mask=m_m[:, None] & (o_k < K)[None, :], other=0.0).to(tl.float32)
-        b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_x), axis=1), propagate_nan=tl.PropagateNan.ALL)
+        b_has_nan = tl.max((b_x != b_x).to(tl.int32), axis=1) > 0  # tl.max skips NaN: carry it to the scale
+        b_chunk_amax = tl.where(b_has_nan, float("nan"), tl.max(tl.abs(b_x), axis=1))
+        b_amax = tl.maximum(b_amax, b_chunk_amax, propagate_nan=tl.PropagateNan.ALL)
     b_scale = b_amax / FP8_LIMIT
     b_scale = tl.where(b_scale == 0.0, 1.0, b_scale)  # [BM]; a zero row quantizes to zeros
     tl.store(p_scale + o_m, b_scale, mask=m_m)
@@ -40,7 +42,7 @@ def _quantize_rows_kernel(p_x, p_q, p_scale, M, K, stride_xm, stride_qm,
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_mk = m_m[:, None] & (o_k < K)[None, :]
         b_x = tl.load(p_rows + o_k[None, :], mask=m_mk, other=0.0).to(tl.float32)
-        b_q = tl.clamp(b_x / b_scale[:, None], -FP8_LIMIT, FP8_LIMIT)
+        b_q = tl.clamp(b_x / b_scale[:, None], -FP8_LIMIT, FP8_LIMIT, propagate_nan=tl.PropagateNan.ALL)
         tl.store(p_q + o_m.to(tl.int64)[:, None] * stride_qm + o_k[None, :], b_q.to(p_q.dtype.element_ty), mask=m_mk)
 
 

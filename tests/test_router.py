@@ -271,7 +271,7 @@ def test_a_cost_model_at_other_dims_is_carried_to_the_routers(cost_model):
     exact = cost_model.with_dims(d_model=64, d_ff=96)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        router = EnergyAwareTTTRouter(64, E, K, exact)
+        router = EnergyAwareTTTRouter(64, E, K, exact).to(DEVICE)
     assert router.kernel_cost_model is exact
     scores = router(torch.randn(5, 64, device=DEVICE))[2]
     assert scores.shape == (5, K)
