@@ -33,6 +33,14 @@ cpu_machine_only = pytest.mark.skipif(ON_GPU, reason="the CPU run of the benchma
                                       "python -m bench.hpc_single_gpu_test --test_moe for real")
 
 
+@pytest.fixture(autouse=True)
+def cpu_runs_interpret(monkeypatch):
+    """These tests parse (and the torchrun one runs) ``--device cpu`` runs. On a CUDA machine such a
+    run's MoE needs Triton's interpreter or is refused (``bench._cli.moe_cpu_without_interpreter``);
+    a subprocess inherits the variable before it imports Triton."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def read(directory, name):
     return json.loads((Path(directory) / name).read_text())
 

@@ -9,6 +9,7 @@ import torch
 from calibration.nvml_meter import GpuMeter
 from calibration.trace import ReplayNvml
 from router import HardwareMonitor
+from tests.conftest import DEVICE
 from tests.fake_nvml import FakeNvml
 
 
@@ -118,7 +119,7 @@ def test_the_router_routes_on_unknown_not_on_an_impossible_temperature():
     from costmodel import KernelCostModel
     from router import EnergyAwareTTTRouter
     model = KernelCostModel("H100")
-    router = EnergyAwareTTTRouter(model.dims.d_model, 4, 2, model, monitor=replay_monitor(temp_c=-300.0))
-    router(torch.randn(4, model.dims.d_model))
+    router = EnergyAwareTTTRouter(model.dims.d_model, 4, 2, model, monitor=replay_monitor(temp_c=-300.0)).to(DEVICE)
+    router(torch.randn(4, model.dims.d_model, device=DEVICE))
     state = router._state().tolist()  # what the kernels read
     assert math.isnan(state[0]) and state[1:] == pytest.approx([100.0, 0.5])
