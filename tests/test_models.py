@@ -4,7 +4,7 @@ import torch
 
 from bench.harness.models import TransformerLM
 from costmodel.ops import OPS, ModelDims
-from tests.conftest import DEVICE, rel_error
+from tests.conftest import DEVICE, ON_GPU, REL_TOL, rel_error
 
 DIMS = ModelDims(d_model=64, d_ff=96, n_heads=2, seq_len=24, num_experts=4, top_k=2)
 
@@ -15,7 +15,8 @@ def test_kernels_match_the_reference_model(moe):
     ours = TransformerLM(DIMS, 2, moe=moe, device=DEVICE)(tokens)
     reference = TransformerLM(DIMS, 2, moe=moe, use_kernels=False, device=DEVICE)(tokens)
     assert ours.shape == (2, 19, 256) and torch.isfinite(ours).all()
-    assert rel_error(ours, reference) <= 1e-5
+    # the reference MoE's experts run on torch._grouped_mm: bf16 on a GPU (fp32 on a CPU)
+    assert rel_error(ours, reference) <= (REL_TOL[torch.bfloat16] if moe and ON_GPU else 1e-5)
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
