@@ -15,7 +15,7 @@ around them. On a machine without CUDA the kernels run under Triton's interprete
 (``TRITON_INTERPRET=1``), slowly.
 
 Each op's module follows one pattern (``kernels/matmul.py``, ``attention.py``, ``routing.py``,
-``policy_routing.py``, ``fused_experts.py``, ``gather_sum.py``, ...): the Triton kernel
+``policy_routing.py``, ``expert_blocks.py``, ``fused_experts.py``, ``gather_sum.py``, ...): the Triton kernel
 ``_<op>_kernel`` with shape comments; its launcher ``launch_<op>`` on already-checked inputs,
 which reads its block config by key from ``kernels.config.lookup("<config key>", ...)``
 (``configs/<config key>/<GPU>.json``); the custom op (``kernels._library.kernel_op``: fake and

@@ -151,3 +151,22 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
                               BINS=bins, BLOCK_M=block_m, LABEL_BLOCK=label_block)
     _scatter_slots_kernel[grid](ids, starts, cursor, sorted_slots, n_slots, num_experts, BLOCK=SLOTS_PER_PROGRAM)
     return ExpertBlocks(sorted_slots, block_experts, num_padded, counts, block_m, n_slots)
+
+
+def group_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
+    """``group_by_expert`` in torch, slots in slot order inside each run (the one-launch build's order)."""
+    ids = topk_ids.reshape(-1).long()
+    n_slots, device = ids.numel(), ids.device
+    kept = (ids >= 0) & (ids < num_experts)
+    experts, order = torch.sort(ids[kept], stable=True)
+    slots = torch.arange(n_slots, device=device)[kept][order]
+    counts = torch.bincount(experts, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    n_rows = n_slots + num_experts * (block_m - 1)
+    rank = torch.arange(slots.numel(), device=device) - (counts.cumsum(0) - counts)[experts]
+    sorted_slots = torch.full((n_rows,), n_slots, dtype=torch.int32, device=device)
+    sorted_slots[(ends - padded)[experts] + rank] = slots.int()
+    first_rows = torch.arange(triton.cdiv(n_rows, block_m), device=device) * block_m
+    block_experts = torch.bucketize(first_rows, ends, right=True)  # runs ending at or before the block: its expert
+    return ExpertBlocks(sorted_slots, block_experts.int(), ends[-1:].int(), counts.int(), block_m, n_slots)
