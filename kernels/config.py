@@ -102,6 +102,17 @@ def lookup(op: str, device: torch.device | str, **dims: int) -> dict:
     return _cached_lookup(op, *_device_identity(device), tuple(sorted(dims.items())))
 
 
+def lookup_each(ops: tuple[str, ...], device: torch.device, **dims: int) -> tuple[dict, ...]:
+    """``lookup`` of each of ``ops`` at the same ``dims`` in one cached call (an eager decode step
+    asks the same every layer; ``device`` a ``torch.device``)."""
+    return _cached_lookup_each(ops, device, tuple(dims.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_lookup_each(ops, device, dims):
+    return tuple(lookup(op, device, **dict(dims)) for op in ops)
+
+
 @functools.lru_cache(maxsize=4096)
 def _cached_lookup(op, gpu_name, compute_capability, dims):
     """Once per (op, GPU, shape): a decode loop asks the same question every call."""

@@ -26,7 +26,7 @@ FILL_BLOCK = 1024
 SLOTS_PER_PROGRAM = 512  # the grid build's count and place launches
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built on every call, and a frozen dataclass builds slower
 class ExpertBlocks:
     """Token slots grouped by expert, each expert's run padded to ``block_m``.
 

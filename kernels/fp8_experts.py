@@ -45,9 +45,8 @@ def quantize_fp8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def fp8_expert_configs(hidden_states: torch.Tensor, num_experts: int, intermediate: int, n_slots: int) -> tuple:
     """(gate_up config, down config) of the FP8 GEMMs for this shape on this device."""
-    dims = dict(slots_per_expert=n_slots // num_experts, e=num_experts, i=intermediate)
-    return (_config.lookup("moe_gate_up_fp8", hidden_states.device, **dims),
-            _config.lookup("moe_down_fp8", hidden_states.device, **dims))
+    return _config.lookup_each(("moe_gate_up_fp8", "moe_down_fp8"), hidden_states.device,
+                               slots_per_expert=n_slots // num_experts, e=num_experts, i=intermediate)
 
 
 def fp8_weights(gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor, down_proj: torch.Tensor,

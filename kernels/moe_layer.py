@@ -173,9 +173,9 @@ class FusedMoE(nn.Module):
     The submodules are named as in the HF blocks (``gate`` is the router, ``experts`` holds the
     weights), so a patched model's ``state_dict`` keeps its keys; ``router`` reads ``gate``.
     Forward: hidden_states [..., H] -> [..., H]. Without a process group, or with ``ep_capacity``,
-    there is no host sync (capturable in a CUDA graph); without a process group, and gradients reach the experts, the hidden states and the
-    router (through the chosen experts' gate weights, as in the HF blocks); the experts' backward
-    recomputes the torch reference.
+    there is no host sync (capturable in a CUDA graph). Without a process group, gradients reach the
+    experts, the hidden states and the router (through the chosen experts' gate weights, as in the
+    HF blocks); the experts' backward recomputes the torch reference.
     """
 
     def __init__(self, router, gate_up_proj, down_proj, process_group=None, ep_chunks=EP_CHUNKS, ep_capacity=None):

@@ -108,3 +108,26 @@ def test_fused_moe_with_the_frozen_energy_aware_router_compiles_with_fullgraph(t
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)(x)
     assert_matches(compiled, eager, DTYPE)
+
+
+def test_untraced_calls_launch_directly_and_tracers_see_the_op(monkeypatch):
+    """Eager calls that record no gradient skip the op's dispatch; a gradient to record, or a
+    tracer (here fake tensors, as export uses), goes through the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    _, (x, gate_up, down, ids, weights) = op_cases()[1]
+    op = kernels.fused_experts.__globals__["_fused_experts_op"]
+    calls = []
+    monkeypatch.setattr(op, "op", lambda *args: calls.append("op") or op.launcher(*args))
+    with torch.no_grad():
+        direct = kernels.fused_experts(x, gate_up, down, ids, weights)
+    assert calls == []
+    kernels.fused_experts(x, gate_up, down, ids, weights)  # inputs that require grad
+    assert calls == ["op"]
+    monkeypatch.undo()
+    real = [t.detach() for t in (x, gate_up, down, ids, weights)]
+    with FakeTensorMode() as mode:
+        fake = kernels.fused_experts(*(mode.from_tensor(t) for t in real), validate_ids=False)
+    assert fake.shape == direct.shape and fake.dtype == direct.dtype  # the fake implementation, no launch
+    traced = make_fx(lambda *args: kernels.fused_experts(*args, validate_ids=False), tracing_mode="real")(*real)
+    assert "energy_moe.fused_experts" in traced.code  # plain tensors, but a dispatch mode records the op

@@ -3,7 +3,7 @@ import statistics, time, torch
 import kernels.expert_blocks as eb
 from kernels.fused_experts import fused_experts
 
-def case(E, H, I, K, T):
+def case(E: int, H: int, I: int, K: int, T: int) -> tuple:
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=g)
     w1 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
@@ -12,7 +12,7 @@ def case(E, H, I, K, T):
     wts = torch.rand(T, K, device="cuda")
     return x, w1, w2, ids, wts
 
-def eager_ms(args, n=300):
+def eager_ms(args: tuple, n: int = 300) -> float:
     for _ in range(20): fused_experts(*args, validate_ids=False)
     torch.cuda.synchronize(); ts = []
     for _ in range(n):
@@ -20,7 +20,7 @@ def eager_ms(args, n=300):
     torch.cuda.synchronize()
     return statistics.median(ts) * 1e3
 
-def graph_ms(args, calls=50, reps=20):
+def graph_ms(args: tuple, calls: int = 50, reps: int = 20) -> float:
     fused_experts(*args, validate_ids=False); torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
