@@ -259,7 +259,6 @@ class FusedMoE(nn.Module):
                                        self.experts.down_proj, self.process_group, chunks=self.ep_chunks,
                                        capacity=self.ep_capacity).reshape(shape)
 
-
     def _check_routing(self, flat, router_logits, topk_ids):
         """Shapes only (no sync): the router must score this layer's experts, one row per token."""
         num_experts = self.experts.gate_up_proj.shape[0]

@@ -27,11 +27,11 @@ def routed_ids(case, T, E, K):
         return torch.full((T, 1), E - 1, dtype=torch.int32, device=DEVICE)
     if case == "empty-experts":  # experts 3.. get nothing
         ids = ids % 3
-        ids[:, 1] = (ids[:, 0] + 1) % 3
+        ids[:, -1] = (ids[:, 0] + 1) % 3
     elif case == "dropped-ids":  # an expert-parallel rank's share: other ranks' ids are dropped
         ids = ids.long()
         ids[::3, 0] -= E
-        ids[1::3, 1] += E
+        ids[1::3, -1] += E
     elif case == "all-dropped":
         ids = ids.long() + E
     return ids
@@ -47,10 +47,11 @@ def runs_sorted(blocks, E):
 
 
 @pytest.mark.parametrize("case", ["random", "one-expert", "empty-experts", "dropped-ids", "all-dropped", "T0"])
-@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("block_m", [16, 128])
 @pytest.mark.parametrize("T, E, K", [(45, 8, 2), (ONE_LAUNCH_SLOTS // 2, 8, 2), (ONE_LAUNCH_SLOTS // 2 + 1, 8, 2),
-                                     (301, 8, 2), (7, 130, 3), (200, 130, 3)],
-                         ids=["small", "one-launch-max", "grid-min", "grid", "odd-E", "odd-E-grid"])
+                                     (301, 8, 2), (7, 130, 3), (200, 130, 3), (33, 1, 1), (32, 256, 8)],
+                         ids=["small", "one-launch-max", "grid-min", "grid", "odd-E", "odd-E-grid", "one-expert-E",
+                              "wide-E-one-launch-max"])
 def test_both_builds_match_the_reference(case, block_m, T, E, K):
     """Up to ONE_LAUNCH_SLOTS slots one launch builds the layout exactly as the reference (slot
     order in a run); above, the grid build gives the same runs in any order inside each."""
