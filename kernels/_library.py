@@ -36,10 +36,10 @@ class KernelOp:
 
 def runs_untraced(args: tuple) -> bool:
     """Whether a call with ``args`` needs nothing of its op: no tracer is active (Dynamo, a dispatch
-    mode such as export's fake or functional tensors, functorch), its tensors are plain ones on a real
-    device, and none needs a gradient recorded."""
+    mode such as export's fake or functional tensors, functorch, TorchScript's tracer), its tensors
+    are plain ones on a real device, and none needs a gradient recorded."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state()):
         return False
     grad = torch.is_grad_enabled()
     return all(type(a) in PLAIN_TENSOR_TYPES and not a.is_meta and not (grad and a.requires_grad)

@@ -2,6 +2,8 @@
 by ``torch.library.opcheck``, and ``torch.compile(fullgraph=True)`` tracing FusedMoE and a patched HF
 model around them. On a CPU the ops run under the Triton interpreter and compile uses the
 ``aot_eager`` backend (tracing, fake tensors and AOT autograd; no code generation)."""
+import warnings
+
 import pytest
 import torch
 
@@ -131,3 +133,8 @@ def test_untraced_calls_launch_directly_and_tracers_see_the_op(monkeypatch):
     assert fake.shape == direct.shape and fake.dtype == direct.dtype  # the fake implementation, no launch
     traced = make_fx(lambda *args: kernels.fused_experts(*args, validate_ids=False), tracing_mode="real")(*real)
     assert "energy_moe.fused_experts" in traced.code  # plain tensors, but a dispatch mode records the op
+    with warnings.catch_warnings():  # TorchScript is deprecated, and warns of the shape checks it sees
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.trace(lambda *args: kernels.fused_experts(*args, validate_ids=False), tuple(real),
+                                   check_trace=False)
+    assert "energy_moe::fused_experts" in str(scripted.graph) and torch.equal(scripted(*real), direct)
