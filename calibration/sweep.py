@@ -44,7 +44,8 @@ if TYPE_CHECKING:  # annotations only: no import at run time
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 SEQUENCE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # 64 tokens rather than 16: at 1 to 16 a decode GEMM runs one 16-row block (costed from 1 token),
-# at 17 to 64 several blocks each read the whole weight, which no point of a long K loop showed the fit
+# at 17 to 64 several blocks each read the whole weight, which no point of a long K loop showed the
+# fit (on an H100, 48 tokens ran 23-30% over the model at three unswept shapes)
 SHAPE_TOKEN_BATCHES = (1, 64, 256, 4096)
 SHAPE_SEQUENCE_BATCHES = (1, 4, 16)
 SHAPE_SWEEP = (  # beyond the harness's dims: an L2-sized model, a fine-grained MoE, a Mixtral-sized expert

@@ -21,7 +21,7 @@ from kernels import config as _config
 from kernels._library import kernel_op
 from kernels.fused_experts import ExpertWeights, check_routing, fused_experts_reference, run_experts
 from kernels.quantize import FP8_DTYPE, dequantize_fp8, quantize_fp8_reference
-from kernels.validate import check_dim, check_fp8_capability, check_fp8_device, check_tensor
+from kernels.validate import check_dim, check_fp8_capability, check_fp8_device, check_same_device, check_tensor
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 WEIGHT_CHUNK_ELEMENTS = 1 << 26  # quantize_fp8_weights converts this many weights at a time (bounds its float32 copy)
@@ -96,10 +96,8 @@ def check_fp8_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, g
         check_tensor(name, weight, ndim=3, dtypes=(FP8_DTYPE,), kernel_device=False)
     for name, scale in (("gate_up_scale", gate_up_scale), ("down_scale", down_scale)):
         check_tensor(name, scale, ndim=2, dtypes=(torch.float32,), kernel_device=False)
-    for name, t in (("gate_up_proj", gate_up_proj), ("gate_up_scale", gate_up_scale), ("down_proj", down_proj),
-                    ("down_scale", down_scale)):
-        if t.device != hidden_states.device:
-            raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
+    check_same_device(hidden_states=hidden_states, gate_up_proj=gate_up_proj, gate_up_scale=gate_up_scale,
+                      down_proj=down_proj, down_scale=down_scale)
     E, two_i, H = gate_up_proj.shape
     check_dim("gate_up_proj", gate_up_proj, 2, hidden_states.shape[1], "the hidden size of hidden_states")
     if E == 0 or two_i == 0 or two_i % 2:

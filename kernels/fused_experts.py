@@ -27,8 +27,8 @@ import triton.language as tl
 
 from kernels import config as _config
 from kernels._library import kernel_op
-from kernels.validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_dtype_device, check_tensor,
-                               dot_precision)
+from kernels.validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_device,
+                               check_same_dtype_device, check_tensor, dot_precision)
 from kernels.expert_blocks import ExpertBlocks, group_by_expert
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
@@ -297,9 +297,7 @@ def check_routing(hidden_states: torch.Tensor, num_experts: int, top_k_index: to
     if top_k_weights.shape != top_k_index.shape:
         raise ValueError(f"top_k_weights has shape {tuple(top_k_weights.shape)}; expected {tuple(top_k_index.shape)} "
                          "(the shape of top_k_index)")
-    for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
-        if t.device != hidden_states.device:
-            raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
+    check_same_device(hidden_states=hidden_states, top_k_index=top_k_index, top_k_weights=top_k_weights)
 
 
 def fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,

@@ -118,6 +118,13 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
     for name, value in rest:
         if value.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {value.dtype} but {first_name} has {first.dtype}")
+    check_same_device(**tensors)
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Check that all named tensors sit on the first one's device (any dtypes)."""
+    (first_name, first), *rest = tensors.items()
+    for name, value in rest:
         if value.device != first.device:
             raise ValueError(f"{name} is on {value.device} but {first_name} is on {first.device}")
 
