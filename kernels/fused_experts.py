@@ -14,9 +14,7 @@ Only blocks of experts that received tokens do work; with few tokens (decode) ea
 expert's weight tile is read once per output tile.
 
 The kernel reads each projection through strides (``ExpertWeights``), so other layouts run on it
-too: ``gpt_oss_experts`` is transformers' ``GptOssExperts.forward`` ([E, H, 2I] weights applied as
-``x @ w`` with gate and up columns interleaved, biases added in the epilogues, and the clamped GLU
-``(up + 1) * gate * sigmoid(alpha * gate)``, gate <= limit, |up| <= limit).
+too (``kernels.gpt_oss_experts``, ``kernels.fp8_experts``).
 """
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,17 +22,18 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import config as _config
 from kernels._library import kernel_op
-from kernels.validate import (FLOAT32_MAX, INDEX_DTYPES, check_dim, check_float, check_same_device,
-                               check_same_dtype_device, check_tensor, dot_precision)
+from kernels.validate import (INDEX_DTYPES, check_dim, check_same_device, check_same_dtype_device, check_tensor,
+                               dot_precision, tma_compatible)
 from kernels.expert_blocks import ExpertBlocks, group_by_expert
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
 from kernels.quantize import launch_quantize_fp8
 from kernels.routing import check_topk_ids
-from kernels.tiles import tile_coords, tile_products
+from kernels.tiles import tile_coords, tile_products, tile_products_tma
 
 PERSISTENT_PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs to hide each one's loads
 
@@ -51,13 +50,13 @@ def _glu(b_gate, b_up, CLAMPED: tl.constexpr, alpha, limit):
 
 @triton.jit
 def _expert_tile(
-    i_m, i_n, p_a, p_a_scale, p_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights,
-    N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_se, scale_up_offset,
-    stride_be, stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
+    i_m, i_n, p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights,
+    N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, up_rows, stride_se,
+    scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr, CLAMPED_GLU: tl.constexpr,
     HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr, W_SCALED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """out[slot] = f(a[row(slot)] @ w[expert].T + bias[expert]) for the BLOCK_M slots of row block
     ``i_m``, columns block ``i_n``.
@@ -66,7 +65,8 @@ def _expert_tile(
     gated activation (``_glu``) of the gate columns w[e, n] and the up columns ``up_offset``
     elements further on (their biases ``bias_up_offset`` on); with MUL_WEIGHTS, f scales by the slot's weight.
     FP8 operands carry scales that factor out of the K sum: W_SCALED multiplies column n by
-    w_scale[e, n] (the up columns' ``scale_up_offset`` on), A_SCALED row r by a_scale[r]."""
+    w_scale[e, n] (the up columns' ``scale_up_offset`` on), A_SCALED row r by a_scale[r]. With W_TMA
+    the weight tiles come from the descriptor ``d_w`` ([E, rows, K]; up rows ``up_rows`` on) instead of ``p_w``."""
     i_e = tl.load(p_block_experts + i_m).to(tl.int64)
     b_slots = tl.load(p_sorted_slots + i_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
     m_rows = b_slots < n_slots  # padding rows carry the sentinel n_slots
@@ -78,9 +78,14 @@ def _expert_tile(
     o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     o_k = tl.arange(0, BLOCK_K)
     p_ab = p_a + o_rows.to(tl.int64)[:, None] * stride_am + o_k[None, :] * stride_ak  # [BM, BK]
-    p_wb = p_w + i_e * stride_we + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
-    b_acc, b_acc_up = tile_products(p_ab, p_wb, K, stride_ak, stride_wk, up_offset,
-                                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION)  # [BM, BN] x2
+    if W_TMA:  # gate rows past N read up rows (or zeros past the descriptor): their columns are never stored
+        b_acc, b_acc_up = tile_products_tma(p_ab, d_w, i_e.to(tl.int32), i_n * BLOCK_N, up_rows, K, stride_ak,
+                                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION,
+                                            WARP_SPECIALIZE)  # [BM, BN] x2
+    else:
+        p_wb = p_w + i_e * stride_we + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
+        b_acc, b_acc_up = tile_products(p_ab, p_wb, K, stride_ak, stride_wk, up_offset,
+                                         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION)  # [BM, BN] x2
     if W_SCALED:  # per-output-channel weight scales: [BN] of expert i_e
         p_sb = p_w_scale + i_e * stride_se + o_n
         b_acc *= tl.load(p_sb)[None, :]
@@ -108,14 +113,15 @@ def _expert_tile(
 
 @triton.jit
 def _expert_gemm_kernel(
-    p_a, p_a_scale, p_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts, p_num_padded, p_topk_weights,
-    N, K, n_slots, n_row_blocks,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, stride_se, scale_up_offset,
+    p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts, p_num_padded,
+    p_topk_weights, N, K, n_slots, n_row_blocks,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, up_rows, stride_se, scale_up_offset,
     stride_be, stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr,
     CLAMPED_GLU: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr,
-    W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
+    W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """The grouped GEMM over the ``ExpertBlocks`` layout: one tile per program, or with PERSISTENT
     a grid of a few programs per SM that loops over the routed tiles only (for inputs whose
@@ -125,20 +131,21 @@ def _expert_gemm_kernel(
         n_tiles = tl.cdiv(n_routed, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for i_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             i_m, i_n = tile_coords(i_tile, n_routed, N, BLOCK_M, BLOCK_N, GROUP_M)
-            _expert_tile(i_m, i_n, p_a, p_a_scale, p_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts,
+            _expert_tile(i_m, i_n, p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts,
                          p_topk_weights, N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                         up_offset, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om,
-                         stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU,
-                         CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION)
+                         up_offset, up_rows, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset,
+                         stride_om, stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS,
+                         FUSE_GLU, CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION, W_TMA,
+                         WARP_SPECIALIZE)
     else:
         i_m, i_n = tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if i_m * BLOCK_M >= tl.load(p_num_padded):
             return  # rows past the last expert's padded run: nothing routed here
-        _expert_tile(i_m, i_n, p_a, p_a_scale, p_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts,
+        _expert_tile(i_m, i_n, p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts,
                      p_topk_weights, N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                     up_offset, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om,
+                     up_offset, up_rows, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om,
                      stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU,
-                     CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION)
+                     CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION, W_TMA, WARP_SPECIALIZE)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs a microsecond more to build, twice a call
@@ -168,10 +175,11 @@ def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tenso
     n_row_blocks = blocks.block_experts.shape[0]
     n_tiles = n_row_blocks * triton.cdiv(N, cfg["block_n"])
     grid = (min(n_tiles, PERSISTENT_PROGRAMS_PER_SM * processor_count(a.device)) if persistent else n_tiles,)
+    d_w, up_rows = weight_descriptor(weights, cfg) if cfg.get("tma") else (None, 0)
     _expert_gemm_kernel[grid](
-        a, a_scale, w, w_scale, bias, out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded,
+        a, a_scale, w, d_w, w_scale, bias, out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded,
         topk_weights, N, K, blocks.n_slots, n_row_blocks,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), weights.up_offset,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), weights.up_offset, up_rows,
         w_scale.stride(0) if w_scale is not None else 0, weights.scale_up_offset,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, weights.bias_up_offset,
         out.stride(0), out.stride(1), float(weights.alpha), float(weights.limit),
@@ -179,9 +187,22 @@ def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tenso
         GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, GATHER_TOKENS=gather_tokens,
         FUSE_GLU=weights.glu is not None, CLAMPED_GLU=weights.glu == "clamped", HAS_BIAS=bias is not None,
         MUL_WEIGHTS=topk_weights is not None, A_SCALED=a_scale is not None, W_SCALED=w_scale is not None,
-        DOT_PRECISION=dot_precision(a.dtype),
+        DOT_PRECISION=dot_precision(a.dtype), W_TMA=d_w is not None,
+        WARP_SPECIALIZE=d_w is not None and bool(cfg.get("warp_specialize")),
         PERSISTENT=persistent, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+def weight_descriptor(weights: ExpertWeights, cfg: dict) -> tuple[TensorDescriptor | None, int]:
+    """(a [E, rows, K] tensor descriptor of ``weights.w`` in [1, block_n, block_k] tiles, the up rows'
+    offset in rows), or (None, 0) where TMA cannot read the layout: K strided (gpt-oss's ``x @ w``),
+    misaligned, or up columns off a row boundary. rows spans the gate and up rows of a gated projection."""
+    w = weights.w
+    E, N, K = w.shape
+    up_rows, off_row = divmod(weights.up_offset, w.stride(1)) if weights.glu else (0, 0)
+    if off_row or not tma_compatible(w):
+        return None, 0
+    return TensorDescriptor(w, [E, up_rows + N, K], list(w.stride()), [1, cfg["block_n"], cfg["block_k"]]), up_rows
 
 
 def expert_configs(hidden_states: torch.Tensor, num_experts: int, intermediate: int, n_slots: int) -> tuple:
@@ -197,17 +218,6 @@ def concatenated_weights(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) ->
     I = gate_up_proj.shape[1] // 2
     return (ExpertWeights(gate_up_proj[:, :I], up_offset=I * gate_up_proj.stride(1), glu="silu"),
             ExpertWeights(down_proj))
-
-
-def gpt_oss_weights(gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor, down_proj: torch.Tensor,
-                    down_proj_bias: torch.Tensor, alpha: float, limit: float) -> tuple[ExpertWeights, ExpertWeights]:
-    """The kernel's view of gpt-oss's layout: ``gate_up_proj`` [E, H, 2I] (x @ w; gate and up
-    columns interleaved: gate j at 2j, up j at 2j + 1) with its [E, 2I] bias, ``down_proj``
-    [E, I, H] with its [E, H] bias; the clamped GLU."""
-    return (ExpertWeights(gate_up_proj.transpose(1, 2)[:, 0::2], up_offset=gate_up_proj.stride(2),
-                          bias=gate_up_proj_bias[:, 0::2], bias_up_offset=gate_up_proj_bias.stride(1), glu="clamped",
-                          alpha=alpha, limit=limit),
-            ExpertWeights(down_proj.transpose(1, 2), bias=down_proj_bias))
 
 
 def launch_fused_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -324,80 +334,3 @@ _fused_experts_op = kernel_op(
     "(Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor top_k_index, Tensor top_k_weights) -> Tensor",
     launch_fused_experts,
     fake=lambda x, gate_up, down, ids, weights: torch.empty_like(x), reference=fused_experts_reference)
-
-
-def gpt_oss_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
-                              down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
-                              top_k_weights: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """transformers' ``GptOssExperts.forward`` in torch: per-expert loop, interleaved gate/up, clamped GLU."""
-    out = torch.zeros_like(hidden_states)
-    for expert in range(gate_up_proj.shape[0]):
-        token, k = torch.where(top_k_index == expert)
-        gate_up = hidden_states[token] @ gate_up_proj[expert] + gate_up_proj_bias[expert]
-        gate, up = gate_up[..., ::2].clamp(max=limit), gate_up[..., 1::2].clamp(-limit, limit)
-        y = ((up + 1) * gate * torch.sigmoid(gate * alpha)) @ down_proj[expert] + down_proj_bias[expert]
-        out = out.index_add(0, token, (y * top_k_weights[token, k, None]).to(out.dtype))
-    return out
-
-
-def check_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
-                          down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
-                          top_k_weights: torch.Tensor, alpha: float, limit: float,
-                          validate_ids: bool = True) -> tuple[float, float]:
-    """Validate the ``gpt_oss_experts`` arguments; (alpha, limit) as floats."""
-    check_tensor("hidden_states", hidden_states, ndim=2)
-    for name, t, ndim in (("gate_up_proj", gate_up_proj, 3), ("gate_up_proj_bias", gate_up_proj_bias, 2),
-                          ("down_proj", down_proj, 3), ("down_proj_bias", down_proj_bias, 2)):
-        check_tensor(name, t, ndim=ndim)
-    check_same_dtype_device(hidden_states=hidden_states, gate_up_proj=gate_up_proj,
-                            gate_up_proj_bias=gate_up_proj_bias, down_proj=down_proj, down_proj_bias=down_proj_bias)
-    H = hidden_states.shape[1]
-    E, _, two_i = gate_up_proj.shape
-    check_dim("gate_up_proj", gate_up_proj, 1, H, "the hidden size of hidden_states")
-    if E == 0 or two_i == 0 or two_i % 2:
-        raise ValueError(f"gate_up_proj must be [E, H, 2I] with E, I >= 1 (gate and up columns interleaved), "
-                         f"got shape {tuple(gate_up_proj.shape)}")
-    for name, t, dims in (("gate_up_proj_bias", gate_up_proj_bias, (E, two_i)), ("down_proj", down_proj,
-                          (E, two_i // 2, H)), ("down_proj_bias", down_proj_bias, (E, H))):
-        if tuple(t.shape) != dims:
-            raise ValueError(f"{name} must have shape {dims} (from gate_up_proj and hidden_states), "
-                             f"got {tuple(t.shape)}")
-    check_routing(hidden_states, E, top_k_index, top_k_weights, validate_ids)
-    return check_float("alpha", alpha, 0.0, FLOAT32_MAX), check_float("limit", limit, 0.0, FLOAT32_MAX, low_open=True)
-
-
-def gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
-                    down_proj: torch.Tensor, down_proj_bias: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor, alpha: float, limit: float, validate_ids: bool = True) -> torch.Tensor:
-    """MoE experts with transformers' ``GptOssExperts.forward`` semantics, on our Triton kernels.
-
-    Args:
-        hidden_states: [T, H] float32/float16/bfloat16.
-        gate_up_proj: [E, H, 2I] (``x @ w``), gate and up columns interleaved; gate_up_proj_bias [E, 2I].
-        down_proj: [E, I, H]; down_proj_bias [E, H]. All in ``hidden_states``' dtype and device.
-        top_k_index, top_k_weights, validate_ids: as ``fused_experts``.
-        alpha, limit: the GLU's ``(up + 1) * gate * sigmoid(alpha * gate)`` with gate <= limit and
-            |up| <= limit (gpt-oss: 1.702 and 7.0).
-    Returns:
-        [T, H] in ``hidden_states``' dtype.
-    """
-    alpha, limit = check_gpt_oss_experts(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                                         top_k_index, top_k_weights, alpha, limit, validate_ids)
-    return _gpt_oss_experts_op(hidden_states, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, top_k_index,
-                               top_k_weights, alpha, limit)
-
-
-def launch_gpt_oss_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor,
-                           down_proj: torch.Tensor, down_proj_bias: torch.Tensor, topk_ids: torch.Tensor,
-                           topk_weights: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """``gpt_oss_experts`` on validated inputs (no host sync)."""
-    return run_experts(hidden_states, *gpt_oss_weights(gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                                                       alpha, limit), topk_ids, topk_weights)
-
-
-_gpt_oss_experts_op = kernel_op(
-    "gpt_oss_experts",
-    "(Tensor hidden_states, Tensor gate_up_proj, Tensor gate_up_proj_bias, Tensor down_proj, Tensor down_proj_bias, "
-    "Tensor top_k_index, Tensor top_k_weights, float alpha, float limit) -> Tensor",
-    launch_gpt_oss_experts, fake=lambda x, *weights_and_routing: torch.empty_like(x),
-    reference=gpt_oss_experts_reference)

@@ -21,7 +21,8 @@ from torch import nn
 from kernels.validate import check_dim, check_int, check_same_dtype_device, check_tensor
 from kernels.expert_parallel import expert_parallel_experts
 from kernels.fp8_experts import fp8_experts, quantize_fp8_weights
-from kernels.fused_experts import fused_experts, gpt_oss_experts
+from kernels.fused_experts import fused_experts
+from kernels.gpt_oss_experts import gpt_oss_experts
 from kernels.quantize import FP8_DTYPE
 from kernels.routing import check_selection_bias, route_checked
 

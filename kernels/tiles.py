@@ -1,5 +1,6 @@
 """The GEMM tile helpers our kernels share (``kernels.matmul``, ``kernels.fused_experts``): which
-output tile a program computes, and the K loop of a tile's product, plain or gated."""
+output tile a program computes, and the K loop of a tile's product, plain or gated, with the weight
+tiles read through pointers or a tensor descriptor."""
 import triton
 import triton.language as tl
 
@@ -58,3 +59,27 @@ def tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
     if FUSE_SWIGLU:
         b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
     return b_acc
+
+
+@triton.jit
+def tile_products_tma(p_xb, d_w, i_e, off_n, up_rows, K, stride_xk,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                       WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """``tile_products`` with the weight tiles from a [E, rows, K] tensor descriptor ``d_w`` (TMA on
+    Hopper): expert ``i_e``'s rows ``off_n`` on, the "up" rows ``up_rows`` further on. The descriptor
+    zero-fills past K and past its rows; x tiles ``p_xb`` [BM, BK] are gathered rows, so pointers."""
+    o_k = tl.arange(0, BLOCK_K)
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+        if EVEN_K:
+            b_x = tl.load(p_xb)
+        else:
+            b_x = tl.load(p_xb, mask=(o_k < K - k0)[None, :], other=0.0)
+        b_w = d_w.load([i_e, off_n, k0]).reshape(BLOCK_N, BLOCK_K)  # [BN, BK]
+        b_acc = tl.dot(b_x, b_w.to(b_x.dtype).T, b_acc, input_precision=DOT_PRECISION)
+        if WITH_UP:
+            b_w_up = d_w.load([i_e, up_rows + off_n, k0]).reshape(BLOCK_N, BLOCK_K)
+            b_acc_up = tl.dot(b_x, b_w_up.to(b_x.dtype).T, b_acc_up, input_precision=DOT_PRECISION)
+        p_xb += BLOCK_K * stride_xk
+    return b_acc, b_acc_up

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import kernels
-from kernels.fused_experts import fused_experts_reference, launch_fused_experts
+from kernels.fused_experts import (concatenated_weights, fused_experts_reference, launch_fused_experts,
+                                   weight_descriptor)
+from kernels.gpt_oss_experts import gpt_oss_weights
 from tests.conftest import DEVICE, DTYPES, ON_GPU, assert_matches, randn
 
 # (T, H, I, E, K): what each exercises
@@ -79,6 +81,45 @@ def test_fused_experts_config_variants(variant):
     ids, weights = random_topk(70, 8, 2)
     out = launch_fused_experts(x, gate_up, down, ids, weights, configs=cfg)
     assert_matches(out, reference64(x, gate_up, down, ids, weights), torch.float32)
+
+
+TMA_CONFIGS = {
+    "tma": (dict(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2, tma=True),
+            dict(block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=2, tma=True)),
+    "tma-ws": (dict(block_m=32, block_n=16, block_k=16, group_m=4, num_warps=4, num_stages=2, tma=True,
+                    warp_specialize=True),
+               dict(block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=2, tma=True, warp_specialize=True)),
+}
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+@pytest.mark.parametrize("variant", TMA_CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, H, I, E, K", [(70, 48, 40, 8, 2), (9, 40, 24, 5, 3), (21, 33, 17, 4, 2)],
+                         ids=["I-past-block-n", "K-past-block-k", "misaligned-falls-back"])
+def test_weight_tiles_through_tensor_descriptors(T, H, I, E, K, dtype, variant, persistent):
+    """Weight tiles read by TMA (Hopper's tensor descriptors): the descriptor zero-fills past K and
+    past the up rows, and gate rows past I read up rows whose columns are never stored. A layout
+    TMA cannot read (rows not 16-byte aligned) falls back to pointers with the same answer."""
+    x = randn(T, H, dtype=dtype)
+    gate_up, down = expert_weights(E, H, I, dtype)
+    ids, weights = random_topk(T, E, K)
+    cfg = TMA_CONFIGS[variant]
+    gate_up_view, _ = concatenated_weights(gate_up, down)
+    uses_tma = weight_descriptor(gate_up_view, cfg[0])[0] is not None
+    assert uses_tma == (H * gate_up.element_size() % 16 == 0), "descriptors exactly where the layout allows"
+    out = launch_fused_experts(x, gate_up, down, ids, weights, configs=cfg, persistent=persistent)
+    assert_matches(out, reference64(x, gate_up, down, ids, weights), dtype)
+
+
+def test_weight_descriptor_refuses_strided_k():
+    """gpt-oss's ``x @ w`` layout has K strided: no descriptor (pointers read it)."""
+    E, H, I = 4, 32, 16
+    gate_up, gate_up_bias = randn(E, H, 2 * I), randn(E, 2 * I)
+    down, down_bias = randn(E, I, H), randn(E, H)
+    cfg = TMA_CONFIGS["tma"][0]
+    for view in gpt_oss_weights(gate_up, gate_up_bias, down, down_bias, 1.702, 7.0):
+        assert weight_descriptor(view, cfg) == (None, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

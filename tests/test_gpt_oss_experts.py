@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.fused_experts import gpt_oss_experts, gpt_oss_experts_reference
+from kernels.gpt_oss_experts import gpt_oss_experts, gpt_oss_experts_reference
 from tests.conftest import DEVICE, ON_GPU, assert_matches, randn
 from tests.test_moe_layer import assert_experts_run_on
 
