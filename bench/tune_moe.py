@@ -22,9 +22,12 @@ from kernels.fp8_experts import fp8_weights, quantize_fp8_weights
 from kernels.fused_experts import concatenated_weights, launch_expert_gemm
 from kernels.quantize import dequantize_fp8, quantize_fp8
 
+# (block_n, block_k, warps, stages, group_m[, flags]); TMA: weight tiles through tensor descriptors
+TMA = {"tma": True}
 DECODE = [(32, 128, 4, 4, 1), (64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (128, 128, 4, 3, 1), (32, 256, 4, 3, 1)]
-MID = [(64, 64, 4, 4, 8), (128, 64, 4, 3, 8), (128, 64, 8, 3, 8), (64, 128, 4, 3, 8)]
-PREFILL = [(128, 64, 8, 3, 8), (128, 128, 8, 3, 8), (64, 128, 4, 4, 8)]
+MID = [(64, 64, 4, 4, 8), (128, 64, 4, 3, 8), (128, 64, 8, 3, 8), (64, 128, 4, 3, 8), (128, 64, 8, 3, 8, TMA)]
+PREFILL = [(128, 64, 8, 3, 8), (128, 128, 8, 3, 8), (64, 128, 4, 4, 8), (128, 64, 8, 3, 8, TMA),
+           (128, 64, 8, 4, 8, TMA)]
 # FP8 operands take half the bytes per K step: deeper K blocks for the same shared memory
 FP8_TILES = {"decode": [(64, 256, 4, 4, 1), (128, 256, 4, 3, 1), (64, 512, 4, 3, 1), (32, 512, 4, 3, 1),
                         (128, 128, 4, 4, 1)],
@@ -47,8 +50,8 @@ def tiles_for(slots_per_expert: int, tiles: dict = BF16_TILES) -> list:
 
 
 def _cfg(tile):
-    bn, bk, warps, stages, group = tile
-    return dict(block_n=bn, block_k=bk, group_m=group, num_warps=warps, num_stages=stages)
+    bn, bk, warps, stages, group, *flags = tile
+    return dict(block_n=bn, block_k=bk, group_m=group, num_warps=warps, num_stages=stages, **(flags[0] if flags else {}))
 
 
 def slot_reference(a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, gather_tokens: bool, fuse_swiglu: bool,

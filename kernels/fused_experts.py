@@ -56,7 +56,7 @@ def _expert_tile(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr, CLAMPED_GLU: tl.constexpr,
     HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr, W_SCALED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
 ):
     """out[slot] = f(a[row(slot)] @ w[expert].T + bias[expert]) for the BLOCK_M slots of row block
     ``i_m``, columns block ``i_n``.
@@ -80,8 +80,7 @@ def _expert_tile(
     p_ab = p_a + o_rows.to(tl.int64)[:, None] * stride_am + o_k[None, :] * stride_ak  # [BM, BK]
     if W_TMA:  # gate rows past N read up rows (or zeros past the descriptor): their columns are never stored
         b_acc, b_acc_up = tile_products_tma(p_ab, d_w, i_e.to(tl.int32), i_n * BLOCK_N, up_rows, K, stride_ak,
-                                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION,
-                                            WARP_SPECIALIZE)  # [BM, BN] x2
+                                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION)  # [BM, BN] x2
     else:
         p_wb = p_w + i_e * stride_we + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
         b_acc, b_acc_up = tile_products(p_ab, p_wb, K, stride_ak, stride_wk, up_offset,
@@ -120,8 +119,7 @@ def _expert_gemm_kernel(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr,
     CLAMPED_GLU: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr,
-    W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """The grouped GEMM over the ``ExpertBlocks`` layout: one tile per program, or with PERSISTENT
     a grid of a few programs per SM that loops over the routed tiles only (for inputs whose
@@ -135,8 +133,7 @@ def _expert_gemm_kernel(
                          p_topk_weights, N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                          up_offset, up_rows, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset,
                          stride_om, stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS,
-                         FUSE_GLU, CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION, W_TMA,
-                         WARP_SPECIALIZE)
+                         FUSE_GLU, CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION, W_TMA)
     else:
         i_m, i_n = tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if i_m * BLOCK_M >= tl.load(p_num_padded):
@@ -145,7 +142,7 @@ def _expert_gemm_kernel(
                      p_topk_weights, N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                      up_offset, up_rows, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om,
                      stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU,
-                     CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION, W_TMA, WARP_SPECIALIZE)
+                     CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION, W_TMA)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs a microsecond more to build, twice a call
@@ -169,8 +166,10 @@ class ExpertWeights:
 def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tensor, blocks: ExpertBlocks,
                        topk_weights: torch.Tensor | None, top_k: int, gather_tokens: bool, cfg: dict,
                        persistent: bool, a_scale: torch.Tensor | None = None) -> None:
-    """One expert GEMM over ``blocks``; ``a_scale`` [rows of a] float32 scales FP8 activations ``a``."""
+    """One expert GEMM over ``blocks``; ``a_scale`` [rows of a] float32 scales FP8 activations ``a``.
+    ``cfg`` may ask for weight tiles by TMA (``tma``) and a persistent grid (``persistent``, as the argument)."""
     N, K = out.shape[1], a.shape[1]
+    persistent = persistent or bool(cfg.get("persistent"))
     w, bias, w_scale = weights.w, weights.bias, weights.scale
     n_row_blocks = blocks.block_experts.shape[0]
     n_tiles = n_row_blocks * triton.cdiv(N, cfg["block_n"])
@@ -187,9 +186,8 @@ def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tenso
         GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, GATHER_TOKENS=gather_tokens,
         FUSE_GLU=weights.glu is not None, CLAMPED_GLU=weights.glu == "clamped", HAS_BIAS=bias is not None,
         MUL_WEIGHTS=topk_weights is not None, A_SCALED=a_scale is not None, W_SCALED=w_scale is not None,
-        DOT_PRECISION=dot_precision(a.dtype), W_TMA=d_w is not None,
-        WARP_SPECIALIZE=d_w is not None and bool(cfg.get("warp_specialize")),
-        PERSISTENT=persistent, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PRECISION=dot_precision(a.dtype), W_TMA=d_w is not None, PERSISTENT=persistent,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 

@@ -64,14 +64,14 @@ def tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
 @triton.jit
 def tile_products_tma(p_xb, d_w, i_e, off_n, up_rows, K, stride_xk,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                       WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``tile_products`` with the weight tiles from a [E, rows, K] tensor descriptor ``d_w`` (TMA on
     Hopper): expert ``i_e``'s rows ``off_n`` on, the "up" rows ``up_rows`` further on. The descriptor
     zero-fills past K and past its rows; x tiles ``p_xb`` [BM, BK] are gathered rows, so pointers."""
     o_k = tl.arange(0, BLOCK_K)
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+    for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             b_x = tl.load(p_xb)
         else:

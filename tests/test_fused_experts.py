@@ -86,13 +86,12 @@ def test_fused_experts_config_variants(variant):
 TMA_CONFIGS = {
     "tma": (dict(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2, tma=True),
             dict(block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=2, tma=True)),
-    "tma-ws": (dict(block_m=32, block_n=16, block_k=16, group_m=4, num_warps=4, num_stages=2, tma=True,
-                    warp_specialize=True),
-               dict(block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=2, tma=True, warp_specialize=True)),
+    "tma-wide": (dict(block_m=32, block_n=16, block_k=16, group_m=4, num_warps=4, num_stages=2, tma=True),
+                 dict(block_n=32, block_k=32, group_m=4, num_warps=4, num_stages=2, tma=True)),
 }
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent-config"])
 @pytest.mark.parametrize("variant", TMA_CONFIGS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T, H, I, E, K", [(70, 48, 40, 8, 2), (9, 40, 24, 5, 3), (21, 33, 17, 4, 2)],
@@ -104,11 +103,11 @@ def test_weight_tiles_through_tensor_descriptors(T, H, I, E, K, dtype, variant, 
     x = randn(T, H, dtype=dtype)
     gate_up, down = expert_weights(E, H, I, dtype)
     ids, weights = random_topk(T, E, K)
-    cfg = TMA_CONFIGS[variant]
+    cfg = tuple(c | {"persistent": persistent} for c in TMA_CONFIGS[variant])  # a config may ask for the grid too
     gate_up_view, _ = concatenated_weights(gate_up, down)
     uses_tma = weight_descriptor(gate_up_view, cfg[0])[0] is not None
     assert uses_tma == (H * gate_up.element_size() % 16 == 0), "descriptors exactly where the layout allows"
-    out = launch_fused_experts(x, gate_up, down, ids, weights, configs=cfg, persistent=persistent)
+    out = launch_fused_experts(x, gate_up, down, ids, weights, configs=cfg)
     assert_matches(out, reference64(x, gate_up, down, ids, weights), dtype)
 
 
