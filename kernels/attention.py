@@ -17,6 +17,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels import config as _config
 from kernels._autograd import apply_with_reference_grad
 from kernels._library import kernel_op
+from kernels.tiles import cdiv
 from kernels.validate import (check_bool, check_dim, check_same_dtype_device, check_sm_scale, check_tensor,
                                dot_precision, tma_compatible)
 
@@ -232,7 +233,7 @@ def launch_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     if use_tma:  # block shapes [1, 1, rows, D]: out-of-range rows stay inside one (batch, head)
         q, o_dst = TensorDescriptor.from_tensor(q, [1, 1, bm, D]), TensorDescriptor.from_tensor(o, [1, 1, bm, D])
         k, v = TensorDescriptor.from_tensor(k, [1, 1, bn, D]), TensorDescriptor.from_tensor(v, [1, 1, bn, D])
-    grid = (triton.cdiv(S_Q, bm), B * H)
+    grid = (cdiv(S_Q, bm), B * H)
     _flash_attention_kernel[grid](
         q, k, v, o_dst if use_tma else o, sm_scale * LOG2_E, S_Q, S_KV, H, H // H_KV,
         *strides, *_strides(o),
@@ -326,7 +327,7 @@ def launch_attention_qk(q: torch.Tensor, k: torch.Tensor, sm_scale: float | None
     if scores.numel() == 0:
         return scores
     cfg = _launch_config(q)
-    grid = (triton.cdiv(S_Q, cfg["block_m"]) * triton.cdiv(S_KV, cfg["block_n"]), B * H)
+    grid = (cdiv(S_Q, cfg["block_m"]) * cdiv(S_KV, cfg["block_n"]), B * H)
     _attention_qk_kernel[grid](
         q, k, scores, sm_scale, S_Q, S_KV, H, H // k.shape[1],
         *_strides(q), *_strides(k), *_strides(scores),
@@ -371,7 +372,7 @@ def launch_attention_av(scores: torch.Tensor, v: torch.Tensor, causal: bool) -> 
     if o.numel() == 0:
         return o
     cfg = _launch_config(v)
-    grid = (triton.cdiv(S_Q, cfg["block_m"]), B * H)
+    grid = (cdiv(S_Q, cfg["block_m"]), B * H)
     _attention_av_kernel[grid](
         scores, v, o, S_Q, S_KV, H, H // v.shape[1],
         *_strides(scores), *_strides(v), *_strides(o),

@@ -40,6 +40,7 @@ from kernels.cost_scoring import (CostCurves, bias_from_loads, bias_from_loads_r
                                   energy_weight_reference, expert_cost_reference, hardware_stretch,
                                   hardware_stretch_reference, score, score_reference, stretched_cost)
 from kernels.routing_stats import expert_loads_reference
+from kernels.tiles import next_power_of_2
 from kernels.validate import INDEX_DTYPES, check_tensor
 
 # the curves and references the router reads come from kernels.cost_scoring; re-exported as this op's API
@@ -120,8 +121,8 @@ def expert_cost_bias(topk_ids: torch.Tensor, curves: CostCurves, hardware_state:
         *cost_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
                     max_memory_pressure),
         N_TABLE=curves.n_table, N_CLOCK=curves.n_clock, N_PRESSURE=curves.n_pressure,
-        HAS_EXTRA=extra_cost is not None, BLOCK=min(1024, triton.next_power_of_2(max(ids.numel(), 16))),
-        BINS=triton.next_power_of_2(E + 1),
+        HAS_EXTRA=extra_cost is not None, BLOCK=min(1024, next_power_of_2(max(ids.numel(), 16))),
+        BINS=next_power_of_2(E + 1),
     )
     return bias
 
@@ -147,7 +148,7 @@ def ttt_offset_step(window: torch.Tensor, curves: CostCurves, hardware_state: to
         *cost_constants(curves, energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c,
                     max_memory_pressure), float(lr),
         N_TABLE=curves.n_table, N_CLOCK=curves.n_clock, N_PRESSURE=curves.n_pressure,
-        HAS_EXTRA=extra_cost is not None, BINS=triton.next_power_of_2(E + 1),
+        HAS_EXTRA=extra_cost is not None, BINS=next_power_of_2(E + 1),
     )
 
 

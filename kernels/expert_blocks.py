@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tiles import cdiv, next_power_of_2
+
 # slots up to which one program builds the layout: its [slots, RANK_CHUNK] rank comparisons stay
 # a few registers a thread, and 256 slots cover decode (Qwen3-MoE's K=8 up to 32 tokens)
 ONE_LAUNCH_SLOTS = 256
@@ -129,23 +131,23 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
     n_slots = topk_ids.numel()
     device = topk_ids.device
     n_rows = n_slots + num_experts * (block_m - 1)
-    n_blocks = triton.cdiv(n_rows, block_m)
+    n_blocks = cdiv(n_rows, block_m)
     block_experts = torch.empty((n_blocks,), dtype=torch.int32, device=device)
     num_padded = torch.empty((1,), dtype=torch.int32, device=device)
     ids = topk_ids.contiguous().view(-1)  # the kernels index it with unit stride
-    bins = triton.next_power_of_2(num_experts + 1)  # the experts and a spare bin for dropped ids
+    bins = next_power_of_2(num_experts + 1)  # the experts and a spare bin for dropped ids
     label_block = max(16, 4096 // bins)
     if n_slots <= ONE_LAUNCH_SLOTS:
         counts, starts = torch.empty((2, num_experts), dtype=torch.int32, device=device)
         sorted_slots = torch.empty((n_rows,), dtype=torch.int32, device=device)
         _one_launch_kernel[(1,)](ids, counts, starts, sorted_slots, block_experts, num_padded, n_slots, num_experts,
-                                 n_rows, n_blocks, BLOCK_S=triton.next_power_of_2(max(n_slots, 1)), BINS=bins,
+                                 n_rows, n_blocks, BLOCK_S=next_power_of_2(max(n_slots, 1)), BINS=bins,
                                  BLOCK_M=block_m, LABEL_BLOCK=label_block, RANK_CHUNK=RANK_CHUNK,
                                  FILL_BLOCK=FILL_BLOCK)
         return ExpertBlocks(sorted_slots, block_experts, num_padded, counts, block_m, n_slots)
     counts, cursor, starts = torch.zeros((3, num_experts), dtype=torch.int32, device=device)
     sorted_slots = torch.full((n_rows,), n_slots, dtype=torch.int32, device=device)
-    grid = (triton.cdiv(n_slots, SLOTS_PER_PROGRAM),)
+    grid = (cdiv(n_slots, SLOTS_PER_PROGRAM),)
     _count_experts_kernel[grid](ids, counts, n_slots, num_experts, BLOCK=SLOTS_PER_PROGRAM, BINS=bins)
     _expert_runs_kernel[(1,)](counts, starts, block_experts, num_padded, num_experts, n_blocks,
                               BINS=bins, BLOCK_M=block_m, LABEL_BLOCK=label_block)
@@ -167,6 +169,6 @@ def group_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
     rank = torch.arange(slots.numel(), device=device) - (counts.cumsum(0) - counts)[experts]
     sorted_slots = torch.full((n_rows,), n_slots, dtype=torch.int32, device=device)
     sorted_slots[(ends - padded)[experts] + rank] = slots.int()
-    first_rows = torch.arange(triton.cdiv(n_rows, block_m), device=device) * block_m
+    first_rows = torch.arange(cdiv(n_rows, block_m), device=device) * block_m
     block_experts = torch.bucketize(first_rows, ends, right=True)  # runs ending at or before the block: its expert
     return ExpertBlocks(sorted_slots, block_experts.int(), ends[-1:].int(), counts.int(), block_m, n_slots)

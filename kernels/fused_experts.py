@@ -33,7 +33,7 @@ from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
 from kernels.quantize import launch_quantize_fp8
 from kernels.routing import check_topk_ids
-from kernels.tiles import tile_coords, tile_products, tile_products_tma
+from kernels.tiles import cdiv, tile_coords, tile_products, tile_products_tma
 
 PERSISTENT_PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs to hide each one's loads
 
@@ -172,7 +172,7 @@ def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tenso
     persistent = persistent or bool(cfg.get("persistent"))
     w, bias, w_scale = weights.w, weights.bias, weights.scale
     n_row_blocks = blocks.block_experts.shape[0]
-    n_tiles = n_row_blocks * triton.cdiv(N, cfg["block_n"])
+    n_tiles = n_row_blocks * cdiv(N, cfg["block_n"])
     grid = (min(n_tiles, PERSISTENT_PROGRAMS_PER_SM * processor_count(a.device)) if persistent else n_tiles,)
     d_w, up_rows = weight_descriptor(weights, cfg) if cfg.get("tma") else (None, 0)
     _expert_gemm_kernel[grid](

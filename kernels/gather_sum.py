@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels._library import kernel_op
+from kernels.tiles import cdiv, next_power_of_2
 from kernels.validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 
@@ -47,9 +48,9 @@ def launch_gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor
         return out
     if J == 0:
         return out.zero_()
-    block_h = min(256, triton.next_power_of_2(H))
+    block_h = min(256, next_power_of_2(H))
     block_t = max(1, 2048 // block_h)
-    grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
+    grid = (cdiv(T, block_t), cdiv(H, block_h))
     _gather_sum_kernel[grid](rows, index.contiguous(), out, T, H, num_experts or 0, rows.stride(0), out.stride(0),
                              J=J, SLOTS_OF_IDS=num_experts is not None, BLOCK_T=block_t, BLOCK_H=block_h)
     return out

@@ -17,7 +17,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels import config as _config
 from kernels._autograd import apply_with_reference_grad
 from kernels.validate import check_dim, check_same_dtype_device, check_tensor, dot_precision, tma_compatible
-from kernels.tiles import tile_coords, tile_product
+from kernels.tiles import cdiv, tile_coords, tile_product
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def launch_matmul(x: torch.Tensor, weight: torch.Tensor, fuse_swiglu: bool = Fal
         return y.zero_()  # an empty sum; silu(0) * 0 is 0 too
     cfg = cfg or _config.lookup("swiglu_gate_up" if fuse_swiglu else "matmul", x.device, m=M, n=N, k=K,
                              elem_bytes=x.element_size())
-    n_tiles = triton.cdiv(M, cfg["block_m"]) * triton.cdiv(N, cfg["block_n"])
+    n_tiles = cdiv(M, cfg["block_m"]) * cdiv(N, cfg["block_n"])
     if cfg.get("tma") and tma_compatible(x, weight, y):
         _launch_tma(x, weight, y, fuse_swiglu, cfg, n_tiles)
         return y

@@ -45,6 +45,7 @@ from kernels.cost_scoring import (bias_from_loads, bias_from_loads_reference, ch
 from kernels.routing import (UNSELECTABLE, _bias_vector, _pick, _probabilities, _renormalized, _selection, _top_k,
                              check_selection_bias, launch_config, route_reference)
 from kernels.routing_stats import expert_loads_reference
+from kernels.tiles import cdiv, next_power_of_2
 from kernels.validate import check_bool, check_float, check_int, check_tensor
 
 FILL_MODES = ("cost", "active")
@@ -263,14 +264,14 @@ def launch_policy_routing(router_logits: torch.Tensor, top_k: int, keep_top_k: i
     args = (router_logits, selection_bias, weights, ids, plain, kept, fill_bias, nan_tokens, loads,
             T, E, router_logits.stride(0), selection_bias.stride(0) if selection_bias is not None else 0,
             keep_top_k, keep_share, packed, packed.stride(0), hardware_state, bias_offsets, extra_cost, *constants)
-    meta = dict(TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k),
-                BINS=triton.next_power_of_2(E + 1), HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize,
+    meta = dict(TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), BLOCK_K=next_power_of_2(top_k),
+                BINS=next_power_of_2(E + 1), HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize,
                 KEEP_BY_SHARE=keep_by_share, FILL_BY_COST=fill_by_cost, num_warps=num_warps, N_TABLE=n_table,
                 N_CLOCK=n_clock, N_PRESSURE=n_pressure, HAS_EXTRA=has_extra)
     if fused:
         _policy_routing_kernel[(1,)](*args, **meta, PASS=0)
     else:
-        grid = (triton.cdiv(T, block_t),)
+        grid = (cdiv(T, block_t),)
         _policy_routing_kernel[grid](*args, **meta, PASS=1)
         _policy_routing_kernel[grid](*args, **meta, PASS=2)
     return weights, ids, plain, kept, fill_bias, nan_tokens

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels._library import kernel_op
+from kernels.tiles import cdiv, next_power_of_2
 from kernels.validate import check_fp8_capability, check_fp8_device, check_tensor
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -55,8 +56,8 @@ def launch_quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, scale
     if K == 0:
         return q, scale.fill_(1.0)
-    block_k = min(1024, triton.next_power_of_2(K))
-    _quantize_rows_kernel[(triton.cdiv(M, ROWS_PER_PROGRAM),)](
+    block_k = min(1024, next_power_of_2(K))
+    _quantize_rows_kernel[(cdiv(M, ROWS_PER_PROGRAM),)](
         x, q, scale, M, K, x.stride(0), q.stride(0), FP8_LIMIT=FP8_MAX, BLOCK_M=ROWS_PER_PROGRAM, BLOCK_K=block_k)
     return q, scale
 

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kernels import config as _config
 from kernels._library import kernel_op
+from kernels.tiles import cdiv, next_power_of_2
 from kernels.validate import INDEX_DTYPES, check_bool, check_int, check_tensor
 
 # the selection score of every unselectable expert: float32's lowest, below any selectable score,
@@ -137,7 +138,7 @@ def _topk_routing_kernel(
 
 
 def _next_pow2(n):
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_power_of_2(max(int(n), 1))
 
 
 def row_block(T: int, E: int, most: int) -> int:
@@ -174,7 +175,7 @@ def topk_routing(router_logits: torch.Tensor, top_k: int, selection_bias: torch.
     nan_tokens = torch.zeros(1, dtype=torch.int32, device=device)
     if T > 0:
         block_t, num_warps = launch_config("topk_routing", T, E, device, config)
-        _topk_routing_kernel[(triton.cdiv(T, block_t),)](
+        _topk_routing_kernel[(cdiv(T, block_t),)](
             router_logits, selection_bias, weights, ids, nan_tokens, T, E, router_logits.stride(0),
             selection_bias.stride(0) if selection_bias is not None else 0,
             TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=_next_pow2(E), BLOCK_K=_next_pow2(top_k),

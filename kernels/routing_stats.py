@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tiles import next_power_of_2
 from kernels.validate import INDEX_DTYPES, check_int, check_tensor
 
 STAT_FIELDS = ("calls", "tokens", "rerouted_tokens", "changed_slots", "distinct_experts", "plain_distinct_experts",
@@ -78,12 +79,12 @@ def routing_tallies(plain_ids: torch.Tensor, topk_ids: torch.Tensor, weights: to
     if stats is None and window is None:
         return
     T, K = topk_ids.shape
-    block_k = triton.next_power_of_2(K)
+    block_k = next_power_of_2(K)
     _routing_tally_kernel[(1,)](
         plain_ids.contiguous(), topk_ids.contiguous(), weights.contiguous(), nan_tokens,
         stats if stats is not None else nan_tokens, window if window is not None else weights, T, num_experts,
         TOP_K=K, BLOCK_T=max(1, min(256, 2048 // block_k)), BLOCK_K=block_k,
-        BINS=triton.next_power_of_2(num_experts + 1), TRACK_STATS=stats is not None, TRACK_WINDOW=window is not None,
+        BINS=next_power_of_2(num_experts + 1), TRACK_STATS=stats is not None, TRACK_WINDOW=window is not None,
     )
 
 

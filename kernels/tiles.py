@@ -1,8 +1,19 @@
 """The GEMM tile helpers our kernels share (``kernels.matmul``, ``kernels.fused_experts``): which
 output tile a program computes, and the K loop of a tile's product, plain or gated, with the weight
-tiles read through pointers or a tensor descriptor."""
+tiles read through pointers or a tensor descriptor; and the launchers' host arithmetic."""
 import triton
 import triton.language as tl
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. ``triton.cdiv`` is a constexpr function whose wrapper costs about a
+    microsecond a call, and an eager decode step of the fused experts made eight such calls."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), on the host (``cdiv`` says why not triton's)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @triton.jit
