@@ -87,7 +87,7 @@ def _fused_experts(configs, B, dims, fp8=False):
     suffix, operand_bytes = ("_fp8", FP8_BYTES) if fp8 else ("", BYTES_PER_ELEMENT)
     shape = {"slots_per_expert": slots // E, "e": E, "i": I, "elem_bytes": BYTES_PER_ELEMENT}
     bm = pick_config(configs, "moe_gate_up" + suffix, **shape)["block_m"]
-    row_blocks = touched * math.ceil(slots / touched / bm)
+    row_blocks = expected_row_blocks(B, E, K, bm)
     launches = []
     for config_op, N, K_in, gated, rows_in in (("moe_gate_up", I, H, True, B), ("moe_down", H, I, False, slots)):
         if fp8:  # the input rows' quantization: the tokens, then each slot's intermediate
@@ -100,6 +100,27 @@ def _fused_experts(configs, B, dims, fp8=False):
         launches.append(Launch(row_blocks * math.ceil(N / bn), tile_flops, nbytes,
                                _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes)))
     return launches
+
+
+def expected_row_blocks(batch_size: float, num_experts: int, top_k: int, block_m: int) -> float:
+    """Row blocks the experts' padded runs fill when each of ``batch_size`` tokens picks ``top_k`` of
+    ``num_experts`` uniformly: E * E[ceil(X / block_m)], X ~ Binomial(B, K/E) an expert's slots. Uneven
+    loads fill more blocks than an even spread (96 slots an expert on 64-row blocks: 2 if even, and
+    a third for experts past 128); the sum runs over X within 10 standard deviations of its mean."""
+    B = max(int(round(batch_size)), 0)
+    p = min(top_k / num_experts, 1.0)
+    if B == 0 or p == 0.0:
+        return 0.0
+    if p == 1.0:
+        return num_experts * math.ceil(B / block_m)
+    mean, sd = B * p, math.sqrt(B * p * (1.0 - p))
+    low, high = max(1, int(mean - 10 * sd)), min(B, int(mean + 10 * sd) + 1)
+    log_p, log_q = math.log(p), math.log1p(-p)
+    blocks = 0.0
+    for x in range(low, high + 1):  # P(X = x) ceil(x / block_m)
+        log_pmf = math.lgamma(B + 1) - math.lgamma(x + 1) - math.lgamma(B - x + 1) + x * log_p + (B - x) * log_q
+        blocks += math.exp(log_pmf) * math.ceil(x / block_m)
+    return num_experts * blocks
 
 
 def _quantize(rows, width):

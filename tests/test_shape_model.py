@@ -6,13 +6,14 @@ import math
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from calibration.results import write_json_atomic
 from calibration.sweep import SHAPE_SWEEP
 from costmodel.fit import Ceilings, OpFit, launch_times, work_totals
 from costmodel.kernel_cost_model import KernelCostModel
-from costmodel.ops import ModelDims
-from costmodel.shapes import gemm, op_launches, pick_config
+from costmodel.ops import ModelDims, expected_experts
+from costmodel.shapes import expected_row_blocks, gemm, op_launches, pick_config
 
 CEILINGS = Ceilings(peak_flops=8.0e14, hbm_bytes_per_s=3.0e12, sm_count=132, l2_bytes=50 * 2 ** 20)
 CONFIGS = {"matmul": {"entries": [{"when": {"max_m": 64}, "config": {"block_m": 16, "block_n": 64, "block_k": 64}},
@@ -154,8 +155,30 @@ def test_fused_experts_counts_padded_row_blocks_of_the_touched_experts():
                "moe_down": {"entries": [{"config": {"block_n": 32, "block_k": 32}}]}}
     gate_up, down = op_launches("fused_experts", 1, dims, configs)  # 2 slots: two experts, one row block each
     assert gate_up.tiles == 2 * math.ceil(128 / 64) and down.tiles == 2 * math.ceil(64 / 32)
-    gate_up, _ = op_launches("fused_experts", 100, dims, configs)  # 200 slots on ~8 experts: 25 rows -> 2 blocks
-    assert gate_up.tiles == pytest.approx(8 * 2 * 2)
+    gate_up, _ = op_launches("fused_experts", 100, dims, configs)  # 200 slots on 8 experts: 25 rows each on average
+    assert gate_up.tiles == pytest.approx(expected_row_blocks(100, 8, 2, 16) * 2)
+    assert 8 * 2 < expected_row_blocks(100, 8, 2, 16) < 8 * 2.1  # two blocks, a third for the few experts past 32
+
+
+@pytest.mark.parametrize("B, E, K, block_m", [(1, 8, 2, 16), (5, 64, 8, 16), (100, 8, 2, 16), (768, 16, 2, 64),
+                                              (1024, 64, 8, 64), (300, 4, 4, 128)])
+def test_expected_row_blocks_match_simulated_uniform_routing(B, E, K, block_m):
+    """Each token's top-k as a random K of E; the mean over 400 routings of the row blocks the
+    padded runs fill, against the binomial expectation the model uses."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = []
+    for _ in range(400):
+        ids = torch.rand(B, E, generator=gen).argsort(dim=1)[:, :K]
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        blocks.append(float(((counts + block_m - 1) // block_m).sum()))
+    assert expected_row_blocks(B, E, K, block_m) == pytest.approx(sum(blocks) / len(blocks), rel=0.01)
+
+
+def test_expected_row_blocks_edges():
+    assert expected_row_blocks(0, 8, 2, 16) == 0.0
+    assert expected_row_blocks(1, 8, 2, 16) == pytest.approx(2.0)  # one token: K experts, one block each
+    assert expected_row_blocks(40, 4, 4, 16) == 4 * 3  # every expert gets every token
+    assert expected_row_blocks(3, 64, 8, 16) == pytest.approx(expected_experts(3, 64, 8))  # runs shorter than a block
 
 
 def test_latency_only_points_load_but_an_op_needs_one_metered_point(tmp_path):
