@@ -6,7 +6,8 @@ CUDA-event timings) after a correctness check; the fastest pair becomes an entry
 ``kernels/configs/moe_gate_up/<GPU>.json`` and ``moe_down/<GPU>.json``, pinned to that shape's
 E and I and bounded by slots per expert (T*K/E). ``--weights fp8`` tunes the FP8 experts' W8A8
 GEMMs instead (``moe_gate_up_fp8`` / ``moe_down_fp8``: FP8 tokens and intermediate, larger K
-blocks among the candidates). Needs a CUDA device.
+blocks among the candidates). Prefill candidates include weight tiles read by TMA (``tma``) and a
+persistent grid (``persistent``). Needs a CUDA device.
 """
 import argparse
 import math
@@ -22,17 +23,19 @@ from kernels.fp8_experts import fp8_weights, quantize_fp8_weights
 from kernels.fused_experts import concatenated_weights, launch_expert_gemm
 from kernels.quantize import dequantize_fp8, quantize_fp8
 
-# (block_n, block_k, warps, stages, group_m[, flags]); TMA: weight tiles through tensor descriptors
-TMA = {"tma": True}
+# (block_n, block_k, warps, stages, group_m[, flags]); TMA: weight tiles through tensor descriptors (on a
+# persistent grid: the fastest at Mixtral's T=16384 in bench/results/tma_prefill_H100/)
+TMA, TMA_PERSISTENT = {"tma": True}, {"tma": True, "persistent": True}
 DECODE = [(32, 128, 4, 4, 1), (64, 128, 4, 4, 1), (64, 256, 4, 3, 1), (128, 128, 4, 3, 1), (32, 256, 4, 3, 1)]
 MID = [(64, 64, 4, 4, 8), (128, 64, 4, 3, 8), (128, 64, 8, 3, 8), (64, 128, 4, 3, 8), (128, 64, 8, 3, 8, TMA)]
 PREFILL = [(128, 64, 8, 3, 8), (128, 128, 8, 3, 8), (64, 128, 4, 4, 8), (128, 64, 8, 3, 8, TMA),
-           (128, 64, 8, 4, 8, TMA)]
+           (128, 64, 8, 4, 8, TMA), (128, 64, 8, 3, 8, TMA_PERSISTENT)]
 # FP8 operands take half the bytes per K step: deeper K blocks for the same shared memory
 FP8_TILES = {"decode": [(64, 256, 4, 4, 1), (128, 256, 4, 3, 1), (64, 512, 4, 3, 1), (32, 512, 4, 3, 1),
                         (128, 128, 4, 4, 1)],
              "mid": [(64, 128, 4, 4, 8), (128, 128, 4, 3, 8), (128, 128, 8, 3, 8), (64, 256, 4, 3, 8)],
-             "prefill": [(128, 128, 8, 3, 8), (128, 256, 8, 3, 8), (256, 128, 8, 3, 8), (128, 128, 4, 4, 8)]}
+             "prefill": [(128, 128, 8, 3, 8), (128, 256, 8, 3, 8), (256, 128, 8, 3, 8), (128, 128, 4, 4, 8),
+                         (128, 128, 8, 3, 8, TMA)]}
 BF16_TILES = {"decode": DECODE, "mid": MID, "prefill": PREFILL}
 TOKENS = {"mixtral": (1, 16, 128, 1024, 4096), "qwen3": (1, 16, 128, 1024, 8192), "olmoe": (1, 16, 128, 1024, 8192)}
 
@@ -49,9 +52,11 @@ def tiles_for(slots_per_expert: int, tiles: dict = BF16_TILES) -> list:
     return [(128, prefill), (64, mid)]
 
 
-def _cfg(tile):
+def candidate_config(tile: tuple) -> dict:
+    """A config entry from a candidate tile (block_n, block_k, warps, stages, group_m[, flags])."""
     bn, bk, warps, stages, group, *flags = tile
-    return dict(block_n=bn, block_k=bk, group_m=group, num_warps=warps, num_stages=stages, **(flags[0] if flags else {}))
+    return dict(block_n=bn, block_k=bk, group_m=group, num_warps=warps, num_stages=stages,
+                **(flags[0] if flags else {}))
 
 
 def slot_reference(a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, gather_tokens: bool, fuse_swiglu: bool,
@@ -111,8 +116,8 @@ def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: to
         def run_down(cfg: dict) -> torch.Tensor:
             launch_expert_gemm(h_in, down_view, y, blocks, flat_w, shape.K, False, cfg, False, h_scale)
             return y
-        results = {"gate_up": time_candidates([_cfg(t) for t in tiles], run_gate_up, lambda: h_ref),
-                   "down": time_candidates([_cfg(t) for t in tiles], run_down, lambda: y_ref)}
+        results = {"gate_up": time_candidates([candidate_config(t) for t in tiles], run_gate_up, lambda: h_ref),
+                   "down": time_candidates([candidate_config(t) for t in tiles], run_down, lambda: y_ref)}
         for kernel, timed in results.items():
             measured.append({"shape": shape.name, "T": T, "block_m": block_m, "kernel": kernel,
                              "candidates": [{"config": c, "median_ms": ms, "error": e} for ms, e, c in timed]})

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import kernels
+from bench import tune_moe
 from kernels.fused_experts import (concatenated_weights, fused_experts_reference, launch_fused_experts,
                                    weight_descriptor)
 from kernels.gpt_oss_experts import gpt_oss_weights
@@ -119,6 +120,22 @@ def test_weight_descriptor_refuses_strided_k():
     cfg = TMA_CONFIGS["tma"][0]
     for view in gpt_oss_weights(gate_up, gate_up_bias, down, down_bias, 1.702, 7.0):
         assert weight_descriptor(view, cfg) == (None, 0)
+
+
+@pytest.mark.parametrize("phase", ["decode", "mid", "prefill"])
+def test_every_tuner_candidate_gives_the_reference(phase):
+    """``bench.tune_moe``'s candidates (TMA and persistent flags included) as config files would
+    hold them: each must run and match the reference (the tuner times only those that do)."""
+    T, H, I, E, K = 24, 64, 48, 4, 2
+    x = randn(T, H)
+    gate_up, down = expert_weights(E, H, I, torch.float32)
+    ids, weights = random_topk(T, E, K)
+    expected = reference64(x, gate_up, down, ids, weights)
+    block_m = {"decode": 16, "mid": 32, "prefill": 64}[phase]
+    for tile in tune_moe.BF16_TILES[phase]:
+        cfg = tune_moe.candidate_config(tile)
+        out = launch_fused_experts(x, gate_up, down, ids, weights, configs=({"block_m": block_m} | cfg, cfg))
+        assert_matches(out, expected, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
