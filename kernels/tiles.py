@@ -30,6 +30,16 @@ def tile_coords(i_tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 
 
 @triton.jit
+def x_tile(p_xb, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The [BM, BK] x tile ``p_xb`` at K offset ``k0``, zeros past K."""
+    if EVEN_K:
+        b_x = tl.load(p_xb)
+    else:
+        b_x = tl.load(p_xb, mask=(tl.arange(0, BLOCK_K) < K - k0)[None, :], other=0.0)
+    return b_x
+
+
+@triton.jit
 def tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    EVEN_K: tl.constexpr, WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -41,12 +51,11 @@ def tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        b_x = x_tile(p_xb, k0, K, BLOCK_K, EVEN_K)
+        m_k = o_k < K - k0
         if EVEN_K:
-            b_x = tl.load(p_xb)
             b_w = tl.load(p_wb)
         else:
-            m_k = o_k < K - k0
-            b_x = tl.load(p_xb, mask=m_k[None, :], other=0.0)
             b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
         b_acc = tl.dot(b_x, b_w.to(b_x.dtype), b_acc, input_precision=DOT_PRECISION)
         if WITH_UP:
@@ -79,14 +88,10 @@ def tile_products_tma(p_xb, d_w, i_e, off_n, up_rows, K, stride_xk,
     """``tile_products`` with the weight tiles from a [E, rows, K] tensor descriptor ``d_w`` (TMA on
     Hopper): expert ``i_e``'s rows ``off_n`` on, the "up" rows ``up_rows`` further on. The descriptor
     zero-fills past K and past its rows; x tiles ``p_xb`` [BM, BK] are gathered rows, so pointers."""
-    o_k = tl.arange(0, BLOCK_K)
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            b_x = tl.load(p_xb)
-        else:
-            b_x = tl.load(p_xb, mask=(o_k < K - k0)[None, :], other=0.0)
+        b_x = x_tile(p_xb, k0, K, BLOCK_K, EVEN_K)
         b_w = d_w.load([i_e, off_n, k0]).reshape(BLOCK_N, BLOCK_K)  # [BN, BK]
         b_acc = tl.dot(b_x, b_w.to(b_x.dtype).T, b_acc, input_precision=DOT_PRECISION)
         if WITH_UP:
