@@ -8,9 +8,11 @@ that config makes, and the tensor-core FLOPs a tile runs *including padding* (a 
 ``sm_count`` (``costmodel.fit.launch_times``).
 
 A ``Launch`` is one kernel launch; ``op_launches(op, batch_size, dims, configs)`` lists an op's.
-Tiles are counted at the expected routing for ``fused_experts``: ``batch_size * top_k`` slots
-spread evenly over the experts uniform routing touches (``costmodel.ops.expected_experts``).
+Tiles are counted at the expected routing for ``fused_experts``: each expert's share of the
+``batch_size * top_k`` slots is binomial under uniform routing, and its padded run fills
+``ceil(slots / block_m)`` row blocks (``expected_row_blocks``).
 """
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -102,6 +104,7 @@ def _fused_experts(configs, B, dims, fp8=False):
     return launches
 
 
+@functools.lru_cache(maxsize=4096)  # fits and curves ask for the same points many times
 def expected_row_blocks(batch_size: float, num_experts: int, top_k: int, block_m: int) -> float:
     """Row blocks the experts' padded runs fill when each of ``batch_size`` tokens picks ``top_k`` of
     ``num_experts`` uniformly: E * E[ceil(X / block_m)], X ~ Binomial(B, K/E) an expert's slots. Uneven
