@@ -111,7 +111,8 @@ class KernelCostModel:
         if op not in self.table["ops"]:
             why = self.table.get("fp8_ops_missing_reason", "") if op in FP8_OPS else ""
             how = f"; `python -m bench.calibrate --gpu {self.gpu_type} --ops {op}` measures it, keeping the other ops"
-            raise ValueError(f"op {op!r} is not in the {self.gpu_type} table ({self.path})" + (f": {why}" if why else how))
+            raise ValueError(f"op {op!r} is not in the {self.gpu_type} table ({self.path})"
+                             + (f": {why}" if why else how))
         batch_size = finite_number("batch_size", batch_size, low=0.0, low_open=True)
         if current_temp is not None:
             current_temp = self._check_temp(current_temp)

@@ -51,7 +51,6 @@ __all__ = [
     "attention_av", "attention_qk", "decode_attention", "flash_attention", "matmul",
     "ffn_down", "ffn_gate", "ffn_up", "swiglu_ffn", "swiglu_gate_up",
     "FusedMoE", "TopKRouter", "fp8_experts", "fused_experts", "gpt_oss_experts", "quantize_fp8", "quantize_fp8_weights",
-    "patch_hf_model",
-    "policy_routing", "register_hf_experts_implementation",
+    "patch_hf_model", "policy_routing", "register_hf_experts_implementation",
     "config_entries", "config_sources", "route",
 ]
