@@ -233,7 +233,7 @@ class _Sampler:
 def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
     """A sweep cut after 3 points keeps them in the partial file; --resume measures only the rest,
     and the two runs' points together are the whole plan (the table's dims, then the extra
-    shapes, metered only at their end batch sizes), each once."""
+    shapes, each metered), each once."""
     from bench import calibrate
     measured = []
 
@@ -241,7 +241,7 @@ def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
         if len(measured) == 3 and not resumed:
             raise KeyboardInterrupt
         measured.append((op, dims, batch_size, trials))
-        return {"batch_size": batch_size, "latency_ms": 1.0 + batch_size, "energy_j": 0.1 if trials else None}, None
+        return {"batch_size": batch_size, "latency_ms": 1.0 + batch_size, "energy_j": 0.1}, None
 
     monkeypatch.setattr(sweep_lib, "sweep_point", fake_point)
     monkeypatch.setattr(sweep_lib, "BackgroundSampler", _Sampler)
@@ -263,7 +263,7 @@ def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
     assert sorted(measured, key=str) == sorted(plan, key=str) and len(measured) == len(plan), "every point once"
     assert len(plan) == 2 * (len(sweep_lib.TOKEN_BATCHES) + len(SHAPE_SWEEP) * len(sweep_lib.SHAPE_TOKEN_BATCHES))
     metered = {(dims, b) for op, dims, b, trials in plan if trials and dims != again.settings.dims}
-    assert metered == {(dims, b) for dims in SHAPE_SWEEP for b in (1, 4096)}
+    assert metered == {(dims, b) for dims in SHAPE_SWEEP for b in sweep_lib.SHAPE_TOKEN_BATCHES}
     at_table_dims = [p for p in again.state["points"]["ffn_up"] if "dims" not in p]
     assert [p["batch_size"] for p in at_table_dims] == list(sweep_lib.TOKEN_BATCHES)
     shaped = [p for p in again.state["points"]["ffn_up"] if "dims" in p]
