@@ -81,6 +81,18 @@ def test_custom_scale_and_strided_layout():
     assert_matches(out, sdpa64(q, k, v, True, scale=0.3), torch.float32)
 
 
+@pytest.mark.parametrize("sm_scale", [-4.0, 0.0, 1e-3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_non_positive_and_tiny_scales(sm_scale, causal):
+    """A positive scale is folded into the softmax's exp2; zero and negative ones take the scaled path
+    (the row max does not commute with a negative scale), masked keys included."""
+    q, k, v = qkv(1, 2, 2, 70, 70, 32, torch.float32)
+    out = kernels.flash_attention(q, k, v, causal=causal, sm_scale=sm_scale)
+    # SDPA's math backend scales q and k by sqrt(scale) (NaN below 0): the reference scales the scores
+    ref = flash_attention_reference(q.double(), k.double(), v.double(), causal, sm_scale)
+    assert_matches(out, ref.float(), torch.float32)
+
+
 def test_empty_batch_and_queries():
     q, k, v = qkv(0, 2, 2, 5, 5, 32, torch.float32)
     assert kernels.flash_attention(q, k, v).shape == (0, 2, 5, 32)
