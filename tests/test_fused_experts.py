@@ -1,6 +1,7 @@
 """Fused experts against the per-expert torch loop (transformers' eager MixtralExperts)."""
 import pytest
 import torch
+import triton
 
 import kernels
 from bench import tune_moe
@@ -125,17 +126,28 @@ def test_weight_descriptor_refuses_strided_k():
 @pytest.mark.parametrize("phase", ["decode", "mid", "prefill"])
 def test_every_tuner_candidate_gives_the_reference(phase):
     """``bench.tune_moe``'s candidates (TMA and persistent flags included) as config files would
-    hold them: each must run and match the reference (the tuner times only those that do)."""
+    hold them: each that runs must match the reference. In bf16 on a GPU, as the tuner runs them; a
+    tile over the GPU's shared memory (the gate/up kernel loads two weight tiles a stage) is refused
+    with Triton's OutOfResources, which the tuner records and skips. fp32 in the interpreter, where
+    every candidate runs."""
     T, H, I, E, K = 24, 64, 48, 4, 2
-    x = randn(T, H)
-    gate_up, down = expert_weights(E, H, I, torch.float32)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    x = randn(T, H, dtype=dtype)
+    gate_up, down = expert_weights(E, H, I, dtype)
     ids, weights = random_topk(T, E, K)
     expected = reference64(x, gate_up, down, ids, weights)
     block_m = {"decode": 16, "mid": 32, "prefill": 64}[phase]
+    ran = 0
     for tile in tune_moe.BF16_TILES[phase]:
         cfg = tune_moe.candidate_config(tile)
-        out = launch_fused_experts(x, gate_up, down, ids, weights, configs=({"block_m": block_m} | cfg, cfg))
-        assert_matches(out, expected, torch.float32)
+        try:
+            out = launch_fused_experts(x, gate_up, down, ids, weights, configs=({"block_m": block_m} | cfg, cfg))
+        except triton.runtime.errors.OutOfResources:
+            assert ON_GPU, f"{cfg} refused by the interpreter"
+            continue
+        assert_matches(out, expected, dtype)
+        ran += 1
+    assert ran >= len(tune_moe.BF16_TILES[phase]) - 1, "at most one candidate may exceed shared memory"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
