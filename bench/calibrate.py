@@ -121,10 +121,20 @@ def resumed_state(parser: argparse.ArgumentParser, settings: SweepSettings) -> d
     return state
 
 
+def check_same_board(parser: argparse.ArgumentParser, state: dict, board: "str | None") -> None:
+    """Refuse to resume a sweep begun on another board: boards' energy counters differ by about ±5%,
+    and one table holds one board's."""
+    earlier = [b for b in state.get("boards", []) if b]
+    if board and earlier and board not in earlier:
+        parser.error(f"--resume: the interrupted sweep ran on board {earlier[-1]}, this GPU is {board}; one table "
+                     "holds one board's energy counter (boards differ by about ±5%): calibrate without --resume")
+
+
 def main(argv: list | None = None) -> int:
     parser, args = parse_args(argv)
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     detected = check_gpu(parser, args.gpu, meter)
+    check_same_board(parser, args.state, meter.uuid())
     partial = partial_path(args.output)
     if not args.resume and partial.exists():
         print(f"note: starting afresh over the interrupted sweep in {partial} (--resume continues it)", file=sys.stderr)

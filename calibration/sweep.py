@@ -180,7 +180,7 @@ def sweep_settings(args: "SweepSettings") -> dict:
 def new_state(args: "SweepSettings") -> dict:
     """A sweep with nothing measured yet (what ``<gpu>.partial.json`` holds as it goes)."""
     return {"schema": 1, "settings": sweep_settings(args), "constants": None, "background_util": None,
-            "points": {op: [] for op in args.ops}, "pressure_curves": {}, "measured_s": 0.0, "runs": 0}
+            "points": {op: [] for op in args.ops}, "pressure_curves": {}, "measured_s": 0.0, "runs": 0, "boards": []}
 
 
 def rejected_path(output: Path) -> Path:
@@ -292,6 +292,7 @@ def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected:
                                            f"{MIN_THERMAL_SAMPLES} a fit needs: calibrate without --resume to fit it")
     if state["runs"] > 1:
         table["resumed"] = {"runs": state["runs"], "points_measured_s": state["measured_s"],
+                            "boards": state.get("boards") or "not recorded (a partial sweep from before boards were)",
                             "note": "an interrupted sweep continued with --resume: idle power and ceilings are the "
                                     "first run's, the thermal model is fitted to the final run's timeline"}
     collectives = kept_collectives(args.output)
@@ -360,6 +361,7 @@ def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detecte
     rejected) with the table at ``settings.output`` left as it was and the partial sweep kept."""
     started, partial = time.monotonic(), partial_path(settings.output)
     state["runs"] += 1
+    state.setdefault("boards", []).append(meter.uuid())  # each run's board (NVML UUID; None if unreadable)
     save = functools.partial(write_json_atomic, partial)
     if state["constants"] is None:
         state["constants"] = measure_constants(meter)

@@ -217,6 +217,21 @@ def test_calibrate_resume_is_refused_without_a_matching_partial_sweep(tmp_path, 
     assert "other trials (trials=3)" in err, err
 
 
+def test_calibrate_resume_on_another_board_is_refused(tmp_path, capsys):
+    """A sweep begun on one board is not continued on another (their energy counters differ);
+    the same board, or a partial sweep that never recorded one, continues."""
+    import argparse
+    from bench import calibrate
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        calibrate.check_same_board(parser, {"boards": ["GPU-a"]}, "GPU-b")
+    err = capsys.readouterr().err
+    assert "board GPU-a" in err and "GPU-b" in err and "without --resume" in err, err
+    for state, board in (({"boards": ["GPU-a"]}, "GPU-a"), ({}, "GPU-b"), ({"boards": [None]}, "GPU-b"),
+                         ({"boards": ["GPU-a"]}, None)):
+        calibrate.check_same_board(parser, state, board)
+
+
 class _Sampler:
     samples = []
 
@@ -285,7 +300,7 @@ def test_calibrate_table_of_a_short_resumed_run_passes_its_check(tmp_path):
     _, args = calibrate.parse_args(["--gpu", "H100", "--output", str(tmp_path / "H100.json"), "--ops", "ffn_gate",
                                     "--pressure_shares", ""])
     state = args.state | {"runs": 2, "constants": {"idle_power_w": 70.0, "gap_power_w": 90.0, "peak_flops": 1e15,
-                                                   "hbm_bytes_per_s": 3e12}}
+                                                   "hbm_bytes_per_s": 3e12}, "boards": ["GPU-test", "GPU-test"]}
     state["points"] = {"ffn_gate": [{"batch_size": b, "latency_ms": 0.01 * b, "energy_j": 0.001 * b, "flops": 1.0,
                                      "bytes": 1.0, "memory_gb": 1e-9} for b in (16, 1, 4)]}
 
@@ -300,6 +315,7 @@ def test_calibrate_table_of_a_short_resumed_run_passes_its_check(tmp_path):
     check_table(args.output, table)
     assert table["thermal"] is None and "without --resume" in table["thermal_missing_reason"]
     assert table["resumed"]["runs"] == 2 and table["idle_power_w"] == 70.0
+    assert table["resumed"]["boards"] == ["GPU-test", "GPU-test"]
     assert [p["batch_size"] for p in table["ops"]["ffn_gate"]["points"]] == [1, 4, 16]
 
 
