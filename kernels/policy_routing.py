@@ -150,12 +150,13 @@ def _kept_loads(b_plain, m_keep, o_e, o_k, TOP_K: tl.constexpr):
 @triton.jit
 def _policy_routing_kernel(
     p_logits, p_user_bias, p_weights, p_ids, p_plain, p_kept, p_fill_bias, p_nan_tokens, p_loads,
-    T, E, stride_lt, stride_user_bias, keep_top_k, keep_share,
+    T, E, stride_user_bias, keep_top_k, keep_share,
     p_curves, stride_row, p_state, p_offsets, p_extra,
     idle_power_w, fixed_energy_j, fixed_latency_ms, cool_temp_c, slowdown_temp_c, fastest_clock_mhz,
     energy_weight, latency_weight, max_shift, thermal_gain, thermal_margin_c, max_memory_pressure,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BINS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, KEEP_BY_SHARE: tl.constexpr, FILL_BY_COST: tl.constexpr,
+    STRIDE_LT: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, BINS: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+    KEEP_BY_SHARE: tl.constexpr, FILL_BY_COST: tl.constexpr,
     N_TABLE: tl.constexpr, N_CLOCK: tl.constexpr, N_PRESSURE: tl.constexpr, HAS_EXTRA: tl.constexpr,
     PASS: tl.constexpr,
 ):
@@ -179,13 +180,13 @@ def _policy_routing_kernel(
         tl.debug_barrier()  # every program stores the same bias (identical writes) and reads it in its layout
         b_fill = tl.load(p_fill_bias + o_e, mask=m_e, other=0.0)
         b_idle = tl.load(p_loads + o_e, mask=m_e, other=0) == 0
-        b_probs, _ = _probabilities(p_logits, o_t, o_e, m_t, m_e, stride_lt)
+        b_probs, _ = _probabilities(p_logits, o_t, o_e, m_t, m_e, STRIDE_LT)
         b_plain = tl.load(p_plain + o_tk, mask=m_out, other=-1)
         b_kept = tl.load(p_kept + o_t, mask=m_t, other=0)
         b_ids, b_weights = _fill(b_probs, b_user, b_fill, b_idle, b_plain, b_kept, o_e, o_k, m_e, TOP_K, BLOCK_T,
                                  BLOCK_K, RENORMALIZE)
     else:
-        b_probs, m_nan = _probabilities(p_logits, o_t, o_e, m_t, m_e, stride_lt)  # [BT, BE]
+        b_probs, m_nan = _probabilities(p_logits, o_t, o_e, m_t, m_e, STRIDE_LT)  # [BT, BE]
         b_select, b_gate = _selection(b_probs, b_user[None, :], m_e)
         b_plain, b_plain_weights = _top_k(b_select, b_gate, o_e, o_k, TOP_K, BLOCK_T, BLOCK_K)
         m_keep = _kept_prefix(b_plain_weights, o_k, keep_top_k, keep_share, TOP_K, KEEP_BY_SHARE) & m_t[:, None]
@@ -262,10 +263,11 @@ def launch_policy_routing(router_logits: torch.Tensor, top_k: int, keep_top_k: i
     fused = T <= block_t
     loads = torch.zeros(0 if fused else E, dtype=torch.int32, device=device)
     args = (router_logits, selection_bias, weights, ids, plain, kept, fill_bias, nan_tokens, loads,
-            T, E, router_logits.stride(0), selection_bias.stride(0) if selection_bias is not None else 0,
+            T, E, selection_bias.stride(0) if selection_bias is not None else 0,
             keep_top_k, keep_share, packed, packed.stride(0), hardware_state, bias_offsets, extra_cost, *constants)
-    meta = dict(TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), BLOCK_K=next_power_of_2(top_k),
-                BINS=next_power_of_2(E + 1), HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize,
+    meta = dict(STRIDE_LT=router_logits.stride(0), TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=next_power_of_2(E),
+                BLOCK_K=next_power_of_2(top_k), BINS=next_power_of_2(E + 1), HAS_BIAS=selection_bias is not None,
+                RENORMALIZE=renormalize,
                 KEEP_BY_SHARE=keep_by_share, FILL_BY_COST=fill_by_cost, num_warps=num_warps, N_TABLE=n_table,
                 N_CLOCK=n_clock, N_PRESSURE=n_pressure, HAS_EXTRA=has_extra)
     if fused:

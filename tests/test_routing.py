@@ -124,6 +124,17 @@ def test_selection_bias_is_read_with_its_strides(layout):
     assert torch.equal(result.topk_ids, expected.topk_ids) and torch.equal(result.topk_weights, expected.topk_weights)
 
 
+@pytest.mark.parametrize("E, width", [(60, 64), (60, 60), (5, 7), (120, 128)])
+def test_logits_are_read_with_their_row_stride(E, width):
+    """The row stride is a compile-time constant of the kernel (a runtime one that is no multiple
+    of 16 cost 1.7-3x on an H100): column slices of wider logits and unpadded rows alike."""
+    logits = randn(37, width)[:, :E]
+    result = kernels.route(logits, 4)
+    weights, ids = route_reference(logits, 4)
+    assert torch.equal(result.topk_ids.long(), ids)
+    assert torch.allclose(result.topk_weights, weights, rtol=1e-6, atol=1e-7)
+
+
 def test_nan_policy_raise_counts_positive_infinity_like_the_mask():
     logits = randn(3, 4)
     logits[1, 2] = math.inf
