@@ -70,6 +70,17 @@ def test_policy_routing_matches_torch(T, E, K, fill, keep, tmp_path):
     assert torch.equal(result.plain_ids, kernel_plain), "plain ids are plain top-k"
 
 
+@pytest.mark.parametrize("T", [9, 300])  # one fused launch, and the two-launch grid
+def test_logits_are_read_with_their_row_stride(T, tmp_path):
+    """Column slices of wider logits (a row stride that is no multiple of 16, a compile-time constant
+    of the kernel) give what their contiguous copy gives."""
+    E, K = 60, 4
+    logits = randn(T, 64, scale=2.0)[:, :E]
+    cost = fill_cost(curves_for(E, tmp_path), E)
+    result = policy_routing(logits, K, fill="cost", cost=cost, keep_top_k=1)
+    assert_same(result, logits.contiguous(), K, E, fill="cost", cost=cost, keep_top_k=1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dtypes_nan_tokens_and_masked_experts(dtype, tmp_path):
     T, E, K = 9, 12, 4
