@@ -267,9 +267,8 @@ def launch_policy_routing(router_logits: torch.Tensor, top_k: int, keep_top_k: i
             keep_top_k, keep_share, packed, packed.stride(0), hardware_state, bias_offsets, extra_cost, *constants)
     meta = dict(STRIDE_LT=router_logits.stride(0), TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=next_power_of_2(E),
                 BLOCK_K=next_power_of_2(top_k), BINS=next_power_of_2(E + 1), HAS_BIAS=selection_bias is not None,
-                RENORMALIZE=renormalize,
-                KEEP_BY_SHARE=keep_by_share, FILL_BY_COST=fill_by_cost, num_warps=num_warps, N_TABLE=n_table,
-                N_CLOCK=n_clock, N_PRESSURE=n_pressure, HAS_EXTRA=has_extra)
+                RENORMALIZE=renormalize, KEEP_BY_SHARE=keep_by_share, FILL_BY_COST=fill_by_cost, num_warps=num_warps,
+                N_TABLE=n_table, N_CLOCK=n_clock, N_PRESSURE=n_pressure, HAS_EXTRA=has_extra)
     if fused:
         _policy_routing_kernel[(1,)](*args, **meta, PASS=0)
     else:

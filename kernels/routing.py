@@ -139,14 +139,10 @@ def _topk_routing_kernel(
     tl.store(p_weights + o_t[:, None] * TOP_K + o_k[None, :], b_weights, mask=m_out)
 
 
-def _next_pow2(n):
-    return next_power_of_2(max(int(n), 1))
-
-
 def row_block(T: int, E: int, most: int) -> int:
     """Tokens per program of the routing kernels: at most ``most`` (the launch config's), 4096 //
     BLOCK_E (the [BT, BE] tiles stay in registers) and T's next power of two (no idle rows)."""
-    return max(1, min(most, 4096 // _next_pow2(E), _next_pow2(T)))
+    return max(1, min(most, 4096 // next_power_of_2(E), next_power_of_2(T)))
 
 
 def launch_config(op: str, T: int, E: int, device: torch.device | str, override: dict | None = None) -> tuple[int, int]:
@@ -180,7 +176,7 @@ def topk_routing(router_logits: torch.Tensor, top_k: int, selection_bias: torch.
         _topk_routing_kernel[(cdiv(T, block_t),)](
             router_logits, selection_bias, weights, ids, nan_tokens, T, E,
             selection_bias.stride(0) if selection_bias is not None else 0, STRIDE_LT=router_logits.stride(0),
-            TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=_next_pow2(E), BLOCK_K=_next_pow2(top_k),
+            TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=next_power_of_2(E), BLOCK_K=next_power_of_2(top_k),
             HAS_BIAS=selection_bias is not None, RENORMALIZE=renormalize, num_warps=num_warps,
         )
     return RoutingResult(weights, ids, nan_tokens)

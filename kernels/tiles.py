@@ -52,10 +52,10 @@ def tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
     b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         b_x = x_tile(p_xb, k0, K, BLOCK_K, EVEN_K)
-        m_k = o_k < K - k0
         if EVEN_K:
             b_w = tl.load(p_wb)
         else:
+            m_k = o_k < K - k0
             b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
         b_acc = tl.dot(b_x, b_w.to(b_x.dtype), b_acc, input_precision=DOT_PRECISION)
         if WITH_UP:
