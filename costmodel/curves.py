@@ -104,7 +104,7 @@ class ShapeModel:
         fit = self.fit(op)
         times, totals = self._times(op, batch_size, dims)
         latency_ms = fit.latency_ms(times) if latency_ms is None else latency_ms
-        return latency_ms, fit.energy_j(latency_ms, *totals)
+        return latency_ms, fit.energy_j(latency_ms, times, totals)
 
     def _same_shape_points(self, op, dims):
         """The op's points measured at ``dims`` or at dims that agree on every dim the op reads."""

@@ -18,6 +18,7 @@ and predicts, with constants fitted per op,
                      stream_s / stream_eff)
     energy_j   = power_w * latency_s + j_per_flop * padded FLOPs + j_per_byte * bytes
                  + j_per_tile_byte * tile bytes (summed over the tiles: what moves between L2 and the SMs)
+                 + hbm_stream_w * hbm_s (the bytes that stream from HBM, as seconds at the copy ceiling)
 
 ``fixed_ms`` is the launch time a graph replay still pays; ``tile_ms`` a tile's prologue and
 epilogue (which short K loops cannot hide: why small GEMMs reach a small share of the ceiling);
@@ -29,7 +30,9 @@ that holds ``resident`` programs at once (a norm's rows) streams them side by si
 less than all of it). ``l2_eff`` may exceed 1 (L2 outruns HBM); where no point's working set
 exceeds L2 the table cannot tell ``hbm_eff``, which then takes the prior ``HBM_EFF_PRIOR``
 (``OpFit.hbm_eff_source`` says which). ``power_w`` is the board's power while the kernel runs
-(static power and clocks held up), the ``j_per_*`` terms the dynamic energy of the work. Both
+(static power and clocks held up), the ``j_per_*`` terms the dynamic energy of the work, and
+``hbm_stream_w`` what reading from HBM adds over reading from L2 (a weight that outgrows L2 costs
+about twice the joules a byte of one that a repeated call finds there). Both
 fits minimise squared *relative* error, since costs span four decades: latency by a grid search
 over the efficiencies (``fixed_ms`` in closed form), energy by non-negative least squares at each
 point's measured latency. Waves make the latency step where the tile count crosses a multiple of
@@ -106,6 +109,7 @@ class OpFit:
     j_per_flop: float
     j_per_byte: float
     j_per_tile_byte: float
+    hbm_stream_w: float
     latency_rms: float
     energy_rms: float  # None when no point has a measured energy
 
@@ -114,10 +118,17 @@ class OpFit:
         return self.fixed_ms + _span_ms(times, (self.compute_eff, self.tile_ms, self.l2_eff, self.hbm_eff,
                                                 self.stream_eff, self.l2_share))
 
-    def energy_j(self, latency_ms: float, flops: float, nbytes: float, tile_bytes: float) -> float:
-        """Predicted energy at ``latency_ms`` of the work ``work_totals`` counts."""
+    def energy_j(self, latency_ms: float, times: Sequence[tuple], totals: tuple) -> float:
+        """Predicted energy at ``latency_ms`` of launches with ``launch_times`` ``times`` and
+        ``work_totals`` ``totals``."""
+        flops, nbytes, tile_bytes = totals
         return (self.power_w * latency_ms * 1e-3 + self.j_per_flop * flops + self.j_per_byte * nbytes
-                + self.j_per_tile_byte * tile_bytes)
+                + self.j_per_tile_byte * tile_bytes + self.hbm_stream_w * hbm_seconds(times, self.l2_share))
+
+
+def hbm_seconds(times: Sequence[tuple], l2_share: float) -> float:
+    """The launches' bytes beyond what L2 keeps (``l2_share`` of it), as seconds at the copy ceiling."""
+    return sum(max(t[2] - l2_share * t[3], 0.0) for t in times)
 
 
 def _span_ms(times, params):
@@ -199,11 +210,11 @@ def _moves(moving):
 
 
 def fit_energy(rows: Sequence[tuple]) -> tuple:
-    """(power_w, j_per_flop, j_per_byte, j_per_tile_byte, relative RMS): non-negative least squares
-    over rows of (energy_j, latency_s, flops, bytes, tile bytes), each row scaled by 1 / energy_j
-    and each column by its RMS (they differ by 15 decades). Every subset of the terms is solved
-    and the best non-negative solution kept."""
-    raw = np.array([[t / e, f / e, b / e, tb / e] for e, t, f, b, tb in rows])  # [rows, terms]
+    """(power_w, j_per_flop, j_per_byte, j_per_tile_byte, hbm_stream_w, relative RMS): non-negative
+    least squares over rows of (energy_j, latency_s, flops, bytes, tile bytes, HBM seconds), each
+    row scaled by 1 / energy_j and each column by its RMS (they differ by 15 decades). Every subset
+    of the terms is solved and the best non-negative solution kept."""
+    raw = np.array([[term / row[0] for term in row[1:]] for row in rows])  # [rows, terms]
     terms = raw.shape[1]
     scale = np.sqrt((raw ** 2).mean(0))
     scale[scale == 0] = 1.0
@@ -224,8 +235,11 @@ def fit_energy(rows: Sequence[tuple]) -> tuple:
 
 
 def fit_op(points: Sequence[tuple]) -> OpFit:
-    """An ``OpFit`` from points of (latency_ms, energy_j or None, launch times, ``work_totals``)."""
+    """An ``OpFit`` from points of (latency_ms, energy_j or None, launch times, ``work_totals``):
+    latency first, since the energy's HBM term takes the L2 share the latency fit found."""
     *latency_fit, latency_rms = fit_latency([(p[0], p[2]) for p in points])
-    energy_rows = [(e, t * 1e-3, *totals) for t, e, _, totals in points if e is not None]
-    *energy_fit, energy_rms = fit_energy(energy_rows) if energy_rows else (0.0, 0.0, 0.0, 0.0, None)
+    l2_share = latency_fit[6]
+    energy_rows = [(e, t * 1e-3, *totals, hbm_seconds(times, l2_share)) for t, e, times, totals in points
+                   if e is not None]
+    *energy_fit, energy_rms = fit_energy(energy_rows) if energy_rows else (0.0, 0.0, 0.0, 0.0, 0.0, None)
     return OpFit(*latency_fit, *energy_fit, latency_rms, energy_rms)

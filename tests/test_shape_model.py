@@ -20,15 +20,16 @@ CONFIGS = {"matmul": {"entries": [{"when": {"max_m": 64}, "config": {"block_m": 
                                   {"config": {"block_m": 128, "block_n": 128, "block_k": 64}}]}}
 # the constants the synthetic measurements are generated with: what the fit must recover
 TRUE_FIT = OpFit(fixed_ms=0.003, compute_eff=0.7, tile_ms=0.0005, l2_eff=1.5, hbm_eff=0.85, stream_eff=6.0,
-                 l2_share=0.5, hbm_eff_source="fitted", power_w=250.0, j_per_flop=0.4e-12, j_per_byte=60e-12,
-                 j_per_tile_byte=4e-12, latency_rms=0.0, energy_rms=0.0)
+                 l2_share=0.5, hbm_eff_source="fitted", power_w=250.0, j_per_flop=0.4e-12,
+                 j_per_byte=60e-12, j_per_tile_byte=4e-12, hbm_stream_w=150.0, latency_rms=0.0, energy_rms=0.0)
 TOKEN_BATCHES = (1, 16, 256, 4096)
 
 
 def true_cost(op, batch_size, dims):
     launches = op_launches(op, batch_size, dims, CONFIGS)
-    latency_ms = TRUE_FIT.latency_ms([launch_times(l, CEILINGS) for l in launches])
-    return latency_ms, TRUE_FIT.energy_j(latency_ms, *work_totals(launches))
+    times = [launch_times(l, CEILINGS) for l in launches]
+    latency_ms = TRUE_FIT.latency_ms(times)
+    return latency_ms, TRUE_FIT.energy_j(latency_ms, times, work_totals(launches))
 
 
 def model_table(shapes, ops=("ffn_gate", "swiglu_ffn", "fused_experts")):
@@ -75,7 +76,23 @@ def test_the_fit_recovers_the_generating_constants(swept_model):
     assert fit.hbm_eff_source == "fitted"  # the Mixtral-sized shape streams from HBM
     assert fit.compute_eff == pytest.approx(TRUE_FIT.compute_eff, rel=0.1)
     assert fit.hbm_eff == pytest.approx(TRUE_FIT.hbm_eff, rel=0.1)
+    assert fit.hbm_stream_w == pytest.approx(TRUE_FIT.hbm_stream_w, rel=0.1)
     assert fit.latency_rms < 0.02 and fit.energy_rms < 0.02
+
+
+def test_only_bytes_beyond_l2_pay_the_hbm_energy():
+    """A working set inside L2's share streams nothing from HBM; beyond it, only the excess does."""
+    from costmodel.fit import hbm_seconds
+    l2_bytes = CEILINGS.l2_bytes
+    inside, beyond = (launch_times(gemm(CONFIGS, "matmul", 1, n, 4096), CEILINGS) for n in (1024, 16384))
+    assert hbm_seconds([inside], l2_share=0.5) == 0.0
+    excess_bytes = 2 * (4096 + 16384 * 4096 + 16384) - 0.5 * l2_bytes  # x, the weight, y beyond half of L2
+    assert hbm_seconds([beyond], l2_share=0.5) == pytest.approx(excess_bytes / CEILINGS.hbm_bytes_per_s)
+    assert hbm_seconds([inside, beyond], l2_share=0.5) == hbm_seconds([beyond], l2_share=0.5)
+    latency_ms = 0.1
+    assert (TRUE_FIT.energy_j(latency_ms, [beyond], (0.0, 0.0, 0.0))
+            - TRUE_FIT.energy_j(latency_ms, [inside], (0.0, 0.0, 0.0))) == pytest.approx(
+        TRUE_FIT.hbm_stream_w * excess_bytes / CEILINGS.hbm_bytes_per_s)
 
 
 def test_a_measured_shape_passes_through_its_points(swept_model):
