@@ -48,8 +48,10 @@ SEQUENCE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # fit (on an H100, 48 tokens ran 23-30% over the model at three unswept shapes)
 SHAPE_TOKEN_BATCHES = (1, 64, 256, 4096)
 SHAPE_SEQUENCE_BATCHES = (1, 4, 16)
-SHAPE_SWEEP = (  # beyond the harness's dims: an L2-sized model, a fine-grained MoE, a Mixtral-sized expert
-    ModelDims(d_model=1024, d_ff=4096, n_heads=8, seq_len=1024, num_experts=8, top_k=2, vocab_size=32000),
+# beyond the harness's dims: 23 and 46 MB projections (what an H100's or H200's 50 MB L2 half keeps and what
+# spills: how fast L2-resident weights stream), a fine-grained MoE, a Mixtral-sized expert
+SHAPE_SWEEP = (
+    ModelDims(d_model=2048, d_ff=5632, n_heads=16, seq_len=1024, num_experts=8, top_k=2, vocab_size=32000),
     ModelDims(d_model=2048, d_ff=768, n_heads=16, seq_len=2048, num_experts=64, top_k=8, vocab_size=32000),
     ModelDims(d_model=4096, d_ff=14336, n_heads=32, seq_len=1024, num_experts=8, top_k=2, vocab_size=32000),
 )

@@ -26,8 +26,10 @@ the efficiencies are the share of the ceilings our tiles reach. ``stream_s`` bou
 few, long tiles (decode GEMMs: 12 tiles of a 2048-long K loop): each SM moves its own tile's bytes
 at ``stream_eff`` times its fair share of the copy ceiling, however idle the other SMs are; an SM
 that holds ``resident`` programs at once (a norm's rows) streams them side by side.
-``l2_share`` is the part of L2 a repeated call's working set keeps (H100's L2 is two halves, so
-less than all of it). ``l2_eff`` may exceed 1 (L2 outruns HBM); where no point's working set
+``l2_share`` is the part of L2 a repeated call's working set keeps: a prior, ``L2_SHARE_PRIOR`` (H100's
+and H200's L2 are two halves), since the sweep's working sets sit well inside L2 or well beyond it
+and a fitted share traded against ``l2_eff`` (fits of synthetic tables made with a known share found
+others, and predicted other shapes wrong). ``l2_eff`` may exceed 1 (L2 outruns HBM); where no point's working set
 exceeds L2 the table cannot tell ``hbm_eff``, which then takes the prior ``HBM_EFF_PRIOR``
 (``OpFit.hbm_eff_source`` says which). ``power_w`` is the board's power while the kernel runs
 (static power and clocks held up), the ``j_per_*`` terms the dynamic energy of the work, and
@@ -47,18 +49,18 @@ import numpy as np
 
 from costmodel.shapes import Launch
 
-# the grid is coarse (the pattern search refines its best): 6 x 5 x 7 x 5 x 6 x 3 points
+# the grid is coarse (the pattern search refines its best): 6 x 5 x 7 x 5 x 6 points
 COMPUTE_EFF_GRID = tuple(0.05 * 20.0 ** (i / 5) for i in range(6))  # 0.05 .. 1 of the matmul ceiling
 MEMORY_EFF_GRID = tuple(0.05 * 80.0 ** (i / 6) for i in range(7))  # 0.05 .. 4 of the copy ceiling (L2: > 1)
 HBM_EFF_GRID = tuple(e for e in MEMORY_EFF_GRID if e <= 1.2)
 TILE_MS_GRID = (0.0,) + tuple(1e-4 * 100.0 ** (i / 3) for i in range(4))  # 0, 0.1 .. 10 µs per wave
 STREAM_EFF_GRID = tuple(0.1 * 100.0 ** (i / 5) for i in range(6))  # 0.1 .. 10 of an SM's fair share
-L2_SHARE_GRID = (0.25, 0.5, 1.0)
+L2_SHARE_PRIOR = 0.5  # module docstring: a prior, not fitted
 SEARCH_STARTS = 6  # grid points the pattern search refines
 # compute_eff, tile_ms, l2_eff, hbm_eff, stream_eff, l2_share: where the search may go; never faster
 # than the measured matmul ceiling, nor 1.2x the copy ceiling
-PARAM_LOW = (0.02, 0.0, 0.02, 0.02, 0.02, 0.25)
-PARAM_HIGH = (1.0, 0.01, 8.0, 1.2, 40.0, 1.0)
+PARAM_LOW = (0.02, 0.0, 0.02, 0.02, 0.02, L2_SHARE_PRIOR)
+PARAM_HIGH = (1.0, 0.01, 8.0, 1.2, 40.0, L2_SHARE_PRIOR)
 HBM_EFF_PRIOR = 0.9  # share of the copy ceiling a streaming kernel reaches, where the table cannot tell
 
 
@@ -166,12 +168,12 @@ def fit_latency(rows: Sequence[tuple]) -> tuple:
     for r, (_, launch_times_) in enumerate(rows):
         for l, values in enumerate(launch_times_):
             times[:, r, l] = values
-    streams = bool((times[2] > L2_SHARE_GRID[0] * times[3]).any())  # some point outgrows the smallest L2 share
+    streams = bool((times[2] > L2_SHARE_PRIOR * times[3]).any())  # some point outgrows the L2 share
     hbm_grid = HBM_EFF_GRID if streams else (HBM_EFF_PRIOR,)
-    axes = (COMPUTE_EFF_GRID, TILE_MS_GRID, MEMORY_EFF_GRID, hbm_grid, STREAM_EFF_GRID, L2_SHARE_GRID)
+    axes = (COMPUTE_EFF_GRID, TILE_MS_GRID, MEMORY_EFF_GRID, hbm_grid, STREAM_EFF_GRID, (L2_SHARE_PRIOR,))
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 6)
     losses, _ = _losses(latency_ms, times, grid)
-    moves = _moves([i for i in range(6) if streams or i != 3])  # the HBM prior stays put
+    moves = _moves([i for i in range(5) if streams or i != 3])  # the priors (HBM where unknown, L2 share) stay put
     # the grid is coarse and the loss has several valleys: refine the best few grid points
     best, loss = min((_pattern_search(latency_ms, times, grid[i], losses[i], moves)
                       for i in np.argsort(losses)[:SEARCH_STARTS]), key=lambda found: found[1])
