@@ -26,11 +26,11 @@ the efficiencies are the share of the ceilings our tiles reach. ``stream_s`` bou
 few, long tiles (decode GEMMs: 12 tiles of a 2048-long K loop): each SM moves its own tile's bytes
 at ``stream_eff`` times its fair share of the copy ceiling, however idle the other SMs are; an SM
 that holds ``resident`` programs at once (a norm's rows) streams them side by side.
-``l2_share`` is the part of L2 a repeated call's working set keeps: a prior, ``L2_SHARE_PRIOR`` (H100's
-and H200's L2 are two halves), since the sweep's working sets sit well inside L2 or well beyond it
-and a fitted share traded against ``l2_eff`` (fits of synthetic tables made with a known share found
-others, and predicted other shapes wrong). ``l2_eff`` may exceed 1 (L2 outruns HBM); where no point's working set
-exceeds L2 the table cannot tell ``hbm_eff``, which then takes the prior ``HBM_EFF_PRIOR``
+``l2_share`` is the part of L2 a repeated call's working set keeps: a prior, ``L2_SHARE_PRIOR``
+(H100's and H200's L2 are two halves), since the sweep's working sets sit well inside L2 or well
+beyond it and a fitted share traded against ``l2_eff`` (fits of synthetic tables made with a known
+share found others, and predicted other shapes wrong). ``l2_eff`` may exceed 1 (L2 outruns HBM);
+where no point's working set exceeds L2 the table cannot tell ``hbm_eff``, which then takes the prior ``HBM_EFF_PRIOR``
 (``OpFit.hbm_eff_source`` says which). ``power_w`` is the board's power while the kernel runs
 (static power and clocks held up), the ``j_per_*`` terms the dynamic energy of the work, and
 ``hbm_stream_w`` what reading from HBM adds over reading from L2 (a weight that outgrows L2 costs
@@ -237,11 +237,9 @@ def fit_energy(rows: Sequence[tuple]) -> tuple:
 
 
 def fit_op(points: Sequence[tuple]) -> OpFit:
-    """An ``OpFit`` from points of (latency_ms, energy_j or None, launch times, ``work_totals``):
-    latency first, since the energy's HBM term takes the L2 share the latency fit found."""
+    """An ``OpFit`` from points of (latency_ms, energy_j or None, launch times, ``work_totals``)."""
     *latency_fit, latency_rms = fit_latency([(p[0], p[2]) for p in points])
-    l2_share = latency_fit[6]
-    energy_rows = [(e, t * 1e-3, *totals, hbm_seconds(times, l2_share)) for t, e, times, totals in points
+    energy_rows = [(e, t * 1e-3, *totals, hbm_seconds(times, L2_SHARE_PRIOR)) for t, e, times, totals in points
                    if e is not None]
     *energy_fit, energy_rms = fit_energy(energy_rows) if energy_rows else (0.0, 0.0, 0.0, 0.0, 0.0, None)
     return OpFit(*latency_fit, *energy_fit, latency_rms, energy_rms)

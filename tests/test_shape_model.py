@@ -10,7 +10,7 @@ import torch
 
 from calibration.results import write_json_atomic
 from calibration.sweep import SHAPE_SWEEP
-from costmodel.fit import Ceilings, OpFit, launch_times, work_totals
+from costmodel.fit import L2_SHARE_PRIOR, Ceilings, OpFit, launch_times, work_totals
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import ModelDims, expected_experts
 from costmodel.shapes import expected_row_blocks, gemm, op_launches, pick_config
@@ -77,6 +77,7 @@ def test_the_fit_recovers_the_generating_constants(swept_model):
     assert fit.compute_eff == pytest.approx(TRUE_FIT.compute_eff, rel=0.1)
     assert fit.hbm_eff == pytest.approx(TRUE_FIT.hbm_eff, rel=0.1)
     assert fit.hbm_stream_w == pytest.approx(TRUE_FIT.hbm_stream_w, rel=0.1)
+    assert fit.l2_share == L2_SHARE_PRIOR  # a prior: the sweep's working sets cannot tell it from l2_eff
     assert fit.latency_rms < 0.02 and fit.energy_rms < 0.02
 
 
