@@ -57,10 +57,10 @@ TILE_MS_GRID = (0.0,) + tuple(1e-4 * 100.0 ** (i / 3) for i in range(4))  # 0, 0
 STREAM_EFF_GRID = tuple(0.1 * 100.0 ** (i / 5) for i in range(6))  # 0.1 .. 10 of an SM's fair share
 L2_SHARE_PRIOR = 0.5  # module docstring: a prior, not fitted
 SEARCH_STARTS = 6  # grid points the pattern search refines
-# compute_eff, tile_ms, l2_eff, hbm_eff, stream_eff, l2_share: where the search may go; never faster
-# than the measured matmul ceiling, nor 1.2x the copy ceiling
-PARAM_LOW = (0.02, 0.0, 0.02, 0.02, 0.02, L2_SHARE_PRIOR)
-PARAM_HIGH = (1.0, 0.01, 8.0, 1.2, 40.0, L2_SHARE_PRIOR)
+# compute_eff, tile_ms, l2_eff, hbm_eff, stream_eff: where the search may go; never faster than the
+# measured matmul ceiling, nor 1.2x the copy ceiling
+PARAM_LOW = (0.02, 0.0, 0.02, 0.02, 0.02)
+PARAM_HIGH = (1.0, 0.01, 8.0, 1.2, 40.0)
 HBM_EFF_PRIOR = 0.9  # share of the copy ceiling a streaming kernel reaches, where the table cannot tell
 
 
@@ -117,8 +117,8 @@ class OpFit:
 
     def latency_ms(self, times: Sequence[tuple]) -> float:
         """Predicted latency from each launch's ``launch_times``."""
-        return self.fixed_ms + _span_ms(times, (self.compute_eff, self.tile_ms, self.l2_eff, self.hbm_eff,
-                                                self.stream_eff, self.l2_share))
+        params = (self.compute_eff, self.tile_ms, self.l2_eff, self.hbm_eff, self.stream_eff)
+        return self.fixed_ms + _span_ms(times, params, self.l2_share)
 
     def energy_j(self, latency_ms: float, times: Sequence[tuple], totals: tuple) -> float:
         """Predicted energy at ``latency_ms`` of launches with ``launch_times`` ``times`` and
@@ -133,24 +133,24 @@ def hbm_seconds(times: Sequence[tuple], l2_share: float) -> float:
     return sum(max(t[2] - l2_share * t[3], 0.0) for t in times)
 
 
-def _span_ms(times, params):
+def _span_ms(times, params, l2_share):
     """The launches' time beyond ``fixed_ms`` at ``params`` (``PARAM_LOW``'s order)."""
-    spans = _spans(np.array(times, dtype=float).T[:, None, :], np.array(params, dtype=float)[None])  # [1, 1]
-    return float(spans[0, 0])
+    spans = _spans(np.array(times, dtype=float).T[:, None, :], np.array(params, dtype=float)[None], l2_share)
+    return float(spans[0, 0])  # [1, 1]
 
 
-def _spans(times, params):
-    """[G, R] time beyond ``fixed_ms`` of G parameter sets [G, 6] on R rows of launch ``times``
+def _spans(times, params, l2_share=L2_SHARE_PRIOR):
+    """[G, R] time beyond ``fixed_ms`` of G parameter sets [G, 5] on R rows of launch ``times``
     [5, R, L] (``launch_times``'s fields; absent launches all zero)."""
     c, w, nbytes, l2_cap, stream = (t[None] for t in times)  # [1, R, L]
-    p = params[:, :, None, None]  # [G, 6, 1, 1]
-    in_l2 = np.minimum(nbytes, p[:, 5] * l2_cap)
+    p = params[:, :, None, None]  # [G, 5, 1, 1]
+    in_l2 = np.minimum(nbytes, l2_share * l2_cap)
     memory = in_l2 / p[:, 2] + (nbytes - in_l2) / p[:, 3]
     return 1e3 * np.maximum(np.maximum(c / p[:, 0] + w * p[:, 1] * 1e-3, memory), stream / p[:, 4]).sum(-1)
 
 
 def _losses(latency_ms, times, params):
-    """(loss [G], fixed_ms [G]) of G parameter sets [G, 6] on rows of measured ``latency_ms`` [R]
+    """(loss [G], fixed_ms [G]) of G parameter sets [G, 5] on rows of measured ``latency_ms`` [R]
     and launch ``times`` [5, R, L]."""
     spans = _spans(times, params)
     weights = 1.0 / latency_ms ** 2
@@ -170,15 +170,16 @@ def fit_latency(rows: Sequence[tuple]) -> tuple:
             times[:, r, l] = values
     streams = bool((times[2] > L2_SHARE_PRIOR * times[3]).any())  # some point outgrows the L2 share
     hbm_grid = HBM_EFF_GRID if streams else (HBM_EFF_PRIOR,)
-    axes = (COMPUTE_EFF_GRID, TILE_MS_GRID, MEMORY_EFF_GRID, hbm_grid, STREAM_EFF_GRID, (L2_SHARE_PRIOR,))
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 6)
+    axes = (COMPUTE_EFF_GRID, TILE_MS_GRID, MEMORY_EFF_GRID, hbm_grid, STREAM_EFF_GRID)
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
     losses, _ = _losses(latency_ms, times, grid)
-    moves = _moves([i for i in range(5) if streams or i != 3])  # the priors (HBM where unknown, L2 share) stay put
+    moves = _moves([i for i in range(len(axes)) if streams or i != 3])  # the HBM prior stays put
     # the grid is coarse and the loss has several valleys: refine the best few grid points
     best, loss = min((_pattern_search(latency_ms, times, grid[i], losses[i], moves)
                       for i in np.argsort(losses)[:SEARCH_STARTS]), key=lambda found: found[1])
     fixed_ms = float(_losses(latency_ms, times, best[None])[1][0])
-    return (fixed_ms, *map(float, best), "fitted" if streams else "prior", math.sqrt(loss / len(rows)))
+    return (fixed_ms, *map(float, best), L2_SHARE_PRIOR, "fitted" if streams else "prior",
+            math.sqrt(loss / len(rows)))
 
 
 def _pattern_search(latency_ms, times, best, loss, moves):
@@ -199,13 +200,13 @@ def _pattern_search(latency_ms, times, best, loss, moves):
 
 
 def _moves(moving):
-    """[M, 6] exponents of the pattern search's moves: each of the ``moving`` constants, or two of
+    """[M, 5] exponents of the pattern search's moves: each of the ``moving`` constants, or two of
     them, up or down one factor."""
     moves = []
     for size in (1, 2):
         for axes in itertools.combinations(moving, size):
             for signs in itertools.product((-1.0, 1.0), repeat=size):
-                move = np.zeros(6)
+                move = np.zeros(len(PARAM_LOW))
                 move[list(axes)] = signs
                 moves.append(move)
     return np.array(moves)
