@@ -103,7 +103,8 @@ def _fused_experts(configs, B, dims, fp8=False):
         bn, bk = cfg["block_n"], cfg.get("block_k", GENERIC_CONFIG["block_k"])
         products, k_padded = 2 if gated else 1, math.ceil(K_in / bk) * bk
         tile_flops = 2.0 * bm * bn * k_padded * products
-        nbytes = operand_bytes * touched * products * N * K_in + row_bytes * slots * K_in + BYTES_PER_ELEMENT * slots * N
+        nbytes = (operand_bytes * touched * products * N * K_in + row_bytes * slots * K_in
+                  + BYTES_PER_ELEMENT * slots * N)
         tile_row_bytes = 2 * row_bytes if fused_quantize else row_bytes  # a tile reads its rows twice when fused
         launches.append(Launch(row_blocks * math.ceil(N / bn), tile_flops, nbytes,
                                _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes, tile_row_bytes)))

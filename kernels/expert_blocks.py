@@ -9,6 +9,9 @@ GEMM's ``block_m`` so that a row block holds one expert. Two builds give the sam
 - larger inputs take three grid launches (count, runs, place) after two fills, with slots placed
   inside a run by atomics: an order the results do not depend on (rows are independent).
 
+A single token needs no layout at all (``DecodeSlots``): its K slots have K distinct experts, and
+the GEMMs read the ids directly.
+
 Out-of-range ids are dropped (expert parallelism sends every rank ids outside its experts).
 Nothing syncs the host: the arrays have static worst-case sizes.
 """
@@ -41,6 +44,23 @@ class ExpertBlocks:
     expert_counts: torch.Tensor  # [E] int32: slots routed to each expert
     block_m: int
     n_slots: int
+
+
+@dataclass(slots=True)
+class DecodeSlots:
+    """No layout, for a single token's slots (K distinct experts): the GEMMs run one program per
+    (slot, column block) over the flat ids and each slot's program finds its expert's slots itself
+    (``kernels.fused_experts``), so no layout launch precedes them. With several tokens, slots
+    sharing an expert would leave programs idle, hence ``decode_slots_fit``."""
+    slot_experts: torch.Tensor  # [n_slots] the flat ids, unit stride
+    num_experts: int
+    block_m: int
+    n_slots: int
+
+
+def decode_slots_fit(n_tokens: int, n_slots: int, block_m: int) -> bool:
+    """Whether a call takes ``DecodeSlots``: one token, whose slots fit one row block."""
+    return n_tokens == 1 and n_slots <= block_m
 
 
 @triton.jit

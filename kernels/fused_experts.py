@@ -28,7 +28,7 @@ from kernels import config as _config
 from kernels._library import kernel_op
 from kernels.validate import (INDEX_DTYPES, check_dim, check_same_device, check_same_dtype_device, check_tensor,
                                dot_precision, tma_compatible)
-from kernels.expert_blocks import ExpertBlocks, group_by_expert
+from kernels.expert_blocks import DecodeSlots, ExpertBlocks, decode_slots_fit, group_by_expert
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
 from kernels.quantize import launch_quantize_fp8
@@ -50,16 +50,16 @@ def _glu(b_gate, b_up, CLAMPED: tl.constexpr, alpha, limit):
 
 @triton.jit
 def _expert_tile(
-    i_m, i_n, p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts, p_topk_weights,
-    N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, up_rows, stride_se,
+    i_e, b_slots, i_n, p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_topk_weights, N, K, n_slots,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, up_rows, stride_se,
     scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr, CLAMPED_GLU: tl.constexpr,
     HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr, QUANTIZE_A: tl.constexpr,
     W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
 ):
-    """out[slot] = f(a[row(slot)] @ w[expert].T + bias[expert]) for the BLOCK_M slots of row block
-    ``i_m``, columns block ``i_n``.
+    """out[slot] = f(a[row(slot)] @ w[expert].T + bias[expert]) for the [BLOCK_M] slots ``b_slots``
+    of expert ``i_e`` (``n_slots`` for a padding row), columns block ``i_n``.
 
     row(slot) is slot // TOP_K (its token) when GATHER_TOKENS, else slot. With FUSE_GLU, f is the
     gated activation (``_glu``) of the gate columns w[e, n] and the up columns ``up_offset``
@@ -70,8 +70,7 @@ def _expert_tile(
     launch fewer than ``quantize_fp8`` before the GEMM, for few rows, where a launch costs more than
     every program re-reading its rows. With W_TMA the weight tiles come from the descriptor ``d_w``
     ([E, rows, K]; up rows ``up_rows`` on) instead of ``p_w``."""
-    i_e = tl.load(p_block_experts + i_m).to(tl.int64)
-    b_slots = tl.load(p_sorted_slots + i_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
+    i_e = i_e.to(tl.int64)
     m_rows = b_slots < n_slots  # padding rows carry the sentinel n_slots
     if GATHER_TOKENS:
         o_rows = tl.where(m_rows, b_slots // TOP_K, 0)
@@ -121,40 +120,72 @@ def _expert_tile(
 
 
 @triton.jit
+def _block_run(i_m, p_sorted_slots, p_block_experts, BLOCK_M: tl.constexpr):
+    """(expert, [BM] slots) of row block ``i_m`` of the ``ExpertBlocks`` layout."""
+    return tl.load(p_block_experts + i_m), tl.load(p_sorted_slots + i_m * BLOCK_M + tl.arange(0, BLOCK_M))
+
+
+@triton.jit
+def _slot_run(i_slot, p_slot_experts, n_slots, n_experts, BLOCK_M: tl.constexpr):
+    """The decode layout, built in registers from the flat ids [n_slots <= BM]: (the expert of slot
+    ``i_slot``, [BM] that expert's slots in slot order (n_slots past them), whether ``i_slot`` leads
+    them: its expert is in [0, n_experts) and no earlier slot has it)."""
+    o_s = tl.arange(0, BLOCK_M)
+    b_ids = tl.load(p_slot_experts + o_s, mask=o_s < n_slots, other=-1)  # [BM]
+    i_e = tl.load(p_slot_experts + i_slot)
+    b_same = b_ids == i_e
+    leads = (tl.sum((b_same & (o_s < i_slot)).to(tl.int32), 0) == 0) & (i_e >= 0) & (i_e < n_experts)
+    b_rank = tl.cumsum(b_same.to(tl.int32), 0) - 1  # row r of the run takes the expert's slot of rank r
+    m_take = b_same[None, :] & (b_rank[None, :] == o_s[:, None])  # [BM rows, BM slots]
+    b_slots = tl.where(tl.max(m_take.to(tl.int32), 1) > 0, tl.sum(tl.where(m_take, o_s[None, :], 0), 1), n_slots)
+    return i_e, b_slots, leads
+
+
+@triton.jit
 def _expert_gemm_kernel(
     p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts, p_num_padded,
-    p_topk_weights, N, K, n_slots, n_row_blocks,
+    p_slot_experts, p_topk_weights, N, K, n_slots, n_experts, n_row_blocks,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, up_offset, up_rows, stride_se, scale_up_offset,
     stride_be, stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr,
     CLAMPED_GLU: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr,
     QUANTIZE_A: tl.constexpr, W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, DECODE_SLOTS: tl.constexpr,
 ):
     """The grouped GEMM over the ``ExpertBlocks`` layout: one tile per program, or with PERSISTENT
     a grid of a few programs per SM that loops over the routed tiles only (for inputs whose
-    slots are mostly dropped, where the grid's bound n_row_blocks is far above the routed rows)."""
+    slots are mostly dropped, where the grid's bound n_row_blocks is far above the routed rows).
+    DECODE_SLOTS: no layout; one program per (slot, column block) over the flat ids
+    ``p_slot_experts``, where the slot leading its expert's slots computes them (``_slot_run``)."""
     if PERSISTENT:
         n_routed = tl.load(p_num_padded)  # rows of the experts' padded runs
         n_tiles = tl.cdiv(n_routed, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for i_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             i_m, i_n = tile_coords(i_tile, n_routed, N, BLOCK_M, BLOCK_N, GROUP_M)
-            _expert_tile(i_m, i_n, p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts,
-                         p_topk_weights, N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+            i_e, b_slots = _block_run(i_m, p_sorted_slots, p_block_experts, BLOCK_M)
+            _expert_tile(i_e, b_slots, i_n, p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_topk_weights,
+                         N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                          up_offset, up_rows, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset,
                          stride_om, stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS,
                          FUSE_GLU, CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, QUANTIZE_A, W_SCALED, DOT_PRECISION,
                          W_TMA)
     else:
-        i_m, i_n = tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if i_m * BLOCK_M >= tl.load(p_num_padded):
-            return  # rows past the last expert's padded run: nothing routed here
-        _expert_tile(i_m, i_n, p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_sorted_slots, p_block_experts,
-                     p_topk_weights, N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-                     up_offset, up_rows, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om,
-                     stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS, FUSE_GLU,
-                     CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, QUANTIZE_A, W_SCALED, DOT_PRECISION, W_TMA)
+        if DECODE_SLOTS:
+            i_n = tl.program_id(0) // n_slots
+            i_e, b_slots, active = _slot_run(tl.program_id(0) % n_slots, p_slot_experts, n_slots, n_experts, BLOCK_M)
+        else:
+            i_m, i_n = tile_coords(tl.program_id(0), n_row_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            active = i_m * BLOCK_M < tl.load(p_num_padded)  # else rows past the last expert's padded run
+        if active:
+            if not DECODE_SLOTS:
+                i_e, b_slots = _block_run(i_m, p_sorted_slots, p_block_experts, BLOCK_M)
+            _expert_tile(i_e, b_slots, i_n, p_a, p_a_scale, p_w, d_w, p_w_scale, p_bias, p_out, p_topk_weights,
+                         N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                         up_offset, up_rows, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset,
+                         stride_om, stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS,
+                         FUSE_GLU, CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, QUANTIZE_A, W_SCALED, DOT_PRECISION,
+                         W_TMA)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs a microsecond more to build, twice a call
@@ -175,22 +206,27 @@ class ExpertWeights:
     limit: float = 0.0
 
 
-def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tensor, blocks: ExpertBlocks,
-                       topk_weights: torch.Tensor | None, top_k: int, gather_tokens: bool, cfg: dict,
-                       persistent: bool, a_scale: torch.Tensor | None = None, quantize_a: bool = False) -> None:
-    """One expert GEMM over ``blocks``; ``a_scale`` [rows of a] float32 scales FP8 activations ``a``,
-    or ``quantize_a`` has the GEMM quantize 16-bit ``a`` per row itself (FP8 weights).
-    ``cfg`` may ask for weight tiles by TMA (``tma``) and a persistent grid (``persistent``, as the argument)."""
+def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tensor,
+                       blocks: ExpertBlocks | DecodeSlots, topk_weights: torch.Tensor | None, top_k: int,
+                       gather_tokens: bool, cfg: dict, persistent: bool, a_scale: torch.Tensor | None = None,
+                       quantize_a: bool = False) -> None:
+    """One expert GEMM over ``blocks`` (or a single token's ``DecodeSlots``); ``a_scale`` [rows of a]
+    float32 scales FP8 activations ``a``, or ``quantize_a`` has the GEMM quantize 16-bit ``a`` per
+    row itself (FP8 weights). ``cfg`` may ask for weight tiles by TMA (``tma``) and a persistent grid
+    (``persistent``, as the argument; not with ``DecodeSlots``)."""
     N, K = out.shape[1], a.shape[1]
-    persistent = persistent or bool(cfg.get("persistent"))
+    decode = isinstance(blocks, DecodeSlots)
+    persistent = not decode and (persistent or bool(cfg.get("persistent")))
     w, bias, w_scale = weights.w, weights.bias, weights.scale
-    n_row_blocks = blocks.block_experts.shape[0]
+    n_row_blocks = blocks.n_slots if decode else blocks.block_experts.shape[0]
     n_tiles = n_row_blocks * cdiv(N, cfg["block_n"])
     grid = (min(n_tiles, PERSISTENT_PROGRAMS_PER_SM * processor_count(a.device)) if persistent else n_tiles,)
     d_w, up_rows = weight_descriptor(weights, cfg) if cfg.get("tma") else (None, 0)
+    layout = (None, None, None, blocks.slot_experts) if decode else \
+        (blocks.sorted_slots, blocks.block_experts, blocks.num_padded, None)
     _expert_gemm_kernel[grid](
-        a, a_scale, w, d_w, w_scale, bias, out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded,
-        topk_weights, N, K, blocks.n_slots, n_row_blocks,
+        a, a_scale, w, d_w, w_scale, bias, out, *layout, topk_weights, N, K, blocks.n_slots,
+        blocks.num_experts if decode else 0, n_row_blocks,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), weights.up_offset, up_rows,
         w_scale.stride(0) if w_scale is not None else 0, weights.scale_up_offset,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0, weights.bias_up_offset,
@@ -200,7 +236,7 @@ def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tenso
         FUSE_GLU=weights.glu is not None, CLAMPED_GLU=weights.glu == "clamped", HAS_BIAS=bias is not None,
         MUL_WEIGHTS=topk_weights is not None, A_SCALED=a_scale is not None, QUANTIZE_A=quantize_a,
         W_SCALED=w_scale is not None,
-        DOT_PRECISION=dot_precision(a.dtype), W_TMA=d_w is not None, PERSISTENT=persistent,
+        DOT_PRECISION=dot_precision(a.dtype), W_TMA=d_w is not None, PERSISTENT=persistent, DECODE_SLOTS=decode,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -259,10 +295,11 @@ def run_experts(hidden_states: torch.Tensor, gate_up: ExpertWeights, down: Exper
         return out.zero_()
     n_slots = T * top_k
     cfg_gate_up, cfg_down = configs or expert_configs(hidden_states, E, intermediate_size, n_slots)
-    blocks = group_by_expert(topk_ids, E, cfg_gate_up["block_m"])
+    blocks = expert_layout(topk_ids, E, cfg_gate_up, persistent)
     intermediate = torch.empty((n_slots, intermediate_size), dtype=hidden_states.dtype, device=hidden_states.device)
     a, a_scale, quantize_a = gemm_rows(hidden_states, cfg_gate_up, quantize_activations)
-    launch_expert_gemm(a, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, persistent, a_scale, quantize_a)
+    launch_expert_gemm(a, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, persistent, a_scale,
+                       quantize_a)
     per_slot = torch.empty((n_slots, H), dtype=hidden_states.dtype, device=hidden_states.device)
     weights = topk_weights.contiguous().view(-1)  # the kernel indexes it by slot with unit stride
     a, a_scale, quantize_a = gemm_rows(intermediate, cfg_down, quantize_activations)
@@ -270,6 +307,16 @@ def run_experts(hidden_states: torch.Tensor, gate_up: ExpertWeights, down: Exper
     # fixed-order, deterministic sum over each token's slots; slots of out-of-range ids (dropped,
     # never written) are skipped: expert parallelism sends every rank ids outside its experts
     return launch_gather_sum(per_slot, topk_ids, out, num_experts=E)
+
+
+def expert_layout(topk_ids: torch.Tensor, num_experts: int, cfg: dict,
+                  persistent: bool) -> ExpertBlocks | DecodeSlots:
+    """How the GEMMs find each expert's slots: for one token (not on a persistent grid, and unless
+    the gate-up config says ``"decode_slots": false``) straight from the ids, else grouped by expert."""
+    T, n_slots, block_m = topk_ids.shape[0], topk_ids.numel(), cfg["block_m"]
+    if decode_slots_fit(T, n_slots, block_m) and not persistent and cfg.get("decode_slots", True):
+        return DecodeSlots(topk_ids.contiguous().view(-1), num_experts, block_m, n_slots)  # unit stride
+    return group_by_expert(topk_ids, num_experts, block_m)
 
 
 def gemm_rows(a: torch.Tensor, cfg: dict, quantize_activations: bool) -> tuple:

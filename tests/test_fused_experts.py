@@ -5,7 +5,8 @@ import triton
 
 import kernels
 from bench import tune_moe
-from kernels.fused_experts import (concatenated_weights, fused_experts_reference, launch_fused_experts,
+from kernels.expert_blocks import DecodeSlots, ExpertBlocks
+from kernels.fused_experts import (concatenated_weights, expert_layout, fused_experts_reference, launch_fused_experts,
                                    weight_descriptor)
 from kernels.gpt_oss_experts import gpt_oss_weights
 from tests.conftest import DEVICE, DTYPES, ON_GPU, assert_matches, randn
@@ -167,6 +168,40 @@ def test_persistent_grid_with_mostly_dropped_ids(dtype):
     assert torch.equal(persistent, launch_fused_experts(x, gate_up, down, ids, weights, configs=cfg))
     assert torch.equal(persistent[0], torch.zeros_like(persistent[0]))
     assert_matches(persistent, reference64(x, gate_up, down, ids, weights), dtype)
+
+
+DECODE_CFG = (dict(block_m=16, block_n=16, block_k=16, group_m=1, num_warps=4, num_stages=2),
+              dict(block_n=16, block_k=16, group_m=1, num_warps=4, num_stages=2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ids", [[5, 0, 7, 2], [3, -1, 9, 3], [-1, -1, 8, -3], [1, 2, 3, 4, 5, 6, 7, 0] + [4] * 7 + [6]],
+                         ids=["distinct", "dropped-and-repeated", "all-dropped", "16-slots-repeats"])
+def test_one_token_reads_the_ids_without_a_layout(ids, dtype):
+    """One token takes ``DecodeSlots`` (no layout launch): each slot's program finds its expert's
+    slots. Repeated ids (each slot counted, as the reference does), ids out of range (dropped)
+    and a token routed nowhere must give the grouped layout's answer bit for bit."""
+    E, H, I = 8, 40, 24
+    x = randn(1, H, dtype=dtype)
+    gate_up, down = expert_weights(E, H, I, dtype)
+    top_k_index = torch.tensor([ids], device=DEVICE)
+    weights = torch.rand(1, len(ids), device=DEVICE)
+    assert isinstance(expert_layout(top_k_index, E, DECODE_CFG[0], False), DecodeSlots)
+    decode = launch_fused_experts(x, gate_up, down, top_k_index, weights, configs=DECODE_CFG)
+    grouped_cfg = ({**DECODE_CFG[0], "decode_slots": False}, DECODE_CFG[1])
+    assert isinstance(expert_layout(top_k_index, E, grouped_cfg[0], False), ExpertBlocks)
+    assert torch.equal(decode, launch_fused_experts(x, gate_up, down, top_k_index, weights, configs=grouped_cfg))
+    assert_matches(decode, reference64(x, gate_up, down, top_k_index, weights), dtype)
+    if all(i < 0 or i >= E for i in ids):
+        assert torch.equal(decode, torch.zeros_like(decode))
+
+
+def test_more_slots_than_a_row_block_or_tokens_take_the_grouped_layout():
+    one_token_many_slots = torch.arange(20, device=DEVICE)[None] % 8
+    assert isinstance(expert_layout(one_token_many_slots, 8, DECODE_CFG[0], False), ExpertBlocks)
+    two_tokens = torch.tensor([[0, 1], [2, 3]], device=DEVICE)
+    assert isinstance(expert_layout(two_tokens, 8, DECODE_CFG[0], False), ExpertBlocks)
+    assert isinstance(expert_layout(two_tokens[:1], 8, DECODE_CFG[0], True), ExpertBlocks), "persistent"
 
 
 def test_fused_experts_gradients_match_reference():
