@@ -13,6 +13,7 @@ persistent grid (``persistent``). Needs a CUDA device.
 import argparse
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -21,7 +22,7 @@ from bench._cli import comma_list
 from bench.tune_kernels import time_candidates, write_tuned
 from kernels.expert_blocks import group_by_expert
 from kernels.fp8_experts import fp8_weights, quantize_fp8_weights
-from kernels.fused_experts import concatenated_weights, gemm_rows, launch_expert_gemm
+from kernels.fused_experts import ExpertWeights, concatenated_weights, gemm_rows, launch_expert_gemm
 from kernels.quantize import dequantize_fp8, quantize_fp8
 
 # (block_n, block_k, warps, stages, group_m[, flags]); TMA: weight tiles through tensor descriptors (on a
@@ -115,7 +116,8 @@ def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: to
         blocks = group_by_expert(ids, shape.E, block_m)
         candidates = fp8_candidates(block_m, tiles) if fp8 else [candidate_config(t) for t in tiles]
 
-        def gemm(a: torch.Tensor, view, out: torch.Tensor, topk_weights, gather_tokens: bool):
+        def gemm(a: torch.Tensor, view: ExpertWeights, out: torch.Tensor, topk_weights: torch.Tensor | None,
+                 gather_tokens: bool) -> Callable[[dict], torch.Tensor]:
             def run(cfg: dict) -> torch.Tensor:  # with FP8, the rows quantized as the config says
                 rows, rows_scale, quantize_rows = gemm_rows(a, cfg, fp8)
                 launch_expert_gemm(rows, view, out, blocks, topk_weights, shape.K, gather_tokens, cfg, False,
