@@ -7,8 +7,8 @@ CUDA-event timings) after a correctness check; the fastest pair becomes an entry
 E and I and bounded by slots per expert (T*K/E). ``--weights fp8`` tunes the FP8 experts' W8A8
 GEMMs instead (``moe_gate_up_fp8`` / ``moe_down_fp8``: FP8 tokens and intermediate, larger K
 blocks among the candidates), each timed with its rows' quantization: a ``quantize_fp8`` launch,
-or at decode the GEMM quantizing the rows as it reads them (``fuse_quantize``). Prefill candidates include weight tiles read by TMA (``tma``) and a
-persistent grid (``persistent``). Needs a CUDA device.
+or at decode the GEMM quantizing the rows as it reads them (``fuse_quantize``). Prefill candidates
+include weight tiles read by TMA (``tma``) and a persistent grid (``persistent``). Needs a CUDA device.
 """
 import argparse
 import math
