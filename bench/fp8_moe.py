@@ -3,8 +3,7 @@
 On a GPU with FP8, at the Mixtral and Qwen3-30B-A3B expert shapes, each case first checks the FP8
 output against the bf16 path (relative error), then times in the same run, as CUDA-graph replays
 (medians): our bf16 path, ``torch._grouped_mm`` (bf16), the FP8 experts as their config picks them,
-and FP8 forced weight-only (W8A16), W8A8 with ``quantize_fp8`` launches, and W8A8 with each GEMM
-quantizing its rows as it reads them (``w8a8_fused``). The floor is the touched experts' FP8 weights and
+and FP8 forced weight-only (W8A16) and W8A8. The floor is the touched experts' FP8 weights and
 scales over the copy bandwidth measured in this run. Decode rows also get the energy per call (J,
 NVML counter, one window of at least ``--window_s`` each) of bf16 and FP8. Ratios are bf16 / FP8
 (> 1: FP8 is faster). Without an FP8 GPU nothing is timed and the reason is printed.
@@ -28,7 +27,6 @@ from kernels.validate import gpu_has_fp8
 TOKENS = (1, 4, 16, 1024, 8192)
 ENERGY_TOKENS = (1, 16)
 SHAPES = ("mixtral", "qwen3")
-MODES = ("fp8", "w8a16", "w8a8", "w8a8_fused")  # "fp8": as the config files choose
 TARGETS = {  # issue 19's H200 targets: (what, predicate on the row)
     "decode": [("graph <= 0.6x bf16", lambda r: r["fp8_graph_ms"] <= 0.6 * r["bf16_graph_ms"]),
                ("graph <= 1.2x the FP8 floor", lambda r: r["fp8_graph_ms"] <= 1.2 * r["fp8_floor_ms"]),
@@ -40,21 +38,16 @@ TARGETS = {  # issue 19's H200 targets: (what, predicate on the row)
 
 def fp8_calls(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor) -> dict:
-    """{"fp8": the config's choice, "w8a16": weight-only, "w8a8": quantized activations, "w8a8_fused": quantized
-    inside the GEMMs}, as no-argument calls."""
+    """{"fp8": the config's choice, "w8a16": weight-only, "w8a8": quantized activations}, as no-argument calls."""
     import kernels
     (q_gate_up, s_gate_up), (q_down, s_down) = kernels.quantize_fp8_weights(gate_up), kernels.quantize_fp8_weights(down)
     cfg_gate_up, cfg_down = fp8_expert_configs(x, gate_up.shape[0], down.shape[2], ids.numel())
     args = (x, q_gate_up, s_gate_up, q_down, s_down, ids, weights)
 
-    def forced(w8a8: bool, fused: bool = False) -> Callable[[], torch.Tensor]:
-        configs = ({**cfg_gate_up, "quantize_activations": w8a8, "fuse_quantize": fused},
-                   {**cfg_down, "fuse_quantize": fused})
-        return lambda: launch_fp8_experts(*args, configs=configs)
-    mode = "w8a16" if not cfg_gate_up.get("quantize_activations") else \
-        "w8a8_fused" if cfg_gate_up.get("fuse_quantize") else "w8a8"
+    def forced(w8a8: bool) -> Callable[[], torch.Tensor]:
+        return lambda: launch_fp8_experts(*args, configs=({**cfg_gate_up, "quantize_activations": w8a8}, cfg_down))
     return {"fp8": lambda: kernels.fp8_experts(*args, validate_ids=False), "w8a16": forced(False), "w8a8": forced(True),
-            "w8a8_fused": forced(True, True), "mode": mode}
+            "mode": "w8a8" if cfg_gate_up.get("quantize_activations") else "w8a16"}
 
 
 def run_case(shape: moe_cases.MoeShape, T: int, bytes_per_s: float, meter: GpuMeter | None, idle_power_w: float | None,
@@ -63,11 +56,11 @@ def run_case(shape: moe_cases.MoeShape, T: int, bytes_per_s: float, meter: GpuMe
     calls = fp8_calls(*inputs)
     bf16 = moe_cases.ours(*inputs)
     row = {"shape": shape.name, "T": T, "E": shape.E, "K": shape.K, "H": shape.H, "I": shape.I, "mode": calls["mode"],
-           "rel_error_vs_bf16": {m: rel_error(calls[m](), bf16) for m in MODES},
+           "rel_error_vs_bf16": {m: rel_error(calls[m](), bf16) for m in ("fp8", "w8a16", "w8a8")},
            "fp8_floor_ms": moe_cases.floor_ms(shape, inputs[3], FP8_DTYPE, bytes_per_s, scale_bytes=4)[0],
            "bf16_graph_ms": graph_median_ms(lambda: moe_cases.ours(*inputs)),
            "grouped_mm_graph_ms": graph_median_ms(lambda: moe_cases.grouped_mm(*inputs))}
-    for mode in MODES:
+    for mode in ("fp8", "w8a16", "w8a8"):
         row[f"{mode}_graph_ms"] = graph_median_ms(calls[mode])
     row["speedup_vs_bf16"] = row["bf16_graph_ms"] / row["fp8_graph_ms"]
     row["speedup_vs_grouped_mm"] = row["grouped_mm_graph_ms"] / row["fp8_graph_ms"]
@@ -82,16 +75,15 @@ def run_case(shape: moe_cases.MoeShape, T: int, bytes_per_s: float, meter: GpuMe
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'shape':8} {'T':>5} {'mode':>10} {'err':>7} {'bf16':>7} {'gmm':>7} {'fp8':>7} {'w8a16':>7} {'w8a8':>7} "
-          f"{'fused':>7} {'floor':>7} {'x bf16':>6} {'J bf16':>9} {'J fp8':>9}  targets")
+    print(f"{'shape':8} {'T':>5} {'mode':>6} {'err':>7} {'bf16':>7} {'gmm':>7} {'fp8':>7} {'w8a16':>7} {'w8a8':>7} "
+          f"{'floor':>7} {'x bf16':>6} {'J bf16':>9} {'J fp8':>9}  targets")
     for r in rows:
         joules = " ".join(f"{r[k]:9.3e}" if r.get(k) is not None else f"{'-':>9}" for k in ("bf16_energy_j",
                                                                                               "fp8_energy_j"))
         target = "; ".join(f"{what}: {'met' if met else 'NOT met'}" for what, met in r["targets"].items())
-        print(f"{r['shape']:8} {r['T']:5d} {r['mode']:>10} {r['rel_error_vs_bf16']['fp8']:7.1e} "
+        print(f"{r['shape']:8} {r['T']:5d} {r['mode']:>6} {r['rel_error_vs_bf16']['fp8']:7.1e} "
               f"{r['bf16_graph_ms']:7.4f} {r['grouped_mm_graph_ms']:7.4f} {r['fp8_graph_ms']:7.4f} "
-              f"{r['w8a16_graph_ms']:7.4f} {r['w8a8_graph_ms']:7.4f} {r['w8a8_fused_graph_ms']:7.4f} "
-              f"{r['fp8_floor_ms']:7.4f} "
+              f"{r['w8a16_graph_ms']:7.4f} {r['w8a8_graph_ms']:7.4f} {r['fp8_floor_ms']:7.4f} "
               f"{r['speedup_vs_bf16']:6.2f} {joules}  {target}")
     print("ms: CUDA-graph replay medians; x bf16 = bf16 ms / FP8 ms; J: energy per call (NVML, one window each)")
 

@@ -6,14 +6,12 @@ CUDA-event timings) after a correctness check; the fastest pair becomes an entry
 ``kernels/configs/moe_gate_up/<GPU>.json`` and ``moe_down/<GPU>.json``, pinned to that shape's
 E and I and bounded by slots per expert (T*K/E). ``--weights fp8`` tunes the FP8 experts' W8A8
 GEMMs instead (``moe_gate_up_fp8`` / ``moe_down_fp8``: FP8 tokens and intermediate, larger K
-blocks among the candidates), each timed with its rows' quantization: a ``quantize_fp8`` launch,
-or at decode the GEMM quantizing the rows as it reads them (``fuse_quantize``). Prefill candidates
-include weight tiles read by TMA (``tma``) and a persistent grid (``persistent``). Needs a CUDA device.
+blocks among the candidates). Prefill candidates include weight tiles read by TMA (``tma``) and a
+persistent grid (``persistent``). Needs a CUDA device.
 """
 import argparse
 import math
 import sys
-from collections.abc import Callable
 
 import torch
 
@@ -22,7 +20,7 @@ from bench._cli import comma_list
 from bench.tune_kernels import time_candidates, write_tuned
 from kernels.expert_blocks import group_by_expert
 from kernels.fp8_experts import fp8_weights, quantize_fp8_weights
-from kernels.fused_experts import ExpertWeights, concatenated_weights, gemm_rows, launch_expert_gemm
+from kernels.fused_experts import concatenated_weights, launch_expert_gemm
 from kernels.quantize import dequantize_fp8, quantize_fp8
 
 # (block_n, block_k, warps, stages, group_m[, flags]); TMA: weight tiles through tensor descriptors (on a
@@ -80,52 +78,46 @@ def slot_reference(a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, gather_t
 
 
 def _fp8_operands(x, gate_up, down):
-    """W8A8's operands: (gate_up view, down view) in FP8, and the dequantized x, gate_up and down
-    the references multiply."""
+    """W8A8's operands: (x, its row scales, gate_up view, down view) in FP8, and the dequantized
+    x, gate_up and down the references multiply."""
     (q_x, s_x), (q_gu, s_gu), (q_down, s_down) = quantize_fp8(x), quantize_fp8_weights(gate_up), \
         quantize_fp8_weights(down)
     dequantized = tuple(dequantize_fp8(q, s) for q, s in ((q_x, s_x), (q_gu, s_gu), (q_down, s_down)))
-    return fp8_weights(q_gu, s_gu, q_down, s_down), dequantized
-
-
-def fp8_candidates(block_m: int, tiles: list) -> list:
-    """W8A8 candidates: each tile, and for row blocks of 16 (decode) each tile again quantizing its
-    rows as it reads them (``fuse_quantize``: no ``quantize_fp8`` launch)."""
-    configs = [candidate_config(t) for t in tiles]
-    return configs + ([{**c, "fuse_quantize": True} for c in configs] if block_m == 16 else [])
+    return (q_x, s_x, *fp8_weights(q_gu, s_gu, q_down, s_down)), dequantized
 
 
 def tune_point(shape: moe_cases.MoeShape, T: int, dtype: torch.dtype, device: torch.device | str = "cuda",
                fp8: bool = False) -> tuple:
     """Best (total ms, block_m, gate_up cfg, down cfg) at T tokens, and every candidate's time (ms);
-    with ``fp8``, of the W8A8 GEMMs, each timed with the quantization of its input rows."""
+    with ``fp8``, of the W8A8 GEMMs."""
     x, gate_up, down, ids, weights = moe_cases.make_inputs(shape, T, device, dtype)
     n_slots = ids.numel()
     h = torch.empty((n_slots, shape.I), dtype=dtype, device=device)
     y = torch.empty((n_slots, shape.H), dtype=dtype, device=device)
+    x_scale = h_scale = None
     if fp8:
-        (gate_up_view, down_view), (x_ref, gate_up, down) = _fp8_operands(x, gate_up, down)
+        (x, x_scale, gate_up_view, down_view), (x_ref, gate_up, down) = _fp8_operands(x, gate_up, down)
     else:
         x_ref, (gate_up_view, down_view) = x, concatenated_weights(gate_up, down)
     h_ref = slot_reference(x_ref, gate_up, ids, True, True)
     h_in = h_ref.to(dtype)
-    y_ref = slot_reference(dequantize_fp8(*quantize_fp8(h_in)) if fp8 else h_in, down, ids, False, False, weights)
+    if fp8:
+        h_in, h_scale = quantize_fp8(h_in)
+    y_ref = slot_reference(dequantize_fp8(h_in, h_scale) if fp8 else h_in, down, ids, False, False, weights)
     flat_w = weights.reshape(-1)
     best, measured = None, []
     for block_m, tiles in tiles_for(n_slots // shape.E, FP8_TILES if fp8 else BF16_TILES):
         blocks = group_by_expert(ids, shape.E, block_m)
-        candidates = fp8_candidates(block_m, tiles) if fp8 else [candidate_config(t) for t in tiles]
 
-        def gemm(a: torch.Tensor, view: ExpertWeights, out: torch.Tensor, topk_weights: torch.Tensor | None,
-                 gather_tokens: bool) -> Callable[[dict], torch.Tensor]:
-            def run(cfg: dict) -> torch.Tensor:  # with FP8, the rows quantized as the config says
-                rows, rows_scale, quantize_rows = gemm_rows(a, cfg, fp8)
-                launch_expert_gemm(rows, view, out, blocks, topk_weights, shape.K, gather_tokens, cfg, False,
-                                   rows_scale, quantize_rows)
-                return out
-            return run
-        results = {"gate_up": time_candidates(candidates, gemm(x, gate_up_view, h, None, True), lambda: h_ref),
-                   "down": time_candidates(candidates, gemm(h_in, down_view, y, flat_w, False), lambda: y_ref)}
+        def run_gate_up(cfg: dict) -> torch.Tensor:
+            launch_expert_gemm(x, gate_up_view, h, blocks, None, shape.K, True, cfg, False, x_scale)
+            return h
+
+        def run_down(cfg: dict) -> torch.Tensor:
+            launch_expert_gemm(h_in, down_view, y, blocks, flat_w, shape.K, False, cfg, False, h_scale)
+            return y
+        results = {"gate_up": time_candidates([candidate_config(t) for t in tiles], run_gate_up, lambda: h_ref),
+                   "down": time_candidates([candidate_config(t) for t in tiles], run_down, lambda: y_ref)}
         for kernel, timed in results.items():
             measured.append({"shape": shape.name, "T": T, "block_m": block_m, "kernel": kernel,
                              "candidates": [{"config": c, "median_ms": ms, "error": e} for ms, e, c in timed]})

@@ -74,18 +74,15 @@ def gemm(configs: "dict | None", config_op: str, M: float, N: int, K: int, gated
     return Launch(tiles, tile_flops, nbytes, _gemm_tile_bytes(bm, bn, k_padded, products))
 
 
-def _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes=BYTES_PER_ELEMENT, row_bytes=None):
-    """One output tile's loads (its rows of A, ``row_bytes`` an element if not ``operand_bytes``; its
-    columns of each B; all of K) and its (16-bit) store."""
-    row_bytes = operand_bytes if row_bytes is None else row_bytes
-    return (row_bytes * bm + operand_bytes * products * bn) * k_padded + BYTES_PER_ELEMENT * bm * bn
+def _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes=BYTES_PER_ELEMENT):
+    """One output tile's loads (its rows of A, its columns of each B, all of K) and its (16-bit) store."""
+    return operand_bytes * (bm + products * bn) * k_padded + BYTES_PER_ELEMENT * bm * bn
 
 
 def _fused_experts(configs, B, dims, fp8=False):
     """The gate-up and down launches; both run on the gate-up config's row blocks (each expert's
     rows padded to a multiple of its ``block_m``). ``fp8``: the FP8 experts' W8A8 GEMMs (FP8
-    operands, their own configs), each after the quantization of its input rows, or, where the
-    config says ``fuse_quantize``, reading its 16-bit rows twice (their scales, then the K loop)."""
+    operands, their own configs), each after the quantization of its input rows."""
     H, I, E, K = dims.d_model, dims.d_ff, dims.num_experts, dims.top_k
     slots = B * K
     touched = expected_experts(B, E, K)
@@ -95,19 +92,15 @@ def _fused_experts(configs, B, dims, fp8=False):
     row_blocks = expected_row_blocks(B, E, K, bm)
     launches = []
     for config_op, N, K_in, gated, rows_in in (("moe_gate_up", I, H, True, B), ("moe_down", H, I, False, slots)):
-        cfg = pick_config(configs, config_op + suffix, **shape)
-        fused_quantize = fp8 and bool(cfg.get("fuse_quantize"))
-        if fp8 and not fused_quantize:  # the input rows' quantization: the tokens, then each slot's intermediate
+        if fp8:  # the input rows' quantization: the tokens, then each slot's intermediate
             launches.append(_quantize(rows_in, K_in))
-        row_bytes = BYTES_PER_ELEMENT if fused_quantize else operand_bytes  # an input row element, once
+        cfg = pick_config(configs, config_op + suffix, **shape)
         bn, bk = cfg["block_n"], cfg.get("block_k", GENERIC_CONFIG["block_k"])
         products, k_padded = 2 if gated else 1, math.ceil(K_in / bk) * bk
         tile_flops = 2.0 * bm * bn * k_padded * products
-        nbytes = (operand_bytes * touched * products * N * K_in + row_bytes * slots * K_in
-                  + BYTES_PER_ELEMENT * slots * N)
-        tile_row_bytes = 2 * row_bytes if fused_quantize else row_bytes  # a tile reads its rows twice when fused
+        nbytes = operand_bytes * (touched * products * N * K_in + slots * K_in) + BYTES_PER_ELEMENT * slots * N
         launches.append(Launch(row_blocks * math.ceil(N / bn), tile_flops, nbytes,
-                               _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes, tile_row_bytes)))
+                               _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes)))
     return launches
 
 

@@ -6,11 +6,8 @@ one per output channel (``kernels.quantize``), so a scale factors out of each do
 kernels apply it in the GEMM epilogue. Two ways to run them, picked per call from the block config
 (``quantize_activations`` in ``configs/moe_gate_up_fp8``):
 
-- W8A8 (the default): the tokens and then the intermediate are quantized per row and the GEMMs run
-  on FP8 tensor cores, at twice bf16's peak. The rows are quantized by ``quantize_fp8`` (two extra
-  launches), or, where a GEMM's config says ``fuse_quantize`` (decode), by the GEMM as it reads
-  them: every program then re-reads its rows once for their scales, cheaper than a launch for a
-  few rows. Both give the same bits;
+- W8A8 (the default): the tokens and then the intermediate are quantized per row (``quantize_fp8``,
+  two extra launches) and the GEMMs run on FP8 tensor cores, at twice bf16's peak;
 - weight-only (W8A16): the 16-bit activations stay as they are and each FP8 weight tile is widened
   in registers. It reads the same weight bytes, but the widening costs more than the two
   quantizations, at decode too (``bench.fp8_moe`` times both), so only a config that asks gets it.

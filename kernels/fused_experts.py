@@ -33,7 +33,7 @@ from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
 from kernels.quantize import launch_quantize_fp8
 from kernels.routing import check_topk_ids
-from kernels.tiles import cdiv, fp8_row_scales, tile_coords, tile_products, tile_products_tma
+from kernels.tiles import cdiv, tile_coords, tile_products, tile_products_tma
 
 PERSISTENT_PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs to hide each one's loads
 
@@ -55,8 +55,8 @@ def _expert_tile(
     scale_up_offset, stride_be, stride_bn, bias_up_offset, stride_om, stride_on, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr, CLAMPED_GLU: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr, QUANTIZE_A: tl.constexpr,
-    W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr, W_SCALED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
 ):
     """out[slot] = f(a[row(slot)] @ w[expert].T + bias[expert]) for the [BLOCK_M] slots ``b_slots``
     of expert ``i_e`` (``n_slots`` for a padding row), columns block ``i_n``.
@@ -65,11 +65,8 @@ def _expert_tile(
     gated activation (``_glu``) of the gate columns w[e, n] and the up columns ``up_offset``
     elements further on (their biases ``bias_up_offset`` on); with MUL_WEIGHTS, f scales by the slot's weight.
     FP8 operands carry scales that factor out of the K sum: W_SCALED multiplies column n by
-    w_scale[e, n] (the up columns' ``scale_up_offset`` on), A_SCALED row r by a_scale[r]. QUANTIZE_A
-    makes those FP8 rows here from 16-bit ``a`` (a first pass over K finds each row's scale): one
-    launch fewer than ``quantize_fp8`` before the GEMM, for few rows, where a launch costs more than
-    every program re-reading its rows. With W_TMA the weight tiles come from the descriptor ``d_w``
-    ([E, rows, K]; up rows ``up_rows`` on) instead of ``p_w``."""
+    w_scale[e, n] (the up columns' ``scale_up_offset`` on), A_SCALED row r by a_scale[r]. With W_TMA
+    the weight tiles come from the descriptor ``d_w`` ([E, rows, K]; up rows ``up_rows`` on) instead of ``p_w``."""
     i_e = i_e.to(tl.int64)
     m_rows = b_slots < n_slots  # padding rows carry the sentinel n_slots
     if GATHER_TOKENS:
@@ -80,30 +77,23 @@ def _expert_tile(
     o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     o_k = tl.arange(0, BLOCK_K)
     p_ab = p_a + o_rows.to(tl.int64)[:, None] * stride_am + o_k[None, :] * stride_ak  # [BM, BK]
-    if QUANTIZE_A:
-        b_a_scale = fp8_row_scales(p_ab, K, stride_ak, BLOCK_M, BLOCK_K, EVEN_K)  # [BM]
-    elif A_SCALED:
-        b_a_scale = tl.load(p_a_scale + o_rows)  # [BM]
-    else:
-        b_a_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
     if W_TMA:  # gate rows past N read up rows (or zeros past the descriptor): their columns are never stored
         b_acc, b_acc_up = tile_products_tma(p_ab, d_w, i_e.to(tl.int32), i_n * BLOCK_N, up_rows, K, stride_ak,
-                                            b_a_scale, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, QUANTIZE_A,
-                                            DOT_PRECISION)  # [BM, BN] x2
+                                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION)  # [BM, BN] x2
     else:
         p_wb = p_w + i_e * stride_we + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk  # [BK, BN]
-        b_acc, b_acc_up = tile_products(p_ab, p_wb, K, stride_ak, stride_wk, up_offset, b_a_scale,
-                                         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, QUANTIZE_A,
-                                         DOT_PRECISION)  # [BM, BN] x2
+        b_acc, b_acc_up = tile_products(p_ab, p_wb, K, stride_ak, stride_wk, up_offset,
+                                         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, FUSE_GLU, DOT_PRECISION)  # [BM, BN] x2
     if W_SCALED:  # per-output-channel weight scales: [BN] of expert i_e
         p_sb = p_w_scale + i_e * stride_se + o_n
         b_acc *= tl.load(p_sb)[None, :]
         if FUSE_GLU:
             b_acc_up *= tl.load(p_sb + scale_up_offset)[None, :]
-    if A_SCALED or QUANTIZE_A:  # per-row activation scales
-        b_acc *= b_a_scale[:, None]
+    if A_SCALED:  # per-row activation scales: [BM]
+        b_a_scale = tl.load(p_a_scale + o_rows)[:, None]
+        b_acc *= b_a_scale
         if FUSE_GLU:
-            b_acc_up *= b_a_scale[:, None]
+            b_acc_up *= b_a_scale
     if HAS_BIAS:
         p_bb = p_bias + i_e * stride_be + o_n * stride_bn  # [BN]
         b_acc += tl.load(p_bb).to(tl.float32)[None, :]
@@ -150,8 +140,8 @@ def _expert_gemm_kernel(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr,
     CLAMPED_GLU: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr,
-    QUANTIZE_A: tl.constexpr, W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr, DECODE_SLOTS: tl.constexpr,
+    W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    DECODE_SLOTS: tl.constexpr,
 ):
     """The grouped GEMM over the ``ExpertBlocks`` layout: one tile per program, or with PERSISTENT
     a grid of a few programs per SM that loops over the routed tiles only (for inputs whose
@@ -168,8 +158,7 @@ def _expert_gemm_kernel(
                          N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                          up_offset, up_rows, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset,
                          stride_om, stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS,
-                         FUSE_GLU, CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, QUANTIZE_A, W_SCALED, DOT_PRECISION,
-                         W_TMA)
+                         FUSE_GLU, CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION, W_TMA)
     else:
         if DECODE_SLOTS:
             i_n = tl.program_id(0) // n_slots
@@ -184,8 +173,7 @@ def _expert_gemm_kernel(
                          N, K, n_slots, stride_am, stride_ak, stride_we, stride_wn, stride_wk,
                          up_offset, up_rows, stride_se, scale_up_offset, stride_be, stride_bn, bias_up_offset,
                          stride_om, stride_on, alpha, limit, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, GATHER_TOKENS,
-                         FUSE_GLU, CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, QUANTIZE_A, W_SCALED, DOT_PRECISION,
-                         W_TMA)
+                         FUSE_GLU, CLAMPED_GLU, HAS_BIAS, MUL_WEIGHTS, A_SCALED, W_SCALED, DOT_PRECISION, W_TMA)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs a microsecond more to build, twice a call
@@ -208,12 +196,10 @@ class ExpertWeights:
 
 def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tensor,
                        blocks: ExpertBlocks | DecodeSlots, topk_weights: torch.Tensor | None, top_k: int,
-                       gather_tokens: bool, cfg: dict, persistent: bool, a_scale: torch.Tensor | None = None,
-                       quantize_a: bool = False) -> None:
+                       gather_tokens: bool, cfg: dict, persistent: bool, a_scale: torch.Tensor | None = None) -> None:
     """One expert GEMM over ``blocks`` (or a single token's ``DecodeSlots``); ``a_scale`` [rows of a]
-    float32 scales FP8 activations ``a``, or ``quantize_a`` has the GEMM quantize 16-bit ``a`` per
-    row itself (FP8 weights). ``cfg`` may ask for weight tiles by TMA (``tma``) and a persistent grid
-    (``persistent``, as the argument; not with ``DecodeSlots``)."""
+    float32 scales FP8 activations ``a``. ``cfg`` may ask for weight tiles by TMA (``tma``) and a
+    persistent grid (``persistent``, as the argument; not with ``DecodeSlots``)."""
     N, K = out.shape[1], a.shape[1]
     decode = isinstance(blocks, DecodeSlots)
     persistent = not decode and (persistent or bool(cfg.get("persistent")))
@@ -234,8 +220,7 @@ def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tenso
         TOP_K=top_k, BLOCK_M=blocks.block_m, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
         GROUP_M=cfg["group_m"], EVEN_K=K % cfg["block_k"] == 0, GATHER_TOKENS=gather_tokens,
         FUSE_GLU=weights.glu is not None, CLAMPED_GLU=weights.glu == "clamped", HAS_BIAS=bias is not None,
-        MUL_WEIGHTS=topk_weights is not None, A_SCALED=a_scale is not None, QUANTIZE_A=quantize_a,
-        W_SCALED=w_scale is not None,
+        MUL_WEIGHTS=topk_weights is not None, A_SCALED=a_scale is not None, W_SCALED=w_scale is not None,
         DOT_PRECISION=dot_precision(a.dtype), W_TMA=d_w is not None, PERSISTENT=persistent, DECODE_SLOTS=decode,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -297,13 +282,12 @@ def run_experts(hidden_states: torch.Tensor, gate_up: ExpertWeights, down: Exper
     cfg_gate_up, cfg_down = configs or expert_configs(hidden_states, E, intermediate_size, n_slots)
     blocks = expert_layout(topk_ids, E, cfg_gate_up, persistent)
     intermediate = torch.empty((n_slots, intermediate_size), dtype=hidden_states.dtype, device=hidden_states.device)
-    a, a_scale, quantize_a = gemm_rows(hidden_states, cfg_gate_up, quantize_activations)
-    launch_expert_gemm(a, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, persistent, a_scale,
-                       quantize_a)
+    a, a_scale = launch_quantize_fp8(hidden_states) if quantize_activations else (hidden_states, None)
+    launch_expert_gemm(a, gate_up, intermediate, blocks, None, top_k, True, cfg_gate_up, persistent, a_scale)
     per_slot = torch.empty((n_slots, H), dtype=hidden_states.dtype, device=hidden_states.device)
     weights = topk_weights.contiguous().view(-1)  # the kernel indexes it by slot with unit stride
-    a, a_scale, quantize_a = gemm_rows(intermediate, cfg_down, quantize_activations)
-    launch_expert_gemm(a, down, per_slot, blocks, weights, top_k, False, cfg_down, persistent, a_scale, quantize_a)
+    a, a_scale = launch_quantize_fp8(intermediate) if quantize_activations else (intermediate, None)
+    launch_expert_gemm(a, down, per_slot, blocks, weights, top_k, False, cfg_down, persistent, a_scale)
     # fixed-order, deterministic sum over each token's slots; slots of out-of-range ids (dropped,
     # never written) are skipped: expert parallelism sends every rank ids outside its experts
     return launch_gather_sum(per_slot, topk_ids, out, num_experts=E)
@@ -317,17 +301,6 @@ def expert_layout(topk_ids: torch.Tensor, num_experts: int, cfg: dict,
     if decode_slots_fit(T, n_slots, block_m) and not persistent and cfg.get("decode_slots", True):
         return DecodeSlots(topk_ids.contiguous().view(-1), num_experts, block_m, n_slots)  # unit stride
     return group_by_expert(topk_ids, num_experts, block_m)
-
-
-def gemm_rows(a: torch.Tensor, cfg: dict, quantize_activations: bool) -> tuple:
-    """(the rows a GEMM reads, their FP8 scales, whether the GEMM quantizes them): ``a`` as it is, or
-    for W8A8 quantized by ``quantize_fp8`` first, or left for the GEMM to quantize as it reads them
-    where the GEMM's config says ``fuse_quantize`` (decode: a launch saved)."""
-    if not quantize_activations:
-        return a, None, False
-    if cfg.get("fuse_quantize"):
-        return a, None, True
-    return (*launch_quantize_fp8(a), False)
 
 
 def fused_experts_reference(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,

@@ -14,30 +14,37 @@ import triton
 import triton.language as tl
 
 from kernels._library import kernel_op
-from kernels.tiles import E4M3_MAX, cdiv, fp8_row_scales, fp8_tile, next_power_of_2, x_tile
+from kernels.tiles import cdiv, next_power_of_2
 from kernels.validate import check_fp8_capability, check_fp8_device, check_tensor
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = E4M3_MAX.value  # 448, float8_e4m3fn's largest finite value (the kernels' limit)
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 ROWS_PER_PROGRAM = 4
 
 
 @triton.jit
-def _quantize_rows_kernel(p_x, p_q, p_scale, M, K, stride_xm, stride_qm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """q[m, :] = x[m, :] / scale[m], scale[m] = max|x[m, :]| / 448 (1 for a zero row), for BLOCK_M rows."""
+def _quantize_rows_kernel(p_x, p_q, p_scale, M, K, stride_xm, stride_qm,
+                          FP8_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """q[m, :] = x[m, :] / scale[m], scale[m] = max|x[m, :]| / FP8_LIMIT (1 for a zero row), for BLOCK_M rows."""
     o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_m = o_m < M
-    o_k = tl.arange(0, BLOCK_K)
-    # rows past M read row M - 1 (never stored), so the scale pass needs no row mask
-    p_xb = p_x + tl.minimum(o_m, M - 1).to(tl.int64)[:, None] * stride_xm + o_k[None, :]  # [BM, BK]
-    b_scale = fp8_row_scales(p_xb, K, 1, BLOCK_M, BLOCK_K, False)  # pass 1: [BM]
+    p_rows = p_x + o_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    b_amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # pass 1: each row's largest magnitude
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        b_x = tl.load(p_rows + o_k[None, :], mask=m_m[:, None] & (o_k < K)[None, :], other=0.0).to(tl.float32)
+        b_has_nan = tl.max((b_x != b_x).to(tl.int32), axis=1) > 0  # tl.max skips NaN: carry it to the scale
+        b_chunk_amax = tl.where(b_has_nan, float("nan"), tl.max(tl.abs(b_x), axis=1))
+        b_amax = tl.maximum(b_amax, b_chunk_amax, propagate_nan=tl.PropagateNan.ALL)
+    b_scale = b_amax / FP8_LIMIT
+    b_scale = tl.where(b_scale == 0.0, 1.0, b_scale)  # [BM]; a zero row quantizes to zeros
     tl.store(p_scale + o_m, b_scale, mask=m_m)
     for k0 in range(0, K, BLOCK_K):  # pass 2: the rows on e4m3's grid (the re-read hits L2)
-        m_mk = m_m[:, None] & (o_k < K - k0)[None, :]
-        b_q = fp8_tile(x_tile(p_xb, k0, K, BLOCK_K, False), b_scale)
-        tl.store(p_q + o_m.to(tl.int64)[:, None] * stride_qm + (k0 + o_k)[None, :], b_q.to(p_q.dtype.element_ty),
-                 mask=m_mk)
-        p_xb += BLOCK_K
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_mk = m_m[:, None] & (o_k < K)[None, :]
+        b_x = tl.load(p_rows + o_k[None, :], mask=m_mk, other=0.0).to(tl.float32)
+        b_q = tl.clamp(b_x / b_scale[:, None], -FP8_LIMIT, FP8_LIMIT, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(p_q + o_m.to(tl.int64)[:, None] * stride_qm + o_k[None, :], b_q.to(p_q.dtype.element_ty), mask=m_mk)
 
 
 def launch_quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +58,7 @@ def launch_quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, scale.fill_(1.0)
     block_k = min(1024, next_power_of_2(K))
     _quantize_rows_kernel[(cdiv(M, ROWS_PER_PROGRAM),)](
-        x, q, scale, M, K, x.stride(0), q.stride(0), BLOCK_M=ROWS_PER_PROGRAM, BLOCK_K=block_k)
+        x, q, scale, M, K, x.stride(0), q.stride(0), FP8_LIMIT=FP8_MAX, BLOCK_M=ROWS_PER_PROGRAM, BLOCK_K=block_k)
     return q, scale
 
 

@@ -4,8 +4,6 @@ tiles read through pointers or a tensor descriptor; and the launchers' host arit
 import triton
 import triton.language as tl
 
-E4M3_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest finite value: a row's largest magnitude maps here
-
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) on the host. ``triton.cdiv`` is a constexpr function whose wrapper costs about a
@@ -42,42 +40,13 @@ def x_tile(p_xb, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def tile_row_amax(b_x):
-    """[BM] largest magnitude of each row of an fp32 [BM, BK] tile; NaN for a row holding one
-    (``tl.max`` skips NaN, and a NaN row must give a NaN scale: poisoned tokens stay poisoned)."""
-    b_has_nan = tl.max((b_x != b_x).to(tl.int32), axis=1) > 0
-    return tl.where(b_has_nan, float("nan"), tl.max(tl.abs(b_x), axis=1))
-
-
-@triton.jit
-def fp8_row_scales(p_xb, K, stride_xk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """[BM] per-row FP8 scales of the x rows ``p_xb`` [BM, BK] over all of K: max|x| / 448, 1 for a
-    zero row (``kernels.quantize``'s rule, with the same float32 operations)."""
-    b_amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        b_x = x_tile(p_xb, k0, K, BLOCK_K, EVEN_K).to(tl.float32)
-        b_amax = tl.maximum(b_amax, tile_row_amax(b_x), propagate_nan=tl.PropagateNan.ALL)
-        p_xb += BLOCK_K * stride_xk
-    b_scale = b_amax / E4M3_MAX
-    return tl.where(b_scale == 0.0, 1.0, b_scale)
-
-
-@triton.jit
-def fp8_tile(b_x, b_scale):
-    """The [BM, BK] tile ``b_x`` over its rows' scales [BM], in fp32 on e4m3's range (NaN kept)."""
-    return tl.clamp(b_x.to(tl.float32) / b_scale[:, None], -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset, x_scale,
+def tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, WITH_UP: tl.constexpr, QUANTIZE_X: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   EVEN_K: tl.constexpr, WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """([BM, BN] fp32 sum over K of x tiles ``p_xb`` [BM, BK] times weight tiles ``p_wb`` [BK, BN],
     and with WITH_UP the same for the "up" weight tiles ``up_offset`` elements further on; zeros
     without): the two halves of a gated projection, before its activation. Weights of another
-    dtype than x (FP8 weights under 16-bit activations) are widened to x's dtype in registers,
-    unless QUANTIZE_X: then each x tile goes to the weights' FP8 over its rows' scales ``x_scale``
-    [BM] (``fp8_row_scales``), which the caller multiplies back in."""
+    dtype than x (FP8 weights under 16-bit activations) are widened to x's dtype in registers."""
     o_k = tl.arange(0, BLOCK_K)
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     b_acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -88,8 +57,6 @@ def tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset, x_scale,
         else:
             m_k = o_k < K - k0
             b_w = tl.load(p_wb, mask=m_k[:, None], other=0.0)
-        if QUANTIZE_X:
-            b_x = fp8_tile(b_x, x_scale).to(b_w.dtype)
         b_acc = tl.dot(b_x, b_w.to(b_x.dtype), b_acc, input_precision=DOT_PRECISION)
         if WITH_UP:
             if EVEN_K:
@@ -107,17 +74,17 @@ def tile_product(p_xb, p_wb, K, stride_xk, stride_wk, up_offset,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_K: tl.constexpr, FUSE_SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """[BM, BN] fp32 x·w over K (``tile_products``); with FUSE_SWIGLU silu(gate) * up."""
-    b_acc, b_acc_up = tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset, 1.0, BLOCK_M, BLOCK_N, BLOCK_K,
-                                     EVEN_K, FUSE_SWIGLU, False, DOT_PRECISION)
+    b_acc, b_acc_up = tile_products(p_xb, p_wb, K, stride_xk, stride_wk, up_offset, BLOCK_M, BLOCK_N, BLOCK_K,
+                                     EVEN_K, FUSE_SWIGLU, DOT_PRECISION)
     if FUSE_SWIGLU:
         b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
     return b_acc
 
 
 @triton.jit
-def tile_products_tma(p_xb, d_w, i_e, off_n, up_rows, K, stride_xk, x_scale,
+def tile_products_tma(p_xb, d_w, i_e, off_n, up_rows, K, stride_xk,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       WITH_UP: tl.constexpr, QUANTIZE_X: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       WITH_UP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``tile_products`` with the weight tiles from a [E, rows, K] tensor descriptor ``d_w`` (TMA on
     Hopper): expert ``i_e``'s rows ``off_n`` on, the "up" rows ``up_rows`` further on. The descriptor
     zero-fills past K and past its rows; x tiles ``p_xb`` [BM, BK] are gathered rows, so pointers."""
@@ -126,8 +93,6 @@ def tile_products_tma(p_xb, d_w, i_e, off_n, up_rows, K, stride_xk, x_scale,
     for k0 in range(0, K, BLOCK_K):
         b_x = x_tile(p_xb, k0, K, BLOCK_K, EVEN_K)
         b_w = d_w.load([i_e, off_n, k0]).reshape(BLOCK_N, BLOCK_K)  # [BN, BK]
-        if QUANTIZE_X:
-            b_x = fp8_tile(b_x, x_scale).to(b_w.dtype)
         b_acc = tl.dot(b_x, b_w.to(b_x.dtype).T, b_acc, input_precision=DOT_PRECISION)
         if WITH_UP:
             b_w_up = d_w.load([i_e, up_rows + off_n, k0]).reshape(BLOCK_N, BLOCK_K)

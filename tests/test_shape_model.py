@@ -300,19 +300,3 @@ def test_fp8_experts_launch_the_quantizations_and_read_fp8_tiles():
     assert one_expert[1].tiles == math.ceil(16 / 16) * math.ceil(14336 / 64)
     (quantize,) = op_launches("quantize_fp8", 10, dims)
     assert quantize.tiles == 3 and quantize.nbytes == (2 + 1) * 10 * 4096 + 4 * 10
-
-
-def test_fp8_experts_that_quantize_inside_the_gemms_launch_no_quantizations():
-    """``fuse_quantize``: a GEMM reads its 16-bit rows instead of FP8 ones, each tile twice (scales,
-    then the K loop), and no quantization launch precedes it; the other GEMM is unchanged."""
-    dims = ModelDims(d_model=4096, d_ff=14336, num_experts=8, top_k=2, n_heads=32)
-    gate_up_cfg = {"block_m": 16, "block_n": 64, "block_k": 512}
-    configs = {"moe_gate_up_fp8": {"entries": [{"config": gate_up_cfg}]},
-               "moe_down_fp8": {"entries": [{"config": {"block_n": 128, "block_k": 256}}]}}
-    _, separate_gate_up, quantize_h, down = op_launches("fused_experts_fp8", 16, dims, configs)
-    configs["moe_gate_up_fp8"]["entries"][0]["config"] = {**gate_up_cfg, "fuse_quantize": True}
-    fused_gate_up, fused_quantize_h, fused_down = op_launches("fused_experts_fp8", 16, dims, configs)
-    assert (fused_quantize_h, fused_down) == (quantize_h, down)
-    assert fused_gate_up.tiles == separate_gate_up.tiles and fused_gate_up.tile_flops == separate_gate_up.tile_flops
-    assert fused_gate_up.nbytes - separate_gate_up.nbytes == (2 - 1) * 16 * 2 * 4096, "each slot's row in 16 bits"
-    assert fused_gate_up.tile_bytes - separate_gate_up.tile_bytes == (2 * 2 - 1) * 16 * 4096
