@@ -192,8 +192,12 @@ def test_one_token_reads_the_ids_without_a_layout(ids, dtype):
     assert isinstance(expert_layout(top_k_index, E, grouped_cfg[0], False), ExpertBlocks)
     assert torch.equal(decode, launch_fused_experts(x, gate_up, down, top_k_index, weights, configs=grouped_cfg))
     assert_matches(decode, reference64(x, gate_up, down, top_k_index, weights), dtype)
-    if all(i < 0 or i >= E for i in ids):
+    routed = any(0 <= i < E for i in ids)
+    if not routed:
         assert torch.equal(decode, torch.zeros_like(decode))
+    x[0, 3] = float("nan")  # a poisoned token stays poisoned wherever it is routed
+    poisoned = launch_fused_experts(x, gate_up, down, top_k_index, weights, configs=DECODE_CFG)
+    assert poisoned.isnan().all() if routed else torch.equal(poisoned, torch.zeros_like(poisoned))
 
 
 def test_more_slots_than_a_row_block_or_tokens_take_the_grouped_layout():
