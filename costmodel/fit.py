@@ -105,7 +105,6 @@ class OpFit:
     l2_eff: float
     hbm_eff: float
     stream_eff: float
-    l2_share: float
     hbm_eff_source: str  # "fitted", or "prior" where no point streamed from HBM
     power_w: float
     j_per_flop: float
@@ -118,14 +117,14 @@ class OpFit:
     def latency_ms(self, times: Sequence[tuple]) -> float:
         """Predicted latency from each launch's ``launch_times``."""
         params = (self.compute_eff, self.tile_ms, self.l2_eff, self.hbm_eff, self.stream_eff)
-        return self.fixed_ms + _span_ms(times, params, self.l2_share)
+        return self.fixed_ms + _span_ms(times, params)
 
     def energy_j(self, latency_ms: float, times: Sequence[tuple], totals: tuple) -> float:
         """Predicted energy at ``latency_ms`` of launches with ``launch_times`` ``times`` and
         ``work_totals`` ``totals``."""
         flops, nbytes, tile_bytes = totals
         return (self.power_w * latency_ms * 1e-3 + self.j_per_flop * flops + self.j_per_byte * nbytes
-                + self.j_per_tile_byte * tile_bytes + self.hbm_stream_w * hbm_seconds(times, self.l2_share))
+                + self.j_per_tile_byte * tile_bytes + self.hbm_stream_w * hbm_seconds(times, L2_SHARE_PRIOR))
 
 
 def hbm_seconds(times: Sequence[tuple], l2_share: float) -> float:
@@ -133,18 +132,18 @@ def hbm_seconds(times: Sequence[tuple], l2_share: float) -> float:
     return sum(max(t[2] - l2_share * t[3], 0.0) for t in times)
 
 
-def _span_ms(times, params, l2_share):
+def _span_ms(times, params):
     """The launches' time beyond ``fixed_ms`` at ``params`` (``PARAM_LOW``'s order)."""
-    spans = _spans(np.array(times, dtype=float).T[:, None, :], np.array(params, dtype=float)[None], l2_share)
-    return float(spans[0, 0])  # [1, 1]
+    spans = _spans(np.array(times, dtype=float).T[:, None, :], np.array(params, dtype=float)[None])  # [1, 1]
+    return float(spans[0, 0])
 
 
-def _spans(times, params, l2_share=L2_SHARE_PRIOR):
+def _spans(times, params):
     """[G, R] time beyond ``fixed_ms`` of G parameter sets [G, 5] on R rows of launch ``times``
     [5, R, L] (``launch_times``'s fields; absent launches all zero)."""
     c, w, nbytes, l2_cap, stream = (t[None] for t in times)  # [1, R, L]
     p = params[:, :, None, None]  # [G, 5, 1, 1]
-    in_l2 = np.minimum(nbytes, l2_share * l2_cap)
+    in_l2 = np.minimum(nbytes, L2_SHARE_PRIOR * l2_cap)
     memory = in_l2 / p[:, 2] + (nbytes - in_l2) / p[:, 3]
     return 1e3 * np.maximum(np.maximum(c / p[:, 0] + w * p[:, 1] * 1e-3, memory), stream / p[:, 4]).sum(-1)
 
@@ -159,8 +158,7 @@ def _losses(latency_ms, times, params):
 
 
 def fit_latency(rows: Sequence[tuple]) -> tuple:
-    """(fixed_ms, compute_eff, tile_ms, l2_eff, hbm_eff, stream_eff, l2_share, hbm_eff_source,
-    relative RMS): a grid search, then a pattern search from its best (one or two constants scaled
+    """(fixed_ms, compute_eff, tile_ms, l2_eff, hbm_eff, stream_eff, hbm_eff_source, relative RMS): a grid search, then a pattern search from its best (one or two constants scaled
     up or down by a factor that shrinks once no move helps)."""
     latency_ms = np.array([y for y, _ in rows])
     width = max(len(times) for _, times in rows)
@@ -178,8 +176,7 @@ def fit_latency(rows: Sequence[tuple]) -> tuple:
     best, loss = min((_pattern_search(latency_ms, times, grid[i], losses[i], moves)
                       for i in np.argsort(losses)[:SEARCH_STARTS]), key=lambda found: found[1])
     fixed_ms = float(_losses(latency_ms, times, best[None])[1][0])
-    return (fixed_ms, *map(float, best), L2_SHARE_PRIOR, "fitted" if streams else "prior",
-            math.sqrt(loss / len(rows)))
+    return (fixed_ms, *map(float, best), "fitted" if streams else "prior", math.sqrt(loss / len(rows)))
 
 
 def _pattern_search(latency_ms, times, best, loss, moves):

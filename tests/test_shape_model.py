@@ -10,7 +10,7 @@ import torch
 
 from calibration.results import write_json_atomic
 from calibration.sweep import SHAPE_SWEEP
-from costmodel.fit import L2_SHARE_PRIOR, Ceilings, OpFit, launch_times, work_totals
+from costmodel.fit import Ceilings, OpFit, launch_times, work_totals
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import ModelDims, expected_experts
 from costmodel.shapes import expected_row_blocks, gemm, op_launches, pick_config
@@ -20,7 +20,7 @@ CONFIGS = {"matmul": {"entries": [{"when": {"max_m": 64}, "config": {"block_m": 
                                   {"config": {"block_m": 128, "block_n": 128, "block_k": 64}}]}}
 # the constants the synthetic measurements are generated with: what the fit must recover
 TRUE_FIT = OpFit(fixed_ms=0.003, compute_eff=0.7, tile_ms=0.0005, l2_eff=1.5, hbm_eff=0.85, stream_eff=6.0,
-                 l2_share=0.5, hbm_eff_source="fitted", power_w=250.0, j_per_flop=0.4e-12,
+                 hbm_eff_source="fitted", power_w=250.0, j_per_flop=0.4e-12,
                  j_per_byte=60e-12, j_per_tile_byte=4e-12, hbm_stream_w=150.0, latency_rms=0.0, energy_rms=0.0)
 TOKEN_BATCHES = (1, 16, 256, 4096)
 
@@ -77,7 +77,6 @@ def test_the_fit_recovers_the_generating_constants(swept_model):
     assert fit.compute_eff == pytest.approx(TRUE_FIT.compute_eff, rel=0.1)
     assert fit.hbm_eff == pytest.approx(TRUE_FIT.hbm_eff, rel=0.1)
     assert fit.hbm_stream_w == pytest.approx(TRUE_FIT.hbm_stream_w, rel=0.1)
-    assert fit.l2_share == L2_SHARE_PRIOR  # a prior: the sweep's working sets cannot tell it from l2_eff
     assert fit.latency_rms < 0.02 and fit.energy_rms < 0.02
 
 
