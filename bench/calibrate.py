@@ -130,6 +130,11 @@ def check_same_board(parser: argparse.ArgumentParser, state: dict, board: "str |
                      "holds one board's energy counter (boards differ by about ±5%): calibrate without --resume")
 
 
+def point_count(table: dict) -> int:
+    """The measured points over every op of ``table``."""
+    return sum(len(entry["points"]) for entry in table["ops"].values())
+
+
 def main(argv: list | None = None) -> int:
     parser, args = parse_args(argv)
     meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)
@@ -142,8 +147,7 @@ def main(argv: list | None = None) -> int:
     if rejected:
         raise SystemExit(f"the measured table fails its check, so {args.output} is left as it was (the new "
                          f"one is {rejected_path(args.output)}; the points stay in {partial}): {rejected}")
-    count = sum(map(len, table["ops"].values()))
-    print(f"wrote {args.output} ({count} points, this run {table['duration_s']:.0f} s)")
+    print(f"wrote {args.output} ({point_count(table)} points, this run {table['duration_s']:.0f} s)")
     return 0
 
 

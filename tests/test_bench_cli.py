@@ -94,6 +94,12 @@ def test_calibrate_bad_arguments(argv, message, tmp_path, capsys):
     assert message in refused(calibrate.main, argv, capsys)
 
 
+def test_calibrate_counts_the_points_it_wrote():
+    from bench.calibrate import point_count
+    table = {"ops": {"ffn_gate": {"points": [{}, {}, {}], "note": "x"}, "rms_norm": {"points": [{}]}}}
+    assert point_count(table) == 4
+
+
 @pytest.mark.parametrize("gpu, message", [("../x", "short name"), ("h100", "use --gpu H100")])
 def test_calibrate_gpu_names_a_table(gpu, message, capsys):
     from bench import calibrate

@@ -188,11 +188,12 @@ def test_cost_model_choice():
     table_dims = model_dims(256, 512)
     measured, info = costs.select_cost_model("H100", table_dims)
     assert info["source"] == "measured" and not measured.is_prior and info["label"] == "prediction"
-    modelled, info = costs.select_cost_model("H100", model_dims(1024, 512, 8, 2))  # the measured table, carried
-    assert info["source"] == "modelled" and modelled.dims.d_model == 1024 and info["table_gpu"] == "H100"
+    # the measured table, carried to a shape it never ran as a whole
+    modelled, info = costs.select_cost_model("H100", model_dims(2048, 512, 8, 2, d_ff=5632))
+    assert info["source"] == "modelled" and modelled.dims.d_model == 2048 and info["table_gpu"] == "H100"
     assert info["table_dims"]["d_model"] == 256 and "modelled, not measured there" in info["why"]
     assert modelled.get_cost("flash_attention", 2)["source"] == "modelled" and not modelled.is_prior
-    # the sweep ran this expert shape (1024 x 4096, 8 experts, top 2): the table's own points cost it
+    # the sweep ran this expert shape (2048 x 5632, 8 experts, top 2): the table's own points cost it
     assert modelled.get_cost("fused_experts", 8)["source"] == "interpolated"
     _, info = costs.select_cost_model("B200", model_dims(64, 64))  # no datasheet: a stand-in's, said so
     assert info["table_gpu"] == costs.PRIOR_PROXY_GPU and "stand-in" in info["why"]

@@ -106,6 +106,33 @@ def test_a_measured_shape_passes_through_its_points(swept_model):
         "fused_experts", HELD_OUT[0])
 
 
+def test_a_modelled_shape_takes_the_nearest_measured_shapes_correction(tmp_path):
+    """One measured shape runs 30% over the tile model (a config's efficiency the fit cannot give it
+    alone): a shape next to it inherits most of that, a shape next to the exact ones almost none.
+    (Batch sizes away from the 64-row config switch, across which the ratio is interpolated.)"""
+    table = model_table((ModelDims(),) + SHAPE_SWEEP, ops=("ffn_gate",))
+    slow = SHAPE_SWEEP[2]  # 4096 x 14336
+    for p in table["ops"]["ffn_gate"]["points"]:
+        if p.get("dims") == asdict(slow):
+            p["latency_ms"] *= 1.3
+            p["energy_j"] *= 1.3
+    write_json_atomic(tmp_path / "t.json", table)
+    model = KernelCostModel(table=tmp_path / "t.json")
+    near_slow = ModelDims(d_model=4096, d_ff=12288, n_heads=32)
+    near_exact = ModelDims(d_model=2048, d_ff=6144, n_heads=16)  # next to SHAPE_SWEEP[0], 2048 x 5632
+    bare = model.shapes.model_cost
+    for b in (3, 16, 700, 3000):
+        cost = model.get_cost("ffn_gate", b, dims=near_slow)
+        latency_ms, energy_j = true_cost("ffn_gate", b, near_slow)
+        assert cost["source"] == "modelled"
+        assert cost["latency_ms"] == pytest.approx(1.3 * latency_ms, rel=0.05), b
+        assert cost["energy_joules"] == pytest.approx(1.3 * energy_j, rel=0.05), b
+        if b >= 700:  # where the one fit over every shape misses the slow shape's tiles by itself
+            assert bare("ffn_gate", b, near_slow)[0] < 0.9 * 1.3 * latency_ms, b
+        exact = model.get_cost("ffn_gate", b, dims=near_exact)
+        assert exact["latency_ms"] == pytest.approx(true_cost("ffn_gate", b, near_exact)[0], rel=0.05), b
+
+
 def test_a_tile_size_step_is_predicted_not_smoothed_over(tmp_path):
     """Points at 64 and 256 tokens only: between them the config switches from 16-row to 128-row
     tiles at 65, and the wave count jumps; straight interpolation would miss the step at 96."""
@@ -138,9 +165,11 @@ def test_the_packaged_table_costs_a_real_models_shape():
     for dims, source, experts_read in ((mixtral, "measured", 2), (deepseek, "modelled", 8)):
         cost = model.get_cost("fused_experts", 1, dims=dims)
         assert cost["source"] == source
-        # decode reads top_k experts' weights from HBM: never faster than the copy ceiling allows
-        weight_bytes = experts_read * 3 * dims.d_model * dims.d_ff * 2
-        assert cost["latency_ms"] * 1e-3 >= weight_bytes / model.table["hbm_bytes_per_s"]
+        # decode reads top_k experts' weights: those a repeated call cannot find in L2 stream from HBM,
+        # never faster than the copy ceiling allows (the 2026-12-07 table's Mixtral point is 0.7% under the
+        # ceiling for all 705 MB: a read-only stream, part of it from L2)
+        hbm_bytes = experts_read * 3 * dims.d_model * dims.d_ff * 2 - model.table["l2_cache_bytes"]
+        assert cost["latency_ms"] * 1e-3 >= hbm_bytes / model.table["hbm_bytes_per_s"]
     # rms_norm reads only d_model: a shape that shares the swept one's is measured, whatever its d_ff
     assert model.get_cost("rms_norm", 1, dims=ModelDims(d_model=4096, d_ff=1024, n_heads=32))["source"] == "measured"
 
