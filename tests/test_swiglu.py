@@ -161,3 +161,26 @@ def test_projection_bad_input(fn):
 def test_ffn_down_bad_input():
     with pytest.raises(ValueError, match="down_proj"):
         kernels.ffn_down(randn(4, 6), randn(8, 5))
+
+
+def test_tuner_buckets_are_reached_by_their_own_shapes():
+    """``bench.tune_kernels`` times each bucket at a representative shape: the entry it writes must be the
+    one the kernel picks at that shape, not shadowed by an earlier bucket's bounds."""
+    from bench.tune_kernels import ATTENTION_BUCKETS, GEMM_BUCKETS
+    from kernels.config import select_config
+    for op, buckets in GEMM_BUCKETS.items():
+        entries = [{"when": when, "config": {"bucket": i}} for i, (when, _, _) in enumerate(buckets)]
+        for i, (_, (M, N, K), _) in enumerate(buckets):
+            assert select_config(entries, m=M, n=N, k=K, elem_bytes=2)["bucket"] == i, (op, i)
+    entries = [{"when": when, "config": {"bucket": i}} for i, (when, _, _) in enumerate(ATTENTION_BUCKETS)]
+    for i, (_, (_, _, _, D), _) in enumerate(ATTENTION_BUCKETS):
+        assert select_config(entries, head_dim=D)["bucket"] == i
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_narrow_decode_candidates_match_the_reference(dtype):
+    """The narrow decode tiles the tuner may pick for N <= 2048 (more programs a small N): odd M, N, K."""
+    from bench.tune_kernels import NARROW_DECODE_GEMMS, gemm_candidates
+    x, w = randn(3, 300, dtype=dtype), randn(40, 300, dtype=dtype, scale=300 ** -0.5)
+    for cfg in gemm_candidates(NARROW_DECODE_GEMMS, [{}]):
+        assert_matches(launch_matmul(x, w, cfg=cfg), matmul_reference(x.double(), w.double()), dtype)
