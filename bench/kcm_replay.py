@@ -5,7 +5,9 @@ Rows at a shape the table measured (the dims the op reads, ``costmodel.ops.OP_DI
 held-out batch sizes; rows at other shapes test the shape-general model alone. The report groups
 them so (``at_measured_shapes`` / ``modelled_shapes``), with each input file's
 provenance, adds the table's own leave-one-out test (``leave_one_out``: the tile model against
-log-log interpolation between neighbouring points), and is written atomically.
+log-log interpolation between neighbouring points) and, given two or more accuracy reports, what
+measuring more shapes would buy (``leave_one_report_out``: each report's modelled rows predicted with
+the other reports' shapes added to the table), and is written atomically.
 """
 import argparse
 import json
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from bench._cli import add_table_flags, checked_output_file, cost_model_from
 from bench.harness.accuracy import summarise
-from bench.harness.replay import leave_one_out, replay_rows
+from bench.harness.replay import leave_one_out, leave_one_report_out, replay_rows
 from calibration.results import provenance, write_json_atomic
 
 
@@ -50,13 +52,21 @@ def main(argv: list | None = None) -> int:
     held = leave_one_out(model.table)
     loo = {f"{method}_{key.split('_')[0]}": summarise([r for r in held if r["method"] == method], key)
            for method in ("tile_model", "log_log") for key in ("energy_j", "latency_ms")}
+    accuracy_reports = {name: r for name, r in reports.items() if "forward_rows" in r}
+    crossed = leave_one_report_out(model.table, accuracy_reports) if len(accuracy_reports) > 1 else []
+    by_report = {f"{method}_{key.split('_')[0]}": summarise([r for r in crossed if r["method"] == method], key)
+                 for method in ("table_alone", "with_other_reports") for key in ("energy_j", "latency_ms")
+                 if crossed}
     report = {"provenance": provenance(), "label": "predictions of this commit's cost model against committed "
               "measurements; the measurements' own provenance is per input",
               "table": str(model.path), "table_provenance": model.table.get("provenance"),
               "inputs": {name: r.get("provenance") for name, r in reports.items()}, **summaries(rows),
-              "leave_one_out": loo, "rows": rows, "leave_one_out_rows": held}
+              "leave_one_out": loo, "leave_one_report_out": by_report, "rows": rows, "leave_one_out_rows": held,
+              "leave_one_report_out_rows": crossed}
     write_json_atomic(args.output, report)
-    for key, summary in (summaries(rows) | {f"leave_one_out {k}": v for k, v in loo.items()}).items():
+    printed = (summaries(rows) | {f"leave_one_out {k}": v for k, v in loo.items()}
+               | {f"leave_one_report_out {k}": v for k, v in by_report.items()})
+    for key, summary in printed.items():
         print(f"{key}: median APE {summary['median_ape_pct']:.1f}%, p90 {summary['p90_ape_pct']:.1f}%, "
               f"median signed {summary['median_signed_pct']:+.1f}% over {summary['n']} points")
     print(f"wrote {args.output}")

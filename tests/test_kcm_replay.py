@@ -57,3 +57,30 @@ def test_bad_arguments_are_refused(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         kcm_replay.main(argv + ["--output", str(tmp_path / "r.json")])
     assert message in capsys.readouterr().err
+
+
+def test_leave_one_report_out_predicts_each_report_from_the_others_only():
+    from bench.harness.replay import leave_one_report_out, with_report_points
+    from costmodel.curves import ShapeModel
+    table = KernelCostModel("H100").table
+    names = ["bench/results/kcm_accuracy_2026-12-07b_NVIDIA_H100_80GB_HBM3.json",
+             "bench/results/kcm_accuracy_2026-12-07c_NVIDIA_H100_80GB_HBM3.json"]
+    reports = {name: json.loads(open(name).read()) for name in names}
+    widened = with_report_points(table, [reports[names[1]]])
+    added = sum(map(len, (e["points"] for e in widened["ops"].values()))) - sum(
+        map(len, (e["points"] for e in table["ops"].values())))
+    assert added > 0 and with_report_points(widened, [reports[names[1]]]) == widened  # no point twice
+    rows = leave_one_report_out(table, reports)
+    assert {r["file"] for r in rows} == set(names) and len(rows) % 2 == 0
+    first = [r for r in rows if r["file"] == names[0] and r["method"] == "with_other_reports"]
+    from_other = ShapeModel(widened)
+    for r in first:  # the first report's rows see the second's points, never their own
+        dims = ModelDims(**r["dims"])
+        assert not from_other.curve(r["op"], dims).measured_batches
+        assert r["predicted_latency_ms"] == pytest.approx(from_other.curve(r["op"], dims).at(r["batch_size"])[0])
+    alone = [r for r in rows if r["method"] == "table_alone"]
+    assert any(a["predicted_latency_ms"] != w["predicted_latency_ms"] for a, w in
+               zip(alone, (r for r in rows if r["method"] == "with_other_reports")))
+    single = leave_one_report_out(table, {names[0]: reports[names[0]]})  # no other report: the table alone
+    pairs = zip((r for r in single if r["method"] == "table_alone"), (r for r in single if r["method"] != "table_alone"))
+    assert all(a["predicted_latency_ms"] == w["predicted_latency_ms"] for a, w in pairs)

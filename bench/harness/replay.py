@@ -6,6 +6,11 @@ comes from a results file with its own provenance.
 is predicted from the table without it, by the tile model and by straight log-log interpolation
 between its neighbours (the cost model before the tile fit), to show each method's bias.
 
+``leave_one_report_out`` asks what measuring more shapes would buy: each accuracy report's rows at
+op shapes the table never measured are predicted by the table alone and by the table with the
+*other* reports' held-out shape points added as measured points (``with_report_points``), which
+the shape-general model then corrects from (``costmodel.curves``).
+
 Three kinds of file are read:
 - a ``bench.kcm_accuracy`` report: its held-out kernel rows (energy and latency, at the table's
   dims or at held-out shapes, as each row says);
@@ -15,6 +20,7 @@ Three kinds of file are read:
   Mixtral, Qwen3-MoE and OLMoE shapes.
 """
 import copy
+import json
 
 from costmodel.curves import ShapeModel, log_log_at, point_dims
 from costmodel.kernel_cost_model import KernelCostModel
@@ -85,4 +91,44 @@ def leave_one_out(table: dict) -> list:
                     rows.append({"method": method, "op": op, "batch_size": held["batch_size"],
                                  "measured_latency_ms": held["latency_ms"], "predicted_latency_ms": latency,
                                  "measured_energy_j": held["energy_j"], "predicted_energy_j": energy})
+    return rows
+
+
+def with_report_points(table: dict, reports: list) -> dict:
+    """A copy of ``table`` with every held-out shape row of the accuracy ``reports`` (rows with ``dims``)
+    added to its op as a measured point; a (dims, batch size) the table already has keeps the table's."""
+    out = copy.deepcopy(table)
+    for report in reports:
+        for r in report["rows"]:
+            if not r.get("dims") or r["op"] not in out["ops"] or r.get("measured_energy_j") is None:
+                continue
+            points = out["ops"][r["op"]]["points"]
+            key = (json.dumps(r["dims"], sort_keys=True), r["batch_size"])
+            if any((json.dumps(p.get("dims") or out["dims"], sort_keys=True), p["batch_size"]) == key for p in points):
+                continue
+            points.append({"batch_size": r["batch_size"], "latency_ms": r["measured_latency_ms"],
+                           "energy_j": r["measured_energy_j"], "memory_gb": 0.0, "dims": r["dims"]})
+    return out
+
+
+def leave_one_report_out(table: dict, reports: dict) -> list:
+    """Rows (``method`` "table_alone" or "with_other_reports") of each accuracy report's held-out rows at
+    an op shape neither table measured, predicted by ``table`` and by ``with_report_points`` of the
+    other ``reports`` ({name: report})."""
+    alone, rows = ShapeModel(table), []
+    for name, report in reports.items():
+        widened = ShapeModel(with_report_points(table, [r for n, r in reports.items() if n != name]))
+        for r in report["rows"]:
+            if not r.get("dims") or r["op"] not in table["ops"] or r.get("measured_energy_j") is None:
+                continue
+            dims = ModelDims(**r["dims"])
+            curves = {"table_alone": alone.curve(r["op"], dims), "with_other_reports": widened.curve(r["op"], dims)}
+            if any(curve.measured_batches for curve in curves.values()):
+                continue
+            for method, curve in curves.items():
+                latency_ms, energy_j, _ = curve.at(r["batch_size"])
+                rows.append({"method": method, "file": name, "op": r["op"], "batch_size": r["batch_size"],
+                             "dims": r["dims"], "measured_latency_ms": r["measured_latency_ms"],
+                             "predicted_latency_ms": latency_ms, "measured_energy_j": r["measured_energy_j"],
+                             "predicted_energy_j": energy_j})
     return rows
