@@ -112,23 +112,24 @@ class ShapeModel:
         latency_ms = fit.latency_ms(times) if latency_ms is None else latency_ms
         return latency_ms, fit.energy_j(latency_ms, times, totals)
 
+    def _points_by_shape(self, op):
+        """{op shape: (the dims of its first point, its points)} over the op's points (``op_shape``: dims
+        that agree on every dim the op reads are one shape)."""
+        shapes = {}
+        for p in self.table["ops"][op]["points"]:
+            dims = point_dims(self.table, p)
+            shapes.setdefault(op_shape(op, dims), (dims, []))[1].append(p)
+        return shapes
+
     def _same_shape_points(self, op, dims):
-        """The op's points measured at ``dims`` or at dims that agree on every dim the op reads."""
-        shape = op_shape(op, dims)
-        return [p for p in self.table["ops"][op]["points"] if op_shape(op, point_dims(self.table, p)) == shape]
+        """The op's points measured at ``dims``'s op shape."""
+        return self._points_by_shape(op).get(op_shape(op, dims), (dims, []))[1]
 
-    def _residuals(self, op, dims):
-        """(log b, log latency ratio) and (log b, log energy ratio) of the points at ``dims``'s op
-        shape, ratios at one batch size measured more than once averaged; at a shape the table
-        never measured, the measured shapes' ratios weighted by distance (module docstring)."""
-        if not self._same_shape_points(op, dims):
-            return self._nearby_residuals(op, dims)
-        return self._shape_residuals(op, dims)
-
-    def _shape_residuals(self, op, dims):
-        """``_residuals`` at a measured op shape."""
+    def _shape_residuals(self, op, dims, points):
+        """(log b, log latency ratio) and (log b, log energy ratio) of ``points``, measured at ``dims``'s
+        op shape; ratios at one batch size measured more than once averaged."""
         latency, energy = {}, {}
-        for p in self._same_shape_points(op, dims):
+        for p in points:
             log_b = math.log(p["batch_size"])
             model_ms, _ = self.model_cost(op, p["batch_size"], dims)
             latency.setdefault(log_b, []).append(math.log(p["latency_ms"] / model_ms))
@@ -138,15 +139,14 @@ class ShapeModel:
         return ([(x, sum(ys) / len(ys)) for x, ys in sorted(ratios.items())] for ratios in (latency, energy))
 
     def _nearby_residuals(self, op, dims):
-        """``_residuals`` at an op shape no point has: at every batch size any measured shape has a
-        ratio for, the weighted mean of each measured shape's ratio there (``_correction``)."""
+        """``_shape_residuals`` at an op shape no point has: at every batch size any measured shape has
+        a ratio for, the mean of each measured shape's ratio there (``_correction``) weighted by distance
+        (module docstring)."""
         target = [math.log2(v) for v in op_shape(op, dims)]
-        shapes = {op_shape(op, point_dims(self.table, p)): point_dims(self.table, p)
-                  for p in self.table["ops"][op]["points"]}
         weighted = []  # (weight, latency residuals, energy residuals) of each measured shape
-        for shape, shape_dims in shapes.items():
+        for shape, (shape_dims, points) in self._points_by_shape(op).items():
             distance = math.dist(target, [math.log2(v) for v in shape])
-            weighted.append((distance ** -SHAPE_WEIGHT_POWER, *self._shape_residuals(op, shape_dims)))
+            weighted.append((distance ** -SHAPE_WEIGHT_POWER, *self._shape_residuals(op, shape_dims, points)))
         blended = []
         for column in (1, 2):
             with_ratios = [(w[0], w[column]) for w in weighted if w[column]]
@@ -164,8 +164,10 @@ class ShapeModel:
         return self._curves[key]
 
     def _build_curve(self, op, dims):
-        latency_res, energy_res = self._residuals(op, dims)
-        measured = tuple(sorted({p["batch_size"] for p in self._same_shape_points(op, dims)}))
+        points = self._same_shape_points(op, dims)
+        latency_res, energy_res = (self._shape_residuals(op, dims, points) if points
+                                   else self._nearby_residuals(op, dims))
+        measured = tuple(sorted({p["batch_size"] for p in points}))
         knots = set(SEQUENCE_KNOTS if op in SEQUENCE_OPS else TOKEN_KNOTS)
         knots = sorted(knots | set(measured) | self._step_knots(op, dims))
         rows = []

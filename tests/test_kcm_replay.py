@@ -70,6 +70,10 @@ def test_leave_one_report_out_predicts_each_report_from_the_others_only():
     added = sum(map(len, (e["points"] for e in widened["ops"].values()))) - sum(
         map(len, (e["points"] for e in table["ops"].values())))
     assert added > 0 and with_report_points(widened, [reports[names[1]]]) == widened  # no point twice
+    for r in reports[names[1]]["rows"]:  # every op's held-out shape rows became that op's points
+        if r.get("dims") and r["op"] in table["ops"]:
+            assert any(p.get("dims") == r["dims"] and p["batch_size"] == r["batch_size"]
+                       for p in widened["ops"][r["op"]]["points"]), (r["op"], r["batch_size"])
     rows = leave_one_report_out(table, reports)
     assert {r["file"] for r in rows} == set(names) and len(rows) % 2 == 0
     first = [r for r in rows if r["file"] == names[0] and r["method"] == "with_other_reports"]

@@ -94,20 +94,29 @@ def leave_one_out(table: dict) -> list:
     return rows
 
 
+def _shape_rows(report, table):
+    """The metered held-out shape rows (rows with ``dims``) of an accuracy ``report`` for ops ``table`` has."""
+    return [r for r in report["rows"]
+            if r.get("dims") and r["op"] in table["ops"] and r.get("measured_energy_j") is not None]
+
+
 def with_report_points(table: dict, reports: list) -> dict:
-    """A copy of ``table`` with every held-out shape row of the accuracy ``reports`` (rows with ``dims``)
-    added to its op as a measured point; a (dims, batch size) the table already has keeps the table's."""
+    """A copy of ``table`` with every held-out shape row of the accuracy ``reports`` added to its op as a
+    measured point; a (dims, batch size) the table already has keeps the table's."""
     out = copy.deepcopy(table)
+
+    def key(op, dims, batch_size):
+        return op, json.dumps(dims, sort_keys=True), batch_size
+    seen = {key(op, p.get("dims") or out["dims"], p["batch_size"])
+            for op, entry in out["ops"].items() for p in entry["points"]}
     for report in reports:
-        for r in report["rows"]:
-            if not r.get("dims") or r["op"] not in out["ops"] or r.get("measured_energy_j") is None:
+        for r in _shape_rows(report, out):
+            if key(r["op"], r["dims"], r["batch_size"]) in seen:
                 continue
-            points = out["ops"][r["op"]]["points"]
-            key = (json.dumps(r["dims"], sort_keys=True), r["batch_size"])
-            if any((json.dumps(p.get("dims") or out["dims"], sort_keys=True), p["batch_size"]) == key for p in points):
-                continue
-            points.append({"batch_size": r["batch_size"], "latency_ms": r["measured_latency_ms"],
-                           "energy_j": r["measured_energy_j"], "memory_gb": 0.0, "dims": r["dims"]})
+            seen.add(key(r["op"], r["dims"], r["batch_size"]))
+            out["ops"][r["op"]]["points"].append({"batch_size": r["batch_size"], "latency_ms": r["measured_latency_ms"],
+                                                  "energy_j": r["measured_energy_j"], "memory_gb": 0.0,
+                                                  "dims": r["dims"]})
     return out
 
 
@@ -118,9 +127,7 @@ def leave_one_report_out(table: dict, reports: dict) -> list:
     alone, rows = ShapeModel(table), []
     for name, report in reports.items():
         widened = ShapeModel(with_report_points(table, [r for n, r in reports.items() if n != name]))
-        for r in report["rows"]:
-            if not r.get("dims") or r["op"] not in table["ops"] or r.get("measured_energy_j") is None:
-                continue
+        for r in _shape_rows(report, table):
             dims = ModelDims(**r["dims"])
             curves = {"table_alone": alone.curve(r["op"], dims), "with_other_reports": widened.curve(r["op"], dims)}
             if any(curve.measured_batches for curve in curves.values()):
