@@ -100,20 +100,21 @@ def _shape_rows(report, table):
             if r.get("dims") and r["op"] in table["ops"] and r.get("measured_energy_j") is not None]
 
 
+def _point_key(op, dims, batch_size):
+    return op, json.dumps(dims, sort_keys=True), batch_size
+
+
 def with_report_points(table: dict, reports: list) -> dict:
     """A copy of ``table`` with every held-out shape row of the accuracy ``reports`` added to its op as a
     measured point; a (dims, batch size) the table already has keeps the table's."""
     out = copy.deepcopy(table)
-
-    def key(op, dims, batch_size):
-        return op, json.dumps(dims, sort_keys=True), batch_size
-    seen = {key(op, p.get("dims") or out["dims"], p["batch_size"])
+    seen = {_point_key(op, p.get("dims") or out["dims"], p["batch_size"])
             for op, entry in out["ops"].items() for p in entry["points"]}
     for report in reports:
         for r in _shape_rows(report, out):
-            if key(r["op"], r["dims"], r["batch_size"]) in seen:
+            if _point_key(r["op"], r["dims"], r["batch_size"]) in seen:
                 continue
-            seen.add(key(r["op"], r["dims"], r["batch_size"]))
+            seen.add(_point_key(r["op"], r["dims"], r["batch_size"]))
             out["ops"][r["op"]]["points"].append({"batch_size": r["batch_size"], "latency_ms": r["measured_latency_ms"],
                                                   "energy_j": r["measured_energy_j"], "memory_gb": 0.0,
                                                   "dims": r["dims"]})
