@@ -33,7 +33,7 @@ import torch
 
 from bench._cli import check_gpu, checked_float, checked_output_file, comma_list, positive_int, window_s
 from calibration.nvml_meter import GpuMeter
-from calibration.sweep import (SHAPE_SWEEP, SweepSettings, new_state, partial_path, rejected_path, run_sweep,
+from calibration.sweep import (LATENCY_SHAPES, SHAPE_SWEEP, SweepSettings, new_state, partial_path, rejected_path, run_sweep,
                                sweep_settings)
 from costmodel.ops import FP8_OPS, OPS, ModelDims
 from costmodel.table import table_names, user_table_dir
@@ -62,8 +62,9 @@ def parse_args(argv: list | None) -> tuple:
                                                        "~/.cache/energy-moe/tables")
     parser.add_argument("--trace", default=None, help="also write the sweep's NVML timeline here (for replays)")
     parser.add_argument("--shapes", choices=("default", "none"), default="default",
-                        help="also time the ops at calibration.sweep.SHAPE_SWEEP's larger dims (energy at their "
-                             "end batch sizes), which carry the cost model to any shape; 'none': the table's dims only")
+                        help="also time the ops at calibration.sweep.SHAPE_SWEEP's larger dims (with energy windows) "
+                             "and LATENCY_SHAPES' (latency only), which carry the cost model to any shape; "
+                             "'none': the table's dims only")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted sweep of <output>.partial.json (same settings)")
     args = parser.parse_args(argv)
@@ -83,7 +84,7 @@ def parse_args(argv: list | None) -> tuple:
         args.trace = checked_output_file(parser, args.trace, "--trace")
     args.settings = SweepSettings(args.gpu, args.dims, tuple(args.ops), args.output, args.window_s, args.trials,
                                   tuple(args.pressure_shares), args.trace,
-                                  SHAPE_SWEEP if args.shapes == "default" else ())
+                                  *((SHAPE_SWEEP, LATENCY_SHAPES) if args.shapes == "default" else ((), ())))
     args.state = resumed_state(parser, args.settings) if args.resume else new_state(args.settings)
     return parser, args
 

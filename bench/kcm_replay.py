@@ -21,12 +21,13 @@ from calibration.results import provenance, write_json_atomic
 
 
 def summaries(rows: list) -> dict:
-    """{group_quantity: summary} for the rows at measured shapes and at modelled ones."""
+    """{group_quantity: summary} for the rows at measured shapes and at modelled ones (for energy: at
+    shapes with measured energy, ``energy_source``)."""
     out = {}
     for group in ("at_measured_shapes", "modelled_shapes"):
-        members = [r for r in rows if (r["source"] != "modelled") == (group == "at_measured_shapes")]
-        for key in ("latency_ms", "energy_j"):
-            measured = [r for r in members if f"measured_{key}" in r]
+        for key, source in (("latency_ms", "source"), ("energy_j", "energy_source")):
+            measured = [r for r in rows if f"measured_{key}" in r
+                        and (r[source] != "modelled") == (group == "at_measured_shapes")]
             if measured:
                 out[f"{group}_{key.split('_')[0]}"] = summarise(measured, key)
     return out

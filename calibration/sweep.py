@@ -3,10 +3,16 @@
 ``run_sweep`` measures each op of ``SweepSettings.ops`` (``costmodel.ops.OPS``, on our kernels in
 bf16) over log-spaced batch sizes at the table's dims: each point is CUDA-graph replays in energy
 windows of at least 1 s on the NVML counter (``calibration.energy``), with CUDA-event latency.
-Then the same ops at ``SweepSettings.shapes`` (``SHAPE_SWEEP``: larger dims, where weights
+Energy windows are measured at ``ENERGY_TOKEN_BATCHES`` / ``ENERGY_SEQUENCE_BATCHES`` of them; the
+other batch sizes are latency-only points (``energy_j`` null), which the tile model's energy fit
+carries. Then the same ops at ``SweepSettings.shapes`` (``SHAPE_SWEEP``: larger dims, where weights
 stream from HBM and K loops are long): latency at ``SHAPE_TOKEN_BATCHES`` /
 ``SHAPE_SEQUENCE_BATCHES`` with energy (one window) at each, which the cost model's tile fit
-(``costmodel.fit``) needs to carry costs to shapes nobody measured. The
+(``costmodel.fit``) needs to carry costs to shapes nobody measured; and at
+``SweepSettings.latency_shapes`` (``LATENCY_SHAPES``) the same batch sizes without windows: a
+latency point costs a tenth of a metered one, and the shape-general model corrects a modelled
+shape's latency from the measured shapes nearest it (``costmodel.curves``), so more shapes buy
+more than more windows. The
 table records the block configs the kernels read and the card's SM count and L2 size. It also measures idle
 power and the matmul and copy ceilings, fits the first-order thermal model to the timeline the
 sweep itself heated, and measures each op's memory-pressure curve (``calibration.pressure``).
@@ -43,6 +49,11 @@ if TYPE_CHECKING:  # annotations only: no import at run time
 
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 SEQUENCE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+# energy windows at the table's dims: on the H100's committed table and five held-out reports, leaving the
+# windows at the other three batch sizes out moved held-out batch energy from 2.8% to 2.9% median error, while
+# leaving out the sweep shapes' windows at 1 or 256 tokens took the modelled shapes' from 5.2% to 6.7-8.1%
+ENERGY_TOKEN_BATCHES = (1, 16, 256, 4096)
+ENERGY_SEQUENCE_BATCHES = (1, 4, 16, 64)
 # 64 tokens rather than 16: at 1 to 16 a decode GEMM runs one 16-row block (costed from 1 token),
 # at 17 to 64 several blocks each read the whole weight, which no point of a long K loop showed the
 # fit (on an H100, 48 tokens ran 23-30% over the model at three unswept shapes)
@@ -54,6 +65,18 @@ SHAPE_SWEEP = (
     ModelDims(d_model=2048, d_ff=5632, n_heads=16, seq_len=1024, num_experts=8, top_k=2, vocab_size=32000),
     ModelDims(d_model=2048, d_ff=768, n_heads=16, seq_len=2048, num_experts=64, top_k=8, vocab_size=32000),
     ModelDims(d_model=4096, d_ff=14336, n_heads=32, seq_len=1024, num_experts=8, top_k=2, vocab_size=32000),
+)
+# latency only (no windows): spread over the dims the ops read (d_model 768 to 7168, d_ff 1536 to 8192, 16 to
+# 256 experts, top 1 to 8, 512 to 4096 positions), so a held-out shape has measured neighbours. On the H100's
+# five held-out reports, adding the other reports' shapes as latency-only points took the modelled shapes'
+# latency error from 8.2% to 3.6% median, energy from 5.8% to 5.1% (``bench.kcm_replay``)
+LATENCY_SHAPES = (
+    ModelDims(d_model=768, d_ff=3072, n_heads=12, seq_len=512, num_experts=16, top_k=1, vocab_size=50304),
+    ModelDims(d_model=1536, d_ff=4608, n_heads=12, seq_len=4096, num_experts=32, top_k=4, vocab_size=32000),
+    ModelDims(d_model=2560, d_ff=1536, n_heads=20, seq_len=2048, num_experts=128, top_k=8, vocab_size=151936),
+    ModelDims(d_model=3072, d_ff=8192, n_heads=24, seq_len=1024, num_experts=16, top_k=2, vocab_size=32000),
+    ModelDims(d_model=5120, d_ff=1536, n_heads=40, seq_len=1024, num_experts=64, top_k=6, vocab_size=32000),
+    ModelDims(d_model=7168, d_ff=2048, n_heads=56, seq_len=2048, num_experts=256, top_k=8, vocab_size=32000),
 )
 PRESSURE_BATCH = {"tokens": 64, "sequences": 4}  # where each op's memory-pressure curve is measured
 MIN_THERMAL_SAMPLES = 30  # 3 s of the 10 Hz timeline: fewer cannot fit the thermal model
@@ -114,9 +137,11 @@ def thermal_section(samples: "list[GpuReading]", thresholds: dict) -> dict:
 def sweep_point(op: str, batch_size: int, dims: "ModelDims", meter: "GpuMeter", idle_power_w: float, window_s: float,
                 trials: int,
                 pressure: "tuple[list[BandwidthHog], dict] | None" = None) -> "tuple[dict, list[dict] | None]":
-    """One table point; with ``pressure`` (hogs, background utilisation) also the op's pressure curve."""
+    """One table point, metered in ``trials`` energy windows (0: a latency-only point, ``energy_j``
+    null); with ``pressure`` (hogs, background utilisation) also the op's pressure curve."""
     runner = GraphRunner(op_callable(op, batch_size, dims))
-    energy = measure_energy(meter, runner.run_for, idle_power_w, window_s=window_s, trials=trials)
+    energy = (measure_energy(meter, runner.run_for, idle_power_w, window_s=window_s, trials=trials) if trials
+              else {"energy_j": None})
     flops, nbytes = work(op, batch_size, dims)
     point = {"batch_size": batch_size, "latency_ms": runner.latency_ms, "flops": flops, "bytes": nbytes,
              "memory_gb": nbytes / 1e9} | energy
@@ -125,14 +150,19 @@ def sweep_point(op: str, batch_size: int, dims: "ModelDims", meter: "GpuMeter", 
 
 def sweep_plan(settings: "SweepSettings") -> "list[tuple[str, ModelDims, int, int]]":
     """[(op, dims, batch_size, energy trials)]: the table's dims at every batch size (``trials``
-    windows each), then each of ``settings.shapes`` at its batch sizes (one window each: energy at
-    two batch sizes left four energy terms underdetermined, 20-43% high at 48 tokens on an H100)."""
-    plan = [(op, settings.dims, b, settings.trials) for op in settings.ops
-            for b in (SEQUENCE_BATCHES if op in SEQUENCE_OPS else TOKEN_BATCHES)]
-    for dims in settings.shapes:
+    windows at the energy batch sizes, 0 at the others), then each of ``settings.shapes`` at its
+    batch sizes (one window each: energy at two batch sizes left four energy terms underdetermined,
+    20-43% high at 48 tokens on an H100), then each of ``settings.latency_shapes`` at the same
+    batch sizes, latency only."""
+    plan = []
+    for op in settings.ops:
+        batches, metered = ((SEQUENCE_BATCHES, ENERGY_SEQUENCE_BATCHES) if op in SEQUENCE_OPS
+                            else (TOKEN_BATCHES, ENERGY_TOKEN_BATCHES))
+        plan += [(op, settings.dims, b, settings.trials if b in metered else 0) for b in batches]
+    for dims, windows in [(d, 1) for d in settings.shapes] + [(d, 0) for d in settings.latency_shapes]:
         for op in settings.ops:
             batches = SHAPE_SEQUENCE_BATCHES if op in SEQUENCE_OPS else SHAPE_TOKEN_BATCHES
-            plan += [(op, dims, b, 1) for b in batches]
+            plan += [(op, dims, b, windows) for b in batches]
     return plan
 
 
@@ -176,7 +206,8 @@ def sweep_settings(args: "SweepSettings") -> dict:
     """What must match for ``--resume`` to add points to an earlier sweep (JSON-plain)."""
     return {"gpu": args.gpu, "dims": asdict(args.dims), "ops": list(args.ops), "window_s": args.window_s,
             "trials": args.trials, "pressure_shares": list(args.pressure_shares),
-            "shapes": [asdict(dims) for dims in args.shapes]}
+            "shapes": [asdict(dims) for dims in args.shapes],
+            "latency_shapes": [asdict(dims) for dims in args.latency_shapes]}
 
 
 def new_state(args: "SweepSettings") -> dict:
@@ -232,7 +263,8 @@ def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict,
                 state["pressure_curves"][op] = [batch_size, curve]
             state["measured_s"] += time.monotonic() - point_started
             save(state)
-            label = f"{op} batch {batch_size}" + ("" if dims == args.dims else f" at d_model {dims.d_model}")
+            label = (f"{op} batch {batch_size}" + ("" if dims == args.dims else f" at d_model {dims.d_model}")
+                     + ("" if trials else " (latency)"))
             progress(n, len(plan), label, time.monotonic() - started, skipped=skipped)
     return sampler
 
@@ -279,7 +311,10 @@ def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected:
         "provenance": provenance() | {"driver": meter.driver_version(), "gpu_uuid": meter.uuid()},
         "dims": asdict(args.dims), **state["constants"], **device_facts(),
         "method": {"window_s": args.window_s, "trials": args.trials, "dtype": "bfloat16",
-                   "energy": "NVML total-energy counter, edge-aligned windows of CUDA-graph replays"},
+                   "energy": "NVML total-energy counter, edge-aligned windows of CUDA-graph replays",
+                   "latency": "median CUDA-event time of CUDA-graph replays",
+                   "latency_only": "points with energy_j null were timed without an energy window "
+                                   "(calibration.sweep.sweep_plan)"},
         "thermal": None,
         "memory_pressure": pressure_section(args.pressure_shares, background, curves) if args.pressure_shares else None,
         "ops": {op: {"unit": "sequences" if op in SEQUENCE_OPS else "tokens", "points": pts}
@@ -344,6 +379,7 @@ class SweepSettings:
     pressure_shares: tuple = (0.5, 0.9)
     trace: Path | None = None
     shapes: tuple = SHAPE_SWEEP  # extra dims measured for the tile fit (module docstring); () for none
+    latency_shapes: tuple = LATENCY_SHAPES  # extra dims timed without energy windows; () for none
 
 
 def detected_gpu(meter: "GpuMeter", requested: str) -> str:
@@ -381,7 +417,7 @@ def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detecte
 def calibrate_ops(gpu: str, ops: "Sequence[str]", dims: "ModelDims", output: "str | Path") -> dict:
     """A fresh table of ``ops`` at ``dims`` on this GPU at ``output`` (the default settings): the table."""
     meter = GpuMeter(torch.cuda.current_device())
-    settings = SweepSettings(gpu, dims, tuple(ops), Path(output), shapes=())
+    settings = SweepSettings(gpu, dims, tuple(ops), Path(output), shapes=(), latency_shapes=())
     table, rejected = run_sweep(settings, new_state(settings), meter, detected_gpu(meter, gpu))
     if rejected:
         raise RuntimeError(f"the measured table fails its check ({rejected}); "

@@ -11,7 +11,9 @@ shape's points (held at the end ratio beyond them), so the curve passes through 
 point and the model only carries the shape between them. At other shapes the model is corrected by
 the measured shapes' ratios at the same batch size, averaged with weights 1 / distance² in log2 of
 the dims the op reads (``SHAPE_WEIGHT_POWER``): what the tile model misses at the nearest measured
-shapes (a config's real efficiency, L2 residency) it likely misses nearby too. On the H100's six
+shapes (a config's real efficiency, L2 residency) it likely misses nearby too. A shape the sweep timed
+without energy windows (``calibration.sweep.LATENCY_SHAPES``) takes its own latency ratios and the
+energy ratios a modelled shape there would borrow. On the H100's six
 earlier held-out reports this took the modelled shapes' median latency error from 9.0% to 6.8%
 and energy from 6.4% to 5.0% (README, cost model).
 Every path (``KernelCostModel.get_cost``, ``DeviceCostTable``, the router's bias kernels)
@@ -40,12 +42,14 @@ _FITS = {}  # (op, its points, ceilings, configs) -> OpFit: a table loaded again
 @dataclass(frozen=True)
 class Curve:
     """Knots of one op at one shape, sorted by batch size; ``measured_batches`` are the batch sizes
-    the table measured at this shape (empty: the shape is modelled)."""
+    the table measured at this shape (empty: the shape is modelled), ``metered_batches`` those of
+    them with a measured energy (the others were timed only)."""
     batch_size: tuple
     latency_ms: tuple
     energy_j: tuple
     memory_gb: tuple
     measured_batches: tuple
+    metered_batches: tuple
 
     def at(self, batch_size: float) -> tuple:
         """(latency_ms, energy_j, memory_gb) at ``batch_size`` (> 0), log-log between the knots."""
@@ -145,6 +149,8 @@ class ShapeModel:
         target = [math.log2(v) for v in op_shape(op, dims)]
         weighted = []  # (weight, latency residuals, energy residuals) of each measured shape
         for shape, (shape_dims, points) in self._points_by_shape(op).items():
+            if shape == op_shape(op, dims):
+                continue
             distance = math.dist(target, [math.log2(v) for v in shape])
             weighted.append((distance ** -SHAPE_WEIGHT_POWER, *self._shape_residuals(op, shape_dims, points)))
         blended = []
@@ -167,7 +173,10 @@ class ShapeModel:
         points = self._same_shape_points(op, dims)
         latency_res, energy_res = (self._shape_residuals(op, dims, points) if points
                                    else self._nearby_residuals(op, dims))
+        if points and not energy_res:  # a shape timed without energy windows: its energy is modelled
+            energy_res = self._nearby_residuals(op, dims)[1]
         measured = tuple(sorted({p["batch_size"] for p in points}))
+        metered = tuple(sorted({p["batch_size"] for p in points if p.get("energy_j") is not None}))
         knots = set(SEQUENCE_KNOTS if op in SEQUENCE_OPS else TOKEN_KNOTS)
         knots = sorted(knots | set(measured) | self._step_knots(op, dims))
         rows = []
@@ -177,7 +186,7 @@ class ShapeModel:
             _, model_j = self.model_cost(op, b, dims, latency_ms=latency_ms)
             rows.append((b, latency_ms, model_j * math.exp(_correction(energy_res, b)), work(op, b, dims)[1] / 1e9))
         rows = _thinned(rows, keep=set(measured))
-        return Curve(*(tuple(col) for col in zip(*rows)), measured_batches=measured)
+        return Curve(*(tuple(col) for col in zip(*rows)), measured_batches=measured, metered_batches=metered)
 
     def _step_knots(self, op, dims):
         """{b, b + 1} for the ``MAX_STEPS`` largest steps of the model's latency between

@@ -136,8 +136,12 @@ class KernelCostModel:
         return temp_c
 
     def _base(self, op, batch_size, dims):
+        """(latency_ms, energy_j, memory_gb, latency's source, energy's source) from the op's curve."""
         curve = self.shapes.curve(op, dims)
-        return (*curve.at(batch_size), "prior" if self.is_prior else _where(curve.measured_batches, batch_size))
+        if self.is_prior:
+            return (*curve.at(batch_size), "prior", "prior")
+        return (*curve.at(batch_size), _where(curve.measured_batches, batch_size),
+                _where(curve.metered_batches, batch_size))
 
     def pressure_curve(self, op: str) -> "list | None":
         """The measured (background utilisation, latency stretch) points of ``op``, or None. A stretch
@@ -236,18 +240,20 @@ class KernelCostModel:
 
         Returns a dict: ``energy_joules``, ``latency_ms``, ``power_w``, ``temp_impact`` (°C the call
         raises the card from ``current_temp``; None without a thermal model), ``memory_gb``,
-        ``source`` (measured / interpolated / extrapolated / modelled / prior), ``dims`` and
-        ``prediction: True``.
+        ``source`` (measured / interpolated / extrapolated / modelled / prior: where the latency comes
+        from), ``energy_source`` (the same for the energy: a shape the sweep timed without energy
+        windows has measured latencies and modelled energy), ``dims`` and ``prediction: True``.
         A hotter card runs at the SM clock the calibration saw at that temperature (held at the
         hottest one seen beyond it: "extrapolated"); a share of HBM taken by others stretches the
         memory-bound part of the roofline time. Stretched time costs idle power."""
         batch_size, current_temp, memory_pressure = self._check(op, batch_size, current_temp, memory_pressure)
         dims = checked_dims(dims, self.dims)
-        latency_ms, energy_j, memory_gb, source = self._base(op, batch_size, dims)
+        latency_ms, energy_j, memory_gb, source, energy_source = self._base(op, batch_size, dims)
         thermal_stretch, thermal_extrapolated, warning = self._thermal_factor(current_temp)
         pressure_stretch, pressure_extrapolated = self._pressure_factor(op, batch_size, memory_pressure, dims)
-        if (thermal_extrapolated or pressure_extrapolated) and source in ("measured", "interpolated"):
-            source = "extrapolated"
+        if thermal_extrapolated or pressure_extrapolated:
+            source, energy_source = (s if s in ("modelled", "prior") else "extrapolated"
+                                     for s in (source, energy_source))
         stretch = pressure_stretch * thermal_stretch
         idle_w = self.table["idle_power_w"]
         # the stretched time costs static (idle) power; the dynamic energy of the work is unchanged
@@ -256,7 +262,8 @@ class KernelCostModel:
         power_w = energy_j / (latency_ms * 1e-3)
         cost = {"energy_joules": energy_j, "latency_ms": latency_ms, "power_w": power_w,
                 "temp_impact": self._temp_impact_c(power_w, latency_ms, current_temp), "memory_gb": memory_gb,
-                "source": source, "prediction": True, "gpu": self.gpu_type, "dims": asdict(dims)}
+                "source": source, "energy_source": energy_source, "prediction": True, "gpu": self.gpu_type,
+                "dims": asdict(dims)}
         return cost | ({"warning": warning} if warning else {})
 
     def _comm_curve(self, op, bytes_per_rank, world_size):

@@ -9,7 +9,7 @@ from bench import kernels as bench_kernels
 from calibration import results as _results
 from calibration import sweep as sweep_lib
 from calibration.results import write_json_atomic
-from calibration.sweep import SHAPE_SWEEP
+from calibration.sweep import LATENCY_SHAPES, SHAPE_SWEEP
 from costmodel.ops import ModelDims
 from tests.conftest import DEVICE, REL_TOL
 
@@ -253,8 +253,8 @@ class _Sampler:
 
 def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
     """A sweep cut after 3 points keeps them in the partial file; --resume measures only the rest,
-    and the two runs' points together are the whole plan (the table's dims, then the extra
-    shapes, each metered), each once."""
+    and the two runs' points together are the whole plan (the table's dims, metered at the energy
+    batch sizes, then the sweep shapes, each metered, then the latency shapes, none metered), each once."""
     from bench import calibrate
     measured = []
 
@@ -282,20 +282,24 @@ def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
     sweep_lib.sweep(again.settings, None, again.state, save)
     plan = sweep_lib.sweep_plan(again.settings)
     assert sorted(measured, key=str) == sorted(plan, key=str) and len(measured) == len(plan), "every point once"
-    assert len(plan) == 2 * (len(sweep_lib.TOKEN_BATCHES) + len(SHAPE_SWEEP) * len(sweep_lib.SHAPE_TOKEN_BATCHES))
-    metered = {(dims, b) for op, dims, b, trials in plan if trials and dims != again.settings.dims}
-    assert metered == {(dims, b) for dims in SHAPE_SWEEP for b in sweep_lib.SHAPE_TOKEN_BATCHES}
+    shapes = SHAPE_SWEEP + LATENCY_SHAPES
+    assert len(plan) == 2 * (len(sweep_lib.TOKEN_BATCHES) + len(shapes) * len(sweep_lib.SHAPE_TOKEN_BATCHES))
+    metered = {(dims, b) for op, dims, b, trials in plan if trials}
+    assert metered == ({(dims, b) for dims in SHAPE_SWEEP for b in sweep_lib.SHAPE_TOKEN_BATCHES}
+                       | {(again.settings.dims, b) for b in sweep_lib.ENERGY_TOKEN_BATCHES})
+    assert set(sweep_lib.ENERGY_TOKEN_BATCHES) < set(sweep_lib.TOKEN_BATCHES)
     at_table_dims = [p for p in again.state["points"]["ffn_up"] if "dims" not in p]
     assert [p["batch_size"] for p in at_table_dims] == list(sweep_lib.TOKEN_BATCHES)
     shaped = [p for p in again.state["points"]["ffn_up"] if "dims" in p]
-    assert [ModelDims(**p["dims"]) for p in shaped[::len(sweep_lib.SHAPE_TOKEN_BATCHES)]] == list(SHAPE_SWEEP)
+    assert [ModelDims(**p["dims"]) for p in shaped[::len(sweep_lib.SHAPE_TOKEN_BATCHES)]] == list(shapes)
 
 
 def test_calibrate_shapes_none_sweeps_the_table_dims_only(tmp_path):
     from bench import calibrate
     _, args = calibrate.parse_args(["--gpu", "H100", "--output", str(tmp_path / "H100.json"), "--ops", "ffn_gate",
                                     "--shapes", "none"])
-    assert args.settings.shapes == () and len(sweep_lib.sweep_plan(args.settings)) == len(sweep_lib.TOKEN_BATCHES)
+    assert args.settings.shapes == () == args.settings.latency_shapes
+    assert len(sweep_lib.sweep_plan(args.settings)) == len(sweep_lib.TOKEN_BATCHES)
 
 
 def test_calibrate_table_of_a_short_resumed_run_passes_its_check(tmp_path):
@@ -352,7 +356,8 @@ def test_calibrate_main_writes_the_table_and_removes_the_partial(tmp_path, monke
     assert calibrate.main(["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", ""]) == 0
     table = json.loads(output.read_text())
     points = table["ops"]["ffn_gate"]["points"]
-    assert len(points) == len(sweep_lib.TOKEN_BATCHES) + len(SHAPE_SWEEP) * len(sweep_lib.SHAPE_TOKEN_BATCHES)
+    shapes = len(SHAPE_SWEEP) + len(LATENCY_SHAPES)
+    assert len(points) == len(sweep_lib.TOKEN_BATCHES) + shapes * len(sweep_lib.SHAPE_TOKEN_BATCHES)
     assert [p["batch_size"] for p in points if "dims" not in p] == list(sweep_lib.TOKEN_BATCHES)
     # without CUDA no SM count or configs, and the table says why; on a GPU they are that GPU's
     assert "resumed" not in table and ("device_facts_missing_reason" in table) == (not torch.cuda.is_available())

@@ -133,6 +133,36 @@ def test_a_modelled_shape_takes_the_nearest_measured_shapes_correction(tmp_path)
         assert exact["latency_ms"] == pytest.approx(true_cost("ffn_gate", b, near_exact)[0], rel=0.05), b
 
 
+def test_a_latency_only_shape_keeps_its_latencies_and_borrows_energy_from_metered_ones(tmp_path):
+    """A shape timed without energy windows (``energy_j`` null, as the sweep's latency shapes): its
+    latency curve passes through its points, and its energy is the model's at that latency times the
+    correction a modelled shape there borrows from the metered shapes (the two nearest it run 30% over
+    the model's energy), not the bare model's."""
+    latency_only = ModelDims(d_model=3072, d_ff=8192, n_heads=24)
+    metered = model_table((ModelDims(),) + SHAPE_SWEEP, ops=("ffn_gate",))
+    off = {tuple(asdict(SHAPE_SWEEP[0]).values()): 1.3, tuple(asdict(SHAPE_SWEEP[2]).values()): 1.3}
+    for p in metered["ops"]["ffn_gate"]["points"]:  # the two metered shapes nearest it: energy the fit misses
+        p["energy_j"] *= off.get(tuple(p.get("dims", {}).values()), 1.0)
+    timed = model_table((latency_only,), ops=("ffn_gate",))["ops"]["ffn_gate"]["points"]
+    with_latency_only = metered | {"ops": {"ffn_gate": {"points": metered["ops"]["ffn_gate"]["points"] + [
+        p | {"latency_ms": 1.1 * p["latency_ms"], "energy_j": None, "dims": asdict(latency_only)} for p in timed]}}}
+    write_json_atomic(tmp_path / "metered.json", metered)
+    write_json_atomic(tmp_path / "timed.json", with_latency_only)
+    without, model = (KernelCostModel(table=tmp_path / name) for name in ("metered.json", "timed.json"))
+    corrections = []
+    for b in TOKEN_BATCHES:
+        modelled = without.get_cost("ffn_gate", b, dims=latency_only)
+        correction = modelled["energy_joules"] / without.shapes.model_cost(
+            "ffn_gate", b, latency_only, latency_ms=modelled["latency_ms"])[1]
+        corrections.append(correction)
+        cost = model.get_cost("ffn_gate", b, dims=latency_only)
+        latency_ms = 1.1 * true_cost("ffn_gate", b, latency_only)[0]
+        assert cost["latency_ms"] == pytest.approx(latency_ms, rel=1e-9), b
+        _, model_j = model.shapes.model_cost("ffn_gate", b, latency_only, latency_ms=latency_ms)
+        assert cost["energy_joules"] == pytest.approx(correction * model_j, rel=0.01), b
+    assert max(abs(c - 1) for c in corrections) > 0.05  # the borrowed correction is not nothing
+
+
 def test_a_tile_size_step_is_predicted_not_smoothed_over(tmp_path):
     """Points at 64 and 256 tokens only: between them the config switches from 16-row to 128-row
     tiles at 65, and the wave count jumps; straight interpolation would miss the step at 96."""

@@ -45,7 +45,8 @@ def _dense_case(row):
 def _row(model, source_file, op, batch_size, dims, measured_latency_ms, measured_energy_j=None):
     cost = model.get_cost(op, batch_size, dims=dims)
     row = {"file": source_file, "op": op, "batch_size": batch_size, "dims": cost["dims"], "source": cost["source"],
-           "measured_latency_ms": measured_latency_ms, "predicted_latency_ms": cost["latency_ms"]}
+           "energy_source": cost["energy_source"], "measured_latency_ms": measured_latency_ms,
+           "predicted_latency_ms": cost["latency_ms"]}
     if measured_energy_j is not None:
         row |= {"measured_energy_j": measured_energy_j, "predicted_energy_j": cost["energy_joules"]}
     return row
