@@ -20,35 +20,70 @@ from kernels.validate import check_fp8_capability, check_fp8_device, check_tenso
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 ROWS_PER_PROGRAM = 4
+ONE_PASS_MAX_K = 8192  # fp32 elements a program holds in registers (8 warps: 32 a thread)
 
 
 @triton.jit
-def _quantize_rows_kernel(p_x, p_q, p_scale, M, K, stride_xm, stride_qm,
-                          FP8_LIMIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """q[m, :] = x[m, :] / scale[m], scale[m] = max|x[m, :]| / FP8_LIMIT (1 for a zero row), for BLOCK_M rows."""
+def _row_amax(b_x):
+    """[BM] largest magnitude of each row of [BM, BK] ``b_x``; NaN where the row has one (tl.max skips NaN)."""
+    b_has_nan = tl.max((b_x != b_x).to(tl.int32), axis=1) > 0
+    return tl.where(b_has_nan, float("nan"), tl.max(tl.abs(b_x), axis=1))
+
+
+@triton.jit
+def _store_quantized(p_q, b_x, b_scale, o_m, o_k, m_mk, stride_qm, FP8_LIMIT: tl.constexpr):
+    """q[o_m, o_k] = x / scale on e4m3's grid (clamped; NaN kept)."""
+    b_q = tl.clamp(b_x / b_scale[:, None], -FP8_LIMIT, FP8_LIMIT, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(p_q + o_m.to(tl.int64)[:, None] * stride_qm + o_k[None, :], b_q.to(p_q.dtype.element_ty), mask=m_mk)
+
+
+@triton.jit
+def _quantize_rows_kernel(p_x, p_q, p_scale, M, K, stride_xm, stride_qm, FP8_LIMIT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+    """q[m, :] = x[m, :] / scale[m], scale[m] = max|x[m, :]| / FP8_LIMIT (1 for a zero row), for BLOCK_M rows.
+    ONE_PASS (BLOCK_K >= K): each row is loaded once and quantized from registers; else two passes of
+    BLOCK_K chunks, the second re-reading the rows (from L2)."""
     o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_m = o_m < M
     p_rows = p_x + o_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-    b_amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # pass 1: each row's largest magnitude
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        b_x = tl.load(p_rows + o_k[None, :], mask=m_m[:, None] & (o_k < K)[None, :], other=0.0).to(tl.float32)
-        b_has_nan = tl.max((b_x != b_x).to(tl.int32), axis=1) > 0  # tl.max skips NaN: carry it to the scale
-        b_chunk_amax = tl.where(b_has_nan, float("nan"), tl.max(tl.abs(b_x), axis=1))
-        b_amax = tl.maximum(b_amax, b_chunk_amax, propagate_nan=tl.PropagateNan.ALL)
-    b_scale = b_amax / FP8_LIMIT
-    b_scale = tl.where(b_scale == 0.0, 1.0, b_scale)  # [BM]; a zero row quantizes to zeros
-    tl.store(p_scale + o_m, b_scale, mask=m_m)
-    for k0 in range(0, K, BLOCK_K):  # pass 2: the rows on e4m3's grid (the re-read hits L2)
-        o_k = k0 + tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        o_k = tl.arange(0, BLOCK_K)
         m_mk = m_m[:, None] & (o_k < K)[None, :]
-        b_x = tl.load(p_rows + o_k[None, :], mask=m_mk, other=0.0).to(tl.float32)
-        b_q = tl.clamp(b_x / b_scale[:, None], -FP8_LIMIT, FP8_LIMIT, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(p_q + o_m.to(tl.int64)[:, None] * stride_qm + o_k[None, :], b_q.to(p_q.dtype.element_ty), mask=m_mk)
+        b_x = tl.load(p_rows + o_k[None, :], mask=m_mk, other=0.0).to(tl.float32)  # [BM, BK]: whole rows
+        b_scale = _row_amax(b_x) / FP8_LIMIT
+        b_scale = tl.where(b_scale == 0.0, 1.0, b_scale)  # [BM]; a zero row quantizes to zeros
+        tl.store(p_scale + o_m, b_scale, mask=m_m)
+        _store_quantized(p_q, b_x, b_scale, o_m, o_k, m_mk, stride_qm, FP8_LIMIT)
+    else:
+        b_amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # pass 1: each row's largest magnitude
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            b_x = tl.load(p_rows + o_k[None, :], mask=m_m[:, None] & (o_k < K)[None, :], other=0.0).to(tl.float32)
+            b_amax = tl.maximum(b_amax, _row_amax(b_x), propagate_nan=tl.PropagateNan.ALL)
+        b_scale = b_amax / FP8_LIMIT
+        b_scale = tl.where(b_scale == 0.0, 1.0, b_scale)
+        tl.store(p_scale + o_m, b_scale, mask=m_m)
+        for k0 in range(0, K, BLOCK_K):  # pass 2: the rows on e4m3's grid (the re-read hits L2)
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_mk = m_m[:, None] & (o_k < K)[None, :]
+            b_x = tl.load(p_rows + o_k[None, :], mask=m_mk, other=0.0).to(tl.float32)
+            _store_quantized(p_q, b_x, b_scale, o_m, o_k, m_mk, stride_qm, FP8_LIMIT)
 
 
-def launch_quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_fp8`` on a validated [M, K] ``x`` with unit stride along K (no host sync)."""
+def quantize_plan(M: int, K: int, one_pass_max_k: int = ONE_PASS_MAX_K) -> dict:
+    """The launch of ``quantize_fp8`` on [M, K] (M, K > 0): rows per program, chunk width, one pass or two,
+    warps. A row of up to ``one_pass_max_k`` elements is held in registers whole: read once, one load."""
+    if next_power_of_2(K) <= one_pass_max_k:
+        block_k = next_power_of_2(K)
+        block_m = max(1, min(ROWS_PER_PROGRAM, next_power_of_2(M), ONE_PASS_MAX_K // block_k))
+        return {"BLOCK_M": block_m, "BLOCK_K": block_k, "ONE_PASS": True,
+                "num_warps": 8 if block_m * block_k >= 4096 else 4}
+    return {"BLOCK_M": ROWS_PER_PROGRAM, "BLOCK_K": 1024, "ONE_PASS": False, "num_warps": 4}
+
+
+def launch_quantize_fp8(x: torch.Tensor, one_pass_max_k: int = ONE_PASS_MAX_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8`` on a validated [M, K] ``x`` with unit stride along K (no host sync);
+    ``one_pass_max_k`` 0 forces two passes (for comparison)."""
     M, K = x.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((M,), dtype=torch.float32, device=x.device)
@@ -56,9 +91,9 @@ def launch_quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, scale
     if K == 0:
         return q, scale.fill_(1.0)
-    block_k = min(1024, next_power_of_2(K))
-    _quantize_rows_kernel[(cdiv(M, ROWS_PER_PROGRAM),)](
-        x, q, scale, M, K, x.stride(0), q.stride(0), FP8_LIMIT=FP8_MAX, BLOCK_M=ROWS_PER_PROGRAM, BLOCK_K=block_k)
+    plan = quantize_plan(M, K, one_pass_max_k)
+    _quantize_rows_kernel[(cdiv(M, plan["BLOCK_M"]),)](x, q, scale, M, K, x.stride(0), q.stride(0),
+                                                      FP8_LIMIT=FP8_MAX, **plan)
     return q, scale
 
 

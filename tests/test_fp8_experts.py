@@ -14,7 +14,8 @@ import kernels
 from kernels.fp8_experts import WEIGHT_CHUNK_ELEMENTS, fp8_expert_configs, fp8_experts_reference, launch_fp8_experts
 from kernels.fused_experts import fused_experts_reference
 from kernels.moe_layer import Fp8Experts
-from kernels.quantize import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8_reference
+from kernels.quantize import (FP8_DTYPE, FP8_MAX, ONE_PASS_MAX_K, ROWS_PER_PROGRAM, dequantize_fp8,
+                              launch_quantize_fp8, quantize_fp8_reference, quantize_plan)
 from kernels.validate import gpu_has_fp8
 from tests.conftest import DEVICE, ON_GPU, assert_matches, randn, rel_error
 from tests.test_fused_experts import random_topk
@@ -248,15 +249,32 @@ def test_fp8_experts_files_configs_empty_and_poisoned_tokens():
 
 
 @requires_fp8_gpu
-@pytest.mark.parametrize("M, K", [(1, 1), (5, 3000), (33, 64), (0, 8)])
-def test_quantize_fp8_kernel_matches_reference(M, K):
+@pytest.mark.parametrize("one_pass_max_k", [ONE_PASS_MAX_K, 0], ids=["default", "two_passes"])
+@pytest.mark.parametrize("M, K", [(1, 1), (5, 3000), (33, 64), (0, 8), (1, 4096), (3, 8192), (2, 9000)])
+def test_quantize_fp8_kernel_matches_reference(M, K, one_pass_max_k):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16) * 3
     if M > 2:
         x[2] = 0.0
-    q, scale = kernels.quantize_fp8(x)
+    if M > 1:
+        x[1, K - 1] = float("nan")  # a row's last element: in the masked tail of a one-pass row's block
+    q, scale = launch_quantize_fp8(x, one_pass_max_k)
     ref_q, ref_scale = quantize_fp8_reference(x)
-    assert torch.equal(scale, ref_scale)
-    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0, equal_nan=True)
+    finite = ref_scale.isfinite()
+    assert torch.equal(q[finite].view(torch.uint8), ref_q[finite].view(torch.uint8))
+    assert q[~finite].float().isnan().all()  # a poisoned row stays poisoned
+
+
+@pytest.mark.parametrize("M, K", [(1, 1), (1, 2048), (1, 4096), (64, 3000), (4096, 8192), (2, 8193), (7, 14336)])
+def test_quantize_plan_holds_rows_of_up_to_one_pass_max_k_in_registers(M, K):
+    plan = quantize_plan(M, K)
+    assert plan["ONE_PASS"] == (K <= ONE_PASS_MAX_K)
+    if plan["ONE_PASS"]:
+        assert plan["BLOCK_K"] >= K and plan["BLOCK_M"] * plan["BLOCK_K"] <= ONE_PASS_MAX_K
+    else:
+        assert plan["BLOCK_K"] < K
+    assert 1 <= plan["BLOCK_M"] <= ROWS_PER_PROGRAM and (M > 1 or plan["BLOCK_M"] == 1)
+    assert not quantize_plan(M, K, one_pass_max_k=0)["ONE_PASS"]
 
 
 @requires_fp8_gpu
