@@ -56,7 +56,8 @@ def main(argv: list | None = None) -> int:
     accuracy_reports = {name: r for name, r in reports.items() if "forward_rows" in r}
     crossed = leave_one_report_out(model.table, accuracy_reports) if len(accuracy_reports) > 1 else []
     by_report = {f"{method}_{key.split('_')[0]}": summarise([r for r in crossed if r["method"] == method], key)
-                 for method in ("table_alone", "with_other_reports") for key in ("energy_j", "latency_ms")
+                 for method in ("table_alone", "with_other_reports", "with_other_reports_latency_only")
+                 for key in ("energy_j", "latency_ms")
                  if crossed}
     report = {"provenance": provenance(), "label": "predictions of this commit's cost model against committed "
               "measurements; the measurements' own provenance is per input",

@@ -75,7 +75,7 @@ def test_leave_one_report_out_predicts_each_report_from_the_others_only():
             assert any(p.get("dims") == r["dims"] and p["batch_size"] == r["batch_size"]
                        for p in widened["ops"][r["op"]]["points"]), (r["op"], r["batch_size"])
     rows = leave_one_report_out(table, reports)
-    assert {r["file"] for r in rows} == set(names) and len(rows) % 2 == 0
+    assert {r["file"] for r in rows} == set(names) and len(rows) % 3 == 0
     first = [r for r in rows if r["file"] == names[0] and r["method"] == "with_other_reports"]
     from_other = ShapeModel(widened)
     for r in first:  # the first report's rows see the second's points, never their own
@@ -85,6 +85,15 @@ def test_leave_one_report_out_predicts_each_report_from_the_others_only():
     alone = [r for r in rows if r["method"] == "table_alone"]
     assert any(a["predicted_latency_ms"] != w["predicted_latency_ms"] for a, w in
                zip(alone, (r for r in rows if r["method"] == "with_other_reports")))
+    latency_only = [r for r in rows if r["method"] == "with_other_reports_latency_only"]
+    timed = ShapeModel(with_report_points(table, [reports[names[1]]], metered=False))
+    added_points = [p for e in timed.table["ops"].values() for p in e["points"] if "flops" not in p]
+    assert len(added_points) == added and all(p["energy_j"] is None for p in added_points)
+    for r in (r for r in latency_only if r["file"] == names[0]):  # latency as the metered points', energy its own
+        dims = ModelDims(**r["dims"])
+        assert r["predicted_latency_ms"] == pytest.approx(timed.curve(r["op"], dims).at(r["batch_size"])[0])
+        assert r["predicted_energy_j"] == pytest.approx(timed.curve(r["op"], dims).at(r["batch_size"])[1])
     single = leave_one_report_out(table, {names[0]: reports[names[0]]})  # no other report: the table alone
-    pairs = zip((r for r in single if r["method"] == "table_alone"), (r for r in single if r["method"] != "table_alone"))
-    assert all(a["predicted_latency_ms"] == w["predicted_latency_ms"] for a, w in pairs)
+    for method in ("with_other_reports", "with_other_reports_latency_only"):
+        pairs = zip((r for r in single if r["method"] == "table_alone"), (r for r in single if r["method"] == method))
+        assert all(a["predicted_latency_ms"] == w["predicted_latency_ms"] for a, w in pairs)

@@ -105,9 +105,10 @@ def _point_key(op, dims, batch_size):
     return op, json.dumps(dims, sort_keys=True), batch_size
 
 
-def with_report_points(table: dict, reports: list) -> dict:
+def with_report_points(table: dict, reports: list, metered: bool = True) -> dict:
     """A copy of ``table`` with every held-out shape row of the accuracy ``reports`` added to its op as a
-    measured point; a (dims, batch size) the table already has keeps the table's."""
+    measured point (without ``metered``, as a latency-only point: ``energy_j`` null, as the sweep's
+    latency shapes); a (dims, batch size) the table already has keeps the table's."""
     out = copy.deepcopy(table)
     seen = {_point_key(op, p.get("dims") or out["dims"], p["batch_size"])
             for op, entry in out["ops"].items() for p in entry["points"]}
@@ -117,21 +118,25 @@ def with_report_points(table: dict, reports: list) -> dict:
                 continue
             seen.add(_point_key(r["op"], r["dims"], r["batch_size"]))
             out["ops"][r["op"]]["points"].append({"batch_size": r["batch_size"], "latency_ms": r["measured_latency_ms"],
-                                                  "energy_j": r["measured_energy_j"], "memory_gb": 0.0,
+                                                  "energy_j": r["measured_energy_j"] if metered else None,
+                                                  "memory_gb": 0.0,
                                                   "dims": r["dims"]})
     return out
 
 
 def leave_one_report_out(table: dict, reports: dict) -> list:
-    """Rows (``method`` "table_alone" or "with_other_reports") of each accuracy report's held-out rows at
-    an op shape neither table measured, predicted by ``table`` and by ``with_report_points`` of the
-    other ``reports`` ({name: report})."""
+    """Rows (``method`` "table_alone", "with_other_reports" or "with_other_reports_latency_only") of each
+    accuracy report's held-out rows at an op shape neither table measured, predicted by ``table`` and by
+    ``with_report_points`` of the other ``reports`` ({name: report}), metered or latency-only."""
     alone, rows = ShapeModel(table), []
     for name, report in reports.items():
-        widened = ShapeModel(with_report_points(table, [r for n, r in reports.items() if n != name]))
+        others = [r for n, r in reports.items() if n != name]
+        widened = {method: ShapeModel(with_report_points(table, others, metered))
+                   for method, metered in (("with_other_reports", True), ("with_other_reports_latency_only", False))}
         for r in _shape_rows(report, table):
             dims = ModelDims(**r["dims"])
-            curves = {"table_alone": alone.curve(r["op"], dims), "with_other_reports": widened.curve(r["op"], dims)}
+            curves = {"table_alone": alone.curve(r["op"], dims)} | {
+                method: model.curve(r["op"], dims) for method, model in widened.items()}
             if any(curve.measured_batches for curve in curves.values()):
                 continue
             for method, curve in curves.items():
