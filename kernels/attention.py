@@ -78,7 +78,8 @@ def _load_rows(src, i_b, i_h, row0, n_rows, stride_b, stride_h, stride_s,
         b_rows = src.load([i_b, i_h, row0, 0]).reshape(BLOCK, HEAD_DIM)
     else:
         o_r = row0 + tl.arange(0, BLOCK)
-        p_rows = src + i_b * stride_b + i_h * stride_h + o_r[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
+        p_rows = (src + i_b.to(tl.int64) * stride_b + i_h.to(tl.int64) * stride_h
+                  + o_r.to(tl.int64)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :])
         if MASK_ROWS:
             b_rows = tl.load(p_rows, mask=o_r[:, None] < n_rows, other=0.0)
         else:
@@ -133,7 +134,8 @@ def _flash_attention_kernel(
     if USE_TMA:
         dst_o.store([i_b, i_h, m0, 0], b_o.to(dst_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
     else:
-        p_ob = dst_o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_os + tl.arange(0, HEAD_DIM)[None, :]
+        p_ob = (dst_o + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+                + o_m.to(tl.int64)[:, None] * stride_os + tl.arange(0, HEAD_DIM)[None, :])
         tl.store(p_ob, b_o.to(dst_o.dtype.element_ty), mask=o_m[:, None] < S_Q)
 
 
@@ -148,9 +150,10 @@ def _attention_qk_kernel(
     i_mn, i_bh = tl.program_id(0), tl.program_id(1)
     n_tiles_n = tl.cdiv(S_KV, BLOCK_N)
     i_m, i_n = i_mn // n_tiles_n, i_mn % n_tiles_n
-    i_b, i_h = i_bh // HEADS_Q, i_bh % HEADS_Q
+    # 64-bit offsets: [B, H, S, S] scores pass 2**31 elements (B16 H12 S4096) long before q or k do
+    i_b, i_h = (i_bh // HEADS_Q).to(tl.int64), (i_bh % HEADS_Q).to(tl.int64)
     i_hkv = i_h // GQA_GROUP
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
     m_m, m_n = o_m < S_Q, o_n < S_KV
@@ -173,14 +176,14 @@ def _attention_av_kernel(
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HEADS_Q, i_bh % HEADS_Q
+    i_b, i_h = (i_bh // HEADS_Q).to(tl.int64), (i_bh % HEADS_Q).to(tl.int64)  # 64-bit offsets, as in qk
     i_hkv = i_h // GQA_GROUP
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
     m_m = o_m < S_Q
 
-    p_sb = p_s + i_b * stride_sb + i_h * stride_sh + o_m[:, None] * stride_sm + o_n[None, :]  # [BM, BN]
+    p_sb = p_s + i_b * stride_sb + i_h * stride_sh + o_m.to(tl.int64)[:, None] * stride_sm + o_n[None, :]  # [BM, BN]
     p_vb = p_v + i_b * stride_vb + i_hkv * stride_vh + o_n[:, None] * stride_vs + o_d[None, :]  # [BN, D]
     b_m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     b_l = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -195,7 +198,7 @@ def _attention_av_kernel(
         b_acc, b_l, b_m = _online_softmax_step(b_acc, b_l, b_m, b_s, b_v, 1.0, DOT_PRECISION, False)
 
     b_o = b_acc / b_l[:, None]
-    p_ob = p_o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_os + o_d[None, :]
+    p_ob = p_o + i_b * stride_ob + i_h * stride_oh + o_m.to(tl.int64)[:, None] * stride_os + o_d[None, :]
     tl.store(p_ob, b_o.to(p_o.dtype.element_ty), mask=m_m[:, None])
 
 

@@ -28,7 +28,7 @@ def _decode_attention_kernel(
 ):
     """One program: the query of one (batch, head) against its cache's first kv_lengths[b] rows."""
     i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // HEADS_Q, i_bh % HEADS_Q
+    i_b, i_h = (i_bh // HEADS_Q).to(tl.int64), (i_bh % HEADS_Q).to(tl.int64)  # a cache can pass 2**31 elements
     i_hkv = i_h // GQA_GROUP
     o_d = tl.arange(0, HEAD_DIM)
     o_n = tl.arange(0, BLOCK_N)
@@ -42,7 +42,8 @@ def _decode_attention_kernel(
     p_vh = p_v + i_b * stride_vb + i_hkv * stride_vh
     for n0 in range(0, n_kv, BLOCK_N):
         m_n = (n0 + o_n) < n_kv
-        b_k = tl.load(p_kh + (n0 + o_n)[:, None] * stride_ks + o_d[None, :], mask=m_n[:, None], other=0.0)  # [BN, D]
+        o_rows = (n0 + o_n).to(tl.int64)[:, None]
+        b_k = tl.load(p_kh + o_rows * stride_ks + o_d[None, :], mask=m_n[:, None], other=0.0)  # [BN, D]
         b_s = tl.sum(b_k.to(tl.float32) * b_q[None, :], 1)  # [BN]
         b_s = tl.where(m_n, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
@@ -50,7 +51,7 @@ def _decode_attention_kernel(
         b_p = tl.math.exp2(b_s - b_base)  # [BN]
         b_alpha = tl.math.exp2(b_m - b_base)
         b_l = b_l * b_alpha + tl.sum(b_p, 0)
-        b_v = tl.load(p_vh + (n0 + o_n)[:, None] * stride_vs + o_d[None, :], mask=m_n[:, None], other=0.0)
+        b_v = tl.load(p_vh + o_rows * stride_vs + o_d[None, :], mask=m_n[:, None], other=0.0)
         b_acc = b_acc * b_alpha + tl.sum(b_p[:, None] * b_v.to(tl.float32), 0)  # [D]
         b_m = b_m_new
     b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)  # an empty cache (length 0) gives zeros, not NaN

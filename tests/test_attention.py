@@ -168,3 +168,15 @@ def test_qk_av_bad_input():
         kernels.attention_av(scores.transpose(2, 3), v)
     with pytest.raises(TypeError, match="scores"):
         kernels.attention_av(scores.to(torch.int64), v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="6.4 GB of scores: a GPU test")
+def test_qk_and_av_past_two_to_the_31_score_elements():
+    """[16, 12, 4096, 4096] scores hold 3.2e9 elements: the last head's offsets overflow 32 bits
+    (an illegal memory access before they were 64-bit). Its scores and outputs match the reference."""
+    q, k, v = (torch.randn(16, 12, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scores = kernels.attention_qk(q, k)
+    last = (slice(15, 16), slice(11, 12))
+    assert_matches(scores[last], attention_qk_reference(q[last], k[last]), torch.bfloat16)
+    out = kernels.attention_av(scores, v, causal=True)
+    assert_matches(out[last], attention_av_reference(scores[last], v[last], causal=True), torch.bfloat16)
