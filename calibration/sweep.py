@@ -59,6 +59,10 @@ ENERGY_SEQUENCE_BATCHES = (1, 4, 16, 64)
 # fit (on an H100, 48 tokens ran 23-30% over the model at three unswept shapes)
 SHAPE_TOKEN_BATCHES = (1, 64, 256, 4096)
 SHAPE_SEQUENCE_BATCHES = (1, 4, 16)
+# and latency alone at 4 and 16 tokens (a sixth of a window's time): between 1 and 64 tokens the model's ratio was
+# interpolated, and held-out shapes at 3 tokens ran 8.1% median, p90 33%, off the H100's 2026-12-07 sweep (a
+# 17 MB projection at 3 tokens took 6.8 µs where one of 14 MB at 1 token took 7.9 µs)
+SHAPE_LATENCY_TOKEN_BATCHES = (4, 16)
 # beyond the harness's dims: 23 and 46 MB projections (what an H100's or H200's 50 MB L2 half keeps and what
 # spills: how fast L2-resident weights stream), a fine-grained MoE, a Mixtral-sized expert
 SHAPE_SWEEP = (
@@ -152,8 +156,8 @@ def sweep_plan(settings: "SweepSettings") -> "list[tuple[str, ModelDims, int, in
     """[(op, dims, batch_size, energy trials)]: the table's dims at every batch size (``trials``
     windows at the energy batch sizes, 0 at the others), then each of ``settings.shapes`` at its
     batch sizes (one window each: energy at two batch sizes left four energy terms underdetermined,
-    20-43% high at 48 tokens on an H100), then each of ``settings.latency_shapes`` at the same
-    batch sizes, latency only."""
+    20-43% high at 48 tokens on an H100; latency only at ``SHAPE_LATENCY_TOKEN_BATCHES``), then each
+    of ``settings.latency_shapes`` at the same batch sizes, latency only."""
     plan = []
     for op in settings.ops:
         batches, metered = ((SEQUENCE_BATCHES, ENERGY_SEQUENCE_BATCHES) if op in SEQUENCE_OPS
@@ -161,8 +165,11 @@ def sweep_plan(settings: "SweepSettings") -> "list[tuple[str, ModelDims, int, in
         plan += [(op, settings.dims, b, settings.trials if b in metered else 0) for b in batches]
     for dims, windows in [(d, 1) for d in settings.shapes] + [(d, 0) for d in settings.latency_shapes]:
         for op in settings.ops:
-            batches = SHAPE_SEQUENCE_BATCHES if op in SEQUENCE_OPS else SHAPE_TOKEN_BATCHES
-            plan += [(op, dims, b, windows) for b in batches]
+            if op in SEQUENCE_OPS:
+                plan += [(op, dims, b, windows) for b in SHAPE_SEQUENCE_BATCHES]
+            else:
+                plan += [(op, dims, b, windows if b in SHAPE_TOKEN_BATCHES else 0)
+                         for b in sorted(SHAPE_TOKEN_BATCHES + SHAPE_LATENCY_TOKEN_BATCHES)]
     return plan
 
 

@@ -283,7 +283,8 @@ def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
     plan = sweep_lib.sweep_plan(again.settings)
     assert sorted(measured, key=str) == sorted(plan, key=str) and len(measured) == len(plan), "every point once"
     shapes = SHAPE_SWEEP + LATENCY_SHAPES
-    assert len(plan) == 2 * (len(sweep_lib.TOKEN_BATCHES) + len(shapes) * len(sweep_lib.SHAPE_TOKEN_BATCHES))
+    shape_batches = sorted(sweep_lib.SHAPE_TOKEN_BATCHES + sweep_lib.SHAPE_LATENCY_TOKEN_BATCHES)
+    assert len(plan) == 2 * (len(sweep_lib.TOKEN_BATCHES) + len(shapes) * len(shape_batches))
     metered = {(dims, b) for op, dims, b, trials in plan if trials}
     assert metered == ({(dims, b) for dims in SHAPE_SWEEP for b in sweep_lib.SHAPE_TOKEN_BATCHES}
                        | {(again.settings.dims, b) for b in sweep_lib.ENERGY_TOKEN_BATCHES})
@@ -291,7 +292,8 @@ def test_calibrate_sweep_resumes_where_it_was_cut(tmp_path, monkeypatch):
     at_table_dims = [p for p in again.state["points"]["ffn_up"] if "dims" not in p]
     assert [p["batch_size"] for p in at_table_dims] == list(sweep_lib.TOKEN_BATCHES)
     shaped = [p for p in again.state["points"]["ffn_up"] if "dims" in p]
-    assert [ModelDims(**p["dims"]) for p in shaped[::len(sweep_lib.SHAPE_TOKEN_BATCHES)]] == list(shapes)
+    assert [ModelDims(**p["dims"]) for p in shaped[::len(shape_batches)]] == list(shapes)
+    assert [p["batch_size"] for p in shaped[:len(shape_batches)]] == shape_batches
 
 
 def test_calibrate_shapes_none_sweeps_the_table_dims_only(tmp_path):
@@ -357,7 +359,8 @@ def test_calibrate_main_writes_the_table_and_removes_the_partial(tmp_path, monke
     table = json.loads(output.read_text())
     points = table["ops"]["ffn_gate"]["points"]
     shapes = len(SHAPE_SWEEP) + len(LATENCY_SHAPES)
-    assert len(points) == len(sweep_lib.TOKEN_BATCHES) + shapes * len(sweep_lib.SHAPE_TOKEN_BATCHES)
+    shape_batches = len(sweep_lib.SHAPE_TOKEN_BATCHES) + len(sweep_lib.SHAPE_LATENCY_TOKEN_BATCHES)
+    assert len(points) == len(sweep_lib.TOKEN_BATCHES) + shapes * shape_batches
     assert [p["batch_size"] for p in points if "dims" not in p] == list(sweep_lib.TOKEN_BATCHES)
     # without CUDA no SM count or configs, and the table says why; on a GPU they are that GPU's
     assert "resumed" not in table and ("device_facts_missing_reason" in table) == (not torch.cuda.is_available())

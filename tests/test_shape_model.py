@@ -187,14 +187,17 @@ def test_with_dims_keeps_the_table_and_changes_the_default_shape(swept_model):
 
 
 def test_the_packaged_table_costs_a_real_models_shape():
-    """The issue's case: the H100 table costs real models' experts. Its sweep measured Mixtral's
-    expert shape; DeepSeek-V3's (7168 x 2048, 256 experts, top 8) it never ran."""
+    """The issue's case: the H100 table costs real models' experts. Its sweep metered Mixtral's
+    expert shape, timed DeepSeek-V3's (7168 x 2048, 256 experts, top 8) without energy windows, and
+    never ran Qwen3-235B-A22B's (4096 x 1536, 128 experts, top 8)."""
     model = KernelCostModel("H100")
     mixtral = ModelDims(d_model=4096, d_ff=14336, n_heads=32, num_experts=8, top_k=2, vocab_size=32000)
     deepseek = ModelDims(d_model=7168, d_ff=2048, n_heads=128, num_experts=256, top_k=8, vocab_size=32000)
-    for dims, source, experts_read in ((mixtral, "measured", 2), (deepseek, "modelled", 8)):
+    qwen3 = ModelDims(d_model=4096, d_ff=1536, n_heads=64, num_experts=128, top_k=8, vocab_size=32000)
+    for dims, sources, experts_read in ((mixtral, ("measured", "measured"), 2),
+                                        (deepseek, ("measured", "modelled"), 8), (qwen3, ("modelled", "modelled"), 8)):
         cost = model.get_cost("fused_experts", 1, dims=dims)
-        assert cost["source"] == source
+        assert (cost["source"], cost["energy_source"]) == sources
         # decode reads top_k experts' weights: those a repeated call cannot find in L2 stream from HBM,
         # never faster than the copy ceiling allows (the 2026-12-07 table's Mixtral point is 0.7% under the
         # ceiling for all 705 MB: a read-only stream, part of it from L2)
