@@ -33,8 +33,8 @@ import torch
 
 from bench._cli import check_gpu, checked_float, checked_output_file, comma_list, positive_int, window_s
 from calibration.nvml_meter import GpuMeter
-from calibration.sweep import (LATENCY_SHAPES, SHAPE_SWEEP, SweepSettings, new_state, partial_path, rejected_path, run_sweep,
-                               sweep_settings)
+from calibration.sweep import (LATENCY_SHAPES, SHAPE_SWEEP, SweepSettings, new_state, partial_path, rejected_path,
+                               run_sweep, sweep_settings)
 from costmodel.ops import FP8_OPS, OPS, ModelDims
 from costmodel.table import table_names, user_table_dir
 from kernels.validate import gpu_has_fp8

@@ -33,7 +33,7 @@ from costmodel.ops import SEQUENCE_OPS, ModelDims
 
 HELD_OUT_TOKENS = (2, 12, 48, 192, 768, 3072)
 HELD_OUT_SEQUENCES = (3, 6, 12, 24, 48)
-HELD_OUT_SHAPES = (  # none is in calibration.sweep.SHAPE_SWEEP: the fit never saw them
+HELD_OUT_SHAPES = (  # none is in calibration.sweep.SHAPE_SWEEP or LATENCY_SHAPES: the fit never saw them
     ModelDims(d_model=512, d_ff=2048, n_heads=8, seq_len=512, num_experts=8, top_k=2, vocab_size=8192),
     ModelDims(d_model=1536, d_ff=6144, n_heads=12, seq_len=1024, num_experts=16, top_k=4, vocab_size=32000),
     ModelDims(d_model=2048, d_ff=1024, n_heads=16, seq_len=2048, num_experts=64, top_k=8, vocab_size=50304),

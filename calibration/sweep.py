@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # annotations only: no import at run time
 
 TOKEN_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 SEQUENCE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-# energy windows at the table's dims: on the H100's committed table and five held-out reports, leaving the
+# energy windows at the table's dims: on the H100's fc91c6b table and five held-out reports, leaving the
 # windows at the other three batch sizes out moved held-out batch energy from 2.8% to 2.9% median error, while
 # leaving out the sweep shapes' windows at 1 or 256 tokens took the modelled shapes' from 5.2% to 6.7-8.1%
 ENERGY_TOKEN_BATCHES = (1, 16, 256, 4096)
@@ -72,8 +72,8 @@ SHAPE_SWEEP = (
 )
 # latency only (no windows): spread over the dims the ops read (d_model 768 to 7168, d_ff 1536 to 8192, 16 to
 # 256 experts, top 1 to 8, 512 to 4096 positions), so a held-out shape has measured neighbours. On the H100's
-# five held-out reports, adding the other reports' shapes as latency-only points took the modelled shapes'
-# latency error from 8.2% to 3.6% median, energy from 5.8% to 5.1% (``bench.kcm_replay``)
+# five held-out reports (fc91c6b's table), adding the other reports' shapes as latency-only points took the modelled
+# shapes' latency error from 8.2% to 3.6% median, energy from 5.8% to 5.1% (``bench.kcm_replay``)
 LATENCY_SHAPES = (
     ModelDims(d_model=768, d_ff=3072, n_heads=12, seq_len=512, num_experts=16, top_k=1, vocab_size=50304),
     ModelDims(d_model=1536, d_ff=4608, n_heads=12, seq_len=4096, num_experts=32, top_k=4, vocab_size=32000),

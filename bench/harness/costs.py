@@ -137,7 +137,8 @@ def op_cost(cost_model: KernelCostModel, op: str, batch_size: int) -> dict:
     return {"batch_size": batch_size, "energy_j": cost["energy_joules"], "latency_ms": cost["latency_ms"],
             "power_w": cost["power_w"], "static_energy_j": cost["static_energy_joules"],
             "dynamic_energy_j": cost["dynamic_energy_joules"], "compute_bound_ms": cost["compute_bound_ms"],
-            "memory_bound_ms": cost["memory_bound_ms"], "source": cost["source"], "energy_source": cost["energy_source"]}
+            "memory_bound_ms": cost["memory_bound_ms"], "source": cost["source"],
+            "energy_source": cost["energy_source"]}
 
 
 def thermal_factors(cost_model: KernelCostModel) -> dict:
