@@ -28,7 +28,9 @@ ELEMENTWISE_BLOCK = 1024  # elements per program of torch's elementwise and norm
 NORM_ROWS_PER_SM = 8
 CONFIG_OPS = ("matmul", "swiglu_gate_up", "moe_gate_up", "moe_down", "moe_gate_up_fp8", "moe_down_fp8", "attention",
               "topk_routing")
-QUANTIZE_ROWS_PER_PROGRAM = 4  # kernels.quantize.ROWS_PER_PROGRAM (the cost model never imports the kernels)
+# kernels.quantize.ROWS_PER_PROGRAM and ONE_PASS_MAX_K (the cost model never imports the kernels)
+QUANTIZE_ROWS_PER_PROGRAM = 4
+QUANTIZE_ONE_PASS_MAX_K = 8192
 
 
 @dataclass(frozen=True)
@@ -126,9 +128,19 @@ def expected_row_blocks(batch_size: float, num_experts: int, top_k: int, block_m
     return num_experts * blocks
 
 
+def _next_power_of_2(n):
+    return 1 << (max(math.ceil(n), 1) - 1).bit_length()
+
+
 def _quantize(rows, width):
-    """``kernels.quantize``: a few rows per program, each read twice (the second time from L2)."""
-    tiles = math.ceil(rows / QUANTIZE_ROWS_PER_PROGRAM)
+    """``kernels.quantize`` (``quantize_plan``): a few rows per program, a row of up to
+    ``QUANTIZE_ONE_PASS_MAX_K`` read once, whole, and fewer rows a program the longer it is; longer
+    rows read twice (the second time from L2), four a program."""
+    per_program, width_block = QUANTIZE_ROWS_PER_PROGRAM, _next_power_of_2(width)
+    if width_block <= QUANTIZE_ONE_PASS_MAX_K:
+        per_program = max(1, min(QUANTIZE_ROWS_PER_PROGRAM, _next_power_of_2(rows),
+                                 QUANTIZE_ONE_PASS_MAX_K // width_block))
+    tiles = math.ceil(rows / per_program)
     nbytes = (BYTES_PER_ELEMENT + FP8_BYTES) * rows * width + SCALE_BYTES * rows
     return Launch(tiles, 3.0 * rows * width / max(tiles, 1), nbytes)
 

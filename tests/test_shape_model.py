@@ -353,11 +353,21 @@ def test_fp8_experts_launch_the_quantizations_and_read_fp8_tiles():
     fp8_configs = {"moe_gate_up_fp8": {"entries": [{"config": {"block_m": 16, "block_n": 64, "block_k": 512}}]},
                    "moe_down_fp8": {"entries": [{"config": {"block_n": 128, "block_k": 256}}]}}
     quantize_x, gate_up, quantize_h, down = op_launches("fused_experts_fp8", 16, dims, fp8_configs)
-    assert quantize_x.tiles == math.ceil(16 / 4) and quantize_h.tiles == math.ceil(16 * 2 / 4)
+    # rows of 4096 are read in one pass, two a program; rows of 14336 in two passes, four a program
+    assert quantize_x.tiles == math.ceil(16 / 2) and quantize_h.tiles == math.ceil(16 * 2 / 4)
     assert gate_up.tile_flops == 2.0 * 16 * 64 * 4096 * 2 and down.tile_flops == 2.0 * 16 * 128 * 14336
     bf16_gate_up, _ = op_launches("fused_experts", 16, dims)
     assert gate_up.nbytes / bf16_gate_up.nbytes == pytest.approx(0.5, rel=0.01), "FP8 weights: half the bytes"
     one_expert = op_launches("expert_ffn_fp8", 16, dims, fp8_configs)
     assert one_expert[1].tiles == math.ceil(16 / 16) * math.ceil(14336 / 64)
     (quantize,) = op_launches("quantize_fp8", 10, dims)
-    assert quantize.tiles == 3 and quantize.nbytes == (2 + 1) * 10 * 4096 + 4 * 10
+    assert quantize.tiles == 5 and quantize.nbytes == (2 + 1) * 10 * 4096 + 4 * 10
+
+
+@pytest.mark.parametrize("tokens, d_model", [(1, 4096), (3, 2048), (64, 4096), (4096, 8192), (7, 14336), (100, 3000)])
+def test_quantize_launch_follows_the_kernels_plan(tokens, d_model):
+    """The cost model's quantize launch has the programs ``kernels.quantize.quantize_plan`` launches
+    (one pass or two, rows per program), so the tile model's waves are the kernel's."""
+    from kernels.quantize import quantize_plan
+    (launch,) = op_launches("quantize_fp8", tokens, ModelDims(d_model=d_model, n_heads=1), CONFIGS)
+    assert launch.tiles == math.ceil(tokens / quantize_plan(tokens, d_model)["BLOCK_M"])
