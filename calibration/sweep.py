@@ -261,8 +261,16 @@ def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict,
             point_started = time.monotonic()
             at_pressure_batch = dims == args.dims and batch_size == PRESSURE_BATCH[
                 "sequences" if op in SEQUENCE_OPS else "tokens"]
-            point, curve = sweep_point(op, batch_size, dims, meter, idle_power_w, args.window_s, trials,
-                                       (hogs, background) if hogs and at_pressure_batch else None)
+            try:
+                point, curve = sweep_point(op, batch_size, dims, meter, idle_power_w, args.window_s, trials,
+                                           (hogs, background) if hogs and at_pressure_batch else None)
+            except torch.OutOfMemoryError:  # a shape beyond this card's memory (256 experts of 7168 x 2048 on
+                torch.cuda.empty_cache()    # a 24 GB card): recorded, left to the model, the sweep goes on
+                state.setdefault("out_of_memory", []).append({"op": op, "dims": asdict(dims), "batch_size": batch_size})
+                save(state)
+                progress(n, len(plan), f"{op} batch {batch_size}: out of memory, skipped", time.monotonic() - started,
+                         skipped=skipped)
+                continue
             if dims != args.dims:
                 point = {"dims": asdict(dims)} | point
             state["points"][op].append(point)
@@ -339,6 +347,10 @@ def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected:
                             "boards": state.get("boards") or "not recorded (a partial sweep from before boards were)",
                             "note": "an interrupted sweep continued with --resume: idle power and ceilings are the "
                                     "first run's, the thermal model is fitted to the final run's timeline"}
+    if state.get("out_of_memory"):
+        table["out_of_memory_points"] = {"points": state["out_of_memory"],
+                                         "note": "these did not fit in this GPU's memory; the shape-general model "
+                                                 "costs them (another run with --resume tries them again)"}
     collectives = kept_collectives(args.output)
     if collectives:
         table["collectives"] = collectives

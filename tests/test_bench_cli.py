@@ -416,3 +416,40 @@ def test_a_sweep_of_some_ops_keeps_the_others_of_the_same_gpu_and_dims(tmp_path)
         assert "kept_ops" not in sweep_lib.keep_other_ops(json.loads(json.dumps(new | change)), settings)
     write_json_atomic(output, old | {"source": "prior"})
     assert "kept_ops" not in sweep_lib.keep_other_ops(json.loads(json.dumps(new)), settings), "priors are not kept"
+
+
+def test_calibrate_records_shapes_that_do_not_fit_and_goes_on(tmp_path, monkeypatch):
+    """A point that runs out of GPU memory (the largest latency shape on a small card) is recorded
+    in the table's ``out_of_memory_points`` and skipped; every other point is measured."""
+    from bench import calibrate
+
+    class Meter:
+        def __init__(self, index):
+            pass
+
+        def driver_version(self):
+            return "test"
+
+        def uuid(self):
+            return "GPU-test"
+
+    def point(op, b, dims, *args):
+        if dims == LATENCY_SHAPES[-1]:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return {"batch_size": b, "latency_ms": 0.01 * b, "energy_j": 0.001 * b, "flops": 1.0, "bytes": 1.0,
+                "memory_gb": 1e-9}, None
+    monkeypatch.setattr(calibrate, "GpuMeter", Meter)
+    monkeypatch.setattr(calibrate, "check_gpu", lambda parser, gpu, meter: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(sweep_lib, "measure_constants", lambda meter: {
+        "idle_power_w": 70.0, "gap_power_w": 90.0, "peak_flops": 1e15, "hbm_bytes_per_s": 3e12})
+    monkeypatch.setattr(sweep_lib, "BackgroundSampler", _Sampler)
+    monkeypatch.setattr(sweep_lib, "sweep_point", point)
+    output = tmp_path / "H100.json"
+    assert calibrate.main(["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", ""]) == 0
+    table = json.loads(output.read_text())
+    skipped = table["out_of_memory_points"]["points"]
+    assert [p["batch_size"] for p in skipped] == sorted(sweep_lib.SHAPE_TOKEN_BATCHES
+                                                        + sweep_lib.SHAPE_LATENCY_TOKEN_BATCHES)
+    assert all(ModelDims(**p["dims"]) == LATENCY_SHAPES[-1] and p["op"] == "ffn_gate" for p in skipped)
+    measured = {ModelDims(**p["dims"]) for p in table["ops"]["ffn_gate"]["points"] if "dims" in p}
+    assert measured == set(SHAPE_SWEEP + LATENCY_SHAPES[:-1])

@@ -203,6 +203,9 @@ def test_the_packaged_table_costs_a_real_models_shape():
         # ceiling for all 705 MB: a read-only stream, part of it from L2)
         hbm_bytes = experts_read * 3 * dims.d_model * dims.d_ff * 2 - model.table["l2_cache_bytes"]
         assert cost["latency_ms"] * 1e-3 >= hbm_bytes / model.table["hbm_bytes_per_s"]
+    # at the table's dims 4 tokens were timed without a window: measured latency, interpolated energy
+    at_four = model.get_cost("ffn_gate", 4)
+    assert (at_four["source"], at_four["energy_source"]) == ("measured", "interpolated")
     # rms_norm reads only d_model: a shape that shares the swept one's is measured, whatever its d_ff
     assert model.get_cost("rms_norm", 1, dims=ModelDims(d_model=4096, d_ff=1024, n_heads=32))["source"] == "measured"
 
