@@ -331,11 +331,14 @@ def test_calibrate_table_of_a_short_resumed_run_passes_its_check(tmp_path):
     assert [p["batch_size"] for p in table["ops"]["ffn_gate"]["points"]] == [1, 4, 16]
 
 
-def test_calibrate_main_writes_the_table_and_removes_the_partial(tmp_path, monkeypatch, capsys):
-    """The whole command with the GPU parts stubbed: constants once, every point, the table checked
-    and written, the partial sweep gone."""
-    from bench import calibrate
+def _stub_point(batch_size):
+    return {"batch_size": batch_size, "latency_ms": 0.01 * batch_size, "energy_j": 0.001 * batch_size, "flops": 1.0,
+            "bytes": 1.0, "memory_gb": 1e-9}
 
+
+def _stub_calibration_gpu(monkeypatch, calibrate, sweep_point):
+    """``bench.calibrate`` with its GPU parts stubbed: a meter of one test board, fixed constants,
+    ``sweep_point`` for every point."""
     class Meter:
         def __init__(self, index):
             pass
@@ -351,9 +354,14 @@ def test_calibrate_main_writes_the_table_and_removes_the_partial(tmp_path, monke
     monkeypatch.setattr(sweep_lib, "measure_constants", lambda meter: {
         "idle_power_w": 70.0, "gap_power_w": 90.0, "peak_flops": 1e15, "hbm_bytes_per_s": 3e12})
     monkeypatch.setattr(sweep_lib, "BackgroundSampler", _Sampler)
-    monkeypatch.setattr(sweep_lib, "sweep_point", lambda op, b, *a: ({
-        "batch_size": b, "latency_ms": 0.01 * b, "energy_j": 0.001 * b, "flops": 1.0, "bytes": 1.0,
-        "memory_gb": 1e-9}, None))
+    monkeypatch.setattr(sweep_lib, "sweep_point", sweep_point)
+
+
+def test_calibrate_main_writes_the_table_and_removes_the_partial(tmp_path, monkeypatch, capsys):
+    """The whole command with the GPU parts stubbed: constants once, every point, the table checked
+    and written, the partial sweep gone."""
+    from bench import calibrate
+    _stub_calibration_gpu(monkeypatch, calibrate, lambda op, b, *a: (_stub_point(b), None))
     output = tmp_path / "H100.json"
     assert calibrate.main(["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", ""]) == 0
     table = json.loads(output.read_text())
@@ -423,27 +431,11 @@ def test_calibrate_records_shapes_that_do_not_fit_and_goes_on(tmp_path, monkeypa
     in the table's ``out_of_memory_points`` and skipped; every other point is measured."""
     from bench import calibrate
 
-    class Meter:
-        def __init__(self, index):
-            pass
-
-        def driver_version(self):
-            return "test"
-
-        def uuid(self):
-            return "GPU-test"
-
     def point(op, b, dims, *args):
         if dims == LATENCY_SHAPES[-1]:
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        return {"batch_size": b, "latency_ms": 0.01 * b, "energy_j": 0.001 * b, "flops": 1.0, "bytes": 1.0,
-                "memory_gb": 1e-9}, None
-    monkeypatch.setattr(calibrate, "GpuMeter", Meter)
-    monkeypatch.setattr(calibrate, "check_gpu", lambda parser, gpu, meter: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(sweep_lib, "measure_constants", lambda meter: {
-        "idle_power_w": 70.0, "gap_power_w": 90.0, "peak_flops": 1e15, "hbm_bytes_per_s": 3e12})
-    monkeypatch.setattr(sweep_lib, "BackgroundSampler", _Sampler)
-    monkeypatch.setattr(sweep_lib, "sweep_point", point)
+        return _stub_point(b), None
+    _stub_calibration_gpu(monkeypatch, calibrate, point)
     output = tmp_path / "H100.json"
     assert calibrate.main(["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", ""]) == 0
     table = json.loads(output.read_text())
