@@ -32,15 +32,13 @@ import torch.distributed as dist
 
 from bench._cli import (MOE_CPU_NEEDS_INTERPRETER, add_preset_flags, checked_output_dir, comma_list, eval_bytes,
                         moe_cpu_without_interpreter, positive_float, positive_int, resolve_device, resolve_preset)
-from bench.harness.corpus import corpus_files, heldout_streams, split_by_file, stdlib_root
-from bench.harness.costs import NO_GPU, known_gpus, select_cost_model
+from bench.harness.costs import NO_GPU, known_gpus
 from bench.harness.distributed import gather_to_rank0, init_distributed
-from bench.harness.measure import DeviceEnv, ModelSpec, checkpoint_bits_per_byte, run_device
+from bench.harness.hpc_comparison import measure_this_device, model_costs, model_specs
 from bench.harness.policies import parse_keep
 from bench.harness.report import write_outputs
 from calibration.sweep import gpu_matches
 from costmodel.kernel_cost_model import KernelCostModel
-from costmodel.ops import ModelDims
 from router.options import check_objective_weights
 
 CPU_SIZES = {"d_model": 64, "num_layers": 2, "batch_size": 2, "seq_length": 64, "decode": "1,4", "eval_bytes": 2048}
@@ -163,6 +161,13 @@ def check_checkpoint_dir(parser: argparse.ArgumentParser, path: str) -> None:
                      "checkpoints there)")
 
 
+def check_cost_table_dims(parser: argparse.ArgumentParser, cost_table: str | None, specs: list) -> None:
+    """``--cost_table`` must be at the dims of one of the compared models."""
+    given_dims = KernelCostModel(None, table=cost_table).dims if cost_table else None
+    if given_dims is not None and all(s.dims != given_dims for s in specs):
+        parser.error(f"--cost_table {cost_table} is at {given_dims}, which is no compared model's dims")
+
+
 def _given(argv, flag):
     argv = sys.argv[1:] if argv is None else argv
     return any(a == flag or a.startswith(flag + "=") for a in argv)
@@ -186,74 +191,15 @@ def resolve_gpu(parser: argparse.ArgumentParser, requested: str, detected_name: 
     return matches[0]
 
 
-# ---- which models, which tables -------------------------------------------------------------------
-
-def model_specs(args: argparse.Namespace) -> tuple:
-    """(specs, iso-quality selection): the compared models, with the iso-quality dense model chosen
-    from the preset's ladder by the held-out bits/byte its checkpoints recorded."""
-    p = args.preset
-    dense, layers = p.dense_dims(), p.num_layers
-    specs = [ModelSpec("transformer", dense, layers), ModelSpec("transformer_ttt", dense, layers)]
-    if args.dense_only:
-        return specs, {"chosen": None, "detail": "not chosen: --dense_only runs no MoE"}
-    moe = p.moe_dims()
-    specs += [ModelSpec("moe_energy_aware", moe, layers), ModelSpec("moe_topk", moe, layers)]
-    selection = iso_quality_choice(args, moe)
-    if selection["chosen"] not in (None, p.d_model):
-        specs.append(ModelSpec("dense_iso", p.dense_dims(selection["chosen"]), layers))
-    return specs, selection
-
-
-def iso_quality_choice(args: argparse.Namespace, moe_dims: ModelDims) -> dict:
-    p = args.preset
-    target = checkpoint_bits_per_byte(ModelSpec("moe_topk", moe_dims, p.num_layers), args.checkpoint_dir)
-    ladder = {w: checkpoint_bits_per_byte(ModelSpec("transformer", p.dense_dims(w), p.num_layers), args.checkpoint_dir)
-              for w in p.dense_ladder}
-    trained = {w: b for w, b in ladder.items() if b is not None}
-    base = {"ladder_bits_per_byte": {str(w): b for w, b in ladder.items()}, "moe_bits_per_byte": target,
-            "rule": "the smallest ladder width whose checkpoint's held-out bits/byte <= the MoE's (bench.train's "
-                    "figures; the run re-measures each chosen model)"}
-    if target is None or not trained:
-        return base | {"chosen": None, "detail": "not chosen: quality not measured (no MoE or no dense checkpoint; "
-                                                 "python -m bench.train)"}
-    reaching = [w for w in sorted(trained) if trained[w] <= target]
-    if reaching:
-        chosen = reaching[0]
-        return base | {"chosen": chosen, "reaches_moe_quality": True,
-                       "detail": f"d_model {chosen} ({trained[chosen]:.3f} bits/byte vs the MoE's {target:.3f})"}
-    chosen = min(trained, key=trained.get)
-    return base | {"chosen": chosen, "reaches_moe_quality": False,
-                   "detail": f"no trained ladder width reaches the MoE's {target:.3f} bits/byte; the closest, d_model "
-                             f"{chosen} ({trained[chosen]:.3f}), stands in"}
-
-
-def model_costs(args: argparse.Namespace, specs: list, parser: argparse.ArgumentParser) -> dict:
-    """{model name: (KernelCostModel, info)}, one table choice per distinct dims."""
-    given_dims = KernelCostModel(None, table=args.cost_table).dims if args.cost_table else None
-    if given_dims is not None and all(s.dims != given_dims for s in specs):
-        parser.error(f"--cost_table {args.cost_table} is at {given_dims}, which is no compared model's dims")
-    by_dims = {}
-    for spec in specs:
-        if spec.dims not in by_dims:
-            table = args.cost_table if spec.dims == given_dims else None
-            by_dims[spec.dims] = select_cost_model(args.gpu, spec.dims, table)
-    return {s.name: by_dims[s.dims] for s in specs}
-
-
 # ---- main -----------------------------------------------------------------------------------------
 
 def main(argv: list | None = None) -> int:
     parser, args = parse_args(argv, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = init_distributed(args.device)
     specs, selection = model_specs(args)
-    costs = model_costs(args, specs, parser)
-    root = stdlib_root()
-    _, heldout = split_by_file(corpus_files(root))
-    streams = heldout_streams(root, heldout, args.eval_bytes)
-    text = torch.cat(streams)
-    env = DeviceEnv(args.device, rank)
-    current_temp_c = env.meter.read().temperature_c if env.metered else None
-    device_entry = run_device(env, args, specs, costs, text, streams)
+    check_cost_table_dims(parser, args.cost_table, specs)
+    costs = model_costs(args, specs)
+    device_entry, current_temp_c = measure_this_device(args, rank, specs, costs)
     devices = gather_to_rank0(device_entry, world)
     if rank == 0:
         write_outputs(args, devices, costs, current_temp_c, selection)

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 import kernels
 from bench._cli import checked_output_file, comma_list, positive_int
+from bench.harness.router_energy import cost_model_for, hidden_states
 from bench.kernels import graph_median_ms
 from bench.moe_cases import SHAPES, MoeShape
-from bench.router_energy import cost_model_for, hidden_states
 from calibration.results import provenance, write_json_atomic
 from costmodel.kernel_cost_model import KernelCostModel
 from kernels.pinned_state import readable_in_place

@@ -30,7 +30,7 @@ from bench.harness.models import TransformerLM
 from bench.harness.policies import PolicyModel, default_keeps, parse_keep, policy_grid
 from bench.harness.policy_report import (TARGET_BATCH, hot_check, plot_energy_vs_quality, run_policies, summarize,
                                          sync_free_routers, table_lines)
-from bench.router_energy import short_gpu_name
+from bench.harness.router_energy import short_gpu_name
 from calibration.priors import prior_table
 from calibration.results import provenance, write_json_atomic
 from calibration.sweep import calibrate_ops
