@@ -20,14 +20,20 @@ from bench.harness.replay import leave_one_out, leave_one_report_out, replay_row
 from calibration.results import provenance, write_json_atomic
 
 
+# a row's group, given the row and the key of its source ("source" for latency, "energy_source" for energy)
+GROUPS = {"at_measured_shapes": lambda r, source: not r["earlier_kernel"] and r[source] != "modelled",
+          "modelled_shapes": lambda r, source: not r["earlier_kernel"] and r[source] == "modelled",
+          "earlier_kernel": lambda r, source: bool(r["earlier_kernel"])}
+
+
 def summaries(rows: list) -> dict:
     """{group_quantity: summary} for the rows at measured shapes and at modelled ones (for energy: at
-    shapes with measured energy, ``energy_source``)."""
+    shapes with measured energy, ``energy_source``), and apart, the rows measured on an earlier kernel
+    than the model describes (``earlier_kernel``)."""
     out = {}
-    for group in ("at_measured_shapes", "modelled_shapes"):
+    for group, keep in GROUPS.items():
         for key, source in (("latency_ms", "source"), ("energy_j", "energy_source")):
-            measured = [r for r in rows if f"measured_{key}" in r
-                        and (r[source] != "modelled") == (group == "at_measured_shapes")]
+            measured = [r for r in rows if f"measured_{key}" in r and keep(r, source)]
             if measured:
                 out[f"{group}_{key.split('_')[0]}"] = summarise(measured, key)
     return out

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bench import kcm_replay
-from bench.harness.replay import leave_one_out, op_shape, point_dims
+from bench.harness.replay import KERNEL_CHANGES, earlier_kernel, leave_one_out, op_shape, point_dims
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import ModelDims
 
@@ -19,10 +19,12 @@ def test_replay_reads_every_kind_of_results_file(tmp_path, capsys):
     assert set(report["inputs"]) == set(RESULTS) and report["provenance"]["commit"]
     files = {row["file"] for row in report["rows"]}
     assert files == set(RESULTS), "each file gives rows"
-    accuracy = json.loads(open(RESULTS[0]).read())["rows"]
+    accuracy_report = json.loads(open(RESULTS[0]).read())
+    measured_utc = accuracy_report["provenance"]["date_utc"]
     model = KernelCostModel("H100")
-    at_measured = [r for r in accuracy if r["held_out"] == "batch"
-                   or model.is_measured_shape(r["op"], ModelDims(**r["dims"]))]
+    at_measured = [r for r in accuracy_report["rows"] if (r["held_out"] == "batch"
+                   or model.is_measured_shape(r["op"], ModelDims(**r["dims"])))
+                   and not earlier_kernel(r["op"], r["batch_size"], measured_utc)]
     assert len(at_measured) > 87  # the held-out batch sizes, and held-out shapes' ops at a swept op shape
     # energy at a shape the sweep timed without windows is modelled: those rows count as modelled energy
     metered = [r for r in at_measured if model.get_cost(r["op"], r["batch_size"],
@@ -33,6 +35,34 @@ def test_replay_reads_every_kind_of_results_file(tmp_path, capsys):
     for row in report["rows"]:
         assert row["predicted_latency_ms"] > 0 and row["measured_latency_ms"] > 0
     assert "leave_one_out tile_model_energy" in capsys.readouterr().out
+
+
+def test_rows_measured_before_a_kernel_change_are_apart(tmp_path):
+    """A row measured before its op's kernel changed is flagged and summarised apart; one measured after,
+    or at a batch size the change did not touch, counts; no such row becomes a leave-one-report-out point."""
+    from bench.harness.replay import with_report_points
+    decode = next(c for c in KERNEL_CHANGES if c.batch_sizes == (1,))
+    before, after = "2026-12-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00"
+    assert earlier_kernel(decode.ops[0], 1, before).startswith(decode.commit)
+    assert earlier_kernel(decode.ops[0], 2, before) is None or not earlier_kernel(decode.ops[0], 2, before).startswith(
+        decode.commit)
+    assert earlier_kernel(decode.ops[0], 1, after) is None and earlier_kernel("ffn_gate", 1, before) is None
+    assert earlier_kernel("quantize_fp8", 4, None) is None  # undated files count as current
+    dims = {"d_model": 512, "d_ff": 1536, "n_heads": 4, "seq_len": 512, "num_experts": 8, "top_k": 2,
+            "vocab_size": 256}
+    rows = [{"op": "quantize_fp8", "batch_size": 4, "dims": dims, "held_out": "shape",
+             "measured_latency_ms": 0.004, "measured_energy_j": 1e-4}]
+    table = KernelCostModel("H100").table
+    for utc, added in ((before, 0), (after, 1)):
+        report = {"provenance": {"date_utc": utc}, "forward_rows": [], "rows": rows}
+        widened = with_report_points(table, [report])
+        assert len(widened["ops"]["quantize_fp8"]["points"]) - len(table["ops"]["quantize_fp8"]["points"]) == added
+        path = tmp_path / f"{added}.json"
+        path.write_text(json.dumps(report))
+        assert kcm_replay.main(["--gpu", "H100", str(path), "--output", str(tmp_path / "r.json")]) == 0
+        summary = json.loads((tmp_path / "r.json").read_text())
+        assert ("earlier_kernel_latency" in summary) == (added == 0)
+        assert ("modelled_shapes_latency" in summary) == (added == 1)
 
 
 def test_leave_one_out_never_sees_the_point_it_predicts():
@@ -73,8 +103,9 @@ def test_leave_one_report_out_predicts_each_report_from_the_others_only():
     added = sum(map(len, (e["points"] for e in widened["ops"].values()))) - sum(
         map(len, (e["points"] for e in table["ops"].values())))
     assert added > 0 and with_report_points(widened, [reports[names[1]]]) == widened  # no point twice
-    for r in reports[names[1]]["rows"]:  # every op's held-out shape rows became that op's points
-        if r.get("dims") and r["op"] in table["ops"]:
+    measured_utc = reports[names[1]]["provenance"]["date_utc"]
+    for r in reports[names[1]]["rows"]:  # every op's held-out shape rows on today's kernels became that op's points
+        if r.get("dims") and r["op"] in table["ops"] and not earlier_kernel(r["op"], r["batch_size"], measured_utc):
             assert any(p.get("dims") == r["dims"] and p["batch_size"] == r["batch_size"]
                        for p in widened["ops"][r["op"]]["points"]), (r["op"], r["batch_size"])
     rows = leave_one_report_out(table, reports)

@@ -133,6 +133,29 @@ def test_a_modelled_shape_takes_the_nearest_measured_shapes_correction(tmp_path)
         assert exact["latency_ms"] == pytest.approx(true_cost("ffn_gate", b, near_exact)[0], rel=0.05), b
 
 
+@pytest.mark.parametrize("op, dims", [("ffn_gate", ModelDims()), ("ffn_gate", ModelDims(d_model=3072, d_ff=8192)),
+                                      ("rms_norm", ModelDims())], ids=["measured_shape", "modelled_shape", "torch_op"])
+def test_a_slow_single_token_stays_at_one_token(tmp_path, op, dims):
+    """Every shape's one-token point runs 30% over the model (Triton compiles a row count of 1 as a
+    constant: another program): our kernels' ops keep that to one token, 2 and 3 tokens follow the
+    other points; a torch op's one-token point interpolates as any other."""
+    table = model_table((ModelDims(),) + SHAPE_SWEEP, ops=(op,))
+    for p in table["ops"][op]["points"]:
+        if p["batch_size"] == 1:
+            p["latency_ms"] *= 1.3
+            p["energy_j"] *= 1.3
+    write_json_atomic(tmp_path / "t.json", table)
+    model = KernelCostModel(table=tmp_path / "t.json")
+    assert model.get_cost(op, 1, dims=dims)["latency_ms"] == pytest.approx(1.3 * true_cost(op, 1, dims)[0], rel=0.02)
+    for b in (2, 3):
+        cost = model.get_cost(op, b, dims=dims)
+        ratios = [cost["latency_ms"] / true_cost(op, b, dims)[0], cost["energy_joules"] / true_cost(op, b, dims)[1]]
+        if op == "rms_norm":
+            assert all(r > 1.1 for r in ratios), b
+        else:
+            assert ratios == pytest.approx([1.0, 1.0], rel=0.02), b
+
+
 def test_a_latency_only_shape_keeps_its_latencies_and_borrows_energy_from_metered_ones(tmp_path):
     """A shape timed without energy windows (``energy_j`` null, as the sweep's latency shapes): its
     latency curve passes through its points, and its energy is the model's at that latency times the

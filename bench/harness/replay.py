@@ -20,11 +20,55 @@ Three kinds of file are read:
   Mixtral, Qwen3-MoE and OLMoE shapes.
 """
 import copy
+import datetime
 import json
+from dataclasses import dataclass
 
 from costmodel.curves import ShapeModel, log_log_at, point_dims
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import ModelDims, op_shape
+
+
+@dataclass(frozen=True)
+class KernelChange:
+    """A kernel change after which an earlier measurement of ``ops`` (at ``batch_sizes``; None: all)
+    times another kernel than the one the table and the cost model now describe."""
+    commit: str
+    date_utc: str  # the commit's date, compared with a results file's ``provenance.date_utc``
+    ops: tuple
+    what: str
+    batch_sizes: "tuple | None" = None
+
+    def covers(self, op: str, batch_size: float, measured_utc: str) -> bool:
+        """Whether a row of ``op`` at ``batch_size`` measured at ``measured_utc`` predates this change."""
+        measured = datetime.datetime.fromisoformat(measured_utc)
+        return (op in self.ops and measured < datetime.datetime.fromisoformat(self.date_utc)
+                and (self.batch_sizes is None or batch_size in self.batch_sizes))
+
+
+# the changes that made a committed measurement stale, newest first (README, the replay section)
+KERNEL_CHANGES = (
+    KernelChange("fccdea8", "2026-12-07T18:45:13+00:00", ("quantize_fp8", "fused_experts_fp8", "expert_ffn_fp8"),
+                 "the FP8 row quantizer reads a row of up to 8192 elements once (3.8 -> 1.7 us at one row of 4096)"),
+    KernelChange("b443e02", "2026-12-07T13:40:10+00:00", ("fused_experts", "fused_experts_fp8", "expert_ffn_fp8"),
+                 "one token runs on DecodeSlots, without the layout launch (Qwen3 shape 0.044 -> 0.037 ms)", (1,)),
+    KernelChange("110538b", "2026-12-07T09:47:57+00:00", ("moe_router",),
+                 "routing reads the logits' row stride as a constexpr (1.6-3x at 60 and 120 experts)"),
+    KernelChange("323f77d", "2026-12-07T09:21:11+00:00", ("flash_attention",),
+                 "flash attention's softmax scale rides in the exp2 argument (2-4%)"),
+)
+
+
+def earlier_kernel(op: str, batch_size: float, measured_utc: "str | None") -> "str | None":
+    """``"<commit>: <what>"`` of the newest ``KERNEL_CHANGES`` entry a row of ``op`` at ``batch_size``
+    measured at ``measured_utc`` predates, else None (a file without a date counts as current)."""
+    if not measured_utc:
+        return None
+    return next((f"{c.commit}: {c.what}" for c in KERNEL_CHANGES if c.covers(op, batch_size, measured_utc)), None)
+
+
+def _measured_utc(report):
+    return (report.get("provenance") or {}).get("date_utc")
 
 
 def _dense_case(row):
@@ -42,20 +86,22 @@ def _dense_case(row):
     return None
 
 
-def _row(model, source_file, op, batch_size, dims, measured_latency_ms, measured_energy_j=None):
+def _row(model, source_file, measured_utc, op, batch_size, dims, measured_latency_ms, measured_energy_j=None):
     cost = model.get_cost(op, batch_size, dims=dims)
     row = {"file": source_file, "op": op, "batch_size": batch_size, "dims": cost["dims"], "source": cost["source"],
            "energy_source": cost["energy_source"], "measured_latency_ms": measured_latency_ms,
-           "predicted_latency_ms": cost["latency_ms"]}
+           "predicted_latency_ms": cost["latency_ms"], "earlier_kernel": earlier_kernel(op, batch_size, measured_utc)}
     if measured_energy_j is not None:
         row |= {"measured_energy_j": measured_energy_j, "predicted_energy_j": cost["energy_joules"]}
     return row
 
 
 def replay_rows(model: KernelCostModel, name: str, report: dict) -> list:
-    """The rows of one results file ``report`` (named ``name``), each measured beside predicted."""
+    """The rows of one results file ``report`` (named ``name``), each measured beside predicted, and
+    ``earlier_kernel`` where the measurement predates a change to the op's kernel (``KERNEL_CHANGES``)."""
+    utc = _measured_utc(report)
     if "forward_rows" in report:  # a kcm_accuracy report
-        return [_row(model, name, r["op"], r["batch_size"],
+        return [_row(model, name, utc, r["op"], r["batch_size"],
                      ModelDims(**r["dims"]) if r.get("dims") else model.table_dims,
                      r["measured_latency_ms"], r["measured_energy_j"]) for r in report["rows"]]
     rows = []
@@ -63,10 +109,10 @@ def replay_rows(model: KernelCostModel, name: str, report: dict) -> list:
         if "case" in r:
             case = _dense_case(r)
             if case and r.get("ours_graph_ms"):
-                rows.append(_row(model, name, *case, r["ours_graph_ms"]))
+                rows.append(_row(model, name, utc, *case, r["ours_graph_ms"]))
         elif {"T", "E", "K", "H", "I"} <= set(r) and r.get("ours_graph_ms"):
             dims = ModelDims(d_model=r["H"], d_ff=r["I"], n_heads=1, num_experts=r["E"], top_k=r["K"])
-            rows.append(_row(model, name, "fused_experts", r["T"], dims, r["ours_graph_ms"]))
+            rows.append(_row(model, name, utc, "fused_experts", r["T"], dims, r["ours_graph_ms"]))
     return rows
 
 
@@ -96,9 +142,12 @@ def leave_one_out(table: dict) -> list:
 
 
 def _shape_rows(report, table):
-    """The metered held-out shape rows (rows with ``dims``) of an accuracy ``report`` for ops ``table`` has."""
+    """The metered held-out shape rows (rows with ``dims``) of an accuracy ``report`` for ops ``table`` has,
+    measured on the kernels the table describes (no ``earlier_kernel``)."""
+    utc = _measured_utc(report)
     return [r for r in report["rows"]
-            if r.get("dims") and r["op"] in table["ops"] and r.get("measured_energy_j") is not None]
+            if r.get("dims") and r["op"] in table["ops"] and r.get("measured_energy_j") is not None
+            and not earlier_kernel(r["op"], r["batch_size"], utc)]
 
 
 def _point_key(op, dims, batch_size):
