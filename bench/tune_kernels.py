@@ -29,6 +29,10 @@ DECODE_GEMMS = [(16, 64, 256, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), 
 # a decode GEMM of N <= 2048 on 64-column tiles runs N / 64 programs: 32 of the H100's 132 SMs at N = 2048
 # (ffn_down of 2048 x 5632 at one token: 16.5 us, 23 MB at 1.4 TB/s, in the 2026-12-07 H100 table)
 NARROW_DECODE_GEMMS = [(16, 16, 256, 2, 3), (16, 16, 128, 2, 4), (16, 32, 256, 4, 3), (16, 32, 128, 4, 4)]
+# 17-64 rows get their own buckets: the 16-row tile one bucket gave them re-reads the weight once per 16 rows
+# (2026-12-07 H100 table, qkv_projection at d_model 7168: 125 us at one token, 173 us at 64, 168 us at 256)
+WIDE_DECODE_GEMMS = [(32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4),
+                     (32, 128, 128, 4, 4), (64, 128, 128, 8, 3)]
 PREFILL_GEMMS = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                  (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
 
@@ -40,6 +44,8 @@ def gemm_candidates(tiles: list, variants: list) -> list:
 
 DECODE = gemm_candidates(DECODE_GEMMS, VARIANTS[:2])
 NARROW_DECODE = gemm_candidates(NARROW_DECODE_GEMMS + DECODE_GEMMS[:2], VARIANTS[:2])
+WIDE_DECODE = gemm_candidates(WIDE_DECODE_GEMMS + DECODE_GEMMS[:1], VARIANTS[:2])
+WIDE_NARROW_DECODE = gemm_candidates(WIDE_DECODE_GEMMS[:3] + NARROW_DECODE_GEMMS[2:] + DECODE_GEMMS[:1], VARIANTS[:2])
 PREFILL = gemm_candidates(PREFILL_GEMMS, VARIANTS)
 ATTENTION_CANDIDATES = [
     dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s) | v
@@ -50,11 +56,13 @@ ATTENTION_CANDIDATES = [
 # (when, representative shape, candidates): buckets in lookup order, the last one unconditional; each shape
 # must fall in its own bucket (a test checks), or its tuned entry serves shapes it was never timed at
 GEMM_BUCKETS = {  # shapes are (M, N, K)
-    "matmul": [({"max_m": 64, "max_n": 2048}, (16, 2048, 5632), NARROW_DECODE),
-               ({"max_m": 64}, (16, 4096, 4096), DECODE), ({"max_n": 1024}, (4096, 256, 1024), PREFILL),
+    "matmul": [({"max_m": 16, "max_n": 2048}, (16, 2048, 5632), NARROW_DECODE),
+               ({"max_m": 16}, (16, 4096, 4096), DECODE),
+               ({"max_m": 64, "max_n": 2048}, (64, 2048, 5632), WIDE_NARROW_DECODE),
+               ({"max_m": 64}, (64, 4096, 4096), WIDE_DECODE), ({"max_n": 1024}, (4096, 256, 1024), PREFILL),
                ({"max_k": 1024}, (4096, 4096, 1024), PREFILL), ({}, (4096, 4096, 14336), PREFILL)],
-    "swiglu_gate_up": [({"max_m": 64}, (16, 14336, 4096), DECODE), ({"max_k": 1024}, (4096, 1024, 256), PREFILL),
-                       ({}, (4096, 14336, 4096), PREFILL)],
+    "swiglu_gate_up": [({"max_m": 16}, (16, 14336, 4096), DECODE), ({"max_m": 64}, (64, 5632, 2048), WIDE_DECODE),
+                       ({"max_k": 1024}, (4096, 1024, 256), PREFILL), ({}, (4096, 14336, 4096), PREFILL)],
 }
 ATTENTION_BUCKETS = [  # shapes are (B, H, S, D), causal
     ({"max_head_dim": 32}, (8, 8, 512, 32), ATTENTION_CANDIDATES),
