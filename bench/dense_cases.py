@@ -92,9 +92,23 @@ def attention_case(B: int, H: int, S: int, D: int, target_ratio: float | None = 
                      target_ratio)
 
 
+# decode: Llama-3-8B's FFN (4096 x 14336, a 117 MB gate weight from HBM) and 2048 x 5632 (23 MB, half in L2),
+# from 1 to 64 tokens; Triton compiles a row count of 1 as a constant, so one token runs another program than 2
+DECODE_TOKENS = (1, 2, 4, 16, 64)
+
+
+def decode_cases() -> list[DenseCase]:
+    """Decode-sized projections and SwiGLU FFNs beside cuBLAS: weight-read bound, the graph ratio matters."""
+    cases = []
+    for T in DECODE_TOKENS:
+        cases += [projection_case("ffn_gate", T, 4096, 14336), projection_case("ffn_down", T, 5632, 2048),
+                  swiglu_case(T, 4096, 14336, target_ratio=1.0)]
+    return cases
+
+
 def gpu_cases() -> list[DenseCase]:
     """The benchmark shapes, with the issues' targets as ratios (issue 17: flash attention >= 0.95x SDPA's
-    default backend at B8 H32 S2048 D128, SwiGLU >= 1.0x eager at every shape)."""
+    default backend at B8 H32 S2048 D128, SwiGLU >= 1.0x eager at every shape), then ``decode_cases``."""
     return [
         attention_case(8, 32, 2048, 128, target_ratio=0.95),
         attention_case(8, 32, 2048, 128, target_ratio=0.9, peer="flash"),
@@ -108,6 +122,7 @@ def gpu_cases() -> list[DenseCase]:
         projection_case("ffn_gate", 4096, 4096, 14336),
         projection_case("ffn_down", 4096, 14336, 4096),
         projection_case("ffn_down", 4096, 1024, 256),
+        *decode_cases(),
     ]
 
 
