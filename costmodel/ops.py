@@ -26,8 +26,9 @@ FP8_OPS = ("fused_experts_fp8", "expert_ffn_fp8", "quantize_fp8")
 FP8_BYTES = 1
 SCALE_BYTES = 4  # float32 scales: one per output channel of the weights, one per row of the activations
 SEQUENCE_OPS = ("attention_qk", "attention_av", "flash_attention")
-# ops whose kernels run one token as another program: Triton compiles an integer argument equal to 1 (here
-# the row count) as a constant, and the fused experts take one token on DecodeSlots (``costmodel.curves``)
+# ops whose one-token cost does not carry to two or three tokens (``costmodel.curves``): the fused experts take
+# one token on DecodeSlots, and Triton compiles a row count of 1 as a constant (for the decode GEMM config the
+# main loop compiles to the same instructions as at 3 rows, yet the H100 tables' one-token GEMMs ran slower a byte)
 ONE_TOKEN_OPS = tuple(op for op in OPS if op not in SEQUENCE_OPS + ("rms_norm", "residual_add"))
 COMM_OPS = ("all_to_all",)  # torch.distributed.all_to_all_single with even splits: expert parallelism's exchange
 
