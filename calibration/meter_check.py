@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from calibration.energy import _counter_energy_j, check_idle_power_w, check_window_s, wait_for_counter_update
 from calibration.validate import check_meter
-from costmodel.validate import count
+from costmodel.validate import count, finite_number
 
 if TYPE_CHECKING:  # annotations only: no import at run time
     from zeus.monitor import ZeusMonitor
@@ -66,6 +66,9 @@ class PowerSampler:
 def integral_j(samples: "list[tuple[float, float]]", t0: float, t1: float) -> "float | None":
     """Trapezoid integral (J) of (time s, W) samples over [t0, t1] s (each end held at its nearest sample);
     None with fewer than two samples inside."""
+    t0, t1 = finite_number("t0", t0), finite_number("t1", t1)
+    if t1 < t0:
+        raise ValueError(f"t1 ({t1}) must be at or after t0 ({t0})")
     inside = [(t, w) for t, w in samples if t0 <= t <= t1]
     if len(inside) < 2:
         return None
@@ -79,6 +82,9 @@ def check_window(meter: "GpuMeter", zeus: "ZeusMonitor", gpu_index: int, run_for
     work}, plus ``calls`` and ``work_s``. ``zeus`` is a ``zeus.monitor.ZeusMonitor`` (or any object
     with its ``begin_window``/``end_window``) watching ``gpu_index``."""
     check_meter("meter", meter)
+    if not all(callable(getattr(zeus, call, None)) for call in ("begin_window", "end_window")):
+        raise TypeError(f"zeus must be a zeus.monitor.ZeusMonitor (begin_window, end_window), "
+                        f"got {type(zeus).__name__}")
     window_s, idle_power_w = check_window_s(window_s), check_idle_power_w(idle_power_w)
     with PowerSampler(meter, sample_every_s) as sampler:
         start = wait_for_counter_update(meter)

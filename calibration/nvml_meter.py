@@ -55,8 +55,11 @@ class GpuMeter:
         self.device_index = count("device_index", device_index, low=0)
         self.unavailable_reason = None
         self._handle = None
+        if nvml is not None and not callable(getattr(nvml, "nvmlInit", None)):
+            raise TypeError(f"nvml must be the pynvml module or a stand-in with its calls (nvmlInit, ...), "
+                            f"got {type(nvml).__name__}")
         try:
-            self.nvml = nvml or _load_pynvml()
+            self.nvml = nvml if nvml is not None else _load_pynvml()
         except ImportError as exc:
             self.nvml, self.unavailable_reason = None, f"pynvml is not importable ({exc}); install nvidia-ml-py"
             return
@@ -155,6 +158,8 @@ class GpuMeter:
             return None
         if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
             raise TypeError(f"bits must be an int of clock-event reason bits or None, got {type(bits).__name__}")
+        if bits < 0:
+            raise ValueError(f"bits must be NVML's clock-event reason bits, an unsigned int, got {bits}")
         return [name for const, name in THERMAL_OR_POWER_SLOWDOWN_REASONS.items()
                 if bits & getattr(self.nvml, const, 0)]
 
@@ -183,7 +188,7 @@ class BackgroundSampler:
 
     def start(self) -> "BackgroundSampler":
         if self._thread is not None:
-            raise RuntimeError("sampler already started")
+            raise RuntimeError("sampler already started (each runs once: make a new one to sample again)")
         self._thread = threading.Thread(target=self._run, name="gpu-meter-sampler", daemon=True)
         self._thread.start()
         return self
@@ -213,7 +218,11 @@ def meter_for_cuda_device(cuda_index: int | None = None) -> GpuMeter:
     """The ``GpuMeter`` of a CUDA device (default: the current one), found by UUID: CUDA numbers
     only the visible GPUs (CUDA_VISIBLE_DEVICES, by index or UUID), NVML numbers them all."""
     import torch
-    index = torch.cuda.current_device() if cuda_index is None else cuda_index
+    if not torch.cuda.is_available():
+        raise ValueError("no CUDA device (torch.cuda.is_available() is False): no CUDA device's meter to find")
+    index = torch.cuda.current_device() if cuda_index is None else count("cuda_index", cuda_index, low=0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"cuda_index must be below the {torch.cuda.device_count()} visible CUDA devices, got {index}")
     cuda_uuid = f"GPU-{torch.cuda.get_device_properties(index).uuid}"
     first = GpuMeter(0)
     if not first.available:

@@ -4,12 +4,18 @@ from collections.abc import Callable
 
 import torch
 
-from costmodel.ops import SEQUENCE_OPS, ModelDims
+from costmodel.ops import SEQUENCE_OPS, ModelDims, check_op
+from costmodel.validate import count
 
 
 def op_callable(op: str, batch_size: int, dims: "ModelDims", device: "torch.device | str" = "cuda",
                 dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Callable[[], object]:
-    """A no-argument, graph-capturable call of our kernel for ``op`` at ``batch_size``, on random data."""
+    """A no-argument, graph-capturable call of our kernel for ``op`` (of ``costmodel.ops.OPS``) at ``batch_size``
+    (an int >= 1) at ``dims``, on random data."""
+    check_op(op)
+    batch_size = count("batch_size", batch_size)
+    if not isinstance(dims, ModelDims):
+        raise TypeError(f"dims must be a costmodel.ops.ModelDims, got {type(dims).__name__}")
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:

@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 
 from costmodel.ops import FP8_OPS, OPS, ModelDims, work
+from costmodel.validate import count, finite_number
 
 # NVIDIA datasheets (SXM parts): peak dense tensor TFLOP/s, HBM TB/s, TDP W
 # (and dense FP8 TFLOP/s where the GPU has FP8; the others get no FP8 ops)
@@ -30,6 +31,15 @@ PRIOR_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def prior_point(op: str, batch_size: int, dims: "ModelDims", sheet: dict) -> dict:
+    """The roofline point of ``op`` at ``batch_size`` (an int >= 1) tokens or sequences at ``dims`` on the GPU
+    of ``sheet`` (a ``DATASHEETS`` entry's form; an FP8 op needs ``fp8_peak_tflops``)."""
+    batch_size = count("batch_size", batch_size)
+    if not isinstance(dims, ModelDims):
+        raise TypeError(f"dims must be a costmodel.ops.ModelDims, got {type(dims).__name__}")
+    if not isinstance(sheet, dict):
+        raise TypeError(f"sheet must be a dict like those of calibration.priors.DATASHEETS, got {type(sheet).__name__}")
+    for key in ("peak_tflops", "hbm_tb_s", "tdp_w") + (("fp8_peak_tflops",) if op in FP8_OPS else ()):
+        finite_number(f"sheet[{key!r}]", sheet.get(key), low=0.0, low_open=True)
     flops, nbytes = work(op, batch_size, dims)
     compute_s = flops / (sheet["fp8_peak_tflops" if op in FP8_OPS else "peak_tflops"] * 1e12)
     memory_s = nbytes / (sheet["hbm_tb_s"] * 1e12)

@@ -11,9 +11,26 @@ import torch
 import triton
 
 
+def output_path(name: str, value: object) -> Path:
+    """``value`` (a str or os.PathLike) as the ``Path`` of a file to write; TypeError or ValueError naming ``name``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(value).__name__}")
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a directory; give a file path")
+    return path
+
+
 def write_json_atomic(path: "str | os.PathLike", data: object) -> None:
-    """Write ``data`` as JSON to ``path`` through a temp file and rename: a crash leaves the old file intact."""
-    path = Path(path)
+    """Write ``data`` as JSON to ``path`` through a temp file and rename: a crash leaves the old file intact.
+    ``data`` that is not strict JSON (NaN or Infinity, which strict readers refuse; an object JSON has no form
+    for) is refused before anything is written: a figure nobody knows is null, with a reason beside it."""
+    path = output_path("path", path)
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"data for {path} is not strict JSON ({exc}); a figure nobody knows is null, with a "
+                        "reason beside it, never NaN or Infinity") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -21,8 +38,7 @@ def write_json_atomic(path: "str | os.PathLike", data: object) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a results file is as readable as any other
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

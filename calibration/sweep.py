@@ -33,15 +33,17 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 
-from calibration.energy import GraphRunner, measure_energy, measure_gap_power_w, measure_idle_power_w, median_event_ms
+from calibration.energy import (GraphRunner, check_window_s, measure_energy, measure_gap_power_w, measure_idle_power_w,
+                                median_event_ms)
 from calibration.nvml_meter import BackgroundSampler, GpuMeter
 from calibration.op_calls import op_callable
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
-from calibration.results import provenance, write_json_atomic
+from calibration.results import output_path, provenance, write_json_atomic
 from calibration.thermal import fit_thermal_model
 from calibration.trace import trace_of
-from costmodel.ops import SEQUENCE_OPS, ModelDims, work
+from costmodel.ops import OPS, SEQUENCE_OPS, ModelDims, work
 from costmodel.table import check_table, load_table
+from costmodel.validate import count, finite_number
 from kernels.validate import gpu_has_fp8
 
 if TYPE_CHECKING:  # annotations only: no import at run time
@@ -88,6 +90,10 @@ MIN_THERMAL_SAMPLES = 30  # 3 s of the 10 Hz timeline: fewer cannot fit the ther
 
 def gpu_matches(requested: str, detected_name: str) -> bool:
     """Does ``--gpu`` (e.g. "A100") name the detected GPU (e.g. "NVIDIA A100-SXM4-80GB")?"""
+    if not isinstance(requested, str) or not requested.strip():
+        raise ValueError(f"requested must be a GPU name such as 'A100', got {requested!r}")
+    if not isinstance(detected_name, str):
+        raise TypeError(f"detected_name must be the GPU's NVML name (str), got {type(detected_name).__name__}")
     return re.search(rf"(?<![A-Za-z0-9]){re.escape(requested)}(?![0-9])", detected_name, re.IGNORECASE) is not None
 
 
@@ -181,6 +187,9 @@ def progress(n: int, total: int, label: str, elapsed_s: float, stream: TextIO = 
              skipped: int = 0) -> None:
     """A one-line progress bar (redrawn in place on a terminal, one line per step in a log); the
     time left is paced by the ``n - skipped`` points this run measured."""
+    total = count("total", total)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= total:
+        raise ValueError(f"n must be an int in [0, total = {total}], got {n!r}")
     filled = round(24 * n / total)
     left_s = elapsed_s / max(n - skipped, 1) * (total - n)
     line = f"[{'#' * filled}{'.' * (24 - filled)}] {n}/{total} {label} {elapsed_s:4.0f} s, ~{left_s:3.0f} s left"
@@ -205,8 +214,8 @@ def kept_collectives(path: Path) -> "dict | None":
         return None
 
 
-def partial_path(output: Path) -> Path:
-    return output.with_suffix(".partial.json")
+def partial_path(output: "str | Path") -> Path:
+    return output_path("output", output).with_suffix(".partial.json")
 
 
 def sweep_settings(args: "SweepSettings") -> dict:
@@ -223,8 +232,8 @@ def new_state(args: "SweepSettings") -> dict:
             "points": {op: [] for op in args.ops}, "pressure_curves": {}, "measured_s": 0.0, "runs": 0, "boards": []}
 
 
-def rejected_path(output: Path) -> Path:
-    return output.with_suffix(".rejected.json")
+def rejected_path(output: "str | Path") -> Path:
+    return output_path("output", output).with_suffix(".rejected.json")
 
 
 def write_table(output: Path, table: dict) -> "str | None":
@@ -400,6 +409,33 @@ class SweepSettings:
     shapes: tuple = SHAPE_SWEEP  # extra dims measured for the tile fit (module docstring); () for none
     latency_shapes: tuple = LATENCY_SHAPES  # extra dims timed without energy windows; () for none
 
+    def __post_init__(self):
+        """Every field checked before anything is measured (TypeError or ValueError naming it); lists become
+        tuples, paths ``Path``s and numbers Python's."""
+        if not isinstance(self.gpu, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", self.gpu):
+            raise ValueError(f"gpu must be a short GPU name such as 'H100', got {self.gpu!r}")
+        checked = {name: _as_tuple(name, getattr(self, name)) for name in ("ops", "pressure_shares", "shapes",
+                                                                           "latency_shapes")}
+        if not checked["ops"] or len(set(checked["ops"])) < len(checked["ops"]) or not set(checked["ops"]) <= set(OPS):
+            raise ValueError(f"ops must be distinct ops of costmodel.ops.OPS, at least one, got {self.ops!r}")
+        for name, dims in [("dims", self.dims), *(("shapes", d) for d in checked["shapes"]),
+                           *(("latency_shapes", d) for d in checked["latency_shapes"])]:
+            if not isinstance(dims, ModelDims):
+                raise TypeError(f"{name} must hold costmodel.ops.ModelDims, got {type(dims).__name__}")
+        checked["pressure_shares"] = tuple(finite_number("pressure_shares", share, low=0.0, low_open=True, high=1.0)
+                                           for share in checked["pressure_shares"])
+        checked |= {"output": output_path("output", self.output), "window_s": check_window_s(self.window_s),
+                    "trials": count("trials", self.trials),
+                    "trace": None if self.trace is None else output_path("trace", self.trace)}
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen: the checked values in place of the given
+
+
+def _as_tuple(name, value):
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be a tuple, got {type(value).__name__}")
+    return tuple(value)
+
 
 def detected_gpu(meter: "GpuMeter", requested: str) -> str:
     """The GPU's NVML name; ValueError unless a CUDA GPU whose energy NVML reads is ``requested``."""
@@ -435,8 +471,8 @@ def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detecte
 
 def calibrate_ops(gpu: str, ops: "Sequence[str]", dims: "ModelDims", output: "str | Path") -> dict:
     """A fresh table of ``ops`` at ``dims`` on this GPU at ``output`` (the default settings): the table."""
-    meter = GpuMeter(torch.cuda.current_device())
-    settings = SweepSettings(gpu, dims, tuple(ops), Path(output), shapes=(), latency_shapes=())
+    settings = SweepSettings(gpu, dims, ops, output, shapes=(), latency_shapes=())
+    meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)  # detected_gpu: no GPU
     table, rejected = run_sweep(settings, new_state(settings), meter, detected_gpu(meter, gpu))
     if rejected:
         raise RuntimeError(f"the measured table fails its check ({rejected}); "

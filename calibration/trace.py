@@ -140,8 +140,12 @@ def _check_trace(trace):
     for key in ("readings", "gpu_name", "driver", "thresholds_c"):
         if key not in trace:
             raise ValueError(f"trace has no {key!r} field (a calibration.trace.record trace has it)")
+    for key in ("gpu_name", "driver"):
+        if trace[key] is not None and not isinstance(trace[key], str):
+            raise ValueError(f"trace[{key!r}] must be a string or None, got {trace[key]!r}")
     thresholds = trace["thresholds_c"]
-    if not isinstance(thresholds, dict) or not {"slowdown", "shutdown"} <= set(thresholds):
+    if not isinstance(thresholds, dict) or not {"slowdown", "shutdown"} <= set(thresholds) or \
+            not all(_number_or_none(thresholds[kind]) for kind in ("slowdown", "shutdown")):
         raise ValueError(f"trace['thresholds_c'] must be a dict with 'slowdown' and 'shutdown' (°C or None), "
                          f"got {thresholds!r}")
     readings = trace["readings"]
@@ -155,12 +159,22 @@ def _check_trace(trace):
         absent = [name for name in READING_FIELDS if name not in reading]
         if absent:
             raise ValueError(f"trace['readings'][{n}] has no {', '.join(map(repr, absent))} field")
+        not_numbers = [name for name in READING_FIELDS if name != "time_s" and not _number_or_none(reading[name])]
+        if not_numbers:
+            name = not_numbers[0]
+            raise ValueError(f"trace['readings'][{n}][{name!r}] must be a number or None, got {reading[name]!r}")
+        if not isinstance(reading.get("missing", {}), dict):
+            raise ValueError(f"trace['readings'][{n}]['missing'] must be a dict of reasons, got {reading['missing']!r}")
         time_s = reading["time_s"]
         if isinstance(time_s, bool) or not isinstance(time_s, numbers.Real) or not math.isfinite(time_s) \
                 or time_s < last_s:
             raise ValueError(f"trace['readings'][{n}]['time_s'] must be a finite number, no earlier than the "
                              f"reading before ({last_s}), got {time_s!r}")
         last_s = time_s
+
+
+def _number_or_none(value):
+    return value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
 def main(argv: list | None = None) -> int:

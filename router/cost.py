@@ -43,6 +43,7 @@ import torch
 from costmodel.kernel_cost_model import KernelCostModel
 from kernels.cost_bias import cost_curves, energy_weight_reference, expert_cost_bias, expert_cost_reference
 from kernels.pinned_state import readable_in_place
+from kernels.validate import INDEX_DTYPES, check_int, check_same_device, check_tensor
 
 COST_OP = "swiglu_ffn"
 # the table op that costs one expert, by the experts' weight dtype (``FusedMoE.quantize_fp8`` makes FP8 ones)
@@ -85,6 +86,8 @@ class CostSelection:
     def expert_cost(self, batch_sizes: torch.Tensor) -> tuple:
         """(energy_j, latency_ms) of one expert at ``batch_sizes`` tokens (a float tensor) under the
         cached hardware state, as the bias kernels see it."""
+        check_tensor("batch_sizes", batch_sizes, dtypes=None, kernel_device=False)
+        check_same_device(batch_sizes=batch_sizes, weight=self.weight)
         return expert_cost_reference(self._curves, self._state(), batch_sizes, self.max_memory_pressure)
 
     def energy_weight(self) -> torch.Tensor:
@@ -101,6 +104,7 @@ class CostSelection:
     def cost_bias(self, plain_ids: torch.Tensor) -> torch.Tensor:
         """The [E] selection bias for a batch whose plain top-k chose ``plain_ids`` [T, K]: one
         launch of ``kernels.cost_bias.expert_cost_bias`` on the cached hardware state."""
+        check_tensor("plain_ids", plain_ids, ndim=2, dtypes=INDEX_DTYPES)  # metadata only: no sync
         return expert_cost_bias(plain_ids, self._curves, self._state(), self.bias_offsets, **self._bias_knobs())
 
     def _bias_knobs(self):
@@ -114,9 +118,13 @@ def cost_model_at(model: KernelCostModel, d_model: int, cost_op: str = COST_OP) 
     """``model`` costing experts of ``d_model`` with ``cost_op``: as given when its dims have that
     d_model, else at d_model with its d_ff scaled alike (the tile model carries the table there; a
     warning says how to give the experts' real d_ff)."""
-    if cost_op not in getattr(model, "ops", ()):
+    if not isinstance(model, KernelCostModel):
+        raise TypeError(f"kernel_cost_model must be a costmodel.KernelCostModel (e.g. KernelCostModel('H100')), "
+                        f"got {type(model).__name__}")
+    d_model = check_int("d_model", d_model, 1)
+    if cost_op not in model.ops:
         raise ValueError(f"kernel_cost_model has no {cost_op!r} op (one expert's FFN), which the router's "
-                         f"cost bias reads; its table has {list(getattr(model, 'ops', ()))}"
+                         f"cost bias reads; its table has {list(model.ops)}"
                          + ("; `python -m bench.calibrate --ops expert_ffn_fp8` adds it" if cost_op != COST_OP else ""))
     if model.dims.d_model == d_model:
         return model

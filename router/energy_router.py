@@ -63,7 +63,7 @@ from kernels.moe_layer import TopKRouter
 from kernels.policy_routing import FillCost, policy_routing
 from kernels.routing import check_selection_bias, topk_routing
 from kernels.routing_stats import STAT_FIELDS, routing_tallies, tally_summary
-from kernels.validate import check_dim, check_same_dtype_device, check_tensor
+from kernels.validate import check_bool, check_dim, check_same_dtype_device, check_tensor
 from router.cost import COST_OP, EXPERT_COST_OPS, CostSelection, cost_model_at
 from router.monitor import STATE_FIELDS, HardwareMonitor
 from router.options import check_hyperparameters, check_keep, check_objective_weights, check_sizes, gate_weight
@@ -122,7 +122,9 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
             ttt_chunk_size=ttt_chunk_size)
         super().__init__(gate_weight(weight, d_model, num_experts, device, dtype), top_k, renormalize, weights_dtype)
         self.objective_weights = check_objective_weights(objective_weights)
-        if expert_weights not in EXPERT_COST_OPS:
+        muon_enabled, ttt_gate, track_stats = (check_bool(name, value) for name, value in (
+            ("muon_enabled", muon_enabled), ("ttt_gate", ttt_gate), ("track_stats", track_stats)))
+        if not isinstance(expert_weights, str) or expert_weights not in EXPERT_COST_OPS:
             raise ValueError(f"expert_weights must be one of {sorted(EXPERT_COST_OPS)}, got {expert_weights!r}")
         self.cost_op = EXPERT_COST_OPS[expert_weights]
         kernel_cost_model = cost_model_at(kernel_cost_model, d_model, self.cost_op)
@@ -158,6 +160,9 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
     def from_router(cls, router: TopKRouter, kernel_cost_model: KernelCostModel,
                     **kwargs: Any) -> "EnergyAwareTTTRouter":
         """Wrap a ``TopKRouter`` (e.g. a patched HF model's ``layer.gate``), sharing its gate weight."""
+        if not isinstance(router, TopKRouter):
+            raise TypeError(f"router must be a kernels.TopKRouter (e.g. a patched model's layer.gate), "
+                            f"got {type(router).__name__}")
         num_experts, d_model = router.weight.shape
         return cls(d_model, num_experts, router.top_k, kernel_cost_model, weight=router.weight,
                    renormalize=router.renormalize, weights_dtype=router.weights_dtype, **kwargs)
@@ -211,6 +216,15 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
         if self.weights_dtype == "logits":
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, routing.topk_ids
+
+    @property
+    def adapt(self) -> bool:
+        """Run test-time training at all (``router.adapt = False`` freezes it; a bool)."""
+        return self._adapt
+
+    @adapt.setter
+    def adapt(self, value: bool) -> None:
+        self._adapt = check_bool("adapt", value)
 
     @property
     def keeps(self) -> bool:

@@ -1,5 +1,6 @@
 """The energy-aware router's arguments, checked: each rule's failure names the argument."""
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ def check_keep(keep_top_k: "int | None", keep_share: "float | None", top_k: int)
 def check_objective_weights(objective_weights: "dict | None") -> dict:
     """{energy, latency, quality} as floats: the defaults updated by ``objective_weights``."""
     weights = dict(DEFAULT_OBJECTIVE_WEIGHTS)
+    if objective_weights is not None and not isinstance(objective_weights, Mapping):
+        raise TypeError(f"objective_weights must be a dict of {list(OBJECTIVE_KEYS)} weights or None, "
+                        f"got {type(objective_weights).__name__}")
     if objective_weights is not None:
         unknown = set(objective_weights) - set(OBJECTIVE_KEYS)
         if unknown:
@@ -70,7 +74,7 @@ def gate_weight(weight: "torch.Tensor | None", d_model: int, num_experts: int, d
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
     if weight is None:
-        weight = torch.empty(num_experts, d_model, device=device, dtype=dtype or torch.float32)
+        weight = torch.empty(num_experts, d_model, device=_device(device), dtype=dtype or torch.float32)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default init
         return weight
     check_tensor("weight", weight, ndim=2, kernel_device=False)
@@ -80,3 +84,16 @@ def gate_weight(weight: "torch.Tensor | None", d_model: int, num_experts: int, d
     if device is not None or dtype is not None:
         raise ValueError("device and dtype are for a new weight; a given weight keeps its own")
     return weight
+
+
+def _device(device):
+    """``device`` as a torch.device present on this machine, or None; ValueError naming it otherwise."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)  # well named but absent here (no CUDA, or no such index)
+    except (RuntimeError, TypeError, AssertionError):
+        raise ValueError(f"device must be a torch device present here, such as 'cpu' or 'cuda:0', "
+                         f"got {device!r}") from None
+    return device

@@ -4,13 +4,17 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from calibration.energy import (EagerRunner, GraphRunner, event_times_ms, measure_energy, measure_gap_power_w,
                                 measure_idle_power_w, measure_window, median_event_ms, repeat_for,
                                 wait_for_counter_update)
 from calibration.nvml_meter import GpuMeter, GpuReading
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
-from calibration.priors import prior_table
+from calibration.op_calls import op_callable
+from calibration.priors import DATASHEETS, prior_point, prior_table
+from calibration.results import write_json_atomic
+from calibration.sweep import SweepSettings, calibrate_ops, gpu_matches, partial_path, progress
 from costmodel.ops import ModelDims
 from tests.fake_nvml import FakeNvml
 
@@ -190,6 +194,21 @@ def test_prior_table_at_other_dims():
     assert table["source"] == "prior" and table["dims"]["d_model"] == 64
 
 
+@pytest.mark.parametrize("call, error, phrase", [
+    (lambda: prior_point("swiglu_ffn", 0, ModelDims(), DATASHEETS["H100"]), ValueError, "batch_size must be an int >="),
+    (lambda: prior_point("swiglu_ffn", 1.5, ModelDims(), DATASHEETS["H100"]), TypeError, "batch_size must be an int"),
+    (lambda: prior_point("swiglu_ffn", 1, None, DATASHEETS["H100"]), TypeError, "dims must be a costmodel.ops"),
+    (lambda: prior_point("swiglu_ffn", 1, ModelDims(), "H100"), TypeError, "sheet must be a dict"),
+    (lambda: prior_point("swiglu_ffn", 1, ModelDims(), DATASHEETS["H100"] | {"tdp_w": math.nan}), ValueError,
+     r"sheet\['tdp_w'\] must be a finite number > 0"),
+    (lambda: prior_point("expert_ffn_fp8", 1, ModelDims(), DATASHEETS["A100"]), TypeError,
+     r"sheet\['fp8_peak_tflops'\] must be a real number"),
+], ids=["batch-0", "batch-float", "dims-none", "sheet-str", "tdp-nan", "fp8-on-a100"])
+def test_prior_point_bad_input(call, error, phrase):
+    with pytest.raises(error, match=phrase):
+        call()
+
+
 def test_an_impossible_memory_utilisation_is_unknown_not_a_pressure_coordinate():
     class Hog:
         share = 0.5
@@ -209,3 +228,90 @@ def test_an_impossible_memory_utilisation_is_unknown_not_a_pressure_coordinate()
     assert background_utilisation(UtilMeter(40), [Hog()], window_s=0.01) == {0.5: 0.4}
     for pct in (250, -10):
         assert background_utilisation(UtilMeter(pct), [Hog()], window_s=0.01) == {0.5: None}
+
+
+# ---- calibration.sweep's settings, calibration.results and calibration.op_calls ---------------------
+
+def settings(tmp_path, **kwargs):
+    return SweepSettings(**dict(gpu="H100", dims=ModelDims(), ops=("swiglu_ffn",), output=tmp_path / "H100.json")
+                         | kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, phrase", [
+    (dict(gpu=""), ValueError, "gpu must be a short GPU name"),
+    (dict(gpu=None), ValueError, "gpu must be a short GPU name"),
+    (dict(dims={"d_model": 256}), TypeError, "dims must hold costmodel.ops.ModelDims"),
+    (dict(ops="swiglu_ffn"), TypeError, "ops must be a tuple"),  # was: swept as the ops 's', 'w', 'i', ...
+    (dict(ops=()), ValueError, "ops must be distinct ops of costmodel.ops.OPS"),
+    (dict(ops=("swiglu",)), ValueError, "ops must be distinct ops of costmodel.ops.OPS"),
+    (dict(ops=("swiglu_ffn", "swiglu_ffn")), ValueError, "ops must be distinct"),
+    (dict(output=None), TypeError, "output must be a file path"),
+    (dict(window_s=0.5), ValueError, "window_s must be a finite number >= 1"),
+    (dict(trials=0), ValueError, "trials must be an int >= 1"),
+    (dict(trials=1.5), TypeError, "trials must be an int"),
+    (dict(pressure_shares=(1.5,)), ValueError, "pressure_shares must be a finite number in"),
+    (dict(pressure_shares=0.5), TypeError, "pressure_shares must be a tuple"),
+    (dict(shapes=None), TypeError, "shapes must be a tuple"),
+    (dict(latency_shapes=({"d_model": 768},)), TypeError, "latency_shapes must hold costmodel.ops.ModelDims"),
+], ids=["gpu-empty", "gpu-none", "dims-dict", "ops-str", "ops-empty", "ops-unknown", "ops-repeated", "output-none",
+        "window-short", "trials-0", "trials-float", "share-1.5", "shares-float", "shapes-none", "latency-shape-dict"])
+def test_sweep_settings_are_checked_before_anything_is_measured(tmp_path, kwargs, error, phrase):
+    with pytest.raises(error, match=phrase):
+        settings(tmp_path, **kwargs)
+
+
+def test_sweep_settings_take_plain_paths_lists_and_numpy_numbers(tmp_path):
+    checked = settings(tmp_path, output=str(tmp_path / "H100.json"), ops=["swiglu_ffn"], trials=np.int64(2),
+                       trace=str(tmp_path / "trace.json"), shapes=[])
+    assert checked.output == tmp_path / "H100.json" and checked.trace == tmp_path / "trace.json"
+    assert checked.ops == ("swiglu_ffn",) and checked.shapes == () and type(checked.trials) is int
+    assert partial_path(str(tmp_path / "H100.json")) == tmp_path / "H100.partial.json"
+    with pytest.raises(ValueError, match="output .* is a directory"):
+        settings(tmp_path, output=tmp_path)
+
+
+@pytest.mark.parametrize("call, error, phrase", [
+    (lambda: gpu_matches("", "NVIDIA A100-SXM4-80GB"), ValueError, "requested must be a GPU name"),  # was: True
+    (lambda: gpu_matches(None, "NVIDIA A100-SXM4-80GB"), ValueError, "requested must be a GPU name"),
+    (lambda: gpu_matches("A100", None), TypeError, "detected_name must be the GPU's NVML name"),
+    (lambda: progress(0, 0, "op", 1.0), ValueError, "total must be an int >= 1"),  # was: ZeroDivisionError
+    (lambda: progress(5, 3, "op", 1.0), ValueError, r"n must be an int in \[0, total = 3\]"),
+], ids=["gpu-empty", "gpu-none", "detected-none", "total-0", "n-past-total"])
+def test_sweep_helpers_bad_input(call, error, phrase):
+    with pytest.raises(error, match=phrase):
+        call()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
+def test_calibrate_ops_without_a_gpu_says_so(tmp_path):
+    with pytest.raises(ValueError, match="ops must be distinct ops"):
+        calibrate_ops("H100", ("swiglu",), ModelDims(), tmp_path / "H100.json")
+    with pytest.raises(ValueError, match=r"no NVIDIA GPU detected"):  # was: torch's AssertionError
+        calibrate_ops("H100", ("swiglu_ffn",), ModelDims(), tmp_path / "H100.json")
+
+
+@pytest.mark.parametrize("path, data, error, phrase", [
+    (None, {}, TypeError, "path must be a file path"),
+    ("", {}, ValueError, "is a directory"),
+    ("dir", {}, ValueError, "is a directory"),
+    ("nan.json", {"energy_j": math.nan}, ValueError, "is not strict JSON .* never NaN or Infinity"),
+    ("inf.json", [math.inf], ValueError, "is not strict JSON"),
+    ("tensor.json", {"x": torch.ones(1)}, TypeError, "is not strict JSON .*Tensor"),
+], ids=["none", "empty", "directory", "nan", "inf", "tensor"])
+def test_write_json_atomic_refuses_what_is_not_a_json_file(tmp_path, path, data, error, phrase):
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(error, match=phrase):
+        write_json_atomic(tmp_path / path if path else path, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"], "nothing written, no temp file left"
+
+
+@pytest.mark.parametrize("kwargs, error, phrase", [
+    (dict(op="swiglu"), ValueError, "unknown op 'swiglu'"),  # was: a KeyError after allocating its tensors
+    (dict(batch_size=0), ValueError, "batch_size must be an int >= 1"),
+    (dict(batch_size=2.5), TypeError, "batch_size must be an int"),
+    (dict(dims=None), TypeError, "dims must be a costmodel.ops.ModelDims"),
+], ids=["op-unknown", "batch-0", "batch-float", "dims-none"])
+def test_op_callable_bad_input(kwargs, error, phrase):
+    args = dict(op="swiglu_ffn", batch_size=4, dims=ModelDims(), device="cpu", dtype=torch.float32) | kwargs
+    with pytest.raises(error, match=phrase):
+        op_callable(**args)

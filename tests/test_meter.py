@@ -3,8 +3,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
-from calibration.nvml_meter import BackgroundSampler, GpuMeter
+from calibration.nvml_meter import BackgroundSampler, GpuMeter, meter_for_cuda_device
 from tests.fake_nvml import FakeNvml
 
 
@@ -86,7 +87,24 @@ def test_meter_takes_a_numpy_device_index():
     (lambda: BackgroundSampler(GpuMeter(nvml=FakeNvml()), interval_s=True), TypeError, "interval_s must be a real"),
     (lambda: BackgroundSampler("gpu0"), TypeError, "meter must be a calibration.nvml_meter.GpuMeter"),
     (lambda: GpuMeter(nvml=FakeNvml()).slowdown_reasons("0x20"), TypeError, "bits must be an int"),
-], ids=["index<0", "index-float", "index-bool", "index-str", "interval-str", "interval-bool", "meter-str", "bits-str"])
+    (lambda: GpuMeter(nvml=FakeNvml()).slowdown_reasons(-1), ValueError, "bits must be NVML's clock-event"),
+    (lambda: GpuMeter(nvml="pynvml"), TypeError, "nvml must be the pynvml module"),  # was: unavailable, silently
+    (lambda: GpuMeter(nvml=0), TypeError, "nvml must be the pynvml module"),  # was: the real pynvml instead
+], ids=["index<0", "index-float", "index-bool", "index-str", "interval-str", "interval-bool", "meter-str", "bits-str",
+        "bits-negative", "nvml-str", "nvml-zero"])
 def test_bad_input(call, error, phrase):
     with pytest.raises(error, match=phrase):
         call()
+
+
+def test_a_sampler_runs_once():
+    sampler = BackgroundSampler(GpuMeter(nvml=FakeNvml()))
+    sampler.start().stop()
+    with pytest.raises(RuntimeError, match="make a new one"):
+        sampler.start()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA path")
+def test_no_cuda_device_has_no_meter_to_find():
+    with pytest.raises(ValueError, match=r"no CUDA device \(torch.cuda.is_available\(\) is False\)"):
+        meter_for_cuda_device()

@@ -59,6 +59,17 @@ def test_integral_of_power_samples():
     assert integral_j(samples, 3.0, 4.0) is None
 
 
+@pytest.mark.parametrize("call, error, phrase", [
+    (lambda: integral_j([(0.0, 100.0), (1.0, 100.0)], 1.0, 0.0), ValueError, r"t1 \(0.0\) must be at or after t0"),
+    (lambda: integral_j([(0.0, 100.0), (1.0, 100.0)], float("nan"), 1.0), ValueError, "t0 must be a finite number"),
+    (lambda: check_window(GpuMeter(nvml=FakeNvml()), None, 0, lambda s: 1, 1.0, IDLE_W, random.Random(0)), TypeError,
+     "zeus must be a zeus.monitor.ZeusMonitor"),
+], ids=["t1-before-t0", "t0-nan", "zeus-none"])
+def test_bad_input(call, error, phrase):
+    with pytest.raises(error, match=phrase):
+        call()
+
+
 def test_verdict_says_whether_they_agree_and_which_is_nearer_the_integral():
     def workload(zeus, integral):
         return {"vs_ours": {"zeus": zeus, "zeus_aligned": 1.0, "power_integral": integral}}

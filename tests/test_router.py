@@ -18,7 +18,7 @@ from calibration.results import write_json_atomic
 from costmodel.kernel_cost_model import KernelCostModel
 from costmodel.ops import ModelDims
 from kernels.fused_experts import fused_experts_reference
-from router import EnergyAwareTTTRouter, HardwareMonitor
+from router import EnergyAwareTTTRouter, HardwareMonitor, OEARouter
 from tests.conftest import DEVICE, assert_matches, randn, requires_gpu
 from tests.fake_nvml import FakeNvml
 from tests.test_cost_model import synthetic_table
@@ -224,6 +224,9 @@ BAD_CONSTRUCTION = [
     ("ttt_update_frequency", dict(ttt_update_frequency=0)),
     ("muon_enabled .* needs ttt_gate", dict(muon_enabled=True)),
     (r"weight must be \[num_experts, d_model\]", dict(weight=torch.zeros(E, H + 1, device=DEVICE))),
+    ("expert_weights must be one of", dict(expert_weights=["bf16"])),
+    ("device must be a torch device present here", dict(device="tpu")),
+    ("device must be a torch device present here", dict(device="cuda:99")),
 ]
 BAD_CONSTRUCTION_TYPES = [
     ("top_k must be an int", dict(top_k=2.0)),
@@ -231,6 +234,13 @@ BAD_CONSTRUCTION_TYPES = [
     ("d_model must be an int", dict(d_model=True)),
     ("monitor must be a router.HardwareMonitor", dict(monitor="gpu0")),
     ("dtype must be one of float32", dict(dtype=torch.int64)),
+    ("ttt_gate must be a bool", dict(ttt_gate="no")),  # a truthy string would have switched it on
+    ("adapt must be a bool", dict(adapt="False")),
+    ("track_stats must be a bool", dict(track_stats=None)),
+    ("muon_enabled must be a bool", dict(muon_enabled=1, ttt_gate=True)),
+    ("kernel_cost_model must be a costmodel.KernelCostModel", dict(kernel_cost_model="H100")),
+    ("kernel_cost_model must be a costmodel.KernelCostModel", dict(kernel_cost_model=None)),
+    ("objective_weights must be a dict", dict(objective_weights=["energy", "quality"])),
 ]
 
 
@@ -241,6 +251,13 @@ def test_bad_construction(cost_model, match, kwargs, error):
     args = dict(d_model=H, num_experts=E, top_k=K, kernel_cost_model=cost_model) | kwargs
     with pytest.raises(error, match=match):
         EnergyAwareTTTRouter(**args)
+
+
+@pytest.mark.parametrize("router_class", [EnergyAwareTTTRouter, OEARouter], ids=["ours", "oea"])
+@pytest.mark.parametrize("router", [None, torch.nn.Linear(H, E)], ids=["none", "nn-linear"])
+def test_from_router_needs_a_top_k_router(cost_model, router_class, router):
+    with pytest.raises(TypeError, match="router must be a kernels.TopKRouter"):
+        router_class.from_router(router, cost_model if router_class is EnergyAwareTTTRouter else 1)
 
 
 def test_numpy_sizes_are_ints_and_token_counts_cannot_go_negative(cost_model):

@@ -117,4 +117,13 @@ def test_ttt_frozen_and_graph_step(cost_model):
     assert router.ttt_updates == 1 and router.bias_offsets.abs().sum() > 0
 
 
+@pytest.mark.parametrize("value", ["False", 0, None], ids=["str", "int", "none"])
+def test_adapt_set_later_must_be_a_bool(cost_model, value):
+    """``router.adapt = "False"`` would have switched test-time training on: refused, the setting kept."""
+    _, router = router_pair(cost_model, adapt=False)
+    with pytest.raises(TypeError, match="adapt must be a bool"):
+        router.adapt = value
+    assert router.adapt is False
+
+
 # ---- hardware state ------------------------------------------------------------------------------

@@ -107,7 +107,15 @@ READING = TRACE["readings"][0]
     (TRACE | {"readings": [READING | {"time_s": "0"}]}, ValueError, r"\['time_s'\] must be a finite"),
     (TRACE | {"readings": [READING | {"time_s": 1.0}, READING]}, ValueError,
      r"\[1\]\['time_s'\] must be a finite number, no earlier than the reading before \(1.0\)"),
-])
+    (TRACE | {"readings": [READING | {"energy_mj": "12"}]}, ValueError, r"\['energy_mj'\] must be a number or None"),
+    (TRACE | {"readings": [READING | {"temperature_c": True}]}, ValueError,
+     r"\['temperature_c'\] must be a number or None"),
+    (TRACE | {"readings": [READING | {"missing": "none"}]}, ValueError, r"\['missing'\] must be a dict"),
+    (TRACE | {"thresholds_c": {"slowdown": "hot", "shutdown": 95}}, ValueError, "'slowdown' and 'shutdown'"),
+    (TRACE | {"gpu_name": 100}, ValueError, r"trace\['gpu_name'\] must be a string or None"),
+], ids=["list", "no-readings", "no-driver", "no-thresholds", "one-threshold", "readings-empty", "readings-dict",
+        "reading-int", "no-energy", "only-time", "time-nan", "time-str", "time-backwards", "energy-str", "temp-bool",
+        "missing-str", "threshold-str", "name-int"])
 def test_replay_refuses_a_trace_it_cannot_play(trace, error, phrase):
     with pytest.raises(error, match=phrase):
         ReplayNvml(trace)
