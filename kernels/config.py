@@ -32,14 +32,21 @@ def device_name(device: torch.device | str) -> str:
 
 def _device_identity(device):
     """(GPU name, "major.minor" compute capability) of a CUDA device; ("cpu", None) otherwise."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device, a device string or a CUDA index, got {device!r}") from None
     if device.type != "cuda":
         return "cpu", None
+    if device.index is None and not torch.cuda.is_available():
+        raise ValueError("device is cuda but no CUDA device is available")
     return _cuda_identity(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_identity(index):  # cached: the queries cost microseconds on every launch
+    if not torch.cuda.is_available():
+        raise ValueError(f"device is cuda:{index} but no CUDA device is available")
     major, minor = torch.cuda.get_device_capability(index)
     return torch.cuda.get_device_name(index), f"{major}.{minor}"
 
@@ -53,11 +60,18 @@ def config_file_stem(name: str) -> str:
 def load_entries(op: str, gpu_name: str, compute_capability: str | None = None) -> tuple[tuple[dict, ...], Path]:
     """The config entries for ``op`` on ``gpu_name`` (of ``compute_capability``, "9.0"), and the
     path they came from: the GPU's own file, else a tuned file of the same capability, else the default."""
+    if op not in config_ops():
+        raise ValueError(f"op {op!r} has no block configs; expected one of {', '.join(config_ops())}")
     path = CONFIG_DIR / op / f"{config_file_stem(gpu_name)}.json"
     if not path.exists():
         path = _same_architecture(op, compute_capability) or CONFIG_DIR / op / "default.json"
     LOG.debug("kernels: %s on %s (compute capability %s) uses %s", op, gpu_name, compute_capability, path.name)
     return tuple(json.loads(path.read_text())["entries"]), path
+
+
+def config_ops() -> tuple[str, ...]:
+    """The ops with block configs: the folders of ``configs``."""
+    return tuple(sorted(path.name for path in CONFIG_DIR.iterdir() if path.is_dir()))
 
 
 def _same_architecture(op, compute_capability):
@@ -71,21 +85,22 @@ def _same_architecture(op, compute_capability):
 
 def config_sources(device: torch.device | str) -> dict[str, str]:
     """{op: the config file it uses on ``device``}, for results files."""
-    return {path.name: load_entries(path.name, *_device_identity(device))[1].name
-            for path in sorted(CONFIG_DIR.iterdir()) if path.is_dir()}
+    identity = _device_identity(device)
+    return {op: load_entries(op, *identity)[1].name for op in config_ops()}
 
 
 def config_entries(device: torch.device | str) -> dict[str, dict]:
     """{op: {"file": the config file it uses on ``device``, "entries": its entries}}: what a cost
     table carries so the cost model knows the tiles our kernels pick (``costmodel.shapes``)."""
     identity = _device_identity(device)
-    return {path.name: {"file": load_entries(path.name, *identity)[1].name,
-                        "entries": list(load_entries(path.name, *identity)[0])}
-            for path in sorted(CONFIG_DIR.iterdir()) if path.is_dir()}
+    return {op: {"file": load_entries(op, *identity)[1].name, "entries": list(load_entries(op, *identity)[0])}
+            for op in config_ops()}
 
 
 def _holds(key, bound, dims):
     kind, _, dim = key.partition("_")
+    if dim not in dims:
+        raise ValueError(f"a config entry bounds {dim!r}, which the lookup's dims {sorted(dims)} lack")
     return dims[dim] <= bound if kind == "max" else dims[dim] >= bound
 
 

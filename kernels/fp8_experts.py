@@ -32,6 +32,8 @@ def quantize_fp8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     scales [E, N]), one scale per output channel; converted a few experts at a time, so the float32
     working copy stays small. Non-finite weights are refused (they would poison every token)."""
     check_tensor("weight", weight, ndim=3, kernel_device=False)
+    if weight.is_meta:
+        raise ValueError("weight is on meta: it holds no values to convert (load or materialize it first)")
     if not torch.isfinite(weight).all():
         raise ValueError("weight has NaN or infinite values, which FP8 cannot scale")
     E, N, K = weight.shape

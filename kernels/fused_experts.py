@@ -26,8 +26,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import config as _config
 from kernels._library import kernel_op
-from kernels.validate import (INDEX_DTYPES, check_dim, check_same_device, check_same_dtype_device, check_tensor,
-                               dot_precision, tma_compatible)
+from kernels.validate import (INDEX_DTYPES, check_bool, check_dim, check_same_device, check_same_dtype_device,
+                               check_tensor, dot_precision, tma_compatible)
 from kernels.expert_blocks import DecodeSlots, ExpertBlocks, decode_slots_fit, group_by_expert
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
@@ -40,10 +40,11 @@ PERSISTENT_PROGRAMS_PER_SM = 4  # persistent grids: enough resident programs to 
 
 @triton.jit
 def _glu(b_gate, b_up, CLAMPED: tl.constexpr, alpha, limit):
-    """silu(gate) * up; CLAMPED: gpt-oss's (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit."""
+    """silu(gate) * up; CLAMPED: gpt-oss's (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit
+    (a NaN stays NaN, as torch.clamp keeps it: a poisoned token is not clamped into a finite output)."""
     if CLAMPED:
-        b_gate = tl.minimum(b_gate, limit)
-        b_up = tl.minimum(tl.maximum(b_up, -limit), limit)
+        b_gate = tl.minimum(b_gate, limit, propagate_nan=tl.PropagateNan.ALL)
+        b_up = tl.clamp(b_up, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
         return (b_up + 1.0) * b_gate * tl.sigmoid(alpha * b_gate)
     return b_gate * tl.sigmoid(b_gate) * b_up
 
@@ -341,7 +342,7 @@ def check_experts(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_
 def check_routing(hidden_states: torch.Tensor, num_experts: int, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor, validate_ids: bool) -> None:
     """The [T, K] ids and weights beside [T, H] hidden states (ids range-checked with ``validate_ids``)."""
-    if validate_ids:
+    if check_bool("validate_ids", validate_ids):
         check_topk_ids("top_k_index", top_k_index, num_experts)
     else:
         check_tensor("top_k_index", top_k_index, ndim=2, dtypes=INDEX_DTYPES)

@@ -11,6 +11,7 @@ Not carried over from the HF blocks: Mixtral's training-time jitter noise, and t
 logits that transformers records from its own router classes for ``output_router_logits``.
 """
 import math
+import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.validate import check_dim, check_int, check_same_dtype_device, check_tensor
+from kernels.validate import check_bool, check_dim, check_int, check_same_dtype_device, check_tensor
 from kernels.expert_parallel import expert_parallel_experts
 from kernels.fp8_experts import fp8_experts, quantize_fp8_weights
 from kernels.fused_experts import fused_experts
@@ -46,8 +47,7 @@ class TopKRouter(nn.Module):
         if weight.shape[0] == 0 or weight.shape[1] == 0:
             raise ValueError(f"weight must be [num_experts, hidden_size] with both >= 1, got {tuple(weight.shape)}")
         top_k = check_int("top_k", top_k, 1, weight.shape[0])
-        if not isinstance(renormalize, bool):
-            raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+        renormalize = check_bool("renormalize", renormalize)
         if weights_dtype not in (None, "logits"):
             raise ValueError(f"weights_dtype must be None or 'logits', got {weights_dtype!r}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
@@ -185,13 +185,12 @@ class FusedMoE(nn.Module):
         self.gate = router
         self.experts = Experts(gate_up_proj, down_proj)
         self.process_group = process_group
-        if isinstance(ep_chunks, bool) or not isinstance(ep_chunks, int) or ep_chunks < 1:
+        if not _is_count(ep_chunks):
             raise ValueError(f"ep_chunks must be an int >= 1, got {ep_chunks!r}")
-        self.ep_chunks = ep_chunks
-        if ep_capacity is not None and (isinstance(ep_capacity, bool) or not isinstance(ep_capacity, int)
-                                        or ep_capacity < 1):
+        self.ep_chunks = int(ep_chunks)
+        if ep_capacity is not None and not _is_count(ep_capacity):
             raise ValueError(f"ep_capacity must be None or an int >= 1 (tokens per rank), got {ep_capacity!r}")
-        self.ep_capacity = ep_capacity
+        self.ep_capacity = None if ep_capacity is None else int(ep_capacity)
         if process_group is not None:
             _check_expert_shard(router.num_experts, gate_up_proj.shape[0], process_group)
 
@@ -247,8 +246,9 @@ class FusedMoE(nn.Module):
                              f"got shape {tuple(hidden_states.shape)}")
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        router_logits, topk_weights, topk_ids = self.gate(flat)
-        self._check_routing(flat, router_logits, topk_ids)
+        routing = self.gate(flat)
+        self._check_routing(flat, routing)
+        router_logits, topk_weights, topk_ids = routing
         if self.process_group is None or dist.get_world_size(self.process_group) == 1:
             return self.experts(flat, topk_ids, topk_weights).reshape(shape)
         if torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in self.parameters())):
@@ -260,8 +260,16 @@ class FusedMoE(nn.Module):
                                        self.experts.down_proj, self.process_group, chunks=self.ep_chunks,
                                        capacity=self.ep_capacity).reshape(shape)
 
-    def _check_routing(self, flat, router_logits, topk_ids):
-        """Shapes only (no sync): the router must score this layer's experts, one row per token."""
+    def _check_routing(self, flat, routing):
+        """Shapes only (no sync): the router returns three tensors and scores this layer's experts, one row per token
+        (its weights are ``fused_experts``' top_k_weights, checked there)."""
+        if not isinstance(routing, (tuple, list)) or len(routing) != 3:
+            got = f"{len(routing)} values" if isinstance(routing, (tuple, list)) else type(routing).__name__
+            raise TypeError(f"the router must return (router_logits, topk_weights, topk_ids), got {got}")
+        router_logits, _, topk_ids = routing
+        for name, value in (("router_logits", router_logits), ("topk_ids", topk_ids)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"the router returned {name} of type {type(value).__name__}; expected a torch.Tensor")
         num_experts = self.experts.gate_up_proj.shape[0]
         if self.process_group is not None:
             num_experts *= dist.get_world_size(self.process_group)
@@ -271,6 +279,11 @@ class FusedMoE(nn.Module):
         if topk_ids.dim() != 2 or topk_ids.shape[0] != flat.shape[0] or not 1 <= topk_ids.shape[1] <= num_experts:
             raise ValueError(f"the router returned topk_ids of shape {tuple(topk_ids.shape)}; expected "
                              f"({flat.shape[0]}, K) with 1 <= K <= {num_experts}")
+
+
+def _is_count(value):
+    """An int >= 1 (numpy integers too; never a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _check_layer(router, gate_up_proj, down_proj, process_group):

@@ -15,6 +15,7 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # a float kernel argument's largest finite value
+SM_SCALE_MAX = FLOAT32_MAX / math.log2(math.e)  # the attention kernels take sm_scale * log2(e) as a float32
 # Triton reads TRITON_INTERPRET when it defines each kernel, i.e. when ``kernels`` is imported
 INTERPRETER_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -44,6 +45,9 @@ def _check_interpretable(name, value):
                              "Triton reads it when the kernels are defined, so set it before the first import")
         raise ValueError(f"{name} is on {value.device}; the Triton kernels need a CUDA tensor "
                          "(or TRITON_INTERPRET=1, set before `import kernels`, for the CPU interpreter)")
+    if value.device.type != "cpu":  # a meta tensor has no data for the interpreter to read
+        raise ValueError(f"{name} is on {value.device}; the Triton kernels need a CUDA tensor, or a CPU one "
+                         "under the interpreter")
     if value.dtype == torch.bfloat16:
         raise TypeError(f"{name} is bfloat16 on {value.device}: Triton's CPU interpreter computes bfloat16 "
                         "wrongly, so bfloat16 needs a CUDA GPU; use float32 or float16 on the CPU")
@@ -148,14 +152,12 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 def check_sm_scale(sm_scale: float | None, head_dim: int) -> float:
-    """The attention score scale as a float: ``None`` means 1/sqrt(head_dim)."""
+    """The attention score scale as a float: ``None`` means 1/sqrt(head_dim); else |sm_scale| <= SM_SCALE_MAX."""
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
         raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
-    if not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
-    return float(sm_scale)
+    return check_float("sm_scale", sm_scale, -SM_SCALE_MAX, SM_SCALE_MAX)
 
 
 def check_bool(name: str, value: object) -> bool:

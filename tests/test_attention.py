@@ -126,6 +126,8 @@ BAD_INPUT = [
     ("v", lambda q, k, v: dict(q=q, k=k, v=v[:, :1]), ValueError),
     ("sm_scale", lambda q, k, v: dict(q=q, k=k, v=v, sm_scale=float("nan")), ValueError),
     ("sm_scale", lambda q, k, v: dict(q=q, k=k, v=v, sm_scale="0.1"), TypeError),
+    ("sm_scale", lambda q, k, v: dict(q=q, k=k, v=v, sm_scale=1e39), ValueError),  # past float32: NaN scores
+    ("sm_scale", lambda q, k, v: dict(q=q, k=k, v=v, sm_scale=-10 ** 400), ValueError),  # no float at all
     ("causal", lambda q, k, v: dict(q=q, k=k, v=v, causal=None), TypeError),
     ("sequence length 0", lambda q, k, v: dict(q=q, k=k[:, :, :0], v=v[:, :, :0]), ValueError),
     ("k has size 32 in dim 3; expected 64 .the head dim of q",

@@ -3,6 +3,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from kernels import config as _config
 from kernels.routing import launch_config
@@ -73,6 +74,28 @@ def test_every_tuned_file_names_its_compute_capability():
     for path in CONFIG_FILES:
         if path.name != "default.json":
             assert re.fullmatch(r"\d+\.\d+", json.loads(path.read_text())["compute_capability"]), path
+
+
+BAD_LOOKUPS = [  # (what is wrong, lookup arguments, the phrase its ValueError holds)
+    ("unknown op", ("nope", "cpu"), "op 'nope' has no block configs; expected one of attention"),
+    ("op outside configs", ("../matmul", "cpu"), "op '../matmul' has no block configs"),
+    ("device string", ("matmul", "gpu"), "device must be a torch.device, a device string or a CUDA index, got 'gpu'"),
+    ("device None", ("matmul", None), "device must be .* got None"),
+    ("missing dims", ("matmul", "cpu"), "a config entry bounds 'm', which the lookup's dims \\[\\] lack"),
+]
+
+
+@pytest.mark.parametrize("what, args, phrase", BAD_LOOKUPS, ids=[w for w, _, _ in BAD_LOOKUPS])
+def test_bad_lookup_is_named(what, args, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        _config.lookup(*args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a CUDA device where there is none")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_device_without_cuda_is_named(device):
+    with pytest.raises(ValueError, match=f"device is {device} but no CUDA device is available"):
+        _config.config_sources(device)
 
 
 def test_config_sources_name_the_file_each_op_reads():

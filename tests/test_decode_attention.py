@@ -46,8 +46,10 @@ def test_empty_cache_gives_zeros_and_long_lengths_clamp():
     (lambda a: a | {"q": randn(2, 2, 1, 64)[..., ::2]}, ValueError, "q must be contiguous in its last"),
     (lambda a: a | {"sm_scale": "a"}, TypeError, "sm_scale"),
     (lambda a: a | {"sm_scale": float("inf")}, ValueError, "sm_scale"),
+    (lambda a: a | {"sm_scale": 1e39}, ValueError, "sm_scale"),
+    (lambda a: a | {"kv_lengths": torch.ones(2, dtype=torch.int32, device="meta")}, ValueError, "kv_lengths"),
 ], ids=["queries", "head-dim", "k-dim", "v-shape", "gqa", "length-dtype", "length-size", "dtype", "type",
-        "q-stride", "scale-type", "scale-inf"])
+        "q-stride", "scale-type", "scale-inf", "scale-past-float32", "lengths-on-meta"])
 def test_bad_input_names_the_argument(change, error, phrase):
     args = {"q": randn(2, 2, 1, 32), "k_cache": randn(2, 2, 8, 32), "v_cache": randn(2, 2, 8, 32),
             "kv_lengths": torch.tensor([3], dtype=torch.int32, device=DEVICE)}

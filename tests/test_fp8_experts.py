@@ -90,10 +90,11 @@ def test_quantize_fp8_weights_per_output_channel_in_chunks(monkeypatch):
 
 @pytest.mark.parametrize("bad, error, match", [
     ("nan", ValueError, "NaN or infinite"), ("int", TypeError, "weight has dtype"),
-    ("2d", ValueError, "weight must have 3 dimensions"), ("list", TypeError, "weight must be a torch.Tensor")])
+    ("2d", ValueError, "weight must have 3 dimensions"), ("list", TypeError, "weight must be a torch.Tensor"),
+    ("meta", ValueError, "weight is on meta")])
 def test_quantize_fp8_weights_bad_input(bad, error, match):
     weight = {"nan": torch.tensor([[[1.0, float("nan")]]]), "int": torch.ones(2, 3, 4, dtype=torch.int32),
-              "2d": torch.ones(3, 4), "list": [[[1.0]]]}[bad]
+              "2d": torch.ones(3, 4), "list": [[[1.0]]], "meta": torch.empty(2, 3, 4, device="meta")}[bad]
     with pytest.raises(error, match=match):
         kernels.quantize_fp8_weights(weight)
 

@@ -248,6 +248,9 @@ BAD_INPUT = [
      ValueError),  # zero experts
     ("gate_up_proj", lambda a: a | dict(gate_up_proj=a["gate_up_proj"][:, :0], down_proj=a["down_proj"][..., :0]),
      ValueError),  # I = 0
+    ("validate_ids", lambda a: a | dict(validate_ids="no"), TypeError),  # a truthy string would validate
+    ("validate_ids", lambda a: a | dict(validate_ids=None), TypeError),
+    ("top_k_index", lambda a: a | dict(top_k_index=a["top_k_index"].to("meta")), ValueError),  # no ids to check
 ]
 
 

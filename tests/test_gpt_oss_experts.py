@@ -47,6 +47,18 @@ def test_clamping_is_the_references():
     assert_matches(gpt_oss_experts(x, *weights, ids, w, ALPHA, LIMIT), ref.float(), torch.float32)
 
 
+def test_a_nan_token_stays_nan_through_the_clamp():
+    x = randn(5, 32)
+    x[1, 3] = float("nan")  # torch.clamp keeps NaN: the token's output is NaN, the others are untouched
+    weights = experts(3, 32, 16, torch.float32)
+    ids, w = routing(5, 2, 3)
+    ours = gpt_oss_experts(x, *weights, ids, w, ALPHA, LIMIT)
+    ref = gpt_oss_experts_reference(x.double(), *(t.double() for t in weights), ids, w.double(), ALPHA, LIMIT)
+    assert ours[1].isnan().all() and ref[1].isnan().all()
+    keep = torch.arange(5, device=DEVICE) != 1
+    assert_matches(ours[keep], ref[keep].float(), torch.float32)
+
+
 def tiny_gpt_oss_config():
     return transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,

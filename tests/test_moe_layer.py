@@ -206,6 +206,44 @@ def test_numpy_top_k_and_a_cpu_weight_for_later_moving_are_accepted():
     assert router.top_k == 2 and isinstance(router.top_k, int)
 
 
+def test_numpy_sizes_and_bools_are_accepted():
+    router = kernels.TopKRouter(randn(E_, H_), 2, renormalize=np.bool_(False))
+    assert router.renormalize is False
+    layer = kernels.FusedMoE(router, randn(E_, 2 * I_, H_), randn(E_, H_, I_), ep_chunks=np.int64(2),
+                             ep_capacity=np.int32(8))
+    assert (layer.ep_chunks, layer.ep_capacity) == (2, 8) and isinstance(layer.ep_capacity, int)
+
+
+class OutputRouter(torch.nn.Module):
+    """A router returning whatever ``make(x)`` gives."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def forward(self, x):
+        return self.make(x)
+
+
+def _fixed_outputs(x):
+    return FixedRouter(E_, 2)(x)
+
+
+BAD_ROUTER_OUTPUTS = [
+    ("two values", lambda x: _fixed_outputs(x)[:2], "must return \\(router_logits, topk_weights, topk_ids\\), got 2"),
+    ("a tensor", lambda x: _fixed_outputs(x)[0], "must return .*got Tensor"),
+    ("logits None", lambda x: (None, *_fixed_outputs(x)[1:]), "router_logits of type NoneType"),
+    ("ids a list", lambda x: (*_fixed_outputs(x)[:2], _fixed_outputs(x)[2].tolist()), "topk_ids of type list"),
+]
+
+
+@pytest.mark.parametrize("what, make, phrase", BAD_ROUTER_OUTPUTS, ids=[w for w, _, _ in BAD_ROUTER_OUTPUTS])
+def test_a_router_returning_the_wrong_things_is_named(what, make, phrase):
+    layer = kernels.FusedMoE(OutputRouter(make), randn(E_, 2 * I_, H_), randn(E_, H_, I_))
+    with torch.no_grad(), pytest.raises(TypeError, match=phrase):
+        layer(randn(5, H_))
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA-graph capture needs a CUDA device (none found)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_whole_layer_is_graph_capturable(dtype):

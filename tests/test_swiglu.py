@@ -158,6 +158,13 @@ def test_projection_bad_input(fn):
         fn(x.to(torch.int32), gate_up_proj)
 
 
+@pytest.mark.parametrize("fn, name", [(kernels.matmul, "x"), (kernels.swiglu_gate_up, "x"), (kernels.ffn_down, "h")],
+                         ids=["matmul", "swiglu_gate_up", "ffn_down"])
+def test_meta_tensors_are_refused_naming_the_argument(fn, name):
+    with pytest.raises(ValueError, match=f"{name} is on meta"):
+        fn(torch.empty(4, 8, device="meta"), torch.empty(6, 8, device="meta"))
+
+
 def test_ffn_down_bad_input():
     with pytest.raises(ValueError, match="down_proj"):
         kernels.ffn_down(randn(4, 6), randn(8, 5))
