@@ -184,10 +184,13 @@ def test_tuner_buckets_are_reached_by_their_own_shapes():
         assert select_config(entries, head_dim=D)["bucket"] == i
 
 
+@pytest.mark.parametrize("rows", [3, 37], ids=["narrow-3rows", "wide-37rows"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_narrow_decode_candidates_match_the_reference(dtype):
-    """The narrow decode tiles the tuner may pick for N <= 2048 (more programs a small N): odd M, N, K."""
-    from bench.tune_kernels import NARROW_DECODE_GEMMS, gemm_candidates
-    x, w = randn(3, 300, dtype=dtype), randn(40, 300, dtype=dtype, scale=300 ** -0.5)
-    for cfg in gemm_candidates(NARROW_DECODE_GEMMS, [{}]):
+def test_decode_candidates_match_the_reference(dtype, rows):
+    """The decode tiles the tuner may pick: narrow ones for N <= 2048 (more programs a small N) at a few rows,
+    32- and 64-row ones for 17-64 rows; odd M, N, K."""
+    from bench.tune_kernels import NARROW_DECODE_GEMMS, WIDE_DECODE_GEMMS, gemm_candidates
+    tiles = NARROW_DECODE_GEMMS if rows < 16 else WIDE_DECODE_GEMMS
+    x, w = randn(rows, 300, dtype=dtype), randn(40, 300, dtype=dtype, scale=300 ** -0.5)
+    for cfg in gemm_candidates(tiles, [{}]):
         assert_matches(launch_matmul(x, w, cfg=cfg), matmul_reference(x.double(), w.double()), dtype)
