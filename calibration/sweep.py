@@ -275,7 +275,9 @@ def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict,
                                            (hogs, background) if hogs and at_pressure_batch else None)
             except torch.OutOfMemoryError:  # a shape beyond this card's memory (256 experts of 7168 x 2048 on
                 torch.cuda.empty_cache()    # a 24 GB card): recorded, left to the model, the sweep goes on
-                state.setdefault("out_of_memory", []).append({"op": op, "dims": asdict(dims), "batch_size": batch_size})
+                missed = {"op": op, "dims": asdict(dims), "batch_size": batch_size}
+                if missed not in state.setdefault("out_of_memory", []):  # a resumed run tries it again
+                    state["out_of_memory"].append(missed)
                 save(state)
                 progress(n, len(plan), f"{op} batch {batch_size}: out of memory, skipped", time.monotonic() - started,
                          skipped=skipped)
@@ -283,6 +285,8 @@ def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict,
             if dims != args.dims:
                 point = {"dims": asdict(dims)} | point
             state["points"][op].append(point)
+            state["out_of_memory"] = [m for m in state.get("out_of_memory", [])
+                                      if (m["op"], m["dims"], m["batch_size"]) != (op, asdict(dims), batch_size)]
             if curve:
                 state["pressure_curves"][op] = [batch_size, curve]
             state["measured_s"] += time.monotonic() - point_started

@@ -426,6 +426,40 @@ def test_a_sweep_of_some_ops_keeps_the_others_of_the_same_gpu_and_dims(tmp_path)
     assert "kept_ops" not in sweep_lib.keep_other_ops(json.loads(json.dumps(new)), settings), "priors are not kept"
 
 
+def test_a_resumed_sweep_lists_each_point_that_still_does_not_fit_once(tmp_path, monkeypatch):
+    """A run cut after two points ran out of memory, resumed: the one that fits now is measured and leaves
+    the list, the one that still does not fit is listed once."""
+    from bench import calibrate
+
+    class Cut(Exception):
+        pass
+
+    def first_run(op, b, dims, *args):
+        if dims == LATENCY_SHAPES[-1]:
+            if b >= 16:
+                raise Cut("the device's call limit")
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return _stub_point(b), None
+
+    def resumed_run(op, b, dims, *args):
+        if dims == LATENCY_SHAPES[-1] and b == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return _stub_point(b), None
+    output = tmp_path / "H100.json"
+    argv = ["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", ""]
+    _stub_calibration_gpu(monkeypatch, calibrate, first_run)
+    with pytest.raises(Cut):
+        calibrate.main(argv)
+    assert len(json.loads(sweep_lib.partial_path(output).read_text())["out_of_memory"]) == 2
+    _stub_calibration_gpu(monkeypatch, calibrate, resumed_run)
+    assert calibrate.main(argv + ["--resume"]) == 0
+    table = json.loads(output.read_text())
+    assert [(p["batch_size"], ModelDims(**p["dims"])) for p in table["out_of_memory_points"]["points"]] == [
+        (1, LATENCY_SHAPES[-1])]
+    assert 4 in [p["batch_size"] for p in table["ops"]["ffn_gate"]["points"]
+                 if ModelDims(**p.get("dims", {})) == LATENCY_SHAPES[-1]]
+
+
 def test_calibrate_records_shapes_that_do_not_fit_and_goes_on(tmp_path, monkeypatch):
     """A point that runs out of GPU memory (the largest latency shape on a small card) is recorded
     in the table's ``out_of_memory_points`` and skipped; every other point is measured."""
