@@ -19,7 +19,9 @@ def op_callable(op: str, batch_size: int, dims: "ModelDims", device: "torch.devi
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+        # drawn in ``dtype`` and scaled in place: a float32 draw and its scaled copy of 256 experts' 7168 x 4096
+        # gate_up weight (15 GB in bf16) took 60 GB and ran an 80 GB H100 out of memory in the 2026-12-07 sweep
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).mul_(scale)
     if op in SEQUENCE_OPS:
         return _attention_call(op, randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim),
                                *(randn(batch_size, dims.n_heads, dims.seq_len, dims.head_dim) for _ in range(2)))
