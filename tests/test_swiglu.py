@@ -5,7 +5,7 @@ import torch
 import kernels
 from kernels.matmul import launch_matmul, matmul_reference
 from kernels.swiglu import swiglu_ffn_reference, swiglu_gate_up_reference
-from tests.conftest import DEVICE, DTYPES, assert_matches, randn
+from tests.conftest import DEVICE, DTYPES, ON_GPU, assert_matches, randn
 
 # (M, N, K): what each exercises
 MATMUL_SHAPES = [
@@ -190,6 +190,8 @@ def test_decode_candidates_match_the_reference(dtype, rows):
     """The decode tiles the tuner may pick: narrow ones for N <= 2048 (more programs a small N) at a few rows,
     32- and 64-row ones for 17-64 rows; odd M, N, K."""
     from bench.tune_kernels import NARROW_DECODE_GEMMS, WIDE_DECODE_GEMMS, gemm_candidates
+    if ON_GPU and dtype == torch.float32 and rows >= 16:  # tuned entries serve 16-bit dtypes (max_elem_bytes 2)
+        pytest.skip("fp32 tiles of 64 x 128 x 128 need more shared memory than an H100 has (OutOfResources)")
     tiles = NARROW_DECODE_GEMMS if rows < 16 else WIDE_DECODE_GEMMS
     x, w = randn(rows, 300, dtype=dtype), randn(40, 300, dtype=dtype, scale=300 ** -0.5)
     for cfg in gemm_candidates(tiles, [{}]):
