@@ -40,7 +40,7 @@ from calibration.op_calls import op_callable
 from calibration.pressure import BandwidthHog, background_utilisation, measure_pressure_curve
 from calibration.results import output_path, provenance, write_json_atomic
 from calibration.thermal import fit_thermal_model
-from calibration.trace import trace_of
+from calibration.timelines import RunTimelines, timeline_path
 from costmodel.ops import OPS, SEQUENCE_OPS, ModelDims, work
 from costmodel.table import check_table, load_table
 from costmodel.validate import count, finite_number
@@ -248,10 +248,11 @@ def write_table(output: Path, table: dict) -> "str | None":
     return None
 
 
-def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict,
-          save: "Callable[[dict], None]") -> BackgroundSampler:
+def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict, save: "Callable[[dict], None]",
+          keep_timeline: "Callable[[BackgroundSampler], None]" = lambda sampler: None) -> BackgroundSampler:
     """Measure the points ``state`` lacks (every (op, batch), and each op's pressure curve at its
-    PRESSURE_BATCH), calling ``save(state)`` after each; the sampler of this run's timeline."""
+    PRESSURE_BATCH), calling ``save(state)`` and ``keep_timeline(sampler)`` after each; the sampler of
+    this run's timeline."""
     hogs = [BandwidthHog(share) for share in args.pressure_shares]
     if hogs and state["background_util"] is None:
         state["background_util"] = [[share, util] for share, util in background_utilisation(meter, hogs).items()]
@@ -291,6 +292,7 @@ def sweep(args: "SweepSettings", meter: "GpuMeter", state: dict,
                 state["pressure_curves"][op] = [batch_size, curve]
             state["measured_s"] += time.monotonic() - point_started
             save(state)
+            keep_timeline(sampler)
             label = (f"{op} batch {batch_size}" + ("" if dims == args.dims else f" at d_model {dims.d_model}")
                      + ("" if trials else " (latency)"))
             progress(n, len(plan), label, time.monotonic() - started, skipped=skipped)
@@ -328,8 +330,9 @@ def device_facts() -> dict:
             "kernel_configs": config_entries("cuda")}
 
 
-def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected: str, sampler: "BackgroundSampler",
+def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected: str, timeline: "list[GpuReading]",
                 duration_s: float) -> dict:
+    """The table of ``state``'s points, its thermal model fitted to ``timeline`` (``RunTimelines.longest``)."""
     points = {op: sorted(pts, key=lambda p: (bool(p.get("dims")), p["batch_size"]))
               for op, pts in state["points"].items()}
     curves = {op: tuple(entry) for op, entry in state["pressure_curves"].items()}
@@ -349,17 +352,18 @@ def build_table(args: "SweepSettings", state: dict, meter: "GpuMeter", detected:
                 for op, pts in points.items()},
         "duration_s": duration_s,
     }
-    usable = [x for x in sampler.samples if x.temperature_c is not None]
+    usable = [x for x in timeline if x.temperature_c is not None]
     if len(usable) >= MIN_THERMAL_SAMPLES:
-        table["thermal"] = thermal_section(sampler.samples, meter.temperature_thresholds_c())
-    else:  # a resumed run that measured only a few points
-        table["thermal_missing_reason"] = (f"this run's timeline has {len(usable)} temperature samples, under the "
-                                           f"{MIN_THERMAL_SAMPLES} a fit needs: calibrate without --resume to fit it")
+        table["thermal"] = thermal_section(timeline, meter.temperature_thresholds_c())
+    else:  # a resumed run that measured only a few points, and no earlier run's timeline was kept
+        table["thermal_missing_reason"] = (f"the longest run's timeline has {len(usable)} temperature samples, under "
+                                           f"the {MIN_THERMAL_SAMPLES} a fit needs: calibrate without --resume")
     if state["runs"] > 1:
         table["resumed"] = {"runs": state["runs"], "points_measured_s": state["measured_s"],
                             "boards": state.get("boards") or "not recorded (a partial sweep from before boards were)",
                             "note": "an interrupted sweep continued with --resume: idle power and ceilings are the "
-                                    "first run's, the thermal model is fitted to the final run's timeline"}
+                                    "first run's, the thermal model and trace are the run's with the longest "
+                                    "timeline (calibration.timelines)"}
     if state.get("out_of_memory"):
         table["out_of_memory_points"] = {"points": state["out_of_memory"],
                                          "note": "these did not fit in this GPU's memory; the shape-general model "
@@ -463,13 +467,16 @@ def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detecte
     if state["constants"] is None:
         state["constants"] = measure_constants(meter)
         save(state)
-    sampler = sweep(settings, meter, state, save)
-    table = build_table(settings, state, meter, detected, sampler, time.monotonic() - started)
+    timelines = RunTimelines(timeline_path(settings.output), state["runs"])
+    sampler = sweep(settings, meter, state, save, functools.partial(timelines.keep, meter))
+    timeline, trace = timelines.longest(meter, sampler)
+    table = build_table(settings, state, meter, detected, timeline, time.monotonic() - started)
     rejected = write_table(settings.output, table)
-    if settings.trace:
-        write_json_atomic(settings.trace, trace_of(meter, sampler) | {"provenance": table["provenance"]})
+    if settings.trace and trace:
+        write_json_atomic(settings.trace, trace | {"provenance": table["provenance"]})
     if not rejected:
         partial.unlink(missing_ok=True)
+        timelines.discard()
     return table, rejected
 
 

@@ -1,5 +1,6 @@
 """The command-line entry points and the atomic results writer."""
 import json
+import math
 import os
 
 import pytest
@@ -323,7 +324,7 @@ def test_calibrate_table_of_a_short_resumed_run_passes_its_check(tmp_path):
         def uuid(self):
             return "GPU-test"
 
-    table = sweep_lib.build_table(args.settings, state, Meter(), "NVIDIA H100 80GB HBM3", _Sampler(), 12.0)
+    table = sweep_lib.build_table(args.settings, state, Meter(), "NVIDIA H100 80GB HBM3", [], 12.0)
     check_table(args.output, table)
     assert table["thermal"] is None and "without --resume" in table["thermal_missing_reason"]
     assert table["resumed"]["runs"] == 2 and table["idle_power_w"] == 70.0
@@ -458,6 +459,72 @@ def test_a_resumed_sweep_lists_each_point_that_still_does_not_fit_once(tmp_path,
         (1, LATENCY_SHAPES[-1])]
     assert 4 in [p["batch_size"] for p in table["ops"]["ffn_gate"]["points"]
                  if ModelDims(**p.get("dims", {})) == LATENCY_SHAPES[-1]]
+
+
+def _first_order_card(seconds):
+    """NVML readings at 10 Hz of a card 30 °C + 0.03 °C/W above nothing, tau 0.5 s, power stepping 100 / 400 W."""
+    from calibration.nvml_meter import GpuReading
+    readings, temp_c = [], 33.0
+    for i in range(round(seconds * 10)):
+        power_w = 400.0 if (i // 20) % 2 else 100.0
+        temp_c += (30.0 + 0.03 * power_w - temp_c) * (1 - math.exp(-0.1 / 0.5))
+        readings.append(GpuReading(time_s=100.0 + 0.1 * i, power_instant_w=power_w, temperature_c=temp_c,
+                                   sm_clock_mhz=1980, clock_event_reasons=0))
+    return readings
+
+
+def test_a_resumed_sweep_fits_its_thermal_model_to_the_longest_run(tmp_path, monkeypatch):
+    """The first run (60 s of readings) is cut; the resumed one has 1 s: the table's thermal fit and its trace
+    are the first run's, and the timelines file goes once the table is written."""
+    from bench import calibrate
+
+    class Cut(Exception):
+        pass
+
+    class Meter:
+        def __init__(self, index):
+            pass
+
+        def name(self):
+            return "NVIDIA H100 80GB HBM3"
+
+        def uuid(self):
+            return "GPU-test"
+
+        def driver_version(self):
+            return "test"
+
+        def temperature_thresholds_c(self):
+            return {"slowdown": 89, "shutdown": 95}
+
+    class Sampler(_Sampler):
+        interval_s = 0.1
+
+        def __init__(self, *args, **kwargs):
+            self.samples = _first_order_card(1.0 if resumed else 60.0)
+
+    def point(op, b, *args):
+        if not resumed and b > 4:
+            raise Cut("the device's call limit")
+        return _stub_point(b), None
+    _stub_calibration_gpu(monkeypatch, calibrate, point)
+    monkeypatch.setattr(calibrate, "GpuMeter", Meter)
+    monkeypatch.setattr(sweep_lib, "BackgroundSampler", Sampler)
+    output, trace = tmp_path / "H100.json", tmp_path / "trace.json"
+    argv = ["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", "", "--shapes",
+            "none", "--trace", str(trace)]
+    resumed = False
+    with pytest.raises(Cut):
+        calibrate.main(argv)
+    resumed = True
+    assert calibrate.main(argv + ["--resume"]) == 0
+    table = json.loads(output.read_text())
+    assert table["thermal"]["n_samples"] == 600 and "longest timeline" in table["resumed"]["note"]
+    # the fit's continuous model against the card's discrete steps: near, not exact
+    assert table["thermal"]["resistance_c_per_w"] == pytest.approx(0.03, rel=0.15)
+    written = json.loads(trace.read_text())
+    assert written["run"] == 1 and len(written["readings"]) == 600
+    assert not sweep_lib.partial_path(output).exists() and not (tmp_path / "H100.timeline.json").exists()
 
 
 def test_calibrate_records_shapes_that_do_not_fit_and_goes_on(tmp_path, monkeypatch):
