@@ -12,7 +12,8 @@ point and the model only carries the shape between them. For ``costmodel.ops.ONE
 measured at one token serves one token only: on the H100's committed held-out reports, carrying it to
 2-3 tokens made the modelled shapes' latency +3.5% high (median signed) against +2.2% without, and the
 bias moved toward zero in five of six reports (chosen on those reports, so not a blind result; the
-2026-12-07e check then tested it blind). At other shapes the model is corrected by the measured shapes' ratios at the same batch size, averaged with weights 1 / distance² in log2 of
+2026-12-07e check then tested it blind). At other shapes the model is corrected by the measured
+shapes' ratios at the same batch size, averaged with weights 1 / distance² in log2 of
 the dims the op reads (``SHAPE_WEIGHT_POWER``): what the tile model misses at the nearest measured
 shapes (a config's real efficiency, L2 residency) it likely misses nearby too. A shape the sweep timed
 without energy windows (``calibration.sweep.LATENCY_SHAPES``) takes its own latency ratios and the
