@@ -35,6 +35,18 @@ CPU_SHAPES = {"tiny-E8-K2": MoeShape("tiny-E8-K2", 8, 2, 48, 40, True),
 CPU_TOKENS = (1, 37)
 
 
+def layer_weights(shape: MoeShape, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """(router [E, H], gate_up [E, 2I, H], down [E, H, I]), random and the same for a seed on every rank; router
+    logits ~ N(0, 1) on N(0, 1) inputs, as from a trained router (unscaled, they would be ~sqrt(H) and the
+    gates one-hot, hiding what re-routing changes)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
+    return (randn(shape.E, shape.H, scale=shape.H ** -0.5), randn(shape.E, 2 * shape.I, shape.H, scale=shape.H ** -0.5),
+            randn(shape.E, shape.H, shape.I, scale=shape.I ** -0.5))
+
+
 def make_inputs(shape: MoeShape, T: int, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> tuple:
     """(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights) with random data."""
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -17,7 +17,7 @@ import kernels
 from bench.harness.costs import NO_GPU
 from bench.harness.distributed import slowest, summed
 from bench.kernels import rel_error
-from bench.moe_cases import MoeShape
+from bench.moe_cases import MoeShape, layer_weights
 from calibration.collectives import calls_per_window, collective_energy
 from calibration.energy import measure_idle_power_w
 from calibration.nvml_meter import meter_for_cuda_device
@@ -36,21 +36,9 @@ NOT_EXACT = ("the energy-aware router runs on the exact exchange (--modes exact)
 
 # ---- the layers -----------------------------------------------------------------------------------
 
-def full_weights(shape: MoeShape, device: torch.device, dtype: torch.dtype, seed: int) -> tuple:
-    """Router [E, H], gate_up [E, 2I, H], down [E, H, I]: the same on every rank (same seed)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*size: int, scale: float) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
-    # router logits ~ N(0, 1) as from a trained router's scale (unscaled, they would be ~sqrt(H) and the
-    # gates one-hot, hiding what re-routing changes)
-    return (randn(shape.E, shape.H, scale=shape.H ** -0.5), randn(shape.E, 2 * shape.I, shape.H, scale=shape.H ** -0.5),
-            randn(shape.E, shape.H, shape.I, scale=shape.I ** -0.5))
-
-
 def layers(args: argparse.Namespace, rank: int, world_size: int, device: torch.device, dtype: torch.dtype) -> tuple:
     """(single-GPU layer with all experts, expert-parallel layer with this rank's slice of them)."""
-    router_weight, gate_up, down = full_weights(args.shape, device, dtype, args.seed)
+    router_weight, gate_up, down = layer_weights(args.shape, device, dtype, args.seed)
     per_rank = args.shape.E // world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     whole = kernels.FusedMoE(kernels.TopKRouter(router_weight, args.shape.K, args.shape.renormalize), gate_up, down)

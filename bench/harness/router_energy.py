@@ -58,16 +58,6 @@ def cost_model_for(shape: moe_cases.MoeShape, workdir: str | Path, timed: bool) 
     return KernelCostModel(gpu, table=path)
 
 
-def layer_weights(shape: moe_cases.MoeShape, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> tuple:
-    """(gate [E, H], gate_up [E, 2I, H], down [E, H, I]): random, logits ~ N(0, 1) on N(0, 1) inputs."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
-    return (randn(shape.E, shape.H, scale=shape.H ** -0.5), randn(shape.E, 2 * shape.I, shape.H, scale=shape.H ** -0.5),
-            randn(shape.E, shape.H, shape.I, scale=shape.I ** -0.5))
-
-
 def hidden_states(shape: moe_cases.MoeShape, T: int, device: torch.device | str, dtype: torch.dtype,
                   seed: int) -> torch.Tensor:
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -176,7 +166,7 @@ def run_shape(shape: moe_cases.MoeShape, batches: Sequence[int], device: torch.d
               timed: bool, workdir: str | Path, monitor: HardwareMonitor | None, meter: GpuMeter | None,
               idle_power_w: float | None, args: argparse.Namespace) -> tuple:
     cost_model = cost_model_for(shape, workdir, timed)
-    gate, gate_up, down = layer_weights(shape, device, dtype)
+    gate, gate_up, down = moe_cases.layer_weights(shape, device, dtype)
     plain = kernels.TopKRouter(gate, shape.K, renormalize=shape.renormalize).requires_grad_(False)
     plain_layer = kernels.FusedMoE(plain, gate_up, down).requires_grad_(False)
     ttt = ttt_cost(plain, cost_model, monitor, shape, device, dtype, meter, idle_power_w, args) if timed else {}
