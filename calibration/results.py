@@ -1,10 +1,12 @@
 """Results are data: provenance for every results file, and atomic JSON writes."""
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,14 +25,22 @@ def output_path(name: str, value: object) -> Path:
 
 def write_json_atomic(path: "str | os.PathLike", data: object) -> None:
     """Write ``data`` as JSON to ``path`` through a temp file and rename: a crash leaves the old file intact.
-    ``data`` that is not strict JSON (NaN or Infinity, which strict readers refuse; an object JSON has no form
-    for) is refused before anything is written: a figure nobody knows is null, with a reason beside it."""
+    The JSON is strict: a NaN or Infinity in a dict ``data`` is written as null and named, with its value, in
+    ``data["non_finite_values"]`` (a warning says so: a long GPU run keeps its results), elsewhere refused;
+    an object JSON has no form for is refused, before anything is written."""
     path = output_path("path", path)
     try:
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"data for {path} is not strict JSON ({exc}); a figure nobody knows is null, with a "
-                        "reason beside it, never NaN or Infinity") from None
+    except ValueError as exc:
+        found = {}
+        cleaned = _finite_or_null(data, "", found)
+        if not isinstance(data, dict):
+            raise ValueError(f"data for {path} is not strict JSON ({exc}): {found}; a figure nobody knows is null, "
+                             "with a reason beside it") from None
+        warnings.warn(f"{path}: non-finite values written as null and listed in non_finite_values: {found}")
+        text = json.dumps(cleaned | {"non_finite_values": found}, indent=2, allow_nan=False) + "\n"
+    except TypeError as exc:
+        raise TypeError(f"data for {path} is not JSON ({exc})") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -45,6 +55,18 @@ def write_json_atomic(path: "str | os.PathLike", data: object) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _finite_or_null(value, where, found):
+    """``value`` with each NaN or Infinity replaced by None, recorded in ``found`` ({where: repr})."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found[where or "."] = repr(value)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
 
 
 def git_commit() -> "str | None":
