@@ -43,7 +43,7 @@ import torch
 from costmodel.kernel_cost_model import KernelCostModel
 from kernels.cost_bias import cost_curves, energy_weight_reference, expert_cost_bias, expert_cost_reference
 from kernels.pinned_state import readable_in_place
-from kernels.validate import INDEX_DTYPES, check_int, check_same_device, check_tensor
+from kernels.validate import check_int, check_same_device, check_tensor
 
 COST_OP = "swiglu_ffn"
 # the table op that costs one expert, by the experts' weight dtype (``FusedMoE.quantize_fp8`` makes FP8 ones)
@@ -101,11 +101,10 @@ class CostSelection:
             return self._no_state
         return self.monitor.host_state if self._reads_host_state else self.hardware_state
 
-    def cost_bias(self, plain_ids: torch.Tensor) -> torch.Tensor:
-        """The [E] selection bias for a batch whose plain top-k chose ``plain_ids`` [T, K]: one
-        launch of ``kernels.cost_bias.expert_cost_bias`` on the cached hardware state."""
-        check_tensor("plain_ids", plain_ids, ndim=2, dtypes=INDEX_DTYPES)  # metadata only: no sync
-        return expert_cost_bias(plain_ids, self._curves, self._state(), self.bias_offsets, **self._bias_knobs())
+    def cost_bias(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The [E] selection bias for a batch whose plain top-k chose ``topk_ids`` [T, K]: one
+        launch of ``kernels.cost_bias.expert_cost_bias`` (which checks them) on the cached hardware state."""
+        return expert_cost_bias(topk_ids, self._curves, self._state(), self.bias_offsets, **self._bias_knobs())
 
     def _bias_knobs(self):
         return {"energy_weight": self.objective_weights["energy"], "latency_weight": self.objective_weights["latency"],

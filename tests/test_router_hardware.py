@@ -85,10 +85,10 @@ def test_cost_lookup_uses_the_cached_temperature_and_memory_pressure(cost_model)
     (lambda r: r.expert_cost([1.0, 5.0]), TypeError, "batch_sizes must be a torch.Tensor"),
     (lambda r: r.expert_cost(None), TypeError, "batch_sizes must be a torch.Tensor"),
     (lambda r: r.expert_cost(torch.ones(2, device="meta")), ValueError, "batch_sizes is on meta"),
-    (lambda r: r.cost_bias([[0, 1]]), TypeError, "plain_ids must be a torch.Tensor"),
-    (lambda r: r.cost_bias(torch.zeros(2, K, device=DEVICE)), TypeError, "plain_ids has dtype torch.float32"),
+    (lambda r: r.cost_bias([[0, 1]]), TypeError, "topk_ids must be a torch.Tensor"),
+    (lambda r: r.cost_bias(torch.zeros(2, K, device=DEVICE)), TypeError, "topk_ids has dtype torch.float32"),
     (lambda r: r.cost_bias(torch.zeros(K, dtype=torch.int32, device=DEVICE)), ValueError,
-     "plain_ids must have 2 dimensions"),
+     "topk_ids must have 2 dimensions"),
 ], ids=["cost-list", "cost-none", "cost-other-device", "bias-list", "bias-float-ids", "bias-1d-ids"])
 def test_cost_lookups_check_their_arguments(cost_model, call, error, phrase):
     _, router = router_pair(cost_model)
