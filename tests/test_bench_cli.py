@@ -344,11 +344,17 @@ def _stub_calibration_gpu(monkeypatch, calibrate, sweep_point):
         def __init__(self, index):
             pass
 
+        def name(self):
+            return "NVIDIA H100 80GB HBM3"
+
         def driver_version(self):
             return "test"
 
         def uuid(self):
             return "GPU-test"
+
+        def temperature_thresholds_c(self):
+            return {"slowdown": 89, "shutdown": 95}
 
     monkeypatch.setattr(calibrate, "GpuMeter", Meter)
     monkeypatch.setattr(calibrate, "check_gpu", lambda parser, gpu, meter: "NVIDIA H100 80GB HBM3")
@@ -481,22 +487,6 @@ def test_a_resumed_sweep_fits_its_thermal_model_to_the_longest_run(tmp_path, mon
     class Cut(Exception):
         pass
 
-    class Meter:
-        def __init__(self, index):
-            pass
-
-        def name(self):
-            return "NVIDIA H100 80GB HBM3"
-
-        def uuid(self):
-            return "GPU-test"
-
-        def driver_version(self):
-            return "test"
-
-        def temperature_thresholds_c(self):
-            return {"slowdown": 89, "shutdown": 95}
-
     class Sampler(_Sampler):
         interval_s = 0.1
 
@@ -508,7 +498,6 @@ def test_a_resumed_sweep_fits_its_thermal_model_to_the_longest_run(tmp_path, mon
             raise Cut("the device's call limit")
         return _stub_point(b), None
     _stub_calibration_gpu(monkeypatch, calibrate, point)
-    monkeypatch.setattr(calibrate, "GpuMeter", Meter)
     monkeypatch.setattr(sweep_lib, "BackgroundSampler", Sampler)
     output, trace = tmp_path / "H100.json", tmp_path / "trace.json"
     argv = ["--gpu", "H100", "--output", str(output), "--ops", "ffn_gate", "--pressure_shares", "", "--shapes",
