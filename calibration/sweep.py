@@ -483,7 +483,7 @@ def run_sweep(settings: "SweepSettings", state: dict, meter: "GpuMeter", detecte
 def calibrate_ops(gpu: str, ops: "Sequence[str]", dims: "ModelDims", output: "str | Path") -> dict:
     """A fresh table of ``ops`` at ``dims`` on this GPU at ``output`` (the default settings): the table."""
     settings = SweepSettings(gpu, dims, ops, output, shapes=(), latency_shapes=())
-    meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)  # detected_gpu: no GPU
+    meter = GpuMeter(torch.cuda.current_device() if torch.cuda.is_available() else 0)  # no GPU: detected_gpu says so
     table, rejected = run_sweep(settings, new_state(settings), meter, detected_gpu(meter, gpu))
     if rejected:
         raise RuntimeError(f"the measured table fails its check ({rejected}); "

@@ -31,6 +31,15 @@ def _row_amax(b_x):
 
 
 @triton.jit
+def _store_scales(p_scale, b_amax, o_m, m_m, FP8_LIMIT: tl.constexpr):
+    """[BM] scale = amax / FP8_LIMIT (1 for a zero row, which quantizes to zeros), stored and returned."""
+    b_scale = b_amax / FP8_LIMIT
+    b_scale = tl.where(b_scale == 0.0, 1.0, b_scale)
+    tl.store(p_scale + o_m, b_scale, mask=m_m)
+    return b_scale
+
+
+@triton.jit
 def _store_quantized(p_q, b_x, b_scale, o_m, o_k, m_mk, stride_qm, FP8_LIMIT: tl.constexpr):
     """q[o_m, o_k] = x / scale on e4m3's grid (clamped; NaN kept)."""
     b_q = tl.clamp(b_x / b_scale[:, None], -FP8_LIMIT, FP8_LIMIT, propagate_nan=tl.PropagateNan.ALL)
@@ -50,9 +59,7 @@ def _quantize_rows_kernel(p_x, p_q, p_scale, M, K, stride_xm, stride_qm, FP8_LIM
         o_k = tl.arange(0, BLOCK_K)
         m_mk = m_m[:, None] & (o_k < K)[None, :]
         b_x = tl.load(p_rows + o_k[None, :], mask=m_mk, other=0.0).to(tl.float32)  # [BM, BK]: whole rows
-        b_scale = _row_amax(b_x) / FP8_LIMIT
-        b_scale = tl.where(b_scale == 0.0, 1.0, b_scale)  # [BM]; a zero row quantizes to zeros
-        tl.store(p_scale + o_m, b_scale, mask=m_m)
+        b_scale = _store_scales(p_scale, _row_amax(b_x), o_m, m_m, FP8_LIMIT)
         _store_quantized(p_q, b_x, b_scale, o_m, o_k, m_mk, stride_qm, FP8_LIMIT)
     else:
         b_amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -60,9 +67,7 @@ def _quantize_rows_kernel(p_x, p_q, p_scale, M, K, stride_xm, stride_qm, FP8_LIM
             o_k = k0 + tl.arange(0, BLOCK_K)
             b_x = tl.load(p_rows + o_k[None, :], mask=m_m[:, None] & (o_k < K)[None, :], other=0.0).to(tl.float32)
             b_amax = tl.maximum(b_amax, _row_amax(b_x), propagate_nan=tl.PropagateNan.ALL)
-        b_scale = b_amax / FP8_LIMIT
-        b_scale = tl.where(b_scale == 0.0, 1.0, b_scale)
-        tl.store(p_scale + o_m, b_scale, mask=m_m)
+        b_scale = _store_scales(p_scale, b_amax, o_m, m_m, FP8_LIMIT)
         for k0 in range(0, K, BLOCK_K):  # pass 2: the rows on e4m3's grid (the re-read hits L2)
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_mk = m_m[:, None] & (o_k < K)[None, :]
