@@ -69,6 +69,7 @@ ATTENTION_BUCKETS = [  # shapes are (B, H, S, D), causal
     ({"max_head_dim": 64}, (4, 16, 4096, 64), ATTENTION_CANDIDATES),
     ({}, (8, 32, 2048, 128), ATTENTION_CANDIDATES),
 ]
+TUNED_OPS = (*GEMM_BUCKETS, "attention")
 
 
 def time_candidates(candidates: list, run: Callable[[dict], torch.Tensor],
@@ -129,16 +130,21 @@ def _entries(buckets, timed):
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tune_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--ops", default=",".join(TUNED_OPS),
+                        help=f"comma-separated subset of {','.join(TUNED_OPS)} (the others' files stay as they are)")
     args = parser.parse_args(argv)
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = sorted(set(ops) - set(TUNED_OPS))
+    if unknown or not ops or len(set(ops)) < len(ops):
+        parser.error(f"--ops: want distinct ops from {', '.join(TUNED_OPS)}; got {args.ops!r}")
     if not torch.cuda.is_available():
         parser.error("tuning needs a CUDA device; none was found")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
     gpu = torch.cuda.get_device_name()
-    plan = {op: [_gemm_bucket(op, shape, cands, dtype, gen) for _, shape, cands in buckets]
-            for op, buckets in GEMM_BUCKETS.items()}
-    plan["attention"] = [_attention_bucket(shape, cands, dtype, gen) for _, shape, cands in ATTENTION_BUCKETS]
     buckets = GEMM_BUCKETS | {"attention": ATTENTION_BUCKETS}
+    plan = {op: [_attention_bucket(shape, cands, dtype, gen) if op == "attention" else
+                 _gemm_bucket(op, shape, cands, dtype, gen) for _, shape, cands in buckets[op]] for op in ops}
     for op, timed in plan.items():
         entries, measured = _entries(buckets[op], timed)
         print(f"{op}: " + "; ".join(f"{m['shape']} {m['best_ms']:.4f} ms {e['config']}"

@@ -535,3 +535,9 @@ def test_calibrate_records_shapes_that_do_not_fit_and_goes_on(tmp_path, monkeypa
     assert all(ModelDims(**p["dims"]) == LATENCY_SHAPES[-1] and p["op"] == "ffn_gate" for p in skipped)
     measured = {ModelDims(**p["dims"]) for p in table["ops"]["ffn_gate"]["points"] if "dims" in p}
     assert measured == set(SHAPE_SWEEP + LATENCY_SHAPES[:-1])
+
+
+@pytest.mark.parametrize("ops", ["conv", "", "matmul,matmul", "matmul,,attention2"])
+def test_tune_kernels_refuses_bad_ops_before_any_work(ops, capsys):
+    from bench import tune_kernels
+    assert "--ops: want distinct ops" in refused(tune_kernels.main, ["--ops", ops], capsys)
