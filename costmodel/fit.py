@@ -38,7 +38,8 @@ about twice the joules a byte of one that a repeated call finds there). Both
 fits minimise squared *relative* error, since costs span four decades: latency by a grid search
 over the efficiencies (``fixed_ms`` in closed form), energy by non-negative least squares at each
 point's measured latency. Waves make the latency step where the tile count crosses a multiple of
-the SM count, and the config switch (``costmodel.shapes.pick_config``) where the kernel changes tile size.
+the SM count (not where an expected tile count does: the fused experts' waves over routed row
+blocks are fractional, ``Launch.routed``), and the config switch (``costmodel.shapes.pick_config``) where the kernel changes tile size.
 """
 import itertools
 import math
@@ -78,15 +79,23 @@ def launch_times(launch: Launch, ceilings: Ceilings) -> tuple:
     """(compute_s, waves, bytes_s, l2_bytes_s, stream_s) of one launch at the ceilings (module
     docstring; ``l2_bytes_s`` is the whole L2 at the copy ceiling, which ``l2_share`` scales)."""
     if ceilings.sm_count:
-        waves = math.ceil(launch.tiles / ceilings.sm_count)
+        waves = _waves(launch.tiles, ceilings.sm_count, launch.routed)
         compute_s = waves * launch.tile_flops * ceilings.sm_count / ceilings.peak_flops
-        stream_waves = math.ceil(launch.tiles / (ceilings.sm_count * launch.resident))
+        stream_waves = _waves(launch.tiles, ceilings.sm_count * launch.resident, launch.routed)
         stream_s = stream_waves * launch.tile_bytes * ceilings.sm_count / ceilings.hbm_bytes_per_s
     else:  # no SM count: tiles are not quantised, and no tile is bound to one SM
         waves, stream_s = launch.tiles, 0.0
         compute_s = launch.tiles * launch.tile_flops / ceilings.peak_flops
     return (compute_s, waves, launch.nbytes / ceilings.hbm_bytes_per_s,
             (ceilings.l2_bytes or 0) / ceilings.hbm_bytes_per_s, stream_s)
+
+
+def _waves(tiles, per_wave, routed):
+    """Waves of ``tiles`` programs, ``per_wave`` at once: whole, or for tiles expected over the
+    routing (``Launch.routed``) their expectation's share, at least one."""
+    if not routed or not tiles:
+        return math.ceil(tiles / per_wave)
+    return max(tiles / per_wave, 1.0)
 
 
 def work_totals(launches: Sequence[Launch]) -> tuple:

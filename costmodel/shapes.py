@@ -37,12 +37,15 @@ QUANTIZE_ONE_PASS_MAX_K = 8192
 class Launch:
     """One kernel launch: ``tiles`` programs of ``tile_flops`` (padded) FLOPs each, moving at least
     ``nbytes`` through HBM; one program loads and stores ``tile_bytes`` (default: an even share);
-    ``resident`` programs run on one SM at once (1 for our GEMM tiles, which fill its shared memory)."""
-    tiles: int
+    ``resident`` programs run on one SM at once (1 for our GEMM tiles, which fill its shared memory).
+    ``routed``: ``tiles`` is an expectation over the routing (the fused experts' row blocks), so its
+    waves are too: fractional, not whole (``costmodel.fit.launch_times``)."""
+    tiles: float
     tile_flops: float
     nbytes: float
     tile_bytes: float = None
     resident: int = 1
+    routed: bool = False
 
     def __post_init__(self):
         if self.tile_bytes is None:
@@ -109,7 +112,7 @@ def _fused_experts(configs, B, dims, fp8=False):
         tile_flops = 2.0 * bm * bn * k_padded * products / (FP8_MATMUL_SPEEDUP if fp8 else 1.0)
         nbytes = operand_bytes * (touched * products * N * K_in + slots * K_in) + BYTES_PER_ELEMENT * slots * N
         launches.append(Launch(row_blocks * math.ceil(N / bn), tile_flops, nbytes,
-                               _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes)))
+                               _gemm_tile_bytes(bm, bn, k_padded, products, operand_bytes), routed=True))
     return launches
 
 

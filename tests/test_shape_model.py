@@ -349,6 +349,19 @@ def test_a_decode_gemm_is_bound_by_each_tiles_own_stream():
     assert no_sms[4] == 0.0 and no_sms[3] == 0.0  # no SM count: no per-SM bound; no L2: all streams
 
 
+def test_routed_tiles_fill_fractional_waves_and_whole_tiles_whole_ones():
+    """The fused experts' tile count is an expectation over the routing, so their waves are too: no
+    step where the expectation crosses a multiple of the SM count (the measured time has none there)."""
+    from costmodel.shapes import Launch
+    for tiles, whole, routed in ((100.0, 1, 1.0), (133.0, 2, 133 / 132), (264.5, 3, 264.5 / 132), (0.0, 0, 0.0)):
+        for is_routed, expected in ((False, whole), (True, routed)):
+            _, waves, _, _, _ = launch_times(Launch(tiles, 1e6, 1e6, routed=is_routed), CEILINGS)
+            assert waves == pytest.approx(expected), (tiles, is_routed)
+    dims = ModelDims(d_model=256, d_ff=1024, n_heads=4, num_experts=4, top_k=2)
+    assert all(l.routed for l in op_launches("fused_experts", 192, dims, CONFIGS))
+    assert not any(l.routed for l in op_launches("swiglu_ffn", 192, dims, CONFIGS))
+
+
 def test_op_shapes_are_the_dims_each_op_reads():
     from costmodel.ops import op_shape
     narrow, wide = ModelDims(d_model=512, d_ff=1024, n_heads=8), ModelDims(d_model=512, d_ff=4096, n_heads=8)
