@@ -63,8 +63,10 @@ SHAPE_TOKEN_BATCHES = (1, 64, 256, 4096)
 SHAPE_SEQUENCE_BATCHES = (1, 4, 16)
 # and latency alone at 4 and 16 tokens (a sixth of a window's time): between 1 and 64 tokens the model's ratio was
 # interpolated, and held-out shapes at 3 tokens ran 8.1% median, p90 33%, off the H100's 2026-12-07 sweep (a
-# 17 MB projection at 3 tokens took 6.8 µs where one of 14 MB at 1 token took 7.9 µs)
-SHAPE_LATENCY_TOKEN_BATCHES = (4, 16)
+# 17 MB projection at 3 tokens took 6.8 µs where one of 14 MB at 1 token took 7.9 µs); and at 1024: between 256
+# and 4096 tokens the curves bend (a norm's rows leave the one-wave regime, lm_head's tiles fill the SMs), and
+# the 2026-12-07 replay's 768-token rows at swept shapes ran -8 to -20% (rms_norm) and +7 to +24% (lm_head)
+SHAPE_LATENCY_TOKEN_BATCHES = (4, 16, 1024)
 # beyond the harness's dims: 23 and 46 MB projections (what an H100's or H200's 50 MB L2 half keeps and what
 # spills: how fast L2-resident weights stream), a fine-grained MoE, a Mixtral-sized expert
 SHAPE_SWEEP = (
