@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dependent_launch import dependent_launch, wait_for_prior_kernel
 from kernels.tiles import cdiv, next_power_of_2
 
 # slots up to which one program builds the layout: its [slots, RANK_CHUNK] rank comparisons stay
@@ -92,9 +93,10 @@ def _expert_ids(p_ids, o_s, n_slots, E):
 def _one_launch_kernel(
     p_ids, p_counts, p_starts, p_sorted, p_block_experts, p_num_padded, n_slots, E, n_rows, n_blocks,
     BLOCK_S: tl.constexpr, BINS: tl.constexpr, BLOCK_M: tl.constexpr, LABEL_BLOCK: tl.constexpr,
-    RANK_CHUNK: tl.constexpr, FILL_BLOCK: tl.constexpr,
+    RANK_CHUNK: tl.constexpr, FILL_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program builds the whole layout for n_slots <= BLOCK_S; slots keep their order in a run."""
+    wait_for_prior_kernel(PDL)
     o_s = tl.arange(0, BLOCK_S)
     b_ids, m_s = _expert_ids(p_ids, o_s, n_slots, E)  # [BS]
     o_e = tl.arange(0, BINS)
@@ -160,10 +162,11 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
     if n_slots <= ONE_LAUNCH_SLOTS:
         counts, starts = torch.empty((2, num_experts), dtype=torch.int32, device=device)
         sorted_slots = torch.empty((n_rows,), dtype=torch.int32, device=device)
+        pdl = dependent_launch(device)
         _one_launch_kernel[(1,)](ids, counts, starts, sorted_slots, block_experts, num_padded, n_slots, num_experts,
                                  n_rows, n_blocks, BLOCK_S=next_power_of_2(max(n_slots, 1)), BINS=bins,
                                  BLOCK_M=block_m, LABEL_BLOCK=label_block, RANK_CHUNK=RANK_CHUNK,
-                                 FILL_BLOCK=FILL_BLOCK)
+                                 FILL_BLOCK=FILL_BLOCK, PDL=pdl, launch_pdl=pdl)
         return ExpertBlocks(sorted_slots, block_experts, num_padded, counts, block_m, n_slots)
     counts, cursor, starts = torch.zeros((3, num_experts), dtype=torch.int32, device=device)
     sorted_slots = torch.full((n_rows,), n_slots, dtype=torch.int32, device=device)

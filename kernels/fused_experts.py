@@ -28,6 +28,7 @@ from kernels import config as _config
 from kernels._library import kernel_op
 from kernels.validate import (INDEX_DTYPES, check_bool, check_dim, check_same_device, check_same_dtype_device,
                                check_tensor, dot_precision, tma_compatible)
+from kernels.dependent_launch import dependent_launch, wait_for_prior_kernel
 from kernels.expert_blocks import DecodeSlots, ExpertBlocks, decode_slots_fit, group_by_expert
 from kernels.gather_sum import launch_gather_sum
 from kernels.matmul import processor_count
@@ -142,13 +143,14 @@ def _expert_gemm_kernel(
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GATHER_TOKENS: tl.constexpr, FUSE_GLU: tl.constexpr,
     CLAMPED_GLU: tl.constexpr, HAS_BIAS: tl.constexpr, MUL_WEIGHTS: tl.constexpr, A_SCALED: tl.constexpr,
     W_SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
-    DECODE_SLOTS: tl.constexpr,
+    DECODE_SLOTS: tl.constexpr, PDL: tl.constexpr,
 ):
     """The grouped GEMM over the ``ExpertBlocks`` layout: one tile per program, or with PERSISTENT
     a grid of a few programs per SM that loops over the routed tiles only (for inputs whose
     slots are mostly dropped, where the grid's bound n_row_blocks is far above the routed rows).
     DECODE_SLOTS: no layout; one program per (slot, column block) over the flat ids
     ``p_slot_experts``, where the slot leading its expert's slots computes them (``_slot_run``)."""
+    wait_for_prior_kernel(PDL)
     if PERSISTENT:
         n_routed = tl.load(p_num_padded)  # rows of the experts' padded runs
         n_tiles = tl.cdiv(n_routed, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -209,6 +211,7 @@ def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tenso
     n_tiles = n_row_blocks * cdiv(N, cfg["block_n"])
     grid = (min(n_tiles, PERSISTENT_PROGRAMS_PER_SM * processor_count(a.device)) if persistent else n_tiles,)
     d_w, up_rows = weight_descriptor(weights, cfg) if cfg.get("tma") else (None, 0)
+    pdl = dependent_launch(a.device)
     layout = (None, None, None, blocks.slot_experts) if decode else \
         (blocks.sorted_slots, blocks.block_experts, blocks.num_padded, None)
     _expert_gemm_kernel[grid](
@@ -223,7 +226,7 @@ def launch_expert_gemm(a: torch.Tensor, weights: ExpertWeights, out: torch.Tenso
         FUSE_GLU=weights.glu is not None, CLAMPED_GLU=weights.glu == "clamped", HAS_BIAS=bias is not None,
         MUL_WEIGHTS=topk_weights is not None, A_SCALED=a_scale is not None, W_SCALED=w_scale is not None,
         DOT_PRECISION=dot_precision(a.dtype), W_TMA=d_w is not None, PERSISTENT=persistent, DECODE_SLOTS=decode,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
 
 

@@ -10,15 +10,18 @@ import triton
 import triton.language as tl
 
 from kernels._library import kernel_op
+from kernels.dependent_launch import dependent_launch, wait_for_prior_kernel
 from kernels.tiles import cdiv, next_power_of_2
 from kernels.validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 
 @triton.jit
 def _gather_sum_kernel(p_rows, p_index, p_out, T, H, E, stride_row, stride_out,
-                       J: tl.constexpr, SLOTS_OF_IDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                       J: tl.constexpr, SLOTS_OF_IDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                       PDL: tl.constexpr):
     """With SLOTS_OF_IDS, ``p_index`` holds expert ids [T, J] and entry (t, j) reads row t*J + j
     when its id is in [0, E) (the fused experts' per-slot rows); else it holds the row numbers."""
+    wait_for_prior_kernel(PDL)
     o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m_t, m_h = o_t < T, o_h < H
@@ -51,8 +54,10 @@ def launch_gather_sum(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor
     block_h = min(256, next_power_of_2(H))
     block_t = max(1, 2048 // block_h)
     grid = (cdiv(T, block_t), cdiv(H, block_h))
+    pdl = dependent_launch(rows.device)
     _gather_sum_kernel[grid](rows, index.contiguous(), out, T, H, num_experts or 0, rows.stride(0), out.stride(0),
-                             J=J, SLOTS_OF_IDS=num_experts is not None, BLOCK_T=block_t, BLOCK_H=block_h)
+                             J=J, SLOTS_OF_IDS=num_experts is not None, BLOCK_T=block_t, BLOCK_H=block_h,
+                             PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels._library import kernel_op
+from kernels.dependent_launch import dependent_launch, wait_for_prior_kernel
 from kernels.tiles import cdiv, next_power_of_2
 from kernels.validate import check_fp8_capability, check_fp8_device, check_tensor
 
@@ -48,10 +49,11 @@ def _store_quantized(p_q, b_x, b_scale, o_m, o_k, m_mk, stride_qm, FP8_LIMIT: tl
 
 @triton.jit
 def _quantize_rows_kernel(p_x, p_q, p_scale, M, K, stride_xm, stride_qm, FP8_LIMIT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr):
     """q[m, :] = x[m, :] / scale[m], scale[m] = max|x[m, :]| / FP8_LIMIT (1 for a zero row), for BLOCK_M rows.
     ONE_PASS (BLOCK_K >= K): each row is loaded once and quantized from registers; else two passes of
     BLOCK_K chunks, the second re-reading the rows (from L2)."""
+    wait_for_prior_kernel(PDL)
     o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_m = o_m < M
     p_rows = p_x + o_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
@@ -97,8 +99,9 @@ def launch_quantize_fp8(x: torch.Tensor, one_pass_max_k: int = ONE_PASS_MAX_K) -
     if K == 0:
         return q, scale.fill_(1.0)
     plan = quantize_plan(M, K, one_pass_max_k)
+    pdl = dependent_launch(x.device)
     _quantize_rows_kernel[(cdiv(M, plan["BLOCK_M"]),)](x, q, scale, M, K, x.stride(0), q.stride(0),
-                                                      FP8_LIMIT=FP8_MAX, **plan)
+                                                      FP8_LIMIT=FP8_MAX, PDL=pdl, launch_pdl=pdl, **plan)
     return q, scale
 
 
