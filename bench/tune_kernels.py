@@ -1,10 +1,11 @@
 """``python -m bench.tune_kernels``: measure block-size candidates and write this GPU's config files.
 
 For each op and shape bucket, every candidate config is timed at a representative shape (median
-of CUDA-event timings); the fastest one that matches torch becomes that bucket's entry in
-``kernels/configs/<op>/<GPU_name>.json``, with all candidates' times and the provenance beside
-it. Tuned entries apply to 16-bit dtypes; fp32 falls through to the default entries. Needs a
-CUDA device. Runtime lookups then read the file; nothing autotunes at call time.
+of CUDA-event timings; a decode bucket's at several row counts, ranked by their geometric mean); the
+fastest one that matches torch becomes that bucket's entry in ``kernels/configs/<op>/<GPU_name>.json``,
+with all candidates' times and the provenance beside it. Tuned entries apply to 16-bit dtypes; fp32 falls
+through to the default entries. Needs a CUDA device. Runtime lookups then read the file; nothing autotunes
+at call time.
 """
 import argparse
 import math
@@ -70,6 +71,10 @@ ATTENTION_BUCKETS = [  # shapes are (B, H, S, D), causal
     ({}, (8, 32, 2048, 128), ATTENTION_CANDIDATES),
 ]
 TUNED_OPS = (*GEMM_BUCKETS, "attention")
+# a decode bucket's candidates are timed at several row counts and ranked by the geometric mean: timed at 16
+# rows alone, a 16 x 16 x 256 tile won the narrow bucket (21.5 us against 16 x 64's) and then ran ffn_down
+# 2048 x 5632 at 1-4 tokens in 36-52 us against 23-24 us (bench/results/decode_tuning_H100_2026-12-07f/)
+DECODE_ROWS = {16: (1, 4, 16), 64: (24, 64)}
 
 
 def time_candidates(candidates: list, run: Callable[[dict], torch.Tensor],
@@ -90,11 +95,26 @@ def time_candidates(candidates: list, run: Callable[[dict], torch.Tensor],
     return results
 
 
-def _gemm_bucket(op, shape, candidates, dtype, gen):
-    M, N, K = shape
-    x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
-    rows = 2 * N if op == "swiglu_gate_up" else N
-    w = (torch.randn(rows, K, device="cuda", generator=gen) / math.sqrt(K)).to(dtype)
+def timed_rows(when: dict, shape: tuple) -> tuple:
+    """The row counts a bucket's candidates are timed at: ``DECODE_ROWS`` for a decode bucket, else its shape's."""
+    return DECODE_ROWS.get(when.get("max_m"), (shape[0],))
+
+
+def _gemm_bucket(op, when, shape, candidates, dtype, gen):
+    """Each candidate's geometric mean over ``timed_rows`` of its median time (failed at any: failed)."""
+    _, N, K = shape
+    w = (torch.randn(2 * N if op == "swiglu_gate_up" else N, K, device="cuda", generator=gen) / math.sqrt(K)).to(dtype)
+    per_rows = [_gemm_times(op, torch.randn(M, K, device="cuda", generator=gen).to(dtype), w, candidates)
+                for M in timed_rows(when, shape)]
+    results = []
+    for timings in zip(*per_rows):
+        errors = [error for ms, error, _ in timings if ms is None]
+        mean_ms = None if errors else math.exp(sum(math.log(ms) for ms, _, _ in timings) / len(timings))
+        results.append((mean_ms, errors[0] if errors else None, timings[0][2]))
+    return results
+
+
+def _gemm_times(op, x, w, candidates):
     fuse = op == "swiglu_gate_up"
 
     def reference() -> torch.Tensor:
@@ -122,7 +142,8 @@ def _entries(buckets, timed):
             raise RuntimeError(f"no candidate config worked at {shape}")
         best_ms, _, best = min(ok, key=lambda r: r[0])
         entries.append({"when": when | {"max_elem_bytes": 2}, "config": best})
-        measured.append({"shape": shape, "best_ms": best_ms,
+        rows = {"timed_rows": timed_rows(when, shape)} if "max_m" in when else {}
+        measured.append({"shape": shape, **rows, "best_ms": best_ms,
                          "candidates": [{"config": c, "median_ms": ms, "error": e} for ms, e, c in results]})
     return entries, measured
 
@@ -144,7 +165,7 @@ def main(argv: list | None = None) -> int:
     gpu = torch.cuda.get_device_name()
     buckets = GEMM_BUCKETS | {"attention": ATTENTION_BUCKETS}
     plan = {op: [_attention_bucket(shape, cands, dtype, gen) if op == "attention" else
-                 _gemm_bucket(op, shape, cands, dtype, gen) for _, shape, cands in buckets[op]] for op in ops}
+                 _gemm_bucket(op, when, shape, cands, dtype, gen) for when, shape, cands in buckets[op]] for op in ops}
     for op, timed in plan.items():
         entries, measured = _entries(buckets[op], timed)
         print(f"{op}: " + "; ".join(f"{m['shape']} {m['best_ms']:.4f} ms {e['config']}"
@@ -158,13 +179,15 @@ def tuned_path(op: str, gpu: str) -> Path:
     return _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
 
 
-def write_tuned(op: str, gpu: str, entries: list, measured: list, dtype_name: str) -> None:
-    """Write ``op``'s config file for ``gpu``: tuned entries first, then the default entries (fp32 fallback)."""
+def write_tuned(op: str, gpu: str, entries: list, measured: list, dtype_name: str, kept: dict | None = None) -> None:
+    """Write ``op``'s config file for ``gpu``: tuned entries first, then the default entries (fp32 fallback);
+    ``kept`` goes into the ``tuned`` section (what an earlier run tuned and this one kept)."""
     path = tuned_path(op, gpu)
     fallback, _ = _config.load_entries(op, "default")
     major, minor = torch.cuda.get_device_capability()  # a same-architecture card without its own file reads this one
+    tuned = {"dtype": dtype_name, "provenance": provenance(), "buckets": measured} | ({"kept": kept} if kept else {})
     write_json_atomic(path, {"compute_capability": f"{major}.{minor}", "entries": entries + list(fallback),
-                             "tuned": {"dtype": dtype_name, "provenance": provenance(), "buckets": measured}})
+                             "tuned": tuned})
     print(f"  wrote {path}")
 
 

@@ -541,3 +541,22 @@ def test_calibrate_records_shapes_that_do_not_fit_and_goes_on(tmp_path, monkeypa
 def test_tune_kernels_refuses_bad_ops_before_any_work(ops, capsys):
     from bench import tune_kernels
     assert "--ops: want distinct ops" in refused(tune_kernels.main, ["--ops", ops], capsys)
+
+
+def test_tune_moe_keeps_the_entries_of_shapes_it_did_not_retune():
+    """Re-tuning Qwen3 must not drop Mixtral's entries and records (a --shapes qwen3 run once wrote a file
+    with Qwen3's alone), and says whose run the kept ones come from."""
+    from bench import moe_cases
+    from bench.tune_moe import kept_shapes
+    mixtral, qwen3 = moe_cases.SHAPES["mixtral"], moe_cases.SHAPES["qwen3"]
+
+    def pinned(shape, n):
+        return {"when": {"min_e": shape.E, "max_e": shape.E, "min_i": shape.I, "max_i": shape.I}, "config": {"n": n}}
+    earlier = {"entries": [pinned(mixtral, 1), pinned(qwen3, 2), {"when": {"max_slots_per_expert": 16}, "config": {}}],
+               "tuned": {"provenance": {"commit": "abc"}, "buckets": [{"shape": "mixtral", "T": 1},
+                                                                     {"shape": "qwen3", "T": 1}]}}
+    entries, measured, kept = kept_shapes(earlier, [qwen3])
+    assert entries == [pinned(mixtral, 1)] and measured == [{"shape": "mixtral", "T": 1}]
+    assert kept == {"shapes": ["mixtral"], "provenance": {"commit": "abc"}}
+    assert kept_shapes(earlier, [qwen3, mixtral]) == ([], [], None)
+    assert kept_shapes(None, [qwen3]) == ([], [], None)

@@ -184,6 +184,22 @@ def test_tuner_buckets_are_reached_by_their_own_shapes():
         assert select_config(entries, head_dim=D)["bucket"] == i
 
 
+def test_decode_buckets_are_timed_at_row_counts_each_bucket_serves():
+    """A decode bucket's candidates are ranked over several row counts (one token as well as its widest):
+    every count must select the bucket whose entry it tunes."""
+    from bench.tune_kernels import GEMM_BUCKETS, timed_rows
+    from kernels.config import select_config
+    for op, buckets in GEMM_BUCKETS.items():
+        entries = [{"when": when, "config": {"bucket": i}} for i, (when, _, _) in enumerate(buckets)]
+        decode = [(i, when, shape) for i, (when, shape, _) in enumerate(buckets) if "max_m" in when]
+        assert decode, op
+        for i, when, (M, N, K) in decode:
+            rows = timed_rows(when, (M, N, K))
+            assert len(rows) > 1 and max(rows) == M, (op, rows)
+            assert all(select_config(entries, m=m, n=N, k=K, elem_bytes=2)["bucket"] == i for m in rows), (op, i)
+        assert all(timed_rows(when, shape) == (shape[0],) for when, shape, _ in buckets if "max_m" not in when)
+
+
 @pytest.mark.parametrize("rows", [3, 37], ids=["narrow-3rows", "wide-37rows"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_candidates_match_the_reference(dtype, rows):
