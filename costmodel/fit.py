@@ -39,7 +39,8 @@ fits minimise squared *relative* error, since costs span four decades: latency b
 over the efficiencies (``fixed_ms`` in closed form), energy by non-negative least squares at each
 point's measured latency. Waves make the latency step where the tile count crosses a multiple of
 the SM count (not where an expected tile count does: the fused experts' waves over routed row
-blocks are fractional, ``Launch.routed``), and the config switch (``costmodel.shapes.pick_config``) where the kernel changes tile size.
+blocks are fractional, ``Launch.routed``), and the config switch (``costmodel.shapes.pick_config``)
+where the kernel changes tile size.
 """
 import itertools
 import math
