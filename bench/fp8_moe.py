@@ -10,7 +10,6 @@ NVML counter, one window of at least ``--window_s`` each) of bf16 and FP8. Ratio
 """
 import argparse
 import sys
-from collections.abc import Callable
 
 import torch
 
@@ -20,7 +19,6 @@ from bench.kernels import copy_bytes_per_s, graph_median_ms, rel_error
 from calibration.energy import GraphRunner, measure_energy, measure_idle_power_w
 from calibration.nvml_meter import GpuMeter
 from calibration.results import provenance
-from kernels.fp8_experts import fp8_expert_configs, launch_fp8_experts
 from kernels.quantize import FP8_DTYPE
 from kernels.validate import gpu_has_fp8
 
@@ -36,24 +34,10 @@ TARGETS = {  # issue 19's H200 targets: (what, predicate on the row)
 }
 
 
-def fp8_calls(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor) -> dict:
-    """{"fp8": the config's choice, "w8a16": weight-only, "w8a8": quantized activations}, as no-argument calls."""
-    import kernels
-    (q_gate_up, s_gate_up), (q_down, s_down) = kernels.quantize_fp8_weights(gate_up), kernels.quantize_fp8_weights(down)
-    cfg_gate_up, cfg_down = fp8_expert_configs(x, gate_up.shape[0], down.shape[2], ids.numel())
-    args = (x, q_gate_up, s_gate_up, q_down, s_down, ids, weights)
-
-    def forced(w8a8: bool) -> Callable[[], torch.Tensor]:
-        return lambda: launch_fp8_experts(*args, configs=({**cfg_gate_up, "quantize_activations": w8a8}, cfg_down))
-    return {"fp8": lambda: kernels.fp8_experts(*args, validate_ids=False), "w8a16": forced(False), "w8a8": forced(True),
-            "mode": "w8a8" if cfg_gate_up.get("quantize_activations") else "w8a16"}
-
-
 def run_case(shape: moe_cases.MoeShape, T: int, bytes_per_s: float, meter: GpuMeter | None, idle_power_w: float | None,
              window_s: float) -> dict:
     inputs = moe_cases.make_inputs(shape, T, "cuda", torch.bfloat16)
-    calls = fp8_calls(*inputs)
+    calls = moe_cases.fp8_calls(*inputs)
     bf16 = moe_cases.ours(*inputs)
     row = {"shape": shape.name, "T": T, "E": shape.E, "K": shape.K, "H": shape.H, "I": shape.I, "mode": calls["mode"],
            "rel_error_vs_bf16": {m: rel_error(calls[m](), bf16) for m in ("fp8", "w8a16", "w8a8")},

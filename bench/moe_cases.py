@@ -1,15 +1,18 @@
 """The fused-MoE benchmark cases: our fused experts beside the HF per-expert loop and
 ``torch._grouped_mm``, at the Mixtral, Qwen3-30B-A3B and OLMoE expert shapes.
 
-Shared by ``python -m bench.moe`` and ``bench/bench_moe.py``. Routing is drawn from a random
-router (softmax top-k of Gaussian logits), so expert loads look like a real, untrained router's.
+Shared by ``python -m bench.moe``, ``bench.fp8_moe``, ``bench.profile_moe`` and ``bench/bench_moe.py``
+(with the FP8 experts' calls, ``fp8_calls``). Routing is drawn from a random router (softmax top-k of
+Gaussian logits), so expert loads look like a real, untrained router's.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.fp8_experts import fp8_expert_configs, launch_fp8_experts
 from kernels.fused_experts import fused_experts_reference
 
 
@@ -99,3 +102,16 @@ def floor_ms(shape: MoeShape, ids: torch.Tensor, dtype: torch.dtype, bytes_per_s
     distinct = torch.unique(ids).numel()
     per_expert = 3 * shape.H * shape.I * torch.finfo(dtype).bits / 8 + scale_bytes * (2 * shape.I + shape.H)
     return distinct * per_expert / bytes_per_s * 1e3, distinct
+
+
+def fp8_calls(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor) -> dict:
+    """{"fp8": the config's choice, "w8a16": weight-only, "w8a8": quantized activations}, as no-argument calls."""
+    (q_gate_up, s_gate_up), (q_down, s_down) = kernels.quantize_fp8_weights(gate_up), kernels.quantize_fp8_weights(down)
+    cfg_gate_up, cfg_down = fp8_expert_configs(x, gate_up.shape[0], down.shape[2], ids.numel())
+    args = (x, q_gate_up, s_gate_up, q_down, s_down, ids, weights)
+
+    def forced(w8a8: bool) -> Callable[[], torch.Tensor]:
+        return lambda: launch_fp8_experts(*args, configs=({**cfg_gate_up, "quantize_activations": w8a8}, cfg_down))
+    return {"fp8": lambda: kernels.fp8_experts(*args, validate_ids=False), "w8a16": forced(False), "w8a8": forced(True),
+            "mode": "w8a8" if cfg_gate_up.get("quantize_activations") else "w8a16"}

@@ -11,7 +11,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench import moe_cases
 from bench._cli import positive_int
-from bench.fp8_moe import fp8_calls
 
 
 def main(argv: list | None = None) -> int:
@@ -25,7 +24,7 @@ def main(argv: list | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("profiling needs a CUDA device; none was found")
     inputs = moe_cases.make_inputs(moe_cases.SHAPES[args.shape], args.tokens, "cuda", torch.bfloat16)
-    ours = fp8_calls(*inputs)["fp8"] if args.weights == "fp8" else lambda: moe_cases.ours(*inputs)
+    ours = moe_cases.fp8_calls(*inputs)["fp8"] if args.weights == "fp8" else lambda: moe_cases.ours(*inputs)
     for name, fn in ((f"ours ({args.weights})", ours), ("grouped_mm", lambda: moe_cases.grouped_mm(*inputs))):
         for _ in range(3):
             fn()

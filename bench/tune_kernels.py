@@ -10,15 +10,10 @@ at call time.
 import argparse
 import math
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import triton.testing
 
-from bench.kernels import rel_error
-from calibration.results import provenance, write_json_atomic
-from kernels import config as _config
+from bench.harness.tuning import time_candidates, write_tuned
 from kernels.attention import launch_flash_attention
 from kernels.matmul import launch_matmul
 
@@ -75,24 +70,6 @@ TUNED_OPS = (*GEMM_BUCKETS, "attention")
 # rows alone, a 16 x 16 x 256 tile won the narrow bucket (21.5 us against 16 x 64's) and then ran ffn_down
 # 2048 x 5632 at 1-4 tokens in 36-52 us against 23-24 us (bench/results/decode_tuning_H100_2026-12-07f/)
 DECODE_ROWS = {16: (1, 4, 16), 64: (24, 64)}
-
-
-def time_candidates(candidates: list, run: Callable[[dict], torch.Tensor],
-                    reference: Callable[[], torch.Tensor]) -> list:
-    """[(median_ms or None, error text or None, cfg)] for each candidate; wrong results count as failures."""
-    expected = reference()
-    results = []
-    for cfg in candidates:
-        try:
-            out = run(cfg)
-            err = rel_error(out, expected)
-            if not err < 1e-2:
-                raise AssertionError(f"relative error {err:.2e}")
-            results.append((triton.testing.do_bench(lambda: run(cfg), warmup=25, rep=100, return_mode="median"),
-                            None, cfg))
-        except Exception as exc:  # a config that fails to compile (e.g. too much shared memory) is skipped
-            results.append((None, f"{type(exc).__name__}: {str(exc)[:200]}", cfg))
-    return results
 
 
 def timed_rows(when: dict, shape: tuple) -> tuple:
@@ -172,23 +149,6 @@ def main(argv: list | None = None) -> int:
                                     for m, e in zip(measured, entries)))
         write_tuned(op, gpu, entries, measured, args.dtype)
     return 0
-
-
-def tuned_path(op: str, gpu: str) -> Path:
-    """``op``'s config file for the GPU named ``gpu``."""
-    return _config.CONFIG_DIR / op / f"{_config.config_file_stem(gpu)}.json"
-
-
-def write_tuned(op: str, gpu: str, entries: list, measured: list, dtype_name: str, kept: dict | None = None) -> None:
-    """Write ``op``'s config file for ``gpu``: tuned entries first, then the default entries (fp32 fallback);
-    ``kept`` goes into the ``tuned`` section (what an earlier run tuned and this one kept)."""
-    path = tuned_path(op, gpu)
-    fallback, _ = _config.load_entries(op, "default")
-    major, minor = torch.cuda.get_device_capability()  # a same-architecture card without its own file reads this one
-    tuned = {"dtype": dtype_name, "provenance": provenance(), "buckets": measured} | ({"kept": kept} if kept else {})
-    write_json_atomic(path, {"compute_capability": f"{major}.{minor}", "entries": entries + list(fallback),
-                             "tuned": tuned})
-    print(f"  wrote {path}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 
 from bench import moe_cases
 from bench._cli import comma_list
-from bench.tune_kernels import time_candidates, tuned_path, write_tuned
+from bench.harness.tuning import kept_shapes, time_candidates, tuned_path, write_tuned
 from kernels.expert_blocks import group_by_expert
 from kernels.fp8_experts import fp8_weights, quantize_fp8_weights
 from kernels.fused_experts import concatenated_weights, launch_expert_gemm
@@ -181,25 +181,6 @@ def main(argv: list | None = None) -> int:
         kept_entries, kept_measured, kept = kept_shapes(earlier, tuned_shapes)
         write_tuned(op, gpu, op_entries + kept_entries, measured + kept_measured, "fp8 W8A8" if fp8 else "bf16", kept)
     return 0
-
-
-def kept_shapes(earlier: dict | None, tuned_shapes: list) -> tuple:
-    """(entries, measured records, {"shapes", "provenance"} or None) of an earlier config file ``earlier`` at
-    the shapes this run did not tune: re-tuning one shape keeps the others' entries."""
-    if earlier is None:
-        return [], [], None
-    retuned = {(shape.E, shape.I) for shape in tuned_shapes}
-    entries = [e for e in earlier["entries"] if "min_e" in e.get("when", {})
-               and (e["when"]["min_e"], e["when"]["min_i"]) not in retuned]
-    names = {shape.name for shape in tuned_shapes}
-    tuned = earlier.get("tuned") or {}
-    measured = [record for record in tuned.get("buckets", []) if record.get("shape") not in names]
-    if not entries:
-        return [], [], None
-    shapes = sorted({record["shape"] for record in measured})
-    earlier_kept = tuned.get("kept") or {}
-    return entries, measured, {"shapes": shapes, "provenance": tuned.get("provenance"),
-                               **({"earlier": earlier_kept} if earlier_kept else {})}
 
 
 if __name__ == "__main__":

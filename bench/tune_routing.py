@@ -25,7 +25,7 @@ import triton.testing
 from bench._cli import checked_output_file, comma_list, positive_int
 from bench.harness.router_energy import cost_model_for
 from bench.moe_cases import MoeShape
-from bench.tune_kernels import tuned_path, write_tuned
+from bench.harness.tuning import tuned_path, write_tuned
 from calibration.results import provenance, write_json_atomic
 from kernels.policy_routing import FillCost, PolicyRouting, policy_routing
 from kernels.routing import RoutingResult, row_block, topk_routing

@@ -547,7 +547,7 @@ def test_tune_moe_keeps_the_entries_of_shapes_it_did_not_retune():
     """Re-tuning Qwen3 must not drop Mixtral's entries and records (a --shapes qwen3 run once wrote a file
     with Qwen3's alone), and says whose run the kept ones come from."""
     from bench import moe_cases
-    from bench.tune_moe import kept_shapes
+    from bench.harness.tuning import kept_shapes
     mixtral, qwen3 = moe_cases.SHAPES["mixtral"], moe_cases.SHAPES["qwen3"]
 
     def pinned(shape, n):
