@@ -4,7 +4,7 @@ import json, os
 import torch, triton
 import kernels
 from bench import moe_cases
-from bench.fp8_moe import fp8_calls
+from bench.moe_cases import fp8_calls  # bench.fp8_moe.fp8_calls when this ran (286fe7b)
 from bench.kernels import graph_median_ms, copy_bytes_per_s
 from kernels.dependent_launch import PDL_ENV
 
