@@ -21,6 +21,8 @@ PDL_ENV = "ENERGY_MOE_PDL"
 
 def dependent_launch(device: torch.device) -> bool:
     """Whether our kernels on ``device`` launch with PDL (and wait for the kernel before them)."""
+    if not isinstance(device, torch.device):
+        raise TypeError(f"device must be a torch.device, got {type(device).__name__}")
     if device.type != "cuda" or os.environ.get(PDL_ENV, "1") == "0":
         return False
     return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9

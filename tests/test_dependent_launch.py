@@ -18,6 +18,8 @@ def test_pdl_is_off_on_the_cpu_and_when_the_environment_says_so(monkeypatch):
         assert dependent_launch(torch.device("cuda")) is HOPPER
     monkeypatch.setenv(PDL_ENV, "0")
     assert dependent_launch(torch.device("cuda")) is False
+    with pytest.raises(TypeError, match="device must be a torch.device, got str"):
+        dependent_launch("cuda")
 
 
 def decode_chain(x, gate_up, down, ids, weights):
