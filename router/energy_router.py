@@ -66,7 +66,8 @@ from kernels.routing_stats import STAT_FIELDS, routing_tallies, tally_summary
 from kernels.validate import check_bool, check_dim, check_same_dtype_device, check_tensor
 from router.cost import COST_OP, EXPERT_COST_OPS, CostSelection, cost_model_at
 from router.monitor import STATE_FIELDS, HardwareMonitor
-from router.options import check_hyperparameters, check_keep, check_objective_weights, check_sizes, gate_weight
+from router.options import (check_hyperparameters, check_keep, check_objective_weights, check_sizes,
+                            check_topk_router, gate_weight)
 from router.placement import check_placement, placement_extra_cost
 from router.ttt import RouterTTT, capturing
 
@@ -160,9 +161,7 @@ class EnergyAwareTTTRouter(CostSelection, RouterTTT, TopKRouter):
     def from_router(cls, router: TopKRouter, kernel_cost_model: KernelCostModel,
                     **kwargs: Any) -> "EnergyAwareTTTRouter":
         """Wrap a ``TopKRouter`` (e.g. a patched HF model's ``layer.gate``), sharing its gate weight."""
-        if not isinstance(router, TopKRouter):
-            raise TypeError(f"router must be a kernels.TopKRouter (e.g. a patched model's layer.gate), "
-                            f"got {type(router).__name__}")
+        check_topk_router(router)
         num_experts, d_model = router.weight.shape
         return cls(d_model, num_experts, router.top_k, kernel_cost_model, weight=router.weight,
                    renormalize=router.renormalize, weights_dtype=router.weights_dtype, **kwargs)

@@ -20,6 +20,7 @@ from kernels.moe_layer import TopKRouter
 from kernels.policy_routing import policy_routing
 from kernels.routing_stats import STAT_FIELDS, routing_tallies, tally_summary
 from kernels.validate import check_bool, check_int
+from router.options import check_topk_router
 
 
 class OEARouter(TopKRouter):
@@ -43,9 +44,7 @@ class OEARouter(TopKRouter):
     @classmethod
     def from_router(cls, router: TopKRouter, keep_top_k: int, track_stats: bool = True) -> "OEARouter":
         """Wrap a ``TopKRouter`` (e.g. a patched HF model's ``layer.gate``), sharing its gate weight."""
-        if not isinstance(router, TopKRouter):
-            raise TypeError(f"router must be a kernels.TopKRouter (e.g. a patched model's layer.gate), "
-                            f"got {type(router).__name__}")
+        check_topk_router(router)
         return cls(router.weight, router.top_k, keep_top_k, router.renormalize, router.weights_dtype, track_stats)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple:

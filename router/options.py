@@ -5,6 +5,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from kernels.moe_layer import TopKRouter
 from kernels.validate import FLOAT_DTYPES, check_int, check_tensor
 
 OBJECTIVE_KEYS = ("energy", "latency", "quality")
@@ -97,3 +98,10 @@ def _device(device):
         raise ValueError(f"device must be a torch device present here, such as 'cpu' or 'cuda:0', "
                          f"got {device!r}") from None
     return device
+
+
+def check_topk_router(router: object) -> None:
+    """The router a ``from_router`` wraps: a ``kernels.TopKRouter``; TypeError naming it otherwise."""
+    if not isinstance(router, TopKRouter):
+        raise TypeError(f"router must be a kernels.TopKRouter (e.g. a patched model's layer.gate), "
+                        f"got {type(router).__name__}")
