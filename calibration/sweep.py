@@ -67,8 +67,8 @@ SHAPE_SEQUENCE_BATCHES = (1, 4, 16)
 # and 4096 tokens the curves bend (a norm's rows leave the one-wave regime, lm_head's tiles fill the SMs), and
 # the 2026-12-07 replay's 768-token rows at swept shapes ran -8 to -20% (rms_norm) and +7 to +24% (lm_head)
 SHAPE_LATENCY_TOKEN_BATCHES = (4, 16, 1024)
-# beyond the harness's dims: 23 and 46 MB projections (what an H100's or H200's 50 MB L2 half keeps and what
-# spills: how fast L2-resident weights stream), a fine-grained MoE, a Mixtral-sized expert
+# beyond the harness's dims: 23 and 46 MB projections (inside what a repeated call finds in an H100's or H200's
+# 50 MB L2, and beyond it: how fast L2-resident weights stream), a fine-grained MoE, a Mixtral-sized expert
 SHAPE_SWEEP = (
     ModelDims(d_model=2048, d_ff=5632, n_heads=16, seq_len=1024, num_experts=8, top_k=2, vocab_size=32000),
     ModelDims(d_model=2048, d_ff=768, n_heads=16, seq_len=2048, num_experts=64, top_k=8, vocab_size=32000),
