@@ -24,7 +24,7 @@ def test_replay_reads_every_kind_of_results_file(tmp_path, capsys):
     model = KernelCostModel("H100")
     at_measured = [r for r in accuracy_report["rows"] if (r["held_out"] == "batch"
                    or model.is_measured_shape(r["op"], ModelDims(**r["dims"])))
-                   and not earlier_kernel(r["op"], r["batch_size"], measured_utc)]
+                   and not earlier_kernel(r["op"], r["batch_size"], measured_utc, r["dims"]["top_k"])]
     assert len(at_measured) > 87  # the held-out batch sizes, and held-out shapes' ops at a swept op shape
     # energy at a shape the sweep timed without windows is modelled: those rows count as modelled energy
     metered = [r for r in at_measured if model.get_cost(r["op"], r["batch_size"],
@@ -63,6 +63,16 @@ def test_rows_measured_before_a_kernel_change_are_apart(tmp_path):
         summary = json.loads((tmp_path / "r.json").read_text())
         assert ("earlier_kernel_latency" in summary) == (added == 0)
         assert ("modelled_shapes_latency" in summary) == (added == 1)
+
+
+def test_a_change_to_decode_sized_calls_covers_their_slots_only():
+    """The one-launch grouping changed calls of at most 256 (token, expert) slots: 48 tokens at top 4
+    (192 slots) measured before it ran another kernel, at top 8 (384) the same one."""
+    grouping = next(c for c in KERNEL_CHANGES if c.max_slots)
+    before = "2026-12-05T00:00:00+00:00"
+    assert earlier_kernel("fused_experts", 48, before, top_k=4).startswith(grouping.commit)
+    assert earlier_kernel("fused_experts", 48, before, top_k=8) is None
+    assert earlier_kernel("fused_experts", 48, grouping.date_utc, top_k=4) is None
 
 
 def test_leave_one_out_never_sees_the_point_it_predicts():
@@ -105,7 +115,8 @@ def test_leave_one_report_out_predicts_each_report_from_the_others_only():
     assert added > 0 and with_report_points(widened, [reports[names[1]]]) == widened  # no point twice
     measured_utc = reports[names[1]]["provenance"]["date_utc"]
     for r in reports[names[1]]["rows"]:  # every op's held-out shape rows on today's kernels became that op's points
-        if r.get("dims") and r["op"] in table["ops"] and not earlier_kernel(r["op"], r["batch_size"], measured_utc):
+        if r.get("dims") and r["op"] in table["ops"] and not earlier_kernel(r["op"], r["batch_size"], measured_utc,
+                                                                            r["dims"]["top_k"]):
             assert any(p.get("dims") == r["dims"] and p["batch_size"] == r["batch_size"]
                        for p in widened["ops"][r["op"]]["points"]), (r["op"], r["batch_size"])
     rows = leave_one_report_out(table, reports)

@@ -38,12 +38,15 @@ class KernelChange:
     ops: tuple
     what: str
     batch_sizes: "tuple | None" = None
+    max_slots: "int | None" = None  # only calls of at most this many (token, expert) slots changed
 
-    def covers(self, op: str, batch_size: float, measured_utc: str) -> bool:
-        """Whether a row of ``op`` at ``batch_size`` measured at ``measured_utc`` predates this change."""
+    def covers(self, op: str, batch_size: float, measured_utc: str, top_k: int = 1) -> bool:
+        """Whether a row of ``op`` at ``batch_size`` (each token routed to ``top_k`` experts) measured at
+        ``measured_utc`` predates this change."""
         measured = datetime.datetime.fromisoformat(measured_utc)
         return (op in self.ops and measured < datetime.datetime.fromisoformat(self.date_utc)
-                and (self.batch_sizes is None or batch_size in self.batch_sizes))
+                and (self.batch_sizes is None or batch_size in self.batch_sizes)
+                and (self.max_slots is None or batch_size * top_k <= self.max_slots))
 
 
 # the changes that made a committed measurement stale, newest first (README, the replay section)
@@ -56,15 +59,19 @@ KERNEL_CHANGES = (
                  "routing reads the logits' row stride as a constexpr (1.6-3x at 60 and 120 experts)"),
     KernelChange("323f77d", "2026-12-07T09:21:11+00:00", ("flash_attention",),
                  "flash attention's softmax scale rides in the exp2 argument (2-4%)"),
+    KernelChange("a7238f2", "2026-12-07T05:33:28+00:00", ("fused_experts",),
+                 "decode-sized calls group their slots by expert in one launch (was two fills and three launches)",
+                 max_slots=256),
 )
 
 
-def earlier_kernel(op: str, batch_size: float, measured_utc: "str | None") -> "str | None":
-    """``"<commit>: <what>"`` of the newest ``KERNEL_CHANGES`` entry a row of ``op`` at ``batch_size``
-    measured at ``measured_utc`` predates, else None (a file without a date counts as current)."""
+def earlier_kernel(op: str, batch_size: float, measured_utc: "str | None", top_k: int = 1) -> "str | None":
+    """``"<commit>: <what>"`` of the newest ``KERNEL_CHANGES`` entry a row of ``op`` at ``batch_size`` (and
+    ``top_k``) measured at ``measured_utc`` predates, else None (a file without a date counts as current)."""
     if not measured_utc:
         return None
-    return next((f"{c.commit}: {c.what}" for c in KERNEL_CHANGES if c.covers(op, batch_size, measured_utc)), None)
+    return next((f"{c.commit}: {c.what}" for c in KERNEL_CHANGES if c.covers(op, batch_size, measured_utc, top_k)),
+                None)
 
 
 def _measured_utc(report):
@@ -90,7 +97,8 @@ def _row(model, source_file, measured_utc, op, batch_size, dims, measured_latenc
     cost = model.get_cost(op, batch_size, dims=dims)
     row = {"file": source_file, "op": op, "batch_size": batch_size, "dims": cost["dims"], "source": cost["source"],
            "energy_source": cost["energy_source"], "measured_latency_ms": measured_latency_ms,
-           "predicted_latency_ms": cost["latency_ms"], "earlier_kernel": earlier_kernel(op, batch_size, measured_utc)}
+           "predicted_latency_ms": cost["latency_ms"],
+           "earlier_kernel": earlier_kernel(op, batch_size, measured_utc, dims.top_k)}
     if measured_energy_j is not None:
         row |= {"measured_energy_j": measured_energy_j, "predicted_energy_j": cost["energy_joules"]}
     return row
@@ -147,7 +155,7 @@ def _shape_rows(report, table):
     utc = _measured_utc(report)
     return [r for r in report["rows"]
             if r.get("dims") and r["op"] in table["ops"] and r.get("measured_energy_j") is not None
-            and not earlier_kernel(r["op"], r["batch_size"], utc)]
+            and not earlier_kernel(r["op"], r["batch_size"], utc, r["dims"]["top_k"])]
 
 
 def _point_key(op, dims, batch_size):
