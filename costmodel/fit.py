@@ -189,8 +189,9 @@ def _losses(latency_ms, times, params):
 
 
 def fit_latency(rows: Sequence[tuple]) -> tuple:
-    """(fixed_ms, compute_eff, tile_ms, l2_eff, hbm_eff, stream_eff, hbm_eff_source, relative RMS): a grid search, then a pattern search from its best (one or two constants scaled
-    up or down by a factor that shrinks once no move helps)."""
+    """(fixed_ms, compute_eff, tile_ms, l2_eff, hbm_eff, stream_eff, hbm_eff_source, relative RMS): a grid
+    search, then a pattern search from its best points (``_search_starts``; one or two constants scaled up
+    or down by a factor that shrinks once no move helps)."""
     latency_ms = np.array([y for y, _ in rows])
     width = max(len(times) for _, times in rows)
     times = np.zeros((5, len(rows), width))
