@@ -47,7 +47,7 @@ THIN_TOLERANCE = 0.005  # a knot is dropped when the log-log chord around it sta
 # reports went from 12.0% to 11.6% (chosen on them, not blind).
 ENERGY_POOLS = (("ffn_gate", "ffn_up", "ffn_down", "swiglu_gate_up", "swiglu_ffn", "qkv_projection",
                  "output_projection", "lm_head"), ("fused_experts_fp8", "expert_ffn_fp8"))
-_FITS = {}  # (op, its points, ceilings, configs) -> OpFit: a table loaded again is not fitted again
+_FITS = {}  # (op, its pool's points, dims, configs, ceilings) -> OpFit: a table loaded again is not fitted again
 
 
 @dataclass(frozen=True)

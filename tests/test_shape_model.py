@@ -110,6 +110,21 @@ def test_the_l2_share_follows_the_whole_calls_working_set():
     assert l2_resident_share(1e-6, 0.0) == 0.0
 
 
+def test_ops_on_one_kernel_share_one_energy_fit(tmp_path):
+    """An op of an ``ENERGY_POOLS`` pool takes its energy constants from every op of the pool: ffn_gate,
+    metered at one point only (none of its weights streaming from HBM), prices HBM bytes from ffn_up's
+    metered points; an op alone keeps its own."""
+    from costmodel.curves import energy_pool
+    table = model_table((ModelDims(),) + SHAPE_SWEEP, ops=("ffn_gate", "ffn_up"))
+    for p in table["ops"]["ffn_gate"]["points"][1:]:
+        p["energy_j"] = None
+    write_json_atomic(tmp_path / "t.json", table)
+    fit = KernelCostModel(table=tmp_path / "t.json").shapes.fit("ffn_gate")
+    assert fit.power_w == pytest.approx(TRUE_FIT.power_w, rel=0.02)
+    assert fit.hbm_stream_w == pytest.approx(TRUE_FIT.hbm_stream_w, rel=0.05)
+    assert "ffn_up" in energy_pool("ffn_gate") and energy_pool("rms_norm") == ("rms_norm",)
+
+
 def test_a_measured_shape_passes_through_its_points(swept_model):
     dims = SHAPE_SWEEP[1]
     for b in TOKEN_BATCHES:
