@@ -65,8 +65,11 @@ SHAPE_SEQUENCE_BATCHES = (1, 4, 16)
 # interpolated, and held-out shapes at 3 tokens ran 8.1% median, p90 33%, off the H100's 2026-12-07 sweep (a
 # 17 MB projection at 3 tokens took 6.8 µs where one of 14 MB at 1 token took 7.9 µs); and at 1024: between 256
 # and 4096 tokens the curves bend (a norm's rows leave the one-wave regime, lm_head's tiles fill the SMs), and
-# the 2026-12-07 replay's 768-token rows at swept shapes ran -8 to -20% (rms_norm) and +7 to +24% (lm_head)
-SHAPE_LATENCY_TOKEN_BATCHES = (4, 16, 1024)
+# the 2026-12-07 replay's 768-token rows at swept shapes ran -8 to -20% (rms_norm) and +7 to +24% (lm_head);
+# and at 32: the step from one 16-row block to several lies between 16 and 64 tokens, and the ninth replay's
+# 48-token rows at swept shapes ran 22-26% under curves that bent only after 16 (on the H100, qkv_projection
+# at d_model 2560 took 8.5 µs at 16 tokens, 23.6 at 48 and 23.9 at 64)
+SHAPE_LATENCY_TOKEN_BATCHES = (4, 16, 32, 1024)
 # beyond the harness's dims: 23 and 46 MB projections (inside what a repeated call finds in an H100's or H200's
 # 50 MB L2, and beyond it: how fast L2-resident weights stream), a fine-grained MoE, a Mixtral-sized expert
 SHAPE_SWEEP = (
