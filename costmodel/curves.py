@@ -114,7 +114,8 @@ class ShapeModel:
             points = {o: self.table["ops"][o]["points"] for o in pool}
             key = (op, json.dumps([points, self.table["dims"], self.configs], sort_keys=True), self.ceilings)
             if key not in _FITS:
-                _FITS[key] = fit_op(self._fit_rows(op), [row for o in pool for row in self._fit_rows(o)])
+                rows = {o: self._fit_rows(o) for o in pool}
+                _FITS[key] = fit_op(rows[op], [row for pool_rows in rows.values() for row in pool_rows])
             self._fits[op] = _FITS[key]
         return self._fits[op]
 

@@ -11,7 +11,7 @@ ceilings (``peak_flops``, ``hbm_bytes_per_s``) and the card's SM count and L2 si
     stream_s  = ceil(tiles / (sm_count * resident)) * tile_bytes / (hbm_bytes_per_s / sm_count)
                                                              (one SM's fair share, per tile in turn)
 
-and predicts, with constants fitted per op,
+and predicts, with constants fitted per op (the energy ones per kernel, ``costmodel.curves.ENERGY_POOLS``),
 
     latency_ms = fixed_ms + sum over launches of
                  max(compute_s / compute_eff + waves * tile_ms, l2_s / l2_eff + hbm_s / hbm_eff,
@@ -87,7 +87,7 @@ class Ceilings:
 
 def launch_times(launch: Launch, ceilings: Ceilings) -> tuple:
     """(compute_s, waves, bytes_s, l2_bytes_s, stream_s) of one launch at the ceilings (module
-    docstring; ``l2_bytes_s`` is the whole L2 at the copy ceiling, which ``l2_share`` scales)."""
+    docstring; ``l2_bytes_s`` is the whole L2 at the copy ceiling, which ``l2_resident_share`` reads)."""
     if ceilings.sm_count:
         waves = _waves(launch.tiles, ceilings.sm_count, launch.routed)
         compute_s = waves * launch.tile_flops * ceilings.sm_count / ceilings.peak_flops
@@ -217,8 +217,8 @@ def _search_starts(grid, losses):
     stream or by memory, and the loss has a valley for each ``stream_eff`` (a synthetic table at the
     sweep's shapes: the best six grid points all led to 11 instead of 6, 5% off at a held-out shape)."""
     order = np.argsort(losses)
-    per_value = [order[grid[order, axis] == value][0] for axis in (4,) for value in np.unique(grid[:, axis])]
-    return list(dict.fromkeys([*order[:SEARCH_STARTS], *per_value]))
+    per_stream_eff = [order[grid[order, 4] == value][0] for value in np.unique(grid[:, 4])]
+    return list(dict.fromkeys([*order[:SEARCH_STARTS], *per_stream_eff]))
 
 
 def _pattern_search(latency_ms, times, best, loss, moves):
@@ -276,11 +276,11 @@ def fit_energy(rows: Sequence[tuple]) -> tuple:
     return (*map(float, coeffs / scale), math.sqrt(loss / len(rows)))
 
 
-def fit_op(points: Sequence[tuple], energy_points: "Sequence[tuple] | None" = None) -> OpFit:
-    """An ``OpFit`` from points of (latency_ms, energy_j or None, launch times, ``work_totals``): its
-    energy constants from ``energy_points`` (same form; default ``points``)."""
+def fit_op(points: Sequence[tuple], energy_points: Sequence[tuple]) -> OpFit:
+    """An ``OpFit``: its latency constants from ``points`` of (latency_ms, energy_j or None, launch times,
+    ``work_totals``), its energy constants from ``energy_points`` of the same form (the op's pool's)."""
     *latency_fit, latency_rms = fit_latency([(p[0], p[2]) for p in points])
-    energy_rows = [(e, t * 1e-3, *totals, hbm_seconds(times)) for t, e, times, totals in
-                   (points if energy_points is None else energy_points) if e is not None]
+    energy_rows = [(e, t * 1e-3, *totals, hbm_seconds(times)) for t, e, times, totals in energy_points
+                   if e is not None]
     *energy_fit, energy_rms = fit_energy(energy_rows) if energy_rows else (0.0, 0.0, 0.0, 0.0, 0.0, None)
     return OpFit(*latency_fit, *energy_fit, latency_rms, energy_rms)
